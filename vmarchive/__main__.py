@@ -1,0 +1,3 @@
+from vmarchive.cli import main
+
+main()

@@ -1,0 +1,90 @@
+"""The typer application, global options and the error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from vmarchive import __version__
+from vmarchive.errors import VmarchiveError
+
+log = logging.getLogger("vmarchive")
+
+app = typer.Typer(
+    name="vmarchive",
+    help="Archive the complete state of running libvirt/QEMU guests, and resume them later.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state: dict[str, Any] = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vmarchive {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Log details and show tracebacks."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(err: VmarchiveError) -> typer.Exit:
+    """Print one line for ``err`` and return the Exit to raise."""
+    typer.echo(f"vmarchive: {err.message}", err=True)
+    return typer.Exit(err.exit_code)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turn errors into one line + exit code."""
+    try:
+        app(standalone_mode=False)
+    except VmarchiveError as e:
+        if _state["debug"]:
+            log.exception("failed")
+        print(f"vmarchive: {e.message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("vmarchive: interrupted", file=sys.stderr)
+        sys.exit(6)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("vmarchive: aborted", file=sys.stderr)
+        sys.exit(6)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors and real bugs
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2 if isinstance(e, click.UsageError) else 1)
+        if _state["debug"]:
+            raise
+        log.debug("internal error", exc_info=True)
+        print(f"vmarchive: internal error: {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""`vmarchive doctor` (placeholder until the hypervisor layer lands)."""

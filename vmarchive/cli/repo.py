@@ -1,0 +1,1 @@
+"""Repository commands: init, list, info, stats, verify, forget, prune, gc (placeholder)."""
