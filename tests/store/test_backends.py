@@ -1,0 +1,89 @@
+"""Runs the backend contract against every backend we ship."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+from backend_contract import BackendContract
+
+from vmarchive.errors import BackendError, RepositoryError
+from vmarchive.store.backend import Backend, open_backend
+from vmarchive.store.faulty import Fault, FaultyBackend, InjectedFault
+from vmarchive.store.local import LocalBackend
+
+
+class TestLocalBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, tmp_path: pathlib.Path) -> Backend:
+        return LocalBackend(str(tmp_path / "repo"))
+
+
+class TestFaultyBackendWithoutFaults(BackendContract):
+    """The wrapper is transparent when no fault is armed."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: pathlib.Path) -> Backend:
+        return FaultyBackend(LocalBackend(str(tmp_path / "repo")))
+
+
+def test_open_backend_path_and_schemes(tmp_path: pathlib.Path) -> None:
+    b = open_backend(str(tmp_path))
+    assert isinstance(b, LocalBackend)
+    assert isinstance(open_backend(f"file://{tmp_path}"), LocalBackend)
+    with pytest.raises(RepositoryError, match="scheme"):
+        open_backend("ftp://host/x")
+
+
+def test_local_put_leaves_no_temporaries_and_cleans_crash_leftovers(tmp_path: pathlib.Path) -> None:
+    b = LocalBackend(str(tmp_path))
+    b.put("data/00/x", b"abc")
+    b.put("data/00/x", b"abc", create_only=True)
+    assert sorted(os.listdir(tmp_path / "data" / "00")) == ["x"]
+    # A crashed writer leaves a temporary: never listed, removed by clean_temporaries.
+    (tmp_path / "data" / "00" / ".tmp-dead").write_bytes(b"partial")
+    assert [i.key for i in b.list("")] == ["data/00/x"]
+    assert b.clean_temporaries(older_than=3600) == 0
+    assert b.clean_temporaries(older_than=0) == 1
+    assert sorted(os.listdir(tmp_path / "data" / "00")) == ["x"]
+
+
+def test_local_write_error_is_a_backend_error(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "data").write_bytes(b"a file where a directory should be")
+    b = LocalBackend(str(tmp_path))
+    with pytest.raises(BackendError):
+        b.put("data/00/x", b"abc")
+
+
+def test_faulty_error_before_put_writes_nothing(tmp_path: pathlib.Path) -> None:
+    inner = LocalBackend(str(tmp_path))
+    b = FaultyBackend(inner, [Fault("put", "data/", skip=1)])
+    b.put("data/a", b"1")
+    with pytest.raises(InjectedFault):
+        b.put("data/b", b"2")
+    assert not inner.exists("data/b")
+    b.put("data/c", b"3")  # fault fired once only
+    assert inner.exists("data/c")
+    assert ("put", "data/b") in b.calls
+
+
+def test_faulty_error_after_put_publishes(tmp_path: pathlib.Path) -> None:
+    inner = LocalBackend(str(tmp_path))
+    b = FaultyBackend(inner, [Fault("put", mode="error_after")])
+    with pytest.raises(InjectedFault):
+        b.put("x", b"1")
+    assert inner.get("x") == b"1"
+
+
+def test_faulty_damaged_reads(tmp_path: pathlib.Path) -> None:
+    inner = LocalBackend(str(tmp_path))
+    inner.put("x", b"abcdefgh")
+    b = FaultyBackend(inner, [Fault("get", mode="corrupt"), Fault("get_range", mode="truncate")])
+    assert b.get("x") != b"abcdefgh"
+    assert b.get("x") == b"abcdefgh"
+    assert b.get_range("x", 0, 8) == b"abcd"
+    b.add(Fault("list", mode="error", times=-1))
+    for _ in range(2):
+        with pytest.raises(InjectedFault):
+            list(b.list(""))

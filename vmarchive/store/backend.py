@@ -1,0 +1,131 @@
+"""Storage backend interface (store layer, lowest level): whole objects under string keys.
+
+The interface is shaped for object stores (S3 / Ceph RGW), not for file systems: an
+object is written whole and becomes visible atomically, nothing is appended or renamed
+in place, and a "create only" put lets content-named objects never replace another
+object.  The repository above relies on exactly these guarantees:
+
+* ``put(key, data)`` publishes the whole object atomically and durably before it
+  returns; a reader never sees a partial object.
+* ``put(key, data, create_only=True)`` does not replace an existing object and says
+  whether it created one.
+* ``get_range`` returns the bytes of ``[offset, offset + length)`` clipped to the object.
+* ``list(prefix)`` yields every published object whose key starts with ``prefix``
+  (with its size and modification time, which gc uses for its grace period).
+* ``delete`` of a missing object is not an error (object stores behave so).
+
+Every backend must pass ``tests/store/backend_contract.py``.  Failures surface as
+:class:`vmarchive.errors.BackendError` (or :class:`ObjectNotFoundError` for a missing
+object); foreign exceptions never leak out of a backend.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vmarchive.errors import BackendError, RepositoryError
+
+
+class ObjectNotFoundError(BackendError):
+    """The object does not exist in the backend."""
+
+    title = "object not found"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"object {key!r} does not exist", key=key)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing says about one object."""
+
+    key: str
+    size: int
+    #: Last modification, seconds since the epoch (backend clock).
+    mtime: float
+
+
+# Keys are "/"-separated segments of a safe alphabet; a segment never starts with a dot
+# so that backends can keep temporaries (".tmp-...") out of listings.
+_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
+_KEY_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid object key; raise :class:`ValueError` otherwise."""
+    if not _KEY_RE.match(key) or len(key) > 512:
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class Backend(ABC):
+    """A flat namespace of immutable-once-published objects."""
+
+    #: Human-readable location (a path or URL), for messages.
+    location: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> bool:
+        """Publish ``data`` under ``key`` atomically and durably.
+
+        With ``create_only`` an existing object is left untouched and ``False`` is
+        returned; otherwise the object is created or replaced and ``True`` returned.
+        Raises :class:`BackendError`.
+        """
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the whole object. Raises :class:`ObjectNotFoundError`, :class:`BackendError`."""
+
+    @abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes at ``offset`` (fewer at the end of the object).
+
+        Raises :class:`ObjectNotFoundError`, :class:`BackendError`, :class:`ValueError`
+        for a negative offset or length.
+        """
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and mtime of one object. Raises :class:`ObjectNotFoundError`."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Yield every object whose key starts with ``prefix`` (any order).
+
+        Raises :class:`BackendError`.
+        """
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; a missing object is not an error. Raises :class:`BackendError`."""
+
+    def exists(self, key: str) -> bool:
+        """Whether the object exists. Raises :class:`BackendError`."""
+        try:
+            self.stat(key)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    def close(self) -> None:  # noqa: B027  (optional hook, most backends hold nothing)
+        """Release resources (connections); the backend is unusable afterwards."""
+
+
+def open_backend(location: str) -> Backend:
+    """Return the backend for ``location``: a local directory path (``s3://`` later).
+
+    Raises :class:`RepositoryError` for an unsupported URL scheme.
+    """
+    from vmarchive.store.local import LocalBackend
+
+    if "://" in location:
+        scheme = location.split("://", 1)[0]
+        if scheme == "file":
+            return LocalBackend(location.split("://", 1)[1])
+        raise RepositoryError(f"unsupported repository location scheme {scheme!r}: {location}")
+    return LocalBackend(location)

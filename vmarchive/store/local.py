@@ -1,0 +1,205 @@
+"""Local-directory backend (store layer): one file per object, published atomically.
+
+A put writes a temporary file next to the target (``.tmp-*``, invisible to listings),
+fsyncs it, then publishes it with ``rename`` (replace) or ``link`` (create only: fails if
+the name exists, so a content-named object is never replaced), and fsyncs the directory
+so the new name survives a power loss.  A crash leaves at most a temporary file, which
+is never listed and which :meth:`LocalBackend.clean_temporaries` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import time
+from collections.abc import Iterator
+
+from vmarchive.errors import BackendError
+from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, check_key
+
+_TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBackend(Backend):
+    """Objects as files below ``root``; ``a/b/c`` is ``root/a/b/c``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.location = self.root
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def _makedirs(self, path: str) -> None:
+        # Create missing parents one by one and fsync each parent, so a directory
+        # created for a new object is itself durable.
+        missing: list[str] = []
+        p = path
+        while not os.path.isdir(p):
+            missing.append(p)
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            _fsync_dir(os.path.dirname(d))
+
+    def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> bool:
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
+        try:
+            self._makedirs(directory)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if create_only:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                finally:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(directory)
+            return True
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise BackendError(f"cannot write {key!r} in {self.root}: {e.strerror}", key=key) from e
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError as e:
+            raise ObjectNotFoundError(key) from e
+        except OSError as e:
+            raise BackendError(f"cannot read {key!r} in {self.root}: {e.strerror}", key=key) from e
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as e:
+            raise ObjectNotFoundError(key) from e
+        except OSError as e:
+            raise BackendError(f"cannot read {key!r} in {self.root}: {e.strerror}", key=key) from e
+        try:
+            parts: list[bytes] = []
+            while length > 0:
+                b = os.pread(fd, length, offset)
+                if not b:
+                    break
+                parts.append(b)
+                offset += len(b)
+                length -= len(b)
+            return b"".join(parts)
+        except OSError as e:
+            raise BackendError(f"cannot read {key!r} in {self.root}: {e.strerror}", key=key) from e
+        finally:
+            os.close(fd)
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError as e:
+            raise ObjectNotFoundError(key) from e
+        except OSError as e:
+            raise BackendError(f"cannot stat {key!r} in {self.root}: {e.strerror}", key=key) from e
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Walk only the deepest directory the prefix fully names.
+        head, _, _ = prefix.rpartition("/")
+        start = os.path.join(self.root, *head.split("/")) if head else self.root
+        if head:
+            check_key(head)
+        try:
+            yield from self._walk(start, head, prefix)
+        except OSError as e:
+            raise BackendError(f"cannot list {prefix!r} in {self.root}: {e.strerror}") from e
+
+    def _walk(self, directory: str, key_dir: str, prefix: str) -> Iterator[ObjectInfo]:
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            return
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            key = f"{key_dir}/{entry.name}" if key_dir else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                if key.startswith(prefix) or prefix.startswith(key + "/"):
+                    yield from self._walk(entry.path, key, prefix)
+            elif key.startswith(prefix):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while we listed
+                yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise BackendError(
+                f"cannot delete {key!r} in {self.root}: {e.strerror}", key=key
+            ) from e
+        try:
+            _fsync_dir(os.path.dirname(path))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise BackendError(f"cannot sync after deleting {key!r}: {e.strerror}") from e
+
+    def clean_temporaries(self, older_than: float = 3600.0) -> int:
+        """Remove temporaries left by crashed writers, older than ``older_than`` seconds.
+
+        Returns how many were removed.  Raises :class:`BackendError`.
+        """
+        removed = 0
+        now = time.time()
+        try:
+            for dirpath, _dirnames, filenames in os.walk(self.root):
+                for name in filenames:
+                    if not name.startswith(_TMP_PREFIX):
+                        continue
+                    p = os.path.join(dirpath, name)
+                    try:
+                        if now - os.stat(p).st_mtime >= older_than:
+                            os.unlink(p)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue
+        except OSError as e:
+            raise BackendError(f"cannot clean temporaries in {self.root}: {e.strerror}") from e
+        return removed
