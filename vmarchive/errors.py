@@ -137,6 +137,12 @@ class QMPCommandError(HypervisorError):
     title = "QMP error"
 
 
+class NBDError(HypervisorError):
+    """An NBD export could not be opened or read (handshake, option or command failed)."""
+
+    title = "NBD error"
+
+
 class StreamError(VmarchiveError):
     """A QEMU migration stream could not be parsed or failed validation."""
 
