@@ -1,0 +1,163 @@
+"""Blob codec: how one chunk, and any structure body, becomes stored bytes and back.
+
+Layer: format.  A blob (a stored chunk) is a zstd frame (content size written, no frame
+checksum: the chunk id is the check); in an encrypted repository it is sealed with
+AES-256-GCM and the AAD ``b"VMAR" "B" 0 version chunk_id`` so a blob cannot be moved to
+another chunk id.  Structure bodies (pack trailer, index, manifest) are zstd frames *with*
+the frame checksum, sealed with the object's header as AAD when encrypted.
+
+:class:`BlobCodec` is thread-safe: zstd contexts are per thread, AES-GCM is stateless.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import zstandard
+
+from vmarchive.errors import DamageError, FormatError, WrongKeyError
+from vmarchive.format import constants as C
+from vmarchive.format.chunkid import verify_chunk
+from vmarchive.format.crypto import KeyMaterial, Rng, seal, unseal
+
+__all__ = ["BlobCodec", "decode_blob", "encode_blob", "verify_chunk"]
+
+
+class BlobCodec:
+    """Compression level, optional key material and the nonce source of a repository."""
+
+    def __init__(
+        self,
+        level: int = C.DEFAULT_ZSTD_LEVEL,
+        key: KeyMaterial | None = None,
+        rng: Rng = os.urandom,
+    ) -> None:
+        if not (C.MIN_ZSTD_LEVEL <= level <= C.MAX_ZSTD_LEVEL):
+            raise ValueError(f"zstd level {level} outside {C.MIN_ZSTD_LEVEL}..{C.MAX_ZSTD_LEVEL}")
+        self.level = level
+        self.key = key
+        self.rng = rng
+        self._local = threading.local()
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
+
+    def _compressor(self, checksum: bool) -> zstandard.ZstdCompressor:
+        attr = "cc" if checksum else "cb"
+        c: zstandard.ZstdCompressor | None = getattr(self._local, attr, None)
+        if c is None:
+            # Every parameter explicit so that output depends only on level and libzstd.
+            c = zstandard.ZstdCompressor(
+                level=self.level,
+                write_checksum=checksum,
+                write_content_size=True,
+                write_dict_id=False,
+                threads=0,
+            )
+            setattr(self._local, attr, c)
+        return c
+
+    def compress(self, data: bytes | memoryview, *, checksum: bool) -> bytes:
+        out: bytes = self._compressor(checksum).compress(data)
+        return out
+
+    def nonce(self) -> bytes:
+        n = self.rng(C.NONCE_SIZE)
+        if len(n) != C.NONCE_SIZE:
+            raise ValueError("rng returned the wrong number of bytes")
+        return n
+
+    # -- structure bodies -------------------------------------------------------------------
+
+    def seal_body(self, plaintext: bytes, aad: bytes) -> bytes:
+        """zstd (with frame checksum) then, when encrypted, AES-GCM with ``aad``."""
+        frame = self.compress(plaintext, checksum=True)
+        if self.key is None:
+            return frame
+        return seal(self.key.data_key, frame, aad, self.nonce())
+
+    def open_body(
+        self, body: bytes | memoryview, aad: bytes, *, encrypted: bool, what: str
+    ) -> bytes:
+        """Inverse of :meth:`seal_body`.
+
+        ``encrypted`` is what the object's header says.  Raises DamageError (MAC failure,
+        checksum failure, plaintext object in an encrypted repository), WrongKeyError
+        (encrypted object but no key) and FormatError (not a zstd frame, too large).
+        """
+        if self.key is not None and not encrypted:
+            raise DamageError(f"{what}: unencrypted object in an encrypted repository")
+        if self.key is None and encrypted:
+            raise WrongKeyError(f"{what}: object is encrypted and no key was given")
+        if self.key is not None:
+            frame: bytes | memoryview = unseal(self.key.data_key, body, aad)
+        else:
+            frame = body
+        return decompress(frame, None, what=what)
+
+
+def decompress(frame: bytes | memoryview, expected: int | None, *, what: str) -> bytes:
+    """Decompress one zstd frame whose header states its content size.
+
+    ``expected``: the exact decompressed size required (None: any up to MAX_BODY_SIZE).
+    Raises FormatError for a frame that does not parse or states no / an excessive size,
+    DamageError when the content is corrupt or its size differs from ``expected``.
+    """
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{what}: not a zstd frame") from e
+    if size < 0:
+        raise FormatError(f"{what}: zstd frame states no content size")
+    if expected is not None and size != expected:
+        raise DamageError(f"{what}: frame holds {size} bytes, expected {expected}")
+    if size > C.MAX_BODY_SIZE and expected is None:
+        raise FormatError(f"{what}: frame claims {size} bytes")
+    try:
+        dctx = zstandard.ZstdDecompressor()
+        out: bytes = dctx.decompress(frame, max_output_size=max(size, 1))
+    except zstandard.ZstdError as e:
+        raise DamageError(f"{what}: corrupt zstd frame ({e})") from e
+    if len(out) != size:
+        raise DamageError(f"{what}: decompressed {len(out)} bytes, frame says {size}")
+    return out
+
+
+def blob_aad(chunk_id: bytes) -> bytes:
+    """The AAD of an encrypted blob (24 bytes)."""
+    return struct.pack(C.BLOB_AAD_STRUCT, C.MAGIC, C.TYPE_BLOB, 0, C.WRITE_VERSION, chunk_id)
+
+
+def encode_blob(codec: BlobCodec, chunk_id: bytes, data: bytes | memoryview) -> bytes:
+    """The stored bytes of one chunk (never call this for an all-zero chunk).
+
+    Raises ValueError for a chunk id that is not 16 bytes.
+    """
+    if len(chunk_id) != C.CHUNK_ID_SIZE:
+        raise ValueError("chunk id must be 16 bytes")
+    frame = codec.compress(data, checksum=False)
+    if codec.key is None:
+        return frame
+    return seal(codec.key.data_key, frame, blob_aad(chunk_id), codec.nonce())
+
+
+def decode_blob(
+    codec: BlobCodec, chunk_id: bytes, encoded: bytes | memoryview, raw_length: int
+) -> bytes:
+    """The chunk bytes of a stored blob, ``raw_length`` long.
+
+    Does not recompute the id (use :func:`verify_chunk` with the repository's id function).
+    Raises DamageError (MAC failure, corrupt frame, wrong length) and FormatError (not a
+    zstd frame).
+    """
+    what = f"blob {chunk_id.hex()}"
+    if codec.key is not None:
+        frame: bytes | memoryview = unseal(codec.key.data_key, encoded, blob_aad(chunk_id))
+    else:
+        frame = encoded
+    if raw_length < 0 or raw_length > C.MAX_CHUNK_SIZE:
+        raise FormatError(f"{what}: raw length {raw_length} out of range")
+    return decompress(frame, raw_length, what=what)

@@ -1,0 +1,190 @@
+"""Pack files: many blobs in one object, with a trailer that lists them.
+
+Layer: format.  A pack is ``header (16) || blob* || trailer body || footer (28)`` and is
+written whole, then published under ``data/<2 hex>/<pack id>`` where the pack id is the
+SHA-256 of the pack bytes.  The footer (a copy of the header, the trailer offset and the
+trailer length, which are the last four bytes) lets a reader range-GET only the tail:
+fetch :data:`~vmarchive.format.constants.PACK_TAIL_FIRST_FETCH` bytes (or the whole pack
+when smaller), call :func:`pack_tail_size` and fetch more if it says so, then
+:func:`decode_pack_trailer`.  The trailer alone is enough to rebuild the index.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from vmarchive.errors import FormatError
+from vmarchive.format import constants as C
+from vmarchive.format.blob import BlobCodec
+from vmarchive.format.header import Header, decode_header, make_header, object_id
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    """Where one blob sits in its pack; ``length`` is stored bytes, ``raw_length`` chunk bytes."""
+
+    chunk_id: bytes
+    offset: int
+    length: int
+    raw_length: int
+
+
+class PackBuilder:
+    """Collects encoded blobs in memory and produces the bytes of one pack.
+
+    Not thread-safe: one builder per writer thread, or a lock around it.
+    """
+
+    def __init__(self, codec: BlobCodec) -> None:
+        self.codec = codec
+        self._header = make_header(C.TYPE_PACK, encrypted=codec.encrypted).encode()
+        self._parts: list[bytes] = [self._header]
+        self._size = C.HEADER_SIZE
+        self._entries: list[PackEntry] = []
+        self._ids: set[bytes] = set()
+        self._finished = False
+
+    @property
+    def size(self) -> int:
+        """Bytes so far (header and blobs; the trailer adds about 28 bytes per entry)."""
+        return self._size
+
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
+    @property
+    def entries(self) -> list[PackEntry]:
+        return list(self._entries)
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        return chunk_id in self._ids
+
+    def add(self, chunk_id: bytes, encoded_blob: bytes, raw_length: int) -> PackEntry:
+        """Append one blob (from :func:`~vmarchive.format.blob.encode_blob`).
+
+        Raises ValueError for a bad or duplicate chunk id, the zero id, a finished builder,
+        or a pack that would pass 4 GiB.
+        """
+        if self._finished:
+            raise ValueError("pack already finished")
+        if len(chunk_id) != C.CHUNK_ID_SIZE or chunk_id == C.ZERO_ID:
+            raise ValueError("bad chunk id for a pack entry")
+        if chunk_id in self._ids:
+            raise ValueError(f"chunk {chunk_id.hex()} is already in this pack")
+        if not (0 <= raw_length <= C.MAX_CHUNK_SIZE):
+            raise ValueError("raw length out of range")
+        if (
+            self._size + len(encoded_blob) + C.PACK_ENTRY_SIZE * (self.count + 1)
+            > C.MAX_PACK_SIZE // 2
+        ):
+            raise ValueError("pack too large")
+        entry = PackEntry(chunk_id, self._size, len(encoded_blob), raw_length)
+        self._parts.append(encoded_blob)
+        self._size += len(encoded_blob)
+        self._entries.append(entry)
+        self._ids.add(chunk_id)
+        return entry
+
+    def finish(self) -> tuple[str, bytes]:
+        """The pack id (SHA-256 hex of the bytes) and the pack bytes.  Raises ValueError twice."""
+        if self._finished:
+            raise ValueError("pack already finished")
+        self._finished = True
+        plain = bytearray(struct.pack("<I", len(self._entries)))
+        for e in self._entries:
+            plain += struct.pack(C.PACK_ENTRY_STRUCT, e.chunk_id, e.offset, e.length, e.raw_length)
+        trailer_offset = self._size
+        aad = self._header + struct.pack("<Q", trailer_offset)
+        body = self.codec.seal_body(bytes(plain), aad)
+        footer = aad + struct.pack("<I", len(body))
+        self._parts += [body, footer]
+        data = b"".join(self._parts)
+        self._parts = []
+        return object_id(data), data
+
+
+def _footer(tail: bytes | memoryview) -> tuple[Header, int, int]:
+    if len(tail) < C.PACK_FOOTER_SIZE:
+        raise FormatError(
+            f"pack: truncated ({len(tail)} tail bytes, footer is {C.PACK_FOOTER_SIZE})"
+        )
+    mv = memoryview(tail)
+    footer = mv[len(mv) - C.PACK_FOOTER_SIZE :]
+    header = decode_header(footer, C.TYPE_PACK)
+    trailer_offset, trailer_length = struct.unpack_from(C.PACK_FOOTER_STRUCT, footer, C.HEADER_SIZE)
+    if trailer_offset < C.HEADER_SIZE or trailer_length > C.MAX_PACK_SIZE:
+        raise FormatError("pack: footer fields out of range")
+    return header, trailer_offset, trailer_length
+
+
+def pack_tail_size(tail: bytes | memoryview) -> int:
+    """How many bytes at the end of the pack :func:`decode_pack_trailer` needs.
+
+    ``tail``: at least the last 28 bytes of the pack.  Raises FormatError /
+    UnsupportedVersionError when the footer is not a pack footer this release reads.
+    """
+    _, _, trailer_length = _footer(tail)
+    return trailer_length + C.PACK_FOOTER_SIZE
+
+
+def decode_pack_trailer(
+    codec: BlobCodec, tail: bytes | memoryview, pack_length: int | None = None
+) -> list[PackEntry]:
+    """The entries of a pack, from its last :func:`pack_tail_size` bytes or the whole pack.
+
+    ``pack_length``: the pack's total size when known (checked against the footer).
+    Raises FormatError (bad magic, truncation, inconsistent entries),
+    UnsupportedVersionError (future version, unknown required feature), DamageError
+    (MAC or checksum failure) and WrongKeyError (encrypted pack, no key).
+    """
+    header, trailer_offset, trailer_length = _footer(tail)
+    need = trailer_length + C.PACK_FOOTER_SIZE
+    if len(tail) < need:
+        raise FormatError(f"pack: truncated (have {len(tail)} tail bytes, trailer needs {need})")
+    end = trailer_offset + need
+    if pack_length is not None and pack_length != end:
+        raise FormatError(f"pack: {pack_length} bytes but the footer says {end}")
+    mv = memoryview(tail)
+    footer_at = len(mv) - C.PACK_FOOTER_SIZE
+    aad = bytes(mv[footer_at : footer_at + C.PACK_TRAILER_AAD_SIZE])
+    if len(mv) == end and bytes(mv[: C.HEADER_SIZE]) != aad[: C.HEADER_SIZE]:
+        # Handed the whole pack: its leading header must be the footer's copy.
+        raise FormatError("pack: header and footer disagree")
+    plain = codec.open_body(
+        mv[footer_at - trailer_length : footer_at],
+        aad,
+        encrypted=header.encrypted,
+        what="pack trailer",
+    )
+    return _parse_entries(plain, trailer_offset)
+
+
+def _parse_entries(plain: bytes, trailer_offset: int) -> list[PackEntry]:
+    if len(plain) < 4:
+        raise FormatError("pack trailer: truncated")
+    (count,) = struct.unpack_from("<I", plain, 0)
+    if len(plain) != 4 + count * C.PACK_ENTRY_SIZE:
+        raise FormatError(f"pack trailer: {len(plain)} bytes for {count} entries")
+    entries: list[PackEntry] = []
+    seen: set[bytes] = set()
+    position = C.HEADER_SIZE
+    for chunk_id, offset, length, raw_length in struct.iter_unpack(C.PACK_ENTRY_STRUCT, plain[4:]):
+        if chunk_id == C.ZERO_ID or chunk_id in seen:
+            raise FormatError(f"pack trailer: zero or duplicate chunk id {chunk_id.hex()}")
+        if offset != position or offset + length > trailer_offset or raw_length > C.MAX_CHUNK_SIZE:
+            raise FormatError(f"pack trailer: entry {chunk_id.hex()} out of place")
+        position = offset + length
+        seen.add(chunk_id)
+        entries.append(PackEntry(chunk_id, offset, length, raw_length))
+    if position != trailer_offset:
+        raise FormatError("pack trailer: blobs do not end where the trailer begins")
+    return entries
+
+
+def read_blob(pack: bytes | memoryview, entry: PackEntry) -> bytes:
+    """The stored bytes of ``entry`` out of a whole pack.  Raises FormatError when truncated."""
+    if entry.offset + entry.length > len(pack):
+        raise FormatError(f"pack: blob {entry.chunk_id.hex()} lies past the end of the pack")
+    return bytes(memoryview(pack)[entry.offset : entry.offset + entry.length])
