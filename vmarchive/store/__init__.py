@@ -1,1 +1,48 @@
-"""store layer."""
+"""Store layer: the deduplicating, content-addressed repository and its storage backends.
+
+``backend`` (object-store shaped interface) <- ``local`` / ``faulty`` backends;
+``codecs`` is the one seam onto ``vmarchive.format``; ``chunkindex`` the compact
+in-memory index; ``writer`` / ``reader`` stream data in and out; ``locking`` the
+shared/exclusive locks; ``maintenance`` verify, stats, forget, prune and gc;
+``repository`` ties them together.  The store knows nothing about QEMU or libvirt.
+"""
+
+from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, open_backend
+from vmarchive.store.codecs import InitOptions, StreamInfo
+from vmarchive.store.locking import LockContext
+from vmarchive.store.maintenance import (
+    GcOptions,
+    GcResult,
+    PrunePolicy,
+    PruneResult,
+    RepoStats,
+    VerifyReport,
+)
+from vmarchive.store.reader import Extent, StreamReader
+from vmarchive.store.repository import Archive, ArchiveSummary, Repository
+from vmarchive.store.writer import ArchiveWriter, StreamStats, StreamWriter, WriterOptions
+
+__all__ = [
+    "Archive",
+    "ArchiveSummary",
+    "ArchiveWriter",
+    "Backend",
+    "Extent",
+    "GcOptions",
+    "GcResult",
+    "InitOptions",
+    "LockContext",
+    "ObjectInfo",
+    "ObjectNotFoundError",
+    "PrunePolicy",
+    "PruneResult",
+    "RepoStats",
+    "Repository",
+    "StreamInfo",
+    "StreamReader",
+    "StreamStats",
+    "StreamWriter",
+    "VerifyReport",
+    "WriterOptions",
+    "open_backend",
+]

@@ -1,0 +1,316 @@
+"""Repository, writer and reader behaviour (real local backend, small chunks)."""
+
+from __future__ import annotations
+
+import pathlib
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from storehelpers import CHUNK, PASSPHRASE, make_repo, pack_keys, read_archive, write_archive
+
+from vmarchive.errors import (
+    AlreadyExistsError,
+    AmbiguousError,
+    BackendError,
+    ChunkMissingError,
+    DamageError,
+    LockedError,
+    NotFoundError,
+    RepositoryNotFoundError,
+    UsageError,
+    WrongKeyError,
+)
+from vmarchive.store import Extent, Repository, WriterOptions
+from vmarchive.store.faulty import Fault, FaultyBackend
+from vmarchive.store.local import LocalBackend
+
+META = {"time": "2026-01-01T00:00:00Z", "domain": "vm1", "kind": "full"}
+
+
+def rnd(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.mark.parametrize(
+    ("encrypted", "algo"),
+    [(False, "xxh3-128-keyed"), (True, "xxh3-128-keyed"), (False, "blake2b-128-keyed")],
+)
+def test_roundtrip_many_shapes(tmp_path: pathlib.Path, encrypted: bool, algo: str) -> None:
+    repo = make_repo(tmp_path / "r", encrypted=encrypted, id_algorithm=algo)
+    streams = {
+        "domain.xml": b"<domain/>",
+        "empty": b"",
+        "disk/vda": rnd(300_000) + bytes(5 * CHUNK) + rnd(1234, 1),
+        "ram/pc.ram": (rnd(CHUNK, 2) + bytes(CHUNK)) * 20,
+    }
+    aid = write_archive(repo, streams)
+    assert len(pack_keys(repo)) > 1  # 64 KiB packs: several
+    again = Repository.open(str(tmp_path / "r"), PASSPHRASE if encrypted else None)
+    assert read_archive(again, aid) == streams
+    assert again.verify(full=True).ok
+
+
+def test_zero_chunks_are_holes_and_never_stored(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    aid = write_archive(repo, {"disk/vda": bytes(50 * CHUNK + 7)})
+    assert pack_keys(repo) == []
+    r = repo.open_stream(aid, "disk/vda")
+    assert list(r.extents()) == [Extent(0, 50 * CHUNK + 7, True)]
+    assert r.read_range(100, 10) == bytes(10)
+    assert repo.stats().logical_bytes == 50 * CHUNK + 7
+    assert repo.stats().stored_bytes < 4096
+
+
+def test_dedup_within_and_across_archives(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    block = rnd(CHUNK, 7)
+    data = block * 100
+    with repo.writer() as w:
+        sw = w.stream("disk/vda", "disk", len(data))
+        sw.write(0, data)
+        st1 = sw.close()
+        w.commit(META)
+    assert (st1.chunks, st1.bytes_new, st1.holes) == (100, CHUNK, 0)
+    packs = pack_keys(repo)
+    other = Repository.open(str(tmp_path / "r"))
+    with other.writer() as w:
+        sw = w.stream("other-name", "disk", len(data))
+        sw.write(0, data)
+        st2 = sw.close()
+        w.commit({**META, "domain": "vm2"})
+    assert st2.bytes_new == 0
+    assert pack_keys(repo) == packs
+    s = other.stats()
+    assert s.chunks == 1 and s.dedup_ratio == 200
+
+
+def test_write_chunk_set_chunk_and_append(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    a, b = rnd(CHUNK, 1), rnd(CHUNK, 2)
+    with repo.writer() as w:
+        sw = w.stream("ram/pc.ram", "ram", 4 * CHUNK, attrs={"page_size": 4096})
+        sw.write_chunk(3, b)
+        sw.write_chunk(0, a)
+        assert w.read_chunk(repo.codecs.chunk_id(a)) == a  # not yet in a published pack
+        sw.close()
+        tail = w.stream("migstream", "stream", None)
+        pieces = [rnd(n, n) for n in (1, 4095, 5000, 10, 3 * CHUNK + 3)]
+        for p in pieces:
+            tail.append(p)
+        assert tail.close().bytes_written == sum(map(len, pieces))
+        aid = w.commit(META)
+    arch = repo.load_archive(aid)
+    assert arch.stream("ram/pc.ram").attrs == {"page_size": 4096}
+    assert repo.open_stream(arch, "ram/pc.ram").read_all() == a + bytes(2 * CHUNK) + b
+    assert repo.open_stream(arch, "migstream").read_all() == b"".join(pieces)
+    # An incremental references chunks by id, writing no data.
+    packs = pack_keys(repo)
+    with repo.writer() as w:
+        sw = w.stream("ram/pc.ram", "ram", 2 * CHUNK)
+        sw.set_chunk(0, repo.codecs.chunk_id(b))
+        with pytest.raises(ChunkMissingError):
+            sw.set_chunk(1, b"\x01" * 16)
+        sw.close()
+        aid2 = w.commit({**META, "parent": aid})
+    assert pack_keys(repo) == packs
+    assert read_archive(repo, aid2) == {"ram/pc.ram": b + bytes(CHUNK)}
+
+
+def test_writer_rejects_misuse(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    with repo.writer() as w:
+        sw = w.stream("s", "disk", 3 * CHUNK)
+        with pytest.raises(UsageError):
+            sw.write(1, b"x")  # misaligned
+        with pytest.raises(UsageError):
+            sw.write_chunk(0, b"short")  # short chunk before the end
+        with pytest.raises(UsageError):
+            sw.write_chunk(3, rnd(CHUNK))  # past the end
+        with pytest.raises(UsageError):
+            w.stream("s", "disk", 1)
+        with pytest.raises(UsageError):
+            w.stream("t", "bogus", 1)
+        with pytest.raises(UsageError):
+            w.stream("../escape", "disk", 1)
+        with pytest.raises(UsageError):
+            w.commit({"time": "2026-01-01T00:00:00Z"})
+        unknown = w.stream("u", "stream", None)
+        unknown.write_chunk(0, b"abc")
+        with pytest.raises(UsageError):
+            unknown.write_chunk(1, rnd(CHUNK))  # data after the short last chunk
+    with pytest.raises(UsageError):
+        sw.write_chunk(0, rnd(CHUNK))  # writer closed
+
+
+def test_no_commit_lists_nothing_and_gc_reclaims(tmp_path: pathlib.Path) -> None:
+    from vmarchive.store import GcOptions
+
+    repo = make_repo(tmp_path / "r")
+    with repo.writer() as w:
+        sw = w.stream("disk/vda", "disk", 200_000)
+        sw.write(0, rnd(200_000))
+    assert repo.list_archives() == []
+    assert pack_keys(repo)  # flushed packs are garbage now
+    assert repo.gc(GcOptions(grace=3600)).packs_deleted == 0  # too young
+    result = repo.gc(GcOptions(grace=0))
+    assert result.packs_deleted > 0
+    assert pack_keys(repo) == []
+    assert not list(repo.backend.list("locks/"))
+
+
+def test_archive_names(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    ids = [
+        write_archive(repo, {"f": rnd(10, i)}, time=f"2026-01-{i + 1:02d}T00:00:00Z")
+        for i in range(20)
+    ]
+    assert [a.id for a in repo.list_archives()] == ids
+    assert repo.load_archive(ids[3].upper()).id == ids[3]
+    # 20 ids over 16 hex digits: some first digit is shared (pigeonhole).
+    shared = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+    with pytest.raises(AmbiguousError):
+        repo.load_archive(shared)
+    with pytest.raises(NotFoundError):
+        repo.load_archive("0" * 64 if "0" * 64 not in ids else "1" * 64)
+    with pytest.raises(UsageError):
+        repo.load_archive("not-hex")
+
+
+def test_open_errors(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(RepositoryNotFoundError):
+        Repository.open(str(tmp_path / "missing"))
+    make_repo(tmp_path / "r")
+    with pytest.raises(AlreadyExistsError):
+        make_repo(tmp_path / "r")
+    make_repo(tmp_path / "e", encrypted=True)
+    with pytest.raises(WrongKeyError):
+        Repository.open(str(tmp_path / "e"))
+    with pytest.raises(WrongKeyError):
+        Repository.open(str(tmp_path / "e"), "wrong")
+    asked: list[bool] = []
+    Repository.open(str(tmp_path / "r"), lambda: asked.append(True) or "x")
+    assert asked == []  # not asked for an unencrypted repository
+    Repository.open(str(tmp_path / "e"), lambda: PASSPHRASE)
+
+
+@settings(
+    max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None
+)
+@given(
+    layout=st.lists(st.sampled_from(["d", "z", "r"]), min_size=0, max_size=12),
+    tail=st.integers(0, CHUNK - 1),
+    ranges=st.lists(st.tuples(st.integers(0, 60_000), st.integers(0, 20_000)), max_size=8),
+)
+def test_read_range_matches_slicing(
+    tmp_path_factory: pytest.TempPathFactory,
+    layout: list[str],
+    tail: int,
+    ranges: list[tuple[int, int]],
+) -> None:
+    repo = make_repo(tmp_path_factory.mktemp("r") / "r")
+    rand = random.Random(len(layout))
+    block = rand.randbytes(CHUNK)
+    parts = {"d": lambda: rand.randbytes(CHUNK), "z": lambda: bytes(CHUNK), "r": lambda: block}
+    data = b"".join(parts[k]() for k in layout) + rand.randbytes(tail)
+    aid = write_archive(repo, {"s": data})
+    r = repo.open_stream(aid, "s")
+    for off, n in ranges:
+        assert r.read_range(off, n) == data[off : off + n]
+    got = b"".join(
+        d if d is not None else bytes(min(CHUNK, len(data) - o)) for o, d in r.iter_chunks()
+    )
+    assert got == data
+    ext = list(r.extents())
+    assert sum(e.length for e in ext) == len(data)
+    for e in ext:
+        assert (data[e.offset : e.offset + e.length] == bytes(e.length)) or not e.hole
+
+
+def test_index_flushes_bound_memory_and_stay_readable(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    data = rnd(100 * CHUNK)
+    with repo.writer(options=WriterOptions(index_flush_entries=10, workers=2, max_inflight=3)) as w:
+        sw = w.stream("s", "disk", len(data))
+        sw.write(0, data)
+        sw.close()
+        aid = w.commit(META)
+        assert w.indices_written > 3
+    fresh = Repository.open(str(tmp_path / "r"))
+    assert read_archive(fresh, aid) == {"s": data}
+
+
+def test_failed_pack_upload_fails_commit_and_leaves_valid_repo(tmp_path: pathlib.Path) -> None:
+    make_repo(tmp_path / "r")
+    faulty = FaultyBackend(LocalBackend(str(tmp_path / "r")), [Fault("put", "data/", skip=1)])
+    repo = Repository.open(str(tmp_path / "r"), backend=faulty)
+    with pytest.raises(BackendError), repo.writer() as w:
+        sw = w.stream("s", "disk", 300_000)
+        sw.write(0, rnd(300_000))
+        sw.close()
+        w.commit(META)
+    assert repo.list_archives() == []
+    assert repo.verify(full=True).ok
+    assert not list(repo.backend.list("locks/"))
+
+
+def test_manifest_is_published_last(tmp_path: pathlib.Path) -> None:
+    make_repo(tmp_path / "r")
+    faulty = FaultyBackend(LocalBackend(str(tmp_path / "r")))
+    repo = Repository.open(str(tmp_path / "r"), backend=faulty)
+    write_archive(repo, {"s": rnd(200_000)})
+    puts = [k.split("/")[0] for op, k in faulty.calls if op == "put" and not k.startswith("locks/")]
+    assert puts[-1] == "archives"
+    assert puts.index("index") > max(i for i, p in enumerate(puts) if p == "data")
+
+
+def test_reader_raises_on_damage_instead_of_returning_wrong_bytes(tmp_path: pathlib.Path) -> None:
+    make_repo(tmp_path / "r")
+    inner = LocalBackend(str(tmp_path / "r"))
+    faulty = FaultyBackend(inner)
+    repo = Repository.open(str(tmp_path / "r"), backend=faulty)
+    data = rnd(10 * CHUNK)
+    aid = write_archive(repo, {"s": data})
+    for mode in ("corrupt", "truncate"):
+        faulty.add(Fault("get_range", "data/", mode=mode))  # type: ignore[arg-type]
+        with pytest.raises(DamageError):
+            Repository.open(str(tmp_path / "r"), backend=faulty).open_stream(aid, "s").read_all()
+    # Deleting a pack: the chunk is missing.
+    for k in pack_keys(repo):
+        inner.delete(k)
+    with pytest.raises(ChunkMissingError):
+        Repository.open(str(tmp_path / "r")).open_stream(aid, "s").read_range(0, 1)
+
+
+def test_writer_lock_excludes_gc(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    with repo.writer() as w:
+        with pytest.raises(LockedError):
+            Repository.open(str(tmp_path / "r")).gc()
+        w.stream("s", "meta", 3).write(0, b"abc")
+        w.commit(META)
+    Repository.open(str(tmp_path / "r")).gc()  # free again
+
+
+def test_parallel_writers_in_threads(tmp_path: pathlib.Path) -> None:
+    import threading
+
+    make_repo(tmp_path / "r")
+    shared = rnd(20 * CHUNK, 99)
+    ids: list[str] = []
+
+    def run(i: int) -> None:
+        r = Repository.open(str(tmp_path / "r"))
+        ids.append(write_archive(r, {"s": shared + rnd(5 * CHUNK, i)}, domain=f"vm{i}"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ids) == 4
+    fresh = Repository.open(str(tmp_path / "r"))
+    assert fresh.verify(full=True).ok
+    for i, aid in enumerate(sorted(ids, key=lambda a: fresh.load_archive(a).domain)):
+        assert read_archive(fresh, aid) == {"s": shared + rnd(5 * CHUNK, i)}

@@ -1,0 +1,272 @@
+"""The store's one seam onto the format layer (store layer).
+
+Everything the store needs from ``vmarchive.format`` goes through :class:`Codecs`, which
+binds the repository's config and key material once: the id function, the blob codec,
+pack building, index and manifest encoding.  Keeping the seam narrow means a format
+change touches this file, not the writer, reader and gc.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmarchive.errors import FormatError, UsageError, WrongKeyError
+from vmarchive.format import constants as C
+from vmarchive.format import pack as fpack
+from vmarchive.format.blob import BlobCodec, decode_blob, encode_blob
+from vmarchive.format.chunkid import ZERO_ID, is_zero, make_id_function, verify_chunk
+from vmarchive.format.config import RepoConfig, decode_config, encode_config, new_config
+from vmarchive.format.crypto import (
+    KeyMaterial,
+    Rng,
+    ScryptParams,
+    keyfile_id,
+    make_keyfile,
+    open_keyfile,
+)
+from vmarchive.format.header import object_id
+from vmarchive.format.index import IndexEntry, decode_index, encode_index
+from vmarchive.format.manifest import (
+    Manifest,
+    StreamEntry,
+    decode_manifest,
+    encode_manifest,
+    is_safe_stream_name,
+)
+from vmarchive.store.chunkindex import Location
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    """How to create a repository (``vmarchive init``)."""
+
+    encryption: str = C.ENCRYPTION_NONE
+    passphrase: str | None = field(default=None, repr=False)
+    id_algorithm: str = C.ID_XXH3_128_KEYED
+    compression_level: int = C.DEFAULT_ZSTD_LEVEL
+    memory_chunk_size: int = C.DEFAULT_MEMORY_CHUNK
+    disk_chunk_size: int = C.DEFAULT_DISK_CHUNK
+    stream_chunk_size: int = C.DEFAULT_STREAM_CHUNK
+    pack_size: int = C.DEFAULT_PACK_SIZE
+    #: scrypt cost; tests lower it, users keep the default.
+    scrypt: ScryptParams | None = None
+    rng: Rng = os.urandom
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One stream of a loaded archive; ``table`` has 16 bytes per slot."""
+
+    name: str
+    kind: str
+    size: int
+    chunk_size: int
+    attrs: dict[str, Any]
+    table: bytes
+
+    @property
+    def slots(self) -> int:
+        return len(self.table) // 16
+
+    def chunk_id(self, index: int) -> bytes:
+        return self.table[16 * index : 16 * index + 16]
+
+    def chunk_ids(self) -> Iterator[bytes]:
+        """Non-hole ids, in slot order (with repeats)."""
+        t = self.table
+        for i in range(0, len(t), 16):
+            cid = t[i : i + 16]
+            if cid != ZERO_ID:
+                yield cid
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "attrs": self.attrs,
+            "slots": self.slots,
+            "holes": sum(1 for i in range(self.slots) if self.chunk_id(i) == ZERO_ID),
+        }
+
+
+class Codecs:
+    """The format operations of one opened repository."""
+
+    zero_id: bytes = ZERO_ID
+
+    def __init__(self, config: RepoConfig, encoded_config: bytes, key: KeyMaterial | None) -> None:
+        self.config = config
+        self.encoded_config = encoded_config
+        secret = key.id_secret if key is not None else config.secret
+        if secret is None:
+            raise WrongKeyError("repository is encrypted: a key is needed")
+        self._idfn = make_id_function(config.id_algorithm, secret)
+        self.blob = BlobCodec(config.compression_level, key if config.encrypted else None)
+        self.pack_target = config.pack_size
+
+    # -- construction --------------------------------------------------------------------
+    @staticmethod
+    def create(options: InitOptions) -> tuple[Codecs, list[tuple[str, bytes]]]:
+        """New config + key material; returns the codecs and the key-file objects to write.
+
+        Raises :class:`UsageError` for unusable options.
+        """
+        encrypted = options.encryption != C.ENCRYPTION_NONE
+        if encrypted and not options.passphrase:
+            raise UsageError("an encrypted repository needs a passphrase")
+        try:
+            cfg, key = new_config(
+                encryption=options.encryption,
+                id_algorithm=options.id_algorithm,
+                compression_level=options.compression_level,
+                memory_chunk_size=options.memory_chunk_size,
+                disk_chunk_size=options.disk_chunk_size,
+                stream_chunk_size=options.stream_chunk_size,
+                pack_size=options.pack_size,
+                rng=options.rng,
+            )
+        except FormatError as e:  # also UnsupportedVersionError's siblings
+            raise UsageError(f"cannot create repository: {e.message}") from e
+        except Exception as e:
+            from vmarchive.errors import UnsupportedVersionError
+
+            if isinstance(e, UnsupportedVersionError):
+                raise UsageError(f"cannot create repository: {e.message}") from e
+            raise
+        objects: list[tuple[str, bytes]] = []
+        if encrypted:
+            assert options.passphrase is not None
+            kf = make_keyfile(key, options.passphrase, options.rng, options.scrypt)
+            objects.append((f"keys/{keyfile_id(kf)}", kf))
+        raw = encode_config(cfg)
+        return Codecs(cfg, raw, key if encrypted else None), objects
+
+    @staticmethod
+    def read_config(raw: bytes) -> RepoConfig:
+        """Raises :class:`FormatError`, :class:`UnsupportedVersionError`."""
+        return decode_config(raw)
+
+    @staticmethod
+    def config_encrypted(config: RepoConfig) -> bool:
+        return config.encrypted
+
+    @staticmethod
+    def unlock(keyfiles: Sequence[bytes], passphrase: str) -> KeyMaterial:
+        """The key material of the first key file ``passphrase`` opens.
+
+        Raises :class:`WrongKeyError`.
+        """
+        for kf in keyfiles:
+            try:
+                return open_keyfile(kf, passphrase)
+            except WrongKeyError:
+                continue
+        raise WrongKeyError("the passphrase does not open this repository")
+
+    @staticmethod
+    def open(config: RepoConfig, raw: bytes, key: KeyMaterial | None) -> Codecs:
+        return Codecs(config, raw, key)
+
+    # -- chunks --------------------------------------------------------------------------
+    @staticmethod
+    def is_zero(data: bytes | bytearray | memoryview) -> bool:
+        return is_zero(data if isinstance(data, bytes | memoryview) else memoryview(data))
+
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self._idfn(data if isinstance(data, bytes | memoryview) else memoryview(data))
+
+    def verify_chunk(self, chunk_id: bytes, data: bytes) -> None:
+        """Raises :class:`DamageError` when ``data`` does not hash to ``chunk_id``."""
+        verify_chunk(self._idfn, chunk_id, data)
+
+    def encode_blob(self, chunk_id: bytes, data: bytes) -> bytes:
+        return encode_blob(self.blob, chunk_id, data)
+
+    def decode_blob(self, chunk_id: bytes, blob: bytes | memoryview, raw_length: int) -> bytes:
+        """Raises :class:`DamageError` (incl. :class:`FormatError`)."""
+        return decode_blob(self.blob, chunk_id, blob, raw_length)
+
+    @staticmethod
+    def is_safe_stream_name(name: str) -> bool:
+        return is_safe_stream_name(name)
+
+    def default_chunk_size(self, kind: str) -> int:
+        if kind in (C.KIND_RAM,):
+            return self.config.memory_chunk_size
+        if kind == C.KIND_DISK:
+            return self.config.disk_chunk_size
+        return self.config.stream_chunk_size
+
+    # -- packs ---------------------------------------------------------------------------
+    def new_pack(self) -> fpack.PackBuilder:
+        return fpack.PackBuilder(self.blob)
+
+    def finish_pack(
+        self, builder: fpack.PackBuilder
+    ) -> tuple[str, bytes, list[tuple[bytes, Location]]]:
+        pack_id, data = builder.finish()
+        entries = [
+            (e.chunk_id, Location(pack_id, e.offset, e.length, e.raw_length))
+            for e in builder.entries
+        ]
+        return pack_id, data, entries
+
+    def read_pack_entries(self, data: bytes) -> list[tuple[bytes, Location]]:
+        """The entries the trailer of a whole pack lists. Raises :class:`DamageError`."""
+        pack_id = self.object_id(data)
+        return [
+            (e.chunk_id, Location(pack_id, e.offset, e.length, e.raw_length))
+            for e in fpack.decode_pack_trailer(self.blob, data, len(data))
+        ]
+
+    # -- index and manifests ------------------------------------------------------------------
+    @staticmethod
+    def object_id(data: bytes | memoryview) -> str:
+        """SHA-256 of an object's bytes, hex: the name of packs, indexes and manifests."""
+        return object_id(data)
+
+    def encode_index(self, entries: Sequence[tuple[bytes, Location]]) -> bytes:
+        return encode_index(
+            self.blob,
+            [
+                IndexEntry(cid, bytes.fromhex(loc.pack_id), loc.offset, loc.length, loc.raw_length)
+                for cid, loc in entries
+            ],
+        )
+
+    def decode_index(self, data: bytes) -> list[tuple[bytes, Location]]:
+        """Raises :class:`DamageError` (incl. :class:`FormatError`), :class:`UnsupportedVersionError`."""
+        return [
+            (e.chunk_id, Location(e.pack_id.hex(), e.offset, e.length, e.raw_length))
+            for e in decode_index(self.blob, data)
+        ]
+
+    def encode_manifest(
+        self,
+        metadata: Mapping[str, Any],
+        streams: Sequence[tuple[str, str, int, int, Mapping[str, Any], bytes]],
+    ) -> bytes:
+        m = Manifest(
+            dict(metadata),
+            [
+                StreamEntry(name, kind, size, chunk_size, dict(attrs), table)
+                for name, kind, size, chunk_size, attrs, table in streams
+            ],
+        )
+        try:
+            return encode_manifest(self.blob, m)
+        except (FormatError, ValueError, TypeError) as e:
+            raise UsageError(f"cannot encode the archive manifest: {e}") from e
+
+    def decode_manifest(self, data: bytes) -> tuple[dict[str, Any], list[StreamInfo]]:
+        """Raises :class:`DamageError` (incl. :class:`FormatError`), :class:`UnsupportedVersionError`."""
+        m = decode_manifest(self.blob, data)
+        return dict(m.metadata), [
+            StreamInfo(s.name, s.kind, s.size, s.chunk_size, dict(s.attrs), bytes(s.table))
+            for s in m.streams
+        ]

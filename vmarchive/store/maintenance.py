@@ -1,0 +1,525 @@
+"""Repository maintenance (store layer): verify, stats, forget, prune, gc.
+
+verify
+    *fast*: every selected manifest decodes and matches its id, every chunk it references
+    is indexed, its pack exists and the entry lies inside the pack.  *full*: additionally
+    each referenced pack is read once, every referenced blob decoded and its id recomputed.
+    An archive is *damaged* exactly when it references a chunk that cannot be read back
+    correctly (or its manifest is bad); damage that affects no archive (a pack trailer, an
+    index file) is a *problem* but names no archive.
+
+gc (exclusive lock)
+    mark: the chunk ids every manifest references; sweep: packs without live chunks are
+    deleted, packs mostly garbage are repacked (their live blobs copied verbatim into new
+    packs), and all index files are consolidated into one.  Ordering keeps every instant
+    readable: new packs durable -> new index durable -> old index files deleted -> old
+    packs deleted.  Packs and index files younger than the grace period are never touched,
+    so fresh data of a writer whose lock was wrongly judged stale survives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from vmarchive.errors import (
+    DamageError,
+    NotFoundError,
+    UsageError,
+)
+from vmarchive.format import constants as C
+from vmarchive.progress import NULL_PROGRESS, Progress
+from vmarchive.store.backend import ObjectInfo, ObjectNotFoundError
+from vmarchive.store.chunkindex import Location
+
+if TYPE_CHECKING:
+    from vmarchive.store.repository import ArchiveSummary, Repository
+
+log = logging.getLogger(__name__)
+
+
+def _pack_id_of(key: str) -> str:
+    return key.rsplit("/", 1)[1]
+
+
+def _packs(repo: Repository) -> dict[str, ObjectInfo]:
+    return {_pack_id_of(o.key): o for o in repo.backend.list("data/")}
+
+
+# ----------------------------------------------------------------------------- verify
+@dataclass
+class VerifyReport:
+    """The result of :func:`verify`; ``ok`` only when nothing at all is wrong."""
+
+    ok: bool
+    damaged: list[str]
+    problems: list[str]
+    archives_checked: int = 0
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    full: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "damaged": self.damaged,
+            "problems": self.problems,
+            "archives_checked": self.archives_checked,
+            "chunks_checked": self.chunks_checked,
+            "bytes_checked": self.bytes_checked,
+            "full": self.full,
+        }
+
+
+def verify(
+    repo: Repository,
+    names: Iterable[str] | None = None,
+    *,
+    full: bool = False,
+    progress: Progress = NULL_PROGRESS,
+) -> VerifyReport:
+    """Check archives (all, or those ``names`` resolve to).
+
+    Raises :class:`NotFoundError` / :class:`AmbiguousError` for a bad name and
+    :class:`BackendError` when the storage fails; damage is reported, not raised.
+    """
+    problems: list[str] = []
+    damaged: set[str] = set()
+    ids = [repo.resolve(n) for n in names] if names is not None else repo.archive_ids()
+    ids = sorted(set(ids))
+    repo.reload_index()
+    problems.extend(repo.index_problems)
+    index = repo.index
+    packs = _packs(repo)
+
+    # Which archives reference which chunk: chunk id -> archive ids.
+    users: dict[bytes, set[str]] = defaultdict(set)
+    for aid in ids:
+        try:
+            archive = repo._load(aid)
+        except NotFoundError:
+            continue
+        except DamageError as e:
+            damaged.add(aid)
+            problems.append(str(e))
+            continue
+        for s in archive.streams:
+            if s.chunk_size <= 0 or s.slots != -(-s.size // s.chunk_size):
+                damaged.add(aid)
+                problems.append(f"archive {aid}: stream {s.name} table does not match its size")
+        for cid in archive.chunk_ids():
+            users[cid].add(aid)
+
+    bad: set[bytes] = set()
+    by_pack: dict[str, list[tuple[bytes, Location]]] = defaultdict(list)
+    for cid in users:
+        loc = index.get(cid)
+        if loc is None:
+            bad.add(cid)
+            problems.append(f"chunk {cid.hex()} is not indexed")
+            continue
+        info = packs.get(loc.pack_id)
+        if info is None:
+            bad.add(cid)
+            problems.append(f"chunk {cid.hex()}: pack {loc.pack_id} is missing")
+            continue
+        if loc.offset + loc.length > info.size:
+            bad.add(cid)
+            problems.append(f"chunk {cid.hex()}: entry lies outside pack {loc.pack_id}")
+            continue
+        by_pack[loc.pack_id].append((cid, loc))
+
+    chunks_checked = 0
+    bytes_checked = 0
+    if full:
+        task = progress.task("verify", total=sum(packs[p].size for p in by_pack))
+        try:
+            for pack_id in sorted(by_pack):
+                try:
+                    data = repo.backend.get(f"data/{pack_id[:2]}/{pack_id}")
+                except ObjectNotFoundError:
+                    bad.update(c for c, _ in by_pack[pack_id])
+                    problems.append(f"pack {pack_id} vanished")
+                    continue
+                if repo.codecs.object_id(data) != pack_id:
+                    problems.append(f"pack {pack_id}: contents do not match its id")
+                    try:
+                        repo.codecs.read_pack_entries(data)
+                    except DamageError as e:
+                        problems.append(f"pack {pack_id}: trailer: {e}")
+                view = memoryview(data)
+                for cid, loc in by_pack[pack_id]:
+                    try:
+                        repo.decode_chunk(cid, view[loc.offset : loc.offset + loc.length], loc)
+                    except DamageError as e:
+                        bad.add(cid)
+                        problems.append(str(e))
+                    chunks_checked += 1
+                    bytes_checked += loc.raw_length
+                task.advance(len(data))
+        finally:
+            task.close()
+    for cid in bad:
+        damaged.update(users[cid])
+    report = VerifyReport(
+        ok=not problems and not damaged,
+        damaged=sorted(damaged),
+        problems=problems,
+        archives_checked=len(ids),
+        chunks_checked=chunks_checked,
+        bytes_checked=bytes_checked,
+        full=full,
+    )
+    log.info("verify: %d archives, %d damaged, %d problems", len(ids), len(damaged), len(problems))
+    return report
+
+
+# ------------------------------------------------------------------------------ stats
+@dataclass
+class RepoStats:
+    archives: int
+    logical_bytes: int  # sum of stream sizes (holes included)
+    data_bytes: int  # logical bytes minus holes
+    unique_bytes: int  # raw bytes of distinct referenced chunks
+    unique_stored_bytes: int  # their stored (compressed) size
+    stored_bytes: int  # every object of the repository
+    pack_bytes: int
+    packs: int
+    chunks: int  # distinct referenced chunks
+    indexed_chunks: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.data_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.unique_bytes / self.unique_stored_bytes if self.unique_stored_bytes else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "archives": self.archives,
+            "logical_bytes": self.logical_bytes,
+            "data_bytes": self.data_bytes,
+            "unique_bytes": self.unique_bytes,
+            "unique_stored_bytes": self.unique_stored_bytes,
+            "stored_bytes": self.stored_bytes,
+            "pack_bytes": self.pack_bytes,
+            "packs": self.packs,
+            "chunks": self.chunks,
+            "indexed_chunks": self.indexed_chunks,
+            "dedup_ratio": round(self.dedup_ratio, 4),
+            "compression_ratio": round(self.compression_ratio, 4),
+        }
+
+
+def stats(repo: Repository) -> RepoStats:
+    """Sizes and ratios of the whole repository. Raises :class:`BackendError`."""
+    index = repo.index
+    logical = data = 0
+    seen: set[bytes] = set()
+    n = 0
+    for archive in repo.iter_archives(on_damage=lambda aid, e: log.warning("%s: %s", aid, e)):
+        n += 1
+        for s in archive.streams:
+            logical += s.size
+            for i in range(s.slots):
+                cid = s.chunk_id(i)
+                if cid == repo.codecs.zero_id:
+                    continue
+                data += min(s.chunk_size, s.size - i * s.chunk_size)
+                seen.add(cid)
+    unique = unique_stored = 0
+    for cid in seen:
+        loc = index.get(cid)
+        if loc is not None:
+            unique += loc.raw_length
+            unique_stored += loc.length
+    stored = pack_bytes = packs = 0
+    for o in repo.backend.list(""):
+        stored += o.size
+        if o.key.startswith("data/"):
+            pack_bytes += o.size
+            packs += 1
+    return RepoStats(
+        n, logical, data, unique, unique_stored, stored, pack_bytes, packs, len(seen), len(index)
+    )
+
+
+# ----------------------------------------------------------------------------- forget
+def forget(repo: Repository, names: Iterable[str]) -> list[str]:
+    """Remove archives (their data stays until gc); returns the ids removed.
+
+    Resolves every name before removing anything.  Raises :class:`NotFoundError`,
+    :class:`AmbiguousError`, :class:`LockedError`.
+    """
+    ids = sorted({repo.resolve(n) for n in names})
+    with repo.lock("exclusive"):
+        for aid in ids:
+            repo.backend.delete(f"archives/{aid}")
+            log.info("forgot archive %s", aid)
+    return ids
+
+
+# ------------------------------------------------------------------------------ prune
+@dataclass(frozen=True)
+class PrunePolicy:
+    """How many archives to keep per domain: the newest ``keep_last``, and the newest of
+    each of the last N hours/days/ISO weeks/months (UTC) that have archives."""
+
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+
+    def empty(self) -> bool:
+        return not any(
+            (self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly)
+        )
+
+
+@dataclass
+class PruneResult:
+    keep: list[tuple[ArchiveSummary, list[str]]]  # (archive, reasons)
+    forget: list[ArchiveSummary]
+    dry_run: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "keep": [{**a.to_json(), "reasons": r} for a, r in self.keep],
+            "forget": [a.to_json() for a in self.forget],
+        }
+
+
+_PERIODS: list[tuple[str, str]] = [
+    ("hourly", "%Y-%m-%d %H"),
+    ("daily", "%Y-%m-%d"),
+    ("weekly", "%G-W%V"),
+    ("monthly", "%Y-%m"),
+]
+
+
+def plan_prune(archives: list[ArchiveSummary], policy: PrunePolicy) -> PruneResult:
+    """Decide, per domain, which archives the policy keeps (pure; no I/O).
+
+    Raises :class:`UsageError` for an empty policy (it would forget everything) or a
+    negative count.
+    """
+    from vmarchive.store.repository import parse_time
+
+    counts = (
+        policy.keep_last,
+        policy.keep_hourly,
+        policy.keep_daily,
+        policy.keep_weekly,
+        policy.keep_monthly,
+    )
+    if any(c < 0 for c in counts):
+        raise UsageError("keep counts must not be negative")
+    if policy.empty():
+        raise UsageError("prune needs at least one --keep-* option (it would forget every archive)")
+    by_domain: dict[str, list[tuple[datetime, ArchiveSummary]]] = defaultdict(list)
+    for a in archives:
+        by_domain[a.domain].append((parse_time(a.time), a))
+    keep: list[tuple[ArchiveSummary, list[str]]] = []
+    drop: list[ArchiveSummary] = []
+    for domain in sorted(by_domain):
+        group = sorted(by_domain[domain], key=lambda t: (t[0], t[1].id), reverse=True)
+        reasons: dict[str, list[str]] = defaultdict(list)
+        for i, (_, a) in enumerate(group[: policy.keep_last]):
+            reasons[a.id].append(f"last #{i + 1}")
+        for name, fmt in _PERIODS:
+            n = getattr(policy, f"keep_{name}")
+            seen: list[str] = []
+            for t, a in group:
+                if len(seen) >= n:
+                    break
+                bucket = t.astimezone(tz=t.tzinfo).strftime(fmt)
+                if bucket not in seen:
+                    seen.append(bucket)
+                    reasons[a.id].append(f"{name} {bucket}")
+        for _, a in group:
+            if a.id in reasons:
+                keep.append((a, reasons[a.id]))
+            else:
+                drop.append(a)
+    return PruneResult(keep, drop, dry_run=True)
+
+
+def prune(repo: Repository, policy: PrunePolicy, *, dry_run: bool = False) -> PruneResult:
+    """Forget the archives ``policy`` does not keep (per domain); gc reclaims the space.
+
+    Raises :class:`UsageError` (empty policy), :class:`LockedError`, :class:`BackendError`.
+    """
+    with repo.lock("exclusive"):
+        result = plan_prune(repo.list_archives(), policy)
+        result.dry_run = dry_run
+        if not dry_run:
+            for a in result.forget:
+                repo.backend.delete(f"archives/{a.id}")
+                log.info("pruned archive %s (%s %s)", a.id, a.domain, a.time)
+    return result
+
+
+# --------------------------------------------------------------------------------- gc
+@dataclass(frozen=True)
+class GcOptions:
+    #: Packs and index files younger than this (seconds) are never deleted or rewritten.
+    grace: float = C.GC_GRACE_PERIOD
+    #: Repack a pack whose live bytes are below this fraction of its blob bytes.
+    repack_below: float = 0.5
+    dry_run: bool = False
+
+
+@dataclass
+class GcResult:
+    live_chunks: int = 0
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    packs_written: int = 0
+    packs_kept_young: int = 0
+    indices_deleted: int = 0
+    indices_written: int = 0
+    bytes_freed: int = 0
+    missing_chunks: int = 0
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def gc(
+    repo: Repository, options: GcOptions | None = None, *, progress: Progress = NULL_PROGRESS
+) -> GcResult:
+    """Mark and sweep under an exclusive lock (see the module docstring).
+
+    Raises :class:`LockedError`, :class:`DamageError` if a manifest cannot be read (gc
+    cannot know what it references, so it deletes nothing), :class:`BackendError`.
+    """
+    options = options or GcOptions()
+    result = GcResult(dry_run=options.dry_run)
+    with repo.lock("exclusive") as lock:
+        now = repo.locks.ctx.clock()
+        repo.reload_index()
+        if repo.index_problems:
+            raise DamageError(
+                "gc refuses to run while index files are damaged: " + "; ".join(repo.index_problems)
+            )
+        # Mark.
+        live: set[bytes] = set()
+        for archive in repo.iter_archives():
+            live.update(archive.chunk_ids())
+        result.live_chunks = len(live)
+        index = repo.index
+        for cid in live:
+            if cid not in index:
+                result.missing_chunks += 1
+        if result.missing_chunks:
+            log.warning("gc: %d referenced chunks are missing (run verify)", result.missing_chunks)
+
+        packs = _packs(repo)
+        index_objs = {o.key.split("/", 1)[1]: o for o in repo.backend.list("index/")}
+        young_indices = {n for n, o in index_objs.items() if now - o.mtime < options.grace}
+        old_indices = set(index_objs) - young_indices
+        # Packs named by young index files, or young themselves, are untouchable.
+        protected = {p for p, o in packs.items() if now - o.mtime < options.grace}
+        for name in young_indices:
+            try:
+                for _cid, loc in repo.codecs.decode_index(repo.backend.get(f"index/{name}")):
+                    protected.add(loc.pack_id)
+            except ObjectNotFoundError:
+                continue
+        result.packs_kept_young = len(protected & set(packs))
+
+        # Live bytes per pack, from the current index.
+        entries_by_pack: dict[str, list[tuple[bytes, Location]]] = defaultdict(list)
+        for cid, loc in index.items():
+            entries_by_pack[loc.pack_id].append((cid, loc))
+        to_delete: list[str] = []
+        to_repack: list[str] = []
+        for pack_id, info in packs.items():
+            if pack_id in protected:
+                continue
+            entries = entries_by_pack.get(pack_id, [])
+            live_bytes = sum(loc.length for cid, loc in entries if cid in live)
+            # Measure against the pack's size, not its index entries: dead entries are
+            # dropped from the consolidated index, their bytes stay in the pack.
+            if live_bytes == 0:
+                to_delete.append(pack_id)
+            elif live_bytes < options.repack_below * info.size:
+                to_repack.append(pack_id)
+        if options.dry_run:
+            result.packs_deleted = len(to_delete)
+            result.packs_repacked = len(to_repack)
+            result.bytes_freed = sum(packs[p].size for p in to_delete)
+            return result
+
+        # Repack: copy live blobs verbatim (no recompression) into new packs.
+        moved: dict[bytes, Location] = {}
+        builder = repo.codecs.new_pack()
+        task = progress.task("gc repack", total=len(to_repack), unit="pack")
+
+        def flush() -> None:
+            nonlocal builder
+            if builder.count == 0:
+                return
+            pack_id, data, entries = repo.codecs.finish_pack(builder)
+            repo._publish_pack(pack_id, data)
+            moved.update(entries)
+            result.packs_written += 1
+            builder = repo.codecs.new_pack()
+
+        try:
+            for pack_id in to_repack:
+                data = repo.backend.get(f"data/{pack_id[:2]}/{pack_id}")
+                for cid, loc in entries_by_pack[pack_id]:
+                    if cid not in live or cid in moved:
+                        continue
+                    blob = data[loc.offset : loc.offset + loc.length]
+                    # Never propagate damage into a new pack: verify before copying.
+                    repo.decode_chunk(cid, blob, loc)
+                    builder.add(cid, blob, loc.raw_length)
+                    if builder.size >= repo.codecs.pack_target:
+                        flush()
+                task.advance(1)
+            flush()
+        finally:
+            task.close()
+        lock.check()
+
+        # Consolidated index: live entries of old index files, moved ones re-pointed.
+        doomed = set(to_delete) | set(to_repack)
+        new_entries: list[tuple[bytes, Location]] = []
+        for cid, loc in index.items():
+            if cid not in live and loc.pack_id not in protected:
+                continue
+            if cid in moved:
+                new_entries.append((cid, moved[cid]))
+            elif loc.pack_id not in doomed:
+                new_entries.append((cid, loc))
+        for cid, loc in moved.items():
+            if cid not in index:
+                new_entries.append((cid, loc))
+        new_name: str | None = None
+        dead_entries = len(new_entries) != len(index)
+        if new_entries and (len(old_indices) > 1 or moved or doomed or dead_entries):
+            new_name = repo._publish_index(new_entries)
+            result.indices_written = 1
+        for name in sorted(old_indices):
+            if name != new_name and (new_name is not None or not new_entries):
+                repo.backend.delete(f"index/{name}")
+                result.indices_deleted += 1
+        for pack_id in sorted(doomed):
+            result.bytes_freed += packs[pack_id].size
+            repo.backend.delete(f"data/{pack_id[:2]}/{pack_id}")
+        result.packs_deleted = len(to_delete)
+        result.packs_repacked = len(to_repack)
+        repo.reload_index()
+    log.info("gc: %s", result)
+    return result

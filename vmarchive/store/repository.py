@@ -1,0 +1,468 @@
+"""The repository (store layer): config, keys, chunk index, archives, readers and writers.
+
+Object layout (see ``formats/FORMAT.md``)::
+
+    config                      repository config
+    keys/<id>                   passphrase-wrapped key files (encrypted repositories)
+    data/<2 hex>/<pack id>      packs (content-named: SHA-256 of the pack bytes)
+    index/<index id>            index files: chunk id -> (pack, offset, length, raw length)
+    archives/<archive id>       manifests (archive id: SHA-256 of the manifest bytes)
+    locks/<lock id>             locks
+
+A :class:`Repository` is cheap to open: the chunk index is loaded on first need (reads,
+writes, verify, gc), and listing archives reads only ``archives/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from vmarchive.errors import (
+    AlreadyExistsError,
+    AmbiguousError,
+    ChunkMissingError,
+    DamageError,
+    NotFoundError,
+    RepositoryNotFoundError,
+    UsageError,
+    WrongKeyError,
+)
+from vmarchive.progress import NULL_PROGRESS, Progress
+from vmarchive.store.backend import Backend, ObjectNotFoundError, open_backend
+from vmarchive.store.chunkindex import ChunkIndex, Location
+from vmarchive.store.codecs import Codecs, InitOptions, StreamInfo
+from vmarchive.store.locking import Lock, LockContext, LockKind, LockManager
+from vmarchive.store.reader import StreamReader
+from vmarchive.store.writer import ArchiveWriter, WriterOptions
+
+if TYPE_CHECKING:
+    from vmarchive.store.maintenance import (
+        GcOptions,
+        GcResult,
+        PrunePolicy,
+        PruneResult,
+        RepoStats,
+        VerifyReport,
+    )
+
+log = logging.getLogger(__name__)
+
+#: A passphrase, or a callable asked for one only if the repository is encrypted.
+Passphrase = str | Callable[[], str] | None
+
+
+def pack_key(pack_id: str) -> str:
+    return f"data/{pack_id[:2]}/{pack_id}"
+
+
+@dataclass(frozen=True)
+class ArchiveSummary:
+    """One line of ``list``: enough to choose an archive without loading its tables."""
+
+    id: str
+    time: str
+    domain: str
+    kind: str
+    tags: list[str] = field(default_factory=list)
+    size: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": self.time,
+            "domain": self.domain,
+            "kind": self.kind,
+            "tags": self.tags,
+            "size": self.size,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A loaded manifest: metadata and streams (with their slot tables)."""
+
+    id: str
+    metadata: dict[str, Any]
+    streams: list[StreamInfo]
+
+    @property
+    def time(self) -> str:
+        return str(self.metadata.get("time", ""))
+
+    @property
+    def domain(self) -> str:
+        return str(self.metadata.get("domain", ""))
+
+    def stream(self, name: str) -> StreamInfo:
+        """Raises :class:`NotFoundError` if the archive has no stream ``name``."""
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise NotFoundError(f"archive {self.id[:12]} has no stream {name!r}", stream=name)
+
+    def summary(self) -> ArchiveSummary:
+        tags = self.metadata.get("tags") or []
+        return ArchiveSummary(
+            id=self.id,
+            time=self.time,
+            domain=self.domain,
+            kind=str(self.metadata.get("kind", "")),
+            tags=[str(t) for t in tags] if isinstance(tags, list) else [],
+            size=sum(s.size for s in self.streams),
+            metadata=self.metadata,
+        )
+
+    def chunk_ids(self) -> Iterator[bytes]:
+        """Every non-hole chunk id the archive references (with repeats)."""
+        for s in self.streams:
+            yield from s.chunk_ids()
+
+
+def parse_time(value: str) -> datetime:
+    """Parse an ISO 8601 archive time. Raises :class:`UsageError`."""
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (ValueError, AttributeError) as e:
+        raise UsageError(f"archive time {value!r} is not ISO 8601") from e
+    if t.tzinfo is None:
+        from datetime import UTC
+
+        t = t.replace(tzinfo=UTC)
+    return t
+
+
+class Repository:
+    """An open repository.  Create with :meth:`init` or :meth:`open`."""
+
+    def __init__(
+        self, backend: Backend, codecs: Codecs, lock_context: LockContext | None = None
+    ) -> None:
+        self.backend = backend
+        self.codecs = codecs
+        self.locks = LockManager(backend, lock_context)
+        self._index: ChunkIndex | None = None
+        self._index_files: set[str] = set()
+        self.index_problems: list[str] = []
+        self._index_mutex = threading.Lock()
+
+    # -- opening ---------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        location: str,
+        options: InitOptions | None = None,
+        *,
+        backend: Backend | None = None,
+        lock_context: LockContext | None = None,
+    ) -> Repository:
+        """Create a new repository at ``location``.
+
+        Raises :class:`AlreadyExistsError` if one (or anything) is there,
+        :class:`UsageError` for bad options, :class:`BackendError`.
+        """
+        options = options or InitOptions()
+        be = backend or open_backend(location)
+        if be.exists("config") or any(True for _ in be.list("")):
+            raise AlreadyExistsError(
+                f"{be.location} is not empty; refusing to create a repository there"
+            )
+        codecs, objects = Codecs.create(options)
+        # Key files first, config last: a repository exists only once its config does.
+        for key, data in objects:
+            be.put(key, data, create_only=True)
+        if not be.put("config", codecs.encoded_config, create_only=True):
+            raise AlreadyExistsError(f"a repository was created concurrently at {be.location}")
+        log.info("created repository %s", be.location)
+        return cls(be, codecs, lock_context)
+
+    @classmethod
+    def open(
+        cls,
+        location: str,
+        passphrase: Passphrase = None,
+        *,
+        backend: Backend | None = None,
+        lock_context: LockContext | None = None,
+    ) -> Repository:
+        """Open an existing repository.
+
+        Raises :class:`RepositoryNotFoundError`, :class:`UnsupportedVersionError`,
+        :class:`WrongKeyError` (also when encrypted and no passphrase is given),
+        :class:`BackendError`.
+        """
+        be = backend or open_backend(location)
+        try:
+            raw = be.get("config")
+        except ObjectNotFoundError as e:
+            raise RepositoryNotFoundError(f"no vmarchive repository at {be.location}") from e
+        config = Codecs.read_config(raw)
+        if not Codecs.config_encrypted(config):
+            return cls(be, Codecs.open(config, raw, None), lock_context)
+        secret = passphrase() if callable(passphrase) else passphrase
+        if secret is None:
+            raise WrongKeyError(f"repository {be.location} is encrypted: a passphrase is needed")
+        keyfiles = [be.get(o.key) for o in be.list("keys/")]
+        if not keyfiles:
+            raise WrongKeyError(f"repository {be.location} is encrypted but has no key file")
+        key = Codecs.unlock(keyfiles, secret)
+        return cls(be, Codecs.open(config, raw, key), lock_context)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- locks -------------------------------------------------------------------------
+    def lock(self, kind: LockKind, *, wait: float = 0.0) -> Lock:
+        """Take a repository lock. Raises :class:`LockedError`, :class:`BackendError`."""
+        return self.locks.acquire(kind, wait=wait)
+
+    # -- chunk index ------------------------------------------------------------------
+    @property
+    def index(self) -> ChunkIndex:
+        """The chunk index, loaded from ``index/`` on first use."""
+        with self._index_mutex:
+            if self._index is None:
+                self._index = self._load_index()
+            return self._index
+
+    def reload_index(self) -> None:
+        with self._index_mutex:
+            self._index = None
+        _ = self.index
+
+    def _load_index(self) -> ChunkIndex:
+        idx = ChunkIndex()
+        self._index_files = set()
+        self.index_problems = []
+        for obj in self.backend.list("index/"):
+            name = obj.key.split("/", 1)[1]
+            try:
+                entries = self.codecs.decode_index(self.backend.get(obj.key))
+            except ObjectNotFoundError:
+                continue  # removed by a concurrent gc
+            except DamageError as e:
+                log.warning("index %s is damaged: %s", name, e)
+                self.index_problems.append(f"index {name}: {e}")
+                continue
+            self._index_files.add(name)
+            for cid, loc in entries:
+                idx.add(cid, loc)
+        log.debug("chunk index: %d chunks from %d files", len(idx), len(self._index_files))
+        return idx
+
+    def index_files(self) -> set[str]:
+        _ = self.index
+        return set(self._index_files)
+
+    def _chunk_location(self, chunk_id: bytes) -> Location | None:
+        return self.index.get(chunk_id)
+
+    def _add_location(self, chunk_id: bytes, loc: Location) -> None:
+        self.index.add(chunk_id, loc)
+
+    # -- object publishing (write ordering lives in the writer and gc) ---------------------
+    def _publish_pack(self, pack_id: str, data: bytes) -> None:
+        self.backend.put(pack_key(pack_id), data, create_only=True)
+
+    def _publish_index(self, entries: Sequence[tuple[bytes, Location]]) -> str:
+        data = self.codecs.encode_index(entries)
+        name = self.codecs.object_id(data)
+        self.backend.put(f"index/{name}", data, create_only=True)
+        self._index_files.add(name)
+        return name
+
+    def _publish_manifest(
+        self,
+        metadata: dict[str, Any],
+        streams: Sequence[tuple[str, str, int, int, Mapping[str, Any], bytes]],
+    ) -> str:
+        data = self.codecs.encode_manifest(metadata, streams)
+        archive_id = self.codecs.object_id(data)
+        self.backend.put(f"archives/{archive_id}", data, create_only=True)
+        log.info("published archive %s", archive_id)
+        return archive_id
+
+    # -- writing ------------------------------------------------------------------------
+    def writer(
+        self, progress: Progress = NULL_PROGRESS, options: WriterOptions | None = None
+    ) -> ArchiveWriter:
+        """A new archive writer holding a shared lock until commit or exit.
+
+        Raises :class:`LockedError` if gc/prune holds the repository.
+        """
+        lock = self.lock("shared")
+        try:
+            _ = self.index  # load before writing: dedup against the whole repository
+            return ArchiveWriter(self, lock, progress, options)
+        except BaseException:
+            lock.release()
+            raise
+
+    # -- reading ------------------------------------------------------------------------
+    def read_chunk(self, chunk_id: bytes) -> bytes:
+        """The verified plaintext of one chunk.
+
+        Raises :class:`ChunkMissingError` (not indexed, or its pack is gone),
+        :class:`DamageError` (decoding or id verification failed), :class:`BackendError`.
+        """
+        if chunk_id == self.codecs.zero_id:
+            raise UsageError("the zero id is a hole, not a chunk")
+        loc = self.index.get(chunk_id)
+        if loc is None:
+            raise ChunkMissingError(
+                f"chunk {chunk_id.hex()} is not in the repository", chunk_id=chunk_id.hex()
+            )
+        try:
+            blob = self.backend.get_range(pack_key(loc.pack_id), loc.offset, loc.length)
+        except ObjectNotFoundError as e:
+            raise ChunkMissingError(
+                f"chunk {chunk_id.hex()}: pack {loc.pack_id} is missing",
+                chunk_id=chunk_id.hex(),
+                pack=loc.pack_id,
+            ) from e
+        return self.decode_chunk(chunk_id, blob, loc)
+
+    def decode_chunk(self, chunk_id: bytes, blob: bytes | memoryview, loc: Location) -> bytes:
+        """Decode and verify a blob read from a pack. Raises :class:`DamageError`."""
+        if len(blob) != loc.length:
+            raise DamageError(
+                f"chunk {chunk_id.hex()}: pack {loc.pack_id} is truncated",
+                chunk_id=chunk_id.hex(),
+                pack=loc.pack_id,
+            )
+        data = self.codecs.decode_blob(chunk_id, blob, loc.raw_length)
+        self.codecs.verify_chunk(chunk_id, data)
+        return data
+
+    # -- archives -------------------------------------------------------------------------
+    def archive_ids(self) -> list[str]:
+        return sorted(o.key.split("/", 1)[1] for o in self.backend.list("archives/"))
+
+    def resolve(self, name_or_prefix: str) -> str:
+        """The full id of the one archive ``name_or_prefix`` names.
+
+        Raises :class:`NotFoundError`, :class:`AmbiguousError`, :class:`UsageError`.
+        """
+        name = name_or_prefix.strip().lower()
+        if not name or any(c not in "0123456789abcdef" for c in name):
+            raise UsageError(f"{name_or_prefix!r} is not an archive id or id prefix")
+        matches = [a for a in self.archive_ids() if a.startswith(name)]
+        if not matches:
+            raise NotFoundError(f"no archive {name_or_prefix!r}", archive=name_or_prefix)
+        if len(matches) > 1:
+            raise AmbiguousError(
+                f"archive prefix {name_or_prefix!r} matches {len(matches)} archives",
+                archive=name_or_prefix,
+                matches=matches,
+            )
+        return matches[0]
+
+    def load_archive(self, name_or_prefix: str) -> Archive:
+        """Load the archive an id or unique id prefix names.
+
+        Raises :class:`NotFoundError`, :class:`AmbiguousError`, :class:`DamageError`.
+        """
+        archive_id = self.resolve(name_or_prefix)
+        return self._load(archive_id)
+
+    def _load(self, archive_id: str) -> Archive:
+        try:
+            data = self.backend.get(f"archives/{archive_id}")
+        except ObjectNotFoundError as e:
+            raise NotFoundError(f"no archive {archive_id}", archive=archive_id) from e
+        if self.codecs.object_id(data) != archive_id:
+            raise DamageError(
+                f"archive {archive_id}: manifest bytes do not match its id", archive=archive_id
+            )
+        try:
+            metadata, streams = self.codecs.decode_manifest(data)
+        except DamageError as e:
+            raise type(e)(f"archive {archive_id}: {e.message}", archive=archive_id) from e
+        return Archive(archive_id, metadata, streams)
+
+    def iter_archives(
+        self, *, on_damage: Callable[[str, DamageError], None] | None = None
+    ) -> Iterator[Archive]:
+        """Every archive that loads; damaged manifests are passed to ``on_damage`` (or raised)."""
+        for aid in self.archive_ids():
+            try:
+                yield self._load(aid)
+            except NotFoundError:
+                continue  # forgotten while we listed
+            except DamageError as e:
+                if on_damage is None:
+                    raise
+                on_damage(aid, e)
+
+    def list_archives(self) -> list[ArchiveSummary]:
+        """Every archive, oldest first; damaged manifests are skipped with a warning.
+
+        Raises :class:`BackendError`.
+        """
+
+        def warn(aid: str, e: DamageError) -> None:
+            log.warning("archive %s is damaged: %s", aid, e)
+
+        out = [a.summary() for a in self.iter_archives(on_damage=warn)]
+
+        def when(s: ArchiveSummary) -> float:
+            try:
+                return parse_time(s.time).timestamp()
+            except UsageError:
+                return 0.0
+
+        out.sort(key=lambda s: (when(s), s.id))
+        return out
+
+    def open_stream(self, archive: Archive | str, stream_name: str) -> StreamReader:
+        """A reader of one stream. Raises :class:`NotFoundError`, :class:`AmbiguousError`."""
+        a = archive if isinstance(archive, Archive) else self.load_archive(archive)
+        return StreamReader(self, a.stream(stream_name))
+
+    # -- maintenance (implemented in maintenance.py; methods here keep the API in one place)
+    def verify(
+        self,
+        names: Iterable[str] | None = None,
+        full: bool = False,
+        progress: Progress = NULL_PROGRESS,
+    ) -> VerifyReport:
+        """See :func:`vmarchive.store.maintenance.verify`."""
+        from vmarchive.store import maintenance
+
+        return maintenance.verify(self, names, full=full, progress=progress)
+
+    def forget(self, names: Iterable[str]) -> list[str]:
+        """See :func:`vmarchive.store.maintenance.forget`."""
+        from vmarchive.store import maintenance
+
+        return maintenance.forget(self, names)
+
+    def prune(self, policy: PrunePolicy, dry_run: bool = False) -> PruneResult:
+        """See :func:`vmarchive.store.maintenance.prune`."""
+        from vmarchive.store import maintenance
+
+        return maintenance.prune(self, policy, dry_run=dry_run)
+
+    def gc(self, options: GcOptions | None = None, progress: Progress = NULL_PROGRESS) -> GcResult:
+        """See :func:`vmarchive.store.maintenance.gc`."""
+        from vmarchive.store import maintenance
+
+        return maintenance.gc(self, options, progress=progress)
+
+    def stats(self) -> RepoStats:
+        """See :func:`vmarchive.store.maintenance.stats`."""
+        from vmarchive.store import maintenance
+
+        return maintenance.stats(self)

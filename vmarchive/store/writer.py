@@ -1,0 +1,440 @@
+"""The streaming archive writer (store layer).
+
+Data flows: caller thread (zero test, chunk id, dedup lookup) -> thread pool (zstd and,
+in encrypted repositories, AES-GCM: both release the GIL, so every core works) -> the
+pack being built -> one uploader thread (publishes whole packs) -> index files -> the
+manifest at commit.
+
+Memory is bounded by constants, never by input size: at most ``max_inflight`` chunks
+wait for compression, one pack is being built, one is being uploaded.  What grows with
+the input is only what must: the slot tables of the manifest (16 bytes per chunk) and
+the chunk index (about 43 bytes per *new* chunk).  Index entries of published packs are
+written out every ``index_flush_entries`` entries, so they do not accumulate either.
+
+Write ordering (crash safety): a pack is durable before an index names it, every index
+naming this writer's packs is durable before the manifest is published, and the manifest
+is published whole under a new key.  Leaving without :meth:`ArchiveWriter.commit` lists
+nothing; packs and index files already published are garbage that gc reclaims.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vmarchive.errors import ChunkMissingError, UsageError
+from vmarchive.progress import NULL_PROGRESS, Progress, Task
+from vmarchive.store import crashpoint
+from vmarchive.store.chunkindex import Location
+
+if TYPE_CHECKING:
+    from vmarchive.store.locking import Lock
+    from vmarchive.store.repository import Repository
+
+log = logging.getLogger(__name__)
+
+STREAM_KINDS = frozenset({"meta", "ram", "devstate", "stream", "disk"})
+REQUIRED_METADATA = ("time", "domain", "kind")
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What one stream cost: logical bytes given, bytes actually stored new, slots."""
+
+    bytes_written: int
+    bytes_new: int
+    chunks: int
+    holes: int
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """Tuning knobs; the defaults bound memory to roughly 3 packs + the in-flight chunks."""
+
+    workers: int = max(2, os.cpu_count() or 2)
+    max_inflight: int = 0  # 0: 4 per worker
+    index_flush_entries: int = 200_000
+
+
+class StreamWriter:
+    """Writes one named stream of an archive; obtained from :meth:`ArchiveWriter.stream`."""
+
+    def __init__(
+        self,
+        writer: ArchiveWriter,
+        name: str,
+        kind: str,
+        size: int | None,
+        chunk_size: int,
+        attrs: Mapping[str, Any],
+    ) -> None:
+        self._w = writer
+        self.name = name
+        self.kind = kind
+        self.size = size
+        self.chunk_size = chunk_size
+        self.attrs = dict(attrs)
+        nslots = 0 if size is None else -(-size // chunk_size)
+        self._table = bytearray(16 * nslots)
+        self._end = 0  # end of the data written so far (streams of unknown size)
+        self._final_partial = False
+        self._pending = bytearray()
+        self._append_offset = 0
+        self.closed = False
+        self._bytes_written = 0
+        self._bytes_new = 0
+        self._chunks = 0
+        self._holes_written = 0
+        self._task: Task = writer.progress.task(name, total=size)
+
+    # -- feeding -----------------------------------------------------------------
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at ``offset`` (a multiple of the chunk size).
+
+        ``data`` is split into chunks; only the last chunk of the stream may be short.
+        Raises :class:`UsageError` for a misaligned offset, a short chunk before the
+        end, or data past the declared size.
+        """
+        if offset % self.chunk_size:
+            raise UsageError(f"stream {self.name}: offset {offset} not chunk-aligned")
+        view = memoryview(data).cast("B")
+        cs = self.chunk_size
+        index = offset // cs
+        for start in range(0, len(view), cs):
+            self.write_chunk(index, view[start : start + cs])
+            index += 1
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes of any length at the end of the stream (buffers a partial chunk)."""
+        cs = self.chunk_size
+        view = memoryview(data).cast("B")
+        if self._pending:
+            take = min(cs - len(self._pending), len(view))
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) == cs:
+                self.write_chunk(self._append_offset // cs, self._pending)
+                self._append_offset += cs
+                self._pending = bytearray()
+        whole = len(view) - len(view) % cs
+        if whole:
+            self.write(self._append_offset, view[:whole])
+            self._append_offset += whole
+        if whole < len(view):
+            self._pending += view[whole:]
+
+    def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Store one slot; all-zero data becomes a hole and is never stored.
+
+        Raises :class:`UsageError` for a slot past the end or a wrong length.
+        """
+        self._check_open()
+        n = len(data)
+        expect = self._slot_length(index)
+        if n != expect and not (self.size is None and 0 < n < self.chunk_size):
+            raise UsageError(
+                f"stream {self.name}: slot {index} needs {expect} bytes, got {n}"
+                + ("" if self.size is not None else " (only the last chunk may be short)")
+            )
+        if self.size is None:
+            if self._final_partial and index * self.chunk_size >= self._end - 1:
+                raise UsageError(f"stream {self.name}: data after the short last chunk")
+            if n < self.chunk_size:
+                self._final_partial = True
+            self._grow(index)
+            self._end = max(self._end, index * self.chunk_size + n)
+        cid, new = self._w._store_chunk(data)
+        self._table[16 * index : 16 * index + 16] = cid
+        self._bytes_written += n
+        if cid == self._w.zero_id:
+            self._holes_written += 1
+        else:
+            self._chunks += 1
+            if new:
+                self._bytes_new += n
+        self._task.advance(n)
+
+    def set_chunk(self, index: int, chunk_id: bytes) -> None:
+        """Point slot ``index`` at a chunk already in the repository (incrementals).
+
+        Raises :class:`ChunkMissingError` if the repository lacks the chunk,
+        :class:`UsageError` for a slot past the end.
+        """
+        self._check_open()
+        if self.size is not None:
+            self._slot_length(index)
+        else:
+            self._grow(index)
+            self._end = max(self._end, (index + 1) * self.chunk_size)
+        if len(chunk_id) != 16:
+            raise UsageError("chunk ids are 16 bytes")
+        if chunk_id != self._w.zero_id and not self._w._has_chunk(chunk_id):
+            raise ChunkMissingError(
+                f"stream {self.name}: chunk {chunk_id.hex()} is not in the repository",
+                chunk_id=chunk_id.hex(),
+            )
+        self._table[16 * index : 16 * index + 16] = chunk_id
+        if chunk_id == self._w.zero_id:
+            self._holes_written += 1
+        else:
+            self._chunks += 1
+
+    def close(self) -> StreamStats:
+        """Finish the stream (flushes a partial :meth:`append` chunk). Idempotent."""
+        if not self.closed:
+            if self._pending:
+                self.write_chunk(self._append_offset // self.chunk_size, bytes(self._pending))
+                self._append_offset += len(self._pending)
+                self._pending = bytearray()
+            if self.size is None:
+                self.size = self._end
+            self.closed = True
+            self._task.close()
+        nslots = len(self._table) // 16
+        holes = sum(
+            1 for i in range(nslots) if self._table[16 * i : 16 * i + 16] == self._w.zero_id
+        )
+        return StreamStats(self._bytes_written, self._bytes_new, self._chunks, holes)
+
+    # -- internals ---------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise UsageError(f"stream {self.name} is closed")
+        self._w._check_open()
+
+    def _slot_length(self, index: int) -> int:
+        if index < 0:
+            raise UsageError(f"stream {self.name}: negative slot")
+        if self.size is None:
+            return self.chunk_size
+        start = index * self.chunk_size
+        if start >= self.size:
+            raise UsageError(f"stream {self.name}: slot {index} is past the end ({self.size})")
+        return min(self.chunk_size, self.size - start)
+
+    def _grow(self, index: int) -> None:
+        need = 16 * (index + 1)
+        if len(self._table) < need:
+            self._table.extend(bytes(need - len(self._table)))
+
+    def slot_id(self, index: int) -> bytes:
+        """The chunk id now in slot ``index`` (the zero id for a hole or an unwritten slot)."""
+        if index < 0:
+            raise UsageError(f"stream {self.name}: negative slot")
+        return bytes(self._table[16 * index : 16 * index + 16]) or self._w.zero_id
+
+    def table(self) -> bytes:
+        """A copy of the slot table (16 bytes per slot)."""
+        return bytes(self._table)
+
+
+class ArchiveWriter:
+    """Collects the streams of one archive; use as a context manager and :meth:`commit`."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        lock: Lock,
+        progress: Progress = NULL_PROGRESS,
+        options: WriterOptions | None = None,
+    ) -> None:
+        self.repo = repo
+        self.progress = progress
+        self.options = options or WriterOptions()
+        self._lock = lock
+        self._codecs = repo.codecs
+        self.zero_id: bytes = self._codecs.zero_id
+        self._streams: dict[str, StreamWriter] = {}
+        self._mutex = threading.RLock()
+        workers = max(1, self.options.workers)
+        self._max_inflight = self.options.max_inflight or 4 * workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vmarchive-compress")
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="vmarchive-upload")
+        self._inflight: collections.deque[tuple[bytes, int, Future[bytes]]] = collections.deque()
+        # Chunks accepted but not yet in a published pack: id -> encoded blob (None while
+        # compressing).  Used for dedup within this writer and for read_chunk.
+        self._unpublished: dict[bytes, tuple[bytes | None, int]] = {}
+        self._builder = self._codecs.new_pack()
+        self._upload: Future[None] | None = None
+        self._upload_entries: list[tuple[bytes, Location]] = []
+        self._index_entries: list[tuple[bytes, Location]] = []
+        self._state = "open"  # open -> committed | aborted
+        self.packs_written = 0
+        self.indices_written = 0
+
+    # -- public API ----------------------------------------------------------------
+    def stream(
+        self,
+        name: str,
+        kind: str,
+        size: int | None,
+        chunk_size: int | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> StreamWriter:
+        """Start a stream. ``size`` None: unknown, fixed by what is written.
+
+        Raises :class:`UsageError` for a duplicate name, an unknown kind or a bad size.
+        """
+        self._check_open()
+        if name in self._streams:
+            raise UsageError(f"stream {name!r} already exists in this archive")
+        if not self._codecs.is_safe_stream_name(name):
+            raise UsageError(f"unsafe stream name {name!r}")
+        if kind not in STREAM_KINDS:
+            raise UsageError(f"unknown stream kind {kind!r}")
+        cs = chunk_size or self._codecs.default_chunk_size(kind)
+        if cs <= 0 or (size is not None and size < 0):
+            raise UsageError(f"stream {name!r}: bad size or chunk size")
+        sw = StreamWriter(self, name, kind, size, cs, attrs or {})
+        self._streams[name] = sw
+        return sw
+
+    def read_chunk(self, chunk_id: bytes) -> bytes:
+        """Read a chunk, including one still waiting in this writer's unpublished pack.
+
+        Raises :class:`ChunkMissingError`, :class:`DamageError`.
+        """
+        with self._mutex:
+            pending = self._unpublished.get(chunk_id)
+            if pending is not None:
+                blob, raw_len = pending
+                if blob is None:
+                    self._drain(0)
+                    blob, raw_len = self._unpublished[chunk_id]
+                assert blob is not None
+        if pending is not None:
+            assert blob is not None
+            data = self._codecs.decode_blob(chunk_id, blob, raw_len)
+            self._codecs.verify_chunk(chunk_id, data)
+            return data
+        return self.repo.read_chunk(chunk_id)
+
+    def commit(self, metadata: Mapping[str, Any]) -> str:
+        """Flush everything, publish the manifest, return the archive id.
+
+        Raises :class:`UsageError` for missing metadata keys, :class:`LockedError` if
+        our lock was lost, :class:`BackendError` on storage failure.
+        """
+        self._check_open()
+        for k in REQUIRED_METADATA:
+            if k not in metadata:
+                raise UsageError(f"archive metadata lacks {k!r}")
+        streams = [sw for sw in self._streams.values()]
+        for sw in streams:
+            sw.close()
+        with self._mutex:
+            self._drain(0)
+            self._finish_pack()
+            self._wait_upload()
+            crashpoint.hit("before-index")
+            self._write_index()
+            crashpoint.hit("before-manifest")
+        self._lock.check()
+        archive_id = self.repo._publish_manifest(
+            dict(metadata),
+            [
+                (sw.name, sw.kind, sw.size or 0, sw.chunk_size, sw.attrs, sw.table())
+                for sw in streams
+            ],
+        )
+        crashpoint.hit("after-manifest")
+        self._state = "committed"
+        self._shutdown()
+        return archive_id
+
+    def abort(self) -> None:
+        """Stop without publishing a manifest (idempotent)."""
+        if self._state == "open":
+            self._state = "aborted"
+        self._shutdown()
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+    # -- pipeline --------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise UsageError(f"archive writer is {self._state}")
+
+    def _has_chunk(self, chunk_id: bytes) -> bool:
+        with self._mutex:
+            return chunk_id in self._unpublished or self.repo._chunk_location(chunk_id) is not None
+
+    def _store_chunk(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bool]:
+        """Return (chunk id, whether it was new); zero chunks return the hole id."""
+        codecs = self._codecs
+        if codecs.is_zero(data):
+            return self.zero_id, False
+        cid = codecs.chunk_id(data)
+        with self._mutex:
+            if cid in self._unpublished or self.repo._chunk_location(cid) is not None:
+                return cid, False
+            raw = bytes(data)  # the caller may reuse its buffer
+            fut = self._pool.submit(codecs.encode_blob, cid, raw)
+            self._unpublished[cid] = (None, len(raw))
+            self._inflight.append((cid, len(raw), fut))
+            self._drain(self._max_inflight)
+        return cid, True
+
+    def _drain(self, keep: int) -> None:
+        """Move finished compressions into the pack until at most ``keep`` are in flight."""
+        while len(self._inflight) > keep:
+            cid, raw_len, fut = self._inflight.popleft()
+            blob = fut.result()
+            self._unpublished[cid] = (blob, raw_len)
+            self._builder.add(cid, blob, raw_len)
+            if self._builder.size >= self._codecs.pack_target:
+                self._finish_pack()
+
+    def _finish_pack(self) -> None:
+        if self._builder.count == 0:
+            return
+        pack_id, data, entries = self._codecs.finish_pack(self._builder)
+        self._builder = self._codecs.new_pack()
+        self._wait_upload()
+        crashpoint.hit("before-pack")
+        self._upload_entries = entries
+        self._upload = self._uploader.submit(self.repo._publish_pack, pack_id, data)
+
+    def _wait_upload(self) -> None:
+        """Wait for the pack upload in flight; then its chunks are durable and indexable."""
+        if self._upload is None:
+            return
+        fut, self._upload = self._upload, None
+        fut.result()
+        self.packs_written += 1
+        crashpoint.hit("after-pack")
+        for cid, loc in self._upload_entries:
+            self.repo._add_location(cid, loc)
+            self._unpublished.pop(cid, None)
+        self._index_entries.extend(self._upload_entries)
+        self._upload_entries = []
+        if len(self._index_entries) >= self.options.index_flush_entries:
+            self._write_index()
+
+    def _write_index(self) -> None:
+        if not self._index_entries:
+            return
+        self.repo._publish_index(self._index_entries)
+        self.indices_written += 1
+        self._index_entries = []
+
+    def _shutdown(self) -> None:
+        try:
+            for _, _, fut in self._inflight:
+                fut.cancel()
+            self._inflight.clear()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._uploader.shutdown(wait=True, cancel_futures=True)
+            self._unpublished.clear()
+        finally:
+            self._lock.release()
