@@ -100,11 +100,12 @@ class BlobCodec:
 
 
 def decompress(frame: bytes | memoryview, expected: int | None, *, what: str) -> bytes:
-    """Decompress one zstd frame whose header states its content size.
+    """Decompress exactly one zstd frame whose header states its content size.
 
     ``expected``: the exact decompressed size required (None: any up to MAX_BODY_SIZE).
-    Raises FormatError for a frame that does not parse or states no / an excessive size,
-    DamageError when the content is corrupt or its size differs from ``expected``.
+    Raises FormatError when the bytes are not one whole frame (not zstd, no or an excessive
+    content size, truncated, trailing bytes) and DamageError when the content is corrupt
+    (bad block, frame checksum mismatch) or its size differs from ``expected``.
     """
     try:
         size = zstandard.frame_content_size(frame)
@@ -116,11 +117,15 @@ def decompress(frame: bytes | memoryview, expected: int | None, *, what: str) ->
         raise DamageError(f"{what}: frame holds {size} bytes, expected {expected}")
     if size > C.MAX_BODY_SIZE and expected is None:
         raise FormatError(f"{what}: frame claims {size} bytes")
+    dobj = zstandard.ZstdDecompressor().decompressobj()
     try:
-        dctx = zstandard.ZstdDecompressor()
-        out: bytes = dctx.decompress(frame, max_output_size=max(size, 1))
+        out: bytes = dobj.decompress(frame)
     except zstandard.ZstdError as e:
         raise DamageError(f"{what}: corrupt zstd frame ({e})") from e
+    if not dobj.eof:
+        raise FormatError(f"{what}: truncated zstd frame")
+    if dobj.unused_data:
+        raise FormatError(f"{what}: {len(dobj.unused_data)} bytes after the zstd frame")
     if len(out) != size:
         raise DamageError(f"{what}: decompressed {len(out)} bytes, frame says {size}")
     return out
