@@ -332,7 +332,6 @@ class ArchiveWriter:
             self._drain(0)
             self._finish_pack()
             self._wait_upload()
-            crashpoint.hit("before-index")
             self._write_index()
             crashpoint.hit("before-manifest")
         self._lock.check()
@@ -424,7 +423,9 @@ class ArchiveWriter:
     def _write_index(self) -> None:
         if not self._index_entries:
             return
+        crashpoint.hit("before-index")
         self.repo._publish_index(self._index_entries)
+        crashpoint.hit("after-index")
         self.indices_written += 1
         self._index_entries = []
 

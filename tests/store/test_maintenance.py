@@ -1,0 +1,152 @@
+"""forget, prune (policy and effect), gc (sweep, repack, consolidation, grace), stats."""
+
+from __future__ import annotations
+
+import pathlib
+import random
+
+import pytest
+from storehelpers import CHUNK, make_repo, pack_keys, read_archive, write_archive
+
+from vmarchive.errors import NotFoundError, UsageError
+from vmarchive.store import ArchiveSummary, GcOptions, PrunePolicy, Repository
+from vmarchive.store.maintenance import plan_prune
+
+
+def rnd(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def summ(i: int, time: str, domain: str = "vm") -> ArchiveSummary:
+    return ArchiveSummary(id=f"{i:064x}", time=time, domain=domain, kind="full")
+
+
+def kept(policy: PrunePolicy, archives: list[ArchiveSummary]) -> set[int]:
+    return {int(a.id, 16) for a, _ in plan_prune(archives, policy).keep}
+
+
+def test_prune_keep_last_is_per_domain() -> None:
+    arch = [summ(i, f"2026-01-01T{i:02d}:00:00Z", "a" if i % 2 else "b") for i in range(10)]
+    assert kept(PrunePolicy(keep_last=2), arch) == {9, 7, 8, 6}
+
+
+def test_prune_periods_keep_the_newest_of_each_bucket() -> None:
+    # Three archives a day for ten days, at 01:00, 09:00 and 17:00 UTC.
+    arch = []
+    for day in range(1, 11):
+        for j, hour in enumerate((1, 9, 17)):
+            arch.append(summ(day * 10 + j, f"2026-03-{day:02d}T{hour:02d}:00:00Z"))
+    assert kept(PrunePolicy(keep_daily=3), arch) == {102, 92, 82}
+    assert kept(PrunePolicy(keep_hourly=4), arch) == {102, 101, 100, 92}
+    # 2026-03-01 is a Sunday: ISO weeks 09 (1st), 10 (2nd-8th), 11 (9th, 10th).
+    assert kept(PrunePolicy(keep_weekly=2), arch) == {102, 82}
+    assert kept(PrunePolicy(keep_monthly=5), arch) == {102}
+    assert kept(PrunePolicy(keep_last=1, keep_daily=2), arch) == {102, 92}
+    # Time zones: 2026-03-02T00:30+02:00 is March 1st in UTC.
+    tz = [summ(1, "2026-03-01T10:00:00Z"), summ(2, "2026-03-02T00:30:00+02:00")]
+    assert kept(PrunePolicy(keep_daily=1), tz) == {2}
+
+
+def test_prune_refuses_an_empty_or_negative_policy() -> None:
+    with pytest.raises(UsageError):
+        plan_prune([summ(1, "2026-01-01T00:00:00Z")], PrunePolicy())
+    with pytest.raises(UsageError):
+        plan_prune([], PrunePolicy(keep_last=-1))
+
+
+def test_prune_dry_run_then_real(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    ids = [
+        write_archive(repo, {"s": rnd(100, i)}, time=f"2026-01-{i + 1:02d}T00:00:00Z")
+        for i in range(5)
+    ]
+    dry = repo.prune(PrunePolicy(keep_last=2), dry_run=True)
+    assert {a.id for a in dry.forget} == set(ids[:3])
+    assert len(repo.list_archives()) == 5
+    real = repo.prune(PrunePolicy(keep_last=2))
+    assert {a.id for a in real.forget} == set(ids[:3])
+    assert [a.id for a in repo.list_archives()] == ids[3:]
+
+
+def test_forget_resolves_all_names_first(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    a = write_archive(repo, {"s": b"a"})
+    b = write_archive(repo, {"s": b"b"}, domain="other")
+    with pytest.raises(NotFoundError):
+        repo.forget([a, "ffff" if not b.startswith("ffff") else "eeee"])
+    assert len(repo.list_archives()) == 2  # nothing removed
+    assert repo.forget([a[:8]]) == [a]
+    assert [x.id for x in repo.list_archives()] == [b]
+
+
+def test_gc_sweeps_repacks_and_consolidates(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    keep_data = rnd(6 * CHUNK, 1)
+    # One archive whose chunks interleave with a dropped one's, so packs are mixed.
+    with repo.writer() as w:
+        s1 = w.stream("s", "disk", 60 * CHUNK)
+        s2 = w.stream("t", "disk", 60 * CHUNK)
+        drop = rnd(60 * CHUNK, 2)
+        for i in range(60):
+            s2.write_chunk(i, drop[i * CHUNK : (i + 1) * CHUNK])
+        s1.write(0, keep_data)
+        s1.close()
+        s2.close()
+        mixed = w.commit({"time": "2026-01-01T00:00:00Z", "domain": "x", "kind": "full"})
+    keeper = write_archive(repo, {"k": keep_data + rnd(60 * CHUNK, 3)}, time="2026-01-02T00:00:00Z")
+    junk = write_archive(repo, {"j": rnd(60 * CHUNK, 4)}, time="2026-01-03T00:00:00Z")
+    for _ in range(3):
+        write_archive(repo, {"dup": keep_data}, time="2026-01-04T00:00:00Z")  # more index files
+    before = repo.stats()
+    repo.forget([mixed, junk])
+    assert repo.gc(GcOptions(grace=1e9)).packs_deleted == 0  # everything is young
+    result = repo.gc(GcOptions(grace=0))
+    assert result.packs_deleted > 0
+    assert result.bytes_freed > 0
+    after = Repository.open(str(tmp_path / "r"))
+    assert len(list(after.backend.list("index/"))) == 1
+    assert read_archive(after, keeper)["k"] == keep_data + rnd(60 * CHUNK, 3)
+    assert after.verify(full=True).ok
+    st = after.stats()
+    assert st.pack_bytes < before.pack_bytes / 2
+    assert st.indexed_chunks == st.chunks  # no dead entries left
+    # A second gc has nothing left to do.
+    again = after.gc(GcOptions(grace=0))
+    assert (again.packs_deleted, again.packs_repacked, again.indices_written) == (0, 0, 0)
+
+
+def test_gc_repacks_a_mostly_garbage_pack(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    live = rnd(CHUNK, 10)
+    with repo.writer() as w:
+        a = w.stream("a", "disk", CHUNK)
+        b = w.stream("b", "disk", 10 * CHUNK)
+        a.write(0, live)
+        b.write(0, rnd(10 * CHUNK, 11))
+        a.close()
+        b.close()
+        first = w.commit({"time": "2026-01-01T00:00:00Z", "domain": "x", "kind": "full"})
+    only_live = write_archive(repo, {"a": live}, time="2026-01-02T00:00:00Z")
+    (old_pack,) = pack_keys(repo)
+    repo.forget([first])
+    result = repo.gc(GcOptions(grace=0))
+    assert result.packs_repacked == 1 and result.packs_written == 1
+    (new_pack,) = pack_keys(repo)
+    assert new_pack != old_pack
+    assert read_archive(Repository.open(str(tmp_path / "r")), only_live) == {"a": live}
+
+
+def test_stats(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    text = b"hello world!" * 2048  # compressible, 6 whole chunks
+    write_archive(repo, {"s": text + bytes(4 * CHUNK)})
+    write_archive(repo, {"s": text})
+    st = repo.stats()
+    assert st.archives == 2
+    assert st.logical_bytes == 2 * len(text) + 4 * CHUNK
+    assert st.data_bytes == 2 * len(text)
+    assert st.dedup_ratio > 1.9
+    assert st.compression_ratio > 10
+    assert st.stored_bytes >= st.pack_bytes > 0
+    j = st.to_json()
+    assert j["logical_bytes"] == st.logical_bytes and "stored_bytes" in j
