@@ -7,6 +7,7 @@ The CLI is thin: each command builds a typed options object, calls one function 
 
 from __future__ import annotations
 
+from vmarchive.cli import capture as _capture  # noqa: F401
 from vmarchive.cli import doctor as _doctor  # noqa: F401  (registers commands)
 from vmarchive.cli import repo as _repo  # noqa: F401
 from vmarchive.cli.app import app, main

@@ -1,0 +1,132 @@
+"""`vmarchive capture DOMAIN`: archive a guest's RAM, devices and disks at one instant."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import typer
+from tqdm import tqdm
+
+from vmarchive.cli.app import app, print_json
+from vmarchive.errors import UsageError
+from vmarchive.ops.capture import DEFAULT_URI, CaptureOptions, CaptureResult, Mode, capture
+from vmarchive.progress import NULL_PROGRESS, Progress, Task
+
+
+class _TqdmTask:
+    def __init__(self, bar: Any, lock: threading.Lock) -> None:
+        self._bar = bar
+        self._lock = lock
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def set_total(self, total: int | None) -> None:
+        with self._lock:
+            self._bar.total = total
+            self._bar.refresh()
+
+    def close(self) -> None:
+        with self._lock:
+            self._bar.close()
+
+
+class TqdmProgress:
+    """One tqdm bar per task (memory, each disk), stacked; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._position = 0
+
+    def task(self, name: str, total: int | None = None, unit: str = "B") -> Task:
+        with self._lock:
+            bar = tqdm(
+                total=total,
+                desc=name,
+                unit=unit,
+                unit_scale=True,
+                unit_divisor=1024,
+                position=self._position,
+                leave=True,
+                dynamic_ncols=True,
+            )
+            self._position += 1
+        return _TqdmTask(bar, self._lock)
+
+
+def _fmt_bytes(n: int) -> str:
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{x:.1f} {unit}" if unit != "B" else f"{int(x)} B"
+        x /= 1024
+    return f"{n} B"
+
+
+def _print_text(r: CaptureResult) -> None:
+    pause = "n/a" if r.guest_pause_ms is None else f"{r.guest_pause_ms:.1f} ms"
+    typer.echo(f"archive {r.id}")
+    typer.echo(f"  domain       {r.domain} ({r.kind}, mode {r.mode})")
+    typer.echo(f"  guest pause  {pause}")
+    typer.echo(f"  read         {_fmt_bytes(r.bytes_read)}")
+    typer.echo(f"  stored new   {_fmt_bytes(r.bytes_stored)}")
+    typer.echo(f"  duration     {r.duration_s:.2f} s")
+    for d in r.disks:
+        if d.copied:
+            typer.echo(
+                f"  disk {d.target:<6}  {_fmt_bytes(d.size)}, read {_fmt_bytes(d.bytes_read)},"
+                f" new {_fmt_bytes(d.bytes_stored)}"
+            )
+        else:
+            typer.echo(f"  disk {d.target:<6}  not copied: {d.reason}")
+    if r.memory_format and r.memory_format != "parsed":
+        typer.echo(f"  memory       stored as an opaque stream ({r.memory_format})")
+
+
+_MODE_OPTION = typer.Option(
+    Mode.AUTO,
+    "--mode",
+    case_sensitive=False,
+    help="auto: snapshot where it works, else switchover.",
+)
+_TAG_OPTION = typer.Option([], "--tag", help="Tag the archive (repeatable).")
+
+
+@app.command("capture")
+def capture_cmd(
+    domain: str = typer.Argument(..., help="Domain name or UUID."),
+    connect: str = typer.Option(DEFAULT_URI, "--connect", "-c", help="libvirt URI."),
+    repo: str = typer.Option(
+        None, "--repo", "-r", envvar="VMARCHIVE_REPO", help="Repository location."
+    ),
+    mode: Mode = _MODE_OPTION,
+    tag: list[str] = _TAG_OPTION,
+    bandwidth: float = typer.Option(
+        None, "--bandwidth", help="Migration bandwidth cap in MiB/s (default: unlimited)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Archive DOMAIN's memory, device state and disks, all at one instant."""
+    if not repo:
+        raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
+    if bandwidth is not None and bandwidth <= 0:
+        raise UsageError("--bandwidth must be positive")
+    opts = CaptureOptions(
+        domain=domain,
+        repo=repo,
+        uri=connect,
+        mode=mode,
+        tags=tuple(tag),
+        bandwidth_mib_s=bandwidth,
+        passphrase=os.environ.get("VMARCHIVE_PASSPHRASE"),
+    )
+    progress: Progress = NULL_PROGRESS if (json_out or no_progress) else TqdmProgress()
+    result = capture(opts, progress)
+    if json_out:
+        print_json(result.to_json())
+    else:
+        _print_text(result)

@@ -1,0 +1,406 @@
+"""Leftovers of a capture: the per-domain lock, the marker file and the QEMU cleanup (ops layer).
+
+A capture changes a running QEMU: migration capabilities and parameters, temporary block
+nodes (overlays in switchover mode, fleecing images in snapshot mode), block jobs, an NBD
+server with exports, fd sets, temporary image files.  Everything it creates in QEMU is
+named with the prefix ``vmarchive-``, and everything else it changes is written to a
+marker file *before* the change is made.  :func:`clean_domain` undoes all of it from the
+marker and from what QEMU reports, in a safe order.  The same function ends every capture
+(in ``finally``) and starts the next one, so a capture killed at any point (``kill -9``)
+is cleaned up by the next vmarchive run on that host.
+
+The per-domain lock (``flock`` on ``<state dir>/<uuid>.lock``) also keeps two captures
+of the same domain from running at once; the kernel drops it when the process dies, so
+a held lock always means a live capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmarchive.errors import HypervisorError, LockedError, QMPCommandError
+from vmarchive.hypervisor.qmp import QMP
+
+log = logging.getLogger(__name__)
+
+#: Every QEMU object a capture creates (node, job, export, fd name, fd set opaque) starts so.
+PREFIX = "vmarchive-"
+
+#: Migration states in which a migration is still running (may be cancelled).
+MIGRATION_ACTIVE = frozenset(
+    {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling", "postcopy-active"}
+)
+
+#: Run states in which QEMU's vCPUs stand still.
+STOPPED_RUNSTATES = frozenset({"paused", "postmigrate", "finish-migrate", "prelaunch"})
+
+DEFAULT_STATE_DIR = "/run/vmarchive"
+
+
+def default_state_dir() -> Path:
+    """Where locks and markers live (``VMARCHIVE_STATE_DIR`` overrides, for tests)."""
+    return Path(os.environ.get("VMARCHIVE_STATE_DIR", DEFAULT_STATE_DIR))
+
+
+@dataclass
+class Marker:
+    """What a running capture has changed, written to disk before each change."""
+
+    path: Path
+    domain: str
+    uuid: str
+    pid: int = field(default_factory=os.getpid)
+    was_running: bool = False
+    migration_started: bool = False
+    nbd_server: bool = False
+    #: migration capabilities and parameters as they were before the capture.
+    saved_capabilities: dict[str, bool] = field(default_factory=dict)
+    saved_parameters: dict[str, Any] = field(default_factory=dict)
+    #: overlay node -> the node it was put on (the commit target).
+    overlays: dict[str, str] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def save(self) -> None:
+        """Write the marker atomically (and durably enough for a crash of the process)."""
+        data = {k: v for k, v in self.__dict__.items() if k != "path"}
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, path: Path) -> Marker | None:
+        """The marker at ``path``, or None when absent or unreadable (logged)."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable capture marker %s", path, exc_info=True)
+            return None
+        m = cls(path=path, domain=str(data.get("domain", "")), uuid=str(data.get("uuid", "")))
+        for k in (
+            "pid",
+            "was_running",
+            "migration_started",
+            "nbd_server",
+            "saved_capabilities",
+            "saved_parameters",
+            "overlays",
+            "files",
+        ):
+            if k in data:
+                setattr(m, k, data[k])
+        return m
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@contextlib.contextmanager
+def domain_lock(state_dir: Path, uuid: str, domain: str) -> Iterator[Path]:
+    """Hold the per-domain capture lock for the ``with`` body; yields the marker path.
+
+    Raises:
+        LockedError: another capture of this domain is running on this host.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_path = state_dir / f"{uuid}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise LockedError(
+                f"a capture of domain {domain!r} is already running (pid {holder})",
+                domain=domain,
+                pid=holder,
+            ) from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield state_dir / f"{uuid}.json"
+    finally:
+        os.close(fd)
+
+
+def _try(what: str, fn: Callable[[], object]) -> bool:
+    """Run one cleanup step; log and swallow its failure (cleanup must go on)."""
+    try:
+        fn()
+        return True
+    except (HypervisorError, OSError) as e:
+        log.warning("cleanup: %s failed: %s", what, e)
+        return False
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    log.warning("cleanup: timed out waiting for %s", what)
+    return False
+
+
+def cont_guest(qmp: QMP, timeout: float = 30.0) -> None:
+    """``cont``, retried while QEMU still finalises a completed migration.
+
+    Raises:
+        QMPCommandError: QEMU kept refusing for ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            qmp.execute("cont")
+            return
+        except QMPCommandError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.002)
+
+
+def job_ids(qmp: QMP) -> dict[str, dict[str, Any]]:
+    return {str(j["id"]): j for j in qmp.execute("query-jobs")}
+
+
+def commit_overlay(qmp: QMP, overlay: str, base: str, timeout: float = 3600.0) -> None:
+    """Merge the active overlay ``overlay`` back into ``base`` and drop it from the graph.
+
+    Uses an active-layer ``block-commit``; once the job is ready, ``job-complete`` pivots
+    the guest device back to ``base``, exactly where libvirt put it.
+
+    Raises:
+        QMPCommandError, HypervisorError: QEMU refused; the overlay stays (and is found
+            again by the next cleanup).
+    """
+    job = PREFIX + "commit-" + overlay.removeprefix(PREFIX)
+    job = job[:64]
+    if job not in job_ids(qmp):
+        qmp.execute("block-commit", {"job-id": job, "device": overlay, "base-node": base})
+    deadline = time.monotonic() + timeout
+    completed = False
+    while True:
+        j = job_ids(qmp).get(job)
+        if j is None:
+            break
+        status = j.get("status")
+        if status == "ready" and not completed:
+            qmp.execute("job-complete", {"id": job})
+            completed = True
+        elif status == "concluded":
+            if j.get("error"):
+                qmp.execute("job-dismiss", {"id": job})
+                raise HypervisorError(f"committing {overlay} failed: {j['error']}")
+            qmp.execute("job-dismiss", {"id": job})
+            break
+        if time.monotonic() > deadline:
+            raise HypervisorError(f"committing {overlay} did not finish in {timeout:g} s")
+        time.sleep(0.01)
+
+
+def _backing_of(qmp: QMP, node: str) -> str | None:
+    """The node name of ``node``'s backing child, from the block graph."""
+    try:
+        graph = qmp.execute("x-debug-query-block-graph")
+    except QMPCommandError:
+        return None
+    names = {n["id"]: n["name"] for n in graph.get("nodes", [])}
+    ids = {v: k for k, v in names.items()}
+    for e in graph.get("edges", []):
+        if e.get("parent") == ids.get(node) and e.get("name") == "backing":
+            return str(names.get(e.get("child"), "")) or None
+    return None
+
+
+def clean_domain(qmp: QMP | None, marker: Marker | None, *, keep_marker: bool = False) -> bool:
+    """Undo everything a capture (this one or a killed one) changed; True when all went well.
+
+    Order matters: stop the migration first (it holds the disks), let the guest run again
+    (``cont`` also re-activates disks a completed migration left inactive), then the NBD
+    exports (they hold nodes), block jobs, overlays (committed back, never dropped: the
+    guest wrote into them), remaining nodes, fd sets, migration settings, files.
+    Never raises for a QEMU problem: each step is logged and the next one still runs.
+    """
+    ok = True
+    if qmp is not None:
+        ok = _clean_qemu(qmp, marker) and ok
+    if marker is not None:
+        for f in marker.files:
+            try:
+                if os.path.isdir(f) and not os.path.islink(f):
+                    os.rmdir(f)
+                else:
+                    os.unlink(f)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cleanup: cannot remove %s: %s", f, e)
+                ok = False
+        if ok and not keep_marker:
+            marker.remove()
+    return ok
+
+
+def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
+    ok = True
+
+    # 1. The migration: only one we started (a libvirt migration is none of our business).
+    if marker is not None and marker.migration_started:
+
+        def active() -> bool:
+            return str(qmp.execute("query-migrate").get("status", "none")) in MIGRATION_ACTIVE
+
+        try:
+            if active():
+                log.info("cleanup: cancelling migration")
+                qmp.execute("migrate_cancel")
+                ok = _wait(lambda: not active(), 30.0, "migration cancel") and ok
+        except HypervisorError as e:
+            log.warning("cleanup: migration state unknown: %s", e)
+            ok = False
+
+    # 2. Run the guest again if it ran before and is stopped now.
+    if marker is not None and marker.was_running:
+        try:
+            st = qmp.execute("query-status")
+            if not st.get("running") and st.get("status") in STOPPED_RUNSTATES:
+                log.info("cleanup: resuming guest (was %s)", st.get("status"))
+                cont_guest(qmp)
+        except HypervisorError as e:
+            log.warning("cleanup: cannot resume guest: %s", e)
+            ok = False
+
+    # 3. NBD exports, then the server if it is ours.
+    try:
+        exports = qmp.execute("query-block-exports")
+    except HypervisorError:
+        exports = []
+    for ex in exports:
+        eid = str(ex.get("id", ""))
+        if eid.startswith(PREFIX):
+            ok = _try(f"removing export {eid}", functools.partial(_del_export, qmp, eid)) and ok
+    if marker is not None and marker.nbd_server:
+        try:
+            qmp.execute("nbd-server-stop")
+        except QMPCommandError:
+            pass  # not running
+        except HypervisorError as e:
+            log.warning("cleanup: nbd-server-stop: %s", e)
+            ok = False
+
+    # 4. Our block jobs that are not commits (fleecing backups): cancel.
+    try:
+        jobs = job_ids(qmp)
+    except HypervisorError:
+        jobs = {}
+    for jid, j in jobs.items():
+        if jid.startswith(PREFIX) and not jid.startswith(PREFIX + "commit-"):
+            ok = _try(f"cancelling job {jid}", functools.partial(_cancel_job, qmp, jid, j)) and ok
+
+    # 5. Overlays still attached to a guest device: commit them back.
+    try:
+        blocks = qmp.execute("query-block")
+    except HypervisorError:
+        blocks = []
+    for b in blocks:
+        node = str((b.get("inserted") or {}).get("node-name", ""))
+        if node.startswith(PREFIX):
+            base = (marker.overlays.get(node) if marker else None) or _backing_of(qmp, node)
+            if base is None:
+                log.warning("cleanup: overlay %s has no known backing node", node)
+                ok = False
+                continue
+            log.info("cleanup: committing overlay %s into %s", node, base)
+            ok = (
+                _try(f"committing {node}", functools.partial(commit_overlay, qmp, node, base))
+                and ok
+            )
+
+    # 6. Our remaining nodes (parents before children: retry while progress is made).
+    for _ in range(4):
+        try:
+            nodes = [
+                str(n["node-name"])
+                for n in qmp.execute("query-named-block-nodes", {"flat": True})
+                if str(n.get("node-name", "")).startswith(PREFIX)
+            ]
+        except HypervisorError:
+            break
+        if not nodes:
+            break
+        for n in nodes:
+            with contextlib.suppress(HypervisorError):
+                qmp.execute("blockdev-del", {"node-name": n})
+    else:
+        log.warning("cleanup: could not remove block nodes %s", nodes)
+        ok = False
+
+    # 7. fd sets and named fds.
+    try:
+        fdsets = qmp.execute("query-fdsets")
+    except HypervisorError:
+        fdsets = []
+    for s in fdsets:
+        if any(str(f.get("opaque", "")).startswith(PREFIX) for f in s.get("fds", [])):
+            ok = (
+                _try("removing an fd set", functools.partial(qmp.remove_fd, int(s["fdset-id"])))
+                and ok
+            )
+    for name in ("mig", "nbd"):
+        with contextlib.suppress(HypervisorError):
+            qmp.closefd(PREFIX + name)
+
+    # 8. Migration capabilities and parameters as they were.
+    if marker is not None and (marker.saved_capabilities or marker.saved_parameters):
+        ok = _try("restoring migration settings", lambda: restore_migration(qmp, marker)) and ok
+    return ok
+
+
+def restore_migration(qmp: QMP, marker: Marker) -> None:
+    st = str(qmp.execute("query-migrate").get("status", "none"))
+    if st in MIGRATION_ACTIVE:
+        raise HypervisorError(f"migration still {st}: cannot restore its settings")
+    if marker.saved_capabilities:
+        caps = [{"capability": k, "state": v} for k, v in marker.saved_capabilities.items()]
+        qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+    if marker.saved_parameters:
+        qmp.execute("migrate-set-parameters", dict(marker.saved_parameters))
+
+
+def _del_export(qmp: QMP, eid: str) -> None:
+    qmp.execute("block-export-del", {"id": eid, "mode": "hard"})
+    _wait(
+        lambda: all(e.get("id") != eid for e in qmp.execute("query-block-exports")),
+        10.0,
+        f"export {eid} to go",
+    )
+
+
+def _cancel_job(qmp: QMP, jid: str, j: dict[str, Any]) -> None:
+    if j.get("status") != "concluded":
+        qmp.execute("job-cancel", {"id": jid})
+
+    def gone_or_concluded() -> bool:
+        cur = job_ids(qmp).get(jid)
+        return cur is None or cur.get("status") == "concluded"
+
+    _wait(gone_or_concluded, 30.0, f"job {jid} to end")
+    cur = job_ids(qmp).get(jid)
+    if cur is not None and cur.get("status") == "concluded":
+        qmp.execute("job-dismiss", {"id": jid})

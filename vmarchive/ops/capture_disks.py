@@ -1,0 +1,194 @@
+"""Reading point-in-time disk images into ``disk`` streams (ops layer).
+
+The capture exposes each disk's frozen view (the base under a switchover overlay, or a
+fleecing node) over NBD; :func:`read_disk` reads it with block status, so ranges the
+image does not allocate or knows to be zero are never transferred and become holes.
+For a shut-off domain :func:`local_nbd` serves the image files with ``qemu-nbd``
+(read-only, shared) so the same reader applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmarchive.errors import HostPreconditionError, HypervisorError, InterruptedError_
+from vmarchive.hypervisor.nbd import BASE_ALLOCATION, NBDClient, data_ranges
+from vmarchive.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DiskRead:
+    """What reading one disk cost."""
+
+    target: str
+    size: int
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    holes: int = 0
+    chunks: int = 0
+
+
+class StreamSink:
+    """What :func:`read_disk` writes into (a store ``StreamWriter``, or a test double)."""
+
+    chunk_size: int
+
+    def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None: ...
+
+
+def read_disk(
+    address: str,
+    export: str,
+    sink: Any,
+    target: str,
+    progress: Progress,
+    *,
+    cancelled: Callable[[], bool] = lambda: False,
+    connect_timeout: float = 60.0,
+) -> DiskRead:
+    """Read the NBD ``export`` at unix socket ``address`` into ``sink`` chunk by chunk.
+
+    Only chunks that intersect allocated, non-zero extents are read; the others stay
+    holes in the stream.  ``cancelled`` is polled between requests.
+
+    Raises:
+        NBDError: the export failed.
+        InterruptedError_: ``cancelled`` became true.
+    """
+    with NBDClient.connect(
+        address, export, meta_contexts=(BASE_ALLOCATION,), timeout=connect_timeout
+    ) as c:
+        size = c.size
+        cs = int(sink.chunk_size)
+        ranges = data_ranges(c.extents(BASE_ALLOCATION), cs, size=size)
+        total = sum(n for _o, n in ranges)
+        res = DiskRead(target=target, size=size)
+        task = progress.task(f"disk {target}", total=total)
+        try:
+            pieces = (
+                (o, min(cs, end - o))
+                for off, n in ranges
+                for end in (off + n,)
+                for o in range(off, end, cs)
+            )
+            for off, data in c.read_many(pieces, depth=8):
+                if cancelled():
+                    raise InterruptedError_(f"reading disk {target} cancelled")
+                sink.write_chunk(off // cs, data)
+                res.bytes_read += len(data)
+                task.advance(len(data))
+        finally:
+            task.close()
+        return res
+
+
+@contextlib.contextmanager
+def local_nbd(path: str, fmt: str | None, export: str = "disk") -> Iterator[str]:
+    """Serve image ``path`` read-only over NBD with ``qemu-nbd``; yields the socket path.
+
+    For disks of a shut-off domain (no QEMU to export them).
+
+    Raises:
+        HostPreconditionError: qemu-nbd is not installed.
+        HypervisorError: qemu-nbd did not start.
+    """
+    exe = shutil.which("qemu-nbd")
+    if exe is None:
+        raise HostPreconditionError("qemu-nbd is needed to read disks of a shut-off domain")
+    d = tempfile.mkdtemp(prefix="vmarchive-nbd-")
+    sock = os.path.join(d, "nbd.sock")
+    cmd = [exe, "--read-only", "--shared=4", "--persistent", "-k", sock, "-x", export]
+    if fmt:
+        cmd += ["-f", fmt]
+    cmd.append(path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if proc.poll() is not None:
+                err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
+                raise HypervisorError(
+                    f"qemu-nbd cannot serve {path}: {err.strip().splitlines()[-1:] or '?'}"
+                )
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"qemu-nbd did not start for {path}")
+            time.sleep(0.01)
+        yield sock
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class DiskThreads:
+    """Runs one reader per disk in threads; collects results and the first error."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, DiskRead] = {}
+        self.errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+        self._cancel = threading.Event()
+
+    def start(self, target: str, fn: Callable[[Callable[[], bool]], DiskRead]) -> None:
+        def run() -> None:
+            try:
+                self.results[target] = fn(self._cancel.is_set)
+            except BaseException as e:
+                log.debug("disk %s failed", target, exc_info=True)
+                self.errors.append(e)
+                self._cancel.set()
+
+        t = threading.Thread(target=run, name=f"disk-{target}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join()
+
+    def raise_first(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+def make_overlay_file(directory: Path, name: str, size: int) -> Path:
+    """Create an empty qcow2 image of ``size`` bytes (no backing file) with qemu-img.
+
+    Raises:
+        HostPreconditionError: qemu-img is missing.
+        HypervisorError: qemu-img failed.
+    """
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise HostPreconditionError("qemu-img is needed to create temporary overlays")
+    path = directory / f"{name}.qcow2"
+    r = subprocess.run(
+        [exe, "create", "-q", "-f", "qcow2", str(path), str(size)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise HypervisorError(f"qemu-img create {path} failed: {r.stderr.strip()}")
+    return path

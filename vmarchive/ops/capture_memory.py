@@ -1,0 +1,192 @@
+"""The memory side of a capture: read QEMU's migration stream and store it (ops layer).
+
+QEMU writes its migration stream into a pipe; a :class:`PipeReader` thread drains it
+(QEMU must never block on a full pipe, even after we failed) and feeds a consumer:
+
+* :class:`OpaqueMemory` stores the raw bytes as one ``stream`` (the fallback), or
+* a parsed consumer (see :mod:`vmarchive.ops.capture_parse`) that turns the stream into
+  per-RAMBlock page images (:class:`RamImage`) plus the verbatim device state.
+
+:class:`RamImage` keeps memory bounded whatever the RAM size: it assembles pages into
+store chunks in a small LRU of open chunks.  A chunk that must be reopened (a page re-sent
+by a later precopy pass, or pages arriving out of order in snapshot mode) is read back
+from the writer, patched and stored again under the same slot.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from vmarchive.progress import Task
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 20
+
+
+class Consumer(Protocol):
+    """Receives the migration stream bytes in order."""
+
+    def feed(self, data: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class PipeReader(threading.Thread):
+    """Drains ``fd`` until EOF, feeding ``consumer``; remembers the consumer's first error.
+
+    After an error the rest of the stream is read and discarded, so QEMU never blocks on
+    the pipe (the capture cancels the migration, which ends the stream).
+    """
+
+    def __init__(self, fd: int, consumer: Consumer, task: Task) -> None:
+        super().__init__(name="migration-stream", daemon=True)
+        self.fd = fd
+        self.consumer = consumer
+        self.task = task
+        self.bytes_read = 0
+        self.error: BaseException | None = None
+        self.eof = threading.Event()
+
+    def run(self) -> None:
+        buf = bytearray(READ_SIZE)
+        view = memoryview(buf)
+        try:
+            with open(self.fd, "rb", buffering=0, closefd=True) as f:
+                while True:
+                    n = f.readinto(buf)
+                    if not n:
+                        break
+                    self.bytes_read += n
+                    self.task.advance(n)
+                    if self.error is None:
+                        try:
+                            self.consumer.feed(view[:n])
+                        except BaseException as e:
+                            log.debug("memory consumer failed", exc_info=True)
+                            self.error = e
+                if self.error is None:
+                    try:
+                        self.consumer.finish()
+                    except BaseException as e:
+                        self.error = e
+        except OSError as e:
+            if self.error is None:
+                self.error = e
+        finally:
+            self.eof.set()
+
+
+class OpaqueMemory:
+    """Stores the whole stream, unparsed, into one stream writer (``append``)."""
+
+    def __init__(self, sw: Any) -> None:
+        self.sw = sw
+
+    def feed(self, data: memoryview) -> None:
+        self.sw.append(data)
+
+    def finish(self) -> None:
+        pass
+
+
+def _slot_id(sw: Any, index: int) -> bytes:
+    """The chunk id currently in slot ``index`` of a store StreamWriter."""
+    getter = getattr(sw, "slot_id", None)
+    if callable(getter):
+        return bytes(getter(index))
+    # TODO(store): a public per-slot accessor; table() copies the whole table.
+    table = getattr(sw, "_table", None)
+    if table is not None:
+        return bytes(table[16 * index : 16 * index + 16])
+    return bytes(sw.table()[16 * index : 16 * index + 16])
+
+
+class RamImage:
+    """The page image of one RAMBlock, built from pages in any order, any number of times.
+
+    ``sw`` is a store StreamWriter (size = block length) and ``read_chunk`` reads a chunk
+    back (``ArchiveWriter.read_chunk``).  Pages never sent stay zero (holes).
+    """
+
+    def __init__(
+        self,
+        sw: Any,
+        read_chunk: Callable[[bytes], bytes],
+        *,
+        zero_id: bytes = bytes(16),
+        max_open: int = 64,
+    ) -> None:
+        self.sw = sw
+        self.size = int(sw.size)
+        self.cs = int(sw.chunk_size)
+        self.read_chunk = read_chunk
+        self.zero_id = zero_id
+        self.max_open = max_open
+        self._open: collections.OrderedDict[int, bytearray] = collections.OrderedDict()
+        self._stored: set[int] = set()
+        self.pages = 0
+        self.reopened = 0
+
+    def _slot_len(self, index: int) -> int:
+        return min(self.cs, self.size - index * self.cs)
+
+    def page(self, offset: int, data: bytes | bytearray | memoryview | None, length: int) -> None:
+        """Set ``length`` bytes at ``offset`` to ``data`` (None: zeros)."""
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"page at {offset:#x} outside the block ({self.size:#x})")
+        self.pages += 1
+        while length:
+            index = offset // self.cs
+            within = offset - index * self.cs
+            n = min(length, self.cs - within)
+            buf = self._chunk(index)
+            if data is None:
+                buf[within : within + n] = bytes(n)
+            else:
+                buf[within : within + n] = data[:n]
+                data = data[n:]
+            offset += n
+            length -= n
+
+    def _chunk(self, index: int) -> bytearray:
+        buf = self._open.get(index)
+        if buf is not None:
+            self._open.move_to_end(index)
+            return buf
+        if index in self._stored:
+            self.reopened += 1
+            cid = _slot_id(self.sw, index)
+            if cid == self.zero_id:
+                buf = bytearray(self._slot_len(index))
+            else:
+                buf = bytearray(self.read_chunk(cid))
+        else:
+            buf = bytearray(self._slot_len(index))
+        self._open[index] = buf
+        while len(self._open) > self.max_open:
+            old, obuf = self._open.popitem(last=False)
+            self._store(old, obuf)
+        return buf
+
+    def _store(self, index: int, buf: bytearray) -> None:
+        self.sw.write_chunk(index, buf)
+        self._stored.add(index)
+
+    def flush(self) -> None:
+        """Store every open chunk (the image is complete in the store afterwards)."""
+        while self._open:
+            index, buf = self._open.popitem(last=False)
+            self._store(index, buf)
+
+
+def close_fd(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)

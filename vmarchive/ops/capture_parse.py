@@ -1,0 +1,78 @@
+"""Memory consumers of a capture: parsed page images, or the opaque stream (ops layer).
+
+:func:`make_consumer` returns what :class:`vmarchive.ops.capture_memory.PipeReader` feeds.
+The parsed consumer bridges the STREAM parser (:mod:`vmarchive.format.migstream`) to
+store streams: one ``ram`` stream per RAMBlock (:class:`RamImage`), one ``devstate``
+stream with the verbatim non-RAM bytes and the parser's layout in its attrs.  When the
+parser refuses the stream the capture is retried opaquely (kind ``stream``), and the
+archive says why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any, Protocol
+
+from vmarchive.ops.capture_memory import OpaqueMemory
+
+log = logging.getLogger(__name__)
+
+OPAQUE_STREAM = "migration"
+
+
+class MemoryConsumer(Protocol):
+    def feed(self, data: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def close_streams(self) -> int: ...
+
+
+class OpaqueConsumer:
+    """The raw migration stream as one ``stream`` (fixed chunks)."""
+
+    def __init__(self, w: Any, reason: str | None) -> None:
+        self.sw = w.stream(OPAQUE_STREAM, "stream", None, attrs={"refused": reason})
+        self._inner = OpaqueMemory(self.sw)
+        self.reason = reason
+        self.size = 0
+
+    def feed(self, data: memoryview) -> None:
+        self.size += len(data)
+        self._inner.feed(data)
+
+    def finish(self) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {"format": "opaque", "refused": self.reason, "stream_bytes": self.size}
+
+    def close_streams(self) -> int:
+        return int(self.sw.close().bytes_new)
+
+
+def parser_available() -> bool:
+    return importlib.util.find_spec("vmarchive.format.migstream") is not None
+
+
+def make_consumer(w: Any, parse: bool, refused: str | None = None) -> MemoryConsumer:
+    """The consumer for one capture attempt."""
+    if parse and parser_available():
+        from vmarchive.ops.capture_parsed import ParsedConsumer
+
+        return ParsedConsumer(w)
+    if parse and refused is None:
+        refused = "the migration stream parser is not available in this build"
+    return OpaqueConsumer(w, refused)
+
+
+def roundtrip_check(w: Any, consumer: MemoryConsumer) -> dict[str, Any] | None:
+    """Regenerate the stream from what was stored, re-parse it; the result for the manifest."""
+    check = getattr(consumer, "roundtrip", None)
+    if check is None:
+        return None
+    result: dict[str, Any] = check(w)
+    return result
