@@ -52,7 +52,7 @@ def flip(path: pathlib.Path, key: str, offset: int) -> None:
 def test_clean_repository_verifies(
     pristine: tuple[pathlib.Path, dict[str, dict[str, bytes]]],
 ) -> None:
-    path, archives = pristine
+    path, _archives = pristine
     repo = Repository.open(str(path))
     for full in (False, True):
         report = repo.verify(full=full)
@@ -141,7 +141,7 @@ def test_damaged_manifest_and_verify_by_name(
 def test_damaged_index_is_reported(
     tmp_path: pathlib.Path, pristine: tuple[pathlib.Path, dict[str, dict[str, bytes]]]
 ) -> None:
-    src, archives = pristine
+    src, _archives = pristine
     path = tmp_path / "r"
     shutil.copytree(src, path)
     repo = Repository.open(str(path))
