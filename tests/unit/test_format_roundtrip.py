@@ -1,0 +1,391 @@
+"""Property tests of the format codecs: every structure round-trips; damage is detected.
+
+Encrypted objects must reject any single flipped byte and any truncation; plaintext
+structures reject truncation (their contents are checked by the object id and, for bodies,
+the zstd frame checksum).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import string
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmarchive import errors
+from vmarchive.format import constants as C
+from vmarchive.format.blob import BlobCodec, decode_blob, encode_blob
+from vmarchive.format.chunkid import ALGORITHMS, ZERO_ID, is_zero, make_id_function, verify_chunk
+from vmarchive.format.config import RepoConfig, decode_config, encode_config, new_config
+from vmarchive.format.crypto import TEST_SCRYPT, KeyMaterial, make_keyfile, open_keyfile
+from vmarchive.format.index import IndexEntry, decode_index, encode_index
+from vmarchive.format.lock import LockInfo, decode_lock, encode_lock, is_stale
+from vmarchive.format.manifest import (
+    Manifest,
+    StreamEntry,
+    archive_id,
+    decode_manifest,
+    encode_manifest,
+    is_safe_stream_name,
+)
+from vmarchive.format.pack import PackBuilder, decode_pack_trailer, pack_tail_size, read_blob
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+KEY = KeyMaterial(bytes(range(32)), bytes(range(32, 64)))
+IDFN = make_id_function(C.ID_XXH3_128_KEYED, KEY.id_secret)
+DETECTED = (errors.DamageError, errors.UnsupportedVersionError, errors.WrongKeyError)
+
+
+def counter_rng(seed: int) -> Callable[[int], bytes]:
+    state = [seed]
+
+    def rng(n: int) -> bytes:
+        state[0] += 1
+        return hashlib.shake_256(state[0].to_bytes(8, "little")).digest(n)
+
+    return rng
+
+
+def codec(encrypted: bool, level: int = 3) -> BlobCodec:
+    return BlobCodec(level, KEY if encrypted else None, rng=counter_rng(level))
+
+
+chunk_data = st.binary(min_size=1, max_size=5000).filter(lambda b: not is_zero(b))
+json_scalar = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20)
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+name_component = st.text(string.ascii_letters + string.digits + "_-:@", min_size=1, max_size=12)
+stream_name = st.lists(name_component, min_size=1, max_size=3).map("/".join)
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> Manifest:
+    names = draw(st.lists(stream_name, min_size=0, max_size=5, unique=True))
+    streams = []
+    for name in names:
+        chunk_size = draw(st.sampled_from([1, 7, 4096, 65536]))
+        size = draw(st.integers(0, 20 * chunk_size))
+        slots = -(-size // chunk_size)
+        table = b"".join(
+            draw(st.sampled_from([ZERO_ID, IDFN(b"a"), IDFN(b"b")])) for _ in range(slots)
+        )
+        attrs = draw(st.dictionaries(st.text(max_size=8), json_value, max_size=3))
+        streams.append(
+            StreamEntry(name, draw(st.sampled_from(C.STREAM_KINDS)), size, chunk_size, attrs, table)
+        )
+    metadata: dict[str, Any] = {
+        "time": "2026-11-25T21:00:00Z",
+        "domain": draw(st.text(max_size=10)),
+        "kind": "full",
+    }
+    metadata.update(
+        draw(
+            st.dictionaries(
+                st.text(max_size=8).filter(lambda k: k not in metadata), json_value, max_size=4
+            )
+        )
+    )
+    return Manifest(metadata, streams)
+
+
+def assert_detected(decode: Callable[[bytes], object], data: bytes, at: int) -> None:
+    damaged = bytearray(data)
+    damaged[at % len(data)] ^= 0xFF
+    with pytest.raises(DETECTED):
+        decode(bytes(damaged))
+
+
+# -- chunk ids --------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(data=st.binary(max_size=70000), algorithm=st.sampled_from(ALGORITHMS))
+def test_chunk_ids_are_16_bytes_keyed_and_verifiable(data: bytes, algorithm: str) -> None:
+    fn = make_id_function(algorithm, KEY.id_secret)
+    cid = fn(data)
+    assert len(cid) == 16 and fn(memoryview(data)) == cid
+    assert make_id_function(algorithm, bytes(32))(data) != cid  # another secret, another id
+    verify_chunk(fn, cid, data)
+    with pytest.raises(errors.DamageError):
+        verify_chunk(fn, cid, data + b"\x00")
+
+
+@SETTINGS
+@given(n=st.integers(0, 70000), poke=st.integers(0, 70000), value=st.integers(1, 255))
+def test_is_zero_agrees_with_comparison(n: int, poke: int, value: int) -> None:
+    zero = bytearray(n)
+    assert is_zero(bytes(zero)) and is_zero(memoryview(zero))
+    if n:
+        zero[poke % n] = value
+        assert not is_zero(bytes(zero)) and not is_zero(memoryview(zero))
+
+
+def test_id_function_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        make_id_function("sha1", bytes(32))
+    with pytest.raises(ValueError):
+        make_id_function(C.ID_XXH3_128_KEYED, bytes(16))
+
+
+# -- blobs ------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(data=chunk_data, encrypted=st.booleans(), level=st.integers(1, 9))
+def test_blob_round_trip(data: bytes, encrypted: bool, level: int) -> None:
+    cd = codec(encrypted, level)
+    cid = IDFN(data)
+    blob = encode_blob(cd, cid, data)
+    assert decode_blob(cd, cid, blob, len(data)) == data
+
+
+@SETTINGS
+@given(data=chunk_data, at=st.integers(0, 10**6), cut=st.integers(1, 10**6))
+def test_encrypted_blob_detects_flip_truncation_and_swap(data: bytes, at: int, cut: int) -> None:
+    cd = codec(True)
+    cid = IDFN(data)
+    blob = encode_blob(cd, cid, data)
+    assert_detected(lambda b: decode_blob(cd, cid, b, len(data)), blob, at)
+    with pytest.raises(DETECTED):
+        decode_blob(cd, cid, blob[: len(blob) - 1 - cut % len(blob)], len(data))
+    with pytest.raises(errors.DamageError):
+        decode_blob(cd, IDFN(data + b"x"), blob, len(data))  # moved to another id
+
+
+# -- packs ------------------------------------------------------------------------------------
+
+
+def build_pack(cd: BlobCodec, chunks: list[bytes]) -> tuple[str, bytes]:
+    pb = PackBuilder(cd)
+    for c in chunks:
+        pb.add(IDFN(c), encode_blob(cd, IDFN(c), c), len(c))
+    assert pb.count == len(chunks) and pb.size >= C.HEADER_SIZE
+    return pb.finish()
+
+
+unique_chunks = st.lists(chunk_data, min_size=0, max_size=8, unique=True)
+
+
+@SETTINGS
+@given(chunks=unique_chunks, encrypted=st.booleans())
+def test_pack_round_trip_from_tail_alone(chunks: list[bytes], encrypted: bool) -> None:
+    cd = codec(encrypted)
+    pid, data = build_pack(cd, chunks)
+    assert pid == hashlib.sha256(data).hexdigest()
+    tail = data[-pack_tail_size(data[-C.PACK_FOOTER_SIZE :]) :]
+    entries = decode_pack_trailer(cd, tail)
+    assert entries == decode_pack_trailer(cd, data, pack_length=len(data))
+    assert [e.chunk_id for e in entries] == [IDFN(c) for c in chunks]
+    for e, c in zip(entries, chunks, strict=True):
+        assert decode_blob(cd, e.chunk_id, read_blob(data, e), e.raw_length) == c
+
+
+def read_whole_pack(cd: BlobCodec, data: bytes) -> None:
+    for e in decode_pack_trailer(cd, data, pack_length=len(data)):
+        verify_chunk(
+            IDFN, e.chunk_id, decode_blob(cd, e.chunk_id, read_blob(data, e), e.raw_length)
+        )
+
+
+@SETTINGS
+@given(chunks=unique_chunks, at=st.integers(0, 10**6), cut=st.integers(1, 10**6))
+def test_encrypted_pack_detects_any_flip_and_truncation(
+    chunks: list[bytes], at: int, cut: int
+) -> None:
+    cd = codec(True)
+    _, data = build_pack(cd, chunks)
+    assert_detected(lambda b: read_whole_pack(cd, b), data, at)
+    with pytest.raises(DETECTED):
+        read_whole_pack(cd, data[: len(data) - 1 - cut % len(data)])
+
+
+def test_pack_builder_refuses_duplicates_and_zero_id() -> None:
+    pb = PackBuilder(codec(False))
+    pb.add(IDFN(b"a"), b"x", 1)
+    with pytest.raises(ValueError):
+        pb.add(IDFN(b"a"), b"x", 1)
+    with pytest.raises(ValueError):
+        pb.add(ZERO_ID, b"x", 1)
+
+
+# -- index ------------------------------------------------------------------------------------
+
+
+index_entries = st.lists(
+    st.builds(
+        IndexEntry,
+        chunk_id=st.binary(min_size=16, max_size=16).filter(lambda b: b != ZERO_ID),
+        pack_id=st.sampled_from([bytes([i]) * 32 for i in range(3)]),
+        offset=st.integers(16, 2**32 - 1),
+        length=st.integers(0, 2**32 - 1),
+        raw_length=st.integers(0, C.MAX_CHUNK_SIZE),
+    ),
+    max_size=40,
+    unique_by=lambda e: e.chunk_id,
+)
+
+
+@SETTINGS
+@given(entries=index_entries, encrypted=st.booleans())
+def test_index_round_trip_sorted(entries: list[IndexEntry], encrypted: bool) -> None:
+    cd = codec(encrypted)
+    assert decode_index(cd, encode_index(cd, entries)) == sorted(entries, key=lambda e: e.chunk_id)
+
+
+@SETTINGS
+@given(
+    entries=index_entries,
+    at=st.integers(0, 10**6),
+    cut=st.integers(1, 10**6),
+    encrypted=st.booleans(),
+)
+def test_index_detects_damage(
+    entries: list[IndexEntry], at: int, cut: int, encrypted: bool
+) -> None:
+    cd = codec(encrypted)
+    data = encode_index(cd, entries)
+    if encrypted:
+        assert_detected(lambda b: decode_index(cd, b), data, at)
+    with pytest.raises(DETECTED):
+        decode_index(cd, data[: len(data) - 1 - cut % len(data)])
+
+
+# -- manifests --------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(m=manifests(), encrypted=st.booleans())
+def test_manifest_round_trip(m: Manifest, encrypted: bool) -> None:
+    cd = codec(encrypted)
+    data = encode_manifest(cd, m)
+    assert decode_manifest(cd, data) == m
+    assert archive_id(data) == hashlib.sha256(data).hexdigest()
+
+
+@SETTINGS
+@given(m=manifests(), at=st.integers(0, 10**6), cut=st.integers(1, 10**6), encrypted=st.booleans())
+def test_manifest_detects_damage(m: Manifest, at: int, cut: int, encrypted: bool) -> None:
+    cd = codec(encrypted)
+    data = encode_manifest(cd, m)
+    if encrypted:
+        assert_detected(lambda b: decode_manifest(cd, b), data, at)
+    with pytest.raises(DETECTED):
+        decode_manifest(cd, data[: len(data) - 1 - cut % len(data)])
+
+
+@pytest.mark.parametrize(
+    "name", ["", "/abs", "a//b", "a/", "..", "a/../b", ".hidden", "a/.b", "sp ace", "x" * 256, "é"]
+)
+def test_unsafe_stream_names_are_refused(name: str) -> None:
+    assert not is_safe_stream_name(name)
+    m = Manifest(
+        {"time": "t", "domain": "d", "kind": "k"}, [StreamEntry(name, "meta", 0, 1, {}, b"")]
+    )
+    with pytest.raises(errors.FormatError):
+        encode_manifest(codec(False), m)
+
+
+@pytest.mark.parametrize(
+    "name", ["domain.xml", "ram/pc.ram", "ram/0000:00:02.0/vga.vram", "disk/vda", "a-b_c+d@e"]
+)
+def test_safe_stream_names_are_accepted(name: str) -> None:
+    assert is_safe_stream_name(name)
+
+
+# -- config, key file, lock -------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    encryption=st.sampled_from(C.ENCRYPTIONS),
+    algorithm=st.sampled_from(ALGORITHMS),
+    level=st.integers(1, 19),
+    seed=st.integers(0, 1000),
+)
+def test_config_round_trip(encryption: str, algorithm: str, level: int, seed: int) -> None:
+    cfg, key = new_config(
+        encryption=encryption,
+        id_algorithm=algorithm,
+        compression_level=level,
+        rng=counter_rng(seed),
+    )
+    assert decode_config(encode_config(cfg)) == cfg
+    assert (cfg.secret is None) == (encryption != C.ENCRYPTION_NONE)
+    if cfg.secret is not None:
+        assert cfg.secret == key.id_secret
+
+
+@SETTINGS
+@given(cut=st.integers(1, 10**6))
+def test_config_truncation_detected(cut: int) -> None:
+    cfg, _ = new_config(rng=counter_rng(1))
+    data = encode_config(cfg)
+    with pytest.raises(errors.FormatError):
+        decode_config(data[: len(data) - 1 - cut % len(data)])
+
+
+def test_config_refuses_secret_in_encrypted_repo() -> None:
+    cfg = RepoConfig(
+        repository_id=bytes(32),
+        encryption=C.ENCRYPTION_AES256GCM,
+        secret=bytes(32),
+        required_features=C.FEATURE_AES256GCM,
+    )
+    with pytest.raises(errors.FormatError):
+        encode_config(cfg)
+
+
+KEYFILE = make_keyfile(KEY, "pass", counter_rng(7), TEST_SCRYPT)
+
+
+@settings(max_examples=40, deadline=None)
+@given(at=st.integers(0, C.KEYFILE_SIZE - 1))
+def test_keyfile_detects_any_flip(at: int) -> None:
+    assert open_keyfile(KEYFILE, "pass") == KEY
+    with pytest.raises((errors.WrongKeyError, errors.FormatError, errors.UnsupportedVersionError)):
+        damaged = bytearray(KEYFILE)
+        damaged[at] ^= 0x01
+        open_keyfile(bytes(damaged), "pass")
+
+
+def test_keyfile_wrong_passphrase_and_fresh_salt() -> None:
+    with pytest.raises(errors.WrongKeyError):
+        open_keyfile(KEYFILE, "Pass")
+    again = make_keyfile(KEY, "pass", os.urandom, TEST_SCRYPT)
+    assert again != KEYFILE and open_keyfile(again, "pass") == KEY
+
+
+@SETTINGS
+@given(
+    kind=st.sampled_from(C.LOCK_KINDS),
+    host=st.text(max_size=30),
+    pid=st.integers(0, 2**31),
+    created=st.floats(0, 2e9),
+    lease=st.floats(0, 1e6),
+    lock_id=st.text("0123456789abcdef", min_size=1, max_size=64),
+)
+def test_lock_round_trip(
+    kind: str, host: str, pid: int, created: float, lease: float, lock_id: str
+) -> None:
+    lock = LockInfo(kind, host, pid, created, created + lease, lock_id)
+    assert decode_lock(encode_lock(lock)) == lock
+
+
+def test_lock_staleness_rule() -> None:
+    lock = LockInfo("shared", "hv1", 42, 100.0, 400.0, "ab")
+    alive: Callable[[int], bool] = lambda pid: True  # noqa: E731
+    dead: Callable[[int], bool] = lambda pid: False  # noqa: E731
+    assert not is_stale(lock, 200.0, "hv1", alive)
+    assert is_stale(lock, 200.0, "hv1", dead)  # same host, process gone
+    assert not is_stale(lock, 200.0, "hv2", dead)  # other host: trust the lease
+    assert is_stale(lock, 401.0, "hv2", alive)  # lease expired
