@@ -1,1 +1,275 @@
-"""Repository commands: init, list, info, stats, verify, forget, prune, gc (placeholder)."""
+"""Repository commands: init, list, info, stats, verify, forget, prune, gc.
+
+Each takes ``--repo PATH`` (or ``VMARCHIVE_REPO``) and ``--json``.  The passphrase of an
+encrypted repository comes from ``VMARCHIVE_PASSPHRASE`` or an interactive prompt that
+does not echo; it is never logged.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from typing import Any
+
+import typer
+
+from vmarchive.cli.app import app, print_json
+from vmarchive.errors import DamageError, UsageError, WrongKeyError
+from vmarchive.format import constants as C
+from vmarchive.ops import repo as ops
+from vmarchive.store import GcOptions, InitOptions, PrunePolicy
+
+REPO_HELP = "Repository location (or set VMARCHIVE_REPO)."
+_VERIFY_ARCHIVES = typer.Argument(None, help="Archives to check (default: all).")
+_FORGET_ARCHIVES = typer.Argument(..., help="Archive ids or unique prefixes.")
+PASSPHRASE_ENV = "VMARCHIVE_PASSPHRASE"
+
+
+def _repo_option() -> Any:
+    return typer.Option(
+        None, "--repo", "-r", envvar="VMARCHIVE_REPO", help=REPO_HELP, show_envvar=False
+    )
+
+
+def _json_option() -> Any:
+    return typer.Option(False, "--json", help="Print machine-readable JSON.")
+
+
+def ask_passphrase() -> str:
+    """The passphrase from the environment, else a prompt on the terminal.
+
+    Raises :class:`WrongKeyError` when neither is available (no terminal).
+    """
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env is not None:
+        return env
+    if not sys.stdin.isatty():
+        raise WrongKeyError(
+            f"the repository is encrypted: set {PASSPHRASE_ENV} or run on a terminal"
+        )
+    return getpass.getpass("Repository passphrase: ")
+
+
+def _new_passphrase() -> str:
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env is not None:
+        if not env:
+            raise UsageError(f"{PASSPHRASE_ENV} is empty")
+        return env
+    if not sys.stdin.isatty():
+        raise UsageError(f"an encrypted repository needs a passphrase: set {PASSPHRASE_ENV}")
+    first = getpass.getpass("New repository passphrase: ")
+    if not first or first != getpass.getpass("Repeat passphrase: "):
+        raise UsageError("passphrases are empty or do not match")
+    return first
+
+
+def repo_ref(repo: str | None) -> ops.RepoRef:
+    """Raises :class:`UsageError` when no repository is given."""
+    if not repo:
+        raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
+    return ops.RepoRef(repo, ask_passphrase)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@app.command("init")
+def init_cmd(
+    repo: str = _repo_option(),
+    encryption: str = typer.Option(
+        C.ENCRYPTION_NONE, "--encryption", help=f"One of: {', '.join(C.ENCRYPTIONS)}."
+    ),
+    id_algorithm: str = typer.Option(
+        C.ID_XXH3_128_KEYED, "--id-algorithm", help=f"One of: {', '.join(C.ID_ALGORITHMS)}."
+    ),
+    compression_level: int = typer.Option(
+        C.DEFAULT_ZSTD_LEVEL, "--compression-level", help="zstd level."
+    ),
+    as_json: bool = _json_option(),
+) -> None:
+    """Create a new, empty repository."""
+    if not repo:
+        raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
+    if encryption not in C.ENCRYPTIONS:
+        raise UsageError(f"unknown encryption {encryption!r} (one of {', '.join(C.ENCRYPTIONS)})")
+    if id_algorithm not in C.ID_ALGORITHMS:
+        raise UsageError(
+            f"unknown id algorithm {id_algorithm!r} (one of {', '.join(C.ID_ALGORITHMS)})"
+        )
+    passphrase = _new_passphrase() if encryption != C.ENCRYPTION_NONE else None
+    r = ops.init_repo(
+        repo,
+        InitOptions(
+            encryption=encryption,
+            passphrase=passphrase,
+            id_algorithm=id_algorithm,
+            compression_level=compression_level,
+        ),
+    )
+    cfg = r.codecs.config
+    if as_json:
+        print_json(
+            {
+                "location": r.backend.location,
+                "repository_id": cfg.repository_id.hex(),
+                "encryption": cfg.encryption,
+                "id_algorithm": cfg.id_algorithm,
+                "compression_level": cfg.compression_level,
+            }
+        )
+    else:
+        typer.echo(
+            f"created repository {r.backend.location} ({cfg.encryption}, {cfg.id_algorithm})"
+        )
+
+
+@app.command("list")
+def list_cmd(repo: str = _repo_option(), as_json: bool = _json_option()) -> None:
+    """List archives, oldest first."""
+    archives = ops.list_archives(repo_ref(repo))
+    if as_json:
+        print_json([a.to_json() for a in archives])
+        return
+    for a in archives:
+        typer.echo(f"{a.id[:12]}  {a.time:<25}  {a.domain:<20}  {a.kind:<10}  {_fmt_bytes(a.size)}")
+
+
+@app.command("info")
+def info_cmd(
+    archive: str = typer.Argument(..., help="Archive id or unique id prefix."),
+    repo: str = _repo_option(),
+    as_json: bool = _json_option(),
+) -> None:
+    """Show an archive's metadata and streams."""
+    a = ops.archive_info(repo_ref(repo), archive)
+    if as_json:
+        print_json(
+            {"id": a.id, "metadata": a.metadata, "streams": [s.to_json() for s in a.streams]}
+        )
+        return
+    typer.echo(f"archive {a.id}")
+    for k in sorted(a.metadata):
+        typer.echo(f"  {k:<16} {a.metadata[k]}")
+    for s in a.streams:
+        j = s.to_json()
+        typer.echo(
+            f"  stream {s.name} ({s.kind}): {_fmt_bytes(s.size)}, {j['slots']} chunks of "
+            f"{_fmt_bytes(s.chunk_size)}, {j['holes']} holes"
+        )
+
+
+@app.command("stats")
+def stats_cmd(repo: str = _repo_option(), as_json: bool = _json_option()) -> None:
+    """Logical and stored sizes, dedup and compression ratios."""
+    st = ops.repo_stats(repo_ref(repo))
+    if as_json:
+        print_json(st.to_json())
+        return
+    typer.echo(f"archives           {st.archives}")
+    typer.echo(
+        f"logical size       {_fmt_bytes(st.logical_bytes)} ({_fmt_bytes(st.data_bytes)} not holes)"
+    )
+    typer.echo(f"unique data        {_fmt_bytes(st.unique_bytes)} in {st.chunks} chunks")
+    typer.echo(f"stored             {_fmt_bytes(st.stored_bytes)} ({st.packs} packs)")
+    typer.echo(f"dedup ratio        {st.dedup_ratio:.2f}")
+    typer.echo(f"compression ratio  {st.compression_ratio:.2f}")
+
+
+@app.command("verify")
+def verify_cmd(
+    archives: list[str] = _VERIFY_ARCHIVES,
+    full: bool = typer.Option(False, "--full", help="Read, decompress and re-hash every chunk."),
+    repo: str = _repo_option(),
+    as_json: bool = _json_option(),
+) -> None:
+    """Check archives; exit 4 and name the damaged archives on any damage."""
+    report = ops.verify(repo_ref(repo), archives or None, full)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        kind = "full" if full else "fast"
+        if report.ok:
+            typer.echo(f"ok: {report.archives_checked} archives verified ({kind})")
+        for p in report.problems:
+            typer.echo(f"problem: {p}", err=True)
+        for d in report.damaged:
+            typer.echo(f"damaged: {d}")
+    if not report.ok:
+        # An error, not typer.Exit: main() maps it to exit code 4 and one line on stderr.
+        raise DamageError(
+            f"verify found {len(report.damaged)} damaged archives and {len(report.problems)} problems"
+        )
+
+
+@app.command("forget")
+def forget_cmd(
+    archives: list[str] = _FORGET_ARCHIVES,
+    repo: str = _repo_option(),
+    as_json: bool = _json_option(),
+) -> None:
+    """Remove archives from the list (run gc to reclaim their space)."""
+    ids = ops.forget(repo_ref(repo), archives)
+    if as_json:
+        print_json({"forgotten": ids})
+    else:
+        for i in ids:
+            typer.echo(f"forgot {i}")
+
+
+@app.command("prune")
+def prune_cmd(
+    keep_last: int = typer.Option(0, "--keep-last", help="Keep the newest N archives."),
+    keep_hourly: int = typer.Option(0, "--keep-hourly", help="Keep the newest of each of N hours."),
+    keep_daily: int = typer.Option(0, "--keep-daily", help="Keep the newest of each of N days."),
+    keep_weekly: int = typer.Option(
+        0, "--keep-weekly", help="Keep the newest of each of N ISO weeks."
+    ),
+    keep_monthly: int = typer.Option(
+        0, "--keep-monthly", help="Keep the newest of each of N months."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be forgotten."),
+    repo: str = _repo_option(),
+    as_json: bool = _json_option(),
+) -> None:
+    """Forget archives outside the retention policy, per domain (times in UTC)."""
+    policy = PrunePolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
+    result = ops.prune(repo_ref(repo), policy, dry_run)
+    if as_json:
+        print_json(result.to_json())
+        return
+    for a, reasons in result.keep:
+        typer.echo(f"keep    {a.id[:12]}  {a.time:<25}  {a.domain}  ({', '.join(reasons)})")
+    verb = "would forget" if dry_run else "forget"
+    for a in result.forget:
+        typer.echo(f"{verb:<7} {a.id[:12]}  {a.time:<25}  {a.domain}")
+
+
+@app.command("gc")
+def gc_cmd(
+    grace: float = typer.Option(
+        C.GC_GRACE_PERIOD,
+        "--grace",
+        help="Never touch packs or indexes younger than this (seconds).",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would be removed."),
+    repo: str = _repo_option(),
+    as_json: bool = _json_option(),
+) -> None:
+    """Delete unreferenced data and repack mostly-garbage packs (exclusive lock)."""
+    result = ops.gc(repo_ref(repo), GcOptions(grace=grace, dry_run=dry_run))
+    if as_json:
+        print_json(result.to_json())
+        return
+    prefix = "would free" if dry_run else "freed"
+    typer.echo(
+        f"{prefix} {_fmt_bytes(result.bytes_freed)}: {result.packs_deleted} packs deleted, "
+        f"{result.packs_repacked} repacked, {result.packs_kept_young} young packs kept, "
+        f"{result.live_chunks} live chunks"
+    )

@@ -1,0 +1,185 @@
+"""The repository commands: exit codes, --json shapes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import subprocess
+import sys
+from datetime import datetime
+
+import pytest
+from storehelpers import write_archive
+
+from vmarchive.cli import main
+from vmarchive.store import Repository
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self) -> object:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("VMARCHIVE_REPO", raising=False)
+    monkeypatch.delenv("VMARCHIVE_PASSPHRASE", raising=False)
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["vmarchive", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def repo_with_archives(tmp_path: pathlib.Path, cli) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "r")
+    assert cli("init", "--repo", path).code == 0
+    repo = Repository.open(path)
+    ids = [
+        write_archive(
+            repo,
+            {"disk/vda": random.Random(i).randbytes(70_000)},
+            domain=f"vm{i % 2}",
+            time=f"2026-05-0{i + 1}T12:00:00Z",
+        )
+        for i in range(1, 6)
+    ]
+    return path, ids
+
+
+def test_list_info_stats_json(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+    path, ids = repo_with_archives
+    r = cli("list", "--json", "--repo", path)
+    assert r.code == 0
+    items = r.json()
+    assert isinstance(items, list) and [a["id"] for a in items] == ids
+    for a in items:
+        assert {"id", "domain", "time"} <= set(a)
+        datetime.fromisoformat(a["time"].replace("Z", "+00:00"))
+    r = cli("info", ids[2][:10], "--json", "--repo", path)
+    assert r.code == 0
+    info = r.json()
+    assert isinstance(info, dict) and info["id"] == ids[2]
+    assert info["streams"][0]["name"] == "disk/vda" and info["streams"][0]["size"] == 70_000
+    st = cli("stats", "--json", "--repo", path).json()
+    assert isinstance(st, dict) and st["logical_bytes"] == 5 * 70_000 and st["stored_bytes"] > 0
+    text = cli("list", "--repo", path)
+    assert text.code == 0 and ids[0][:12] in text.out
+
+
+def test_repo_from_environment(cli, repo_with_archives, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    path, ids = repo_with_archives
+    monkeypatch.setenv("VMARCHIVE_REPO", path)
+    assert len(cli("list", "--json").json()) == len(ids)  # type: ignore[arg-type]
+
+
+def test_name_errors_are_one_line_exit_2(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+    path, ids = repo_with_archives
+    shared = (
+        next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+        if len({i[0] for i in ids}) < len(ids)
+        else None
+    )
+    if shared is not None:
+        r = cli("info", shared, "--repo", path)
+        assert r.code == 2 and "matches" in r.err and r.err.count("\n") == 1
+    r = cli("info", "ffffffffffffffff0", "--repo", path)
+    assert r.code == 2 and r.err.startswith("vmarchive: no archive")
+    r = cli("forget", "zz-not-hex", "--repo", path)
+    assert r.code == 2
+    r = cli("list")
+    assert r.code == 2 and "VMARCHIVE_REPO" in r.err
+
+
+def test_verify_exit_codes_and_damage_json(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+    path, ids = repo_with_archives
+    r = cli("verify", "--full", "--json", "--repo", path)
+    assert r.code == 0
+    assert r.json() == {**r.json(), "ok": True, "damaged": []}  # type: ignore[dict-item]
+    # Damage a chunk of archive 3 (each archive has its own random data).
+    repo = Repository.open(path)
+    cid = next(repo.load_archive(ids[2]).chunk_ids())
+    loc = repo.index.get(cid)
+    assert loc is not None
+    p = pathlib.Path(path, "data", loc.pack_id[:2], loc.pack_id)
+    b = bytearray(p.read_bytes())
+    b[loc.offset + loc.length // 2] ^= 1
+    p.write_bytes(bytes(b))
+    r = cli("verify", "--full", "--json", "--repo", path)
+    assert r.code == 4
+    report = r.json()
+    assert isinstance(report, dict) and report["ok"] is False and report["damaged"] == [ids[2]]
+    r = cli("verify", "--full", "--repo", path)
+    assert r.code == 4 and f"damaged: {ids[2]}" in r.out
+    assert cli("verify", ids[0], ids[1][:8], "--full", "--repo", path).code == 0
+    assert cli("verify", "--repo", path).code == 0  # fast verify does not read data
+
+
+def test_forget_prune_gc(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+    path, ids = repo_with_archives
+    r = cli("prune", "--repo", path)
+    assert r.code == 2 and "--keep" in r.err
+    r = cli("prune", "--keep-last", "1", "--dry-run", "--json", "--repo", path)
+    assert r.code == 0
+    plan = r.json()
+    assert isinstance(plan, dict) and len(plan["forget"]) == 3 and len(plan["keep"]) == 2
+    assert len(cli("list", "--json", "--repo", path).json()) == 5  # type: ignore[arg-type]
+    assert cli("prune", "--keep-last", "1", "--repo", path).code == 0
+    left = [a["id"] for a in cli("list", "--json", "--repo", path).json()]  # type: ignore[union-attr]
+    assert sorted(left) == sorted(ids[-2:])
+    r = cli("forget", ids[-1][:12], "--json", "--repo", path)
+    assert r.code == 0 and r.json() == {"forgotten": [ids[-1]]}
+    r = cli("gc", "--grace", "0", "--json", "--repo", path)
+    assert r.code == 0
+    res = r.json()
+    assert isinstance(res, dict) and res["packs_deleted"] >= 1
+    assert cli("verify", "--full", "--repo", path).code == 0
+
+
+def test_init_errors_and_encryption(
+    cli, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "e")
+    assert cli("init", "--repo", path, "--encryption", "rot13").code == 2
+    assert cli("init", "--repo", path, "--id-algorithm", "md5").code == 2
+    r = cli("init", "--repo", path, "--encryption", "aes-256-gcm")
+    assert r.code == 2 and "VMARCHIVE_PASSPHRASE" in r.err  # no terminal in tests
+    monkeypatch.setenv("VMARCHIVE_PASSPHRASE", "s3cret")
+    r = cli("init", "--repo", path, "--encryption", "aes-256-gcm", "--json")
+    assert r.code == 0 and r.json()["encryption"] == "aes-256-gcm"  # type: ignore[index]
+    assert "s3cret" not in r.out + r.err
+    assert cli("init", "--repo", path).code == 2  # exists
+    assert cli("list", "--json", "--repo", path).json() == []
+    monkeypatch.setenv("VMARCHIVE_PASSPHRASE", "wrong")
+    r = cli("list", "--repo", path)
+    assert r.code == 3 and "passphrase" in r.err
+    monkeypatch.delenv("VMARCHIVE_PASSPHRASE")
+    r = cli("list", "--repo", path)
+    assert r.code == 3 and "VMARCHIVE_PASSPHRASE" in r.err
+
+
+def test_missing_repository_no_traceback(tmp_path: pathlib.Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "vmarchive", "list", "--repo", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert run.returncode == 3
+    assert run.stderr.strip().count("\n") == 0 and "Traceback" not in run.stderr
+    assert "no vmarchive repository" in run.stderr
