@@ -84,8 +84,9 @@ from vmarchive.ops.capture_disks import (
     read_disk,
 )
 from vmarchive.ops.capture_memory import PipeReader, close_fd
+from vmarchive.ops.capture_watchdog import Watchdog
 from vmarchive.progress import NULL_PROGRESS, Progress
-from vmarchive.store import Repository
+from vmarchive.store import Repository, crashpoint
 
 log = logging.getLogger(__name__)
 
@@ -257,43 +258,54 @@ class _Capture:
             f" ({note})" if note else "",
         )
         self.state = state
+        crashpoint.hit(f"capture-{state.value}")
 
     def run(self) -> CaptureResult:
         state_dir = self.o.state_dir or default_state_dir()
-        with domain_lock(state_dir, self.dom.uuid, self.dom.name) as marker_path:
-            dstate = self.dom.state()
-            self.qmp = QMP(self.dom) if dstate.is_active else None
-            leftover = Marker.load(marker_path)
-            if leftover is not None or self.qmp is not None:
+        watchdog: Watchdog | None = None
+        try:
+            with domain_lock(state_dir, self.dom.uuid, self.dom.name) as marker_path:
+                dstate = self.dom.state()
+                self.qmp = QMP(self.dom) if dstate.is_active else None
+                if self.qmp is not None:
+                    watchdog = Watchdog(state_dir, self.dom.uuid, self.dom.name, self.o.uri)
+                leftover = Marker.load(marker_path)
                 if leftover is not None:
                     log.warning(
                         "cleaning up after an interrupted capture of %s (pid %s)",
                         self.dom.name,
                         leftover.pid,
                     )
-                if not clean_domain(self.qmp, leftover):
+                if (leftover is not None or self.qmp is not None) and not clean_domain(
+                    self.qmp, leftover
+                ):
                     raise HypervisorError(
                         f"leftovers of an earlier capture of {self.dom.name!r} could not be "
                         "removed (see the log); refusing to capture",
                         domain=self.dom.name,
                     )
-            self.to(CaptureState.LOCKED)
-            self.marker = Marker(
-                path=marker_path,
-                domain=self.dom.name,
-                uuid=self.dom.uuid,
-                was_running=dstate == DomainState.RUNNING,
-            )
-            try:
-                if self.qmp is None:
-                    return self._disk_only()
-                return self._live(dstate)
-            except KeyboardInterrupt as e:
-                self.to(CaptureState.FAILED, "interrupted")
-                raise InterruptedError_("capture interrupted; the guest was left as it was") from e
-            except BaseException as e:
-                self.to(CaptureState.FAILED, str(e) or type(e).__name__)
-                raise
+                self.to(CaptureState.LOCKED)
+                self.marker = Marker(
+                    path=marker_path,
+                    domain=self.dom.name,
+                    uuid=self.dom.uuid,
+                    was_running=dstate == DomainState.RUNNING,
+                )
+                try:
+                    if self.qmp is None:
+                        return self._disk_only()
+                    return self._live(dstate)
+                except KeyboardInterrupt as e:
+                    self.to(CaptureState.FAILED, "interrupted")
+                    raise InterruptedError_(
+                        "capture interrupted; the guest was left as it was"
+                    ) from e
+                except BaseException as e:
+                    self.to(CaptureState.FAILED, str(e) or type(e).__name__)
+                    raise
+        finally:
+            if watchdog is not None:
+                watchdog.release()
 
     # -- common pieces -------------------------------------------------------------------
     def _base_metadata(self, kind: str, live_xml: str) -> dict[str, Any]:
@@ -776,6 +788,7 @@ class _Capture:
                     self.to(CaptureState.SWITCHOVER)
                     if self.o.disk_delay_s <= 0:
                         fix_disks()
+                    crashpoint.hit("capture-disks-fixed")
                     qmp.execute("migrate-continue", {"state": "pre-switchover"})
                     self._wait_migration(qmp, reader, {"completed"})
                     cont_guest(qmp)
@@ -794,6 +807,7 @@ class _Capture:
                     self.to(CaptureState.SWITCHOVER)
                     if self.o.disk_delay_s <= 0:
                         fix_disks()
+                    crashpoint.hit("capture-disks-fixed")
                     self._migrate(qmp, marker)
                     self.t_instant = self.clock()
                     self.to(CaptureState.INSTANT)

@@ -1,0 +1,101 @@
+"""A helper process that cleans up after a capture whose process died (ops layer).
+
+``kill -9`` of vmarchive at the wrong moment would otherwise leave the guest stopped: in
+switchover mode QEMU waits at ``pre-switchover`` (vCPUs stopped) for a ``migrate-continue``
+that never comes, and after a completed migration for a ``cont``.  So each live capture
+starts this watchdog with a pipe on its stdin.  The pipe reaches EOF when the capture
+process ends, however it ends; if the capture's marker file is still there then, the
+watchdog takes the per-domain lock (free once the capture process is gone) and runs the
+same cleanup as the capture's own ``finally`` (:func:`clean_domain`).
+
+Run as ``python -m vmarchive.ops.capture_watchdog STATE_DIR UUID NAME URI``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Watchdog:
+    """The parent's handle: :meth:`release` after the capture ended normally."""
+
+    def __init__(self, state_dir: Path, uuid: str, name: str, uri: str) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(state_dir), uuid, name, uri],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=None,
+                start_new_session=True,  # a Ctrl-C to the capture must not kill it too
+                close_fds=True,
+            )
+        except OSError as e:  # pragma: no cover - no python to run?
+            log.warning("cannot start the capture watchdog: %s", e)
+
+    def release(self) -> None:
+        """Tell the watchdog we are done (idempotent); it exits when it finds no marker."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.debug("capture watchdog still running (cleaning up)")
+
+
+def _watch(state_dir: Path, uuid: str, name: str, uri: str) -> int:
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    while os.read(0, 4096):
+        pass
+    marker_path = state_dir / f"{uuid}.json"
+    if not marker_path.exists():
+        return 0
+    from vmarchive.errors import LockedError, VmarchiveError
+    from vmarchive.hypervisor.connection import Connection
+    from vmarchive.hypervisor.qmp import QMP
+    from vmarchive.ops.capture_cleanup import Marker, clean_domain, domain_lock
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with domain_lock(state_dir, uuid, name):
+                marker = Marker.load(marker_path)
+                if marker is None:
+                    return 0
+                log.warning("capture of %s ended abnormally; cleaning up", name)
+                with Connection.open(uri) as conn:
+                    dom = conn.lookup(uuid)
+                    qmp = QMP(dom) if dom.is_active() else None
+                    return 0 if clean_domain(qmp, marker) else 1
+        except LockedError:
+            # The capture is still finishing (or a new one started and cleans up itself).
+            if time.monotonic() > deadline:
+                return 0
+            time.sleep(0.05)
+        except VmarchiveError as e:
+            log.warning("watchdog cleanup of %s failed: %s", name, e)
+            return 1
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="vmarchive watchdog: %(message)s")
+    state_dir, uuid, name, uri = argv
+    return _watch(Path(state_dir), uuid, name, uri)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
