@@ -1,0 +1,212 @@
+"""`vmarchive doctor`: tells the truth on this host, and each detector can say no.
+
+Facts are checked against independent evidence (sysfs, /proc, the QEMU package), not
+against the doctor's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from vmarchive.hypervisor.probe import (
+    LibvirtProbe,
+    QemuProbe,
+    UffdProbe,
+    probe_kvm,
+    probe_qemu,
+    probe_userfaultfd,
+)
+from vmarchive.ops.doctor import (
+    DoctorOptions,
+    Status,
+    check_kvm,
+    check_modes,
+    check_switchover,
+    check_userfaultfd,
+    run_doctor,
+)
+
+QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+BAD_URI = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+
+
+def _vmarchive(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmarchive", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def _hardware_kvm_here() -> bool:
+    mods = any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd"))
+    flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+    return mods and ("vmx" in flags or "svm" in flags) and os.path.exists("/dev/kvm")
+
+
+@pytest.mark.libvirt
+def test_doctor_reports_this_host_truthfully() -> None:
+    report = run_doctor()
+    by = {c.name: c for c in report.checks}
+    assert by["libvirt"].status is Status.OK and "libvirt 9." in by["libvirt"].summary
+    assert by["qemu"].status is Status.OK
+    qemu_ver = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout
+    assert by["qemu"].details["version"].split(".")[:2] == qemu_ver.split()[3].split(".")[:2]
+    # QEMU >= 6.0 has both capabilities
+    assert by["pause-before-switchover"].status is Status.OK
+    assert by["background-snapshot"].status is Status.OK
+    kvm = by["kvm"]
+    if _hardware_kvm_here():
+        assert kvm.status is Status.OK
+    else:
+        assert kvm.status is Status.WARN and "TCG" in kvm.summary
+    sysctl = int(pathlib.Path("/proc/sys/vm/unprivileged_userfaultfd").read_text())
+    if os.geteuid() == 0:
+        assert by["userfaultfd"].status is (Status.OK if sysctl == 1 else Status.WARN)
+        if sysctl == 0:
+            assert "sysctl vm.unprivileged_userfaultfd=1" in by["userfaultfd"].action
+    assert by["capture"].status is Status.OK and report.ok
+
+
+@pytest.mark.libvirt
+def test_cli_json_and_text() -> None:
+    r = _vmarchive("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True
+    assert {c["name"] for c in doc["checks"]} >= {
+        "libvirt",
+        "qemu",
+        "kvm",
+        "userfaultfd",
+        "capture",
+    }
+    assert all(c["status"] in ("ok", "warn", "fail") for c in doc["checks"])
+    t = _vmarchive("doctor")
+    assert t.returncode == 0 and "[ok  ] libvirt:" in t.stdout and "capture is possible" in t.stdout
+
+
+def test_cli_bad_uri_fails_cleanly() -> None:
+    r = _vmarchive("doctor", "--connect", BAD_URI)
+    assert r.returncode == 7
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[FAIL] libvirt")]
+    assert len(lines) == 1 and "cannot use libvirt" in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "capture is NOT possible" in r.stdout
+
+
+@pytest.mark.qemu
+def test_cli_missing_qemu_binary_reported() -> None:
+    r = _vmarchive("doctor", "--json", "--qemu", "/nonexistent/qemu-system-x86_64")
+    assert r.returncode == 7
+    doc = json.loads(r.stdout)
+    qemu = next(c for c in doc["checks"] if c["name"] == "qemu")
+    assert qemu["status"] == "fail" and "/nonexistent/qemu-system-x86_64" in qemu["summary"]
+
+
+@pytest.mark.qemu
+def test_qemu_probe_positive_and_not_a_qemu() -> None:
+    p = probe_qemu(QEMU)
+    assert p.ran and p.capabilities == {
+        "pause-before-switchover": True,
+        "background-snapshot": True,
+    }
+    assert p.background_snapshot_accepted is True or os.geteuid() != 0
+    fake = probe_qemu("/bin/false", timeout=10)  # runs, exits, never speaks QMP
+    assert not fake.ran and fake.error and "did not start" in fake.error
+
+
+def test_userfaultfd_detector_root_vs_unprivileged(tmp_path: pathlib.Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to test as another user")
+    zero = tmp_path / "sysctl0"
+    zero.write_text("0\n")
+    as_root = probe_userfaultfd(sysctl_path=str(zero), qemu_user="root")
+    assert as_root.syscall_ok and as_root.wp_supported and as_root.qemu_user_ok is True
+    assert check_userfaultfd(as_root).status is Status.OK
+    if int(pathlib.Path("/proc/sys/vm/unprivileged_userfaultfd").read_text()) == 0:
+        nobody = probe_userfaultfd(sysctl_path=str(zero), qemu_user="nobody")
+        assert nobody.qemu_user_ok is False and "EPERM" in (nobody.qemu_user_error or "")
+        c = check_userfaultfd(nobody)
+        assert c.status is Status.WARN and "unprivileged_userfaultfd = 0" in c.summary
+    missing = probe_userfaultfd(sysctl_path=str(tmp_path / "absent"), qemu_user="no-such-user-x")
+    assert missing.unprivileged_sysctl is None and missing.qemu_user_ok is None
+
+
+def _fake_host(tmp_path: pathlib.Path, modules: list[str], flags: str) -> tuple[str, str]:
+    sysfs = tmp_path / "module"
+    for m in modules:
+        (sysfs / m).mkdir(parents=True)
+    sysfs.mkdir(exist_ok=True)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+    return str(sysfs), str(cpuinfo)
+
+
+def test_kvm_detector_tells_hardware_from_paravirtual(tmp_path: pathlib.Path) -> None:
+    absent = probe_kvm(str(tmp_path / "kvm"))
+    assert not absent.device_present and not absent.usable
+    assert check_kvm(absent, LibvirtProbe("x", True)).status is Status.WARN
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this host")
+    sysfs, cpuinfo = _fake_host(tmp_path / "hw", ["kvm_intel"], "vmx")
+    hw = probe_kvm("/dev/kvm", sysfs_modules=sysfs, cpuinfo=cpuinfo)
+    if hw.create_vcpu_ok:  # the device works; the module decides
+        assert hw.usable and check_kvm(hw, LibvirtProbe("x", True)).status is Status.OK
+    sysfs, cpuinfo = _fake_host(tmp_path / "pv", ["kvm_pvm"], "")
+    pv = probe_kvm("/dev/kvm", sysfs_modules=sysfs, cpuinfo=cpuinfo)
+    assert pv.paravirtual_only and not pv.usable
+    c = check_kvm(pv, LibvirtProbe("x", True, libvirt_offers_kvm=True))
+    assert c.status is Status.WARN and "kvm_pvm" in c.explanation and "TCG" in c.summary
+
+
+def test_kvm_on_this_host_matches_sysfs() -> None:
+    k = probe_kvm()
+    assert k.usable == _hardware_kvm_here()
+    assert ("kvm_pvm" in k.modules) == os.path.isdir("/sys/module/kvm_pvm")
+
+
+def test_capture_needs_at_least_one_mode() -> None:
+    lv = LibvirtProbe("x", True, libvirt_version="9.0.0", qemu_version="7.2.0")
+    good_uffd = UffdProbe(syscall_ok=True, wp_supported=True, qemu_user_ok=True)
+    bad_uffd = UffdProbe(syscall_ok=True, wp_supported=True, qemu_user_ok=False)
+    both = QemuProbe(
+        "q", True, capabilities={"pause-before-switchover": True, "background-snapshot": True}
+    )
+    none = QemuProbe(
+        "q", True, capabilities={"pause-before-switchover": False, "background-snapshot": False}
+    )
+    assert check_modes(lv, both, good_uffd).details == {"switchover": True, "snapshot": True}
+    assert check_modes(lv, both, bad_uffd).details == {"switchover": True, "snapshot": False}
+    c = check_modes(lv, none, good_uffd)
+    assert c.status is Status.FAIL and c.required
+    assert check_switchover(none).status is Status.FAIL
+    down = LibvirtProbe("x", False, error="cannot connect")
+    assert check_modes(down, both, good_uffd).status is Status.FAIL
+
+
+def test_doctor_with_everything_missing_is_not_ok(tmp_path: pathlib.Path) -> None:
+    report = run_doctor(
+        DoctorOptions(
+            uri=BAD_URI,
+            qemu_binary=str(tmp_path / "no-qemu"),
+            kvm_device=str(tmp_path / "no-kvm"),
+            uffd_sysctl=str(tmp_path / "no-sysctl"),
+            qemu_user="no-such-user-x",
+        )
+    )
+    assert not report.ok
+    assert {c.name for c in report.checks if c.status is Status.FAIL} >= {
+        "libvirt",
+        "qemu",
+        "capture",
+    }
+    assert (
+        report.check("kvm").status is Status.WARN
+        and "does not exist" in report.check("kvm").explanation
+    )
