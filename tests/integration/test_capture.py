@@ -388,3 +388,57 @@ def test_kill_anywhere_leaves_guest_running_and_next_run_cleans(
     with Repository.open(str(env["repo"])) as repo:
         assert repo.verify().ok
     assert guest.serial.mismatches(mark) == []
+
+
+def test_paused_guest_is_captured_and_stays_paused(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path]
+) -> None:
+    guest.dom.suspend()
+    try:
+        r, ob = capture_and_check(guest, env, Mode.AUTO)
+        assert r.mode == "paused"
+        assert ob.consistent, ob
+        state, _reason = guest.dom.state()
+        assert state == libvirt.VIR_DOMAIN_PAUSED
+    finally:
+        guest.dom.resume()
+    mark = guest.serial.mark()
+    guest.wait_ticks(2, since=mark, timeout=60)
+    assert guest.serial.mismatches(mark) == []
+
+
+def test_shut_off_domain_gives_disk_only_archive(
+    conn: libvirt.virConnect, env: dict[str, pathlib.Path]
+) -> None:
+    wd = guestlib.make_workdir()
+    name = guestlib.unique_name()
+    img = wd / "off.qcow2"
+    raw = wd / "off.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "8M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x5a 1M 64k", str(img)], check=True, capture_output=True
+    )
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "4M"], check=True)
+    xml = f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
+<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{img}'/><target dev='vda' bus='virtio'/></disk>
+<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{raw}'/><target dev='vdb' bus='virtio'/></disk>
+<disk type='file' device='cdrom'><target dev='hdc' bus='ide'/><readonly/></disk>
+</devices></domain>"""
+    dom = conn.defineXML(xml)
+    try:
+        r = capture(CaptureOptions(domain=name, repo=str(env["repo"]), state_dir=env["state"]))
+        assert r.kind == "disk-only" and r.guest_pause_ms is None
+        by = {d.target: d for d in r.disks}
+        assert by["vda"].copied and by["vdb"].copied and not by["hdc"].copied
+        assert by["vda"].bytes_read < 8 * 1024 * 1024  # holes never read
+        with Repository.open(str(env["repo"])) as repo:
+            a = repo.load_archive(r.id)
+            assert a.metadata["kind"] == "disk-only"
+            s = repo.open_stream(a, "disk:vda")
+            assert s.read_range(1024 * 1024, 65536) == b"\x5a" * 65536
+            assert s.read_range(0, 65536) == bytes(65536)
+            assert {x.kind for x in a.streams} == {"meta", "disk"}
+    finally:
+        dom.undefine()
+        subprocess.run(["rm", "-rf", str(wd)], check=False)
