@@ -1,0 +1,133 @@
+"""RamImage: pages in any order, re-sent any number of times, give the final image."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmarchive.ops.capture_memory import OpaqueMemory, PipeReader, RamImage
+from vmarchive.progress import NULL_PROGRESS
+
+PAGE = 4096
+
+
+class FakeStream:
+    """A StreamWriter double: slots of chunk ids, chunks kept by id, zero -> hole."""
+
+    def __init__(self, size: int, chunk_size: int) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.slots: dict[int, bytes] = {}
+        self.chunks: dict[bytes, bytes] = {}
+        self.writes = 0
+        self.appended = bytearray()
+
+    def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        data = bytes(data)
+        assert len(data) == min(self.chunk_size, self.size - index * self.chunk_size)
+        self.writes += 1
+        if not any(data):
+            self.slots[index] = bytes(16)
+            return
+        cid = hashlib.blake2b(data, digest_size=16).digest()
+        self.chunks[cid] = data
+        self.slots[index] = cid
+
+    def slot_id(self, index: int) -> bytes:
+        return self.slots[index]
+
+    def read_chunk(self, cid: bytes) -> bytes:
+        return self.chunks[cid]
+
+    def image(self) -> bytes:
+        out = bytearray(self.size)
+        for i, cid in self.slots.items():
+            if cid != bytes(16):
+                out[i * self.chunk_size : i * self.chunk_size + len(self.chunks[cid])] = (
+                    self.chunks[cid]
+                )
+        return bytes(out)
+
+    def append(self, data: memoryview) -> None:
+        self.appended += data
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    npages=st.integers(1, 40),
+    chunk_pages=st.sampled_from([1, 2, 4, 16]),
+    max_open=st.integers(1, 5),
+    sends=st.lists(st.tuples(st.integers(0, 39), st.integers(0, 255)), max_size=200),
+)
+def test_final_image_is_last_write_of_each_page(
+    npages: int, chunk_pages: int, max_open: int, sends: list[tuple[int, int]]
+) -> None:
+    size = npages * PAGE
+    sw = FakeStream(size, chunk_pages * PAGE)
+    img = RamImage(sw, sw.read_chunk, max_open=max_open)
+    expect = bytearray(size)
+    for pfn, val in sends:
+        pfn %= npages
+        data = None if val == 0 else bytes([val]) * PAGE
+        img.page(pfn * PAGE, data, PAGE)
+        expect[pfn * PAGE : (pfn + 1) * PAGE] = data or bytes(PAGE)
+    img.flush()
+    assert sw.image() == bytes(expect)
+
+
+def test_memory_stays_bounded_by_open_chunks() -> None:
+    sw = FakeStream(1024 * PAGE, 16 * PAGE)
+    img = RamImage(sw, sw.read_chunk, max_open=2)
+    for pass_ in range(3):
+        for pfn in range(0, 1024, 7):
+            img.page(pfn * PAGE, bytes([pass_ + 1]) * PAGE, PAGE)
+            assert len(img._open) <= 2
+    img.flush()
+    assert img.reopened > 0
+
+
+def test_pipe_reader_keeps_draining_after_consumer_error() -> None:
+    r, w = os.pipe()
+
+    class Boom:
+        n = 0
+
+        def feed(self, data: memoryview) -> None:
+            self.n += 1
+            raise ValueError("refused")
+
+        def finish(self) -> None:
+            raise AssertionError("finish after an error")
+
+    reader = PipeReader(r, Boom(), NULL_PROGRESS.task("m"))
+    reader.start()
+
+    def write() -> None:
+        for _ in range(64):
+            os.write(w, b"x" * 65536)
+        os.close(w)
+
+    t = threading.Thread(target=write)
+    t.start()
+    t.join(30)
+    reader.join(30)
+    assert not t.is_alive() and not reader.is_alive()
+    assert isinstance(reader.error, ValueError)
+    assert reader.bytes_read == 64 * 65536
+
+
+def test_opaque_memory_appends_everything() -> None:
+    r, w = os.pipe()
+    sw = FakeStream(0, 1 << 20)
+    reader = PipeReader(r, OpaqueMemory(sw), NULL_PROGRESS.task("m"))
+    reader.start()
+    payload = os.urandom(300_000)
+    os.write(w, payload[:100_000])
+    os.write(w, payload[100_000:])
+    os.close(w)
+    reader.join(30)
+    assert reader.error is None and bytes(sw.appended) == payload
