@@ -15,7 +15,6 @@ import signal
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import libvirt
@@ -99,21 +98,22 @@ def observe(repo: Repository, archive_id: str, boot_id: str) -> Observed:
 
 
 @pytest.fixture(scope="module")
-def conn() -> Iterator[libvirt.virConnect]:
-    try:
-        c = libvirt.open(guestlib.URI)
-    except libvirt.libvirtError as e:
-        pytest.skip(f"no libvirt: {e}")
-    yield c
-    c.close()
+def conn(libvirt_conn: libvirt.virConnect) -> libvirt.virConnect:
+    return libvirt_conn
 
 
 @pytest.fixture(scope="module")
-def guest(conn: libvirt.virConnect) -> Iterator[guestlib.Guest]:
-    spec = guestlib.GuestSpec(memory_mib=160, params={"tick_ms": 100, "churn": 16})
-    with guestlib.running_guest(conn, spec) as g:
-        g.wait_ticks(3)
-        yield g
+def guest(module_guest_factory: guestlib.GuestFactory) -> guestlib.Guest:
+    """One guest for the module: qcow2 vda (tick block) + raw vdb under the random writer,
+    RAM churn, 100 ms ticks."""
+    spec = guestlib.GuestSpec(
+        memory_mib=160,
+        disks=(guestlib.DiskSpec(), guestlib.DiskSpec(fmt="raw", size_mib=16)),
+        params={"tick_ms": 100, "churn": 16, "writer": guestlib.TWO_DISK_WRITER_SEED},
+    )
+    g = module_guest_factory(spec)
+    g.wait_ticks(3)
+    return g
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +200,7 @@ def _series(g: guestlib.Guest, env: dict[str, pathlib.Path], mode: Mode, n: int)
             meta = repo.load_archive(r.id).metadata
         assert meta["mode"] == mode.value and meta["kind"] == "full"
         assert meta["memory"]["format"] in ("parsed", "opaque")
+        assert {d.target for d in r.disks if d.copied} == {"vda", "vdb"}
     # The guest lived through it, and never saw its disk disagree with its RAM.
     before = g.last_tick(mark).n if g.serial.ticks(mark) else 0
     g.wait_for("a tick after the captures", lambda: g.last_tick(mark).n > before or None, 60)
