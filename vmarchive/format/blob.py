@@ -99,6 +99,9 @@ class BlobCodec:
         return decompress(frame, None, what=what)
 
 
+_dctx = threading.local()  # one decompression context per thread
+
+
 def decompress(frame: bytes | memoryview, expected: int | None, *, what: str) -> bytes:
     """Decompress exactly one zstd frame whose header states its content size.
 
@@ -117,7 +120,10 @@ def decompress(frame: bytes | memoryview, expected: int | None, *, what: str) ->
         raise DamageError(f"{what}: frame holds {size} bytes, expected {expected}")
     if size > C.MAX_BODY_SIZE and expected is None:
         raise FormatError(f"{what}: frame claims {size} bytes")
-    dobj = zstandard.ZstdDecompressor().decompressobj()
+    dctx: zstandard.ZstdDecompressor | None = getattr(_dctx, "d", None)
+    if dctx is None:
+        dctx = _dctx.d = zstandard.ZstdDecompressor()
+    dobj = dctx.decompressobj()
     try:
         out: bytes = dobj.decompress(frame)
     except zstandard.ZstdError as e:

@@ -79,13 +79,14 @@ def make_id_function(algorithm: str, secret: bytes) -> IdFunction:
 _zeros: dict[int, bytes] = {}
 
 
-def is_zero(data: bytes | memoryview) -> bool:
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """True when ``data`` is empty or holds only zero bytes.
 
     Compares against a cached zero buffer of the same length (a memcmp that stops at the
     first non-zero byte), so it costs far less than hashing.
     """
-    n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+    plain = isinstance(data, bytes | bytearray)
+    n = len(data) if plain else memoryview(data).nbytes
     if n == 0:
         return True
     zero = _zeros.get(n)
@@ -93,7 +94,7 @@ def is_zero(data: bytes | memoryview) -> bool:
         zero = bytes(n)
         if len(_zeros) < 64:  # chunk sizes are few; bound the cache anyway
             _zeros[n] = zero
-    if isinstance(data, bytes):
+    if plain:
         return data == zero
     mv = memoryview(data)
     if mv.format == "B" and mv.ndim == 1 and mv[0] != 0:
