@@ -45,6 +45,7 @@ import functools
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -325,12 +326,27 @@ class _Capture:
             },
         }
 
-    def _xml_streams(self, w: Any, live_xml: str, migratable_xml: str) -> None:
-        for name, text in (("domain.xml", migratable_xml), ("domain-live.xml", live_xml)):
+    def _xml_streams(
+        self, w: Any, live_xml: str, migratable_xml: str, extra: dict[str, str] | None = None
+    ) -> None:
+        texts = {"domain.xml": migratable_xml, "domain-live.xml": live_xml, **(extra or {})}
+        for name, text in texts.items():
             data = text.encode()
             sw = w.stream(name, "meta", len(data))
-            sw.write(0, data)
+            if data:
+                sw.write(0, data)
             sw.close()
+
+    @staticmethod
+    def _memory_map(qmp: QMP) -> dict[str, str]:
+        """QEMU's flat memory map and RAM blocks (what memory exports need), as text."""
+        out: dict[str, str] = {}
+        for name, cmd in (("mtree.txt", "info mtree -f"), ("ramblock.txt", "info ramblock")):
+            try:
+                out[name] = qmp.hmp(cmd)
+            except HypervisorError as e:
+                log.warning("cannot record %r: %s", cmd, e)
+        return out
 
     def _disk_stream(self, w: Any, d: DiskInfo, size: int) -> Any:
         attrs = {
@@ -456,6 +472,28 @@ class _Capture:
                 )
 
     def _attempt(
+        self,
+        qmp: QMP,
+        mode: str,
+        disks: list[DiskInfo],
+        copy: list[DiskInfo],
+        live_xml: str,
+        mig_xml: str,
+        parse: bool,
+        refused: str | None,
+    ) -> CaptureResult:
+        marker = self.marker
+        assert marker is not None
+        # Our QMP calls and QEMU's events must not wait up to 5 ms (CPython's default switch
+        # interval) for the GIL while the stream threads hash pages: that time is guest pause.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, 0.0005))
+        try:
+            return self._attempt_inner(qmp, mode, disks, copy, live_xml, mig_xml, parse, refused)
+        finally:
+            sys.setswitchinterval(switch)
+
+    def _attempt_inner(
         self,
         qmp: QMP,
         mode: str,
@@ -629,9 +667,12 @@ class _Capture:
         return reader
 
     def _migrate(self, qmp: QMP, marker: Marker) -> None:
-        marker.migration_started = True
-        marker.save()
+        if not marker.migration_started:
+            marker.migration_started = True
+            marker.save()
+        t = time.perf_counter()
         qmp.execute("migrate", {"uri": f"fd:{PREFIX}mig"})
+        log.debug("migrate took %.1f ms", (time.perf_counter() - t) * 1000)
         self.to(CaptureState.MIGRATING)
 
     def _wait_migration(self, qmp: QMP, reader: PipeReader, want: set[str]) -> str:
@@ -704,7 +745,7 @@ class _Capture:
         memory: capture_parse.MemoryConsumer,
     ) -> CaptureResult:
         meta = self._base_metadata("full", live_xml)
-        self._xml_streams(w, live_xml, mig_xml)
+        self._xml_streams(w, live_xml, mig_xml, self._memory_map(qmp))
         threads = DiskThreads()
         disk_sinks: dict[str, Any] = {}
         export_node: dict[str, str] = {}
@@ -754,7 +795,9 @@ class _Capture:
                         }
                     )
             if actions:
+                t = time.perf_counter()
                 qmp.execute("transaction", {"actions": actions})
+                log.debug("transaction took %.1f ms", (time.perf_counter() - t) * 1000)
 
         def start_disk_reads(sock: str) -> None:
             for d in copy:
@@ -803,7 +846,9 @@ class _Capture:
                     reader = self._start_pipe(qmp, memory)
                     marker.migration_started = True
                     marker.save()
+                    t = time.perf_counter()
                     qmp.execute("stop")
+                    log.debug("stop took %.1f ms", (time.perf_counter() - t) * 1000)
                     self.to(CaptureState.SWITCHOVER)
                     if self.o.disk_delay_s <= 0:
                         fix_disks()

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -41,46 +42,66 @@ class Consumer(Protocol):
 class PipeReader(threading.Thread):
     """Drains ``fd`` until EOF, feeding ``consumer``; remembers the consumer's first error.
 
-    After an error the rest of the stream is read and discarded, so QEMU never blocks on
-    the pipe (the capture cancels the migration, which ends the stream).
+    Two threads: this one only reads the pipe into a bounded queue (``os.read`` releases
+    the GIL, so QEMU is never held up by our hashing and compression at the switchover,
+    when it sends the last dirty pages with the vCPUs stopped); a second one feeds the
+    consumer.  At most ``max_buffer`` bytes wait in between.  After a consumer error the
+    rest of the stream is read and discarded, so QEMU never blocks on the pipe (the
+    capture cancels the migration, which ends the stream).
     """
 
-    def __init__(self, fd: int, consumer: Consumer, task: Task) -> None:
-        super().__init__(name="migration-stream", daemon=True)
+    def __init__(self, fd: int, consumer: Consumer, task: Task, max_buffer: int = 64 << 20) -> None:
+        super().__init__(name="migration-pipe", daemon=True)
         self.fd = fd
         self.consumer = consumer
         self.task = task
         self.bytes_read = 0
         self.error: BaseException | None = None
         self.eof = threading.Event()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(
+            maxsize=max(1, max_buffer // READ_SIZE)
+        )
+        self._feeder = threading.Thread(target=self._feed, name="migration-parse", daemon=True)
 
     def run(self) -> None:
-        buf = bytearray(READ_SIZE)
-        view = memoryview(buf)
+        self._feeder.start()
         try:
             with open(self.fd, "rb", buffering=0, closefd=True) as f:
                 while True:
-                    n = f.readinto(buf)
-                    if not n:
+                    data = f.read(READ_SIZE)
+                    if not data:
                         break
-                    self.bytes_read += n
-                    self.task.advance(n)
+                    self.bytes_read += len(data)
+                    self.task.advance(len(data))
                     if self.error is None:
-                        try:
-                            self.consumer.feed(view[:n])
-                        except BaseException as e:
-                            log.debug("memory consumer failed", exc_info=True)
-                            self.error = e
-                if self.error is None:
-                    try:
-                        self.consumer.finish()
-                    except BaseException as e:
-                        self.error = e
+                        self._queue.put(data)
         except OSError as e:
             if self.error is None:
                 self.error = e
         finally:
+            self._queue.put(None)
+            self._feeder.join()
             self.eof.set()
+
+    def _feed(self) -> None:
+        failed = False
+        while True:
+            data = self._queue.get()
+            if data is None:
+                break
+            if failed:
+                continue
+            try:
+                self.consumer.feed(memoryview(data))
+            except BaseException as e:
+                log.debug("memory consumer failed", exc_info=True)
+                self.error = e
+                failed = True
+        if not failed and self.error is None:
+            try:
+                self.consumer.finish()
+            except BaseException as e:
+                self.error = e
 
 
 class OpaqueMemory:
