@@ -204,6 +204,7 @@ class NBDClient:
         self._pending: dict[int, _Pending] = {}
         self._next_handle = 1
         self._hdr = bytearray(_STRUCT.size)
+        self._broken = False  # protocol state lost: no more requests
         self._closed = False
 
     # --- connection ----------------------------------------------------------------------
@@ -256,11 +257,13 @@ class NBDClient:
             return
         self._closed = True
         try:
-            self._sock.sendall(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+            if not self._broken:
+                self._sock.sendall(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         finally:
+            self._broken = True
             self._sock.close()
 
     def __enter__(self) -> NBDClient:
@@ -295,7 +298,7 @@ class NBDClient:
                     raise self._fail("server closed the connection")
                 view = view[n:]
         except OSError as e:
-            self._closed = True
+            self._broken = True
             raise self._fail(f"receive failed: {e}", e) from e
 
     def _recv(self, n: int) -> bytes:
@@ -304,14 +307,18 @@ class NBDClient:
         return bytes(buf)
 
     def _send(self, kind: int, offset: int, length: int, flags: int = 0) -> int:
-        if self._closed:
-            raise self._fail("connection is closed")
+        if self._closed or self._broken:
+            raise self._fail(
+                "connection is closed"
+                if self._closed
+                else "connection is unusable after an earlier error"
+            )
         handle = self._next_handle
         self._next_handle += 1
         try:
             self._sock.sendall(_REQ.pack(REQUEST_MAGIC, flags, kind, handle, offset, length))
         except OSError as e:
-            self._closed = True
+            self._broken = True
             raise self._fail(f"send failed: {e}", e) from e
         return handle
 
@@ -341,7 +348,7 @@ class NBDClient:
             p.done = True
             return
         if magic != STRUCTURED_REPLY_MAGIC or not self.structured:
-            self._closed = True
+            self._broken = True
             raise self._fail(f"bad reply magic {magic:#x}")
         self._recv_into(hdr[4 : _STRUCT.size])
         _, flags, ctype, handle, length = _STRUCT.unpack_from(hdr)
@@ -353,14 +360,14 @@ class NBDClient:
             n = length - 8
             rel = off - p.offset
             if rel < 0 or rel + n > p.length:
-                self._closed = True
+                self._broken = True
                 raise self._fail(f"data chunk {off}+{n} outside request {p.offset}+{p.length}")
             self._recv_into(p.buf[rel : rel + n])
         elif ctype == CHUNK_OFFSET_HOLE and p.kind == CMD_READ and p.buf is not None:
             off, n = struct.unpack(">QI", self._recv(length))
             rel = off - p.offset
             if rel < 0 or rel + n > p.length:
-                self._closed = True
+                self._broken = True
                 raise self._fail(f"hole chunk {off}+{n} outside request {p.offset}+{p.length}")
             p.buf[rel : rel + n] = bytes(n)
             p.holes.append((off, n))
@@ -384,7 +391,7 @@ class NBDClient:
             if length:
                 self._recv(length)
         else:
-            self._closed = True
+            self._broken = True
             raise self._fail(f"unexpected reply chunk type {ctype} for command {p.kind}")
         if flags & REPLY_FLAG_DONE:
             p.done = True
@@ -392,14 +399,20 @@ class NBDClient:
     def _take(self, handle: int) -> _Pending:
         p = self._pending.get(handle)
         if p is None:
-            self._closed = True
+            self._broken = True
             raise self._fail(f"reply for unknown handle {handle}")
         return p
 
     def _wait(self, handle: int) -> _Pending:
         p = self._pending[handle]
         while not p.done:
-            self._read_reply()
+            try:
+                self._read_reply()
+            except NBDError:
+                # Mid-reply failure: the byte stream is out of step, nothing more can be read.
+                self._broken = True
+                self._pending.clear()
+                raise
         del self._pending[handle]
         if p.error:
             what = "read" if p.kind == CMD_READ else "block status"
@@ -491,7 +504,7 @@ class NBDClient:
                 yield off, buf
         finally:
             for h, _off, _buf in inflight:
-                if h in self._pending and not self._closed:
+                if h in self._pending and not self._broken:
                     try:
                         self._wait(h)
                     except NBDError:
