@@ -107,6 +107,9 @@ def capture_cmd(
     bandwidth: float = typer.Option(
         None, "--bandwidth", help="Migration bandwidth cap in MiB/s (default: unlimited)."
     ),
+    auto_converge: bool = typer.Option(
+        False, "--auto-converge", help="Switchover mode: throttle a guest that dirties RAM fast."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
@@ -122,6 +125,7 @@ def capture_cmd(
         mode=mode,
         tags=tuple(tag),
         bandwidth_mib_s=bandwidth,
+        auto_converge=auto_converge,
         passphrase=os.environ.get("VMARCHIVE_PASSPHRASE"),
     )
     progress: Progress = NULL_PROGRESS if (json_out or no_progress) else TqdmProgress()

@@ -140,6 +140,9 @@ class CaptureOptions:
     work_dir: Path | None = None
     #: Directory for locks and markers (default: /run/vmarchive, $VMARCHIVE_STATE_DIR).
     state_dir: Path | None = None
+    #: Switchover mode: let QEMU throttle the vCPUs of a guest that dirties memory faster
+    #: than it can be sent (auto-converge), instead of failing after the bounds above.
+    auto_converge: bool = False
     #: Parse the migration stream into page images (False: store it opaquely).
     parse_memory: bool = True
     #: TEST ONLY: fix the disk view this many seconds after the memory instant, to prove
@@ -570,6 +573,7 @@ class _Capture:
         caps = {
             "pause-before-switchover": mode == "switchover",
             "background-snapshot": mode == "snapshot",
+            "auto-converge": mode == "switchover" and self.o.auto_converge,
         }
         qmp.execute(
             "migrate-set-capabilities",
