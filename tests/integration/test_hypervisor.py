@@ -249,3 +249,25 @@ def test_nbd_server_on_path_qemu_binds(guest: Guest) -> None:
                 assert c.read(0, 4096) == bytes(4096)
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_userfaultfd_verdict_matches_libvirt_qemu(guest: Guest) -> None:
+    """doctor's verdict for QEMU's user == what libvirt's QEMU does when asked for
+    background-snapshot (it opens a userfaultfd as that user right then)."""
+    from vmarchive.hypervisor.probe import probe_userfaultfd
+
+    if os.geteuid() != 0:
+        pytest.skip("the probe needs root to test as QEMU's user")
+    verdict = probe_userfaultfd(qemu_user=str(qemu_process_owner(guest.name)[0])).qemu_user_ok
+    qmp = QMP(guest.conn.lookup(guest.name))
+    cap = [{"capability": "background-snapshot", "state": True}]
+    try:
+        qmp.execute("migrate-set-capabilities", {"capabilities": cap})
+        accepted = True
+    except QMPCommandError as e:
+        accepted = False
+        assert "background-snapshot" in e.message.lower() or "kernel" in e.message.lower()
+    finally:
+        cap[0]["state"] = False
+        qmp.execute("migrate-set-capabilities", {"capabilities": cap})
+    assert verdict is accepted
