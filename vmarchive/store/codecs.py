@@ -38,6 +38,9 @@ from vmarchive.format.manifest import (
 )
 from vmarchive.store.chunkindex import Location
 
+#: Zero buffers per chunk length, for :meth:`Codecs.is_zero`.
+_ZEROS: dict[int, bytes] = {}
+
 
 @dataclass(frozen=True)
 class InitOptions:
@@ -175,7 +178,23 @@ class Codecs:
     # -- chunks --------------------------------------------------------------------------
     @staticmethod
     def is_zero(data: bytes | bytearray | memoryview) -> bool:
-        return is_zero(data if isinstance(data, bytes | memoryview) else memoryview(data))
+        """Whether ``data`` is all zero bytes, without copying it.
+
+        ``bytes.startswith`` takes any buffer and is a plain memcmp (about 30 GB/s here),
+        where the format's generic helper copies a memoryview first.
+        """
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+        n = len(view)
+        if n == 0:
+            return True
+        if view[0] or view[n - 1]:
+            return False  # most data chunks are decided by their first or last byte
+        zero = _ZEROS.get(n)
+        if zero is None:
+            if len(_ZEROS) >= 64:
+                return is_zero(view)
+            zero = _ZEROS.setdefault(n, bytes(n))
+        return zero.startswith(view)
 
     def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
         return self._idfn(data if isinstance(data, bytes | memoryview) else memoryview(data))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 
@@ -20,6 +22,62 @@ from vmarchive.errors import BackendError
 from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, check_key
 
 _TMP_PREFIX = ".tmp-"
+
+
+#: Objects at least this large (packs) are written with O_DIRECT where the file system
+#: allows it: on the VMs we run on, buffered writes of fresh pages cost several times
+#: more CPU than the copy into one reused aligned buffer, and packs are never re-read soon.
+_DIRECT_MIN = 1 << 20
+_ALIGN = 4096
+_tls = threading.local()
+
+
+def _aligned_buffer(n: int) -> mmap.mmap:
+    """A page-aligned scratch buffer of at least ``n`` bytes, reused per thread."""
+    buf: mmap.mmap | None = getattr(_tls, "buf", None)
+    if buf is None or len(buf) < n:
+        if buf is not None:
+            buf.close()
+        buf = mmap.mmap(-1, -(-n // (1 << 20)) * (1 << 20))
+        _tls.buf = buf
+    return buf
+
+
+def _write_direct(tmp: str, data: bytes | memoryview) -> bool:
+    """Write ``data`` to the new file ``tmp`` with O_DIRECT and fsync it.
+
+    Returns False, leaving no file, when the file system refuses O_DIRECT.
+    Raises :class:`OSError` for real I/O errors.
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flag, 0o644)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+    padded = -(-n // _ALIGN) * _ALIGN
+    buf = _aligned_buffer(padded)
+    view = memoryview(buf)
+    try:
+        view[:n] = memoryview(data).cast("B")
+        done = 0
+        while done < padded:
+            done += os.write(fd, view[done:padded])
+        os.ftruncate(fd, n)  # drop the alignment padding
+        os.fsync(fd)
+        return True
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        os.unlink(tmp)
+        return False
+    finally:
+        view.release()
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
@@ -64,15 +122,16 @@ class LocalBackend(Backend):
         tmp = os.path.join(directory, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
         try:
             self._makedirs(directory)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if len(data) < _DIRECT_MIN or not _write_direct(tmp, data):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             if create_only:
                 try:
                     os.link(tmp, path)

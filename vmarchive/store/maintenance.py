@@ -478,7 +478,7 @@ def gc(
         try:
             for pack_id in to_repack:
                 data = repo.backend.get(f"data/{pack_id[:2]}/{pack_id}")
-                for cid, loc in entries_by_pack[pack_id]:
+                for cid, loc in sorted(entries_by_pack[pack_id], key=lambda e: e[1].offset):
                     if cid not in live or cid in moved:
                         continue
                     blob = data[loc.offset : loc.offset + loc.length]
@@ -494,7 +494,9 @@ def gc(
         lock.check()
 
         # Consolidated index: live entries of old index files, moved ones re-pointed.
-        doomed = set(to_delete) | set(to_repack)
+        # A repack can reproduce a pack byte for byte (same live blobs, no encryption
+        # nonce), hence the same id: that pack is live again and must survive.
+        doomed = (set(to_delete) | set(to_repack)) - {loc.pack_id for loc in moved.values()}
         new_entries: list[tuple[bytes, Location]] = []
         for cid, loc in index.items():
             if cid not in live and loc.pack_id not in protected:
@@ -518,7 +520,7 @@ def gc(
         for pack_id in sorted(doomed):
             result.bytes_freed += packs[pack_id].size
             repo.backend.delete(f"data/{pack_id[:2]}/{pack_id}")
-        result.packs_deleted = len(to_delete)
+        result.packs_deleted = len(set(to_delete) & doomed)
         result.packs_repacked = len(to_repack)
         repo.reload_index()
     log.info("gc: %s", result)

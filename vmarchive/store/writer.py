@@ -34,6 +34,7 @@ from vmarchive.store import crashpoint
 from vmarchive.store.chunkindex import Location
 
 if TYPE_CHECKING:
+    from vmarchive.format.pack import PackBuilder
     from vmarchive.store.locking import Lock
     from vmarchive.store.repository import Repository
 
@@ -261,8 +262,7 @@ class ArchiveWriter:
         # compressing).  Used for dedup within this writer and for read_chunk.
         self._unpublished: dict[bytes, tuple[bytes | None, int]] = {}
         self._builder = self._codecs.new_pack()
-        self._upload: Future[None] | None = None
-        self._upload_entries: list[tuple[bytes, Location]] = []
+        self._upload: Future[list[tuple[bytes, Location]]] | None = None
         self._index_entries: list[tuple[bytes, Location]] = []
         self._state = "open"  # open -> committed | aborted
         self.packs_written = 0
@@ -395,28 +395,35 @@ class ArchiveWriter:
                 self._finish_pack()
 
     def _finish_pack(self) -> None:
+        """Hand the pack being built to the uploader (after the previous upload is done).
+
+        Assembling the pack (a 16 MiB join and its SHA-256) runs on the uploader thread
+        too, so the caller's thread goes on hashing while the last pack is published.
+        """
         if self._builder.count == 0:
             return
-        pack_id, data, entries = self._codecs.finish_pack(self._builder)
-        self._builder = self._codecs.new_pack()
+        builder, self._builder = self._builder, self._codecs.new_pack()
         self._wait_upload()
+        self._upload = self._uploader.submit(self._assemble_and_publish, builder)
+
+    def _assemble_and_publish(self, builder: PackBuilder) -> list[tuple[bytes, Location]]:
+        pack_id, data, entries = self._codecs.finish_pack(builder)
         crashpoint.hit("before-pack")
-        self._upload_entries = entries
-        self._upload = self._uploader.submit(self.repo._publish_pack, pack_id, data)
+        self.repo._publish_pack(pack_id, data)
+        return entries
 
     def _wait_upload(self) -> None:
         """Wait for the pack upload in flight; then its chunks are durable and indexable."""
         if self._upload is None:
             return
         fut, self._upload = self._upload, None
-        fut.result()
+        entries = fut.result()
         self.packs_written += 1
         crashpoint.hit("after-pack")
-        for cid, loc in self._upload_entries:
+        for cid, loc in entries:
             self.repo._add_location(cid, loc)
             self._unpublished.pop(cid, None)
-        self._index_entries.extend(self._upload_entries)
-        self._upload_entries = []
+        self._index_entries.extend(entries)
         if len(self._index_entries) >= self.options.index_flush_entries:
             self._write_index()
 
