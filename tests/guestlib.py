@@ -505,6 +505,25 @@ class Guest:
             read_block(self.disk_paths[disk], self.spec.disks[disk].fmt, TICK_OFFSET)
         )
 
+    def dirty_rate_mib(self, seconds: int = 2) -> int:
+        """QEMU's sampled estimate of how fast the guest dirties RAM (MiB/s), via libvirt."""
+        self.dom.startDirtyRateCalc(seconds, 0)
+        stats = self.wait_for(
+            "dirty rate",
+            lambda: next(
+                (
+                    st
+                    for _dom, st in self.conn.domainListGetStats(
+                        [self.dom], libvirt.VIR_DOMAIN_STATS_DIRTYRATE
+                    )
+                    if st.get("dirtyrate.calc_status") == 2  # measured
+                ),
+                None,
+            ),
+            timeout=seconds + 60,
+        )
+        return int(stats["dirtyrate.megabytes_per_second"])
+
     def read_phys(self, address: int, size: int = PAGE) -> bytes:
         """Guest-physical memory through libvirt (QEMU's pmemsave), in page-sized calls."""
         out = bytearray()

@@ -92,6 +92,18 @@ def test_pattern_frames_hold_the_known_pages(shared: guestlib.Guest) -> None:
     assert shared.read_phys(frames[0] * guestlib.PAGE) != guestlib.pattern_page(1)
 
 
+def test_ram_churn_dirties_guest_memory(
+    shared: guestlib.Guest, guest_factory: GuestFactory
+) -> None:
+    churning = guest_factory(guestlib.GuestSpec(params={"churn": 16, "fill": 32}))
+    assert "CONFIG tick_ms=200 churn=16 fill=32 " in churning.serial.text()
+    churning.wait_ticks(2)
+    # QEMU samples pages, so the figure is an estimate; the margins are wide on purpose.
+    assert churning.dirty_rate_mib() >= 4
+    assert shared.dirty_rate_mib() < 4  # control: the plain workload dirties almost nothing
+    assert churning.serial.trouble() == [] and churning.serial.mismatches() == []
+
+
 def test_raw_disk_guest_writes_its_ticks(raw_guest: guestlib.Guest) -> None:
     raw_guest.wait_ticks(3)
     before = raw_guest.last_tick().n
