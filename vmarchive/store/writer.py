@@ -61,6 +61,8 @@ class WriterOptions:
     workers: int = max(2, os.cpu_count() or 2)
     max_inflight: int = 0  # 0: 4 per worker
     index_flush_entries: int = 200_000
+    #: Packs assembled and published concurrently (each holds one pack in memory).
+    max_uploads: int = 2
 
 
 class StreamWriter:
@@ -256,13 +258,16 @@ class ArchiveWriter:
         workers = max(1, self.options.workers)
         self._max_inflight = self.options.max_inflight or 4 * workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vmarchive-compress")
-        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="vmarchive-upload")
+        self._uploader = ThreadPoolExecutor(
+            max(1, self.options.max_uploads), thread_name_prefix="vmarchive-upload"
+        )
         self._inflight: collections.deque[tuple[bytes, int, Future[bytes]]] = collections.deque()
         # Chunks accepted but not yet in a published pack: id -> encoded blob (None while
         # compressing).  Used for dedup within this writer and for read_chunk.
         self._unpublished: dict[bytes, tuple[bytes | None, int]] = {}
         self._builder = self._codecs.new_pack()
-        self._upload: Future[list[tuple[bytes, Location]]] | None = None
+        self._uploads: collections.deque[Future[list[tuple[bytes, Location]]]] = collections.deque()
+        self._max_uploads = max(1, self.options.max_uploads)
         self._index_entries: list[tuple[bytes, Location]] = []
         self._state = "open"  # open -> committed | aborted
         self.packs_written = 0
@@ -331,7 +336,7 @@ class ArchiveWriter:
         with self._mutex:
             self._drain(0)
             self._finish_pack()
-            self._wait_upload()
+            self._wait_uploads()
             self._write_index()
             crashpoint.hit("before-manifest")
         self._lock.check()
@@ -395,16 +400,17 @@ class ArchiveWriter:
                 self._finish_pack()
 
     def _finish_pack(self) -> None:
-        """Hand the pack being built to the uploader (after the previous upload is done).
+        """Hand the pack being built to an uploader (once fewer than ``max_uploads`` run).
 
-        Assembling the pack (a 16 MiB join and its SHA-256) runs on the uploader thread
-        too, so the caller's thread goes on hashing while the last pack is published.
+        Assembling a pack (its SHA-256 costs more than compressing random data) and
+        publishing it run on uploader threads, so the caller's thread goes on hashing.
         """
         if self._builder.count == 0:
             return
         builder, self._builder = self._builder, self._codecs.new_pack()
-        self._wait_upload()
-        self._upload = self._uploader.submit(self._assemble_and_publish, builder)
+        while len(self._uploads) >= self._max_uploads:
+            self._wait_upload()
+        self._uploads.append(self._uploader.submit(self._assemble_and_publish, builder))
 
     def _assemble_and_publish(self, builder: PackBuilder) -> list[tuple[bytes, Location]]:
         pack_id, data, entries = self._codecs.finish_pack(builder)
@@ -413,11 +419,10 @@ class ArchiveWriter:
         return entries
 
     def _wait_upload(self) -> None:
-        """Wait for the pack upload in flight; then its chunks are durable and indexable."""
-        if self._upload is None:
+        """Wait for the oldest upload; then its chunks are durable and indexable."""
+        if not self._uploads:
             return
-        fut, self._upload = self._upload, None
-        entries = fut.result()
+        entries = self._uploads.popleft().result()
         self.packs_written += 1
         crashpoint.hit("after-pack")
         for cid, loc in entries:
@@ -426,6 +431,10 @@ class ArchiveWriter:
         self._index_entries.extend(entries)
         if len(self._index_entries) >= self.options.index_flush_entries:
             self._write_index()
+
+    def _wait_uploads(self) -> None:
+        while self._uploads:
+            self._wait_upload()
 
     def _write_index(self) -> None:
         if not self._index_entries:
