@@ -210,3 +210,51 @@ def test_doctor_with_everything_missing_is_not_ok(tmp_path: pathlib.Path) -> Non
         report.check("kvm").status is Status.WARN
         and "does not exist" in report.check("kvm").explanation
     )
+
+
+FAKE_QEMU = """#!{python}
+# A stand-in for qemu-system-x86_64: speaks just enough QMP, lacks background-snapshot,
+# and hangs up on "quit" without replying (as a dying QEMU may).
+import json, socket, sys
+path = sys.argv[sys.argv.index("-qmp") + 1].removeprefix("unix:")
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+def send(obj):
+    s.sendall(json.dumps(obj).encode() + b"\\r\\n")
+send({{"QMP": {{"version": {{"qemu": {{"major": 5, "minor": 0, "micro": 1}}, "package": ""}}, "capabilities": []}}}})
+buf, dec = "", json.JSONDecoder()
+while data := s.recv(65536):
+    buf += data.decode()
+    while buf.strip():
+        try:
+            msg, end = dec.raw_decode(buf.lstrip())
+        except ValueError:
+            break
+        buf = buf.lstrip()[end:]
+        cmd = msg["execute"]
+        if cmd == "quit":
+            s.shutdown(socket.SHUT_RDWR)
+            sys.exit(0)
+        ret = {{}}
+        if cmd == "query-version":
+            ret = {{"qemu": {{"major": 5, "minor": 0, "micro": 1}}, "package": ""}}
+        elif cmd == "query-migrate-capabilities":
+            ret = [{{"capability": "pause-before-switchover", "state": False}}, {{"capability": "xbzrle", "state": False}}]
+        send({{"return": ret, "id": msg["id"]}} if "id" in msg else {{"return": ret}})
+"""
+
+
+def test_qemu_probe_against_fake_qemu_without_background_snapshot(tmp_path: pathlib.Path) -> None:
+    fake = tmp_path / "fake-qemu"
+    fake.write_text(FAKE_QEMU.format(python=sys.executable))
+    fake.chmod(0o755)
+    for _ in range(5):  # the hang-up after "quit" must never turn into a crash
+        p = probe_qemu(str(fake), timeout=20)
+        assert p.ran, p.error
+        assert p.version == "5.0.1"
+        assert p.capabilities == {"pause-before-switchover": True, "background-snapshot": False}
+        assert p.background_snapshot_accepted is None
+    from vmarchive.ops.doctor import check_background_snapshot
+
+    c = check_background_snapshot(p, UffdProbe(syscall_ok=True, wp_supported=True))
+    assert c.status is Status.WARN and "lacks background-snapshot" in c.summary
