@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+TOOLS = ("vmarchive", "borg", "borg-zstd3", "restic")
 GiB = 1 << 30
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,11 +123,20 @@ def vmarchive_child(repo: str, files: list[str], label: str) -> None:
         w.commit({"time": "2026-01-01T00:00:00Z", "domain": "bench", "kind": label})
 
 
-def bench_vmarchive(work: Path, files: list[Path]) -> dict[str, float]:
+def bench_vmarchive(work: Path, files: list[Path], level: int) -> dict[str, float]:
     repo = work / "vmarchive-repo"
     shutil.rmtree(repo, ignore_errors=True)
     subprocess.run(
-        [sys.executable, "-m", "vmarchive", "init", "--repo", str(repo)],
+        [
+            sys.executable,
+            "-m",
+            "vmarchive",
+            "init",
+            "--repo",
+            str(repo),
+            "--compression-level",
+            str(level),
+        ],
         check=True,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -139,7 +149,8 @@ def bench_vmarchive(work: Path, files: list[Path]) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------- borg
-def bench_borg(work: Path, files: list[Path]) -> dict[str, float]:
+def bench_borg(work: Path, files: list[Path], compression: str = "lz4") -> dict[str, float]:
+    """borg with its default compression (lz4), or ``compression`` (zstd,3 = ours)."""
     repo = work / "borg-repo"
     shutil.rmtree(repo, ignore_errors=True)
     env = {
@@ -149,7 +160,7 @@ def bench_borg(work: Path, files: list[Path]) -> dict[str, float]:
     }
     shutil.rmtree(work / "borg-home", ignore_errors=True)
     subprocess.run(["borg", "init", "-e", "none", str(repo)], check=True, env=env)
-    base = ["borg", "create", "--files-cache=disabled"]
+    base = ["borg", "create", "--files-cache=disabled", "--compression", compression]
     t1, rss1 = run_measured([*base, f"{repo}::a1", *map(str, files)], env)
     size = du(repo)
     t2, rss2 = run_measured([*base, f"{repo}::a2", *map(str, files)], env)
@@ -181,7 +192,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/var/tmp/vmarchive-bench")
     ap.add_argument("--keep", action="store_true", help="keep the repositories afterwards")
-    ap.add_argument("--only", choices=["vmarchive", "borg", "restic"], action="append")
+    ap.add_argument("--only", choices=TOOLS, action="append")
+    ap.add_argument(
+        "--compression-level", type=int, default=3, help="vmarchive zstd level (default 3)"
+    )
     ap.add_argument("extra", nargs="*", help="real inputs: a guest disk image, a migration stream")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -192,11 +206,15 @@ def main() -> None:
     print(
         f"inputs: {', '.join(f'{f.name} ({f.stat().st_size / MiB:.0f} MiB)' for f in files)}; total {total / GiB:.2f} GiB"
     )
-    tools = args.only or ["vmarchive", "borg", "restic"]
+    tools = args.only or list(TOOLS)
     results: dict[str, dict[str, float]] = {}
     for tool in tools:
-        fn = {"vmarchive": bench_vmarchive, "borg": bench_borg, "restic": bench_restic}[tool]
-        results[tool] = fn(work, files)
+        if tool == "vmarchive":
+            results[tool] = bench_vmarchive(work, files, args.compression_level)
+        elif tool == "borg-zstd3":
+            results[tool] = bench_borg(work, files, "zstd,3")
+        else:
+            results[tool] = {"borg": bench_borg, "restic": bench_restic}[tool](work, files)
         r = results[tool]
         print(
             f"{tool:<10} ingest {total / MiB / r['ingest_s']:8.1f} MiB/s   re-ingest {total / MiB / r['reingest_s']:8.1f} MiB/s"
@@ -205,7 +223,7 @@ def main() -> None:
         )
     if "vmarchive" in results:
         v = results["vmarchive"]
-        for other in (t for t in ("borg", "restic") if t in results):
+        for other in (t for t in TOOLS[1:] if t in results):
             o = results[other]
             print(
                 f"vmarchive vs {other}: ingest x{o['ingest_s'] / v['ingest_s']:.2f}, "
@@ -225,8 +243,8 @@ def main() -> None:
                 print(f"  target {name}: {'met' if ok else 'MISSED'}")
     print(json.dumps({"input_bytes": total, "results": results}))
     if not args.keep:
-        for tool in tools:
-            shutil.rmtree(work / f"{tool}-repo", ignore_errors=True)
+        for name in ("vmarchive", "borg", "restic"):
+            shutil.rmtree(work / f"{name}-repo", ignore_errors=True)
 
 
 if __name__ == "__main__":
