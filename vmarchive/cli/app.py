@@ -42,7 +42,9 @@ def _root(
 ) -> None:
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def print_json(obj: Any) -> None:
@@ -61,7 +63,10 @@ def fail(err: VmarchiveError) -> typer.Exit:
 def main() -> None:
     """Console-script entry point: run the app, turn errors into one line + exit code."""
     try:
-        app(standalone_mode=False)
+        # With standalone_mode=False click returns the code of a typer.Exit instead of exiting.
+        rv = app(standalone_mode=False)
+        if isinstance(rv, int) and rv != 0:
+            sys.exit(rv)
     except VmarchiveError as e:
         if _state["debug"]:
             log.exception("failed")
@@ -78,13 +83,17 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors and real bugs
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2 if isinstance(e, click.UsageError) else 1)
+        # typer vendors its own click (typer._click), so recognise click's exceptions by
+        # shape rather than by class: they can render themselves and carry an exit code.
+        show, code = getattr(e, "show", None), getattr(e, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         if _state["debug"]:
             raise
         log.debug("internal error", exc_info=True)
-        print(f"vmarchive: internal error: {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
+        print(
+            f"vmarchive: internal error: {type(e).__name__}: {e} (run with --debug for details)",
+            file=sys.stderr,
+        )
         sys.exit(1)
