@@ -86,9 +86,22 @@ def test_expired_lease_is_stale_and_removed_by_exclusive(
     lb = b.acquire("exclusive", refresh=False)
     assert not backend.exists(held.key)  # the stale lock was removed
     # Its holder learns it lost the lock before committing anything.
-    with pytest.raises(LockedError, match="removed"):
+    with pytest.raises(LockedError, match="expired"):
         held.check()
     lb.release()
+
+
+def test_removed_or_lapsed_lock_fails_check(world: World, backend: LocalBackend) -> None:
+    a = world.manager(backend, 1)
+    held = a.acquire("shared", refresh=False)
+    held.check()  # negative control: a live lock passes
+    backend.delete(held.key)  # someone judged it stale
+    with pytest.raises(LockedError, match="removed"):
+        held.check()
+    frozen = a.acquire("shared", refresh=False)
+    world.now += 301  # the holder was frozen past its lease; the object is still there
+    with pytest.raises(LockedError, match="expired"):
+        frozen.check()
 
 
 def test_dead_pid_on_same_host_is_stale_other_host_is_trusted(

@@ -166,3 +166,19 @@ def test_gc_repack_reproducing_an_identical_pack_keeps_it(tmp_path: pathlib.Path
     fresh = Repository.open(str(tmp_path / "r"))
     assert read_archive(fresh, aid) == {"s": data}
     assert fresh.verify(full=True).ok
+
+
+def test_gc_removes_old_temporaries_only(tmp_path: pathlib.Path) -> None:
+    import os
+    import time
+
+    repo = make_repo(tmp_path / "r")
+    write_archive(repo, {"s": rnd(CHUNK, 1)})
+    d = tmp_path / "r" / "data"
+    old, fresh = d / ".tmp-old", d / ".tmp-fresh"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    assert repo.gc(GcOptions(grace=3600)).temporaries_deleted == 1
+    assert not old.exists() and fresh.exists()

@@ -112,6 +112,14 @@ class Backend(ABC):
             return False
         return True
 
+    def clean_temporaries(self, older_than: float) -> int:
+        """Remove what crashed puts left behind, older than ``older_than`` seconds.
+
+        Object stores publish atomically and leave nothing; the local backend overrides
+        this.  Returns how many were removed.  Raises :class:`BackendError`.
+        """
+        return 0
+
     def close(self) -> None:  # noqa: B027  (optional hook, most backends hold nothing)
         """Release resources (connections); the backend is unusable afterwards."""
 

@@ -146,5 +146,8 @@ class FaultyBackend(Backend):
         if fault is not None:
             self._raise("delete", key)
 
+    def clean_temporaries(self, older_than: float) -> int:
+        return self.inner.clean_temporaries(older_than)
+
     def close(self) -> None:
         self.inner.close()

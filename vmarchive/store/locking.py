@@ -88,6 +88,13 @@ class Lock:
         with self._mutex:
             if self._released:
                 return
+            if self._ctx.clock() > self.info.expires:
+                # Our lease lapsed (process frozen?): gc may have judged us stale and
+                # deleted chunks we deduplicated against (FORMAT.md 15, rule 4).
+                raise LockedError(
+                    f"our {self.info.kind} lock {self.info.id} expired before it was refreshed",
+                    lock=self.info.id,
+                )
             if not self._backend.exists(self.key):
                 raise LockedError(
                     f"our {self.info.kind} lock {self.info.id} was removed (judged stale?)",

@@ -87,6 +87,14 @@ def verify(
     Raises :class:`NotFoundError` / :class:`AmbiguousError` for a bad name and
     :class:`BackendError` when the storage fails; damage is reported, not raised.
     """
+    # A shared lock keeps gc from deleting what we are about to read (FORMAT.md 15).
+    with repo.lock("shared"):
+        return _verify(repo, names, full=full, progress=progress)
+
+
+def _verify(
+    repo: Repository, names: Iterable[str] | None, *, full: bool, progress: Progress
+) -> VerifyReport:
     problems: list[str] = []
     damaged: set[str] = set()
     ids = [repo.resolve(n) for n in names] if names is not None else repo.archive_ids()
@@ -147,10 +155,10 @@ def verify(
                     continue
                 if repo.codecs.object_id(data) != pack_id:
                     problems.append(f"pack {pack_id}: contents do not match its id")
-                    try:
-                        repo.codecs.read_pack_entries(data)
-                    except DamageError as e:
-                        problems.append(f"pack {pack_id}: trailer: {e}")
+                try:
+                    repo.codecs.read_pack_entries(data)
+                except DamageError as e:
+                    problems.append(f"pack {pack_id}: trailer: {e}")
                 view = memoryview(data)
                 for cid, loc in by_pack[pack_id]:
                     try:
@@ -258,7 +266,9 @@ def forget(repo: Repository, names: Iterable[str]) -> list[str]:
     :class:`AmbiguousError`, :class:`LockedError`.
     """
     ids = sorted({repo.resolve(n) for n in names})
-    with repo.lock("exclusive"):
+    # A shared lock (FORMAT.md section 18): forgetting only removes references, which a
+    # concurrent writer never needs; gc, which deletes data, is what must be excluded.
+    with repo.lock("shared"):
         for aid in ids:
             repo.backend.delete(f"archives/{aid}")
             log.info("forgot archive %s", aid)
@@ -388,6 +398,7 @@ class GcResult:
     indices_written: int = 0
     bytes_freed: int = 0
     missing_chunks: int = 0
+    temporaries_deleted: int = 0
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -521,6 +532,7 @@ def gc(
             result.bytes_freed += packs[pack_id].size
             repo.backend.delete(f"data/{pack_id[:2]}/{pack_id}")
         result.packs_deleted = len(set(to_delete) & doomed)
+        result.temporaries_deleted = repo.backend.clean_temporaries(options.grace)
         result.packs_repacked = len(to_repack)
         repo.reload_index()
     log.info("gc: %s", result)

@@ -52,7 +52,7 @@ class StreamReader:
             return self._cached[1]
         data = self._repo.read_chunk(cid)
         expect = self._slot_length(index)
-        if len(data) < expect:
+        if len(data) != expect:
             from vmarchive.errors import DamageError
 
             raise DamageError(
