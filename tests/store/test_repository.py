@@ -314,3 +314,18 @@ def test_parallel_writers_in_threads(tmp_path: pathlib.Path) -> None:
     assert fresh.verify(full=True).ok
     for i, aid in enumerate(sorted(ids, key=lambda a: fresh.load_archive(a).domain)):
         assert read_archive(fresh, aid) == {"s": shared + rnd(5 * CHUNK, i)}
+
+
+def test_writer_reads_back_its_chunks_at_every_stage(tmp_path: pathlib.Path) -> None:
+    """In flight, in the pack being built, uploading or published: read_chunk finds it."""
+    repo = make_repo(tmp_path / "r")
+    rng = random.Random(5)
+    chunks = [rnd(CHUNK, 1000 + i) for i in range(120)]
+    with repo.writer(options=WriterOptions(workers=2, max_inflight=4)) as w:
+        sw = w.stream("s", "ram", len(chunks) * CHUNK)
+        for i, c in enumerate(chunks):
+            sw.write_chunk(i, c)
+            j = rng.randrange(i + 1)
+            assert w.read_chunk(repo.codecs.chunk_id(chunks[j])) == chunks[j]
+        sw.close()
+        w.commit(META)

@@ -151,6 +151,7 @@ class Repository:
         self._index_files: set[str] = set()
         self.index_problems: list[str] = []
         self._index_mutex = threading.Lock()
+        self._chunks_mutex = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
@@ -267,10 +268,14 @@ class Repository:
         return set(self._index_files)
 
     def _chunk_location(self, chunk_id: bytes) -> Location | None:
-        return self.index.get(chunk_id)
+        index = self.index
+        with self._chunks_mutex:  # several writers of one Repository may run at once
+            return index.get(chunk_id)
 
     def _add_location(self, chunk_id: bytes, loc: Location) -> None:
-        self.index.add(chunk_id, loc)
+        index = self.index
+        with self._chunks_mutex:
+            index.add(chunk_id, loc)
 
     # -- object publishing (write ordering lives in the writer and gc) ---------------------
     def _publish_pack(self, pack_id: str, data: bytes) -> None:
@@ -319,7 +324,7 @@ class Repository:
         """
         if chunk_id == self.codecs.zero_id:
             raise UsageError("the zero id is a hole, not a chunk")
-        loc = self.index.get(chunk_id)
+        loc = self._chunk_location(chunk_id)
         if loc is None:
             raise ChunkMissingError(
                 f"chunk {chunk_id.hex()} is not in the repository", chunk_id=chunk_id.hex()

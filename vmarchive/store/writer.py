@@ -307,17 +307,15 @@ class ArchiveWriter:
         """
         with self._mutex:
             pending = self._unpublished.get(chunk_id)
-            if pending is not None:
-                blob, raw_len = pending
-                if blob is None:
-                    self._drain(0)
-                    blob, raw_len = self._unpublished[chunk_id]
-                assert blob is not None
-        if pending is not None:
-            assert blob is not None
-            data = self._codecs.decode_blob(chunk_id, blob, raw_len)
+            if pending is not None and pending[0] is None:
+                self._drain(0)  # still compressing: finish it
+                pending = self._unpublished.get(chunk_id)
+        blob = pending[0] if pending is not None else None
+        if pending is not None and blob is not None:
+            data = self._codecs.decode_blob(chunk_id, blob, pending[1])
             self._codecs.verify_chunk(chunk_id, data)
             return data
+        # Published meanwhile (indexed before it left _unpublished), or never ours.
         return self.repo.read_chunk(chunk_id)
 
     def commit(self, metadata: Mapping[str, Any]) -> str:
