@@ -183,3 +183,15 @@ def test_missing_repository_no_traceback(tmp_path: pathlib.Path) -> None:
     assert run.returncode == 3
     assert run.stderr.strip().count("\n") == 0 and "Traceback" not in run.stderr
     assert "no vmarchive repository" in run.stderr
+
+
+def test_rebuild_index_command(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    path, ids = repo_with_archives
+    shutil.rmtree(pathlib.Path(path, "index"))
+    r = cli("verify", "--json", "--repo", path)
+    assert r.code == 4 and sorted(r.json()["damaged"]) == sorted(ids)  # type: ignore[index]
+    r = cli("rebuild-index", "--json", "--repo", path)
+    assert r.code == 0 and r.json()["chunks_added"] > 0  # type: ignore[index]
+    assert cli("verify", "--full", "--repo", path).code == 0

@@ -138,10 +138,10 @@ def test_damaged_manifest_and_verify_by_name(
         repo.load_archive(victim)
 
 
-def test_damaged_index_is_reported(
+def test_damaged_index_is_reported_and_rebuilt(
     tmp_path: pathlib.Path, pristine: tuple[pathlib.Path, dict[str, dict[str, bytes]]]
 ) -> None:
-    src, _archives = pristine
+    src, archives = pristine
     path = tmp_path / "r"
     shutil.copytree(src, path)
     repo = Repository.open(str(path))
@@ -151,5 +151,37 @@ def test_damaged_index_is_reported(
     assert not report.ok
     assert any(idx.split("/")[1] in p for p in report.problems)
     # gc refuses to delete anything while an index is unreadable.
-    with pytest.raises(DamageError):
+    with pytest.raises(DamageError, match="rebuild-index"):
         Repository.open(str(path)).gc()
+    # The pack trailers are enough to rebuild what the index lost.
+    result = Repository.open(str(path)).rebuild_index()
+    assert result.chunks_added > 0 and not result.damaged_packs
+    assert result.indices_deleted + result.indices_repaired == 1
+    fresh = Repository.open(str(path))
+    assert fresh.verify(full=True).ok
+    for aid, streams in archives.items():
+        assert read_archive(fresh, aid) == streams
+    fresh.gc()
+
+
+def test_rebuild_index_from_packs_alone(
+    tmp_path: pathlib.Path, pristine: tuple[pathlib.Path, dict[str, dict[str, bytes]]]
+) -> None:
+    src, archives = pristine
+    path = tmp_path / "r"
+    shutil.copytree(src, path)
+    shutil.rmtree(path / "index")
+    assert set(Repository.open(str(path)).verify().damaged) == {
+        a for a, s in archives.items() if any(s.values()) and a != _all_holes(archives)
+    }
+    assert Repository.open(str(path)).rebuild_index(dry_run=True).chunks_added == 96
+    assert Repository.open(str(path)).rebuild_index().chunks_added == 96
+    assert Repository.open(str(path)).rebuild_index().chunks_added == 0  # idempotent
+    fresh = Repository.open(str(path))
+    assert fresh.verify(full=True).ok
+    for aid, streams in archives.items():
+        assert read_archive(fresh, aid) == streams
+
+
+def _all_holes(archives: dict[str, dict[str, bytes]]) -> str:
+    return next(a for a, s in archives.items() if all(not any(v) for v in s.values()))

@@ -273,3 +273,22 @@ def gc_cmd(
         f"{result.packs_repacked} repacked, {result.packs_kept_young} young packs kept, "
         f"{result.live_chunks} live chunks"
     )
+
+
+@app.command("rebuild-index")
+def rebuild_index_cmd(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would be re-indexed."),
+    repo: str = _repo_option(),
+    as_json: bool = _json_option(),
+) -> None:
+    """Re-index chunks from the pack trailers and drop unreadable index files."""
+    result = ops.rebuild_index(repo_ref(repo), dry_run)
+    if as_json:
+        print_json(result.to_json())
+        return
+    typer.echo(
+        f"read {result.packs_read} packs, re-indexed {result.chunks_added} chunks, "
+        f"removed {result.indices_deleted} and replaced {result.indices_repaired} unreadable index files"
+    )
+    for p in result.damaged_packs:
+        typer.echo(f"damaged pack trailer: {p}", err=True)

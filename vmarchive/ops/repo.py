@@ -19,6 +19,7 @@ from vmarchive.store import (
     InitOptions,
     PrunePolicy,
     PruneResult,
+    RebuildResult,
     Repository,
     RepoStats,
     VerifyReport,
@@ -76,3 +77,8 @@ def prune(ref: RepoRef, policy: PrunePolicy, dry_run: bool) -> PruneResult:
 def gc(ref: RepoRef, options: GcOptions, progress: Progress = NULL_PROGRESS) -> GcResult:
     """Raises LockedError, DamageError (unreadable manifest or index: nothing deleted)."""
     return open_repo(ref).gc(options, progress=progress)
+
+
+def rebuild_index(ref: RepoRef, dry_run: bool) -> RebuildResult:
+    """Raises LockedError, BackendError."""
+    return open_repo(ref).rebuild_index(dry_run=dry_run)

@@ -15,6 +15,7 @@ from vmarchive.store.maintenance import (
     GcResult,
     PrunePolicy,
     PruneResult,
+    RebuildResult,
     RepoStats,
     VerifyReport,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PrunePolicy",
     "PruneResult",
+    "RebuildResult",
     "RepoStats",
     "Repository",
     "StreamInfo",

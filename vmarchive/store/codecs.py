@@ -243,6 +243,24 @@ class Codecs:
             for e in fpack.decode_pack_trailer(self.blob, data, len(data))
         ]
 
+    @staticmethod
+    def pack_tail_first_fetch() -> int:
+        return C.PACK_TAIL_FIRST_FETCH
+
+    @staticmethod
+    def pack_tail_size(tail: bytes) -> int:
+        """How many tail bytes the trailer needs. Raises :class:`FormatError`."""
+        return fpack.pack_tail_size(tail)
+
+    def entries_from_tail(
+        self, pack_id: str, tail: bytes, size: int
+    ) -> list[tuple[bytes, Location]]:
+        """The entries of pack ``pack_id`` from its last bytes. Raises :class:`DamageError`."""
+        return [
+            (e.chunk_id, Location(pack_id, e.offset, e.length, e.raw_length))
+            for e in fpack.decode_pack_trailer(self.blob, tail, size)
+        ]
+
     # -- index and manifests ------------------------------------------------------------------
     @staticmethod
     def object_id(data: bytes | memoryview) -> str:

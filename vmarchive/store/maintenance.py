@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -420,7 +420,8 @@ def gc(
         repo.reload_index()
         if repo.index_problems:
             raise DamageError(
-                "gc refuses to run while index files are damaged: " + "; ".join(repo.index_problems)
+                "gc refuses to run while index files are damaged (run `vmarchive rebuild-index`): "
+                + "; ".join(repo.index_problems)
             )
         # Mark.
         live: set[bytes] = set()
@@ -536,4 +537,64 @@ def gc(
         result.packs_repacked = len(to_repack)
         repo.reload_index()
     log.info("gc: %s", result)
+    return result
+
+
+# ------------------------------------------------------------------------ rebuild index
+@dataclass
+class RebuildResult:
+    packs_read: int = 0
+    chunks_added: int = 0
+    damaged_packs: list[str] = field(default_factory=list)
+    indices_deleted: int = 0
+    indices_repaired: int = 0
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rebuild_index(repo: Repository, *, dry_run: bool = False) -> RebuildResult:
+    """Re-index every chunk the pack trailers list but no readable index does, then
+    delete unreadable index files (after the new index is durable).
+
+    Runs under the exclusive lock.  Raises :class:`LockedError`, :class:`BackendError`.
+    """
+    result = RebuildResult(dry_run=dry_run)
+    with repo.lock("exclusive"):
+        repo.reload_index()
+        damaged_indices = [p.split(":", 1)[0].removeprefix("index ") for p in repo.index_problems]
+        index = repo.index
+        new: list[tuple[bytes, Location]] = []
+        for pack_id, info in sorted(_packs(repo).items()):
+            key = f"data/{pack_id[:2]}/{pack_id}"
+            try:
+                first = min(info.size, repo.codecs.pack_tail_first_fetch())
+                tail = repo.backend.get_range(key, info.size - first, first)
+                need = repo.codecs.pack_tail_size(tail)
+                if need > len(tail):
+                    tail = repo.backend.get_range(key, info.size - need, need)
+                entries = repo.codecs.entries_from_tail(pack_id, tail, info.size)
+            except DamageError as e:
+                result.damaged_packs.append(pack_id)
+                log.warning("pack %s: trailer unreadable: %s", pack_id, e)
+                continue
+            except ObjectNotFoundError:
+                continue
+            result.packs_read += 1
+            for cid, loc in entries:
+                if cid not in index:
+                    new.append((cid, loc))
+                    index.add(cid, loc)
+        result.chunks_added = len(new)
+        if dry_run:
+            return result
+        new_name = repo._publish_index(new, replace=True) if new else None
+        for name in damaged_indices:
+            if name == new_name:
+                result.indices_repaired += 1  # the rebuilt index has its name: replaced
+                continue
+            repo.backend.delete(f"index/{name}")
+            result.indices_deleted += 1
+        repo.reload_index()
     return result

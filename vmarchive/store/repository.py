@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         GcResult,
         PrunePolicy,
         PruneResult,
+        RebuildResult,
         RepoStats,
         VerifyReport,
     )
@@ -281,10 +282,14 @@ class Repository:
     def _publish_pack(self, pack_id: str, data: bytes) -> None:
         self.backend.put(pack_key(pack_id), data, create_only=True)
 
-    def _publish_index(self, entries: Sequence[tuple[bytes, Location]]) -> str:
+    def _publish_index(
+        self, entries: Sequence[tuple[bytes, Location]], *, replace: bool = False
+    ) -> str:
+        """Put an index object. ``replace``: overwrite a (damaged) object of the same name —
+        names are content hashes, so the right bytes are what the name promises."""
         data = self.codecs.encode_index(entries)
         name = self.codecs.object_id(data)
-        self.backend.put(f"index/{name}", data, create_only=True)
+        self.backend.put(f"index/{name}", data, create_only=not replace)
         self._index_files.add(name)
         return name
 
@@ -465,6 +470,12 @@ class Repository:
         from vmarchive.store import maintenance
 
         return maintenance.gc(self, options, progress=progress)
+
+    def rebuild_index(self, dry_run: bool = False) -> RebuildResult:
+        """See :func:`vmarchive.store.maintenance.rebuild_index`."""
+        from vmarchive.store import maintenance
+
+        return maintenance.rebuild_index(self, dry_run=dry_run)
 
     def stats(self) -> RepoStats:
         """See :func:`vmarchive.store.maintenance.stats`."""
