@@ -8,7 +8,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from storehelpers import CHUNK, make_repo, read_archive, write_archive
+from storehelpers import CHUNK, PASSPHRASE, make_repo, read_archive, write_archive
 
 from vmarchive.store import GcOptions, Repository
 
@@ -33,12 +33,16 @@ gc_op = st.tuples(st.just("gc"), st.floats(0, 1))
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(ops=st.lists(st.one_of(write_op, forget_op, gc_op), min_size=1, max_size=12))
+@given(
+    ops=st.lists(st.one_of(write_op, forget_op, gc_op), min_size=1, max_size=12),
+    encrypted=st.booleans(),
+)
 def test_writes_forgets_and_gcs_preserve_every_archive(
-    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, object]]
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, object]], encrypted: bool
 ) -> None:
     path = tmp_path_factory.mktemp("prop") / "r"
-    repo = make_repo(path)
+    repo = make_repo(path, encrypted=encrypted)
+    secret = PASSPHRASE if encrypted else None
     model: dict[str, dict[str, bytes]] = {}
     for i, (op, arg) in enumerate(ops):
         if op == "write":
@@ -53,9 +57,9 @@ def test_writes_forgets_and_gcs_preserve_every_archive(
         elif op == "gc":
             assert isinstance(arg, float)
             repo.gc(GcOptions(grace=0, repack_below=arg))
-        fresh = Repository.open(str(path))
+        fresh = Repository.open(str(path), secret)
         assert {a.id for a in fresh.list_archives()} == set(model)
-    fresh = Repository.open(str(path))
+    fresh = Repository.open(str(path), secret)
     report = fresh.verify(full=True)
     assert report.ok, report.problems
     for aid, streams in model.items():

@@ -33,6 +33,7 @@ from vmarchive.errors import (
 )
 from vmarchive.format import constants as C
 from vmarchive.progress import NULL_PROGRESS, Progress
+from vmarchive.store import crashpoint
 from vmarchive.store.backend import ObjectInfo, ObjectNotFoundError
 from vmarchive.store.chunkindex import Location
 
@@ -483,6 +484,7 @@ def gc(
                 return
             pack_id, data, entries = repo.codecs.finish_pack(builder)
             repo._publish_pack(pack_id, data)
+            crashpoint.hit("gc-after-pack")
             moved.update(entries)
             result.packs_written += 1
             builder = repo.codecs.new_pack()
@@ -523,15 +525,19 @@ def gc(
         new_name: str | None = None
         dead_entries = len(new_entries) != len(index)
         if new_entries and (len(old_indices) > 1 or moved or doomed or dead_entries):
+            crashpoint.hit("gc-before-index")
             new_name = repo._publish_index(new_entries)
+            crashpoint.hit("gc-after-index")
             result.indices_written = 1
         for name in sorted(old_indices):
             if name != new_name and (new_name is not None or not new_entries):
                 repo.backend.delete(f"index/{name}")
                 result.indices_deleted += 1
+                crashpoint.hit("gc-after-index-delete")
         for pack_id in sorted(doomed):
             result.bytes_freed += packs[pack_id].size
             repo.backend.delete(f"data/{pack_id[:2]}/{pack_id}")
+            crashpoint.hit("gc-after-delete")
         result.packs_deleted = len(set(to_delete) & doomed)
         result.temporaries_deleted = repo.backend.clean_temporaries(options.grace)
         result.packs_repacked = len(to_repack)
