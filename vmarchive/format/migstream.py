@@ -1,0 +1,1023 @@
+"""QEMU migration stream: streaming parser, layout model and regenerator (format layer).
+
+What it is for: a capture reads the stream QEMU writes for ``migrate`` and splits it into
+per-RAMBlock page images (which deduplicate across captures) plus the verbatim non-RAM
+device state; a restore writes a valid stream again from what was stored.  The layout
+of everything that is not RAM (header, configuration, RAM block list, the ordered device
+section records, the vmdesc JSON trailer) is kept in a :class:`StreamLayout`, a small
+JSON-serialisable object; the device section bodies are concatenated into one "devstate"
+byte string that the layout's records index into.
+
+Layer: ``vmarchive.format`` -- pure logic, imports only :mod:`vmarchive.errors` and the
+standard library.  It never holds guest RAM in memory: pages are handed to a sink one at
+a time as a view that is valid only during the callback.
+
+Stream facts this module relies on (QEMU 7.2, x86; all integers big-endian)::
+
+    header          be32 magic "QEVM" | be32 version 3                      = 8 bytes
+    configuration   u8 0x07 | be32 n | n bytes machine type | subsections (u8 0x05 ...)
+    section START/FULL
+                    u8 type | be32 section id | u8 n | n bytes idstr | be32 instance id
+                    | be32 version id                               = 14 + n bytes
+    section PART/END
+                    u8 type | be32 section id                       = 5 bytes
+    section footer  u8 0x7E | be32 section id                       = 5 bytes
+    ram record      be64 (offset | flags); flags live in the low 12 bits (4 KiB pages)
+                    unless CONTINUE: u8 n | n bytes RAMBlock idstr
+                    ZERO: u8 fill byte     PAGE: 4096 bytes
+    MEM_SIZE        be64 (total | 0x04) then per block: u8 n | idstr | be64 used length
+                    (page size / address follow only with postcopy / x-ignore-shared,
+                    both refused)
+    trailer         u8 0x00 (EOF) | u8 0x06 | be32 n | n bytes vmdesc JSON
+
+Device (non-iterable, FULL) sections carry no length.  Their ends are found with the
+vmdesc trailer, which lists every device section QEMU wrote, in order: the body of
+section *k* ends at the one footer ``0x7E + be32(id)`` that is followed by exactly the
+header of section *k+1* named in vmdesc (or by EOF for the last).  More than one such
+candidate is refused rather than guessed.  Precopy streams re-send dirty pages (later
+records win); background-snapshot streams send each page once; both parse the same way.
+
+Anything outside the allow-list (other versions, flags, section types, commands,
+subsections, page sizes, iterable sections other than ``ram``) raises
+:class:`~vmarchive.errors.StreamRefusedError`; the capture then stores the stream opaquely.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vmarchive.errors import StreamError, StreamRefusedError
+
+# --- constants (see the byte table in the module docstring) -------------------------------
+
+QEVM_MAGIC = 0x5145564D  # b"QEVM"
+QEVM_VERSION = 3
+HEADER_SIZE = 8  # be32 magic + be32 version
+
+SEC_EOF = 0x00
+SEC_START = 0x01
+SEC_PART = 0x02
+SEC_END = 0x03
+SEC_FULL = 0x04
+SEC_SUBSECTION = 0x05
+SEC_VMDESC = 0x06
+SEC_CONFIGURATION = 0x07
+SEC_COMMAND = 0x08
+SEC_FOOTER = 0x7E
+
+SECTION_NAMES = {
+    SEC_EOF: "EOF",
+    SEC_START: "START",
+    SEC_PART: "PART",
+    SEC_END: "END",
+    SEC_FULL: "FULL",
+    SEC_SUBSECTION: "SUBSECTION",
+    SEC_VMDESC: "VMDESC",
+    SEC_CONFIGURATION: "CONFIGURATION",
+    SEC_COMMAND: "COMMAND",
+    SEC_FOOTER: "FOOTER",
+}
+
+RAM_IDSTR = "ram"
+RAM_SECTION_VERSION = 4
+TARGET_PAGE_SIZE = 4096
+_FLAG_MASK = TARGET_PAGE_SIZE - 1  # flags share the be64 with a page-aligned offset
+
+RAM_FLAG_FULL = 0x01  # obsolete, never written by 7.2
+RAM_FLAG_ZERO = 0x02
+RAM_FLAG_MEM_SIZE = 0x04
+RAM_FLAG_PAGE = 0x08
+RAM_FLAG_EOS = 0x10
+RAM_FLAG_CONTINUE = 0x20
+RAM_FLAG_XBZRLE = 0x40
+RAM_FLAG_HOOK = 0x80  # RDMA
+RAM_FLAG_COMPRESS_PAGE = 0x100
+RAM_FLAG_MULTIFD_FLUSH = 0x200  # newer QEMU
+
+_RAM_FLAG_NAMES = {
+    RAM_FLAG_FULL: "FULL",
+    RAM_FLAG_XBZRLE: "XBZRLE",
+    RAM_FLAG_HOOK: "HOOK (RDMA)",
+    RAM_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
+    RAM_FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH",
+}
+_RAM_FLAGS_ALLOWED = (
+    RAM_FLAG_ZERO | RAM_FLAG_MEM_SIZE | RAM_FLAG_PAGE | RAM_FLAG_EOS | RAM_FLAG_CONTINUE
+)
+
+CONFIG_SUBSECTION_UUID = "configuration/uuid"
+_CONFIG_UUID_SIZE = 16
+
+#: The device-state tail (device sections + vmdesc) is buffered whole before it is split;
+#: it is small (hundreds of KiB for a PC), so a huge one means something unexpected.
+DEFAULT_MAX_TAIL = 256 << 20
+DEFAULT_READ_SIZE = 1 << 20
+
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+_ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
+
+# --- model ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RamBlock:
+    """One RAMBlock as announced by the MEM_SIZE record (index = position in that list)."""
+
+    index: int
+    idstr: str
+    used_length: int
+    page_size: int = TARGET_PAGE_SIZE
+
+    @property
+    def pages(self) -> int:
+        return (self.used_length + self.page_size - 1) // self.page_size
+
+
+@dataclass(frozen=True)
+class SectionRecord:
+    """A non-RAM section: its header fields and where its body sits in devstate."""
+
+    section_type: int
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class RamSection:
+    """Header fields of the iterable ``ram`` section (START)."""
+
+    section_id: int
+    instance_id: int
+    version_id: int
+
+
+@dataclass
+class StreamStats:
+    """What the parser saw; useful in the manifest and for tests."""
+
+    stream_bytes: int = 0
+    page_records: int = 0
+    zero_records: int = 0
+    resent_pages: int = 0
+    unsent_pages: int = 0
+    ram_sections: int = 0
+
+
+@dataclass
+class StreamLayout:
+    """Everything of a stream except RAM contents and device bodies (JSON-serialisable).
+
+    ``records`` index into a separate "devstate" byte string (the concatenated device
+    section bodies, in stream order).
+    """
+
+    version: int
+    configuration: bytes
+    ram: RamSection | None
+    ram_blocks: list[RamBlock]
+    records: list[SectionRecord]
+    vmdesc: bytes
+    stats: StreamStats = field(default_factory=StreamStats)
+
+    LAYOUT_VERSION = 1
+
+    @property
+    def devstate_size(self) -> int:
+        return sum(r.length for r in self.records)
+
+    def vmdesc_devices(self) -> list[tuple[str, int]]:
+        """(name, instance id) of each device section vmdesc lists, in order.
+
+        Raises StreamError if vmdesc is not the JSON QEMU writes.
+        """
+        return _vmdesc_devices(self.vmdesc)
+
+    def validate(self) -> None:
+        """Check the layout describes a stream QEMU can load without silent loss.
+
+        QEMU itself accepts a stream that lacks a device section (the guest then hangs)
+        or lacks MEM_SIZE, so we check both here.  Raises StreamError.
+        """
+        if self.version != QEVM_VERSION:
+            raise StreamError(f"layout has stream version {self.version}, expected 3")
+        if self.ram is None or not self.ram_blocks:
+            raise StreamError("layout has no ram section / MEM_SIZE block list")
+        for i, b in enumerate(self.ram_blocks):
+            if b.index != i or b.page_size != TARGET_PAGE_SIZE or b.used_length % b.page_size:
+                raise StreamError(f"layout has an inconsistent RAM block {b.idstr!r}")
+        offset = 0
+        for r in self.records:
+            if r.offset != offset or r.length < 0:
+                raise StreamError(f"device record {r.idstr!r} is not contiguous in devstate")
+            offset += r.length
+        want = self.vmdesc_devices()
+        have = [(r.idstr, r.instance_id) for r in self.records]
+        if want != have:
+            missing = [d for d in want if d not in have]
+            extra = [d for d in have if d not in want]
+            raise StreamError(
+                "device sections do not match vmdesc"
+                f" (missing {missing or 'none'}, unexpected {extra or 'none'},"
+                " or out of order)",
+                missing=missing,
+                extra=extra,
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain JSON object (bytes as base64)."""
+        return {
+            "layout_version": self.LAYOUT_VERSION,
+            "version": self.version,
+            "configuration": base64.b64encode(self.configuration).decode("ascii"),
+            "ram": None
+            if self.ram is None
+            else {
+                "section_id": self.ram.section_id,
+                "instance_id": self.ram.instance_id,
+                "version_id": self.ram.version_id,
+            },
+            "ram_blocks": [
+                {"idstr": b.idstr, "used_length": b.used_length, "page_size": b.page_size}
+                for b in self.ram_blocks
+            ],
+            "records": [
+                {
+                    "type": r.section_type,
+                    "section_id": r.section_id,
+                    "idstr": r.idstr,
+                    "instance_id": r.instance_id,
+                    "version_id": r.version_id,
+                    "offset": r.offset,
+                    "length": r.length,
+                }
+                for r in self.records
+            ],
+            "vmdesc": base64.b64encode(self.vmdesc).decode("ascii"),
+            "stats": {
+                "stream_bytes": self.stats.stream_bytes,
+                "page_records": self.stats.page_records,
+                "zero_records": self.stats.zero_records,
+                "resent_pages": self.stats.resent_pages,
+                "unsent_pages": self.stats.unsent_pages,
+                "ram_sections": self.stats.ram_sections,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> StreamLayout:
+        """Inverse of :meth:`to_json`.  Raises StreamError on a malformed object."""
+        try:
+            if obj["layout_version"] != cls.LAYOUT_VERSION:
+                raise StreamError(f"unknown stream layout version {obj['layout_version']!r}")
+            ram = obj["ram"]
+            return cls(
+                version=int(obj["version"]),
+                configuration=base64.b64decode(obj["configuration"], validate=True),
+                ram=None
+                if ram is None
+                else RamSection(
+                    int(ram["section_id"]), int(ram["instance_id"]), int(ram["version_id"])
+                ),
+                ram_blocks=[
+                    RamBlock(i, str(b["idstr"]), int(b["used_length"]), int(b["page_size"]))
+                    for i, b in enumerate(obj["ram_blocks"])
+                ],
+                records=[
+                    SectionRecord(
+                        int(r["type"]),
+                        int(r["section_id"]),
+                        str(r["idstr"]),
+                        int(r["instance_id"]),
+                        int(r["version_id"]),
+                        int(r["offset"]),
+                        int(r["length"]),
+                    )
+                    for r in obj["records"]
+                ],
+                vmdesc=base64.b64decode(obj["vmdesc"], validate=True),
+                stats=StreamStats(**{k: int(v) for k, v in obj.get("stats", {}).items()}),
+            )
+        except StreamError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise StreamError(f"malformed stream layout JSON: {e}") from e
+
+
+def _vmdesc_devices(vmdesc: bytes) -> list[tuple[str, int]]:
+    try:
+        doc = json.loads(vmdesc)
+        return [(str(d["name"]), int(d["instance_id"])) for d in doc["devices"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise StreamError(f"vmdesc is not the JSON QEMU writes: {e}") from e
+
+
+# --- sink -----------------------------------------------------------------------------------
+
+
+class StreamSink(Protocol):
+    """Receives the parts of a stream as the parser meets them.
+
+    Order: ``header``, ``configuration``, ``ram_blocks`` (once, at MEM_SIZE), any number
+    of ``ram_page`` (a page may come several times: the last one wins), then every
+    ``device_section`` in stream order, then ``vmdesc``.  ``data`` views are valid only
+    during the call: copy what you keep.
+    """
+
+    def header(self, version: int) -> None: ...
+
+    def configuration(self, data: bytes) -> None: ...
+
+    def ram_blocks(self, blocks: list[RamBlock]) -> None: ...
+
+    def ram_page(self, block: RamBlock, offset: int, data: memoryview | None) -> None:
+        """``data`` is one 4 KiB page; None means a zero page."""
+
+    def device_section(self, record: SectionRecord, data: memoryview) -> None: ...
+
+    def vmdesc(self, data: bytes) -> None: ...
+
+
+class NullSink:
+    """A sink that ignores everything; subclass it and override what you need."""
+
+    def header(self, version: int) -> None:
+        pass
+
+    def configuration(self, data: bytes) -> None:
+        pass
+
+    def ram_blocks(self, blocks: list[RamBlock]) -> None:
+        pass
+
+    def ram_page(self, block: RamBlock, offset: int, data: memoryview | None) -> None:
+        pass
+
+    def device_section(self, record: SectionRecord, data: memoryview) -> None:
+        pass
+
+    def vmdesc(self, data: bytes) -> None:
+        pass
+
+
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes | None: ...
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+class _Input:
+    """Block reader over a file or pipe: big reads, no per-byte Python work.
+
+    The buffer is an immutable ``bytes`` so that views handed to sinks stay valid even if
+    a sink keeps them a little too long; refilling copies only the unread remainder.
+    """
+
+    def __init__(self, f: _Readable, read_size: int) -> None:
+        self._f = f
+        self._read_size = read_size
+        self.buf = b""
+        self.mv = memoryview(self.buf)
+        self.pos = 0
+        self.base = 0  # stream offset of buf[0]
+        self.eof = False
+
+    def fill(self, n: int) -> None:
+        """Make at least ``n`` unread bytes available, fewer only at end of stream."""
+        have = len(self.buf) - self.pos
+        if have >= n or self.eof:
+            return
+        parts = [self.buf[self.pos :]]
+        while have < n:
+            d = self._f.read(max(self._read_size, n - have))
+            if d is None:  # non-blocking source without data: treat as a short read
+                continue
+            if not d:
+                self.eof = True
+                break
+            parts.append(d)
+            have += len(d)
+        self.base += self.pos
+        self.buf = b"".join(parts)
+        self.mv = memoryview(self.buf)
+        self.pos = 0
+
+    def need(self, n: int, what: str) -> None:
+        self.fill(n)
+        if len(self.buf) - self.pos < n:
+            raise StreamError(
+                f"migration stream truncated in {what} at offset {self.base + self.pos}",
+                offset=self.base + self.pos,
+            )
+
+    def take(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        b = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return b
+
+    def u8(self, what: str) -> int:
+        self.need(1, what)
+        v = self.buf[self.pos]
+        self.pos += 1
+        return v
+
+    def be32(self, what: str) -> int:
+        self.need(4, what)
+        v: int = _BE32.unpack_from(self.buf, self.pos)[0]
+        self.pos += 4
+        return v
+
+    def be64(self, what: str) -> int:
+        self.need(8, what)
+        v: int = _BE64.unpack_from(self.buf, self.pos)[0]
+        self.pos += 8
+        return v
+
+    def idstr(self, what: str) -> str:
+        n = self.u8(what)
+        return self.take(n, what).decode("ascii", "replace")
+
+    def rest(self, limit: int) -> bytes:
+        """All unread bytes up to end of stream; StreamRefusedError beyond ``limit``."""
+        parts = [self.buf[self.pos :]]
+        have = len(parts[0])
+        while not self.eof:
+            d = self._f.read(self._read_size)
+            if d is None:
+                continue
+            if not d:
+                self.eof = True
+                break
+            parts.append(d)
+            have += len(d)
+            if have > limit:
+                raise StreamRefusedError(
+                    f"device state after RAM exceeds {limit} bytes; refusing to buffer it"
+                )
+        self.base += len(self.buf)
+        self.buf = b""
+        self.mv = memoryview(self.buf)
+        self.pos = 0
+        return b"".join(parts)
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+
+class _Parser:
+    def __init__(self, inp: _Input, sink: StreamSink, max_tail: int) -> None:
+        self.inp = inp
+        self.sink = sink
+        self.max_tail = max_tail
+        self.ram: RamSection | None = None
+        self.blocks: list[RamBlock] = []
+        self.by_name: dict[str, RamBlock] = {}
+        self.seen: list[bytearray] = []
+        self.last_block: RamBlock | None = None
+        self.stats = StreamStats()
+        self.configuration = b""
+        self.records: list[SectionRecord] = []
+        self.vmdesc = b""
+
+    # header and configuration --------------------------------------------------------------
+
+    def parse(self) -> StreamLayout:
+        inp = self.inp
+        magic = inp.be32("header")
+        if magic != QEVM_MAGIC:
+            raise StreamRefusedError(f"not a QEMU migration stream (magic {magic:#010x})")
+        version = inp.be32("header")
+        if version != QEVM_VERSION:
+            raise StreamRefusedError(f"stream version {version} (only {QEVM_VERSION} allowed)")
+        self.sink.header(version)
+        if inp.u8("configuration") != SEC_CONFIGURATION:
+            raise StreamRefusedError("stream has no configuration section")
+        self._configuration()
+        while True:
+            t = inp.u8("section type")
+            if t in (SEC_START, SEC_PART, SEC_END):
+                self._ram_section(t)
+            elif t in (SEC_FULL, SEC_EOF):
+                inp.pos -= 1  # the tail parser re-reads this type byte
+                self._tail(inp.rest(self.max_tail))
+                break
+            elif t == SEC_COMMAND:
+                cmd = inp.be32("command") >> 16  # be16 command, be16 length
+                raise StreamRefusedError(
+                    f"stream carries COMMAND {cmd} (postcopy/return path/packaged)"
+                )
+            else:
+                name = SECTION_NAMES.get(t, "unknown")
+                raise StreamRefusedError(
+                    f"unexpected section type {t:#04x} ({name}) at offset {inp.offset - 1}"
+                )
+        self._finish_stats()
+        layout = StreamLayout(
+            version=version,
+            configuration=self.configuration,
+            ram=self.ram,
+            ram_blocks=list(self.blocks),
+            records=self.records,
+            vmdesc=self.vmdesc,
+            stats=self.stats,
+        )
+        layout.validate()
+        return layout
+
+    def _configuration(self) -> None:
+        inp = self.inp
+        start = inp.offset
+        raw = bytearray()
+        n = inp.be32("configuration")
+        if n > 255:
+            raise StreamRefusedError(f"configuration machine name of {n} bytes")
+        raw += _BE32.pack(n) + inp.take(n, "configuration")
+        while True:
+            inp.fill(1)
+            if len(inp.buf) - inp.pos < 1 or inp.buf[inp.pos] != SEC_SUBSECTION:
+                break
+            inp.pos += 1
+            name = inp.idstr("configuration subsection")
+            ver = inp.be32("configuration subsection")
+            if name != CONFIG_SUBSECTION_UUID:
+                # target-page-bits means non-4 KiB pages; capabilities means
+                # x-ignore-shared (RAM not in the stream): neither is supported.
+                raise StreamRefusedError(f"configuration subsection {name!r} (version {ver})")
+            body = inp.take(_CONFIG_UUID_SIZE, "configuration uuid")
+            raw += bytes([SEC_SUBSECTION, len(name)]) + name.encode() + _BE32.pack(ver) + body
+        assert inp.offset - start == len(raw)
+        self.configuration = bytes(raw)
+        self.sink.configuration(self.configuration)
+
+    # ram -----------------------------------------------------------------------------------
+
+    def _ram_section(self, t: int) -> None:
+        inp = self.inp
+        sid = inp.be32("section header")
+        if t == SEC_START:
+            idstr = inp.idstr("section header")
+            instance_id = inp.be32("section header")
+            version_id = inp.be32("section header")
+            if idstr != RAM_IDSTR:
+                raise StreamRefusedError(f"iterable section {idstr!r} (only 'ram' allowed)")
+            if self.ram is not None:
+                raise StreamRefusedError("second ram START section")
+            if version_id != RAM_SECTION_VERSION:
+                raise StreamRefusedError(f"ram section version {version_id} (only 4 allowed)")
+            self.ram = RamSection(sid, instance_id, version_id)
+        elif self.ram is None or sid != self.ram.section_id:
+            raise StreamRefusedError(f"{SECTION_NAMES[t]} for unknown section id {sid}")
+        self.stats.ram_sections += 1
+        self._ram_records(start=t == SEC_START)
+        inp.need(5, "section footer")
+        if inp.buf[inp.pos] != SEC_FOOTER:
+            raise StreamRefusedError(
+                f"no section footer after ram section at offset {inp.offset}"
+                " (machine without send-section-footer)"
+            )
+        (fid,) = _BE32.unpack_from(inp.buf, inp.pos + 1)
+        if fid != sid:
+            raise StreamError(f"section footer names id {fid}, expected {sid}")
+        inp.pos += 5
+
+    def _mem_size(self, total: int) -> None:
+        if self.blocks:
+            raise StreamRefusedError("second MEM_SIZE record")
+        inp = self.inp
+        remaining = total
+        while remaining > 0:
+            idstr = inp.idstr("MEM_SIZE block list")
+            length = inp.be64("MEM_SIZE block list")
+            if length % TARGET_PAGE_SIZE or length > remaining:
+                raise StreamError(f"RAM block {idstr!r} has bad length {length}")
+            if idstr in self.by_name:
+                raise StreamError(f"RAM block {idstr!r} listed twice")
+            b = RamBlock(len(self.blocks), idstr, length)
+            self.blocks.append(b)
+            self.by_name[idstr] = b
+            self.seen.append(bytearray(b.pages))
+            remaining -= length
+        self.sink.ram_blocks(list(self.blocks))
+
+    def _ram_records(self, start: bool) -> None:
+        # The hot loop: one struct unpack per record, one view per page, no per-byte work.
+        inp = self.inp
+        sink_page = self.sink.ram_page
+        by_name = self.by_name
+        seen = self.seen
+        stats = self.stats
+        block = self.last_block
+        unpack64 = _BE64.unpack_from
+        page_size = TARGET_PAGE_SIZE
+        # largest record: 8 header + 1 + 255 idstr + 4096 page
+        want = 8 + 256 + page_size
+        pages = zeros = resent = 0
+        try:
+            while True:
+                if len(inp.buf) - inp.pos < want:
+                    inp.fill(want)
+                buf = inp.buf
+                pos = inp.pos
+                avail = len(buf)  # after fill(): anything short of a record is truncation
+                if pos + 8 > avail:
+                    raise _truncated(inp, pos, "ram record")
+                (word,) = unpack64(buf, pos)
+                pos += 8
+                flags = word & _FLAG_MASK
+                addr = word ^ flags
+                if flags & ~_RAM_FLAGS_ALLOWED:
+                    bad = [n for f, n in _RAM_FLAG_NAMES.items() if flags & f]
+                    raise StreamRefusedError(
+                        f"ram record flags {flags:#x} ({', '.join(bad) or 'unknown'})"
+                        f" at offset {inp.base + pos - 8}"
+                    )
+                if flags & RAM_FLAG_EOS:
+                    inp.pos = pos
+                    if flags != RAM_FLAG_EOS:
+                        raise StreamError(f"EOS combined with flags {flags:#x}")
+                    break
+                if flags & RAM_FLAG_MEM_SIZE:
+                    inp.pos = pos
+                    if not start or flags != RAM_FLAG_MEM_SIZE:
+                        raise StreamRefusedError("MEM_SIZE outside the ram START section")
+                    self._mem_size(addr)
+                    continue
+                kind = flags & (RAM_FLAG_ZERO | RAM_FLAG_PAGE)
+                if kind == 0 or kind == RAM_FLAG_ZERO | RAM_FLAG_PAGE:
+                    raise StreamError(f"ram record flags {flags:#x} name no page kind")
+                if flags & RAM_FLAG_CONTINUE:
+                    if block is None:
+                        raise StreamError("CONTINUE page record before any block named")
+                else:
+                    if pos >= avail or pos + 1 + buf[pos] > avail:
+                        raise _truncated(inp, pos, "ram record block name")
+                    n = buf[pos]
+                    name = buf[pos + 1 : pos + 1 + n].decode("ascii", "replace")
+                    pos += 1 + n
+                    found = by_name.get(name)
+                    if found is None:
+                        if not self.blocks:
+                            raise StreamRefusedError("page record before MEM_SIZE")
+                        raise StreamError(f"page for unknown RAM block {name!r}")
+                    block = found
+                if addr >= block.used_length:
+                    raise StreamError(
+                        f"page offset {addr:#x} beyond RAM block {block.idstr!r}"
+                        f" ({block.used_length:#x} bytes)"
+                    )
+                if flags & RAM_FLAG_ZERO:
+                    if pos >= avail:
+                        raise _truncated(inp, pos, "zero page")
+                    fill = buf[pos]
+                    pos += 1
+                    if fill:
+                        raise StreamRefusedError(f"ZERO page with fill byte {fill:#04x}")
+                    data = None
+                    zeros += 1
+                else:
+                    if pos + page_size > avail:
+                        raise _truncated(inp, pos, "page data")
+                    data = inp.mv[pos : pos + page_size]
+                    pos += page_size
+                inp.pos = pos
+                pages += 1
+                marks = seen[block.index]
+                pi = addr // page_size
+                if marks[pi]:
+                    resent += 1
+                else:
+                    marks[pi] = 1
+                sink_page(block, addr, data)
+        finally:
+            self.last_block = block
+            stats.page_records += pages
+            stats.zero_records += zeros
+            stats.resent_pages += resent
+
+    def _finish_stats(self) -> None:
+        self.stats.unsent_pages = sum(m.count(0) for m in self.seen)
+        self.stats.stream_bytes = self.inp.offset
+
+    # device tail ---------------------------------------------------------------------------
+
+    def _tail(self, tail: bytes) -> None:
+        vm_at = _find_vmdesc(tail)
+        self.vmdesc = tail[vm_at + 6 :]
+        devices = _vmdesc_devices(self.vmdesc)
+        mv = memoryview(tail)
+        pos = 0
+        offset = 0
+        for k, (name, instance) in enumerate(devices):
+            hdr = _parse_full_header(tail, pos, name, instance)
+            if hdr is None:
+                raise StreamError(
+                    f"device section {name!r} instance {instance} listed in vmdesc is not"
+                    f" the next section (stream offset {self.inp.base - len(tail) + pos})",
+                    missing=[name],
+                )
+            sid, version_id, body = hdr
+            nxt = devices[k + 1] if k + 1 < len(devices) else None
+            end = _find_section_end(tail, body, sid, nxt, vm_at, name)
+            rec = SectionRecord(SEC_FULL, sid, name, instance, version_id, offset, end - body)
+            self.records.append(rec)
+            self.sink.device_section(rec, mv[body:end])
+            offset += end - body
+            pos = end + 5
+        if pos != vm_at:
+            t = tail[pos]
+            raise StreamError(
+                f"section of type {SECTION_NAMES.get(t, hex(t))} after the last device"
+                " section that vmdesc lists"
+            )
+        self.sink.vmdesc(self.vmdesc)
+
+
+def _truncated(inp: _Input, pos: int, what: str) -> StreamError:
+    return StreamError(
+        f"migration stream truncated in {what} at offset {inp.base + pos}",
+        offset=inp.base + pos,
+    )
+
+
+def _find_vmdesc(tail: bytes) -> int:
+    """Offset of the EOF byte that precedes the vmdesc trailer ending the stream."""
+    end = len(tail)
+    hi = end
+    while True:
+        i = tail.rfind(b"\x00\x06", 0, hi)
+        if i < 0:
+            raise StreamRefusedError("stream has no vmdesc trailer after EOF")
+        if i + 6 <= end and _BE32.unpack_from(tail, i + 2)[0] == end - i - 6:
+            return i
+        hi = i + 1  # the pair may overlap the length field; step back one byte
+
+
+def _parse_full_header(
+    tail: bytes, pos: int, name: str, instance: int
+) -> tuple[int, int, int] | None:
+    """(section id, version id, body offset) if a FULL header for name/instance is at pos."""
+    n = len(name)
+    if pos + 14 + n > len(tail) or tail[pos] != SEC_FULL or tail[pos + 5] != n:
+        return None
+    if tail[pos + 6 : pos + 6 + n] != name.encode("ascii", "replace"):
+        return None
+    (inst,) = _BE32.unpack_from(tail, pos + 6 + n)
+    if inst != instance:
+        return None
+    (sid,) = _BE32.unpack_from(tail, pos + 1)
+    (ver,) = _BE32.unpack_from(tail, pos + 10 + n)
+    return sid, ver, pos + 14 + n
+
+
+def _find_section_end(
+    tail: bytes, body: int, sid: int, nxt: tuple[str, int] | None, vm_at: int, name: str
+) -> int:
+    """The one footer position after which the next expected thing follows.
+
+    Raises StreamError when there is none and StreamRefusedError when there is more than
+    one: a device body that happens to contain footer + next header is never guessed.
+    """
+    needle = bytes([SEC_FOOTER]) + _BE32.pack(sid)
+    found: list[int] = []
+    i = tail.find(needle, body, vm_at)
+    while i >= 0:
+        after = i + 5
+        ok = (
+            after == vm_at
+            if nxt is None
+            else _parse_full_header(tail, after, nxt[0], nxt[1]) is not None
+        )
+        if ok:
+            found.append(i)
+        i = tail.find(needle, i + 1, vm_at)
+    if not found:
+        raise StreamError(f"end of device section {name!r} (id {sid}) not found")
+    if len(found) > 1:
+        raise StreamRefusedError(
+            f"ambiguous end of device section {name!r}: {len(found)} candidate footers"
+        )
+    return found[0]
+
+
+def parse_stream(
+    f: _Readable,
+    sink: StreamSink,
+    *,
+    read_size: int = DEFAULT_READ_SIZE,
+    max_tail: int = DEFAULT_MAX_TAIL,
+) -> StreamLayout:
+    """Parse a whole migration stream from ``f`` (``read(n)``: file, pipe, socket file).
+
+    Calls ``sink`` as it goes and returns the validated layout.  Raises
+    StreamRefusedError when the stream is outside the allow-list (store it opaquely),
+    StreamError when it is truncated or inconsistent.
+    """
+    return _Parser(_Input(f, read_size), sink, max_tail).parse()
+
+
+# --- regenerator ----------------------------------------------------------------------------
+
+#: One extent of a block's page image: (offset, length, data or None for zeros).
+RamExtent = tuple[int, int, "bytes | bytearray | memoryview | None"]
+#: Called once per block, yields ascending non-overlapping extents; gaps are zeros.
+RamSource = Callable[[RamBlock], Iterable[RamExtent]]
+
+
+class _Writable(Protocol):
+    def write(self, b: bytes | bytearray | memoryview, /) -> int | None: ...
+
+
+class _Output:
+    def __init__(self, out: _Writable, flush_at: int) -> None:
+        self._out = out
+        self._flush_at = flush_at
+        self.buf = bytearray()
+        self.written = 0
+
+    def flush(self) -> None:
+        mv = memoryview(self.buf)
+        done = 0
+        while done < len(mv):
+            n = self._out.write(mv[done:])
+            # buffered writers return None / the full length; raw ones may write less
+            done += len(mv) - done if n is None else n
+        mv.release()
+        self.written += len(self.buf)
+        self.buf.clear()
+
+
+def _section_header(t: int, sid: int, idstr: str, instance: int, version: int) -> bytes:
+    name = idstr.encode("ascii")
+    return (
+        bytes([t])
+        + _BE32.pack(sid)
+        + bytes([len(name)])
+        + name
+        + _BE32.pack(instance)
+        + _BE32.pack(version)
+    )
+
+
+def _footer(sid: int) -> bytes:
+    return bytes([SEC_FOOTER]) + _BE32.pack(sid)
+
+
+def _iter_pages(
+    block: RamBlock, extents: Iterable[RamExtent]
+) -> Iterator[tuple[int, bytes | None]]:
+    """Every page of ``block`` in order, from extents; None = zero page."""
+    ps = block.page_size
+    nxt = 0
+    for off, length, data in extents:
+        if off < nxt or off % ps or length < 0 or off + length > block.used_length:
+            raise StreamError(
+                f"RAM source extent ({off:#x}, {length:#x}) of block {block.idstr!r}"
+                " is unaligned, out of order or out of range"
+            )
+        for p in range(nxt, off, ps):
+            yield p, None
+        if data is None:
+            for p in range(off, off + length, ps):
+                yield p, None
+        else:
+            if len(data) != length or length % ps:
+                raise StreamError(f"RAM source data for {block.idstr!r} has a bad length")
+            raw = data if isinstance(data, bytes) else bytes(data)
+            for i in range(0, length, ps):
+                page = raw[i : i + ps]
+                yield off + i, (None if page == _ZERO_PAGE else page)
+        nxt = off + length
+        nxt += -nxt % ps
+    for p in range(nxt, block.used_length, ps):
+        yield p, None
+
+
+def regenerate(
+    layout: StreamLayout,
+    devstate: bytes | bytearray | memoryview | _Readable,
+    ram_source: RamSource,
+    out: _Writable,
+    *,
+    send_zero_pages: bool = True,
+    flush_at: int = 4 << 20,
+) -> int:
+    """Write a QEMU 7.2 migration stream for ``layout`` to ``out``; return bytes written.
+
+    Output (canonical form): header, configuration, ram START with the MEM_SIZE block
+    list, one ram END section with every page of every block in order (zero pages as
+    ZERO records unless ``send_zero_pages`` is False -- the destination's ROM blocks are
+    not zero, so skipping is only safe where every block starts zeroed), the device
+    sections byte-exact in their original order, EOF, vmdesc.  ``devstate`` is the
+    concatenated device bodies, as bytes or a reader read sequentially.  Memory use is
+    bounded by ``flush_at`` plus one extent of ``ram_source``.
+
+    Raises StreamError if the layout fails validation or the sources disagree with it.
+    """
+    layout.validate()
+    assert layout.ram is not None
+    o = _Output(out, flush_at)
+    buf = o.buf
+    buf += _BE32.pack(QEVM_MAGIC) + _BE32.pack(layout.version)
+    buf.append(SEC_CONFIGURATION)
+    buf += layout.configuration
+    ram = layout.ram
+    buf += _section_header(SEC_START, ram.section_id, RAM_IDSTR, ram.instance_id, ram.version_id)
+    total = sum(b.used_length for b in layout.ram_blocks)
+    buf += _BE64.pack(total | RAM_FLAG_MEM_SIZE)
+    for b in layout.ram_blocks:
+        name = b.idstr.encode("ascii")
+        buf += bytes([len(name)]) + name + _BE64.pack(b.used_length)
+    buf += _BE64.pack(RAM_FLAG_EOS) + _footer(ram.section_id)
+    buf += bytes([SEC_END]) + _BE32.pack(ram.section_id)
+
+    pack64 = _BE64.pack
+    zero_tail = b"\x00"
+    for b in layout.ram_blocks:
+        name = b.idstr.encode("ascii")
+        named = bytes([len(name)]) + name
+        first = True
+        for off, page in _iter_pages(b, ram_source(b)):
+            if page is None:
+                if not send_zero_pages:
+                    continue
+                flags = RAM_FLAG_ZERO
+                body = zero_tail
+            else:
+                flags = RAM_FLAG_PAGE
+                body = page
+            if first:
+                buf += pack64(off | flags)
+                buf += named
+                first = False
+            else:
+                buf += pack64(off | flags | RAM_FLAG_CONTINUE)
+            buf += body
+            if len(buf) >= flush_at:
+                o.flush()
+    buf += _BE64.pack(RAM_FLAG_EOS) + _footer(ram.section_id)
+
+    reader = None if isinstance(devstate, bytes | bytearray | memoryview) else devstate
+    dev = None if reader is not None else memoryview(devstate)  # type: ignore[arg-type]
+    for r in layout.records:
+        buf += _section_header(r.section_type, r.section_id, r.idstr, r.instance_id, r.version_id)
+        if dev is not None:
+            body = bytes(dev[r.offset : r.offset + r.length])
+        else:
+            assert reader is not None
+            body = _read_exact(reader, r.length)
+        if len(body) != r.length:
+            raise StreamError(f"devstate too short for device section {r.idstr!r}")
+        buf += body
+        buf += _footer(r.section_id)
+        if len(buf) >= flush_at:
+            o.flush()
+    buf.append(SEC_EOF)
+    buf.append(SEC_VMDESC)
+    buf += _BE32.pack(len(layout.vmdesc)) + layout.vmdesc
+    o.flush()
+    return o.written
+
+
+def _read_exact(f: _Readable, n: int) -> bytes:
+    parts = []
+    have = 0
+    while have < n:
+        d = f.read(n - have)
+        if d is None:
+            continue
+        if not d:
+            break
+        parts.append(d)
+        have += len(d)
+    return b"".join(parts)
+
+
+__all__ = [
+    "DEFAULT_MAX_TAIL",
+    "QEVM_MAGIC",
+    "QEVM_VERSION",
+    "TARGET_PAGE_SIZE",
+    "NullSink",
+    "RamBlock",
+    "RamExtent",
+    "RamSection",
+    "RamSource",
+    "SectionRecord",
+    "StreamLayout",
+    "StreamSink",
+    "StreamStats",
+    "parse_stream",
+    "regenerate",
+]
