@@ -781,6 +781,22 @@ def _parse_full_header(
     return sid, ver, pos + 14 + n
 
 
+def _any_full_header(tail: bytes, pos: int) -> tuple[str, int] | None:
+    """(idstr, instance id) of a plausible FULL section header at pos, else None."""
+    if pos + 6 > len(tail) or tail[pos] != SEC_FULL:
+        return None
+    n = tail[pos + 5]
+    if n == 0 or pos + 14 + n > len(tail):
+        return None
+    try:
+        idstr = tail[pos + 6 : pos + 6 + n].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not idstr.isprintable():
+        return None
+    return idstr, _BE32.unpack_from(tail, pos + 6 + n)[0]
+
+
 def _find_section_end(
     tail: bytes, body: int, sid: int, nxt: tuple[str, int] | None, vm_at: int, name: str
 ) -> int:
@@ -803,6 +819,19 @@ def _find_section_end(
             found.append(i)
         i = tail.find(needle, i + 1, vm_at)
     if not found:
+        # Say what is there instead: usually a section vmdesc did not expect next,
+        # i.e. a device section is missing or out of order.
+        i = tail.find(needle, body, vm_at)
+        while i >= 0:
+            other = _any_full_header(tail, i + 5)
+            if other is not None:
+                want = "EOF" if nxt is None else f"{nxt[0]!r} instance {nxt[1]}"
+                raise StreamError(
+                    f"after device section {name!r} the stream has {other[0]!r} instance"
+                    f" {other[1]} but vmdesc lists {want} next (missing or out of order)",
+                    missing=[] if nxt is None else [nxt[0]],
+                )
+            i = tail.find(needle, i + 1, vm_at)
         raise StreamError(f"end of device section {name!r} (id {sid}) not found")
     if len(found) > 1:
         raise StreamRefusedError(

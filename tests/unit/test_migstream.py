@@ -1,0 +1,486 @@
+"""Unit tests of the migration stream parser/regenerator on synthetic streams.
+
+The streams are built by a small test-only writer below that follows the byte layout
+in the module docstring of ``vmarchive.format.migstream`` -- independent of the
+regenerator, so the two check each other.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmarchive.errors import StreamError, StreamRefusedError
+from vmarchive.format import migstream as ms
+
+PAGE = 4096
+
+# --- test-only stream writer ------------------------------------------------------------------
+
+
+def be32(v: int) -> bytes:
+    return struct.pack(">I", v)
+
+
+def be64(v: int) -> bytes:
+    return struct.pack(">Q", v)
+
+
+def name(s: str) -> bytes:
+    return bytes([len(s)]) + s.encode()
+
+
+@dataclass
+class Dev:
+    idstr: str
+    instance: int
+    body: bytes
+    version: int = 1
+    sid: int = 0
+
+
+@dataclass
+class W:
+    """Builds a stream: blocks, a list of ram sections (lists of page ops), devices."""
+
+    blocks: list[tuple[str, int]] = field(
+        default_factory=lambda: [("pc.ram", 16 * PAGE), ("vga.vram", 4 * PAGE)]
+    )
+    sections: list[list[tuple[int, int, bytes | None]]] = field(default_factory=list)
+    devices: list[Dev] = field(
+        default_factory=lambda: [
+            Dev("timer", 0, b"\x01" * 24),
+            Dev("cpu", 0, bytes(range(200))),
+            Dev("cpu", 1, b"\x7e\x00\x00\x00\x09" + bytes(40)),  # a footer look-alike
+            Dev("0000:00:03.0/virtio-blk", 0, b"\x00" * 7 + b"\x04"),
+        ]
+    )
+    magic: int = ms.QEVM_MAGIC
+    version: int = 3
+    config: bytes = be32(12) + b"pc-i440fx-7.2"[:12]
+    ram_version: int = 4
+    ram_sid: int = 2
+    footers: bool = True
+    vmdesc_devices: list[tuple[str, int]] | None = None
+    extra_flags: int = 0
+    zero_fill: int = 0
+    with_vmdesc: bool = True
+
+    def build(self) -> bytes:
+        out = bytearray(be32(self.magic) + be32(self.version))
+        out += b"\x07" + self.config
+        sid = self.ram_sid
+        total = sum(n for _, n in self.blocks)
+        out += b"\x01" + be32(sid) + name("ram") + be32(0) + be32(self.ram_version)
+        out += be64(total | 0x04)
+        for b, n in self.blocks:
+            out += name(b) + be64(n)
+        out += be64(0x10)
+        if self.footers:
+            out += b"\x7e" + be32(sid)
+        last = None
+        for k, sec in enumerate(self.sections):
+            out += bytes([3 if k == len(self.sections) - 1 else 2]) + be32(sid)
+            for bi, pi, data in sec:
+                bname = self.blocks[bi][0]
+                flags = (0x02 if data is None else 0x08) | self.extra_flags
+                if bname == last:
+                    out += be64(pi * PAGE | flags | 0x20)
+                else:
+                    out += be64(pi * PAGE | flags) + name(bname)
+                last = bname
+                out += bytes([self.zero_fill]) if data is None else data
+            out += be64(0x10)
+            if self.footers:
+                out += b"\x7e" + be32(sid)
+        for i, d in enumerate(self.devices):
+            d.sid = d.sid or 3 + i
+            out += b"\x04" + be32(d.sid) + name(d.idstr) + be32(d.instance) + be32(d.version)
+            out += d.body + b"\x7e" + be32(d.sid)
+        out += b"\x00"
+        if self.with_vmdesc:
+            listed = self.vmdesc_devices
+            if listed is None:
+                listed = [(d.idstr, d.instance) for d in self.devices]
+            desc = json.dumps(
+                {"page_size": PAGE, "devices": [{"name": n, "instance_id": i} for n, i in listed]}
+            ).encode()
+            out += b"\x06" + be32(len(desc)) + desc
+        return bytes(out)
+
+    def final_images(self) -> dict[str, bytearray]:
+        img = {b: bytearray(n) for b, n in self.blocks}
+        for sec in self.sections:
+            for bi, pi, data in sec:
+                img[self.blocks[bi][0]][pi * PAGE : (pi + 1) * PAGE] = data or bytes(PAGE)
+        return img
+
+
+def page(tag: int) -> bytes:
+    return bytes([tag & 0xFF]) * 8 + bytes(range(256)) * 15 + bytes(PAGE - 8 - 3840)
+
+
+# --- a sink that keeps everything (tests only: small RAM) --------------------------------------
+
+
+class Recorder(ms.NullSink):
+    def __init__(self) -> None:
+        self.img: dict[str, bytearray] = {}
+        self.dev = bytearray()
+        self.events: list[str] = []
+
+    def header(self, version: int) -> None:
+        self.events.append("header")
+
+    def configuration(self, data: bytes) -> None:
+        self.events.append("configuration")
+
+    def ram_blocks(self, blocks: list[ms.RamBlock]) -> None:
+        self.events.append("ram_blocks")
+        for b in blocks:
+            self.img[b.idstr] = bytearray(b.used_length)
+
+    def ram_page(self, block: ms.RamBlock, offset: int, data: memoryview | None) -> None:
+        assert offset % PAGE == 0
+        self.img[block.idstr][offset : offset + PAGE] = bytes(PAGE) if data is None else data
+
+    def device_section(self, record: ms.SectionRecord, data: memoryview) -> None:
+        self.events.append("device")
+        assert record.offset == len(self.dev)
+        self.dev += data
+
+    def vmdesc(self, data: bytes) -> None:
+        self.events.append("vmdesc")
+
+    def source(self, block: ms.RamBlock) -> Iterable[ms.RamExtent]:
+        yield (0, block.used_length, self.img[block.idstr])
+
+
+class Dribble(io.RawIOBase):
+    """A reader returning random short reads, like a pipe."""
+
+    def __init__(self, data: bytes, seed: int, max_read: int = 7000) -> None:
+        self._d = data
+        self._p = 0
+        self._r = random.Random(seed)
+        self._max = max_read
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        k = min(n if n >= 0 else len(self._d), self._r.randint(1, self._max))
+        out = self._d[self._p : self._p + k]
+        self._p += len(out)
+        return out
+
+
+def parse(data: bytes, **kw: int) -> tuple[ms.StreamLayout, Recorder]:
+    rec = Recorder()
+    return ms.parse_stream(io.BytesIO(data), rec, **kw), rec
+
+
+def regen(layout: ms.StreamLayout, rec: Recorder, **kw: bool) -> bytes:
+    out = io.BytesIO()
+    n = ms.regenerate(layout, bytes(rec.dev), rec.source, out, **kw)
+    assert n == len(out.getvalue())
+    return out.getvalue()
+
+
+def sample() -> W:
+    return W(
+        sections=[
+            [(0, 0, page(1)), (0, 1, None), (0, 5, page(2)), (1, 0, page(3)), (0, 5, page(9))],
+            [(0, 1, page(4)), (1, 3, None), (0, 15, page(5))],
+            [(0, 0, None), (1, 3, page(6))],
+        ]
+    )
+
+
+# --- round trips -----------------------------------------------------------------------------
+
+
+def test_parse_gives_final_pages_devices_and_layout() -> None:
+    w = sample()
+    layout, rec = parse(w.build())
+    assert rec.img == w.final_images()
+    assert rec.dev == b"".join(d.body for d in w.devices)
+    assert [(r.idstr, r.instance_id, r.length) for r in layout.records] == [
+        (d.idstr, d.instance, len(d.body)) for d in w.devices
+    ]
+    assert [b.idstr for b in layout.ram_blocks] == ["pc.ram", "vga.vram"]
+    assert layout.stats.resent_pages == 4
+    assert layout.stats.unsent_pages == 20 - 6
+    assert rec.events[:3] == ["header", "configuration", "ram_blocks"]
+    assert rec.events[-1] == "vmdesc"
+
+
+def test_regenerate_round_trips_and_is_canonical() -> None:
+    w = sample()
+    layout, rec = parse(w.build())
+    out1 = regen(layout, rec)
+    layout2, rec2 = parse(out1)
+    assert rec2.img == rec.img
+    assert rec2.dev == rec.dev
+    assert layout2.records == layout.records
+    assert layout2.configuration == layout.configuration
+    assert layout2.vmdesc == layout.vmdesc
+    assert regen(layout2, rec2) == out1  # canonical form is a fixed point
+    assert layout2.stats.unsent_pages == 0  # regenerated streams send every page
+
+
+def test_regenerate_without_zero_pages_still_parses_to_same_image() -> None:
+    layout, rec = parse(sample().build())
+    out = regen(layout, rec, send_zero_pages=False)
+    layout2, rec2 = parse(out)
+    assert rec2.img == rec.img
+    assert layout2.stats.zero_records == 0
+
+
+def test_regenerate_reads_devstate_from_a_reader_and_sparse_extents() -> None:
+    layout, rec = parse(sample().build())
+
+    def sparse(block: ms.RamBlock) -> Iterable[ms.RamExtent]:
+        img = rec.img[block.idstr]
+        for off in range(0, block.used_length, 2 * PAGE):
+            chunk = bytes(img[off : off + 2 * PAGE])
+            yield (off, len(chunk), None if not any(chunk) else memoryview(chunk))
+
+    out = io.BytesIO()
+    ms.regenerate(layout, io.BytesIO(bytes(rec.dev)), sparse, out)
+    assert out.getvalue() == regen(layout, rec)
+
+
+def test_layout_json_round_trip() -> None:
+    layout, _ = parse(sample().build())
+    obj = json.loads(json.dumps(layout.to_json()))
+    back = ms.StreamLayout.from_json(obj)
+    assert back == layout
+    with pytest.raises(StreamError):
+        ms.StreamLayout.from_json({"layout_version": 1})
+    with pytest.raises(StreamError):
+        ms.StreamLayout.from_json({**obj, "layout_version": 99})
+
+
+def test_short_reads_give_the_same_result() -> None:
+    data = sample().build()
+    layout, rec = parse(data)
+    for seed in range(5):
+        rec2 = Recorder()
+        layout2 = ms.parse_stream(Dribble(data, seed), rec2, read_size=1000)
+        assert rec2.img == rec.img and rec2.dev == rec.dev and layout2 == layout
+
+
+# --- property: any page sequence, with re-sends, gives the final contents ------------------------
+
+ops = st.lists(
+    st.tuples(
+        st.integers(0, 1),
+        st.integers(0, 3),
+        st.one_of(st.none(), st.integers(1, 255)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(ops, min_size=1, max_size=4), st.integers(0, 2**16), st.integers(1, 9000))
+def test_property_final_pages(
+    sections: list[list[tuple[int, int, int | None]]], seed: int, max_read: int
+) -> None:
+    w = W(
+        blocks=[("pc.ram", 4 * PAGE), ("b", 4 * PAGE)],
+        sections=[[(b, p, None if t is None else page(t)) for b, p, t in s] for s in sections],
+    )
+    rec = Recorder()
+    layout = ms.parse_stream(Dribble(w.build(), seed, max_read), rec, read_size=max_read)
+    assert rec.img == w.final_images()
+    assert layout.stats.page_records == sum(len(s) for s in sections)
+    _, rec2 = parse(regen(layout, rec))
+    assert rec2.img == rec.img and rec2.dev == rec.dev
+
+
+# --- negative controls: truncation and missing/misplaced device sections -----------------------
+
+
+def test_every_truncation_raises_stream_error() -> None:
+    data = sample().build()
+    cuts = sorted({*range(0, 64), *range(0, len(data), 97), len(data) - 1, len(data) - 30})
+    for cut in cuts:
+        with pytest.raises(StreamError):
+            parse(data[:cut])
+    parse(data)  # the control: the whole stream parses
+
+
+def test_trailing_garbage_is_an_error() -> None:
+    with pytest.raises(StreamError):
+        parse(sample().build() + b"x")
+
+
+def test_missing_device_section_is_detected() -> None:
+    w = sample()
+    listed = [(d.idstr, d.instance) for d in w.devices]
+    del w.devices[1]
+    w.vmdesc_devices = listed
+    with pytest.raises(StreamError, match="cpu"):
+        parse(w.build())
+
+
+def test_extra_device_section_is_detected() -> None:
+    w = sample()
+    w.vmdesc_devices = [(d.idstr, d.instance) for d in w.devices[:-1]]
+    with pytest.raises(StreamError):
+        parse(w.build())
+
+
+def _contiguous(records: list[ms.SectionRecord]) -> list[ms.SectionRecord]:
+    out, off = [], 0
+    for r in records:
+        out.append(
+            ms.SectionRecord(
+                r.section_type, r.section_id, r.idstr, r.instance_id, r.version_id, off, r.length
+            )
+        )
+        off += r.length
+    return out
+
+
+def test_layout_validation_catches_a_dropped_record() -> None:
+    layout, rec = parse(sample().build())
+    layout.validate()  # control
+    dropped = ms.StreamLayout(
+        version=layout.version,
+        configuration=layout.configuration,
+        ram=layout.ram,
+        ram_blocks=layout.ram_blocks,
+        records=_contiguous([layout.records[0], *layout.records[2:]]),
+        vmdesc=layout.vmdesc,
+    )
+    with pytest.raises(StreamError, match="do not match vmdesc"):
+        dropped.validate()
+    with pytest.raises(StreamError):
+        ms.regenerate(dropped, bytes(rec.dev), rec.source, io.BytesIO())
+    no_mem = ms.StreamLayout(
+        layout.version, layout.configuration, layout.ram, [], layout.records, layout.vmdesc
+    )
+    with pytest.raises(StreamError, match="MEM_SIZE"):
+        no_mem.validate()
+    gap = ms.StreamLayout(
+        layout.version,
+        layout.configuration,
+        layout.ram,
+        layout.ram_blocks,
+        [layout.records[0], *layout.records[2:]],
+        layout.vmdesc,
+    )
+    with pytest.raises(StreamError, match="contiguous"):
+        gap.validate()
+
+
+def test_ambiguous_device_boundary_is_refused_not_guessed() -> None:
+    w = sample()
+    # cpu 0's body contains its own footer followed by a perfect copy of cpu 1's header
+    sid0 = 3 + 1
+    sid1 = 3 + 2
+    fake = b"\x7e" + be32(sid0) + b"\x04" + be32(sid1) + name("cpu") + be32(1) + be32(1)
+    w.devices[1].body = b"abc" + fake + b"def"
+    with pytest.raises(StreamRefusedError, match="ambiguous"):
+        parse(w.build())
+    w.devices[1].body = b"abc" + fake[:-5] + b"def"  # control: one byte short of ambiguous
+    parse(w.build())
+
+
+# --- negative controls: the allow-list ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda w: setattr(w, "magic", 0x12345678), "magic"),
+        (lambda w: setattr(w, "version", 2), "version 2"),
+        (lambda w: setattr(w, "ram_version", 3), "ram section version 3"),
+        (lambda w: setattr(w, "extra_flags", 0x40), "XBZRLE"),
+        (lambda w: setattr(w, "extra_flags", 0x100), "COMPRESS_PAGE"),
+        (lambda w: setattr(w, "extra_flags", 0x200), "MULTIFD_FLUSH"),
+        (lambda w: setattr(w, "extra_flags", 0x80), "HOOK"),
+        (lambda w: setattr(w, "extra_flags", 0x01), "FULL"),
+        (lambda w: setattr(w, "extra_flags", 0x800), "unknown"),
+        (lambda w: setattr(w, "zero_fill", 0xAA), "fill byte"),
+        (lambda w: setattr(w, "footers", False), "footer"),
+        (lambda w: setattr(w, "with_vmdesc", False), "vmdesc"),
+        (
+            lambda w: setattr(
+                w,
+                "config",
+                w.config + b"\x05" + name("configuration/target-page-bits") + be32(1) + be32(16),
+            ),
+            "target-page-bits",
+        ),
+        (
+            lambda w: setattr(
+                w,
+                "config",
+                w.config + b"\x05" + name("configuration/capabilities") + be32(1) + be32(0),
+            ),
+            "capabilities",
+        ),
+    ],
+)
+def test_allow_list_refusals(change, reason: str) -> None:  # type: ignore[no-untyped-def]
+    w = sample()
+    change(w)
+    with pytest.raises(StreamRefusedError, match=reason):
+        parse(w.build())
+
+
+def test_allow_list_control_uuid_subsection_is_accepted() -> None:
+    w = sample()
+    w.config += b"\x05" + name("configuration/uuid") + be32(1) + bytes(range(16))
+    layout, rec = parse(w.build())
+    assert layout.configuration == w.config
+    _, rec2 = parse(regen(layout, rec))
+    assert rec2.img == rec.img
+
+
+def _splice_after_config(w: W, blob: bytes) -> bytes:
+    data = w.build()
+    at = 8 + 1 + len(w.config)
+    return data[:at] + blob + data[at:]
+
+
+def test_refuses_command_section() -> None:
+    # QEMU_VM_COMMAND, be16 cmd 2 (POSTCOPY_ADVISE), be16 len 16
+    with pytest.raises(StreamRefusedError, match="COMMAND 2"):
+        parse(_splice_after_config(sample(), b"\x08\x00\x02\x00\x10" + bytes(16)))
+
+
+def test_refuses_unknown_section_type() -> None:
+    with pytest.raises(StreamRefusedError, match="0x09"):
+        parse(_splice_after_config(sample(), b"\x09"))
+
+
+def test_refuses_other_iterable_sections() -> None:
+    blob = b"\x01" + be32(9) + name("block") + be32(0) + be32(1)
+    with pytest.raises(StreamRefusedError, match="'block'"):
+        parse(_splice_after_config(sample(), blob))
+
+
+def test_refuses_missing_configuration() -> None:
+    data = sample().build()
+    with pytest.raises(StreamRefusedError, match="configuration"):
+        parse(data[:8] + data[8 + 1 + 16 :])
+
+
+def test_page_for_unknown_block_and_offset_out_of_range_are_errors() -> None:
+    w = sample()
+    w.sections = [[(0, 16, page(1))]]  # pc.ram has 16 pages: index 16 is outside
+    with pytest.raises(StreamError, match="beyond"):
+        parse(w.build())
