@@ -72,7 +72,11 @@ def make_inputs(workdir: Path) -> list[Path]:
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS bytes of the process)."""
+    """Run ``cmd``; return (wall seconds, peak RSS bytes of the process).
+
+    Flushes dirty pages first so no tool pays for the previous one's writeback.
+    """
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
