@@ -36,6 +36,7 @@ from vmarchive.progress import NULL_PROGRESS, Progress
 from vmarchive.store import crashpoint
 from vmarchive.store.backend import ObjectInfo, ObjectNotFoundError
 from vmarchive.store.chunkindex import Location
+from vmarchive.store.repository import pack_key, parse_time
 
 if TYPE_CHECKING:
     from vmarchive.store.repository import ArchiveSummary, Repository
@@ -149,7 +150,7 @@ def _verify(
         try:
             for pack_id in sorted(by_pack):
                 try:
-                    data = repo.backend.get(f"data/{pack_id[:2]}/{pack_id}")
+                    data = repo.backend.get(pack_key(pack_id))
                 except ObjectNotFoundError:
                     bad.update(c for c, _ in by_pack[pack_id])
                     problems.append(f"pack {pack_id} vanished")
@@ -322,8 +323,6 @@ def plan_prune(archives: list[ArchiveSummary], policy: PrunePolicy) -> PruneResu
     Raises :class:`UsageError` for an empty policy (it would forget everything) or a
     negative count.
     """
-    from vmarchive.store.repository import parse_time
-
     counts = (
         policy.keep_last,
         policy.keep_hourly,
@@ -491,7 +490,7 @@ def gc(
 
         try:
             for pack_id in to_repack:
-                data = repo.backend.get(f"data/{pack_id[:2]}/{pack_id}")
+                data = repo.backend.get(pack_key(pack_id))
                 for cid, loc in sorted(entries_by_pack[pack_id], key=lambda e: e[1].offset):
                     if cid not in live or cid in moved:
                         continue
@@ -536,7 +535,7 @@ def gc(
                 crashpoint.hit("gc-after-index-delete")
         for pack_id in sorted(doomed):
             result.bytes_freed += packs[pack_id].size
-            repo.backend.delete(f"data/{pack_id[:2]}/{pack_id}")
+            repo.backend.delete(pack_key(pack_id))
             crashpoint.hit("gc-after-delete")
         result.packs_deleted = len(set(to_delete) & doomed)
         result.temporaries_deleted = repo.backend.clean_temporaries(options.grace)
@@ -573,7 +572,7 @@ def rebuild_index(repo: Repository, *, dry_run: bool = False) -> RebuildResult:
         index = repo.index
         new: list[tuple[bytes, Location]] = []
         for pack_id, info in sorted(_packs(repo).items()):
-            key = f"data/{pack_id[:2]}/{pack_id}"
+            key = pack_key(pack_id)
             try:
                 first = min(info.size, repo.codecs.pack_tail_first_fetch())
                 tail = repo.backend.get_range(key, info.size - first, first)

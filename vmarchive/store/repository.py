@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from vmarchive.errors import (
@@ -133,9 +133,7 @@ def parse_time(value: str) -> datetime:
     except (ValueError, AttributeError) as e:
         raise UsageError(f"archive time {value!r} is not ISO 8601") from e
     if t.tzinfo is None:
-        from datetime import UTC
-
-        t = t.replace(tzinfo=UTC)
+        t = t.replace(tzinfo=UTC)  # a time without offset is taken as UTC
     return t
 
 
