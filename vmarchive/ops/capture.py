@@ -251,6 +251,7 @@ class _Capture:
         self.t_instant: float | None = None
         self.events: EventSubscription | None = None
         self.work: Path | None = None
+        self.watchdog: Watchdog | None = None
 
     # -- state machine -------------------------------------------------------------------
     def to(self, state: CaptureState, note: str = "") -> None:
@@ -273,6 +274,7 @@ class _Capture:
                 self.qmp = QMP(self.dom) if dstate.is_active else None
                 if self.qmp is not None:
                     watchdog = Watchdog(state_dir, self.dom.uuid, self.dom.name, self.o.uri)
+                    self.watchdog = watchdog
                 leftover = Marker.load(marker_path)
                 if leftover is not None:
                     log.warning(
@@ -666,6 +668,8 @@ class _Capture:
             raise
         finally:
             close_fd(wfd)
+        if self.watchdog is not None:
+            self.watchdog.hold_stream(r)
         reader = PipeReader(r, consumer, self.progress.task("memory", None))
         reader.start()
         return reader
@@ -769,6 +773,7 @@ class _Capture:
                 export_node[d.target] = self._temp_node(qmp, marker, "fl", d, d.node_name)
         else:
             export_node = {d.target: str(d.node_name) for d in copy}
+        marker.mode = mode
         marker.save()
         self._set_migration(qmp, mode)
         for d in copy:
@@ -876,10 +881,16 @@ class _Capture:
             threads.cancel()
             threads.join()
             if reader is not None and reader.is_alive():
-                with contextlib.suppress(HypervisorError):
-                    qmp.execute("migrate_cancel")
-                reader.join(30)
+                if mode != "snapshot":
+                    with contextlib.suppress(HypervisorError):
+                        qmp.execute("migrate_cancel")
+                # A background snapshot is never cancelled (see capture_cleanup): the
+                # reader drains it to its end.
+                reader.join(600 if mode == "snapshot" else 30)
             raise
+        finally:
+            if self.watchdog is not None and (reader is None or not reader.is_alive()):
+                self.watchdog.drop_stream()
 
         # -- results
         t_end = self.clock()

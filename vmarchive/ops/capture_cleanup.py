@@ -62,6 +62,8 @@ class Marker:
     uuid: str
     pid: int = field(default_factory=os.getpid)
     was_running: bool = False
+    #: "switchover", "snapshot", "paused": a background snapshot is never cancelled.
+    mode: str = ""
     migration_started: bool = False
     nbd_server: bool = False
     #: migration capabilities and parameters as they were before the capture.
@@ -92,6 +94,7 @@ class Marker:
         m = cls(path=path, domain=str(data.get("domain", "")), uuid=str(data.get("uuid", "")))
         for k in (
             "pid",
+            "mode",
             "was_running",
             "migration_started",
             "nbd_server",
@@ -267,7 +270,13 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
             return str(qmp.execute("query-migrate").get("status", "none")) in MIGRATION_ACTIVE
 
         try:
-            if active():
+            if active() and marker.mode == "snapshot":
+                # QEMU 7.2 can deadlock when a running background snapshot fails (its main
+                # loop faults on a write-protected page while the snapshot thread waits for
+                # the main loop's lock): let it finish; whoever holds the pipe drains it.
+                log.info("cleanup: waiting for the background snapshot to finish")
+                ok = _wait(lambda: not active(), 600.0, "background snapshot", 0.05) and ok
+            elif active():
                 log.info("cleanup: cancelling migration")
                 qmp.execute("migrate_cancel")
                 ok = _wait(lambda: not active(), 30.0, "migration cancel") and ok

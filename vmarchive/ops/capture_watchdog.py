@@ -8,7 +8,14 @@ process ends, however it ends; if the capture's marker file is still there then,
 watchdog takes the per-domain lock (free once the capture process is gone) and runs the
 same cleanup as the capture's own ``finally`` (:func:`clean_domain`).
 
-Run as ``python -m vmarchive.ops.capture_watchdog STATE_DIR UUID NAME URI``.
+It also holds a copy of the read end of the migration pipe (passed over the socket
+with SCM_RIGHTS) and drains it after the capture died.  That matters in snapshot mode:
+a failing background snapshot in QEMU 7.2 can deadlock QEMU (its main loop faults on a
+write-protected guest page while the snapshot thread, bailing out, waits for the main
+loop's lock), so a background snapshot must always be allowed to finish.
+
+Run as ``python -m vmarchive.ops.capture_watchdog STATE_DIR UUID NAME URI`` with one end
+of a unix socket pair on stdin.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,41 +35,96 @@ log = logging.getLogger(__name__)
 
 
 class Watchdog:
-    """The parent's handle: :meth:`release` after the capture ended normally."""
+    """The parent's handle: :meth:`hold_stream` / :meth:`drop_stream` around a migration,
+    :meth:`release` after the capture ended."""
 
     def __init__(self, state_dir: Path, uuid: str, name: str, uri: str) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(state_dir), uuid, name, uri],
-                stdin=subprocess.PIPE,
+                stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
                 stderr=None,
                 start_new_session=True,  # a Ctrl-C to the capture must not kill it too
                 close_fds=True,
             )
+            self._sock = ours
         except OSError as e:  # pragma: no cover - no python to run?
             log.warning("cannot start the capture watchdog: %s", e)
+            ours.close()
+        finally:
+            theirs.close()
+
+    def hold_stream(self, fd: int) -> None:
+        """Give the watchdog a copy of the migration pipe's read end."""
+        if self._sock is not None:
+            try:
+                socket.send_fds(self._sock, [b"h"], [fd])
+            except OSError as e:
+                log.warning("cannot pass the migration pipe to the watchdog: %s", e)
+
+    def drop_stream(self) -> None:
+        """The migration is over: the watchdog closes its copy of the pipe."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.sendall(b"d")
 
     def release(self) -> None:
         """Tell the watchdog we are done (idempotent); it exits when it finds no marker."""
         proc, self._proc = self._proc, None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
         if proc is None:
             return
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             log.debug("capture watchdog still running (cleaning up)")
 
 
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 1 << 20):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _watch(state_dir: Path, uuid: str, name: str, uri: str) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    while os.read(0, 4096):
-        pass
+    chan = socket.socket(fileno=0)
+    held: int | None = None
+    while True:
+        msg, fds, _flags, _addr = socket.recv_fds(chan, 16, 4)
+        for fd in fds:
+            if held is not None:
+                os.close(held)
+            held = fd
+        if not msg:
+            break
+        if msg.endswith(b"d") and held is not None:
+            os.close(held)
+            held = None
+    drainer: threading.Thread | None = None
+    if held is not None:
+        # Keep the migration going to its end: never make a background snapshot fail.
+        drainer = threading.Thread(target=_drain, args=(held,), daemon=True)
+        drainer.start()
+    try:
+        return _clean(state_dir, uuid, name, uri)
+    finally:
+        if drainer is not None:
+            drainer.join(3600)
+
+
+def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
     marker_path = state_dir / f"{uuid}.json"
     if not marker_path.exists():
         return 0
