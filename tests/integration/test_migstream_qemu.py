@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import time
@@ -23,6 +24,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmarchive.errors import StreamError
 from vmarchive.format import migstream as ms
+from vmarchive.format import migstream_cpu as mc
 
 pytestmark = pytest.mark.qemu
 
@@ -57,6 +59,8 @@ class VM:
             "pc",
             "-m",
             "128",
+            "-smp",
+            "2",
             "-nodefaults",
             "-display",
             "none",
@@ -231,14 +235,40 @@ def test_background_snapshot_stream(source_vm: VM, workdir: pathlib.Path) -> Non
     assert layout.stats.unsent_pages == 0
 
 
-def test_stopped_stream_and_missing_device_is_caught(source_vm: VM, workdir: pathlib.Path) -> None:
+def hmp_registers(vm: VM) -> list[dict[str, int]]:
+    """RIP/RSP/CR3 per vCPU as HMP ``info registers -a`` prints them (32- or 64-bit)."""
+    text = vm.cmd("human-monitor-command", **{"command-line": "info registers -a"})
+    cpus = []
+    for part in re.split(r"^CPU#\d+", text, flags=re.M)[1:]:
+        regs = {}
+        for key, pat in (
+            ("rip", r"\b[ER]IP=([0-9a-f]+)"),
+            ("rsp", r"\b[ER]SP=([0-9a-f]+)"),
+            ("cr3", r"\bCR3=([0-9a-f]+)"),
+        ):
+            m = re.search(pat, part)
+            assert m, (key, part)
+            regs[key] = int(m.group(1), 16)
+        cpus.append(regs)
+    return cpus
+
+
+def test_stopped_stream_registers_and_missing_device_is_caught(
+    source_vm: VM, workdir: pathlib.Path
+) -> None:
     source_vm.cmd("stop")
     try:
+        expected = hmp_registers(source_vm)
         stream = workdir / "stopped.bin"
         source_vm.migrate_to(stream)
     finally:
         source_vm.cmd("cont")
     layout = round_trip(workdir, stream, "stopped")
+    # the decoder agrees with QEMU's own view of each vCPU (issue 6)
+    _, sink = parse_file(stream)
+    cpus = mc.decode_x86_cpus(layout, sink.dev)
+    assert len(expected) == 2
+    assert [{"rip": c.rip, "rsp": c.rsp, "cr3": c.cr3} for c in cpus] == expected
     # negative control on a real stream: drop virtio-blk's section from the stream bytes
     data = stream.read_bytes()
     rec = next(r for r in layout.records if r.idstr.endswith("/virtio-blk"))
