@@ -7,7 +7,7 @@ image, a real migration stream: ``*.mig`` / ``*.stream`` files are stored as an 
 migration stream, everything else as a disk).
 
 For each tool: first ingest (empty repository), re-ingest (everything already stored),
-repository size, peak RSS of the process.  Re-ingests re-read every byte (borg
+repository size, peak RSS of the process; rates are medians over ``--rounds`` rounds.  Re-ingests re-read every byte (borg
 ``--files-cache=disabled``, restic ``--force``): a capture reads disks through NBD and
 memory from a pipe, so no tool may skip reading by looking at file metadata.
 
@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -200,6 +201,7 @@ def main() -> None:
     ap.add_argument(
         "--compression-level", type=int, default=3, help="vmarchive zstd level (default 3)"
     )
+    ap.add_argument("--rounds", type=int, default=3, help="repetitions (median is reported)")
     ap.add_argument("extra", nargs="*", help="real inputs: a guest disk image, a migration stream")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -211,14 +213,32 @@ def main() -> None:
         f"inputs: {', '.join(f'{f.name} ({f.stat().st_size / MiB:.0f} MiB)' for f in files)}; total {total / GiB:.2f} GiB"
     )
     tools = args.only or list(TOOLS)
+    # Rounds interleave the tools, so a burst of load from elsewhere on the machine hits
+    # them alike; each figure is the median over rounds (sizes do not vary).
+    runs: dict[str, list[dict[str, float]]] = {t: [] for t in tools}
+    for rnd in range(args.rounds):
+        for tool in tools:
+            if tool == "vmarchive":
+                r = bench_vmarchive(work, files, args.compression_level)
+            elif tool == "borg-zstd3":
+                r = bench_borg(work, files, "zstd,3")
+            else:
+                r = {"borg": bench_borg, "restic": bench_restic}[tool](work, files)
+            runs[tool].append(r)
+            print(
+                f"  round {rnd + 1} {tool:<10} ingest {total / MiB / r['ingest_s']:7.1f} MiB/s"
+                f"  re-ingest {total / MiB / r['reingest_s']:7.1f} MiB/s",
+                flush=True,
+            )
     results: dict[str, dict[str, float]] = {}
     for tool in tools:
-        if tool == "vmarchive":
-            results[tool] = bench_vmarchive(work, files, args.compression_level)
-        elif tool == "borg-zstd3":
-            results[tool] = bench_borg(work, files, "zstd,3")
-        else:
-            results[tool] = {"borg": bench_borg, "restic": bench_restic}[tool](work, files)
+        rs = runs[tool]
+        results[tool] = {
+            "ingest_s": statistics.median(x["ingest_s"] for x in rs),
+            "reingest_s": statistics.median(x["reingest_s"] for x in rs),
+            "repo_bytes": rs[0]["repo_bytes"],
+            "peak_rss": max(x["peak_rss"] for x in rs),
+        }
         r = results[tool]
         print(
             f"{tool:<10} ingest {total / MiB / r['ingest_s']:8.1f} MiB/s   re-ingest {total / MiB / r['reingest_s']:8.1f} MiB/s"
