@@ -484,3 +484,41 @@ def test_page_for_unknown_block_and_offset_out_of_range_are_errors() -> None:
     w.sections = [[(0, 16, page(1))]]  # pc.ram has 16 pages: index 16 is outside
     with pytest.raises(StreamError, match="beyond"):
         parse(w.build())
+
+
+# --- the capture's round-trip check -------------------------------------------------------------
+
+
+def test_check_round_trip_ok_with_bytes_and_reader_devstate() -> None:
+    layout, rec = parse(sample().build())
+    report = ms.check_round_trip(layout, bytes(rec.dev), rec.source)
+    assert report.ok, report.problems
+    assert report.pages == 20
+    report = ms.check_round_trip(layout, io.BytesIO(bytes(rec.dev)), rec.source, read_size=999)
+    assert report.ok, report.problems
+
+
+def test_check_round_trip_reports_a_lying_regenerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    layout, rec = parse(sample().build())
+    real = ms.regenerate
+
+    def lying(*args, on_page, **kw):  # type: ignore[no-untyped-def]
+        # claims every page it writes is zero: the digests must then disagree
+        return real(*args, on_page=lambda b, o, p: on_page(b, o, None), **kw)
+
+    monkeypatch.setattr(ms, "regenerate", lying)
+    report = ms.check_round_trip(layout, bytes(rec.dev), rec.source)
+    assert not report.ok
+    assert any("'pc.ram' differs" in p for p in report.problems)
+
+
+def test_check_round_trip_reports_bad_parts() -> None:
+    layout, rec = parse(sample().build())
+    short = ms.check_round_trip(layout, io.BytesIO(bytes(rec.dev)[:-3]), rec.source)
+    assert not short.ok and any("devstate too short" in p for p in short.problems)
+
+    def bad_source(block: ms.RamBlock) -> Iterable[ms.RamExtent]:
+        yield (0, block.used_length + PAGE, bytes(block.used_length + PAGE))
+
+    bad = ms.check_round_trip(layout, bytes(rec.dev), bad_source)
+    assert not bad.ok and any("out of range" in p for p in bad.problems)
