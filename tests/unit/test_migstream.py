@@ -522,3 +522,31 @@ def test_check_round_trip_reports_bad_parts() -> None:
 
     bad = ms.check_round_trip(layout, bytes(rec.dev), bad_source)
     assert not bad.ok and any("out of range" in p for p in bad.problems)
+
+
+def test_progress_counts_every_byte_read() -> None:
+    data = sample().build()
+
+    class Task:
+        n = 0
+
+        def advance(self, n: int) -> None:
+            self.n += n
+
+        def set_total(self, total: int | None) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    task = Task()
+    ms.parse_stream(Dribble(data, 3), Recorder(), read_size=4000, progress=task)
+    assert task.n == len(data)
+
+
+def test_non_ascii_block_name_is_refused() -> None:
+    w = sample()
+    w.blocks[1] = ("vga.vr\xe4m", 4 * PAGE)
+    data = w.build().replace("vga.vr\xe4m".encode(), b"vga.vr\xe4m")  # latin-1 byte
+    with pytest.raises(StreamRefusedError, match="non-ASCII"):
+        parse(data)
