@@ -550,3 +550,34 @@ def test_non_ascii_block_name_is_refused() -> None:
     data = w.build().replace("vga.vr\xe4m".encode(), b"vga.vr\xe4m")  # latin-1 byte
     with pytest.raises(StreamRefusedError, match="non-ASCII"):
         parse(data)
+
+
+# --- property: device bodies full of footer look-alikes are split exactly or refused -----------
+
+look_alikes = st.sampled_from(
+    [
+        b"\x7e\x00\x00\x00\x03",
+        b"\x7e\x00\x00\x00\x04",
+        b"\x7e\x00\x00\x00\x05",
+        b"\x04\x00\x00\x00\x04\x03cpu\x00\x00\x00\x01\x00\x00\x00\x01",
+        b"\x04\x00\x00\x00\x05\x03cpu",
+        b"\x00\x06\x00\x00\x00\x10",
+        b"\x00",
+    ]
+)
+bodies = st.lists(st.one_of(st.binary(max_size=12), look_alikes), max_size=8).map(b"".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(bodies, min_size=3, max_size=3))
+def test_property_device_bodies_split_exactly_or_refused(parts: list[bytes]) -> None:
+    w = W(
+        sections=[[(0, 0, page(1))]],
+        devices=[Dev("timer", 0, parts[0]), Dev("cpu", 0, parts[1]), Dev("cpu", 1, parts[2])],
+    )
+    try:
+        _, rec = parse(w.build())
+    except StreamRefusedError as e:
+        assert "ambiguous" in str(e)
+        return
+    assert rec.dev == b"".join(parts)
