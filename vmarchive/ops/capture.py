@@ -61,6 +61,7 @@ from vmarchive.errors import (
     HypervisorError,
     InterruptedError_,
     QMPCommandError,
+    StreamError,
     StreamRefusedError,
     UsageError,
     VmarchiveError,
@@ -464,10 +465,12 @@ class _Capture:
         while True:
             try:
                 return self._attempt(qmp, mode, disks, copy, live_xml, mig_xml, parse, refused)
-            except StreamRefusedError as e:
+            except StreamError as e:
+                # Refused by the allow-list, or (a parser bug) judged inconsistent: never
+                # lose the capture, take it again with the stream stored opaquely.
                 if not parse:
                     raise
-                log.warning("migration stream refused by the parser (%s); capturing it opaquely", e)
+                log.warning("migration stream not parsed (%s); capturing it opaquely", e)
                 parse, refused = False, str(e)
                 self.marker = Marker(
                     path=self.marker.path,
@@ -837,6 +840,7 @@ class _Capture:
                     reader = self._start_pipe(qmp, memory)
                     self._migrate(qmp, marker)
                     self._wait_migration(qmp, reader, {"pre-switchover"})
+                    reader.hold()
                     self.to(CaptureState.SWITCHOVER)
                     if self.o.disk_delay_s <= 0:
                         fix_disks()
@@ -844,6 +848,7 @@ class _Capture:
                     qmp.execute("migrate-continue", {"state": "pre-switchover"})
                     self._wait_migration(qmp, reader, {"completed"})
                     cont_guest(qmp)
+                    reader.go()
                     self.t_instant = self.clock()
                     self.to(CaptureState.INSTANT)
                     if self.o.disk_delay_s > 0:
@@ -853,6 +858,7 @@ class _Capture:
                     self.to(CaptureState.READING)
                 else:  # snapshot
                     reader = self._start_pipe(qmp, memory)
+                    reader.hold()
                     marker.migration_started = True
                     marker.save()
                     t = time.perf_counter()
@@ -863,6 +869,7 @@ class _Capture:
                         fix_disks()
                     crashpoint.hit("capture-disks-fixed")
                     self._migrate(qmp, marker)
+                    reader.go()
                     self.t_instant = self.clock()
                     self.to(CaptureState.INSTANT)
                     if self.o.disk_delay_s > 0:
@@ -880,6 +887,8 @@ class _Capture:
         except BaseException:
             threads.cancel()
             threads.join()
+            if reader is not None:
+                reader.go()
             if reader is not None and reader.is_alive():
                 if mode != "snapshot":
                     with contextlib.suppress(HypervisorError):

@@ -62,6 +62,20 @@ class PipeReader(threading.Thread):
             maxsize=max(1, max_buffer // READ_SIZE)
         )
         self._feeder = threading.Thread(target=self._feed, name="migration-parse", daemon=True)
+        self._go = threading.Event()
+        self._go.set()
+
+    def hold(self) -> None:
+        """Stop feeding the consumer (the pipe is still drained into the buffer).
+
+        Used around the switchover: parsing, hashing and compressing would otherwise take
+        the GIL and the CPU from the QMP calls and from QEMU while the guest is stopped.
+        """
+        self._go.clear()
+
+    def go(self) -> None:
+        """Resume feeding the consumer."""
+        self._go.set()
 
     def run(self) -> None:
         self._feeder.start()
@@ -91,6 +105,7 @@ class PipeReader(threading.Thread):
                 break
             if failed:
                 continue
+            self._go.wait()
             try:
                 self.consumer.feed(memoryview(data))
             except BaseException as e:
