@@ -16,15 +16,12 @@ again: the layout, the device state and a digest of every RAM page must come bac
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-from vmarchive.errors import StreamError
 from vmarchive.format import migstream as ms
 from vmarchive.ops.capture_memory import RamImage, _slot_id
 
@@ -164,9 +161,7 @@ class ParsedConsumer:
         return n
 
     # -- round trip ------------------------------------------------------------------------
-    def _stored_extents(
-        self, block: ms.RamBlock, digest: Any
-    ) -> Iterator[tuple[int, int, bytes | None]]:
+    def _stored_extents(self, block: ms.RamBlock) -> Iterator[tuple[int, int, bytes | None]]:
         sw = self.sink.streams[block.index]
         cs = int(sw.chunk_size)
         zero = getattr(self.w, "zero_id", bytes(16))
@@ -174,76 +169,24 @@ class ParsedConsumer:
             off = i * cs
             n = min(cs, block.used_length - off)
             cid = _slot_id(sw, i)
-            data = None if cid == zero else self.w.read_chunk(cid)
-            digest.update(data if data is not None else bytes(n))
-            yield off, n, data
+            yield off, n, (None if cid == zero else self.w.read_chunk(cid))
 
     def roundtrip(self, w: Any) -> dict[str, Any]:
-        """Regenerate the stream from the stored streams, parse it again, compare.
+        """Regenerate the stream from the stored streams, parse it again, compare
+        (:func:`vmarchive.format.migstream.check_round_trip`).
 
-        Never raises for a mismatch: the result (``ok`` and what differed) goes into the
-        manifest.
+        Never raises for a mismatch: the result goes into the manifest.
         """
         assert self.layout is not None
-        layout = self.layout
-        devstate = self._read_devstate()
-        stored = {b.index: hashlib.sha256() for b in layout.ram_blocks}
-        reparsed = {b.index: hashlib.sha256() for b in layout.ram_blocks}
-
-        class Check(ms.NullSink):
-            dev = hashlib.sha256()
-
-            def ram_page(self, block: ms.RamBlock, offset: int, data: memoryview | None) -> None:
-                reparsed[block.index].update(data if data is not None else bytes(block.page_size))
-
-            def device_section(self, record: ms.SectionRecord, data: memoryview) -> None:
-                self.dev.update(data)
-
-        r, wfd = os.pipe()
-        err: list[BaseException] = []
-        written = [0]
-
-        def gen() -> None:
-            try:
-                with open(wfd, "wb", closefd=True) as out:
-                    written[0] = ms.regenerate(
-                        layout,
-                        devstate,
-                        lambda b: self._stored_extents(b, stored[b.index]),
-                        out,
-                    )
-            except BaseException as e:
-                err.append(e)
-
-        t = threading.Thread(target=gen, name="regenerate", daemon=True)
-        t.start()
-        check = Check()
-        problems: list[str] = []
-        try:
-            with open(r, "rb", closefd=True) as f:
-                again = ms.parse_stream(f, check)
-        except (StreamError, OSError) as e:
-            t.join()
-            return {"ok": False, "problems": [f"re-parse failed: {e}"]}
-        t.join()
-        if err:
-            return {"ok": False, "problems": [f"regenerate failed: {err[0]}"]}
-        if [(b.idstr, b.used_length) for b in again.ram_blocks] != [
-            (b.idstr, b.used_length) for b in layout.ram_blocks
-        ]:
-            problems.append("RAM block list differs")
-        if [(x.idstr, x.instance_id, x.version_id, x.length) for x in again.records] != [
-            (x.idstr, x.instance_id, x.version_id, x.length) for x in layout.records
-        ]:
-            problems.append("device section list differs")
-        if check.dev.digest() != hashlib.sha256(devstate).digest():
-            problems.append("device state differs")
-        for b in layout.ram_blocks:
-            if stored[b.index].digest() != reparsed[b.index].digest():
-                problems.append(f"RAM block {b.idstr} differs")
-        if again.vmdesc != layout.vmdesc or again.configuration != layout.configuration:
-            problems.append("vmdesc or configuration differs")
-        return {"ok": not problems, "problems": problems, "stream_bytes": written[0]}
+        report = ms.check_round_trip(self.layout, self._read_devstate(), self._stored_extents)
+        if not report.ok:
+            log.warning("memory stream does not round-trip: %s", "; ".join(report.problems))
+        return {
+            "ok": report.ok,
+            "problems": list(report.problems),
+            "stream_bytes": report.stream_bytes,
+            "pages": report.pages,
+        }
 
     def _read_devstate(self) -> bytes:
         dev = self.sink._devstream()
