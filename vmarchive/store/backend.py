@@ -125,7 +125,7 @@ class Backend(ABC):
 
 
 def open_backend(location: str) -> Backend:
-    """Return the backend for ``location``: a local directory path (``s3://`` later).
+    """Return the backend for ``location``: a local directory path or ``s3://BUCKET/PREFIX``.
 
     Raises :class:`RepositoryError` for an unsupported URL scheme.
     """
@@ -135,5 +135,9 @@ def open_backend(location: str) -> Backend:
         scheme = location.split("://", 1)[0]
         if scheme == "file":
             return LocalBackend(location.split("://", 1)[1])
+        if scheme == "s3":
+            from vmarchive.store.s3 import open_s3
+
+            return open_s3(location)
         raise RepositoryError(f"unsupported repository location scheme {scheme!r}: {location}")
     return LocalBackend(location)

@@ -1,0 +1,124 @@
+"""Fixtures of the store tests: a real single-node Ceph with an S3 gateway.
+
+``ceph`` starts one fresh cluster per test session with ``scripts/ceph`` (mon + memstore
+OSD + radosgw on loopback, ~3 s; the script installs Debian's packages when missing) and
+stops it at the end.  ``VMARCHIVE_TEST_S3_ENDPOINT`` (with the ``AWS_*`` credentials in the
+environment and a bucket in ``VMARCHIVE_TEST_S3_BUCKET``) runs the same tests against
+another S3 store instead.  Tests that use these fixtures are marked ``s3``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from vmarchive.store.s3 import S3Backend, S3Options
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CEPH_SCRIPT = ROOT / "scripts" / "ceph"
+
+
+@dataclass
+class Ceph:
+    """A running S3 store: endpoint, one bucket for the session, and how to break it."""
+
+    endpoint: str
+    bucket: str
+    base: pathlib.Path | None  # None: an external store (no gateway restarts)
+    env: dict[str, str]
+
+    def options(self, **kw: object) -> S3Options:
+        return S3Options(endpoint=self.endpoint, **kw)  # type: ignore[arg-type]
+
+    def fresh_location(self) -> str:
+        """An empty ``s3://`` location of its own (a new prefix in the session bucket)."""
+        return f"s3://{self.bucket}/t/{secrets.token_hex(6)}"
+
+    def backend(self, location: str | None = None, **kw: object) -> S3Backend:
+        return S3Backend.from_location(location or self.fresh_location(), self.options(**kw))
+
+    def script(self, command: str) -> None:
+        assert self.base is not None, "an external store cannot be stopped"
+        subprocess.run(
+            [str(CEPH_SCRIPT), command, str(self.base)], check=True, env=self.env, timeout=120
+        )
+
+
+def _free_port(pair: bool = False) -> int:
+    """A free TCP port on 127.0.0.1 (and the one after it when ``pair``)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not pair or port >= 65535:
+            return port
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+def _read_env(path: pathlib.Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export ") and "=" in line:
+            k, v = line[len("export ") :].split("=", 1)
+            out[k] = v
+    return out
+
+
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[Ceph]:
+    """A running S3 store for the whole session (started here unless one is given)."""
+    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    external = os.environ.get("VMARCHIVE_TEST_S3_ENDPOINT")
+    base: pathlib.Path | None = None
+    try:
+        if external:
+            bucket = os.environ.get("VMARCHIVE_TEST_S3_BUCKET", "")
+            if not bucket:
+                pytest.fail("VMARCHIVE_TEST_S3_ENDPOINT needs VMARCHIVE_TEST_S3_BUCKET")
+            c = Ceph(external, bucket, None, dict(os.environ))
+        else:
+            if os.geteuid() != 0:
+                pytest.skip("starting Ceph needs root (scripts/ceph)")
+            base = pathlib.Path(
+                os.environ.get("VMARCHIVE_TEST_CEPH_BASE", f"/var/tmp/vmarchive-ceph-{os.getpid()}")
+            )
+            env = dict(os.environ)
+            env["VMARCHIVE_CEPH_MON_PORT"] = str(_free_port(pair=True))
+            env["VMARCHIVE_CEPH_RGW_PORT"] = str(_free_port())
+            subprocess.run([str(CEPH_SCRIPT), "start", str(base)], check=True, env=env, timeout=900)
+            creds = _read_env(base / "s3.env")
+            os.environ.update(creds)
+            env.update(creds)
+            c = Ceph(creds["VMARCHIVE_S3_ENDPOINT"], "vmarchive-test", base, env)
+            c.backend(f"s3://{c.bucket}")._client.create_bucket(Bucket=c.bucket)
+        os.environ["VMARCHIVE_S3_ENDPOINT"] = c.endpoint
+        yield c
+    finally:
+        if base is not None:
+            subprocess.run([str(CEPH_SCRIPT), "stop", str(base)], check=False, timeout=120)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_ENV_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "VMARCHIVE_S3_ENDPOINT",
+)

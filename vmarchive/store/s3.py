@@ -1,0 +1,436 @@
+"""S3 backend (store layer): objects in one bucket under a key prefix, through boto3.
+
+Works with any S3-compatible store; tested against Ceph's radosgw (``scripts/ceph``).
+How the :class:`~vmarchive.store.backend.Backend` guarantees map onto S3:
+
+* A PUT is atomic and durable when it returns: S3 never shows a partial object.
+* ``create_only`` is a conditional PUT (``If-None-Match: *``): the store itself refuses
+  to replace an existing key (HTTP 412), so two writers racing for one key cannot both
+  win and no check-then-put window exists.  Objects above the multipart threshold send
+  the same condition with the multipart completion; a store that ignores it there could
+  replace the object, which is harmless for the only objects that large: packs, whose
+  key is the hash of their bytes (a replacement has the same bytes).
+* Large objects move in parallel: multipart uploads, and GETs split into ranged requests
+  on a thread pool.  Small reads (a blob, a pack trailer) are one ranged GET.
+* Transient failures (connection errors, 5xx, throttling) are retried by botocore's
+  "standard" mode with exponential backoff and jitter; a body that breaks off while it
+  is read is fetched again.  What is left is translated into :class:`BackendError`
+  subclasses with one clear line: :class:`S3BucketNotFoundError`, :class:`S3AccessError`.
+* Credentials come from boto3's usual chain (``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, config files, instance roles); they are
+  never part of a message, a log line or a ``repr``.
+
+Only this module imports boto3/botocore (checked by import-linter).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from vmarchive.errors import BackendError, RepositoryError
+from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, check_key
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+#: Environment variable naming the S3 endpoint URL (e.g. ``http://rgw.example:7480``).
+#: boto3's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` work as well.
+ENDPOINT_ENV = "VMARCHIVE_S3_ENDPOINT"
+
+MiB = 1 << 20
+_T = TypeVar("_T")
+
+# Bucket names as S3 allows them (RGW accepts the same set by default).
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class S3AccessError(BackendError):
+    """The S3 store refused our credentials or this request (or none were found)."""
+
+    title = "S3 access denied"
+
+
+class S3BucketNotFoundError(BackendError):
+    """The bucket of an ``s3://`` location does not exist."""
+
+    title = "no such bucket"
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Where the store is and how to talk to it; credentials are never held here."""
+
+    #: Endpoint URL; ``None``: ``VMARCHIVE_S3_ENDPOINT``, else boto3's own resolution
+    #: (``AWS_ENDPOINT_URL_S3``, profile, or AWS itself).
+    endpoint: str | None = None
+    region: str | None = None
+    #: A profile of ``~/.aws/config``; ``None``: boto3's default (``AWS_PROFILE``).
+    profile: str | None = None
+    #: ``path`` for most S3-compatible stores; AWS prefers ``virtual``.  ``None``:
+    #: path style when an endpoint is given, boto3's choice otherwise.
+    addressing_style: str | None = None
+    #: Concurrent connections, also the size of the transfer thread pool.
+    connections: int = 16
+    #: Size of one multipart part and of one ranged GET of a large read.
+    part_size: int = 8 * MiB
+    #: PUTs above this size are multipart uploads.
+    multipart_threshold: int = 64 * MiB
+    #: Attempts per request (botocore "standard" retry mode: backoff with jitter).
+    max_attempts: int = 6
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> S3Options:
+        """Options with the endpoint from ``VMARCHIVE_S3_ENDPOINT`` when set."""
+        opts = cls(endpoint=os.environ.get(ENDPOINT_ENV) or None)
+        return replace(opts, **overrides) if overrides else opts
+
+
+def parse_location(location: str) -> tuple[str, str]:
+    """Split ``s3://BUCKET/PREFIX`` into the bucket and a key prefix ending in ``/``
+    (or empty).  Raises :class:`RepositoryError` for a malformed location."""
+    if not location.startswith("s3://"):
+        raise RepositoryError(f"not an s3:// location: {location}")
+    bucket, _, prefix = location[len("s3://") :].partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET_RE.match(bucket):
+        raise RepositoryError(f"invalid S3 bucket name {bucket!r} in {location}")
+    if prefix:
+        try:
+            check_key(prefix)
+        except ValueError as e:
+            raise RepositoryError(f"invalid key prefix {prefix!r} in {location}") from e
+        prefix += "/"
+    return bucket, prefix
+
+
+def _mtime(value: datetime) -> float:
+    return value.timestamp()
+
+
+class S3Backend(Backend):
+    """Objects as ``s3://bucket/prefix/<key>``."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        options: S3Options | None = None,
+        *,
+        client: S3Client | None = None,
+    ) -> None:
+        self.options = options or S3Options.from_env()
+        self.bucket = bucket
+        self.prefix = prefix
+        self.location = f"s3://{bucket}/{prefix}".rstrip("/")
+        if client is None:
+            client = self._make_client(self.options)
+        self._client = client
+        self._endpoint = str(client.meta.endpoint_url)
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_location(cls, location: str, options: S3Options | None = None) -> S3Backend:
+        """Raises :class:`RepositoryError` for a malformed location, :class:`S3AccessError`
+        when boto3 cannot be configured (e.g. an unknown profile)."""
+        bucket, prefix = parse_location(location)
+        return cls(bucket, prefix, options)
+
+    @staticmethod
+    def _make_client(opts: S3Options) -> S3Client:
+        style = opts.addressing_style or ("path" if opts.endpoint else "auto")
+        config = Config(
+            signature_version="s3v4",
+            retries={"max_attempts": opts.max_attempts, "mode": "standard"},
+            max_pool_connections=opts.connections + 4,
+            connect_timeout=opts.connect_timeout,
+            read_timeout=opts.read_timeout,
+            # Blobs are checked by their chunk ids and packs by their names; hashing
+            # every payload again for the signature (the default over plain http) or
+            # adding CRC trailers costs CPU and older gateways reject the trailers.
+            s3=cast(Any, {"addressing_style": style, "payload_signing_enabled": False}),
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        try:
+            session = boto3.session.Session(profile_name=opts.profile)
+            return session.client(
+                "s3", endpoint_url=opts.endpoint, region_name=opts.region, config=config
+            )
+        except BotoCoreError as e:
+            raise S3AccessError(f"cannot configure the S3 client: {e}") from e
+
+    def __repr__(self) -> str:
+        return f"S3Backend({self.location!r}, endpoint={self._endpoint!r})"
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.options.connections, thread_name_prefix="vmarchive-s3"
+            )
+        return self._pool
+
+    def _error(self, e: Exception, op: str, key: str | None) -> BackendError:
+        """One clear line for a failed request; never mentions credentials."""
+        what = f"{key!r} in {self.location}" if key is not None else self.location
+        if isinstance(e, ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code == "NoSuchBucket":
+                return S3BucketNotFoundError(
+                    f"S3 bucket {self.bucket!r} does not exist at {self._endpoint}",
+                    bucket=self.bucket,
+                )
+            if code in ("NoSuchKey", "404", "NotFound") and key is not None:
+                return ObjectNotFoundError(key)
+            if code in (
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "AccessDenied",
+                "403",
+                "Forbidden",
+            ):
+                return S3AccessError(
+                    f"S3 refused {op} of {what} at {self._endpoint}: {code} "
+                    "(wrong access key or secret, or no permission)",
+                    bucket=self.bucket,
+                )
+            return BackendError(f"S3 {op} of {what} failed: {code} (HTTP {status})", key=key)
+        if isinstance(e, NoCredentialsError | PartialCredentialsError):
+            return S3AccessError(
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            )
+        return BackendError(f"S3 {op} of {what} failed: {e}", key=key)
+
+    def _call(self, op: str, key: str | None, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, op, key) from e
+
+    @staticmethod
+    def _code(e: ClientError) -> str:
+        return str(e.response.get("Error", {}).get("Code", ""))
+
+    @staticmethod
+    def _status(e: ClientError) -> int:
+        return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+    # -- writing -------------------------------------------------------------------------
+    def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> bool:
+        full = self._key(key)
+        body = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
+        if len(body) > self.options.multipart_threshold:
+            return self._put_multipart(key, full, body, create_only)
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
+        for attempt in range(8):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=full, Body=body, **extra)
+                return True
+            except ClientError as e:
+                if create_only and self._status(e) == 412:
+                    return False
+                if create_only and self._status(e) == 409 and attempt < 7:
+                    # A concurrent conditional write to the same key is in progress
+                    # (AWS says retry): the next attempt sees it done -> 412, or succeeds.
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                raise self._error(e, "put", key) from e
+            except BotoCoreError as e:
+                raise self._error(e, "put", key) from e
+        raise BackendError(f"S3 put of {key!r} in {self.location}: conflict persisted", key=key)
+
+    def _put_multipart(self, key: str, full: str, body: bytes, create_only: bool) -> bool:
+        if create_only and self.exists(key):
+            return False
+        upload = self._call(
+            "put",
+            key,
+            lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
+        )
+        upload_id = upload["UploadId"]
+        size = self.options.part_size
+        view = memoryview(body)
+
+        def part(n: int) -> dict[str, Any]:
+            chunk = view[n * size : (n + 1) * size].tobytes()
+            r = self._call(
+                "put",
+                key,
+                lambda: self._client.upload_part(
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    PartNumber=n + 1,
+                    Body=chunk,
+                ),
+            )
+            return {"ETag": r["ETag"], "PartNumber": n + 1}
+
+        try:
+            parts = list(self.pool.map(part, range(-(-len(body) // size))))
+            extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
+            try:
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                    **extra,
+                )
+            except ClientError as e:
+                if create_only and self._status(e) == 412:
+                    self._abort(full, upload_id)
+                    return False
+                raise self._error(e, "put", key) from e
+            except BotoCoreError as e:
+                raise self._error(e, "put", key) from e
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+        return True
+
+    def _abort(self, full: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except (ClientError, BotoCoreError) as e:
+            # The parts stay invisible; clean_temporaries (gc) aborts them later.
+            log.warning("cannot abort multipart upload of %s: %s", full, e)
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
+
+    def clean_temporaries(self, older_than: float) -> int:
+        """Abort multipart uploads under our prefix started more than ``older_than``
+        seconds ago (crashed writers leave them; they are never objects)."""
+        now = time.time()
+        removed = 0
+        try:
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for up in page.get("Uploads", []):
+                    if now - _mtime(up["Initiated"]) >= older_than:
+                        self._abort(up["Key"], up["UploadId"])
+                        removed += 1
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, "clean temporaries", None) from e
+        return removed
+
+    # -- reading -------------------------------------------------------------------------
+    def _get(self, key: str, first: int | None, last: int | None) -> tuple[bytes, int | None]:
+        """One GET (ranged when ``first`` is given); returns the bytes and the object's
+        total size when the reply says it.  An unsatisfiable range (past the end of an
+        existing object) gives ``b""``.  A body that breaks off is fetched again."""
+        full = self._key(key)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+        if first is not None:
+            kwargs["Range"] = f"bytes={first}-{'' if last is None else last}"
+        for attempt in range(4):
+            try:
+                resp = self._client.get_object(**kwargs)
+                data = resp["Body"].read()
+            except ClientError as e:
+                if self._code(e) == "InvalidRange" or self._status(e) == 416:
+                    return b"", None
+                raise self._error(e, "get", key) from e
+            except (BotoCoreError, OSError) as e:
+                if attempt == 3 or isinstance(e, NoCredentialsError | PartialCredentialsError):
+                    raise self._error(e, "get", key) from e
+                log.debug("GET of %s broke off (%s); again", key, e)
+                time.sleep(0.1 * 2**attempt)
+                continue
+            total: int | None = None
+            m = _CONTENT_RANGE_RE.match(str(resp.get("ContentRange", "")))
+            if m and m.group(3) != "*":
+                total = int(m.group(3))
+            elif first is None:
+                total = len(data)
+            return data, total
+        raise AssertionError("unreachable")
+
+    def _get_parallel(self, key: str, start: int, end: int) -> list[bytes]:
+        """Bytes ``[start, end)`` (all within the object) as parallel ranged GETs."""
+        size = self.options.part_size
+        ranges = [(a, min(a + size, end) - 1) for a in range(start, end, size)]
+        return list(self.pool.map(lambda r: self._get(key, r[0], r[1])[0], ranges))
+
+    def get(self, key: str) -> bytes:
+        return self.get_range(key, 0, 1 << 62)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        check_key(key)
+        if length == 0:
+            self.stat(key)  # a missing object is still an error
+            return b""
+        size = self.options.part_size
+        first_len = min(length, size)
+        data, total = self._get(key, offset, offset + first_len - 1)
+        if len(data) < first_len or total is None:
+            return data
+        end = min(offset + length, total)
+        if offset + len(data) >= end:
+            return data
+        rest = self._get_parallel(key, offset + len(data), end)
+        return b"".join([data, *rest])
+
+    def stat(self, key: str) -> ObjectInfo:
+        full = self._key(key)
+        r = self._call("stat", key, lambda: self._client.head_object(Bucket=self.bucket, Key=full))
+        return ObjectInfo(key, int(r["ContentLength"]), _mtime(r["LastModified"]))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        strip = len(self.prefix)
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][strip:]
+                    if any(part.startswith(".") for part in key.split("/")):
+                        continue  # not ours: our keys never have dot segments
+                    yield ObjectInfo(key, int(obj["Size"]), _mtime(obj["LastModified"]))
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, "list", prefix or None) from e
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._client.close()
+
+
+def open_s3(location: str, options: S3Options | None = None) -> Backend:
+    """The backend for an ``s3://BUCKET/PREFIX`` location (see :class:`S3Options`).
+
+    Raises :class:`RepositoryError` for a malformed location.
+    """
+    return S3Backend.from_location(location, options)
