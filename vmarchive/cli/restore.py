@@ -1,0 +1,181 @@
+"""`vmarchive restore | clone | export-save`: resume an archived guest, clone it, or export it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from vmarchive.cli.app import app, print_json
+from vmarchive.errors import UsageError
+from vmarchive.ops.restore import (
+    DEFAULT_URI,
+    ExportResult,
+    RestoreOptions,
+    RestoreResult,
+    export_save,
+    restore,
+)
+
+
+def _repo(repo: str | None) -> str:
+    if not repo:
+        raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
+    return repo
+
+
+def _print(r: RestoreResult, verb: str) -> None:
+    state = "paused" if r.paused else "running"
+    typer.echo(f"{verb} {r.domain} ({state}) from archive {r.archive[:12]} in {r.duration_s:.2f} s")
+    typer.echo(f"  uuid         {r.uuid}")
+    typer.echo(f"  route        {r.route}, stream {r.stream_bytes} bytes")
+    for d in r.disks:
+        typer.echo(f"  disk {d.target:<6}  {d.path} ({d.format}, {d.bytes_written} bytes written)")
+    for p in r.serial_logs:
+        typer.echo(f"  console log  {p}")
+    if r.macs:
+        down = f", {r.links_down} link(s) down" if r.links_down else ""
+        typer.echo(f"  MACs         {', '.join(r.macs)}{down}")
+    if r.time_note:
+        typer.echo(f"  clock        {r.time_note}")
+    for n in r.notes:
+        typer.echo(f"  note         {n}")
+
+
+_REPO = typer.Option(None, "--repo", "-r", envvar="VMARCHIVE_REPO", help="Repository location.")
+_CONNECT = typer.Option(DEFAULT_URI, "--connect", "-c", help="libvirt URI of the target.")
+_DISK_DIR = typer.Option(
+    None, "--disk-dir", help="Directory for the disk images and console logs (local target)."
+)
+_POOL = typer.Option(None, "--pool", help="Storage pool on the target (works over any URI).")
+_OUTPUT = typer.Option(..., "--output", "-o", help="Save image to write.")
+_EXPORT_DISK_DIR = typer.Option(
+    None, "--disk-dir", help="Where to rebuild the disks (default: beside the image)."
+)
+_FMT = typer.Option(None, "--disk-format", help="raw or qcow2 (default: as archived).")
+
+
+def _options(
+    archive: str,
+    repo: str | None,
+    connect: str,
+    name: str | None,
+    disk_dir: Path | None,
+    pool: str | None,
+    disk_format: str | None,
+    paused: bool,
+    replace: bool,
+    sync_time: bool,
+    digests: bool,
+    clone: bool = False,
+    keep_network: bool = False,
+) -> RestoreOptions:
+    return RestoreOptions(
+        archive=archive,
+        repo=_repo(repo),
+        uri=connect,
+        name=name,
+        disk_dir=disk_dir,
+        pool=pool,
+        disk_format=disk_format,
+        paused=paused,
+        replace=replace,
+        sync_time=sync_time,
+        passphrase=os.environ.get("VMARCHIVE_PASSPHRASE"),
+        clone=clone,
+        keep_network=keep_network,
+        digests=digests,
+    )
+
+
+@app.command("restore")
+def restore_cmd(
+    archive: str = typer.Argument(..., help="Archive id (or unique prefix)."),
+    repo: str = _REPO,
+    connect: str = _CONNECT,
+    name: str = typer.Option(None, "--name", help="Name of the restored domain."),
+    disk_dir: Path = _DISK_DIR,
+    pool: str = _POOL,
+    disk_format: str = _FMT,
+    paused: bool = typer.Option(False, "--paused", help="Leave the guest paused."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an existing domain/files."),
+    sync_time: bool = typer.Option(
+        False, "--sync-time", help="Set the guest clock through its guest agent."
+    ),
+    digests: bool = typer.Option(False, "--digests", help="SHA-256 of stream and disks."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Resume ARCHIVE's guest where it was captured (same boot, memory, devices, disks)."""
+    opts = _options(
+        archive, repo, connect, name, disk_dir, pool, disk_format, paused, replace, sync_time,
+        digests,
+    )  # fmt: skip
+    r = restore(opts)
+    if json_out:
+        print_json(r.to_json())
+    else:
+        _print(r, "restored")
+
+
+@app.command("clone")
+def clone_cmd(
+    archive: str = typer.Argument(..., help="Archive id (or unique prefix)."),
+    name: str = typer.Option(..., "--name", help="Name of the clone."),
+    repo: str = _REPO,
+    connect: str = _CONNECT,
+    disk_dir: Path = _DISK_DIR,
+    pool: str = _POOL,
+    disk_format: str = _FMT,
+    keep_network: bool = typer.Option(
+        False, "--keep-network", help="Keep the NICs' links up (default: down)."
+    ),
+    paused: bool = typer.Option(False, "--paused", help="Leave the clone paused."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an existing domain/files."),
+    sync_time: bool = typer.Option(False, "--sync-time", help="Set the clock via guest agent."),
+    digests: bool = typer.Option(False, "--digests", help="SHA-256 of stream and disks."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Start an isolated copy of ARCHIVE's guest beside the original (new name, UUID, MACs)."""
+    opts = _options(
+        archive, repo, connect, name, disk_dir, pool, disk_format, paused, replace, sync_time,
+        digests, clone=True, keep_network=keep_network,
+    )  # fmt: skip
+    r = restore(opts)
+    if json_out:
+        print_json(r.to_json())
+    else:
+        _print(r, "cloned")
+
+
+@app.command("export-save")
+def export_save_cmd(
+    archive: str = typer.Argument(..., help="Archive id (or unique prefix)."),
+    output: Path = _OUTPUT,
+    repo: str = _REPO,
+    disk_dir: Path = _EXPORT_DISK_DIR,
+    name: str = typer.Option(None, "--name", help="Domain name inside the image."),
+    disk_format: str = _FMT,
+    paused: bool = typer.Option(False, "--paused", help="The image restores paused."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite existing files."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Write a libvirt save image (+ its disks) that plain `virsh restore` resumes."""
+    r: ExportResult = export_save(
+        archive,
+        _repo(repo),
+        output,
+        disk_dir=disk_dir,
+        name=name,
+        disk_format=disk_format,
+        replace=replace,
+        paused=paused,
+        passphrase=os.environ.get("VMARCHIVE_PASSPHRASE"),
+    )
+    if json_out:
+        print_json(r.to_json())
+        return
+    typer.echo(f"wrote {r.path} ({r.bytes} bytes) for domain {r.domain}")
+    for d in r.disks:
+        typer.echo(f"  disk {d.target:<6}  {d.path} ({d.format})")
+    typer.echo(f"resume it with: virsh restore {r.path}")
