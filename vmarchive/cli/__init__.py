@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vmarchive.cli import capture as _capture  # noqa: F401
 from vmarchive.cli import doctor as _doctor  # noqa: F401  (registers commands)
+from vmarchive.cli import export as _export  # noqa: F401
 from vmarchive.cli import repo as _repo  # noqa: F401
 from vmarchive.cli import restore as _restore  # noqa: F401
 from vmarchive.cli.app import app, main

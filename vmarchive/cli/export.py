@@ -1,0 +1,156 @@
+"""Forensic commands: ``export-memory``, ``export-disk`` and ``diff`` (read archives only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vmarchive.cli.app import app, print_json
+from vmarchive.cli.capture import TqdmProgress
+from vmarchive.cli.repo import REPO_HELP, repo_ref
+from vmarchive.ops.diff import DiffResult, StreamDiff, diff
+from vmarchive.ops.export import (
+    DiskFormat,
+    ExportDiskOptions,
+    ExportMemoryOptions,
+    ExportResult,
+    MemoryFormat,
+    export_disk,
+    export_memory,
+)
+from vmarchive.progress import NULL_PROGRESS, Progress
+
+_REPO = typer.Option(None, "--repo", "-r", envvar="VMARCHIVE_REPO", help=REPO_HELP)
+_FORCE = typer.Option(False, "--force", help="Replace the output file if it exists.")
+_JSON = typer.Option(False, "--json", help="Print one JSON object.")
+_NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bar.")
+_OUTPUT = typer.Option(..., "--output", "-o", help="File to write.")
+_MEMORY_FORMAT = typer.Option(
+    MemoryFormat.ELF,
+    "--format",
+    case_sensitive=False,
+    help="elf: x86-64 core like QEMU's dump-guest-memory; raw: sparse image by guest-physical"
+    " address.",
+)
+_DISK_FORMAT = typer.Option(
+    DiskFormat.RAW, "--format", case_sensitive=False, help="raw (sparse) or qcow2."
+)
+_DISK = typer.Option(..., "--disk", help="Disk target, e.g. vda.")
+
+
+def _progress(quiet: bool) -> Progress:
+    return NULL_PROGRESS if quiet else TqdmProgress()
+
+
+def _fmt(n: int) -> str:
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{int(x)} B" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{n} B"
+
+
+def _print_export(r: ExportResult) -> None:
+    typer.echo(f"{r.output}: {r.format}, {_fmt(r.size)} ({_fmt(r.data_bytes)} of data)")
+    typer.echo(f"  archive  {r.archive}")
+    if r.vcpus is not None:
+        typer.echo(f"  vcpus    {r.vcpus}")
+    for s in r.segments:
+        if "start" in s:
+            typer.echo(
+                f"  {s['start']:#014x}-{s['start'] + s['size'] - 1:#014x}  {s['block']}"
+                f" @{s['offset']:#x}  ({_fmt(s['size'])})"
+            )
+
+
+@app.command("export-memory")
+def export_memory_cmd(
+    archive: str = typer.Argument(..., help="Archive id or unique prefix."),
+    output: Path = _OUTPUT,
+    fmt: MemoryFormat = _MEMORY_FORMAT,
+    force: bool = _FORCE,
+    repo: str = _REPO,
+    json_out: bool = _JSON,
+    no_progress: bool = _NO_PROGRESS,
+) -> None:
+    """Write an archive's guest memory as an ELF core or a raw physical image."""
+    opts = ExportMemoryOptions(repo_ref(repo), archive, output, fmt, force)
+    r = export_memory(opts, _progress(json_out or no_progress))
+    if json_out:
+        print_json(r.to_json())
+    else:
+        _print_export(r)
+
+
+@app.command("export-disk")
+def export_disk_cmd(
+    archive: str = typer.Argument(..., help="Archive id or unique prefix."),
+    disk: str = _DISK,
+    output: Path = _OUTPUT,
+    fmt: DiskFormat = _DISK_FORMAT,
+    force: bool = _FORCE,
+    repo: str = _REPO,
+    json_out: bool = _JSON,
+    no_progress: bool = _NO_PROGRESS,
+) -> None:
+    """Write one archived disk as a sparse raw or a qcow2 image."""
+    opts = ExportDiskOptions(repo_ref(repo), archive, disk, output, fmt, force)
+    r = export_disk(opts, _progress(json_out or no_progress))
+    if json_out:
+        print_json(r.to_json())
+    else:
+        _print_export(r)
+
+
+def _print_stream_diffs(title: str, diffs: list[StreamDiff]) -> None:
+    for d in diffs:
+        where = ""
+        if d.size_a is None:
+            where = " (only in B)"
+        elif d.size_b is None:
+            where = " (only in A)"
+        elif d.size_a != d.size_b:
+            where = f" (size {_fmt(d.size_a)} -> {_fmt(d.size_b)})"
+        typer.echo(
+            f"{title} {d.name}{where}: {len(d.changed)} changed ranges, {_fmt(d.changed_bytes)}"
+            f" (granularity {_fmt(d.granularity)})"
+        )
+        for e in d.changed:
+            typer.echo(f"  {e.offset:#014x}-{e.end - 1:#014x}  {_fmt(e.length)}")
+
+
+def _print_diff(r: DiffResult) -> None:
+    typer.echo(f"A {r.a}")
+    typer.echo(f"B {r.b}")
+    for n in r.notes:
+        typer.echo(f"note: {n}")
+    if r.physical is not None:
+        total = sum(p.length for p in r.physical)
+        typer.echo(f"guest-physical memory: {len(r.physical)} changed ranges, {_fmt(total)}")
+        for p in r.physical:
+            typer.echo(
+                f"  {p.address:#014x}-{p.address + p.length - 1:#014x}  {_fmt(p.length)}"
+                f"  ({p.block} @{p.offset:#x})"
+            )
+    _print_stream_diffs("RAM block", r.memory)
+    _print_stream_diffs("disk", r.disks)
+    if r.devstate_changed is not None:
+        typer.echo(f"device state: {'changed' if r.devstate_changed else 'unchanged'}")
+
+
+@app.command("diff")
+def diff_cmd(
+    archive_a: str = typer.Argument(..., help="The earlier archive (id or unique prefix)."),
+    archive_b: str = typer.Argument(..., help="The later archive (id or unique prefix)."),
+    repo: str = _REPO,
+    json_out: bool = _JSON,
+) -> None:
+    """Which guest-physical memory ranges and disk extents differ between two archives
+    (from the manifests alone; no guest data is read)."""
+    r = diff(repo_ref(repo), archive_a, archive_b)
+    if json_out:
+        print_json(r.to_json())
+    else:
+        _print_diff(r)
