@@ -182,3 +182,39 @@ def test_gc_removes_old_temporaries_only(tmp_path: pathlib.Path) -> None:
     os.utime(old, (two_days_ago, two_days_ago))
     assert repo.gc(GcOptions(grace=3600)).temporaries_deleted == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_dangling_index_entry_never_shadows_the_real_one(tmp_path: pathlib.Path) -> None:
+    """An index entry naming a pack that is gone (damage, manual deletion) must not hide
+    the chunk's good location from gc (which would then delete the only copy) or readers."""
+    from collections.abc import Iterator
+
+    from vmarchive.store.backend import ObjectInfo
+    from vmarchive.store.chunkindex import Location
+    from vmarchive.store.faulty import FaultyBackend
+    from vmarchive.store.local import LocalBackend
+
+    path = tmp_path / "r"
+    repo = make_repo(path)
+    data = rnd(8 * CHUNK, 9)
+    aid = write_archive(repo, {"s": data})
+    entries = [
+        (cid, Location("ab" * 32, loc.offset, loc.length, loc.raw_length))
+        for cid, loc in repo.index.items()
+    ]
+    dangling = repo._publish_index(entries)
+
+    class DanglingFirst(FaultyBackend):
+        def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+            items = list(super().list(prefix))
+            return iter(sorted(items, key=lambda o: not o.key.endswith(dangling)))
+
+    be = DanglingFirst(LocalBackend(str(path)))
+    # A reader falls back past the dangling entry.
+    assert read_archive(Repository.open(str(path), backend=be), aid) == {"s": data}
+    shadowed = Repository.open(str(path), backend=be)
+    assert shadowed.verify(full=True).ok  # dangling entries skipped: nothing is damaged
+    shadowed.gc(GcOptions(grace=0))
+    fresh = Repository.open(str(path), backend=be)
+    assert read_archive(fresh, aid) == {"s": data}
+    assert fresh.verify(full=True).ok

@@ -101,10 +101,10 @@ def _verify(
     damaged: set[str] = set()
     ids = [repo.resolve(n) for n in names] if names is not None else repo.archive_ids()
     ids = sorted(set(ids))
-    repo.reload_index()
+    packs = _packs(repo)
+    repo.reload_index(set(packs))
     problems.extend(repo.index_problems)
     index = repo.index
-    packs = _packs(repo)
 
     # Which archives reference which chunk: chunk id -> archive ids.
     users: dict[bytes, set[str]] = defaultdict(set)
@@ -130,7 +130,7 @@ def _verify(
         loc = index.get(cid)
         if loc is None:
             bad.add(cid)
-            problems.append(f"chunk {cid.hex()} is not indexed")
+            problems.append(f"chunk {cid.hex()} is not indexed in any existing pack")
             continue
         info = packs.get(loc.pack_id)
         if info is None:
@@ -417,7 +417,8 @@ def gc(
     result = GcResult(dry_run=options.dry_run)
     with repo.lock("exclusive") as lock:
         now = repo.locks.ctx.clock()
-        repo.reload_index()
+        packs = _packs(repo)
+        repo.reload_index(set(packs))
         if repo.index_problems:
             raise DamageError(
                 "gc refuses to run while index files are damaged (run `vmarchive rebuild-index`): "
@@ -435,7 +436,6 @@ def gc(
         if result.missing_chunks:
             log.warning("gc: %d referenced chunks are missing (run verify)", result.missing_chunks)
 
-        packs = _packs(repo)
         index_objs = {o.key.split("/", 1)[1]: o for o in repo.backend.list("index/")}
         young_indices = {n for n, o in index_objs.items() if now - o.mtime < options.grace}
         old_indices = set(index_objs) - young_indices
@@ -567,11 +567,12 @@ def rebuild_index(repo: Repository, *, dry_run: bool = False) -> RebuildResult:
     """
     result = RebuildResult(dry_run=dry_run)
     with repo.lock("exclusive"):
-        repo.reload_index()
+        packs = _packs(repo)
+        repo.reload_index(set(packs))
         damaged_indices = [p.split(":", 1)[0].removeprefix("index ") for p in repo.index_problems]
         index = repo.index
         new: list[tuple[bytes, Location]] = []
-        for pack_id, info in sorted(_packs(repo).items()):
+        for pack_id, info in sorted(packs.items()):
             key = pack_key(pack_id)
             try:
                 first = min(info.size, repo.codecs.pack_tail_first_fetch())

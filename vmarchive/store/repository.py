@@ -237,13 +237,19 @@ class Repository:
                 self._index = self._load_index()
             return self._index
 
-    def reload_index(self) -> None:
-        with self._index_mutex:
-            self._index = None
-        _ = self.index
+    def reload_index(self, existing_packs: set[str] | None = None) -> None:
+        """Reload the chunk index from ``index/``.
 
-    def _load_index(self) -> ChunkIndex:
+        With ``existing_packs`` (gc and verify list the packs anyway), entries naming a
+        pack that is gone are skipped, so a dangling duplicate can never shadow a good
+        location of the same chunk.
+        """
+        with self._index_mutex:
+            self._index = self._load_index(existing_packs)
+
+    def _load_index(self, existing_packs: set[str] | None = None) -> ChunkIndex:
         idx = ChunkIndex()
+        dangling = 0
         self._index_files = set()
         self.index_problems = []
         for obj in self.backend.list("index/"):
@@ -258,7 +264,12 @@ class Repository:
                 continue
             self._index_files.add(name)
             for cid, loc in entries:
+                if existing_packs is not None and loc.pack_id not in existing_packs:
+                    dangling += 1
+                    continue
                 idx.add(cid, loc)
+        if dangling:
+            log.warning("chunk index: %d entries name packs that do not exist", dangling)
         log.debug("chunk index: %d chunks from %d files", len(idx), len(self._index_files))
         return idx
 
@@ -327,20 +338,28 @@ class Repository:
         """
         if chunk_id == self.codecs.zero_id:
             raise UsageError("the zero id is a hole, not a chunk")
-        loc = self._chunk_location(chunk_id)
-        if loc is None:
-            raise ChunkMissingError(
-                f"chunk {chunk_id.hex()} is not in the repository", chunk_id=chunk_id.hex()
-            )
-        try:
-            blob = self.backend.get_range(pack_key(loc.pack_id), loc.offset, loc.length)
-        except ObjectNotFoundError as e:
-            raise ChunkMissingError(
-                f"chunk {chunk_id.hex()}: pack {loc.pack_id} is missing",
-                chunk_id=chunk_id.hex(),
-                pack=loc.pack_id,
-            ) from e
-        return self.decode_chunk(chunk_id, blob, loc)
+        for attempt in (1, 2):
+            loc = self._chunk_location(chunk_id)
+            if loc is None:
+                raise ChunkMissingError(
+                    f"chunk {chunk_id.hex()} is not in the repository", chunk_id=chunk_id.hex()
+                )
+            try:
+                blob = self.backend.get_range(pack_key(loc.pack_id), loc.offset, loc.length)
+            except ObjectNotFoundError as e:
+                if attempt == 1:
+                    # A dangling entry may shadow a good duplicate: reload the index
+                    # without entries naming missing packs, and look again.
+                    packs = {o.key.rsplit("/", 1)[1] for o in self.backend.list("data/")}
+                    self.reload_index(packs)
+                    continue
+                raise ChunkMissingError(
+                    f"chunk {chunk_id.hex()}: pack {loc.pack_id} is missing",
+                    chunk_id=chunk_id.hex(),
+                    pack=loc.pack_id,
+                ) from e
+            return self.decode_chunk(chunk_id, blob, loc)
+        raise AssertionError("unreachable")
 
     def decode_chunk(self, chunk_id: bytes, blob: bytes | memoryview, loc: Location) -> bytes:
         """Decode and verify a blob read from a pack. Raises :class:`DamageError`."""
