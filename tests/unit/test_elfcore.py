@@ -84,6 +84,7 @@ def regs_from_json(c: dict[str, Any]) -> E.X86Registers:
         segments={k: E.SegmentRegs(*v) for k, v in c["segments"].items()},
         cr=tuple(c["cr"]),
         kernel_gs_base=c["kernel_gs_base"],
+        long_mode=c["long_mode"],
     )
 
 
@@ -124,20 +125,43 @@ def sample_regs(index: int) -> E.X86Registers:
 # --- notes ----------------------------------------------------------------------------------
 
 
-def test_notes_equal_qemu_72_bytes() -> None:
-    vec = json.loads(VECTORS.read_text())
+@pytest.mark.parametrize("case", ["long_mode", "reset"])
+def test_notes_equal_qemu_72_bytes(case: str) -> None:
+    vec = json.loads(VECTORS.read_text())[case]
     cpus = [regs_from_json(c) for c in vec["cpus"]]
-    assert E.x86_64_notes(cpus) == bytes.fromhex(vec["qemu_notes_hex"])
+    want = (vec["machine"], bytes.fromhex(vec["qemu_notes_hex"]))
+    assert E.x86_notes(cpus) == want
     # order is by cpu index, whatever order the caller gives
-    assert E.x86_64_notes(cpus[::-1]) == bytes.fromhex(vec["qemu_notes_hex"])
+    assert E.x86_notes(cpus[::-1]) == want
 
 
 def test_notes_golden_negative_control() -> None:
-    vec = json.loads(VECTORS.read_text())
+    vec = json.loads(VECTORS.read_text())["long_mode"]
     c = dict(vec["cpus"][0])
     c["cr"] = [c["cr"][0], 0, c["cr"][2], c["cr"][3] ^ 0x1000, c["cr"][4]]
     cpus = [regs_from_json(c), regs_from_json(vec["cpus"][1])]
-    assert E.x86_64_notes(cpus) != bytes.fromhex(vec["qemu_notes_hex"])
+    assert E.x86_notes(cpus)[1] != bytes.fromhex(vec["qemu_notes_hex"])
+    # vCPU 0 decides the format: flipping its mode changes machine and notes
+    c["long_mode"] = False
+    machine, notes = E.x86_notes([regs_from_json(c), regs_from_json(vec["cpus"][1])])
+    assert machine == E.EM_386 and len(notes) != len(bytes.fromhex(vec["qemu_notes_hex"]))
+
+
+def test_i386_prstatus_fields() -> None:
+    r = sample_regs(0)
+    r = E.X86Registers(r.index, r.gprs, r.rip, r.rflags, r.segments, r.cr, long_mode=False)
+    machine, blob = E.x86_notes([r])
+    (name, ntype, desc), _ = read_notes(blob)
+    assert (machine, name, ntype, len(desc)) == (3, b"CORE\0", 1, 144)
+    assert struct.unpack_from("<I", desc, 24)[0] == 1
+    g = r.gprs
+    names = ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rax")
+    assert struct.unpack_from("<7I", desc, 72) == tuple(g[n] & 0xFFFFFFFF for n in names)
+    sels = struct.unpack_from("<8H", desc, 100)
+    assert sels == tuple(v for n in ("ds", "es", "fs", "gs") for v in (r.segments[n].selector, 0))
+    orig_eax, eip, cs, _, eflags, esp, ss, _ = struct.unpack_from("<2I2H2I2H", desc, 116)
+    assert (orig_eax, eip, cs, eflags) == (0, r.rip & 0xFFFFFFFF, r.segments["cs"].selector, 0x246)
+    assert (esp, ss) == (r.gprs["rsp"] & 0xFFFFFFFF, r.segments["ss"].selector)
 
 
 def test_prstatus_fields_at_their_offsets() -> None:

@@ -21,10 +21,17 @@ bytes are the same as QEMU's.
 
 Note layouts (from QEMU's ``target/i386/arch_dump.c``, read for the facts):
 
-* NT_PRSTATUS descriptor, 336 bytes: 32 bytes of signal info (zero), u32 pid (vCPU index
+* QEMU decides by the FIRST vCPU: in long mode, e_machine is EM_X86_64 and every vCPU
+  gets the 64-bit NT_PRSTATUS below; otherwise (firmware, a 32-bit OS) e_machine is
+  EM_386 and every vCPU gets the i386 NT_PRSTATUS, still in an ELF64 file (QEMU switches to
+  ELFCLASS32 only when all memory ends below 4 GiB, which the x86 BIOS at 4 GiB never does).
+* NT_PRSTATUS descriptor (long mode), 336 bytes: 32 bytes of signal info (zero), u32 pid (vCPU index
   + 1), 76 bytes (zero), the 27 u64 of ``user_regs_struct`` (r15 r14 r13 r12 rbp rbx r11
   r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ss fs_base gs_base ds es fs
   gs), 8 bytes (zero).
+* NT_PRSTATUS descriptor (i386), 144 bytes: 24 bytes (zero), u32 pid, 44 bytes (zero),
+  ``user_regs_struct`` of i386 (u32 ebx ecx edx esi edi ebp eax; u16 ds, 0, es, 0, fs, 0,
+  gs, 0; u32 orig_eax eip; u16 cs, 0; u32 eflags esp; u16 ss, 0), 4 bytes (zero).
 * QEMU note descriptor (``QEMUCPUState`` version 1), 440 bytes: u32 version = 1, u32
   size = 440; u64 rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags; ten segments (cs ds
   es fs gs ss ldt tr gdt idt) of u32 selector, u32 limit, u32 flags, u32 pad, u64 base;
@@ -47,6 +54,7 @@ ELFDATA2LSB = 1
 EV_CURRENT = 1
 ELFOSABI_SYSV = 0
 ET_CORE = 4
+EM_386 = 3
 EM_X86_64 = 62
 PT_LOAD = 1
 PT_NOTE = 4
@@ -78,6 +86,14 @@ USER_REGS_ORDER = (
     "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags",
     "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs",
 )  # fmt: skip
+
+PRSTATUS_I386_SIZE = 144
+_PRSTATUS_I386_PID_AT = 24
+_PRSTATUS_I386_REGS_AT = 72  # 24 + 4 + 44
+# ebx ecx edx esi edi ebp eax (7*4) + ds es fs gs with padding (8*2) + orig_eax eip (2*4)
+# + cs, pad (2*2) + eflags esp (2*4) + ss, pad (2*2) = 68
+_USER_REGS_I386 = struct.Struct("<7I8H2I2H2I2H")
+assert _PRSTATUS_I386_REGS_AT + _USER_REGS_I386.size + 4 == PRSTATUS_I386_SIZE
 
 QEMU_CPUSTATE_VERSION = 1
 _QEMU_HEAD = struct.Struct("<II18Q")  # version, size, 16 GPRs, rip, rflags: 152 bytes
@@ -122,6 +138,8 @@ class X86Registers:
     segments: Mapping[str, SegmentRegs]
     cr: tuple[int, int, int, int, int]
     kernel_gs_base: int = 0
+    #: EFER.LMA: the vCPU runs in long mode (QEMU's HF_LMA).
+    long_mode: bool = True
 
 
 def _u64(v: int) -> int:
@@ -163,6 +181,29 @@ def prstatus_desc(regs: X86Registers) -> bytes:
     return bytes(out)
 
 
+def prstatus_i386_desc(regs: X86Registers) -> bytes:
+    """The 144-byte i386 NT_PRSTATUS descriptor (QEMU's choice when vCPU 0 is not in long
+    mode): 32-bit registers, 16-bit selectors."""
+    g, seg = regs.gprs, regs.segments
+    out = bytearray(PRSTATUS_I386_SIZE)
+    struct.pack_into("<I", out, _PRSTATUS_I386_PID_AT, regs.index + 1)
+    _USER_REGS_I386.pack_into(
+        out,
+        _PRSTATUS_I386_REGS_AT,
+        *(_u32(g[k]) for k in ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rax")),
+        *(v for k in ("ds", "es", "fs", "gs") for v in (seg[k].selector & 0xFFFF, 0)),
+        0,  # orig_eax
+        _u32(regs.rip),
+        seg["cs"].selector & 0xFFFF,
+        0,
+        _u32(regs.rflags),
+        _u32(g["rsp"]),
+        seg["ss"].selector & 0xFFFF,
+        0,
+    )
+    return bytes(out)
+
+
 def qemu_cpustate_desc(regs: X86Registers) -> bytes:
     """The 440-byte ``QEMUCPUState`` (version 1) descriptor of QEMU's CPU state note."""
     head = _QEMU_HEAD.pack(
@@ -177,6 +218,21 @@ def qemu_cpustate_desc(regs: X86Registers) -> bytes:
         for s in (regs.segments[n] for n in QEMU_SEGMENT_ORDER)
     )
     return head + segs + _QEMU_TAIL.pack(*(_u64(c) for c in regs.cr), _u64(regs.kernel_gs_base))
+
+
+def x86_notes(cpus: Sequence[X86Registers]) -> tuple[int, bytes]:
+    """(e_machine, PT_NOTE contents) as QEMU chooses them: by vCPU 0's mode.
+
+    Raises FormatError for an empty list.
+    """
+    if not cpus:
+        raise FormatError("a core needs the registers of at least one vCPU")
+    ordered = sorted(cpus, key=lambda c: c.index)
+    if ordered[0].long_mode:
+        return EM_X86_64, x86_64_notes(ordered)
+    return EM_386, b"".join(
+        encode_note(b"CORE", NT_PRSTATUS, prstatus_i386_desc(c)) for c in ordered
+    ) + b"".join(encode_note(b"QEMU", NT_QEMU_CPUSTATE, qemu_cpustate_desc(c)) for c in ordered)
 
 
 def x86_64_notes(cpus: Sequence[X86Registers]) -> bytes:

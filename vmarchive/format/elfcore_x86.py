@@ -18,6 +18,9 @@ from vmarchive.format.elfcore import SegmentRegs, X86Registers
 from vmarchive.format.migstream import StreamLayout
 from vmarchive.format.migstream_cpu import GPR_NAMES, decode_x86_cpus
 
+#: EFER.LMA (bit 10): long mode active; QEMU's dump picks the note format by it.
+EFER_LMA = 1 << 10
+
 
 def _field_offset(fields: list[dict[str, Any]], name: str) -> tuple[int, dict[str, Any]]:
     """Byte offset of field ``name`` in a vmdesc field list, and its description."""
@@ -90,6 +93,7 @@ def x86_registers(
                 # QEMU never sets cr1 (it does not exist); the stream does not carry it.
                 cr=(c.cr0, 0, c.cr2, c.cr3, c.cr4),
                 kernel_gs_base=c.kernel_gs_base,
+                long_mode=bool(c.efer & EFER_LMA),
             )
         )
     return out

@@ -221,9 +221,9 @@ def elf_plan(
     expected = archive.metadata.get("vcpus")
     if isinstance(expected, int) and expected != len(cpus):
         log.warning("metadata says %d vCPUs, the stream has %d cpu sections", expected, len(cpus))
-    notes = elfcore.x86_64_notes(cpus)
+    machine, notes = elfcore.x86_notes(cpus)
     loads = [elfcore.LoadSegment(b.range.start, b.range.size) for b in blocks]
-    return elfcore.plan_core(notes, loads), len(cpus)
+    return elfcore.plan_core(notes, loads, machine), len(cpus)
 
 
 def export_memory(options: ExportMemoryOptions, progress: Progress = NULL_PROGRESS) -> ExportResult:
