@@ -29,9 +29,6 @@ pytestmark = pytest.mark.s3
 #: name -> why it cannot run on S3.
 LOCAL_ONLY = {
     "test_gc_removes_old_temporaries_only": "plants a .tmp file in the repository directory",
-    # Not local-only, but 40 hypothesis examples of chunk-by-chunk GETs take ~30 s here;
-    # the read paths it covers run on S3 in the round-trip tests.
-    "test_read_range_matches_slicing": "slow on S3 (time budget); same code as round trips",
 }
 
 
