@@ -142,3 +142,50 @@ def test_unreachable_endpoint_is_a_backend_error(ceph: Ceph) -> None:
     with pytest.raises(BackendError, match="Could not connect") as ei:
         b.get("config")
     assert not isinstance(ei.value, ObjectNotFoundError)
+
+
+def _count_gets(b: S3Backend) -> list[str]:
+    seen: list[str] = []
+    b._client.meta.events.register(
+        "before-send.s3.GetObject", lambda request, **_: seen.append(request.url)
+    )
+    return seen
+
+
+@pytest.mark.parametrize("cache", [64 << 20, 0])
+def test_pack_cache_turns_blob_reads_into_one_fetch(ceph: Ceph, cache: int) -> None:
+    b = ceph.backend(pack_cache_bytes=cache, part_size=5 << 20)
+    pack = os.urandom(6 << 20)
+    b.put("data/cd/pack", pack)
+    gets = _count_gets(b)
+    step = 64 * 1024
+    for off in range(0, len(pack), step):
+        assert b.get_range("data/cd/pack", off, step) == pack[off : off + step]
+    assert b.get_range("data/cd/pack", len(pack) - 5, 100) == pack[-5:]
+    if cache:
+        assert len(gets) == 3  # the first blob alone, then the pack whole (two parts)
+    else:  # negative control: a request per blob
+        assert len(gets) == len(pack) // step + 1
+    b.delete("data/cd/pack")
+    with pytest.raises(ObjectNotFoundError):
+        b.get_range("data/cd/pack", 0, 10)
+
+
+def test_pack_cache_concurrent_readers_fetch_once(ceph: Ceph) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    b = ceph.backend()
+    pack = os.urandom(2 << 20)
+    b.put("data/ef/pack", pack)
+    b.get_range("data/ef/pack", 0, 10)  # first touch
+    gets = _count_gets(b)
+    offsets = list(range(0, len(pack), 4096))
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda o: b.get_range("data/ef/pack", o, 4096), offsets))
+    assert got == [pack[o : o + 4096] for o in offsets]
+    assert len(gets) == 1
+    # Objects outside data/ (manifests, index files) are never cached.
+    b.put("index/x", b"abc")
+    for _ in range(3):
+        b.get_range("index/x", 0, 2)
+    assert len(gets) == 4

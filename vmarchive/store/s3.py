@@ -28,9 +28,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -99,6 +101,8 @@ class S3Options:
     max_attempts: int = 6
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    #: Memory for whole packs kept after a second read of the same pack (0: off).
+    pack_cache_bytes: int = 64 * MiB
 
     @classmethod
     def from_env(cls, **overrides: Any) -> S3Options:
@@ -129,6 +133,70 @@ def _mtime(value: datetime) -> float:
     return value.timestamp()
 
 
+class _PackCache:
+    """Whole packs held in memory, so a restore reading one pack's blobs one after another
+    costs one parallel fetch of the pack instead of a request per blob.
+
+    The first read of a pack is left to a plain ranged GET (a lone chunk read must not
+    pull 16 MiB); the second read of the same pack fetches it whole, once, however many
+    threads ask at the same moment.  Packs are immutable (named by their hash), so a
+    cached pack never holds wrong bytes; least recently used packs leave first.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._packs: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._loading: dict[str, Future[bytes | None]] = {}
+
+    def read(
+        self, key: str, offset: int, length: int, fetch: Callable[[str], bytes | None]
+    ) -> bytes | None:
+        """The bytes, or ``None`` when the caller should do a plain ranged GET."""
+        with self._lock:
+            data = self._packs.get(key)
+            if data is not None:
+                self._packs.move_to_end(key)
+                return data[offset : offset + length]
+            fut = self._loading.get(key)
+            owner = fut is None
+            if fut is None:
+                if key not in self._seen:
+                    self._seen[key] = None
+                    while len(self._seen) > 4096:
+                        self._seen.popitem(last=False)
+                    return None
+                fut = Future()
+                self._loading[key] = fut
+        if owner:
+            try:
+                data = fetch(key)
+            except BaseException as e:
+                with self._lock:
+                    del self._loading[key]
+                fut.set_exception(e)
+                raise
+            with self._lock:
+                del self._loading[key]
+                if data is not None:
+                    self._packs[key] = data
+                    self._bytes += len(data)
+                    while self._bytes > self.capacity and self._packs:
+                        self._bytes -= len(self._packs.popitem(last=False)[1])
+            fut.set_result(data)
+        else:
+            data = fut.result()
+        return None if data is None else data[offset : offset + length]
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            data = self._packs.pop(key, None)
+            if data is not None:
+                self._bytes -= len(data)
+
+
 class S3Backend(Backend):
     """Objects as ``s3://bucket/prefix/<key>``."""
 
@@ -149,6 +217,7 @@ class S3Backend(Backend):
         self._client = client
         self._endpoint = str(client.meta.endpoint_url)
         self._pool: ThreadPoolExecutor | None = None
+        self._packs = _PackCache(self.options.pack_cache_bytes)
 
     @classmethod
     def from_location(cls, location: str, options: S3Options | None = None) -> S3Backend:
@@ -326,6 +395,7 @@ class S3Backend(Backend):
 
     def delete(self, key: str) -> None:
         full = self._key(key)
+        self._packs.forget(key)
         self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
 
     def clean_temporaries(self, older_than: float) -> int:
@@ -383,7 +453,8 @@ class S3Backend(Backend):
         return list(self.pool.map(lambda r: self._get(key, r[0], r[1])[0], ranges))
 
     def get(self, key: str) -> bytes:
-        return self.get_range(key, 0, 1 << 62)
+        check_key(key)
+        return self._get_range(key, 0, 1 << 62)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
@@ -392,6 +463,19 @@ class S3Backend(Backend):
         if length == 0:
             self.stat(key)  # a missing object is still an error
             return b""
+        if self.options.pack_cache_bytes and key.startswith("data/"):
+            cached = self._packs.read(key, offset, length, self._fetch_pack)
+            if cached is not None:
+                return cached
+        return self._get_range(key, offset, length)
+
+    def _fetch_pack(self, key: str) -> bytes | None:
+        """A whole pack for the cache (``None`` if it is too large to be worth it)."""
+        if self.stat(key).size > self.options.pack_cache_bytes // 2:
+            return None
+        return self._get_range(key, 0, 1 << 62)
+
+    def _get_range(self, key: str, offset: int, length: int) -> bytes:
         size = self.options.part_size
         first_len = min(length, size)
         data, total = self._get(key, offset, offset + first_len - 1)
