@@ -1,0 +1,302 @@
+"""Helpers for scripts/bench_capture.py: measured subprocesses, QEMU pause events, test data.
+
+Not part of the package: a benchmark may use libvirt directly (the layer rules bind
+``vmarchive/``, not ``scripts/``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import libvirt_qemu
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# --------------------------------------------------------------------------- processes
+@dataclasses.dataclass
+class Run:
+    wall_s: float
+    peak_rss: int  # bytes: the process's (and its waited-for children's) maximum RSS
+    rc: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+def run(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    ok: tuple[int, ...] = (0,),
+    sync: bool = True,
+    cwd: Path | None = None,
+) -> Run:
+    """Run ``cmd`` to completion; wall time and peak RSS from wait4().  Raises on other
+    exit codes than ``ok``.  ``sync`` flushes dirty pages first, so no tool pays for the
+    previous one's writeback."""
+    if sync:
+        os.sync()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    out, err = b"", b""
+    # communicate() would reap the child itself; read both pipes on threads, reap with wait4.
+    bufs: dict[str, bytes] = {}
+
+    def drain(name: str, pipe: Any) -> None:
+        bufs[name] = pipe.read()
+
+    ts = [
+        threading.Thread(target=drain, args=("out", proc.stdout)),
+        threading.Thread(target=drain, args=("err", proc.stderr)),
+    ]
+    for t in ts:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    for t in ts:
+        t.join()
+    out, err = bufs.get("out", b""), bufs.get("err", b"")
+    proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    r = Run(
+        wall, usage.ru_maxrss * 1024, rc, out.decode(errors="replace"), err.decode(errors="replace")
+    )
+    if rc not in ok:
+        raise RuntimeError(
+            f"{' '.join(cmd[:4])}... failed ({rc}): {r.err[-1500:] or r.out[-1500:]}"
+        )
+    return r
+
+
+def du(path: Path) -> int:
+    """Allocated bytes under ``path`` (file or tree)."""
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def rm(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------- machine
+def machine_info(conn: libvirt.virConnect) -> dict[str, Any]:
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    qemu = subprocess.run(
+        ["qemu-system-x86_64", "--version"], capture_output=True, text=True
+    ).stdout.splitlines()
+    lv = conn.getLibVersion()
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "memory_gib": round(mem_kib / (1 << 20), 1),
+        "qemu": qemu[0] if qemu else "?",
+        "libvirt": f"{lv // 1000000}.{lv // 1000 % 1000}.{lv % 1000}",
+        "python": platform.python_version(),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+# --------------------------------------------------------------------------- test data
+def write_mixed_disk(path: Path, virtual_mib: int, data_mib: int, seed: int = 7) -> dict[str, int]:
+    """A qcow2 image of ``virtual_mib`` with ``data_mib`` of mixed, fully allocated data after
+    the first 4 MiB (left to the guest's tick block): 3/8 random, 2/8 zeros (written, so
+    allocated), 3/8 repeated 1 MiB blocks (8 distinct ones).  Built as raw, then converted
+    with ``-S 0`` (zeros stay allocated, as in a guest that wrote them)."""
+    rnd = random.Random(seed)
+    raw = path.with_suffix(".raw-tmp")
+    head = 4
+    n_rand = data_mib * 3 // 8
+    n_zero = data_mib * 2 // 8
+    n_rep = data_mib - n_rand - n_zero
+    blocks = [rnd.randbytes(MiB) for _ in range(8)]
+    try:
+        with open(raw, "wb") as f:
+            f.write(bytes(head * MiB))
+            for _ in range(n_rand):
+                f.write(os.urandom(MiB))
+            zero = bytes(MiB)
+            for _ in range(n_zero):
+                f.write(zero)
+            for _ in range(n_rep):
+                f.write(rnd.choice(blocks))
+        subprocess.run(
+            [
+                "qemu-img",
+                "convert",
+                "-q",
+                "-S",
+                "0",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                str(raw),
+                str(path),
+            ],
+            check=True,
+        )
+        subprocess.run(["qemu-img", "resize", "-q", str(path), f"{virtual_mib}M"], check=True)
+    finally:
+        rm(raw)
+    return {"random_mib": n_rand, "zero_mib": n_zero, "repeated_mib": n_rep, "head_mib": head}
+
+
+# ------------------------------------------------------------------------ QEMU events
+_loop_started = False
+
+
+def start_event_loop() -> None:
+    """libvirt's default event loop on a daemon thread; call before opening connections."""
+    global _loop_started
+    if _loop_started:
+        return
+    libvirt.virEventRegisterDefaultImpl()
+
+    def loop() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=loop, daemon=True, name="libvirt-events").start()
+    _loop_started = True
+
+
+class PauseWatcher:
+    """Records QEMU's STOP and RESUME events (QEMU's own timestamps) for one domain name,
+    across restarts of the domain (registered for all domains, filtered by name)."""
+
+    def __init__(self, conn: libvirt.virConnect, name: str) -> None:
+        self.name = name
+        self.events: list[tuple[str, float]] = []
+        self._lock = threading.Lock()
+        self._conn = conn
+        self._ids = [
+            libvirt_qemu.qemuMonitorEventRegister(conn, None, ev, self._cb, None, 0)
+            for ev in ("STOP", "RESUME")
+        ]
+
+    def _cb(
+        self, _conn: Any, dom: Any, event: str, sec: int, usec: int, _det: Any, _o: Any
+    ) -> None:
+        if dom.name() == self.name:
+            with self._lock:
+                self.events.append((event, sec + usec / 1e6))
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.events)
+
+    def pauses_ms(self, since: int = 0, settle: float = 0.3) -> list[float]:
+        """STOP->RESUME intervals (ms) recorded after ``mark()`` == ``since``.  A STOP
+        without a RESUME (guest left stopped) is not counted."""
+        time.sleep(settle)  # events arrive asynchronously
+        with self._lock:
+            evs = self.events[since:]
+        out, stop = [], None
+        for ev, t in evs:
+            if ev == "STOP":
+                stop = t
+            elif ev == "RESUME" and stop is not None:
+                out.append((t - stop) * 1000)
+                stop = None
+        return out
+
+    def close(self) -> None:
+        for i in self._ids:
+            with contextlib.suppress(libvirt.libvirtError):
+                libvirt_qemu.qemuMonitorEventDeregister(self._conn, i)
+
+
+# ------------------------------------------------------------------- QMP through libvirt
+def qmp(dom: libvirt.virDomain, command: str, files: list[int] | None = None, **args: Any) -> Any:
+    msg = json.dumps({"execute": command, "arguments": args} if args else {"execute": command})
+    if files:
+        out, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, msg, files, 0)
+    else:
+        out = libvirt_qemu.qemuMonitorCommand(dom, msg, 0)
+    reply = json.loads(out)
+    if "error" in reply:
+        raise RuntimeError(f"QMP {command}: {reply['error']}")
+    return reply.get("return")
+
+
+def migrate_to_null(dom: libvirt.virDomain) -> dict[str, Any]:
+    """QEMU's own migration of the running guest into a pipe drained by ``cat > /dev/null``
+    (fd passed through libvirt: ``exec:`` is killed by libvirt's seccomp), unlimited
+    bandwidth.  The guest is resumed (``cont``) afterwards.  Returns wall time, bytes
+    transferred and QEMU's own figures."""
+    rfd, wfd = os.pipe()
+    with contextlib.suppress(OSError):
+        import fcntl
+
+        fcntl.fcntl(wfd, 1031, MiB)  # F_SETPIPE_SZ
+    cat = subprocess.Popen(["cat"], stdin=rfd, stdout=subprocess.DEVNULL)
+    os.close(rfd)
+    try:
+        qmp(dom, "getfd", files=[wfd], fdname="benchnull")
+        os.close(wfd)
+        wfd = -1
+        qmp(dom, "migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 300})
+        t0 = time.perf_counter()
+        qmp(dom, "migrate", uri="fd:benchnull")
+        while True:
+            info = qmp(dom, "query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.01)
+        wall = time.perf_counter() - t0
+        if info.get("status") != "completed":
+            raise RuntimeError(f"migration to /dev/null: {info}")
+        qmp(dom, "cont")
+    finally:
+        if wfd >= 0:
+            os.close(wfd)
+        cat.wait(timeout=60)
+    ram = info.get("ram", {})
+    return {
+        "wall_s": wall,
+        "qemu_total_ms": info.get("total-time"),
+        "qemu_downtime_ms": info.get("downtime"),
+        "bytes": ram.get("transferred"),
+        "ram_total": ram.get("total"),
+        "normal_pages": ram.get("normal"),
+        "rate_mib_s": ram.get("transferred", 0) / MiB / wall if wall else None,
+    }
