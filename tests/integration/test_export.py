@@ -565,3 +565,38 @@ def test_export_memory_is_streaming(env: Env) -> None:
         out.unlink()
     assert peak < 20 << 20, f"export peaked at {peak >> 20} MiB of Python memory"
     assert control >= 160 << 20
+
+
+def test_q35_guest_with_vga_matches_qemu_dump(
+    libvirt_conn: libvirt.virConnect, env: Env, tmp_path: pathlib.Path
+) -> None:
+    """A device RAMBlock (``0000:00:01.0/vga.vram`` behind the region ``vga.vram``) on a
+    q35 machine: four PT_LOADs (low RAM, RAM above the VGA window, VRAM at its PCI BAR,
+    BIOS), all byte-identical to QEMU's dump."""
+    workdir = guestlib.make_workdir()
+    g = guestlib.Guest(libvirt_conn, guestlib.GuestSpec(machine="q35"), workdir)
+    video = "<video><model type='vga'/></video>"
+    g.xml = g.xml.replace("<memballoon model='none'/>", f"<memballoon model='none'/>\n    {video}")
+    assert video in g.xml
+    try:
+        g.start()
+        g.wait_up()
+        g.dom.suspend()
+        opts = CaptureOptions(
+            domain=g.name, repo=str(env.repo), uri=guestlib.URI, state_dir=env.dir / "state"
+        )
+        aid = capture(opts).id
+        qemu_core = workdir / "qemu.core"
+        g.dom.coreDumpWithFormat(
+            str(qemu_core), libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW, libvirt.VIR_DUMP_MEMORY_ONLY
+        )
+        ours = tmp_path / "q35.core"
+        r = export_memory(ExportMemoryOptions(RepoRef(str(env.repo)), aid, ours))
+        assert any(str(s["block"]).endswith("/vga.vram") for s in r.segments), r.segments
+        loads, notes = elf_loads(ours)
+        assert len(loads) == 4, [hex(x.paddr) for x in loads]
+        assert compare_loads(qemu_core, ours) == []
+        assert notes == elf_loads(qemu_core)[1]
+    finally:
+        g.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
