@@ -459,7 +459,8 @@ def test_diff_counter_changed_patterns_unchanged(env: Env) -> None:
             )
         )
     ]
-    assert len(only_patterns) >= 32
+    # the 64 pages are allocated together; at least one chunk must hold nothing else
+    assert len(only_patterns) >= gran // PAGE
     assert [pfn for pfn in only_patterns if _changed(r, pfn * PAGE)] == []
     # negative control: the same archive against itself changes nothing, counter included
     assert same.physical == [] and not _changed(same, env.counter * PAGE)

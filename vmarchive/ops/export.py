@@ -34,7 +34,6 @@ from vmarchive.errors import (
     HostPreconditionError,
     NotFoundError,
     UsageError,
-    VmarchiveError,
 )
 from vmarchive.format import constants as C
 from vmarchive.format import elfcore
@@ -195,10 +194,6 @@ def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> int:
 # --- memory --------------------------------------------------------------------------------
 
 
-def _load(repo: Repository, name: str) -> Archive:
-    return repo.load_archive(name)
-
-
 def elf_plan(
     repo: Repository, archive: Archive, blocks: list[MappedBlock]
 ) -> tuple[elfcore.CoreLayout, int]:
@@ -236,7 +231,7 @@ def export_memory(options: ExportMemoryOptions, progress: Progress = NULL_PROGRE
     """
     check_output(options.output, options.force)
     with open_repo(options.repo) as repo:
-        archive = _load(repo, options.archive)
+        archive = repo.load_archive(options.archive)
         mmap = load_memory_map(repo, archive)
         blocks = mapped_blocks(archive, mmap)
         vcpus: int | None = None
@@ -329,7 +324,7 @@ def export_disk(options: ExportDiskOptions, progress: Progress = NULL_PROGRESS) 
     check_output(options.output, options.force)
     qemu_img = _qemu_img() if options.format == DiskFormat.QCOW2 else None
     with open_repo(options.repo) as repo:
-        archive = _load(repo, options.archive)
+        archive = repo.load_archive(options.archive)
         stream = disk_stream(archive, options.target)
         reader = repo.open_stream(archive, stream.name)
         task = progress.task(f"disk {options.target}", total=stream.size)
@@ -368,6 +363,7 @@ def _convert(qemu_img: str, raw: Path, out: Path) -> None:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as e:
         msg = (e.stderr or "").strip().splitlines()
-        raise VmarchiveError(
-            f"qemu-img convert failed: {msg[-1] if msg else f'exit {e.returncode}'}"
+        raise UsageError(
+            f"cannot write {out}: qemu-img convert failed:"
+            f" {msg[-1] if msg else f'exit {e.returncode}'}"
         ) from e
