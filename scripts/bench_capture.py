@@ -112,7 +112,7 @@ class Bench:
 
     def capture(self, g: guestlib.Guest, repo: Path, watcher: bl.PauseWatcher) -> dict[str, Any]:
         m = watcher.mark()
-        r = self.vma("capture", g.name, "--repo", str(repo), "--json", "--no-progress")
+        r = self.vma("-v", "capture", g.name, "--repo", str(repo), "--json", "--no-progress")
         j = r.json()
         ev = watcher.pauses_ms(m)
         out = {
@@ -126,6 +126,7 @@ class Bench:
             "bytes_stored": j["bytes_stored"],
             "peak_rss": r.peak_rss,
             "memory_format": j.get("memory_format"),
+            "phases": bl.phases(r),
         }
         self.log(
             f"capture {j['id'][:10]} {j['mode']}: pause {j['guest_pause_ms']} ms (events {[round(x, 1) for x in ev]}),"
@@ -359,6 +360,8 @@ class Bench:
             "peak_rss": r.peak_rss,
             "running": running,
             "domain": j["domain"],
+            "timings": j.get("timings"),
+            "stream_bytes": j.get("stream_bytes"),
         }
         self.log(f"restore: {self.res['vmarchive_restore']}")
         with contextlib.suppress(libvirt.libvirtError):
@@ -701,6 +704,10 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
                 verdict(c1["wall_s"] <= bound),
             )
         )
+    if c1 and c2 and slow:
+        floor = c2["bytes_read"] / MiB / slow
+        rows.append(("2nd capture floor: bytes_read / slower limit", f(floor, " s"),
+                     f"= {100 * floor / c1['wall_s']:.0f}% of 1st capture wall (no incremental reads yet)"))  # fmt: skip
     b1 = get(br, "run1")
     if c1 and b1:
         borg_rate = b1["input_bytes"] / b1["borg_s"]
@@ -855,6 +862,36 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
     return rows, targets
 
 
+def phase_lines(res: dict[str, Any]) -> list[str]:
+    """Where the wall time and the memory of selected vmarchive runs go."""
+    picks = [
+        ("1st capture", get(res, "vmarchive_idle", 0)),
+        ("2nd capture", get(res, "vmarchive_idle", 1)),
+    ]
+    for ram, caps in sorted(
+        (res.get("vmarchive_ram_scaling") or {}).items(), key=lambda kv: int(kv[0])
+    ):
+        picks.append((f"capture {ram} MiB", caps[0]))
+    out = []
+    for label, c in picks:
+        if c and c.get("phases"):
+            out.append(
+                f"{label:<18}"
+                + "  ".join(
+                    f"{p['phase']} {p['s']:.2f}s/{p['peak_rss_mib']:.0f}M" for p in c["phases"]
+                )
+            )
+    rst = res.get("vmarchive_restore")
+    if rst and rst.get("timings"):
+        t = rst["timings"]
+        out.append(
+            f"{'restore':<18}"
+            + "  ".join(f"{k} {v:.2f}s" for k, v in t.items())
+            + f"  (wall {rst['wall_s']:.2f}s)"
+        )
+    return out
+
+
 def print_report(res: dict[str, Any]) -> None:
     m = res.get("machine", {})
     print(f"\nmachine: {m.get('cores')} cores, {m.get('cpu_model')}, {m.get('memory_gib')} GiB, kernel {m.get('kernel')},"
@@ -869,6 +906,9 @@ def print_report(res: dict[str, Any]) -> None:
     w = max(len(r[0]) for r in targets) + 2
     for a, b, c in targets:
         print(f"{a:<{w}}{b:<48}{c}")
+    print("\nphases (state entered: seconds / peak RSS):")
+    for line in phase_lines(res):
+        print(line)
     for k, v in res.get("errors", {}).items():
         print(f"ERROR in {k}: {v}")
 

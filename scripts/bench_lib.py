@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import threading
@@ -34,9 +36,24 @@ class Run:
     rc: int
     out: str
     err: str
+    #: (seconds since start, stderr line) for every line, as it arrived
+    lines: list[tuple[float, str]] = dataclasses.field(default_factory=list)
+    #: (seconds since start, RSS bytes) sampled every ``poll`` seconds
+    rss: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
     def json(self) -> Any:
         return json.loads(self.out)
+
+
+def _vmrss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def run(
@@ -45,9 +62,11 @@ def run(
     ok: tuple[int, ...] = (0,),
     sync: bool = True,
     cwd: Path | None = None,
+    poll: float = 0.02,
 ) -> Run:
-    """Run ``cmd`` to completion; wall time and peak RSS from wait4().  Raises on other
-    exit codes than ``ok``.  ``sync`` flushes dirty pages first, so no tool pays for the
+    """Run ``cmd`` to completion: wall time, peak RSS from wait4(), stderr lines with
+    their arrival time and an RSS timeline from /proc (every ``poll`` s).  Raises on exit
+    codes other than ``ok``.  ``sync`` flushes dirty pages first, so no tool pays for the
     previous one's writeback."""
     if sync:
         os.sync()
@@ -60,33 +79,66 @@ def run(
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
     )
-    out, err = b"", b""
-    # communicate() would reap the child itself; read both pipes on threads, reap with wait4.
-    bufs: dict[str, bytes] = {}
+    chunks: list[bytes] = []
+    lines: list[tuple[float, str]] = []
 
-    def drain(name: str, pipe: Any) -> None:
-        bufs[name] = pipe.read()
+    def drain_out() -> None:
+        assert proc.stdout is not None
+        chunks.append(proc.stdout.read())
 
-    ts = [
-        threading.Thread(target=drain, args=("out", proc.stdout)),
-        threading.Thread(target=drain, args=("err", proc.stderr)),
-    ]
+    def drain_err() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            lines.append((time.perf_counter() - t0, raw.decode(errors="replace").rstrip("\n")))
+
+    ts = [threading.Thread(target=drain_out), threading.Thread(target=drain_err)]
     for t in ts:
         t.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    rss: list[tuple[float, int]] = []
+    # Reaped with wait4 (not Popen.wait) to get the child's rusage; polled so that the
+    # RSS timeline can be sampled meanwhile.
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        now = time.perf_counter() - t0
+        m = _vmrss(proc.pid)
+        if m is not None:
+            rss.append((now, m))
+        time.sleep(poll)
     wall = time.perf_counter() - t0
     for t in ts:
         t.join()
-    out, err = bufs.get("out", b""), bufs.get("err", b"")
     proc.returncode = rc = os.waitstatus_to_exitcode(status)
     r = Run(
-        wall, usage.ru_maxrss * 1024, rc, out.decode(errors="replace"), err.decode(errors="replace")
+        wall,
+        usage.ru_maxrss * 1024,
+        rc,
+        b"".join(chunks).decode(errors="replace"),
+        "\n".join(x for _t, x in lines),
+        lines,
+        rss,
     )
     if rc not in ok:
-        raise RuntimeError(
-            f"{' '.join(cmd[:4])}... failed ({rc}): {r.err[-1500:] or r.out[-1500:]}"
-        )
+        tail = r.err[-1500:] or r.out[-1500:]
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({rc}): {tail}")
     return r
+
+
+def phases(r: Run, pattern: str = r": (\w+) -> (\w+)") -> list[dict[str, Any]]:
+    """Time and peak RSS of each state a vmarchive command logged (``-v``: ``A -> B``),
+    with ``startup`` before the first transition; ``done`` is the process's exit."""
+    marks = [(0.0, "startup")]
+    for t, line in r.lines:
+        m = re.search(pattern, line)
+        if m:
+            marks.append((t, m.group(2)))
+    marks.append((r.wall_s, "end"))
+    out = []
+    for (t1, name), (t2, _next) in itertools.pairwise(marks):
+        peak = max((m for t, m in r.rss if t1 <= t < t2), default=0)
+        out.append({"phase": name, "s": round(t2 - t1, 3), "peak_rss_mib": round(peak / MiB, 1)})
+    return out
 
 
 def du(path: Path) -> int:
