@@ -78,9 +78,11 @@ def _read_env(path: pathlib.Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def ceph() -> Iterator[Ceph]:
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
     """A running S3 store for the whole session (started here unless one is given)."""
     saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    # Processes that open s3:// locations as users do keep their cache here, not in ~.
+    os.environ["VMARCHIVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("s3cache"))
     external = os.environ.get("VMARCHIVE_TEST_S3_ENDPOINT")
     base: pathlib.Path | None = None
     try:
@@ -121,4 +123,5 @@ _ENV_KEYS = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_DEFAULT_REGION",
     "VMARCHIVE_S3_ENDPOINT",
+    "VMARCHIVE_CACHE_DIR",
 )

@@ -25,6 +25,8 @@ Only this module imports boto3/botocore (checked by import-linter).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 #: Environment variable naming the S3 endpoint URL (e.g. ``http://rgw.example:7480``).
 #: boto3's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` work as well.
 ENDPOINT_ENV = "VMARCHIVE_S3_ENDPOINT"
+#: Where local copies of index files and manifests live (``off`` disables the cache).
+CACHE_ENV = "VMARCHIVE_CACHE_DIR"
 
 MiB = 1 << 20
 _T = TypeVar("_T")
@@ -103,11 +107,22 @@ class S3Options:
     read_timeout: float = 60.0
     #: Memory for whole packs kept after a second read of the same pack (0: off).
     pack_cache_bytes: int = 64 * MiB
+    #: Directory for local copies of index files and manifests (``None``: no cache).
+    cache_dir: str | None = None
+
+    @staticmethod
+    def default_cache_dir() -> str | None:
+        """``VMARCHIVE_CACHE_DIR`` (``off``: none), else ``$XDG_CACHE_HOME/vmarchive``."""
+        env = os.environ.get(CACHE_ENV)
+        if env is not None:
+            return None if env in ("", "off") else env
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(xdg, "vmarchive")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> S3Options:
         """Options with the endpoint from ``VMARCHIVE_S3_ENDPOINT`` when set."""
-        opts = cls(endpoint=os.environ.get(ENDPOINT_ENV) or None)
+        opts = cls(endpoint=os.environ.get(ENDPOINT_ENV) or None, cache_dir=cls.default_cache_dir())
         return replace(opts, **overrides) if overrides else opts
 
 
@@ -197,6 +212,99 @@ class _PackCache:
                 self._bytes -= len(data)
 
 
+_CACHED_PREFIXES = ("index/", "archives/")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _ObjectCache:
+    """Local copies of index files and manifests, so ``list``, ``info`` and the dedup
+    index cost a LIST of the bucket and no GET per object.
+
+    Only an optimisation: both kinds are named by the SHA-256 of their bytes, a copy is
+    served only when the latest listing showed the same ETag for the key and its bytes
+    still hash to the name; anything else (missing, stale, damaged copy) is fetched again.
+    A complete listing of a prefix removes the copies of objects no longer there.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._etags: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def wants(key: str) -> bool:
+        return key.startswith(_CACHED_PREFIXES) and bool(_HEX64.match(key.rsplit("/", 1)[1]))
+
+    @staticmethod
+    def _tag(etag: str) -> str:
+        return re.sub(r"[^0-9A-Za-z-]", "", etag)
+
+    def _path(self, key: str, etag: str) -> str:
+        return os.path.join(self.root, *key.split("/")) + "." + self._tag(etag)
+
+    def saw(self, key: str, etag: str) -> None:
+        with self._lock:
+            self._etags[key] = etag
+
+    def lookup(self, key: str) -> bytes | None:
+        with self._lock:
+            etag = self._etags.get(key)
+        if etag is None:
+            return None
+        path = self._path(key, etag)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        if hashlib.sha256(data).hexdigest() != key.rsplit("/", 1)[1]:
+            log.warning("cached copy of %s is damaged; fetching it again", key)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None
+        return data
+
+    def store(self, key: str, etag: str, data: bytes) -> None:
+        if hashlib.sha256(data).hexdigest() != key.rsplit("/", 1)[1]:
+            return  # never keep bytes that do not match their name
+        path = self._path(key, etag)
+        tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.debug("cannot cache %s: %s", key, e)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return
+        self.saw(key, etag)
+
+    def drop(self, key: str) -> None:
+        directory = os.path.join(self.root, *key.split("/")[:-1])
+        name = key.rsplit("/", 1)[1] + "."
+        with self._lock:
+            self._etags.pop(key, None)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(directory):
+                if entry.name.startswith(name):
+                    os.unlink(entry.path)
+
+    def prune(self, listed_prefix: str, present: set[tuple[str, str]]) -> None:
+        """After a complete listing of ``listed_prefix``: drop copies of vanished objects."""
+        keep = {self._path(k, e) for k, e in present}
+        for p in _CACHED_PREFIXES:
+            if not p.startswith(listed_prefix):
+                continue
+            for dirpath, _dirs, files in os.walk(os.path.join(self.root, p)):
+                for f in files:
+                    path = os.path.join(dirpath, f)
+                    if path not in keep:
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
+
+
 class S3Backend(Backend):
     """Objects as ``s3://bucket/prefix/<key>``."""
 
@@ -218,6 +326,12 @@ class S3Backend(Backend):
         self._endpoint = str(client.meta.endpoint_url)
         self._pool: ThreadPoolExecutor | None = None
         self._packs = _PackCache(self.options.pack_cache_bytes)
+        self._cache: _ObjectCache | None = None
+        if self.options.cache_dir:
+            ident = f"{self._endpoint}|{bucket}|{prefix}".encode()
+            self._cache = _ObjectCache(
+                os.path.join(self.options.cache_dir, "s3", hashlib.sha256(ident).hexdigest()[:24])
+            )
 
     @classmethod
     def from_location(cls, location: str, options: S3Options | None = None) -> S3Backend:
@@ -321,7 +435,9 @@ class S3Backend(Backend):
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
         for attempt in range(8):
             try:
-                self._client.put_object(Bucket=self.bucket, Key=full, Body=body, **extra)
+                r = self._client.put_object(Bucket=self.bucket, Key=full, Body=body, **extra)
+                if self._cache is not None and self._cache.wants(key):
+                    self._cache.store(key, str(r.get("ETag", "")), body)
                 return True
             except ClientError as e:
                 if create_only and self._status(e) == 412:
@@ -396,6 +512,8 @@ class S3Backend(Backend):
     def delete(self, key: str) -> None:
         full = self._key(key)
         self._packs.forget(key)
+        if self._cache is not None:
+            self._cache.drop(key)
         self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
 
     def clean_temporaries(self, older_than: float) -> int:
@@ -454,6 +572,17 @@ class S3Backend(Backend):
 
     def get(self, key: str) -> bytes:
         check_key(key)
+        if self._cache is not None and self._cache.wants(key):
+            data = self._cache.lookup(key)
+            if data is not None:
+                return data
+            full = self._key(key)
+            resp = self._call(
+                "get", key, lambda: self._client.get_object(Bucket=self.bucket, Key=full)
+            )
+            data = self._call("get", key, lambda: resp["Body"].read())
+            self._cache.store(key, str(resp.get("ETag", "")), data)
+            return data
         return self._get_range(key, 0, 1 << 62)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -494,6 +623,8 @@ class S3Backend(Backend):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         strip = len(self.prefix)
+        cache = self._cache
+        present: set[tuple[str, str]] = set()
         try:
             paginator = self._client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
@@ -501,9 +632,15 @@ class S3Backend(Backend):
                     key = obj["Key"][strip:]
                     if any(part.startswith(".") for part in key.split("/")):
                         continue  # not ours: our keys never have dot segments
+                    if cache is not None and cache.wants(key):
+                        etag = str(obj.get("ETag", ""))
+                        cache.saw(key, etag)
+                        present.add((key, etag))
                     yield ObjectInfo(key, int(obj["Size"]), _mtime(obj["LastModified"]))
         except (ClientError, BotoCoreError) as e:
             raise self._error(e, "list", prefix or None) from e
+        if cache is not None:
+            cache.prune(prefix, present)
 
     def close(self) -> None:
         if self._pool is not None:
