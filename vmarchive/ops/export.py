@@ -7,8 +7,9 @@ here touches a live guest: everything comes from the archive.
   (paging=false) -- one PT_LOAD per guest-physical block, PT_NOTE with each vCPU's
   NT_PRSTATUS and QEMU CPU state note decoded from the archived ``cpu`` sections.
   ``raw``: a sparse image where byte *a* of the file is guest-physical address *a*.
-* :func:`export_disk`: one archived disk as a sparse raw file, or qcow2 (``qemu-img
-  convert`` of that sparse raw file, which skips its holes).
+* :func:`export_disk`: one archived disk as a sparse raw file, or a qcow2 image written in
+  one pass (:mod:`.export_qcow2`: the layout comes from the slot table, holes stay
+  unallocated clusters).
 
 Both stream chunk by chunk (memory use does not grow with the guest), leave holes unwritten
 (sparse output), report progress, and publish the output by rename only when complete:
@@ -21,8 +22,6 @@ import contextlib
 import enum
 import logging
 import os
-import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from typing import Any
 
 from vmarchive.errors import (
     AlreadyExistsError,
-    HostPreconditionError,
     NotFoundError,
     UsageError,
 )
@@ -39,6 +37,7 @@ from vmarchive.format import constants as C
 from vmarchive.format import elfcore
 from vmarchive.format.elfcore_x86 import x86_registers
 from vmarchive.format.migstream import StreamLayout
+from vmarchive.ops import export_qcow2 as Q
 from vmarchive.ops.export_source import (
     MappedBlock,
     NoMemoryMapError,
@@ -182,7 +181,7 @@ def _copy_stream(
     return written
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> int:
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -308,21 +307,13 @@ def disk_stream(archive: Archive, target: str) -> StreamInfo:
     )
 
 
-def _qemu_img() -> str:
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        raise HostPreconditionError("qcow2 export needs qemu-img (install qemu-utils)")
-    return exe
-
-
 def export_disk(options: ExportDiskOptions, progress: Progress = NULL_PROGRESS) -> ExportResult:
     """Write one archived disk to ``options.output`` (sparse raw, or qcow2).
 
     Raises NotFoundError/AmbiguousError (archive or disk target), AlreadyExistsError,
-    UsageError, HostPreconditionError (no qemu-img for qcow2), DamageError.
+    UsageError (cannot write), DamageError.
     """
     check_output(options.output, options.force)
-    qemu_img = _qemu_img() if options.format == DiskFormat.QCOW2 else None
     with open_repo(options.repo) as repo:
         archive = repo.load_archive(options.archive)
         stream = disk_stream(archive, options.target)
@@ -330,21 +321,16 @@ def export_disk(options: ExportDiskOptions, progress: Progress = NULL_PROGRESS) 
         task = progress.task(f"disk {options.target}", total=stream.size)
         try:
             with _publish(options.output, options.force) as tmp:
-                raw = tmp if qemu_img is None else tmp.with_name(tmp.name + ".raw")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
                 try:
-                    fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                    try:
+                    if options.format == DiskFormat.QCOW2:
+                        data = _write_qcow2(reader, fd, task)
+                    else:
                         os.ftruncate(fd, stream.size)
                         data = _copy_stream(reader, 0, stream.size, fd, 0, task)
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    if qemu_img is not None:
-                        _convert(qemu_img, raw, tmp)
+                    os.fsync(fd)
                 finally:
-                    if raw != tmp:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(raw)
+                    os.close(fd)
         finally:
             task.close()
         return ExportResult(
@@ -357,13 +343,36 @@ def export_disk(options: ExportDiskOptions, progress: Progress = NULL_PROGRESS) 
         )
 
 
-def _convert(qemu_img: str, raw: Path, out: Path) -> None:
-    cmd = [qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out)]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-    except subprocess.CalledProcessError as e:
-        msg = (e.stderr or "").strip().splitlines()
-        raise UsageError(
-            f"cannot write {out}: qemu-img convert failed:"
-            f" {msg[-1] if msg else f'exit {e.returncode}'}"
-        ) from e
+def _data_slots(info: StreamInfo) -> list[int]:
+    return [i for i in range(info.slots) if info.chunk_id(i) != C.ZERO_ID]
+
+
+def _write_qcow2(reader: StreamReader, fd: int, task: Task) -> int:
+    """The stream as a qcow2 image in one pass: layout from the slot table, then data."""
+    info = reader.stream
+    cs = info.chunk_size
+    slots = _data_slots(info)
+    clusters: set[int] = set()
+    for i in slots:
+        start, end = i * cs, min((i + 1) * cs, info.size)
+        clusters.update(range(start // Q.CLUSTER, -(-end // Q.CLUSTER)))
+    layout = Q.plan(info.size, sorted(clusters))
+    os.ftruncate(fd, layout.file_size)
+    written = 0
+    for off, blob in Q.metadata(layout):
+        written += _pwrite_all(fd, blob, off)
+    done = 0
+    for i in slots:
+        pos = i * cs
+        data = reader.read_range(pos, min(cs, info.size - pos))
+        view = memoryview(data)
+        while view:
+            cluster, within = divmod(pos, Q.CLUSTER)
+            n = min(len(view), Q.CLUSTER - within)
+            written += _pwrite_all(fd, view[:n], layout.data_offset[cluster] + within)
+            view = view[n:]
+            pos += n
+        task.advance(i * cs + len(data) - done)
+        done = i * cs + len(data)
+    task.advance(info.size - done)
+    return written
