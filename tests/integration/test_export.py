@@ -462,6 +462,13 @@ def test_diff_counter_changed_patterns_unchanged(env: Env) -> None:
     # the 64 pages are allocated together; at least one chunk must hold nothing else
     assert len(only_patterns) >= gran // PAGE
     assert [pfn for pfn in only_patterns if _changed(r, pfn * PAGE)] == []
+    # --exact narrows to pages: every one of the 64 pattern pages is unchanged
+    with Repository.open(str(env.repo)) as repo:
+        exact = D.diff_archives(repo, repo.load_archive(env.a), repo.load_archive(env.b), True)
+    assert _changed(exact, env.counter * PAGE)
+    assert [pfn for pfn in sorted(frames) if _changed(exact, pfn * PAGE)] == []
+    assert exact.physical is not None and r.physical is not None
+    assert sum(p.length for p in exact.physical) < sum(p.length for p in r.physical)
     # negative control: the same archive against itself changes nothing, counter included
     assert same.physical == [] and not _changed(same, env.counter * PAGE)
     assert all(d.changed == [] for d in same.disks) and same.devstate_changed is False

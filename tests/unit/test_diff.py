@@ -114,3 +114,48 @@ def test_cli_json_and_text(
     out = capsys.readouterr().out
     assert "guest-physical memory: 1 changed ranges, 16.0 KiB" in out
     assert "device state: unchanged" in out
+
+
+def test_exact_narrows_to_pages_reading_only_changed_chunks(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ram = base_ram()
+    disk = bytearray(b"d" * 4 * DCS + b"tail" * 25)
+    a = write(repo, bytes(ram), bytes(disk))
+    ram[5 * PAGE + 100] ^= 0xFF  # page 5 only, in chunk 1
+    ram[7 * PAGE] ^= 0xFF  # page 7, same chunk
+    ram[40 * PAGE] ^= 0xFF  # page 40, chunk 10
+    disk[2 * DCS + 4096 + 1] = 0  # second 4 KiB of disk slot 2
+    disk[-1] = 0  # the short last slot
+    b = write(repo, bytes(ram), bytes(disk))
+    aa, bb = repo.load_archive(a), repo.load_archive(b)
+    reads: list[bytes] = []
+    real = repo.read_chunk
+
+    def counting(cid: bytes) -> bytes:
+        reads.append(cid)
+        return real(cid)
+
+    monkeypatch.setattr(repo, "read_chunk", counting)
+    coarse = D.diff_archives(repo, aa, bb)
+    assert reads == []  # the default reads no chunk at all
+    r = D.diff_archives(repo, aa, bb, exact=True)
+    (pc_ram,) = [m for m in r.memory if m.name == "pc.ram"]
+    assert [(e.offset, e.length) for e in pc_ram.changed] == [
+        (5 * PAGE, PAGE),
+        (7 * PAGE, PAGE),
+        (40 * PAGE, PAGE),
+    ]
+    assert pc_ram.granularity == 4096
+    assert [(e.offset, e.length) for e in r.disks[0].changed] == [
+        (2 * DCS + 4096, 4096),
+        (4 * DCS, 100),
+    ]
+    # only the changed chunks were read: 2 RAM chunks and 2 disk slots, in both archives
+    assert len(reads) == 2 * (2 + 2)
+    coarse_ram = next(m for m in coarse.memory if m.name == "pc.ram")
+    assert (
+        sum(e.length for e in coarse_ram.changed) == 2 * CS > sum(e.length for e in pc_ram.changed)
+    )
+    assert r.physical is not None
+    assert [p.address for p in r.physical] == [5 * PAGE, 7 * PAGE, 0x100000 + 8 * PAGE]

@@ -37,6 +37,9 @@ _DISK_FORMAT = typer.Option(
     DiskFormat.RAW, "--format", case_sensitive=False, help="raw (sparse) or qcow2."
 )
 _DISK = typer.Option(..., "--disk", help="Disk target, e.g. vda.")
+_EXACT = typer.Option(
+    False, "--exact", help="Read the changed chunks of both archives: report changed 4 KiB pages."
+)
 
 
 def _progress(quiet: bool) -> Progress:
@@ -144,12 +147,14 @@ def _print_diff(r: DiffResult) -> None:
 def diff_cmd(
     archive_a: str = typer.Argument(..., help="The earlier archive (id or unique prefix)."),
     archive_b: str = typer.Argument(..., help="The later archive (id or unique prefix)."),
+    exact: bool = _EXACT,
     repo: str = _REPO,
     json_out: bool = _JSON,
 ) -> None:
     """Which guest-physical memory ranges and disk extents differ between two archives
-    (from the manifests alone; no guest data is read)."""
-    r = diff(repo_ref(repo), archive_a, archive_b)
+    (from the manifests alone, at chunk granularity; --exact reads the changed chunks to
+    narrow the answer to 4 KiB pages)."""
+    r = diff(repo_ref(repo), archive_a, archive_b, exact)
     if json_out:
         print_json(r.to_json())
     else:
