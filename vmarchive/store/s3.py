@@ -101,8 +101,9 @@ class S3Options:
     part_size: int = 8 * MiB
     #: PUTs above this size are multipart uploads.
     multipart_threshold: int = 64 * MiB
-    #: Attempts per request (botocore "standard" retry mode: backoff with jitter).
-    max_attempts: int = 6
+    #: Attempts per request (botocore "standard" retry mode: backoff with jitter);
+    #: ``None``: ``AWS_MAX_ATTEMPTS`` when set, else 6.
+    max_attempts: int | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     #: Memory for whole packs kept after a second read of the same pack (0: off).
@@ -142,6 +143,15 @@ def parse_location(location: str) -> tuple[str, str]:
             raise RepositoryError(f"invalid key prefix {prefix!r} in {location}") from e
         prefix += "/"
     return bucket, prefix
+
+
+def _attempts(value: int | None) -> int:
+    if value is not None:
+        return value
+    try:
+        return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "6")))
+    except ValueError:
+        return 6
 
 
 def _mtime(value: datetime) -> float:
@@ -324,6 +334,13 @@ class S3Backend(Backend):
             client = self._make_client(self.options)
         self._client = client
         self._endpoint = str(client.meta.endpoint_url)
+        put_shape = client.meta.service_model.operation_model("PutObject").input_shape
+        if put_shape is None or "IfNoneMatch" not in put_shape.members:
+            # Without conditional puts two writers could replace each other's objects.
+            raise RepositoryError(
+                f"boto3 {boto3.__version__} is too old for S3 repositories: "
+                "it cannot send If-None-Match (need boto3 >= 1.35.10)"
+            )
         self._pool: ThreadPoolExecutor | None = None
         self._packs = _PackCache(self.options.pack_cache_bytes)
         self._cache: _ObjectCache | None = None
@@ -345,7 +362,7 @@ class S3Backend(Backend):
         style = opts.addressing_style or ("path" if opts.endpoint else "auto")
         config = Config(
             signature_version="s3v4",
-            retries={"max_attempts": opts.max_attempts, "mode": "standard"},
+            retries={"max_attempts": _attempts(opts.max_attempts), "mode": "standard"},
             max_pool_connections=opts.connections + 4,
             connect_timeout=opts.connect_timeout,
             read_timeout=opts.read_timeout,
