@@ -131,3 +131,30 @@ def test_opaque_memory_appends_everything() -> None:
     os.close(w)
     reader.join(30)
     assert reader.error is None and bytes(sw.appended) == payload
+
+
+def test_held_reader_never_blocks_the_writer() -> None:
+    """While held (switchover), the pipe is drained past the buffer limit: QEMU writes the
+    last pages holding its big lock and must not block on us."""
+    r, w = os.pipe()
+    fed: list[int] = []
+
+    class Slow:
+        def feed(self, data: memoryview) -> None:
+            fed.append(len(data))
+
+        def finish(self) -> None:
+            pass
+
+    reader = PipeReader(r, Slow(), NULL_PROGRESS.task("m"), max_buffer=1 << 16, max_hold_s=60)
+    reader.hold()
+    reader.start()
+    payload = b"y" * (4 << 20)  # 64 times the buffer limit
+    t = threading.Thread(target=lambda: (os.write(w, payload), os.close(w)))
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "writer blocked while the reader was held"
+    assert fed == []
+    reader.go()
+    reader.join(30)
+    assert sum(fed) == len(payload) and reader.error is None

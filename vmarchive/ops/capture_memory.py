@@ -19,8 +19,8 @@ import collections
 import contextlib
 import logging
 import os
-import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -42,15 +42,21 @@ class Consumer(Protocol):
 class PipeReader(threading.Thread):
     """Drains ``fd`` until EOF, feeding ``consumer``; remembers the consumer's first error.
 
-    Two threads: this one only reads the pipe into a bounded queue (``os.read`` releases
-    the GIL, so QEMU is never held up by our hashing and compression at the switchover,
-    when it sends the last dirty pages with the vCPUs stopped); a second one feeds the
-    consumer.  At most ``max_buffer`` bytes wait in between.  After a consumer error the
-    rest of the stream is read and discarded, so QEMU never blocks on the pipe (the
-    capture cancels the migration, which ends the stream).
+    Two threads: this one only reads the pipe into a buffer (``os.read`` releases the GIL,
+    so QEMU is not held up by our hashing and compression); a second one feeds the
+    consumer.  At most ``max_buffer`` bytes wait in between, except while :meth:`hold` is
+    in effect.  After a consumer error the rest of the stream is read and discarded, so
+    QEMU never blocks on the pipe (the capture cancels the migration, which ends it).
     """
 
-    def __init__(self, fd: int, consumer: Consumer, task: Task, max_buffer: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        fd: int,
+        consumer: Consumer,
+        task: Task,
+        max_buffer: int = 64 << 20,
+        max_hold_s: float = 5.0,
+    ) -> None:
         super().__init__(name="migration-pipe", daemon=True)
         self.fd = fd
         self.consumer = consumer
@@ -58,24 +64,57 @@ class PipeReader(threading.Thread):
         self.bytes_read = 0
         self.error: BaseException | None = None
         self.eof = threading.Event()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(
-            maxsize=max(1, max_buffer // READ_SIZE)
-        )
+        self.max_buffer = max_buffer
+        self.max_hold_s = max_hold_s
+        self._buf: collections.deque[bytes | None] = collections.deque()
+        self._buffered = 0
+        self._cond = threading.Condition()
+        self._held_until = 0.0
         self._feeder = threading.Thread(target=self._feed, name="migration-parse", daemon=True)
-        self._go = threading.Event()
-        self._go.set()
 
     def hold(self) -> None:
-        """Stop feeding the consumer (the pipe is still drained into the buffer).
+        """Stop feeding the consumer for a moment (at most ``max_hold_s``).
 
-        Used around the switchover: parsing, hashing and compressing would otherwise take
-        the GIL and the CPU from the QMP calls and from QEMU while the guest is stopped.
+        Used across the switchover: parsing, hashing and compressing would otherwise take
+        the GIL and the CPU from our QMP calls and from QEMU while the guest is stopped.
+        While held, the pipe is still drained and the buffer has no limit: QEMU writes the
+        last dirty pages and the device state while holding its big lock, so it must never
+        block on the pipe then (that deadlocked our own ``cont``).
         """
-        self._go.clear()
+        with self._cond:
+            self._held_until = time.monotonic() + self.max_hold_s
+            self._cond.notify_all()
 
     def go(self) -> None:
         """Resume feeding the consumer."""
-        self._go.set()
+        with self._cond:
+            self._held_until = 0.0
+            self._cond.notify_all()
+
+    def _held(self) -> bool:
+        return time.monotonic() < self._held_until
+
+    def _put(self, data: bytes | None) -> None:
+        with self._cond:
+            while (
+                data is not None
+                and self._buffered >= self.max_buffer
+                and not self._held()
+                and self.error is None
+            ):
+                self._cond.wait(0.1)
+            self._buf.append(data)
+            self._buffered += len(data) if data else 0
+            self._cond.notify_all()
+
+    def _get(self) -> bytes | None:
+        with self._cond:
+            while not self._buf or (self._held() and self._buf[0] is not None):
+                self._cond.wait(0.05)
+            data = self._buf.popleft()
+            self._buffered -= len(data) if data else 0
+            self._cond.notify_all()
+            return data
 
     def run(self) -> None:
         self._feeder.start()
@@ -88,24 +127,23 @@ class PipeReader(threading.Thread):
                     self.bytes_read += len(data)
                     self.task.advance(len(data))
                     if self.error is None:
-                        self._queue.put(data)
+                        self._put(data)
         except OSError as e:
             if self.error is None:
                 self.error = e
         finally:
-            self._queue.put(None)
+            self._put(None)
             self._feeder.join()
             self.eof.set()
 
     def _feed(self) -> None:
         failed = False
         while True:
-            data = self._queue.get()
+            data = self._get()
             if data is None:
                 break
             if failed:
                 continue
-            self._go.wait()
             try:
                 self.consumer.feed(memoryview(data))
             except BaseException as e:
