@@ -63,6 +63,7 @@ ENDPOINT_ENV = "VMARCHIVE_S3_ENDPOINT"
 CACHE_ENV = "VMARCHIVE_CACHE_DIR"
 
 MiB = 1 << 20
+_MIN_PART = 5 * MiB
 _T = TypeVar("_T")
 
 # Bucket names as S3 allows them (RGW accepts the same set by default).
@@ -478,7 +479,8 @@ class S3Backend(Backend):
             lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
         )
         upload_id = upload["UploadId"]
-        size = self.options.part_size
+        # S3 wants parts of at least 5 MiB (all but the last) and at most 10 000 of them.
+        size = max(self.options.part_size, _MIN_PART, -(-len(body) // 10_000))
         view = memoryview(body)
 
         def part(n: int) -> dict[str, Any]:
