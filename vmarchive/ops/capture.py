@@ -545,6 +545,14 @@ class _Capture:
 
     def _choose_mode(self, qmp: QMP, dstate: DomainState) -> str:
         if dstate != DomainState.RUNNING:
+            if qmp.execute("query-status").get("status") == "postmigrate":
+                # QEMU 7.2 refuses to migrate a guest stopped by a completed migration,
+                # and nothing but `cont` brings it out of that state.
+                raise UsageError(
+                    f"domain {self.dom.name!r} is still paused from an earlier capture; "
+                    "QEMU cannot capture it again until it has been resumed",
+                    domain=self.dom.name,
+                )
             return "paused"
         if self.o.mode == Mode.SWITCHOVER:
             return "switchover"
