@@ -125,6 +125,7 @@ class Bench:
             "bytes_read": j["bytes_read"],
             "bytes_stored": j["bytes_stored"],
             "peak_rss": r.peak_rss,
+            "cpu_s": r.cpu_s,
             "memory_format": j.get("memory_format"),
             "phases": bl.phases(r),
         }
@@ -268,9 +269,11 @@ class Bench:
                 "borg_s": rb.wall_s,
                 "borg_repo_bytes": bl.du(self.work / "borg-save"),
                 "borg_peak_rss": rb.peak_rss,
+                "borg_cpu_s": rb.cpu_s,
                 "restic_s": rr.wall_s,
                 "restic_repo_bytes": bl.du(self.work / "restic-save"),
                 "restic_peak_rss": rr.peak_rss,
+                "restic_cpu_s": rr.cpu_s,
             }
             self.log(f"borg/restic run {n}: {res[f'run{n}']}")
         bl.rm(inp)
@@ -535,7 +538,13 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
                     "",
                 )
             )
-            rows.append((f"vmarchive {label} capture peak RSS", mib(c["peak_rss"]), ""))
+            rows.append(
+                (
+                    f"vmarchive {label} capture peak RSS",
+                    mib(c["peak_rss"]),
+                    f"CPU {f(c.get('cpu_s'), ' s')}",
+                )
+            )
     cap_rate = ratio(get(c1, "bytes_read"), get(c1, "wall_s"))
     rows.append(
         (
@@ -617,14 +626,14 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
                 (
                     f"borg create {n} (save+disk {mib(b['input_bytes'])})",
                     f(b["borg_s"], " s"),
-                    f"repo {mib(b['borg_repo_bytes'])}",
+                    f"repo {mib(b['borg_repo_bytes'])}, CPU {f(b.get('borg_cpu_s'), ' s')}",
                 )
             )
             rows.append(
                 (
                     f"restic backup {n}",
                     f(b["restic_s"], " s"),
-                    f"repo {mib(b['restic_repo_bytes'])}",
+                    f"repo {mib(b['restic_repo_bytes'])}, CPU {f(b.get('restic_cpu_s'), ' s')}",
                 )
             )
     lim = res.get("limits") or {}

@@ -36,6 +36,7 @@ class Run:
     rc: int
     out: str
     err: str
+    cpu_s: float = 0.0  # user + system CPU seconds (process and waited-for children)
     #: (seconds since start, stderr line) for every line, as it arrived
     lines: list[tuple[float, str]] = dataclasses.field(default_factory=list)
     #: (seconds since start, RSS bytes) sampled every ``poll`` seconds
@@ -63,10 +64,12 @@ def run(
     sync: bool = True,
     cwd: Path | None = None,
     poll: float = 0.02,
+    timeout: float = 900.0,
 ) -> Run:
     """Run ``cmd`` to completion: wall time, peak RSS from wait4(), stderr lines with
     their arrival time and an RSS timeline from /proc (every ``poll`` s).  Raises on exit
-    codes other than ``ok``.  ``sync`` flushes dirty pages first, so no tool pays for the
+    codes other than ``ok``; a process still running after ``timeout`` s is terminated
+    (then killed) and reported as failed.  ``sync`` flushes dirty pages first, so no tool pays for the
     previous one's writeback."""
     if sync:
         os.sync()
@@ -95,6 +98,7 @@ def run(
     for t in ts:
         t.start()
     rss: list[tuple[float, int]] = []
+    timed_out = False
     # Reaped with wait4 (not Popen.wait) to get the child's rusage; polled so that the
     # RSS timeline can be sampled meanwhile.
     while True:
@@ -102,6 +106,10 @@ def run(
         if pid:
             break
         now = time.perf_counter() - t0
+        if now > timeout and not timed_out:
+            timed_out = True
+            proc.terminate()
+            threading.Timer(15, lambda: proc.poll() is None and proc.kill()).start()
         m = _vmrss(proc.pid)
         if m is not None:
             rss.append((now, m))
@@ -116,9 +124,12 @@ def run(
         rc,
         b"".join(chunks).decode(errors="replace"),
         "\n".join(x for _t, x in lines),
+        usage.ru_utime + usage.ru_stime,
         lines,
         rss,
     )
+    if timed_out:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... timed out after {timeout:.0f} s")
     if rc not in ok:
         tail = r.err[-1500:] or r.out[-1500:]
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({rc}): {tail}")
