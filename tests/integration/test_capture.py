@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import libvirt
 import pytest
 
-from vmarchive.errors import DomainNotFoundError, LockedError, RepositoryNotFoundError, UsageError
+from vmarchive.errors import (
+    DomainNotFoundError,
+    HostPreconditionError,
+    LockedError,
+    RepositoryNotFoundError,
+    UsageError,
+)
 from vmarchive.hypervisor.connection import Connection
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops.capture import CaptureOptions, CaptureResult, Mode, capture, snapshot_supported
@@ -214,7 +220,7 @@ def _series(g: guestlib.Guest, env: dict[str, pathlib.Path], mode: Mode, n: int)
 def test_switchover_captures_are_consistent(
     guest: guestlib.Guest, env: dict[str, pathlib.Path]
 ) -> None:
-    _series(guest, env, Mode.SWITCHOVER, 5)
+    _series(guest, env, Mode.SWITCHOVER, 10)
 
 
 def test_snapshot_captures_are_consistent(
@@ -223,7 +229,7 @@ def test_snapshot_captures_are_consistent(
     why = snapshot_reason(guest)
     if why is not None:
         pytest.skip(f"snapshot mode unavailable here: {why}")
-    _series(guest, env, Mode.SNAPSHOT, 5)
+    _series(guest, env, Mode.SNAPSHOT, 10)
 
 
 @pytest.mark.parametrize("mode", [Mode.SWITCHOVER, Mode.SNAPSHOT])
@@ -451,3 +457,16 @@ def test_shut_off_domain_gives_disk_only_archive(
     finally:
         dom.undefine()
         subprocess.run(["rm", "-rf", str(wd)], check=False)
+
+
+def test_auto_mode_uses_snapshot_only_where_it_works(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path]
+) -> None:
+    expect = "switchover" if snapshot_reason(guest) is not None else "snapshot"
+    r, ob = capture_and_check(guest, env, Mode.AUTO)
+    assert r.mode == expect and ob.consistent
+    if expect == "switchover":
+        # Where QEMU refuses background-snapshot, --mode snapshot says so and changes nothing.
+        with pytest.raises(HostPreconditionError, match="snapshot mode does not work"):
+            capture(opts(guest, env, mode=Mode.SNAPSHOT))
+        assert qemu_leftovers(guest) == []
