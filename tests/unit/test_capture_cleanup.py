@@ -1,0 +1,187 @@
+"""clean_domain against a small fake QEMU: what a killed capture leaves, undone in order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmarchive.errors import LockedError, QMPCommandError
+from vmarchive.ops.capture_cleanup import Marker, clean_domain, domain_lock
+
+
+class FakeQEMU:
+    """Just enough QEMU state: run state, migration, graph, jobs, exports, fd sets, caps."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.running = False
+        self.status = "paused"
+        self.migration = "pre-switchover"
+        # device -> attached node; node -> backing node
+        self.attached = {"vda": "vmarchive-ov-vda"}
+        self.backing = {"vmarchive-ov-vda": "libvirt-1-format"}
+        self.nodes = {
+            "libvirt-1-format",
+            "libvirt-1-storage",
+            "vmarchive-ov-vda",
+            "vmarchive-ov-vda-f",
+        }
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.exports = {"vmarchive-exp-vda"}
+        self.nbd = True
+        self.fdsets = [{"fdset-id": 3, "fds": [{"fd": 9, "opaque": "vmarchive-ov-vda"}]}]
+        self.caps = {"pause-before-switchover": True, "background-snapshot": False}
+        self.params = {"max-bandwidth": 1 << 40, "downtime-limit": 20}
+
+    def execute(self, cmd: str, args: dict[str, Any] | None = None, **_: Any) -> Any:
+        args = args or {}
+        self.log.append(cmd)
+        if cmd == "query-migrate":
+            return {"status": self.migration}
+        if cmd == "migrate_cancel":
+            self.migration = "cancelled"
+            return {}
+        if cmd == "query-status":
+            return {"running": self.running, "status": self.status}
+        if cmd == "cont":
+            if self.migration in ("active", "pre-switchover"):
+                raise QMPCommandError("migration running", command=cmd)
+            self.running, self.status = True, "running"
+            return {}
+        if cmd == "query-block-exports":
+            return [{"id": e} for e in sorted(self.exports)]
+        if cmd == "block-export-del":
+            self.exports.discard(args["id"])
+            return {}
+        if cmd == "nbd-server-stop":
+            if not self.nbd:
+                raise QMPCommandError("not running", command=cmd)
+            self.nbd = False
+            return {}
+        if cmd == "query-jobs":
+            return list(self.jobs.values())
+        if cmd == "query-block":
+            return [{"device": d, "inserted": {"node-name": n}} for d, n in self.attached.items()]
+        if cmd == "block-commit":
+            assert self.running, "commit needs active disks: the guest must run first"
+            assert args["base-node"] == self.backing[args["device"]]
+            self.jobs[args["job-id"]] = {
+                "id": args["job-id"],
+                "status": "ready",
+                "top": args["device"],
+            }
+            return {}
+        if cmd == "job-complete":
+            job = self.jobs.pop(args["id"])
+            for d, n in self.attached.items():
+                if n == job["top"]:
+                    self.attached[d] = self.backing[n]
+            return {}
+        if cmd == "query-named-block-nodes":
+            return [{"node-name": n} for n in sorted(self.nodes)]
+        if cmd == "blockdev-del":
+            n = args["node-name"]
+            if n in self.attached.values():
+                raise QMPCommandError("node in use", command=cmd)
+            if n.endswith("-f") and n[:-2] in self.nodes:
+                raise QMPCommandError("node has a parent", command=cmd)
+            self.nodes.discard(n)
+            return {}
+        if cmd == "query-fdsets":
+            return self.fdsets
+        if cmd == "remove-fd":
+            self.fdsets = [s for s in self.fdsets if s["fdset-id"] != args["fdset-id"]]
+            return {}
+        if cmd == "closefd":
+            raise QMPCommandError("no such fd", command=cmd)
+        if cmd == "migrate-set-capabilities":
+            for c in args["capabilities"]:
+                self.caps[c["capability"]] = c["state"]
+            return {}
+        if cmd == "migrate-set-parameters":
+            self.params.update(args)
+            return {}
+        if cmd == "x-debug-query-block-graph":
+            raise QMPCommandError("not in this fake", command=cmd)
+        raise AssertionError(f"unexpected command {cmd}")
+
+    def remove_fd(self, fdset_id: int) -> None:
+        self.execute("remove-fd", {"fdset-id": fdset_id})
+
+    def closefd(self, name: str) -> None:
+        self.execute("closefd", {"fdname": name})
+
+
+def killed_marker(tmp_path: Path) -> Marker:
+    m = Marker(path=tmp_path / "u.json", domain="g", uuid="u", was_running=True, mode="switchover")
+    m.migration_started = True
+    m.nbd_server = True
+    m.saved_capabilities = {"pause-before-switchover": False, "background-snapshot": False}
+    m.saved_parameters = {"max-bandwidth": 134217728, "downtime-limit": 300}
+    m.overlays = {"vmarchive-ov-vda": "libvirt-1-format"}
+    f = tmp_path / "vmarchive-ov-vda.qcow2"
+    f.write_bytes(b"x")
+    m.files = [str(f)]
+    m.save()
+    return m
+
+
+def test_killed_at_pre_switchover_is_undone_in_order(tmp_path: Path) -> None:
+    q = FakeQEMU()
+    m = Marker.load(killed_marker(tmp_path).path)
+    assert m is not None and m.overlays == {"vmarchive-ov-vda": "libvirt-1-format"}
+    assert clean_domain(q, m)  # type: ignore[arg-type]
+    assert q.running and q.migration == "cancelled"
+    assert q.attached == {"vda": "libvirt-1-format"}
+    assert q.nodes == {"libvirt-1-format", "libvirt-1-storage"}
+    assert not q.exports and not q.nbd and not q.jobs and not q.fdsets
+    assert q.caps["pause-before-switchover"] is False
+    assert q.params == {"max-bandwidth": 134217728, "downtime-limit": 300}
+    assert not (tmp_path / "vmarchive-ov-vda.qcow2").exists() and not m.path.exists()
+    order = [c for c in q.log if c in ("migrate_cancel", "cont", "block-commit", "blockdev-del")]
+    assert order.index("migrate_cancel") < order.index("cont") < order.index("block-commit")
+    assert order.index("block-commit") < order.index("blockdev-del")
+
+
+def test_background_snapshot_is_never_cancelled(tmp_path: Path) -> None:
+    q = FakeQEMU()
+    q.migration = "active"
+    m = killed_marker(tmp_path)
+    m.mode = "snapshot"
+    calls = 0
+
+    def finishing(cmd: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
+        nonlocal calls
+        if cmd == "query-migrate":
+            calls += 1
+            if calls > 3:  # whoever drains the pipe lets it complete
+                q.migration = "completed"
+        return FakeQEMU.execute(q, cmd, args, **kw)
+
+    q.execute = finishing  # type: ignore[method-assign]
+    clean_domain(q, m)  # type: ignore[arg-type]
+    assert "migrate_cancel" not in q.log and q.migration == "completed"
+
+
+def test_a_marker_left_by_nobody_changes_nothing_without_qemu(tmp_path: Path) -> None:
+    m = killed_marker(tmp_path)
+    assert clean_domain(None, m)
+    assert not m.path.exists()
+
+
+def test_domain_lock_refuses_a_second_capture(tmp_path: Path) -> None:
+    with domain_lock(tmp_path, "u", "g") as p:
+        assert p == tmp_path / "u.json"
+        with pytest.raises(LockedError, match="already running"), domain_lock(tmp_path, "u", "g"):
+            pass
+    with domain_lock(tmp_path, "u", "g"):
+        pass
+
+
+def test_marker_round_trips(tmp_path: Path) -> None:
+    m = killed_marker(tmp_path)
+    data = json.loads(m.path.read_text())
+    assert data["mode"] == "switchover" and data["overlays"] == m.overlays
