@@ -470,3 +470,16 @@ def test_auto_mode_uses_snapshot_only_where_it_works(
         with pytest.raises(HostPreconditionError, match="snapshot mode does not work"):
             capture(opts(guest, env, mode=Mode.SNAPSHOT))
         assert qemu_leftovers(guest) == []
+
+
+def test_locked_repository_is_refused_and_guest_untouched(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path]
+) -> None:
+    with Repository.open(str(env["repo"])) as repo:
+        lock = repo.lock("exclusive")
+        try:
+            with pytest.raises(LockedError):
+                capture(opts(guest, env, mode=Mode.SWITCHOVER))
+        finally:
+            lock.release()
+    assert qemu_leftovers(guest) == []
