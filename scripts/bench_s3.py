@@ -17,12 +17,19 @@ than 1.3x the local time.  Starts a throw-away Ceph with ``scripts/ceph`` unless
 the Ceph here keeps objects in RAM (memstore) while the local directory is on disk: the
 ratio measures the S3 path (HTTP, radosgw, boto3), not the disks.
 
-Usage: scripts/bench_s3.py [--mib N] [--rounds N] [--workdir DIR] [--endpoint URL --bucket B]
+With ``--guest MIB`` it also boots the test guest (``scripts/build-test-guest`` must have
+run; libvirtd on this host) with MIB of RAM, half of it filled with random data, and times
+a live capture into a fresh repository and a restore (as a clone, which is then removed)
+from it, local directory against S3.
+
+Usage: scripts/bench_s3.py [--mib N] [--rounds N] [--guest MIB] [--workdir DIR]
+                           [--endpoint URL --bucket B]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import secrets
@@ -87,6 +94,60 @@ def read_parallel(repo: Repository, aid: str, threads: int = 8) -> int:
         return sum(len(d) for d in pool.map(repo.read_chunk, ids, chunksize=4))
 
 
+def bench_guest(
+    ram_mib: int, rounds: int, workdir: Path, bucket: str, endpoint: str
+) -> dict[tuple[str, str], list[float]]:
+    """Capture and restore of a live test guest, local directory against S3."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import guestlib
+    import libvirt
+
+    from vmarchive.ops.capture import CaptureOptions, capture
+    from vmarchive.ops.restore import RestoreOptions, clone
+
+    conn = libvirt.open(guestlib.URI)
+    wd = guestlib.make_workdir("vmatest-bench-s3-")
+    spec = guestlib.GuestSpec(
+        memory_mib=ram_mib,
+        disks=(guestlib.DiskSpec("qcow2", 512),),
+        params={"fill": ram_mib // 2, "tick_ms": 200},
+    )
+    g = guestlib.Guest(conn, spec, wd)
+    times: dict[tuple[str, str], list[float]] = {}
+    try:
+        g.start()
+        g.wait_up()
+        g.wait_ticks(2)
+        for rnd in range(rounds):
+            for where in ("local", "s3"):
+                if where == "local":
+                    loc = str(workdir / "guest-repo")
+                    shutil.rmtree(loc, ignore_errors=True)
+                else:
+                    loc = f"s3://{bucket}/g{secrets.token_hex(4)}"
+                Repository.init(loc, InitOptions()).close()
+                os.sync()
+                t = time.perf_counter()
+                r = capture(CaptureOptions(domain=g.name, repo=loc, uri=guestlib.URI))
+                times.setdefault((where, "capture"), []).append(time.perf_counter() - t)
+                dd = guestlib.make_workdir("vmatest-bench-s3-clone-")
+                name = guestlib.unique_name()
+                try:
+                    t = time.perf_counter()
+                    clone(RestoreOptions(archive=r.id, repo=loc, name=name, disk_dir=dd))
+                    times.setdefault((where, "restore"), []).append(time.perf_counter() - t)
+                finally:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        conn.lookupByName(name).destroy()
+                    shutil.rmtree(dd, ignore_errors=True)
+                print(f"guest round {rnd + 1}: {where:5} done", file=sys.stderr)
+    finally:
+        g.destroy()
+        shutil.rmtree(wd, ignore_errors=True)
+        conn.close()
+    return times
+
+
 def start_ceph(base: Path) -> dict[str, str]:
     subprocess.run([str(ROOT / "scripts" / "ceph"), "start", str(base)], check=True)
     env = {}
@@ -104,6 +165,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/var/tmp/vmarchive-bench-s3")
     ap.add_argument("--endpoint")
     ap.add_argument("--bucket", default="vmarchive-bench")
+    ap.add_argument("--guest", type=int, metavar="MIB", help="also capture/restore a guest")
     args = ap.parse_args()
 
     workdir = Path(args.workdir)
@@ -161,6 +223,15 @@ def main() -> None:
                 a = statistics.median(times[("serial", where, step)])
                 b = statistics.median(times[("parallel", where, step)])
                 print(f"parallel speed-up, {where:5} {step:7}: {a / b:5.2f}x")
+        if args.guest:
+            gt = bench_guest(args.guest, args.rounds, workdir, args.bucket, endpoint)
+            print(f"\nlive guest, {args.guest} MiB RAM (half filled), medians of {args.rounds}")
+            print(f"{'step':8} {'local s':>8} {'s3 s':>8} {'s3/local':>9}")
+            for step in ("capture", "restore"):
+                lt = statistics.median(gt[("local", step)])
+                st = statistics.median(gt[("s3", step)])
+                ok = "ok" if st <= 1.3 * lt else "over 1.3x"
+                print(f"{step:8} {lt:8.2f} {st:8.2f} {st / lt:8.2f}x {ok}")
     finally:
         if not args.endpoint:
             subprocess.run([str(ROOT / "scripts" / "ceph"), "stop", str(base)], check=False)

@@ -343,6 +343,7 @@ class S3Backend(Backend):
                 "it cannot send If-None-Match (need boto3 >= 1.35.10)"
             )
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._packs = _PackCache(self.options.pack_cache_bytes)
         self._cache: _ObjectCache | None = None
         if self.options.cache_dir:
@@ -391,11 +392,13 @@ class S3Backend(Backend):
 
     @property
     def pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                max_workers=self.options.connections, thread_name_prefix="vmarchive-s3"
-            )
-        return self._pool
+        """Threads for the parts of large transfers (created on first need)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.options.connections, thread_name_prefix="vmarchive-s3"
+                )
+            return self._pool
 
     def _error(self, e: Exception, op: str, key: str | None) -> BackendError:
         """One clear line for a failed request; never mentions credentials."""
@@ -662,9 +665,10 @@ class S3Backend(Backend):
             cache.prune(prefix, present)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self._client.close()
 
 
