@@ -172,14 +172,7 @@ class OpaqueMemory:
 
 def _slot_id(sw: Any, index: int) -> bytes:
     """The chunk id currently in slot ``index`` of a store StreamWriter."""
-    getter = getattr(sw, "slot_id", None)
-    if callable(getter):
-        return bytes(getter(index))
-    # TODO(store): a public per-slot accessor; table() copies the whole table.
-    table = getattr(sw, "_table", None)
-    if table is not None:
-        return bytes(table[16 * index : 16 * index + 16])
-    return bytes(sw.table()[16 * index : 16 * index + 16])
+    return bytes(sw.slot_id(index))
 
 
 class RamImage:
