@@ -77,6 +77,17 @@ def _read_env(path: pathlib.Path) -> dict[str, str]:
     return out
 
 
+_BASE_PREFIX = "/var/tmp/vmarchive-ceph-"
+
+
+def _stop_orphans() -> None:
+    """Stop clusters left by test sessions that were killed (their daemons hold RAM)."""
+    for base in pathlib.Path("/var/tmp").glob("vmarchive-ceph-*"):
+        pid = base.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pathlib.Path(f"/proc/{pid}").exists():
+            subprocess.run([str(CEPH_SCRIPT), "stop", str(base)], check=False, timeout=120)
+
+
 @pytest.fixture(scope="session")
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
     """A running S3 store for the whole session (started here unless one is given)."""
@@ -94,8 +105,9 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
         else:
             if os.geteuid() != 0:
                 pytest.skip("starting Ceph needs root (scripts/ceph)")
+            _stop_orphans()
             base = pathlib.Path(
-                os.environ.get("VMARCHIVE_TEST_CEPH_BASE", f"/var/tmp/vmarchive-ceph-{os.getpid()}")
+                os.environ.get("VMARCHIVE_TEST_CEPH_BASE", f"{_BASE_PREFIX}{os.getpid()}")
             )
             env = dict(os.environ)
             env["VMARCHIVE_CEPH_MON_PORT"] = str(_free_port(pair=True))
