@@ -85,6 +85,7 @@ from vmarchive.ops.capture_disks import (
     make_overlay_file,
     read_disk,
 )
+from vmarchive.ops.capture_dropcache import reopen_keep_cache
 from vmarchive.ops.capture_memory import PipeReader, close_fd
 from vmarchive.ops.capture_watchdog import Watchdog
 from vmarchive.progress import NULL_PROGRESS, Progress
@@ -144,6 +145,9 @@ class CaptureOptions:
     #: Switchover mode: let QEMU throttle the vCPUs of a guest that dirties memory faster
     #: than it can be sent (auto-converge), instead of failing after the bounds above.
     auto_converge: bool = False
+    #: Switchover mode: reopen the disks' file nodes with drop-cache=false for the capture
+    #: (the cache drop at re-activation was most of the pause); restored afterwards.
+    keep_cache: bool = True
     #: Parse the migration stream into page images (False: store it opaquely).
     parse_memory: bool = True
     #: TEST ONLY: fix the disk view this many seconds after the memory instant, to prove
@@ -786,6 +790,9 @@ class _Capture:
             export_node = {d.target: str(d.node_name) for d in copy}
         marker.mode = mode
         marker.save()
+        if mode == "switchover" and self.o.keep_cache:
+            done = reopen_keep_cache(qmp, self.dom.name, disks, marker.reopened, marker.save)
+            log.debug("reopened without cache drop: %s", done)
         self._set_migration(qmp, mode)
         for d in copy:
             assert d.virtual_size is not None

@@ -31,6 +31,7 @@ from typing import Any
 
 from vmarchive.errors import HypervisorError, LockedError, QMPCommandError
 from vmarchive.hypervisor.qmp import QMP
+from vmarchive.ops.capture_dropcache import restore_options
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class Marker:
     saved_parameters: dict[str, Any] = field(default_factory=dict)
     #: overlay node -> the node it was put on (the commit target).
     overlays: dict[str, str] = field(default_factory=dict)
+    #: file node -> the options it had before we reopened it with drop-cache=false.
+    reopened: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
 
     def save(self) -> None:
@@ -101,6 +104,7 @@ class Marker:
             "saved_capabilities",
             "saved_parameters",
             "overlays",
+            "reopened",
             "files",
         ):
             if k in data:
@@ -375,7 +379,11 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
         with contextlib.suppress(HypervisorError):
             qmp.closefd(PREFIX + name)
 
-    # 8. Migration capabilities and parameters as they were.
+    # 8. File nodes reopened without cache drop: their original options.
+    if marker is not None and marker.reopened:
+        ok = restore_options(qmp, marker.reopened) and ok
+
+    # 9. Migration capabilities and parameters as they were.
     if marker is not None and (marker.saved_capabilities or marker.saved_parameters):
         ok = _try("restoring migration settings", lambda: restore_migration(qmp, marker)) and ok
     return ok
