@@ -163,7 +163,7 @@ def test_pack_cache_turns_blob_reads_into_one_fetch(ceph: Ceph, cache: int) -> N
         assert b.get_range("data/cd/pack", off, step) == pack[off : off + step]
     assert b.get_range("data/cd/pack", len(pack) - 5, 100) == pack[-5:]
     if cache:
-        assert len(gets) == 3  # the first blob alone, then the pack whole (two parts)
+        assert len(gets) == 4  # two blobs alone, then the pack whole (two parts)
     else:  # negative control: a request per blob
         assert len(gets) == len(pack) // step + 1
     b.delete("data/cd/pack")
@@ -177,7 +177,8 @@ def test_pack_cache_concurrent_readers_fetch_once(ceph: Ceph) -> None:
     b = ceph.backend()
     pack = os.urandom(2 << 20)
     b.put("data/ef/pack", pack)
-    b.get_range("data/ef/pack", 0, 10)  # first touch
+    b.get_range("data/ef/pack", 0, 10)  # first touches: plain GETs
+    b.get_range("data/ef/pack", len(pack) - 10, 10)
     gets = _count_gets(b)
     offsets = list(range(0, len(pack), 4096))
     with ThreadPoolExecutor(8) as pool:
@@ -189,3 +190,35 @@ def test_pack_cache_concurrent_readers_fetch_once(ceph: Ceph) -> None:
     for _ in range(3):
         b.get_range("index/x", 0, 2)
     assert len(gets) == 4
+
+
+def test_cli_on_s3_one_line_errors(ceph: Ceph) -> None:
+    import subprocess
+    import sys
+
+    def vma(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vmarchive", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "AWS_MAX_ATTEMPTS": "1", **env},
+            timeout=120,
+        )
+
+    location = ceph.fresh_location()
+    assert vma("init", "--repo", location).returncode == 0
+    ok = vma("list", "--repo", location, "--json")
+    assert ok.returncode == 0, ok.stderr
+    bucket = location.split("/")[2]
+    cases = [
+        (("list", "--repo", location.replace(bucket, "no-such-bucket-vma")), {}, "does not exist"),
+        (("list", "--repo", location), {"AWS_SECRET_ACCESS_KEY": "wrong-secret-1234"}, "wrong"),
+        (("list", "--repo", location), {"VMARCHIVE_S3_ENDPOINT": "http://127.0.0.1:9"}, "connect"),
+    ]
+    for args, env, words in cases:
+        r = vma(*args, **env)
+        assert r.returncode == 3, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], r.stderr
+        assert "wrong-secret-1234" not in r.stderr + r.stdout
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in r.stderr + r.stdout

@@ -107,7 +107,7 @@ class S3Options:
     max_attempts: int | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    #: Memory for whole packs kept after a second read of the same pack (0: off).
+    #: Memory for whole packs kept once a pack is read a third time (0: off).
     pack_cache_bytes: int = 64 * MiB
     #: Directory for local copies of index files and manifests (``None``: no cache).
     cache_dir: str | None = None
@@ -159,13 +159,17 @@ def _mtime(value: datetime) -> float:
     return value.timestamp()
 
 
+#: Reads of one pack served by plain ranged GETs before the pack is fetched whole.
+_PLAIN_READS = 2
+
+
 class _PackCache:
     """Whole packs held in memory, so a restore reading one pack's blobs one after another
     costs one parallel fetch of the pack instead of a request per blob.
 
-    The first read of a pack is left to a plain ranged GET (a lone chunk read must not
-    pull 16 MiB); the second read of the same pack fetches it whole, once, however many
-    threads ask at the same moment.  Packs are immutable (named by their hash), so a
+    The first two reads of a pack are left to plain ranged GETs (a lone chunk read, or a
+    trailer read in two steps, must not pull 16 MiB); the third read of the same pack
+    fetches it whole, once, however many threads ask at the same moment.  Packs are immutable (named by their hash), so a
     cached pack never holds wrong bytes; least recently used packs leave first.
     """
 
@@ -174,7 +178,7 @@ class _PackCache:
         self._lock = threading.Lock()
         self._packs: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, int] = OrderedDict()
         self._loading: dict[str, Future[bytes | None]] = {}
 
     def read(
@@ -189,8 +193,10 @@ class _PackCache:
             fut = self._loading.get(key)
             owner = fut is None
             if fut is None:
-                if key not in self._seen:
-                    self._seen[key] = None
+                touches = self._seen.get(key, 0)
+                if touches < _PLAIN_READS:
+                    self._seen[key] = touches + 1
+                    self._seen.move_to_end(key)
                     while len(self._seen) > 4096:
                         self._seen.popitem(last=False)
                     return None
