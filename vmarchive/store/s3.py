@@ -12,7 +12,7 @@ How the :class:`~vmarchive.store.backend.Backend` guarantees map onto S3:
   key is the hash of their bytes (a replacement has the same bytes).
 * A create-only PUT whose reply was lost is retried and then answered 412: it reports
   "already existed" although it created the object.  Content-named objects do not care;
-  ``init`` may then say the repository was created concurrently (run it again: it exists).
+  ``init`` may then say the repository was created concurrently (it was, by that call).
 * Large objects move in parallel: multipart uploads, and GETs split into ranged requests
   on a thread pool.  Small reads (a blob, a pack trailer) are one ranged GET.
 * Transient failures (connection errors, 5xx, throttling) are retried by botocore's
