@@ -166,6 +166,15 @@ def restore_image(
     return conn.lookup(name)
 
 
+#: Where libvirtd (system instance) writes QEMU's stderr and its own notes per domain.
+QEMU_LOG_DIR = "/var/log/libvirt/qemu"
+
+
+def domain_log_file(name: str) -> str:
+    """libvirt's per-domain QEMU log on this host (the system daemon's layout)."""
+    return f"{QEMU_LOG_DIR}/{name}.log"
+
+
 def set_guest_time(dom: Domain) -> None:
     """Set the guest's clock from the host through the guest agent (guest-set-time).
 

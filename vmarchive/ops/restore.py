@@ -68,6 +68,7 @@ from vmarchive.hypervisor.restore import (
     Pool,
     VolumeUpload,
     check_target,
+    domain_log_file,
     find_domain,
     remove_domain,
     restore_image,
@@ -494,7 +495,7 @@ class _Restore:
             ),
             self.rng,
         )
-        cookie = f"<cookie>\n  {cpu_xml}\n</cookie>\n" if cpu_xml and not o.clone else None
+        cookie = f"<cookie>\n  {cpu_xml}\n</cookie>\n" if cpu_xml else None
         prefix = saveimage.encode_prefix(rw.xml, running=not o.paused, cookie=cookie)
 
         # 4. clobber what --replace allows, then write
@@ -519,11 +520,17 @@ class _Restore:
                 if not o.replace:
                     raise AlreadyExistsError(f"{path} exists (use --replace)", path=path)
                 os.unlink(path)
+            # libvirt creates the log when QEMU starts: ours to remove if the restore fails.
+            self.created.files.append(Path(path))
         for s, fname, fmt in outs:
             result.disks.append(self._write_disk(s, fname, fmt, disk_dir, pool, result))
         self._lap("disks")
 
         # 5. memory: the save image, and the restore
+        qemu_log = domain_log_file(name)
+        if pool is None and not os.path.lexists(qemu_log):
+            # libvirt starts this log with QEMU; a failed restore must not leave it.
+            self.created.files.append(Path(qemu_log))
         dom = self._restore(plan, prefix, name, pool, result)
         self.created.domain = name
         self._lap("restore")
@@ -584,9 +591,7 @@ class _Restore:
                 except BaseException:
                     up.abort()
                     raise
-                return DiskOut(
-                    str(s.attrs["target"]), path, "raw", size, written, _hex(h)
-                )
+                return DiskOut(str(s.attrs["target"]), path, "raw", size, written, _hex(h))
             assert disk_dir is not None
             path_p = _safe_child(disk_dir, fname)
             if os.path.lexists(path_p):
@@ -607,9 +612,7 @@ class _Restore:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(staging)
             task.advance(size)
-            return DiskOut(
-                str(s.attrs["target"]), str(path_p), fmt, size, written, _hex(h)
-            )
+            return DiskOut(str(s.attrs["target"]), str(path_p), fmt, size, written, _hex(h))
         finally:
             task.close()
 

@@ -98,9 +98,7 @@ def chardev_files(root: ET.Element) -> list[str]:
 
 
 def has_agent_channel(root: ET.Element) -> bool:
-    return any(
-        t.get("name") == AGENT_CHANNEL for t in root.iterfind("./devices/channel/target")
-    )
+    return any(t.get("name") == AGENT_CHANNEL for t in root.iterfind("./devices/channel/target"))
 
 
 def cpu_definition(xml: str) -> tuple[str | None, str | None]:
