@@ -9,8 +9,8 @@ import typer
 
 from vmarchive.cli.app import app, print_json
 from vmarchive.errors import UsageError
+from vmarchive.hypervisor.connection import DEFAULT_URI
 from vmarchive.ops.restore import (
-    DEFAULT_URI,
     ExportResult,
     RestoreOptions,
     RestoreResult,
