@@ -137,10 +137,11 @@ def remove_domain(conn: Connection, name: str) -> bool:
     if raw is None:
         return False
     with libvirt_errors("cannot remove domain", domain=name, uri=conn.uri):
-        with contextlib.suppress(libvirt.libvirtError):
-            if raw.isActive():
-                raw.destroy()
-        if raw.isPersistent():
+        # A transient domain is gone once destroyed: ask before.
+        persistent = raw.isPersistent()
+        if raw.isActive():
+            raw.destroy()
+        if persistent:
             raw.undefineFlags(
                 libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA

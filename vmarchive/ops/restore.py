@@ -480,9 +480,13 @@ class _Restore:
             disk_plan[target] = rx.DiskRewrite(path, fmt)
             outs.append((s, fname, fmt))
         chardevs: dict[str, str] = {}
-        log_dir = disk_dir if disk_dir is not None else Path(pool.path if pool else "/var/log")
         for i, old_path in enumerate(rx.chardev_files(root)):
-            chardevs[old_path] = str(_safe_child(log_dir, f"{name}-console{i}.log"))
+            log_name = f"{name}-console{i}.log"
+            if disk_dir is not None:
+                chardevs[old_path] = str(_safe_child(disk_dir, log_name))
+            else:  # a path on the target host, beside the pool's volumes
+                assert pool is not None
+                chardevs[old_path] = f"{pool.path}/{log_name}"
         rw = rx.rewrite(
             plan.xml,
             rx.Rewrite(
@@ -515,7 +519,7 @@ class _Restore:
             target={"qemu": tc.qemu, "machine": tc.machine, "cpu": tc.cpu},
             notes=list(rw.notes),
         )
-        for path in chardevs.values():
+        for path in chardevs.values() if disk_dir is not None else ():
             if os.path.lexists(path):
                 if not o.replace:
                     raise AlreadyExistsError(f"{path} exists (use --replace)", path=path)

@@ -1,0 +1,508 @@
+"""Restore-as-resume, clones and replay against real libvirt guests (issue 5).
+
+One busy workload guest (RAM churn, 100 ms ticks, a NIC) is captured once per module; the
+tests restore and clone that archive.  What the guest prints is the judge: the same boot
+id, the first tick after resume = the counter found in the archived RAM + 1, no MISMATCH
+(the workload compares the tick block it reads back from disk with the value its RAM says
+it wrote: that is the memory/disk consistency check), and the tick block on the rebuilt
+disk following the counter.  Negative controls: a disk that does not match the memory
+must produce MISMATCH; damaged or forged archives must be refused before a guest starts,
+leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import libvirt
+import pytest
+
+from vmarchive.errors import (
+    AlreadyExistsError,
+    DamageError,
+    FormatError,
+    HostPreconditionError,
+    UsageError,
+)
+from vmarchive.ops.capture import CaptureOptions, capture
+from vmarchive.ops.restore import RestoreOptions, RestoreResult, export_save, restore
+from vmarchive.store import Repository
+from vmarchive.store.codecs import InitOptions
+
+pytestmark = pytest.mark.libvirt
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+import guestlib  # noqa: E402
+
+#: How long a resumed guest is watched for MISMATCH.  The workload checks memory against
+#: disk on its FIRST tick after the resume (it reads back the tick block its RAM says it
+#: wrote); every later check only re-reads what the resumed guest wrote itself.  50 ticks
+#: (5 s at 100 ms) cover that first check with a wide margin.
+WATCH_TICKS = 50
+
+
+@dataclass(frozen=True)
+class Captured:
+    id: str
+    counter: int
+    last_written: int
+    boot_id: str
+
+
+def counter_in_archive(repo: Repository, archive_id: str, boot_id: str) -> guestlib.CounterPage:
+    archive = repo.load_archive(archive_id)
+    found = []
+    for s in archive.streams:
+        if s.kind != "ram":
+            continue
+        for _off, data in repo.open_stream(archive, s.name).iter_chunks():
+            if data is None:
+                continue
+            pos = data.find(guestlib.COUNTER_MAGIC)
+            while pos >= 0:
+                if pos % guestlib.PAGE == 0:
+                    cp = guestlib.parse_counter_page(data[pos : pos + 48])
+                    if cp is not None and cp.boot_id == boot_id:
+                        found.append(cp)
+                pos = data.find(guestlib.COUNTER_MAGIC, pos + 1)
+    assert len(found) == 1, found
+    return found[0]
+
+
+NIC = "<interface type='user'><model type='virtio'/></interface>\n    <memballoon"
+
+
+class Domains:
+    """Names of domains the tests made; every one is removed at teardown."""
+
+    def __init__(self, conn: libvirt.virConnect) -> None:
+        self.conn = conn
+        self.names: list[str] = []
+        self.dirs: list[pathlib.Path] = []
+
+    def workdir(self) -> pathlib.Path:
+        d = guestlib.make_workdir("vmatest-restore-")
+        self.dirs.append(d)
+        return d
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom = self.conn.lookupByName(name)
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefine()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/var/log/libvirt/qemu/{name}.log")
+
+    def close(self) -> None:
+        for n in self.names:
+            self.remove(n)
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def domains(libvirt_conn: libvirt.virConnect) -> Iterator[Domains]:
+    d = Domains(libvirt_conn)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture(scope="module")
+def original(
+    libvirt_conn: libvirt.virConnect, guest_build: dict[str, str], domains: Domains
+) -> guestlib.Guest:
+    spec = guestlib.GuestSpec(params={"tick_ms": 100, "churn": 16})
+    g = guestlib.Guest(libvirt_conn, spec, domains.workdir())
+    g.xml = g.xml.replace("<memballoon", NIC, 1)
+    domains.names.append(g.name)
+    g.start()
+    g.wait_up()
+    g.wait_ticks(3)
+    return g
+
+
+@pytest.fixture(scope="module")
+def repo_path(domains: Domains) -> str:
+    path = str(domains.workdir() / "repo")
+    Repository.init(path, InitOptions()).close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def captured(original: guestlib.Guest, repo_path: str) -> Captured:
+    r = capture(CaptureOptions(domain=original.name, repo=repo_path))
+    assert r.memory_format == "parsed"
+    with Repository.open(repo_path) as repo:
+        assert original.boot_id is not None
+        cp = counter_in_archive(repo, r.id, original.boot_id)
+    return Captured(r.id, cp.counter, cp.last_written, original.boot_id)
+
+
+def opts(repo_path: str, captured: Captured, **kw: Any) -> RestoreOptions:
+    return RestoreOptions(archive=captured.id, repo=repo_path, **kw)
+
+
+def console(result: RestoreResult) -> guestlib.SerialLog:
+    assert len(result.serial_logs) == 1
+    return guestlib.SerialLog(pathlib.Path(result.serial_logs[0]))
+
+
+def restored_guest(conn: libvirt.virConnect, result: RestoreResult, disk_dir: pathlib.Path) -> Any:
+    """A guestlib.Guest view of a restored domain (for its waiting helpers)."""
+    g = guestlib.Guest(conn, guestlib.GuestSpec(), disk_dir, name=result.domain)
+    g.serial = console(result)
+    g.disk_paths = [pathlib.Path(d.path) for d in result.disks]
+    g.spec = replace(g.spec, disks=tuple(guestlib.DiskSpec(fmt=d.format) for d in result.disks))
+    return g
+
+
+def assert_resumed(g: guestlib.Guest, captured: Captured) -> list[guestlib.Tick]:
+    """Same boot, first tick = captured counter + 1 (within one), no MISMATCH, no reboot."""
+    ticks = g.wait_ticks(WATCH_TICKS)
+    first = ticks[0]
+    assert first.boot_id == captured.boot_id
+    assert captured.counter + 1 <= first.n <= captured.counter + 2, (first, captured)
+    assert [t.n for t in ticks] == list(range(first.n, first.n + len(ticks)))
+    assert g.serial.mismatches() == []
+    assert g.serial.boot_ids() == []  # resumed, not booted
+    assert g.serial.trouble() == []
+    return ticks
+
+
+def no_leftovers(conn: libvirt.virConnect, name: str, disk_dir: pathlib.Path) -> None:
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByName(name)
+    assert list(disk_dir.iterdir()) == []
+    assert guestlib.libvirt_leftovers(name) == []
+
+
+# --- clone while the original runs; replay ----------------------------------------------------
+
+
+def test_clones_run_beside_the_original_and_replay_identically(
+    libvirt_conn: libvirt.virConnect,
+    original: guestlib.Guest,
+    repo_path: str,
+    captured: Captured,
+    domains: Domains,
+) -> None:
+    results = []
+    disk_hashes = []
+    for i in range(3):
+        d = domains.workdir()
+        name = f"{original.name}-c{i}"
+        domains.names.append(name)
+        r = restore(
+            opts(repo_path, captured, name=name, disk_dir=d, clone=True, paused=True, digests=True)
+        )
+        assert r.paused and r.domain == name
+        g = restored_guest(libvirt_conn, r, d)
+        # While paused the image is stable: hash what the clone will run from.
+        disk_hashes.append(hashlib.sha256(guestlib.read_disk(g.disk_paths[0], "qcow2")).hexdigest())
+        g.dom.resume()
+        results.append((r, g))
+
+    # Replay: every clone started from byte-identical memory and disks, and at one counter.
+    assert len({r.stream_sha256 for r, _ in results}) == 1
+    assert all(r.stream_sha256 for r, _ in results)
+    assert len({r.disks[0].sha256 for r, _ in results}) == 1
+    assert len(set(disk_hashes)) == 1
+    firsts = []
+    for _r, g in results:
+        ticks = assert_resumed(g, captured)
+        firsts.append(ticks[0].n)
+    assert len(set(firsts)) == 1
+
+    # The original runs on, unaffected.
+    mark = original.serial.mark()
+    original.wait_ticks(3, since=mark)
+    assert original.serial.mismatches() == []
+
+    # Identity: names, UUIDs, MACs all differ; the clones' NICs are down; own files.
+    def ident(name: str) -> tuple[str, str, list[str], list[str]]:
+        root = ET.fromstring(libvirt_conn.lookupByName(name).XMLDesc(0))
+        macs = [str(m.get("address")) for m in root.iterfind("devices/interface/mac")]
+        links = [str(lk.get("state")) for lk in root.iterfind("devices/interface/link")]
+        return str(root.findtext("name")), str(root.findtext("uuid")), macs, links
+
+    orig = ident(original.name)
+    clones = [ident(r.domain) for r, _ in results]
+    assert orig[3] == []  # negative control: the original's link is up (no <link> element)
+    everything = [orig, *clones]
+    assert len({x[0] for x in everything}) == 4
+    assert len({x[1] for x in everything}) == 4
+    assert all(len(x[2]) == 1 for x in everything)
+    assert len({x[2][0] for x in everything}) == 4
+    assert all(x[3] == ["down"] for x in clones)
+    files = {d.path for r, _ in results for d in r.disks} | {
+        p for r, _ in results for p in r.serial_logs
+    }
+    assert len(files) == 6
+    for r, _ in results:
+        domains.remove(r.domain)
+
+
+# --- refused archives: nothing may be left behind ---------------------------------------------
+
+
+def copy_repo(repo_path: str, domains: Domains) -> str:
+    dst = domains.workdir() / "repo"
+    shutil.copytree(repo_path, dst)
+    return str(dst)
+
+
+def late_ram_chunk(repo: Repository, archive_id: str) -> tuple[bytes, Any]:
+    """A stored chunk of the last part of pc.ram whose pack holds no disk chunk."""
+    a = repo.load_archive(archive_id)
+    disk_packs = {
+        repo.index.get(c).pack_id for s in a.streams if s.kind == "disk" for c in s.chunk_ids()
+    }
+    ram = a.stream("ram:pc.ram")
+    for cid in reversed(list(ram.chunk_ids())):
+        loc = repo.index.get(cid)
+        if loc.pack_id not in disk_packs:
+            return cid, loc
+    raise AssertionError("every RAM pack also holds a disk chunk")
+
+
+def pack_file(repo_path: str, pack_id: str) -> pathlib.Path:
+    return pathlib.Path(repo_path) / "data" / pack_id[:2] / pack_id
+
+
+def test_damaged_chunk_is_refused_before_the_guest_starts(
+    libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
+) -> None:
+    bad = copy_repo(repo_path, domains)
+    with Repository.open(bad) as repo:
+        _cid, loc = late_ram_chunk(repo, captured.id)
+    p = pack_file(bad, loc.pack_id)
+    data = bytearray(p.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    d = domains.workdir()
+    name = "vmatest-damaged"
+    domains.names.append(name)
+    with pytest.raises(DamageError):
+        restore(opts(bad, captured, name=name, disk_dir=d, clone=True))
+    no_leftovers(libvirt_conn, name, d)
+    # Negative control: the undamaged repository restores into the same place.
+    r = restore(opts(repo_path, captured, name=name, disk_dir=d, clone=True))
+    assert libvirt_conn.lookupByName(name).isActive()
+    assert console(r).path.parent == d
+    domains.remove(name)
+
+
+def test_missing_pack_is_refused_before_anything_is_written(
+    libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
+) -> None:
+    bad = copy_repo(repo_path, domains)
+    with Repository.open(bad) as repo:
+        _cid, loc = late_ram_chunk(repo, captured.id)
+    pack_file(bad, loc.pack_id).unlink()
+    d = domains.workdir()
+    name = "vmatest-nopack"
+    domains.names.append(name)
+    with pytest.raises(DamageError, match="pack"):
+        restore(opts(bad, captured, name=name, disk_dir=d, clone=True))
+    no_leftovers(libvirt_conn, name, d)
+
+
+def forge(
+    repo_path: str,
+    archive_id: str,
+    *,
+    disk_attrs: dict[str, Any] | None = None,
+    meta: dict[str, str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """A new archive sharing every chunk of ``archive_id`` with some fields changed."""
+    with Repository.open(repo_path) as repo:
+        a = repo.load_archive(archive_id)
+        with repo.writer() as w:
+            for s in a.streams:
+                if meta and s.name in meta:
+                    data = meta[s.name].encode()
+                    sw = w.stream(s.name, s.kind, len(data), attrs=s.attrs)
+                    sw.write(0, data)
+                    sw.close()
+                    continue
+                attrs = dict(s.attrs)
+                if s.kind == "disk" and disk_attrs:
+                    attrs.update(disk_attrs)
+                sw = w.stream(s.name, s.kind, s.size, chunk_size=s.chunk_size, attrs=attrs)
+                for i in range(s.slots):
+                    cid = s.chunk_id(i)
+                    if cid != bytes(16):
+                        sw.set_chunk(i, cid)
+                sw.close()
+            return str(w.commit({**a.metadata, **(metadata or {})}))
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        {"disk_attrs": {"target": "../../../tmp/vmatest-escape"}},
+        {"disk_attrs": {"target": "/tmp/vmatest-escape"}},
+        {"disk_attrs": {"target": "vda/../../x"}},
+        {"metadata": {"domain": "../../tmp/vmatest-escape"}},
+    ],
+    ids=["dotdot", "absolute", "nested", "domain-name"],
+)
+def test_forged_manifest_is_refused(
+    libvirt_conn: libvirt.virConnect,
+    repo_path: str,
+    captured: Captured,
+    domains: Domains,
+    forgery: dict[str, Any],
+) -> None:
+    bad = copy_repo(repo_path, domains)
+    aid = forge(bad, captured.id, **forgery)
+    d = domains.workdir()
+    with pytest.raises((FormatError, UsageError)):
+        restore(RestoreOptions(archive=aid, repo=bad, disk_dir=d))
+    assert list(d.iterdir()) == []
+    assert not glob.glob("/tmp/vmatest-escape*")
+    assert not (d.parent / "x").exists()
+
+
+def _xml_with(xml: str, old: str, new: str) -> str:
+    assert old in xml
+    return xml.replace(old, new)
+
+
+def test_target_that_cannot_run_the_guest_is_refused(
+    libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
+) -> None:
+    with Repository.open(repo_path) as repo:
+        a = repo.load_archive(captured.id)
+        live = repo.open_stream(a, "domain-live.xml").read_all().decode()
+        mig = repo.open_stream(a, "domain.xml").read_all().decode()
+    bad = copy_repo(repo_path, domains)
+    cpu = forge(
+        bad,
+        captured.id,
+        meta={
+            "domain-live.xml": _xml_with(
+                live, "</cpu>", "<feature policy='require' name='avx512f'/></cpu>"
+            )
+        },
+    )
+    machine = forge(
+        bad,
+        captured.id,
+        meta={"domain.xml": _xml_with(mig, "machine='pc-i440fx-7.2'", "machine='pc-i440fx-99.0'")},
+    )
+    d = domains.workdir()
+    name = "vmatest-cpu"
+    domains.names.append(name)
+    with pytest.raises(HostPreconditionError, match="CPU"):
+        restore(RestoreOptions(archive=cpu, repo=bad, name=name, disk_dir=d, clone=True))
+    no_leftovers(libvirt_conn, name, d)
+    with pytest.raises(HostPreconditionError, match="machine type"):
+        restore(RestoreOptions(archive=machine, repo=bad, name=name, disk_dir=d, clone=True))
+    no_leftovers(libvirt_conn, name, d)
+
+
+# --- the acceptance run: destroy the original, resume it ---------------------------------------
+
+
+def test_restore_resumes_the_destroyed_original(
+    libvirt_conn: libvirt.virConnect,
+    original: guestlib.Guest,
+    repo_path: str,
+    captured: Captured,
+    domains: Domains,
+) -> None:
+    uuid = original.dom.UUIDString()
+    original.destroy()
+    d = domains.workdir()
+    r = restore(opts(repo_path, captured, disk_dir=d))
+    assert r.domain == original.name and not r.paused
+    assert r.uuid == uuid
+    assert r.clock_skew_s is not None and r.clock_skew_s > 0
+    g = restored_guest(libvirt_conn, r, d)
+    ticks = assert_resumed(g, captured)
+    # The disk follows the counter: pause, read the tick block of the rebuilt image.
+    g.dom.suspend()
+    try:
+        last = g.last_tick()
+        tb = g.read_tick_block()
+        assert tb is not None and tb.boot_id == captured.boot_id
+        assert tb.counter == last.n >= ticks[-1].n
+    finally:
+        g.dom.resume()
+
+    # Without --replace nothing is clobbered; with it, the domain is replaced.
+    with pytest.raises(AlreadyExistsError):
+        restore(opts(repo_path, captured, disk_dir=d))
+    assert libvirt_conn.lookupByName(r.domain).isActive()
+    r2 = restore(opts(repo_path, captured, disk_dir=d, replace=True))
+    assert_resumed(restored_guest(libvirt_conn, r2, d), captured)
+
+
+def test_negative_control_a_disk_from_another_instant_is_detected(
+    libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
+) -> None:
+    """The MISMATCH detector works: a clone whose disk tick block is moved ahead of its
+    memory reports it on its first tick."""
+    d = domains.workdir()
+    name = "vmatest-negctl"
+    domains.names.append(name)
+    r = restore(
+        opts(repo_path, captured, name=name, disk_dir=d, clone=True, paused=True, disk_format="raw")
+    )
+    path = pathlib.Path(r.disks[0].path)
+    block = bytearray(guestlib.read_block(path, "raw", guestlib.TICK_OFFSET))
+    tb = guestlib.parse_tick_block(bytes(block))
+    assert tb is not None and tb.counter == captured.last_written
+    ahead = tb.counter + 1000
+    block[24:40] = ahead.to_bytes(8, "little") + (ahead ^ ((1 << 64) - 1)).to_bytes(8, "little")
+    with path.open("r+b") as f:
+        f.seek(guestlib.TICK_OFFSET)
+        f.write(block)
+    g = restored_guest(libvirt_conn, r, d)
+    g.dom.resume()
+    mism = g.wait_for("MISMATCH", lambda: g.serial.mismatches())
+    assert mism[0].disk == ahead and mism[0].ram == captured.last_written
+    domains.remove(name)
+
+
+def test_export_save_restores_with_plain_virsh(
+    libvirt_conn: libvirt.virConnect,
+    original: guestlib.Guest,
+    repo_path: str,
+    captured: Captured,
+    domains: Domains,
+) -> None:
+    domains.remove(original.name)  # the image carries the archived UUID
+    d = domains.workdir()
+    image = d / "guest.save"
+    res = export_save(captured.id, repo_path, image)
+    assert image.stat().st_size == res.bytes
+    with pytest.raises(AlreadyExistsError):
+        export_save(captured.id, repo_path, image)
+    proc = subprocess.run(
+        ["virsh", "-c", guestlib.URI, "restore", str(image)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    log = next(d.glob("*-console0.log"))
+    g = guestlib.Guest(libvirt_conn, guestlib.GuestSpec(), d, name=original.name)
+    g.serial = guestlib.SerialLog(log)
+    assert_resumed(g, captured)
+    domains.remove(original.name)
