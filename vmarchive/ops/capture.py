@@ -57,6 +57,7 @@ from typing import Any
 
 from vmarchive import __version__
 from vmarchive.errors import (
+    FormatError,
     HostPreconditionError,
     HypervisorError,
     InterruptedError_,
@@ -68,6 +69,7 @@ from vmarchive.errors import (
 )
 from vmarchive.hypervisor.blockinfo import DiskInfo, list_disks, parse_disks
 from vmarchive.hypervisor.connection import DEFAULT_URI, Connection, Domain, DomainState
+from vmarchive.hypervisor.memmap import collect_memory_map
 from vmarchive.hypervisor.qmp import QMP, EventSubscription, pause_us
 from vmarchive.ops import capture_parse
 from vmarchive.ops.capture_cleanup import (
@@ -769,6 +771,12 @@ class _Capture:
     ) -> CaptureResult:
         meta = self._base_metadata("full", live_xml)
         self._xml_streams(w, live_xml, mig_xml, self._memory_map(qmp))
+        # The parsed map (memory_map, vcpus, arch) is what export-memory reads; the raw
+        # texts above stay as a fallback. A map we cannot read must not lose the capture.
+        try:
+            meta.update(collect_memory_map(qmp))
+        except (HypervisorError, FormatError) as map_err:
+            log.warning("memory map not recorded: %s", map_err)
         threads = DiskThreads()
         disk_sinks: dict[str, Any] = {}
         export_node: dict[str, str] = {}
