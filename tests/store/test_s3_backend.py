@@ -8,7 +8,7 @@ import os
 
 import pytest
 from backend_contract import BackendContract
-from conftest import Ceph
+from s3helpers import Ceph
 
 from vmarchive.errors import BackendError, RepositoryError
 from vmarchive.store.backend import Backend, ObjectNotFoundError, open_backend

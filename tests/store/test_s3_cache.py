@@ -8,7 +8,7 @@ import os
 import pathlib
 
 import pytest
-from conftest import Ceph
+from s3helpers import Ceph
 from storehelpers import read_archive, small_options, write_archive
 
 from vmarchive.store import Repository

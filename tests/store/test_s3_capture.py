@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import libvirt
 import pytest
-from conftest import Ceph
+from s3helpers import Ceph
 
 from vmarchive.errors import BackendError
 from vmarchive.ops.capture import CaptureOptions, capture

@@ -13,8 +13,8 @@ import sys
 import time
 
 import pytest
-from conftest import Ceph
 from crash_writer import content
+from s3helpers import Ceph
 from storehelpers import read_archive, small_options, write_archive
 
 from vmarchive.store import GcOptions, Repository

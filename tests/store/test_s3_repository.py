@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 import test_store_maintenance as maint_tests
 import test_store_repository as repo_tests
-from conftest import Ceph
+from s3helpers import Ceph
 
 from vmarchive.store import local as local_module
 from vmarchive.store import repository as repository_module
