@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -51,6 +52,7 @@ import guestlib  # noqa: E402
 #: wrote); every later check only re-reads what the resumed guest wrote itself.  50 ticks
 #: (5 s at 100 ms) cover that first check with a wide margin.
 WATCH_TICKS = 50
+VMARCHIVE = [sys.executable, "-m", "vmarchive"]
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,15 @@ def test_damaged_chunk_is_refused_before_the_guest_starts(
     with pytest.raises(DamageError):
         restore(opts(bad, captured, name=name, disk_dir=d, clone=True))
     no_leftovers(libvirt_conn, name, d)
+    # The CLI says it in one line, with the damage exit code.
+    proc = subprocess.run(
+        [*VMARCHIVE, "clone", captured.id, "--name", name, "--repo", bad, "--disk-dir", str(d)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 4
+    assert len(proc.stderr.strip().splitlines()) == 1 and "chunk" in proc.stderr
+    no_leftovers(libvirt_conn, name, d)
     # Negative control: the undamaged repository restores into the same place.
     r = restore(opts(repo_path, captured, name=name, disk_dir=d, clone=True))
     assert libvirt_conn.lookupByName(name).isActive()
@@ -452,7 +463,20 @@ def test_restore_resumes_the_destroyed_original(
     with pytest.raises(AlreadyExistsError):
         restore(opts(repo_path, captured, disk_dir=d))
     assert libvirt_conn.lookupByName(r.domain).isActive()
-    r2 = restore(opts(repo_path, captured, disk_dir=d, replace=True))
+    # The CLI: --replace, --json with at least domain and duration_s.
+    proc = subprocess.run(
+        [
+            *VMARCHIVE,
+            *("restore", captured.id[:12], "--repo", repo_path, "--disk-dir", str(d)),
+            *("--replace", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["domain"] == r.domain and out["duration_s"] > 0
+    r2 = replace(r, serial_logs=out["serial_logs"], disks=r.disks)
     assert_resumed(restored_guest(libvirt_conn, r2, d), captured)
 
 
