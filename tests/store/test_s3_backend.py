@@ -10,14 +10,13 @@ import pytest
 from backend_contract import BackendContract
 from s3helpers import Ceph
 
-from vmarchive.errors import BackendError, RepositoryError
+from vmarchive.errors import BackendError
 from vmarchive.store.backend import Backend, ObjectNotFoundError, open_backend
 from vmarchive.store.s3 import (
     S3AccessError,
     S3Backend,
     S3BucketNotFoundError,
     S3Options,
-    parse_location,
 )
 
 pytestmark = pytest.mark.s3
@@ -37,15 +36,6 @@ class TestS3BackendSmallParts(BackendContract):
     @pytest.fixture
     def backend(self, ceph: Ceph) -> Backend:
         return ceph.backend(part_size=5 << 20, multipart_threshold=6 << 20)
-
-
-def test_parse_location() -> None:
-    assert parse_location("s3://bucket") == ("bucket", "")
-    assert parse_location("s3://bucket/") == ("bucket", "")
-    assert parse_location("s3://bucket/a/b/") == ("bucket", "a/b/")
-    for bad in ("s3://B!/x", "s3://ab", "s3://bucket/../x", "s3://bucket/a/.hidden", "http://x"):
-        with pytest.raises(RepositoryError):
-            parse_location(bad)
 
 
 def test_open_backend_s3_location(ceph: Ceph) -> None:

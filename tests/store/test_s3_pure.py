@@ -1,0 +1,101 @@
+"""The S3 backend's pure parts, without a store: locations, the pack cache, the local
+object cache."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import threading
+
+import pytest
+
+from vmarchive.errors import RepositoryError
+from vmarchive.store.s3 import _ObjectCache, _PackCache, parse_location
+
+
+def test_parse_location() -> None:
+    assert parse_location("s3://bucket") == ("bucket", "")
+    assert parse_location("s3://my.bucket-1/a/b/") == ("my.bucket-1", "a/b/")
+    for bad in ("s3://", "s3://Bucket/x", "s3://b/x", "s3://bucket/a//b", "s3://bucket/.x"):
+        with pytest.raises(RepositoryError):
+            parse_location(bad)
+
+
+def test_pack_cache_fetches_on_the_third_read_and_evicts_lru() -> None:
+    packs = {f"data/00/p{i}": bytes([i]) * 100 for i in range(4)}
+    fetched: list[str] = []
+
+    def fetch(key: str) -> bytes:
+        fetched.append(key)
+        return packs[key]
+
+    cache = _PackCache(capacity=250)  # two packs fit
+    for key in ("data/00/p0", "data/00/p1", "data/00/p2"):
+        assert cache.read(key, 0, 10, fetch) is None
+        assert cache.read(key, 10, 10, fetch) is None
+        assert cache.read(key, 95, 10, fetch) == packs[key][95:]
+    assert fetched == ["data/00/p0", "data/00/p1", "data/00/p2"]
+    assert cache.read("data/00/p2", 0, 1, fetch) == b"\x02"  # cached
+    assert cache.read("data/00/p0", 0, 1, fetch) == b"\x00"  # evicted: fetched again
+    assert fetched[-1] == "data/00/p0" and len(fetched) == 4
+    cache.forget("data/00/p0")
+    assert cache.read("data/00/p0", 0, 1, fetch) == b"\x00"
+    assert len(fetched) == 5
+
+
+def test_pack_cache_one_fetch_for_concurrent_readers_and_errors_propagate() -> None:
+    gate = threading.Event()
+    calls: list[str] = []
+
+    def slow(key: str) -> bytes:
+        calls.append(key)
+        gate.wait(5)
+        if key.endswith("bad"):
+            raise OSError("boom")
+        return b"x" * 64
+
+    cache = _PackCache(capacity=1 << 20)
+    for key in ("data/00/ok", "data/00/bad"):
+        cache.read(key, 0, 1, slow)
+        cache.read(key, 0, 1, slow)
+    results: list[object] = []
+
+    def reader(key: str) -> None:
+        try:
+            results.append(cache.read(key, 0, 4, slow))
+        except OSError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in ["data/00/ok"] * 4]
+    threads += [threading.Thread(target=reader, args=("data/00/bad",))]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join()
+    assert calls.count("data/00/ok") == 1
+    assert results.count(b"xxxx") == 4 and sum(isinstance(r, OSError) for r in results) == 1
+
+
+def test_object_cache_serves_only_what_the_listing_and_the_name_vouch_for(
+    tmp_path: pathlib.Path,
+) -> None:
+    data = b"manifest bytes"
+    key = f"archives/{hashlib.sha256(data).hexdigest()}"
+    cache = _ObjectCache(str(tmp_path))
+    assert cache.wants(key) and not cache.wants("archives/short") and not cache.wants("config")
+    cache.store(key, '"etag1"', data)
+    assert cache.lookup(key) == data
+    cache.saw(key, '"etag2"')  # replaced in the store: the old copy is not served
+    assert cache.lookup(key) is None
+    cache.store(key, '"etag2"', b"other bytes")  # bytes that do not match the name: not kept
+    assert cache.lookup(key) is None
+    cache.store(key, '"etag2"', data)
+    assert cache.lookup(key) == data
+    cache.prune("archives/", set())  # gone from the listing: the copy goes
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    cache.store(key, '"etag3"', data)
+    cache.prune("data/", set())  # an unrelated listing removes nothing
+    assert cache.lookup(key) == data
+    cache.drop(key)
+    assert cache.lookup(key) is None
