@@ -115,16 +115,27 @@ def test_restore_onto_a_second_libvirtd_through_its_tcp_uri(
     try:
         vols = remote.storagePoolLookupByName(POOL).listVolumes()
         assert sorted(vols) == [f"{g.name}-vda.raw"]  # ...and is gone again
-        assert remote.lookupByName(g.name).isActive()
+        qemu_log = pool_dir.parent / "instance" / "log" / "qemu" / f"{g.name}.log"
+        alive = [d.name() for d in remote.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+        assert g.name in alive, qemu_log.read_text()[-1500:] if qemu_log.exists() else "no log"
         # Two daemons, one name: each shows its own domain (the original's disk here).
         here = libvirt_conn.lookupByName(g.name).XMLDesc(0)
         there = remote.lookupByName(g.name).XMLDesc(0)
         assert str(g.disk_paths[0]) in here and str(g.disk_paths[0]) not in there
         assert r.disks[0].path in there
         clone = guestlib.Guest(libvirt_conn, guestlib.GuestSpec(), pool_dir, name=g.name)
-        clone.is_active = lambda: bool(remote.lookupByName(g.name).isActive())  # type: ignore[method-assign]
+        clone.is_active = lambda: (
+            g.name
+            in [  # type: ignore[method-assign]
+                d.name() for d in remote.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            ]
+        )
         clone.serial = guestlib.SerialLog(pathlib.Path(r.serial_logs[0]))
-        assert_resumed(clone, Captured(cap.id, cp.counter, cp.last_written, g.boot_id))
+        try:
+            assert_resumed(clone, Captured(cap.id, cp.counter, cp.last_written, g.boot_id))
+        except guestlib.GuestError:
+            print(qemu_log.read_text()[-3000:] if qemu_log.exists() else "no QEMU log")
+            raise
         # The original still ticks on the first host.
         mark = g.serial.mark()
         g.wait_ticks(2, since=mark)
