@@ -743,7 +743,7 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
     if c1 and c2 and slow:
         floor = c2["bytes_read"] / MiB / slow
         rows.append(("2nd capture floor: bytes_read / slower limit", f(floor, " s"),
-                     f"= {100 * floor / c1['wall_s']:.0f}% of 1st capture wall (no incremental reads yet)"))  # fmt: skip
+                     f"= {100 * floor / c1['wall_s']:.0f}% of 1st capture wall (what a 2nd capture reading those bytes at the limit would take)"))  # fmt: skip
     b1 = get(br, "run1")
     if c1 and b1:
         borg_rate = b1["input_bytes"] / b1["borg_s"]
