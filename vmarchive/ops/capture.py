@@ -30,10 +30,12 @@ logged.  Cleanup is certain: :func:`vmarchive.ops.capture_cleanup.clean_domain` 
 ``finally`` from a marker file written before every change, and also at the start of
 the next run (after ``kill -9``).
 
-Incrementals (issue 8) fit here: the dirty bitmaps will be frozen/started inside the
-same transaction that fixes the instant (the overlay transaction or the fleecing
-transaction), and :func:`read_disk` will read only dirty extents and ``set_chunk`` the
-rest from the parent.
+Incrementals: each disk's vmarchive dirty bitmap is frozen and a new one started inside
+the same transaction that fixes the instant (the overlay transaction, the fleecing
+transaction, or a bitmap-only transaction for a paused guest); only the slots the frozen
+bitmap marks dirty are read, the rest refer to the parent's chunks.  When and why a bitmap
+is trusted, and why it stays exact across the overlay and its commit: see
+:mod:`vmarchive.ops.capture_incr`.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ from vmarchive.ops.capture_cleanup import (
     clean_domain,
     cont_guest,
     default_state_dir,
+    del_export,
     domain_lock,
 )
 from vmarchive.ops.capture_disks import (
@@ -88,6 +91,17 @@ from vmarchive.ops.capture_disks import (
     read_disk,
 )
 from vmarchive.ops.capture_dropcache import reopen_keep_cache
+from vmarchive.ops.capture_incr import (
+    PERSISTENT_FORMATS,
+    Current,
+    DiskPlan,
+    ParentDisk,
+    decide,
+    new_bitmap_name,
+    node_bitmaps,
+    read_disk_incremental,
+    remove_bitmaps,
+)
 from vmarchive.ops.capture_memory import PipeReader, close_fd
 from vmarchive.ops.capture_watchdog import Watchdog
 from vmarchive.progress import NULL_PROGRESS, Progress
@@ -155,6 +169,11 @@ class CaptureOptions:
     #: TEST ONLY: fix the disk view this many seconds after the memory instant, to prove
     #: the consistency check can fail (the negative control).
     disk_delay_s: float = 0.0
+    #: Read every disk in full even when a trustworthy parent exists (tracking re-armed).
+    full: bool = False
+    #: TEST ONLY: start the new dirty bitmap after the overlay commit instead of inside
+    #: the instant's transaction, to prove the incremental checks can fail.
+    late_bitmap: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,6 +278,7 @@ class _Capture:
         self.events: EventSubscription | None = None
         self.work: Path | None = None
         self.watchdog: Watchdog | None = None
+        self.plans: dict[str, DiskPlan] = {}
 
     # -- state machine -------------------------------------------------------------------
     def to(self, state: CaptureState, note: str = "") -> None:
@@ -543,6 +563,10 @@ class _Capture:
                         )
                     else:
                         marker.remove()
+                    if self.o.late_bitmap:
+                        for p in self.plans.values():
+                            qmp.execute("transaction", {"actions": p.actions()[:1]})
+                self._retire_bitmaps(qmp)
         finally:
             with contextlib.suppress(OSError):
                 os.rmdir(self.work)
@@ -659,18 +683,105 @@ class _Capture:
         finally:
             ls.close()
 
-    def _export(self, qmp: QMP, d: DiskInfo, node: str) -> str:
-        qmp.execute(
-            "block-export-add",
-            {
-                "type": "nbd",
-                "id": f"{PREFIX}exp-{_node_suffix(d.target)}",
-                "node-name": node,
-                "name": d.target,
-                "writable": False,
-            },
-        )
+    def _export(self, qmp: QMP, d: DiskInfo, node: str, bitmap: str | None = None) -> str:
+        # QEMU looks for an exported bitmap on the node and down its backing chain: the
+        # fleecing node's backing child is the disk's format node, where ours live.
+        args: dict[str, Any] = {
+            "type": "nbd",
+            "id": f"{PREFIX}exp-{_node_suffix(d.target)}",
+            "node-name": node,
+            "name": d.target,
+            "writable": False,
+        }
+        if bitmap is not None:
+            args["bitmaps"] = [bitmap]
+        qmp.execute("block-export-add", args)
         return d.target
+
+    # -- incrementals --------------------------------------------------------------------
+    def _parent(self) -> tuple[Any, dict[str, str]]:
+        """The newest archive of this domain (by uuid), loaded, and every bitmap name
+        recorded by an archive of this domain -> that archive's id."""
+        newest = None
+        known: dict[str, str] = {}
+        for s in self.repo.list_archives():
+            if s.metadata.get("uuid") != self.dom.uuid:
+                continue
+            newest = s
+            tracking = s.metadata.get("tracking") or {}
+            if isinstance(tracking, dict):
+                for t in tracking.values():
+                    if isinstance(t, dict) and t.get("bitmap"):
+                        known[str(t["bitmap"])] = s.id
+        if newest is None:
+            return None, known
+        return self.repo.load_archive(newest.id), known
+
+    def _plan_disks(
+        self, qmp: QMP, copy: list[DiskInfo], sinks: dict[str, Any]
+    ) -> dict[str, DiskPlan]:
+        parent, known = self._parent()
+        bitmaps = node_bitmaps(qmp)
+        host = socket.gethostname()
+        plans: dict[str, DiskPlan] = {}
+        for d in copy:
+            assert d.node_name is not None and d.virtual_size is not None
+            pdisk: ParentDisk | None = None
+            if parent is not None:
+                tracking = (parent.metadata.get("tracking") or {}).get(d.target)
+                stream = next((s for s in parent.streams if s.name == f"disk:{d.target}"), None)
+                if isinstance(tracking, dict) and stream is not None:
+                    pdisk = ParentDisk(
+                        archive=parent.id,
+                        host=str(parent.metadata.get("host", "")),
+                        tracking=tracking,
+                        table=stream.table,
+                        chunk_size=stream.chunk_size,
+                        size=stream.size,
+                    )
+                elif parent is not None:
+                    pdisk = ParentDisk(
+                        parent.id, str(parent.metadata.get("host", "")), {}, b"", 0, 0
+                    )
+            now = Current(
+                target=d.target,
+                source=d.source,
+                virtual_size=d.virtual_size,
+                host=host,
+                chunk_size=int(sinks[d.target].chunk_size),
+            )
+            mine = bitmaps.get(d.node_name, [])
+            why = decide(pdisk, now, mine, known, full=self.o.full)
+            since = None if why is not None else str(pdisk.tracking["bitmap"]) if pdisk else None
+            plan = DiskPlan(
+                target=d.target,
+                node=d.node_name,
+                new_bitmap=new_bitmap_name(),
+                persistent=(d.driver or d.format) in PERSISTENT_FORMATS,
+                since_bitmap=since,
+                parent=pdisk if since is not None else None,
+                fallback_reason=why,
+                stale=tuple(b.name for b in mine if b.name.startswith(PREFIX) and b.name != since),
+            )
+            if why is not None:
+                log.info("disk %s: full read: %s", d.target, why)
+            plans[d.target] = plan
+        return plans
+
+    def _retire_bitmaps(self, qmp: QMP) -> None:
+        """After a committed archive: only the bitmap it started stays on each disk.
+
+        Not while a paused guest sits in ``postmigrate``: its nodes are inactive and QEMU
+        7.2 aborts when a persistent bitmap is removed from an inactive qcow2 node.  The
+        next capture of the running guest removes them (they are frozen, never trusted).
+        """
+        status = str(qmp.execute("query-status").get("status"))
+        if status in ("postmigrate", "finish-migrate", "inmigrate"):
+            log.info("old dirty bitmaps kept until the guest runs again (%s)", status)
+            return
+        for p in self.plans.values():
+            old = list(p.stale) + ([p.since_bitmap] if p.since_bitmap else [])
+            remove_bitmaps(qmp, p.node, old)
 
     def _start_pipe(self, qmp: QMP, consumer: Any) -> PipeReader:
         r, wfd = os.pipe2(os.O_CLOEXEC)
@@ -805,11 +916,17 @@ class _Capture:
         for d in copy:
             assert d.virtual_size is not None
             disk_sinks[d.target] = self._disk_stream(w, d, d.virtual_size)
+        self.plans = self._plan_disks(qmp, copy, disk_sinks)
         self.to(CaptureState.PREPARED, mode)
 
         def fix_disks() -> None:
             actions: list[dict[str, Any]] = []
             for d in copy:
+                plan = self.plans[d.target]
+                if self.o.late_bitmap:
+                    actions += plan.actions()[1:]
+                else:
+                    actions += plan.actions()
                 if mode == "switchover":
                     actions.append(
                         {
@@ -836,12 +953,24 @@ class _Capture:
 
         def start_disk_reads(sock: str) -> None:
             for d in copy:
-                exp = self._export(qmp, d, export_node[d.target])
+                plan = self.plans[d.target]
+                exp = self._export(qmp, d, export_node[d.target], plan.since_bitmap)
                 sink = disk_sinks[d.target]
-                threads.start(
-                    d.target,
-                    functools.partial(_read_one, sock, exp, sink, d.target, self.progress),
-                )
+                if plan.since_bitmap is not None and plan.parent is not None:
+                    fn = functools.partial(
+                        _read_incremental,
+                        sock,
+                        exp,
+                        sink,
+                        d.target,
+                        self.progress,
+                        plan.since_bitmap,
+                        plan.parent.table,
+                        w.zero_id,
+                    )
+                else:
+                    fn = functools.partial(_read_one, sock, exp, sink, d.target, self.progress)
+                threads.start(d.target, fn)
 
         reader: PipeReader | None = None
         mig: dict[str, Any] = {}
@@ -850,12 +979,17 @@ class _Capture:
                 if mode == "paused":
                     # Nothing changes while paused: the disks first (a completed migration
                     # leaves them inactive), then the memory.
+                    fix_disks()  # the bitmaps only: nothing changes while paused
                     self.t_instant = self.clock()
                     self.to(CaptureState.INSTANT, "guest paused")
                     start_disk_reads(sock)
                     self.to(CaptureState.READING)
                     threads.join()
                     threads.raise_first()
+                    # The migration inactivates the nodes, which saves and releases their
+                    # persistent bitmaps: none may still be held by an export then.
+                    for d in copy:
+                        del_export(qmp, f"{PREFIX}exp-{_node_suffix(d.target)}")
                     reader = self._start_pipe(qmp, memory)
                     self._migrate(qmp, marker)
                     self._wait_migration(qmp, reader, {"completed"})
@@ -945,7 +1079,33 @@ class _Capture:
                 continue
             st = disk_sinks[d.target].close()
             r: DiskRead = threads.results[d.target]
-            disk_results.append(DiskResult(d.target, True, r.size, r.bytes_read, st.bytes_new))
+            plan = self.plans[d.target]
+            disk_results.append(
+                DiskResult(
+                    d.target,
+                    True,
+                    r.size,
+                    r.bytes_read,
+                    st.bytes_new,
+                    incremental=plan.incremental,
+                    bytes_referenced=r.bytes_referenced,
+                    fallback_reason=plan.fallback_reason,
+                )
+            )
+        parent_id = next(
+            (p.parent.archive for p in self.plans.values() if p.parent is not None), None
+        )
+        meta["parent"] = parent_id
+        meta["tracking"] = {
+            d.target: self.plans[d.target].tracking(
+                str(meta["host"]),
+                self.dom.uuid,
+                d.source,
+                int(d.virtual_size or 0),
+                d.driver or d.format,
+            )
+            for d in copy
+        }
         mem_stored = memory.close_streams()
         meta.update(
             {
@@ -978,6 +1138,7 @@ class _Capture:
             duration_s=t_end - self.t_start,
             disks=disk_results,
             memory_format=str(mem_info.get("format")),
+            parent=parent_id,
         )
 
 
@@ -990,6 +1151,30 @@ def _read_one(
     cancelled: Callable[[], bool],
 ) -> DiskRead:
     return read_disk(sock, export, sink, target, progress, cancelled=cancelled)
+
+
+def _read_incremental(
+    sock: str,
+    export: str,
+    sink: Any,
+    target: str,
+    progress: Progress,
+    bitmap: str,
+    parent_table: bytes,
+    zero_id: bytes,
+    cancelled: Callable[[], bool],
+) -> DiskRead:
+    return read_disk_incremental(
+        sock,
+        export,
+        sink,
+        target,
+        progress,
+        bitmap,
+        parent_table,
+        zero_id=zero_id,
+        cancelled=cancelled,
+    )
 
 
 def _migration_stats(st: dict[str, Any]) -> dict[str, Any]:

@@ -307,7 +307,7 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
     for ex in exports:
         eid = str(ex.get("id", ""))
         if eid.startswith(PREFIX):
-            ok = _try(f"removing export {eid}", functools.partial(_del_export, qmp, eid)) and ok
+            ok = _try(f"removing export {eid}", functools.partial(del_export, qmp, eid)) and ok
     if marker is not None and marker.nbd_server:
         try:
             qmp.execute("nbd-server-stop")
@@ -400,7 +400,8 @@ def restore_migration(qmp: QMP, marker: Marker) -> None:
         qmp.execute("migrate-set-parameters", dict(marker.saved_parameters))
 
 
-def _del_export(qmp: QMP, eid: str) -> None:
+def del_export(qmp: QMP, eid: str) -> None:
+    """Remove export ``eid`` (hard: clients are cut) and wait until QEMU dropped it."""
     qmp.execute("block-export-del", {"id": eid, "mode": "hard"})
     _wait(
         lambda: all(e.get("id") != eid for e in qmp.execute("query-block-exports")),

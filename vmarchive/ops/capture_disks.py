@@ -39,6 +39,8 @@ class DiskRead:
     bytes_stored: int = 0
     holes: int = 0
     chunks: int = 0
+    bytes_referenced: int = 0  # incrementals: bytes left as the parent's chunks
+    dirty_slots: int = 0
 
 
 class StreamSink:

@@ -1,0 +1,329 @@
+"""Incremental disk captures: vmarchive's QEMU dirty bitmaps and the decision to trust them (ops).
+
+Every copied disk carries one *recording* dirty bitmap named ``vmarchive-<generation>``
+on its format node (the node the guest device uses), persistent in qcow2 images (raw
+images cannot store bitmaps: there it lives only as long as the QEMU process).  The
+archive that started it records its name in ``metadata["tracking"][target]``.
+
+At the next capture, inside the ONE ``transaction`` that fixes the instant, the recording
+bitmap is disabled (frozen: it now holds exactly the writes between the parent's instant
+and this one) and a new recording bitmap is added.  The disk is then read through an NBD
+export of the point-in-time node that also exports the frozen bitmap
+(``qemu:dirty-bitmap:NAME``); only slots it marks dirty are read, the others
+``set_chunk`` the parent's chunk ids.  The new archive's table therefore lists every chunk
+it needs: forgetting any other archive never breaks it.
+
+Why the bitmaps stay exact across the switchover mode's overlay and commit (verified
+against QEMU 7.2 by ``tests/integration/test_capture_incremental.py``, which compares
+every generation with the seeded writer's model of the disk, and by the negative control
+there that starts the new bitmap only after the commit):
+
+* Both bitmaps live on the disk's *format* node, i.e. *under* the temporary overlay.  The
+  transaction that adds the overlay also freezes the old bitmap and starts the new one,
+  while the vCPUs are stopped and I/O is drained: no guest write can fall between them.
+* While the overlay is on top the guest writes only into the overlay; the base (format)
+  node is not written, so neither bitmap changes and the frozen image read over NBD is
+  exactly the instant.
+* ``block-commit`` copies the overlay's data into the base *through the base node*; QEMU
+  marks every enabled bitmap of a node for every write that reaches it, whoever issues
+  it (guest or block job).  So the new bitmap records every write the guest made during
+  the overlay's life (a superset at worst: commit copies whole overlay clusters), and
+  after the pivot the guest writes the base directly again.
+* Inactivation at migration completion stores persistent bitmaps into the qcow2 file and
+  ``cont`` loads them again; nothing writes in between (the guest is stopped).
+
+In snapshot mode the frozen bitmap is found by the NBD export below the fleecing node
+(its backing child is the disk's format node); copy-before-write keeps the fleecing view
+at the instant while the guest keeps writing into the disk, recorded by the new bitmap.
+
+Whenever the bitmap cannot be trusted :func:`decide` returns a reason: the capture reads
+the disk in full (still deduplicated), records the reason, and re-arms tracking with the
+new bitmap.  After a committed archive every other ``vmarchive-*`` bitmap of the disk is
+removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vmarchive.errors import HypervisorError, InterruptedError_
+from vmarchive.hypervisor.nbd import (
+    BASE_ALLOCATION,
+    NBDClient,
+    data_ranges,
+    dirty_bitmap_context,
+)
+from vmarchive.hypervisor.qmp import QMP
+from vmarchive.ops.capture_disks import DiskRead
+from vmarchive.progress import Progress
+
+log = logging.getLogger(__name__)
+
+BITMAP_PREFIX = "vmarchive-"
+#: Format drivers whose images can store a persistent bitmap.
+PERSISTENT_FORMATS = frozenset({"qcow2"})
+
+
+def new_bitmap_name(rng: Callable[[int], str] = secrets.token_hex) -> str:
+    return f"{BITMAP_PREFIX}{rng(8)}"
+
+
+@dataclass(frozen=True)
+class BitmapState:
+    """One dirty bitmap as QEMU reports it (``dirty-bitmaps`` of a block node)."""
+
+    name: str
+    recording: bool
+    busy: bool
+    persistent: bool
+    inconsistent: bool
+    granularity: int
+    count: int
+
+    @classmethod
+    def from_qmp(cls, d: Mapping[str, Any]) -> BitmapState:
+        return cls(
+            name=str(d.get("name", "")),
+            recording=bool(d.get("recording", False)),
+            busy=bool(d.get("busy", False)),
+            persistent=bool(d.get("persistent", False)),
+            inconsistent=bool(d.get("inconsistent", False)),
+            granularity=int(d.get("granularity", 0)),
+            count=int(d.get("count", 0)),
+        )
+
+
+def node_bitmaps(qmp: QMP) -> dict[str, list[BitmapState]]:
+    """node-name -> its dirty bitmaps (every named node)."""
+    out: dict[str, list[BitmapState]] = {}
+    for n in qmp.execute("query-named-block-nodes", {"flat": True}):
+        name = str(n.get("node-name", ""))
+        out[name] = [BitmapState.from_qmp(b) for b in n.get("dirty-bitmaps") or []]
+    return out
+
+
+@dataclass(frozen=True)
+class ParentDisk:
+    """What the parent archive says about one disk."""
+
+    archive: str
+    host: str
+    tracking: Mapping[str, Any]  # the parent's metadata["tracking"][target]
+    table: bytes
+    chunk_size: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Current:
+    """The disk as it is now."""
+
+    target: str
+    source: str | None
+    virtual_size: int
+    host: str
+    chunk_size: int
+
+
+def decide(
+    parent: ParentDisk | None,
+    now: Current,
+    bitmaps: Iterable[BitmapState],
+    known: Mapping[str, str],
+    *,
+    full: bool = False,
+) -> str | None:
+    """None when the parent's bitmap can be trusted for ``now``, else why not (one line).
+
+    ``known`` maps every bitmap name recorded by an archive of this domain in the
+    repository to that archive's id (to tell "parent forgotten" from "removed").
+    """
+    ours = {b.name: b for b in bitmaps if b.name.startswith(BITMAP_PREFIX)}
+    if full:
+        return "full read requested (--full)"
+    if parent is None:
+        stray = [n for n in ours if n not in known]
+        if stray:
+            return (
+                f"bitmap {stray[0]} was started by an archive no longer in the repository "
+                "(forgotten?)"
+            )
+        return "no earlier archive of this disk to be incremental against"
+    t = parent.tracking
+    name = str(t.get("bitmap") or "")
+    if not name:
+        return f"parent archive {parent.archive[:12]} has no dirty tracking for this disk"
+    if parent.host != now.host:
+        return (
+            f"domain was captured on host {parent.host!r}, now on {now.host!r} "
+            "(migrated or restored elsewhere)"
+        )
+    if int(t.get("virtual_size", -1)) != now.virtual_size or parent.size != now.virtual_size:
+        return (
+            f"disk resized ({int(t.get('virtual_size', parent.size))} -> {now.virtual_size} bytes)"
+        )
+    if t.get("source") != now.source:
+        return f"disk replaced (source {t.get('source')!r} -> {now.source!r})"
+    if parent.chunk_size != now.chunk_size:
+        return "parent archive used another chunk size"
+    b = ours.get(name)
+    if b is None:
+        newer = [n for n in ours if n not in known]
+        if newer:
+            return (
+                f"bitmap {name} is gone and {newer[0]} was started by an archive no longer "
+                "in the repository (forgotten?)"
+            )
+        if not t.get("persistent", False):
+            return (
+                f"bitmap {name} is gone (non-persistent bitmap of a "
+                f"{t.get('format') or 'raw'} disk: QEMU was restarted)"
+            )
+        return f"bitmap {name} is missing (removed by another tool or the image replaced)"
+    if b.inconsistent:
+        return f"bitmap {name} is marked inconsistent (QEMU stopped without saving it)"
+    if not b.recording:
+        return f"bitmap {name} is not recording (left frozen by an interrupted capture)"
+    if b.busy:
+        return f"bitmap {name} is in use by another job"
+    if b.granularity <= 0 or b.persistent != bool(t.get("persistent", False)):
+        return f"bitmap {name} does not match what the parent archive recorded"
+    # Other bitmaps of ours (a capture killed after its commit left the frozen one) do
+    # not matter: this one has recorded every write since the parent's instant.
+    return None
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """How one disk is captured: the bitmap to start, and the frozen one to read with."""
+
+    target: str
+    node: str
+    new_bitmap: str
+    persistent: bool
+    #: the parent's bitmap, frozen at the instant and read; None: full read.
+    since_bitmap: str | None
+    parent: ParentDisk | None
+    fallback_reason: str | None
+    #: names of our other bitmaps on the node (removed after a committed archive).
+    stale: tuple[str, ...]
+
+    @property
+    def incremental(self) -> bool:
+        return self.since_bitmap is not None
+
+    def actions(self) -> list[dict[str, Any]]:
+        """The transaction actions that freeze the old bitmap and start the new one."""
+        acts: list[dict[str, Any]] = [
+            {
+                "type": "block-dirty-bitmap-add",
+                "data": {
+                    "node": self.node,
+                    "name": self.new_bitmap,
+                    "persistent": self.persistent,
+                },
+            }
+        ]
+        if self.since_bitmap is not None:
+            acts.append(
+                {
+                    "type": "block-dirty-bitmap-disable",
+                    "data": {"node": self.node, "name": self.since_bitmap},
+                }
+            )
+        return acts
+
+    def tracking(
+        self, host: str, uuid: str, source: str | None, size: int, fmt: str | None
+    ) -> dict[str, Any]:
+        return {
+            "bitmap": self.new_bitmap,
+            "persistent": self.persistent,
+            "node": self.node,
+            "host": host,
+            "uuid": uuid,
+            "source": source,
+            "virtual_size": size,
+            "format": fmt,
+            "since_bitmap": self.since_bitmap,
+        }
+
+
+def remove_bitmaps(qmp: QMP, node: str, names: Iterable[str]) -> bool:
+    """Remove our ``names`` from ``node``; failures are logged (the next capture retries)."""
+    ok = True
+    for n in names:
+        if not n.startswith(BITMAP_PREFIX):
+            continue
+        try:
+            qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": n})
+        except HypervisorError as e:
+            log.warning("cannot remove bitmap %s from %s: %s", n, node, e)
+            ok = False
+    return ok
+
+
+def read_disk_incremental(
+    address: str,
+    export: str,
+    sink: Any,
+    target: str,
+    progress: Progress,
+    bitmap: str,
+    parent_table: bytes,
+    *,
+    zero_id: bytes,
+    cancelled: Callable[[], bool] = lambda: False,
+    connect_timeout: float = 60.0,
+) -> DiskRead:
+    """Read only the slots the frozen ``bitmap`` marks dirty; the others refer to the
+    parent's chunks (``parent_table``, same size and chunk size).
+
+    A dirty slot whose data is all unallocated/zero now stays a hole.
+
+    Raises:
+        NBDError: the export failed (or does not export ``bitmap``).
+        InterruptedError_: ``cancelled`` became true.
+    """
+    ctx = dirty_bitmap_context(bitmap)
+    with NBDClient.connect(
+        address, export, meta_contexts=(BASE_ALLOCATION, ctx), timeout=connect_timeout
+    ) as c:
+        size = c.size
+        cs = int(sink.chunk_size)
+        nslots = -(-size // cs)
+        if len(parent_table) != 16 * nslots:
+            raise HypervisorError(f"disk {target}: parent slot table does not fit the disk")
+        dirty: set[int] = set()
+        for e in c.extents(ctx):
+            if e.dirty:
+                dirty.update(range(e.offset // cs, -(-e.end // cs)))
+        data_slots: set[int] = set()
+        for off, n in data_ranges(c.extents(BASE_ALLOCATION), cs, size=size):
+            data_slots.update(range(off // cs, -(-(off + n) // cs)))
+        res = DiskRead(target=target, size=size)
+        to_read = sorted(dirty & data_slots)
+        task = progress.task(f"disk {target}", total=sum(min(cs, size - i * cs) for i in to_read))
+        try:
+            for i in range(nslots):
+                if i in dirty:
+                    continue
+                cid = parent_table[16 * i : 16 * i + 16]
+                if cid != zero_id:
+                    sink.set_chunk(i, cid)
+                    res.bytes_referenced += min(cs, size - i * cs)
+            pieces = ((i * cs, min(cs, size - i * cs)) for i in to_read)
+            for off, data in c.read_many(pieces, depth=8):
+                if cancelled():
+                    raise InterruptedError_(f"reading disk {target} cancelled")
+                sink.write_chunk(off // cs, data)
+                res.bytes_read += len(data)
+                task.advance(len(data))
+        finally:
+            task.close()
+        res.dirty_slots = len(dirty)
+        return res
