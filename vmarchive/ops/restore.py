@@ -301,9 +301,10 @@ class _Hashing:
         self.h = h
 
     def write(self, b: bytes | bytearray | memoryview, /) -> int | None:
+        n = self.out.write(b)
         if self.h is not None:
-            self.h.update(b)
-        return self.out.write(b)
+            self.h.update(b if n is None else memoryview(b)[:n])
+        return n
 
 
 # --- disks -------------------------------------------------------------------------------
@@ -684,7 +685,7 @@ class _Restore:
 
         def feed() -> None:
             try:
-                with open(fifo, "wb", buffering=0) as f:
+                with open(fifo, "wb") as f:  # buffered: every write is complete
                     if cancel.is_set():
                         return
                     f.write(prefix)
