@@ -29,3 +29,37 @@ def test_bad_option_is_a_usage_error() -> None:
     r = run("doctor", "--no-such-option")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
+
+
+def test_s3_endpoint_option_reaches_the_store() -> None:
+    # Negative control built in: without the option the store would use AWS's default
+    # endpoint, so the URL in the message proves the option was applied.
+    import os
+
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+        "AWS_MAX_ATTEMPTS": "1",
+        "VMARCHIVE_CACHE_DIR": "off",
+    }
+    env.pop("VMARCHIVE_S3_ENDPOINT", None)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vmarchive",
+            "--s3-endpoint",
+            "http://127.0.0.1:9",
+            "list",
+            "--repo",
+            "s3://nobucket/x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert r.returncode == 3
+    assert "http://127.0.0.1:9/" in r.stderr
+    assert "Traceback" not in r.stderr

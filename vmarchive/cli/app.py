@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,8 +40,17 @@ def _root(
     ),
     debug: bool = typer.Option(False, "--debug", help="Log details and show tracebacks."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+    s3_endpoint: str | None = typer.Option(
+        None,
+        "--s3-endpoint",
+        help="Endpoint URL of the S3 store for s3:// repositories (else VMARCHIVE_S3_ENDPOINT "
+        "or the AWS configuration).",
+    ),
 ) -> None:
     _state["debug"] = debug
+    if s3_endpoint:
+        # The store reads its endpoint from the environment; the option is the same setting.
+        os.environ["VMARCHIVE_S3_ENDPOINT"] = s3_endpoint
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
