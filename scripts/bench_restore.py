@@ -2,7 +2,7 @@
 """Restore-to-running time: `vmarchive restore` vs `cp` of the disk + `virsh restore`.
 
 Usage: bench_restore.py [--memory-mib 512] [--disk-mib 1024] [--data-mib 512]
-                        [--fill-mib 384] [--rounds 3] [--disk-format qcow2]
+                        [--fill-mib 384] [--rounds 3] [--disk-format qcow2|raw]
 
 Boots the test guest (build/guest) with ``--memory-mib`` of RAM, ``--fill-mib`` of it
 filled with random data by the workload, and a ``--disk-mib`` qcow2 disk whose first
@@ -22,6 +22,7 @@ vmarchive's own timing breakdown and the bytes it staged.  Page cache is warm fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -92,7 +93,8 @@ def main() -> int:
         g.save(save)
         print(
             f"guest: {a.memory_mib} MiB RAM ({a.fill_mib} MiB random), "
-            f"{a.disk_mib} MiB {a.disk_format} disk ({a.data_mib} MiB random); "
+            f"{a.disk_mib} MiB qcow2 disk ({a.data_mib} MiB random; vmarchive writes "
+            f"{a.disk_format}); "
             f"save file {save.stat().st_size / 2**20:.0f} MiB; "
             f"disk image {g.disk_paths[0].stat().st_size / 2**20:.0f} MiB"
         )
@@ -140,7 +142,7 @@ def main() -> int:
         return 0
     finally:
         destroy(conn, g.name)
-        with __import__("contextlib").suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/var/log/libvirt/qemu/{g.name}.log")
         shutil.rmtree(wd, ignore_errors=True)
         conn.close()
