@@ -14,6 +14,7 @@ the tick block, whose counter must agree with the RAM counter.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import socket
@@ -371,3 +372,40 @@ def test_negative_control_bitmap_started_after_commit(
     # a forced full read repairs the chain
     r = capture(opts(guest, env, mode=Mode.SWITCHOVER, full=True))
     assert check_archive(guest, env, r.id, "neg-full") == []
+
+
+def _cli(env: dict[str, pathlib.Path], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmarchive", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "VMARCHIVE_STATE_DIR": str(env["state"])},
+        timeout=300,
+    )
+
+
+def test_cli_json_info_and_untrack(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> None:
+    repo = str(env["repo"])
+    p = _cli(env, "capture", guest.name, "--repo", repo, "--mode", "switchover", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["parent"]
+    for d in out["disks"]:
+        keys = ("target", "bytes_read", "bytes_referenced", "bytes_stored", "incremental")
+        assert all(k in d for k in keys) and "fallback_reason" in d, d
+        assert d["incremental"] is True and d["fallback_reason"] is None
+    info = _cli(env, "info", out["id"], "--repo", repo)
+    assert (
+        info.returncode == 0 and out["parent"] in info.stdout and "bytes_referenced" in info.stdout
+    )
+
+    u = _cli(env, "untrack", guest.name)
+    assert u.returncode == 0 and u.stdout.count("removed vmarchive-") == 3, u.stdout + u.stderr
+    assert all(v == [] for v in our_bitmaps(guest).values())
+    p = _cli(env, "capture", guest.name, "--repo", repo, "--mode", "switchover")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("full read because bitmap") == 3, p.stdout
+    assert "removed by another tool" in p.stdout
+    p = _cli(env, "capture", guest.name, "--repo", repo, "--mode", "switchover", "--json")
+    assert all(d["incremental"] for d in json.loads(p.stdout)["disks"]), p.stdout

@@ -49,6 +49,13 @@ def test_trusted() -> None:
         (parent(), NOW, [], False, "is missing"),
         (parent(persistent=False), NOW, [], False, "QEMU was restarted"),
         (
+            parent(persistent=False, qemu="7:99"),
+            dataclasses.replace(NOW, instance="7:99"),
+            [],
+            False,
+            "removed by another tool",
+        ),
+        (
             parent(),
             NOW,
             [BitmapState("vmarchive-new", True, False, True, False, 65536, 0)],

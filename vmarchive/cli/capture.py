@@ -12,6 +12,7 @@ from tqdm import tqdm
 from vmarchive.cli.app import app, print_json
 from vmarchive.errors import UsageError
 from vmarchive.ops.capture import DEFAULT_URI, CaptureOptions, CaptureResult, Mode, capture
+from vmarchive.ops.capture_incr import untrack
 from vmarchive.progress import NULL_PROGRESS, Progress, Task
 
 
@@ -70,16 +71,20 @@ def _print_text(r: CaptureResult) -> None:
     pause = "n/a" if r.guest_pause_ms is None else f"{r.guest_pause_ms:.1f} ms"
     typer.echo(f"archive {r.id}")
     typer.echo(f"  domain       {r.domain} ({r.kind}, mode {r.mode})")
+    typer.echo(f"  parent       {r.parent or 'none (full read)'}")
     typer.echo(f"  guest pause  {pause}")
     typer.echo(f"  read         {_fmt_bytes(r.bytes_read)}")
     typer.echo(f"  stored new   {_fmt_bytes(r.bytes_stored)}")
     typer.echo(f"  duration     {r.duration_s:.2f} s")
     for d in r.disks:
         if d.copied:
+            how = "incremental" if d.incremental else "full"
             typer.echo(
-                f"  disk {d.target:<6}  {_fmt_bytes(d.size)}, read {_fmt_bytes(d.bytes_read)},"
-                f" new {_fmt_bytes(d.bytes_stored)}"
+                f"  disk {d.target:<6}  {_fmt_bytes(d.size)} {how}, read {_fmt_bytes(d.bytes_read)},"
+                f" from parent {_fmt_bytes(d.bytes_referenced)}, new {_fmt_bytes(d.bytes_stored)}"
             )
+            if d.fallback_reason:
+                typer.echo(f"               full read because {d.fallback_reason}")
         else:
             typer.echo(f"  disk {d.target:<6}  not copied: {d.reason}")
     if r.memory_format and r.memory_format != "parsed":
@@ -110,6 +115,9 @@ def capture_cmd(
     auto_converge: bool = typer.Option(
         False, "--auto-converge", help="Switchover mode: throttle a guest that dirties RAM fast."
     ),
+    full: bool = typer.Option(
+        False, "--full", help="Read every disk in full even when an incremental is possible."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
@@ -126,6 +134,7 @@ def capture_cmd(
         tags=tuple(tag),
         bandwidth_mib_s=bandwidth,
         auto_converge=auto_converge,
+        full=full,
         passphrase=os.environ.get("VMARCHIVE_PASSPHRASE"),
     )
     progress: Progress = NULL_PROGRESS if (json_out or no_progress) else TqdmProgress()
@@ -134,3 +143,20 @@ def capture_cmd(
         print_json(result.to_json())
     else:
         _print_text(result)
+
+
+@app.command("untrack")
+def untrack_cmd(
+    domain: str = typer.Argument(..., help="Domain name or UUID."),
+    connect: str = typer.Option(DEFAULT_URI, "--connect", "-c", help="libvirt URI."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Remove vmarchive's dirty bitmaps from DOMAIN's disks (the next capture reads in full)."""
+    r = untrack(domain, connect)
+    if json_out:
+        print_json(r.to_json())
+        return
+    for where, name in r.removed:
+        typer.echo(f"removed {name} from {where}")
+    if not r.removed:
+        typer.echo(f"no vmarchive bitmaps on {r.domain}")

@@ -99,6 +99,7 @@ from vmarchive.ops.capture_incr import (
     decide,
     new_bitmap_name,
     node_bitmaps,
+    qemu_instance,
     read_disk_incremental,
     remove_bitmaps,
 )
@@ -723,6 +724,7 @@ class _Capture:
         parent, known = self._parent()
         bitmaps = node_bitmaps(qmp)
         host = socket.gethostname()
+        instance = qemu_instance(self.dom.name)
         plans: dict[str, DiskPlan] = {}
         for d in copy:
             assert d.node_name is not None and d.virtual_size is not None
@@ -749,6 +751,7 @@ class _Capture:
                 virtual_size=d.virtual_size,
                 host=host,
                 chunk_size=int(sinks[d.target].chunk_size),
+                instance=instance,
             )
             mine = bitmaps.get(d.node_name, [])
             why = decide(pdisk, now, mine, known, full=self.o.full)
@@ -1103,6 +1106,7 @@ class _Capture:
                 d.source,
                 int(d.virtual_size or 0),
                 d.driver or d.format,
+                qemu_instance(self.dom.name),
             )
             for d in copy
         }

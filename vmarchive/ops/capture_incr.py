@@ -44,13 +44,20 @@ removed.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import secrets
+import shutil
+import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from vmarchive.errors import HypervisorError, InterruptedError_
+from vmarchive.errors import HostPreconditionError, HypervisorError, InterruptedError_
+from vmarchive.hypervisor.blockinfo import parse_disks
+from vmarchive.hypervisor.connection import Connection
 from vmarchive.hypervisor.nbd import (
     BASE_ALLOCATION,
     NBDClient,
@@ -58,6 +65,7 @@ from vmarchive.hypervisor.nbd import (
     dirty_bitmap_context,
 )
 from vmarchive.hypervisor.qmp import QMP
+from vmarchive.ops.capture_cleanup import default_state_dir, domain_lock
 from vmarchive.ops.capture_disks import DiskRead
 from vmarchive.progress import Progress
 
@@ -127,6 +135,20 @@ class Current:
     virtual_size: int
     host: str
     chunk_size: int
+    #: the QEMU process (see :func:`qemu_instance`); None when unknown
+    instance: str | None = None
+
+
+def qemu_instance(domain: str, run_dir: str = "/run/libvirt/qemu") -> str | None:
+    """``pid:start time`` of the domain's QEMU process (changes when QEMU restarts)."""
+    try:
+        with open(os.path.join(run_dir, f"{domain}.pid")) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def decide(
@@ -178,7 +200,8 @@ def decide(
                 f"bitmap {name} is gone and {newer[0]} was started by an archive no longer "
                 "in the repository (forgotten?)"
             )
-        if not t.get("persistent", False):
+        restarted = now.instance is None or t.get("qemu") != now.instance
+        if not t.get("persistent", False) and restarted:
             return (
                 f"bitmap {name} is gone (non-persistent bitmap of a "
                 f"{t.get('format') or 'raw'} disk: QEMU was restarted)"
@@ -238,9 +261,16 @@ class DiskPlan:
         return acts
 
     def tracking(
-        self, host: str, uuid: str, source: str | None, size: int, fmt: str | None
+        self,
+        host: str,
+        uuid: str,
+        source: str | None,
+        size: int,
+        fmt: str | None,
+        instance: str | None = None,
     ) -> dict[str, Any]:
         return {
+            "qemu": instance,
             "bitmap": self.new_bitmap,
             "persistent": self.persistent,
             "node": self.node,
@@ -327,3 +357,64 @@ def read_disk_incremental(
             task.close()
         res.dirty_slots = len(dirty)
         return res
+
+
+@dataclass(frozen=True)
+class UntrackResult:
+    domain: str
+    #: (node name or image path, bitmap name) removed
+    removed: list[tuple[str, str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": self.domain, "removed": [list(x) for x in self.removed]}
+
+
+def untrack(domain: str, uri: str, state_dir: Path | None = None) -> UntrackResult:
+    """Remove every ``vmarchive-*`` dirty bitmap from ``domain``'s disks.
+
+    A running domain: through QMP, under the per-domain capture lock (never during a
+    capture).  A shut-off domain: from its qcow2 images with ``qemu-img bitmap --remove``.
+    The next capture then reads every disk in full and starts tracking again.
+
+    Raises:
+        ConnectionFailedError, DomainNotFoundError, LockedError, HypervisorError.
+    """
+    removed: list[tuple[str, str]] = []
+    with Connection.open(uri) as conn:
+        dom = conn.lookup(domain)
+        with domain_lock(state_dir or default_state_dir(), dom.uuid, dom.name):
+            if dom.is_active():
+                qmp = QMP(dom)
+                for node, bms in node_bitmaps(qmp).items():
+                    names = [b.name for b in bms if b.name.startswith(BITMAP_PREFIX)]
+                    for n in names:
+                        qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": n})
+                        removed.append((node, n))
+            else:
+                for d in parse_disks(dom.xml()):
+                    if d.format != "qcow2" or d.source is None or d.source_type != "file":
+                        continue
+                    for n in _image_bitmaps(d.source):
+                        _run_qemu_img(["bitmap", "--remove", "-f", "qcow2", d.source, n])
+                        removed.append((d.source, n))
+    return UntrackResult(dom.name, removed)
+
+
+def _run_qemu_img(args: list[str]) -> str:
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise HostPreconditionError("qemu-img is needed to edit the bitmaps of an image")
+    r = subprocess.run([exe, *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise HypervisorError(f"qemu-img {' '.join(args[:2])} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+def _image_bitmaps(path: str) -> list[str]:
+    info = json.loads(_run_qemu_img(["info", "-U", "--output=json", "-f", "qcow2", path]))
+    data = (info.get("format-specific") or {}).get("data") or {}
+    return [
+        str(b["name"])
+        for b in data.get("bitmaps") or []
+        if str(b.get("name", "")).startswith(BITMAP_PREFIX)
+    ]
