@@ -17,6 +17,13 @@ One run, one guest, side by side (the machine is shared and noisy: read the rati
 Guest pauses are measured twice: vmarchive's own ``guest_pause_ms`` and, independently,
 QEMU's STOP/RESUME event timestamps seen through libvirt.
 
+How targets are read: "full capture wall <= 1.1 x the slower physical limit" means wall <=
+1.1 x bytes_read / min(migration rate, qemu-img rate).  ``qemu-img convert -O raw DISK
+/dev/null`` is refused by qemu-img 7.2 (a device cannot grow), so the disk limit converts
+into a ``null-co`` target of the disk's size (same reads, writes discarded).  Captures use
+one explicit ``--mode`` (default switchover), so a host setting flipped mid-run cannot mix
+mechanisms.  The machine is shared: compare ratios within one run, and note the load.
+
 Usage: scripts/bench_capture.py [--quick] [--churn MiBps] [--workdir DIR] [--keep]
 Writes bench-results/capture-<time>.json and prints a table.
 """
@@ -955,10 +962,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, handler)
+    # Python leaves SIGINT ignored when it started ignored (a `&` job of a script): Ctrl-C
+    # must still reach the cleanup.
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def main() -> None:

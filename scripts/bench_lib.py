@@ -102,7 +102,16 @@ def run(
     # Reaped with wait4 (not Popen.wait) to get the child's rusage; polled so that the
     # RSS timeline can be sampled meanwhile.
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except BaseException:  # Ctrl-C / SIGTERM: stop the child before the caller cleans up
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
         if pid:
             break
         now = time.perf_counter() - t0
@@ -113,7 +122,12 @@ def run(
         m = _vmrss(proc.pid)
         if m is not None:
             rss.append((now, m))
-        time.sleep(poll)
+        try:
+            time.sleep(poll)
+        except BaseException:
+            proc.terminate()
+            proc.wait(30)
+            raise
     wall = time.perf_counter() - t0
     for t in ts:
         t.join()
