@@ -970,6 +970,7 @@ class _Capture:
                         plan.since_bitmap,
                         plan.parent.table,
                         w.zero_id,
+                        w.read_chunk,
                     )
                 else:
                     fn = functools.partial(_read_one, sock, exp, sink, d.target, self.progress)
@@ -1166,6 +1167,7 @@ def _read_incremental(
     bitmap: str,
     parent_table: bytes,
     zero_id: bytes,
+    parent_chunk: Callable[[bytes], bytes],
     cancelled: Callable[[], bool],
 ) -> DiskRead:
     return read_disk_incremental(
@@ -1177,6 +1179,7 @@ def _read_incremental(
         bitmap,
         parent_table,
         zero_id=zero_id,
+        parent_chunk=parent_chunk,
         cancelled=cancelled,
     )
 

@@ -307,17 +307,21 @@ def read_disk_incremental(
     parent_table: bytes,
     *,
     zero_id: bytes,
+    parent_chunk: Callable[[bytes], bytes] | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     connect_timeout: float = 60.0,
 ) -> DiskRead:
-    """Read only the slots the frozen ``bitmap`` marks dirty; the others refer to the
-    parent's chunks (``parent_table``, same size and chunk size).
+    """Read only what the frozen ``bitmap`` marks dirty; clean slots refer to the parent's
+    chunks (``parent_table``: same size and chunk size).
 
-    A dirty slot whose data is all unallocated/zero now stays a hole.
+    A slot dirty only in part (the bitmap's granularity is finer than a chunk) is read
+    only there and completed from the parent's chunk (``parent_chunk`` reads it from
+    the repository; without it the whole slot is read from the disk).
 
     Raises:
         NBDError: the export failed (or does not export ``bitmap``).
         InterruptedError_: ``cancelled`` became true.
+        ChunkMissingError, DamageError: a parent chunk cannot be read.
     """
     ctx = dirty_bitmap_context(bitmap)
     with NBDClient.connect(
@@ -328,16 +332,36 @@ def read_disk_incremental(
         nslots = -(-size // cs)
         if len(parent_table) != 16 * nslots:
             raise HypervisorError(f"disk {target}: parent slot table does not fit the disk")
-        dirty: set[int] = set()
+        # slot -> dirty (offset, length) runs inside it
+        dirty: dict[int, list[tuple[int, int]]] = {}
         for e in c.extents(ctx):
-            if e.dirty:
-                dirty.update(range(e.offset // cs, -(-e.end // cs)))
+            if not e.dirty:
+                continue
+            pos = e.offset
+            while pos < e.end:
+                i = pos // cs
+                stop = min(e.end, (i + 1) * cs, size)
+                dirty.setdefault(i, []).append((pos, stop - pos))
+                pos = stop
         data_slots: set[int] = set()
         for off, n in data_ranges(c.extents(BASE_ALLOCATION), cs, size=size):
             data_slots.update(range(off // cs, -(-(off + n) // cs)))
+
+        def slot_len(i: int) -> int:
+            return min(cs, size - i * cs)
+
+        # what to read from the disk: whole slots, or only their dirty runs
+        plan: list[tuple[int, list[tuple[int, int]]]] = []
+        for i in sorted(dirty):
+            if i not in data_slots:
+                continue  # all zero now: stays a hole
+            runs = dirty[i]
+            if parent_chunk is None or sum(n for _o, n in runs) >= slot_len(i):
+                runs = [(i * cs, slot_len(i))]
+            plan.append((i, runs))
         res = DiskRead(target=target, size=size)
-        to_read = sorted(dirty & data_slots)
-        task = progress.task(f"disk {target}", total=sum(min(cs, size - i * cs) for i in to_read))
+        res.dirty_slots = len(dirty)
+        task = progress.task(f"disk {target}", total=sum(n for _i, runs in plan for _o, n in runs))
         try:
             for i in range(nslots):
                 if i in dirty:
@@ -345,17 +369,27 @@ def read_disk_incremental(
                 cid = parent_table[16 * i : 16 * i + 16]
                 if cid != zero_id:
                     sink.set_chunk(i, cid)
-                    res.bytes_referenced += min(cs, size - i * cs)
-            pieces = ((i * cs, min(cs, size - i * cs)) for i in to_read)
-            for off, data in c.read_many(pieces, depth=8):
+                    res.bytes_referenced += slot_len(i)
+            pieces = (r for _i, runs in plan for r in runs)
+            results = c.read_many(pieces, depth=8)
+            for i, runs in plan:
+                if len(runs) == 1 and runs[0] == (i * cs, slot_len(i)):
+                    _off, buf = next(results)
+                else:
+                    cid = parent_table[16 * i : 16 * i + 16]
+                    assert parent_chunk is not None
+                    base = parent_chunk(cid) if cid != zero_id else bytes(slot_len(i))
+                    buf = bytearray(base)
+                    for off, part in (next(results) for _r in runs):
+                        buf[off - i * cs : off - i * cs + len(part)] = part
                 if cancelled():
                     raise InterruptedError_(f"reading disk {target} cancelled")
-                sink.write_chunk(off // cs, data)
-                res.bytes_read += len(data)
-                task.advance(len(data))
+                n = sum(k for _o, k in runs)
+                sink.write_chunk(i, buf)
+                res.bytes_read += n
+                task.advance(n)
         finally:
             task.close()
-        res.dirty_slots = len(dirty)
         return res
 
 
