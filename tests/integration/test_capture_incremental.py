@@ -273,6 +273,9 @@ def _fallback_then_incremental(
         d = disk(r2, t)
         assert d["incremental"] and d["fallback_reason"] is None, d
     assert check_archive(guest, env, r2.id, "fb2") == []
+    # re-armed: only the bitmap the newest archive started is left on each disk
+    for dev, bms in our_bitmaps(guest).items():
+        assert len(bms) == 1 and bms[0]["recording"], (dev, bms)
 
 
 def test_full_forced(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> None:
@@ -295,7 +298,7 @@ def test_parent_forgotten(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -
     with Repository.open(str(env["repo"])) as repo:
         newest = repo.list_archives()[-1].id
         repo.forget([newest])
-    _fallback_then_incremental(guest, env, ("vda", "vdb", "vdc"), "no longer in the repository")
+    _fallback_then_incremental(guest, env, ("vda", "vdb", "vdc"), "not in this repository")
 
 
 def test_interrupted_capture(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> None:

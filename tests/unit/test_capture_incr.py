@@ -40,7 +40,13 @@ def test_trusted() -> None:
     [
         (parent(), NOW, [GOOD], True, "--full"),
         (None, NOW, [], False, "no earlier archive"),
-        (None, NOW, [dataclasses.replace(GOOD, name="vmarchive-x")], False, "no longer in"),
+        (
+            None,
+            NOW,
+            [dataclasses.replace(GOOD, name="vmarchive-x")],
+            False,
+            "not in this repository",
+        ),
         (parent(bitmap=None), NOW, [GOOD], False, "no dirty tracking"),
         (parent(), dataclasses.replace(NOW, host="h2"), [GOOD], False, "elsewhere"),
         (parent(), dataclasses.replace(NOW, virtual_size=2 * SIZE), [GOOD], False, "resized"),
@@ -60,7 +66,7 @@ def test_trusted() -> None:
             NOW,
             [BitmapState("vmarchive-new", True, False, True, False, 65536, 0)],
             False,
-            "no longer in the repository",
+            "not in this repository",
         ),
         (parent(), NOW, [dataclasses.replace(GOOD, inconsistent=True)], False, "inconsistent"),
         (parent(), NOW, [dataclasses.replace(GOOD, recording=False)], False, "interrupted"),

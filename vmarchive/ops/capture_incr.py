@@ -171,8 +171,8 @@ def decide(
         stray = [n for n in ours if n not in known]
         if stray:
             return (
-                f"bitmap {stray[0]} was started by an archive no longer in the repository "
-                "(forgotten?)"
+                f"bitmap {stray[0]} was started by an archive not in this repository "
+                "(forgotten, or the domain captured into another repository)"
             )
         return "no earlier archive of this disk to be incremental against"
     t = parent.tracking
@@ -197,8 +197,8 @@ def decide(
         newer = [n for n in ours if n not in known]
         if newer:
             return (
-                f"bitmap {name} is gone and {newer[0]} was started by an archive no longer "
-                "in the repository (forgotten?)"
+                f"bitmap {name} is gone and {newer[0]} was started by an archive not in "
+                "this repository (forgotten, or the domain captured into another repository)"
             )
         restarted = now.instance is None or t.get("qemu") != now.instance
         if not t.get("persistent", False) and restarted:
