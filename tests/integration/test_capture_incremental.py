@@ -361,6 +361,49 @@ def test_qemu_restart_keeps_persistent_bitmaps_only(
     assert all(x.incremental for x in r2.disks), r2.disks
 
 
+def test_paused_guest_incremental(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> None:
+    guest.wait_ticks(1, since=guest.serial.mark())
+    guest.dom.suspend()
+    try:
+        r = capture(opts(guest, env, mode=Mode.AUTO))
+        assert r.mode == "paused"
+        assert all(x.incremental for x in r.disks), r.disks
+        assert check_archive(guest, env, r.id, "paused") == []
+    finally:
+        guest.dom.resume()
+    guest.wait_ticks(2, since=guest.serial.mark())
+    r = capture(opts(guest, env, mode=Mode.SWITCHOVER))
+    assert all(x.incremental for x in r.disks), r.disks
+    assert check_archive(guest, env, r.id, "after-paused") == []
+    for dev, bms in our_bitmaps(guest).items():
+        assert len(bms) == 1 and bms[0]["recording"], (dev, bms)
+
+
+def test_disk_replaced(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> None:
+    """virsh blockcopy --pivot onto a new image: the source path changes."""
+    new = guest.workdir / "vdc-copy.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(new), "12M"], check=True)
+    os.chmod(new, 0o666)
+    dest = f"<disk type='file'><driver type='raw'/><source file='{new}'/></disk>"
+    guest.dom.blockCopy("vdc", dest, flags=libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
+    guest.wait_for(
+        "blockcopy ready",
+        lambda: (
+            (lambda i: i and i["cur"] == i["end"] and i["end"] > 0)(guest.dom.blockJobInfo("vdc"))
+            or None
+        ),
+        60,
+    )
+    guest.dom.blockJobAbort("vdc", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+    guest.wait_ticks(1, since=guest.serial.mark())
+    r = capture(opts(guest, env, mode=Mode.SWITCHOVER))
+    d = disk(r, "vdc")
+    assert not d["incremental"] and "replaced" in str(d["fallback_reason"]), d
+    assert disk(r, "vdb")["incremental"]
+    r2 = capture(opts(guest, env, mode=Mode.SWITCHOVER))
+    assert all(x.incremental for x in r2.disks), r2.disks
+
+
 def test_negative_control_bitmap_started_after_commit(
     guest: guestlib.Guest, env: dict[str, pathlib.Path]
 ) -> None:
