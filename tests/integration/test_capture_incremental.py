@@ -20,10 +20,13 @@ import pathlib
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import libvirt
 import pytest
 
+import vmarchive.ops.capture as capture_mod
+from vmarchive.errors import QMPCommandError
 from vmarchive.hypervisor.blockinfo import list_disks
 from vmarchive.hypervisor.connection import Connection
 from vmarchive.hypervisor.qmp import QMP
@@ -400,6 +403,29 @@ def test_disk_replaced(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> N
     d = disk(r, "vdc")
     assert not d["incremental"] and "replaced" in str(d["fallback_reason"]), d
     assert disk(r, "vdb")["incremental"]
+    r2 = capture(opts(guest, env, mode=Mode.SWITCHOVER))
+    assert all(x.incremental for x in r2.disks), r2.disks
+
+
+def test_bitmap_export_refused_reads_in_full(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should QEMU refuse to export the frozen bitmap (e.g. not found below a fleecing node),
+    the capture still succeeds with a full read, and the next one is incremental."""
+    real = capture_mod._Capture._export
+
+    def refuse(self: Any, qmp: QMP, d: Any, node: str, bitmap: str | None = None) -> str:
+        if bitmap is not None and d.target == "vdb":
+            raise QMPCommandError("Bitmap not found (test)", command="block-export-add")
+        return real(self, qmp, d, node, bitmap)
+
+    with monkeypatch.context() as m:
+        m.setattr(capture_mod._Capture, "_export", refuse)
+        r = capture(opts(guest, env, mode=Mode.SWITCHOVER))
+    d = disk(r, "vdb")
+    assert not d["incremental"] and "could not export bitmap" in str(d["fallback_reason"]), d
+    assert disk(r, "vda")["incremental"]
+    assert check_archive(guest, env, r.id, "refused") == []
     r2 = capture(opts(guest, env, mode=Mode.SWITCHOVER))
     assert all(x.incremental for x in r2.disks), r2.disks
 

@@ -41,6 +41,7 @@ is trusted, and why it stays exact across the overlay and its commit: see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import fcntl
 import functools
@@ -957,7 +958,22 @@ class _Capture:
         def start_disk_reads(sock: str) -> None:
             for d in copy:
                 plan = self.plans[d.target]
-                exp = self._export(qmp, d, export_node[d.target], plan.since_bitmap)
+                try:
+                    exp = self._export(qmp, d, export_node[d.target], plan.since_bitmap)
+                except QMPCommandError as e:
+                    if plan.since_bitmap is None:
+                        raise
+                    # Never lose the capture over the bitmap: read this disk in full
+                    # (the new bitmap is already recording, so tracking is re-armed).
+                    log.warning("disk %s: cannot export bitmap, reading in full: %s", d.target, e)
+                    plan = dataclasses.replace(
+                        plan,
+                        since_bitmap=None,
+                        parent=None,
+                        fallback_reason=f"QEMU could not export bitmap {plan.since_bitmap}: {e}",
+                    )
+                    self.plans[d.target] = plan
+                    exp = self._export(qmp, d, export_node[d.target], None)
                 sink = disk_sinks[d.target]
                 if plan.since_bitmap is not None and plan.parent is not None:
                     fn = functools.partial(
