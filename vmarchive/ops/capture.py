@@ -83,6 +83,7 @@ from vmarchive.ops.capture_cleanup import (
     default_state_dir,
     del_export,
     domain_lock,
+    stop_if_tcg,
 )
 from vmarchive.ops.capture_disks import (
     DiskRead,
@@ -1014,6 +1015,7 @@ class _Capture:
                     self._migrate(qmp, marker)
                     self._wait_migration(qmp, reader, {"completed"})
                 elif mode == "switchover":
+                    stop_if_tcg(qmp)  # TCG precopy misses writes: copy a stopped guest
                     reader = self._start_pipe(qmp, memory)
                     self._migrate(qmp, marker)
                     self._wait_migration(qmp, reader, {"pre-switchover"})
