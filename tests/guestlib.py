@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import time
 import xml.sax.saxutils
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TypeVar
 
 import libvirt
@@ -159,6 +159,23 @@ def parse_counter_page(data: bytes) -> CounterPage | None:
         return None
     boot, counter, last = struct.unpack_from("<QQQ", data, 24)
     return CounterPage(f"{boot:016x}", counter, last)
+
+
+def counter_pages_in(chunks: Iterable[bytes | None], boot_id: str) -> list[CounterPage]:
+    """Every page-aligned counter page of boot ``boot_id`` in RAM given as chunks (None: a
+    hole). Chunks must start on page boundaries, as an archive's ram streams do."""
+    found = []
+    for data in chunks:
+        if data is None:
+            continue
+        pos = data.find(COUNTER_MAGIC)
+        while pos >= 0:
+            if pos % PAGE == 0:
+                cp = parse_counter_page(data[pos : pos + 48])
+                if cp is not None and cp.boot_id == boot_id:
+                    found.append(cp)
+            pos = data.find(COUNTER_MAGIC, pos + 1)
+    return found
 
 
 # --- serial log ----------------------------------------------------------------------------

@@ -66,20 +66,13 @@ class Captured:
 
 def counter_in_archive(repo: Repository, archive_id: str, boot_id: str) -> guestlib.CounterPage:
     archive = repo.load_archive(archive_id)
-    found = []
-    for s in archive.streams:
-        if s.kind != "ram":
-            continue
-        for _off, data in repo.open_stream(archive, s.name).iter_chunks():
-            if data is None:
-                continue
-            pos = data.find(guestlib.COUNTER_MAGIC)
-            while pos >= 0:
-                if pos % guestlib.PAGE == 0:
-                    cp = guestlib.parse_counter_page(data[pos : pos + 48])
-                    if cp is not None and cp.boot_id == boot_id:
-                        found.append(cp)
-                pos = data.find(guestlib.COUNTER_MAGIC, pos + 1)
+    chunks = (
+        data
+        for s in archive.streams
+        if s.kind == "ram"
+        for _off, data in repo.open_stream(archive, s.name).iter_chunks()
+    )
+    found = guestlib.counter_pages_in(chunks, boot_id)
     assert len(found) == 1, found
     return found[0]
 
