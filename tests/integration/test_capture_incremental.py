@@ -579,3 +579,38 @@ def test_cli_json_info_and_untrack(guest: guestlib.Guest, env: dict[str, pathlib
     assert "removed by another tool" in p.stdout
     p = _cli(env, "capture", guest.name, "--repo", repo, "--mode", "switchover", "--json")
     assert all(d["incremental"] for d in json.loads(p.stdout)["disks"]), p.stdout
+
+
+def test_forget_last_archive_removes_its_bitmaps(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path]
+) -> None:
+    """Forgetting a domain's last archive removes the bitmaps its archives started; with one
+    archive left they stay (negative control); unreachable, one line says what to run.
+    Runs last in the module: capturing into a second repository retires the first one's
+    bitmaps."""
+    other = env["base"] / "repo-forget"
+    Repository.init(str(other), InitOptions()).close()
+    env2 = {**env, "repo": other}
+    ids = [capture(opts(guest, env2, mode=Mode.SWITCHOVER)).id for _ in range(2)]
+    with Repository.open(str(other)) as repo:
+        newest = repo.load_archive(ids[-1]).metadata["tracking"]
+    started = {str(t["bitmap"]) for t in newest.values()}
+    assert {str(b["name"]) for bms in our_bitmaps(guest).values() for b in bms} == started
+
+    p = _cli(env2, "forget", ids[0], "--repo", str(other))
+    assert p.returncode == 0 and "removed" not in p.stdout, p.stdout + p.stderr
+    assert {str(b["name"]) for bms in our_bitmaps(guest).values() for b in bms} == started
+
+    p = _cli(env2, "forget", ids[1], "--repo", str(other), "--json")
+    assert p.returncode == 0, p.stderr
+    (rel,) = json.loads(p.stdout)["untracked"]
+    assert {name for _node, name in rel["removed"]} == started and rel["advice"] is None, rel
+    assert all(v == [] for v in our_bitmaps(guest).values())
+
+    # Not reachable on the given connection (libvirt's test driver knows no such domain).
+    aid = capture(opts(guest, env2, mode=Mode.SWITCHOVER)).id
+    p = _cli(env2, "forget", aid, "--repo", str(other), "--connect", "test:///default")
+    assert p.returncode == 0, p.stderr
+    assert f"run `vmarchive untrack {guest.name}`" in p.stdout, p.stdout
+    assert all(len(v) == 1 for v in our_bitmaps(guest).values())
+    assert _cli(env2, "untrack", guest.name).returncode == 0

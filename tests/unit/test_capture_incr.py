@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from typing import Any
 
 import pytest
 
-from vmarchive.ops.capture_incr import BitmapState, Current, DiskPlan, ParentDisk, decide
+from vmarchive.errors import DomainNotFoundError
+from vmarchive.ops.capture_incr import (
+    BitmapState,
+    Current,
+    DiskPlan,
+    ParentDisk,
+    UntrackResult,
+    decide,
+)
+from vmarchive.ops.tracking import release_tracking, released
+from vmarchive.store import ArchiveSummary
 
 NAME = "vmarchive-00112233aabbccdd"
 SIZE = 4 * 1024 * 1024
@@ -92,3 +103,70 @@ def test_transaction_actions_freeze_old_and_start_new() -> None:
     ]
     full = dataclasses.replace(p, since_bitmap=None, parent=None, fallback_reason="x")
     assert [a["type"] for a in full.actions()] == ["block-dirty-bitmap-add"]
+
+
+# --- forget/prune release the tracking of a domain left without archives -------------------
+
+
+def summary(aid: str, uuid: str, bitmaps: dict[str, str] | None, host: str = "h1") -> Any:
+    meta: dict[str, Any] = {"uuid": uuid, "host": host}
+    if bitmaps is not None:
+        meta["tracking"] = {t: {"bitmap": b} for t, b in bitmaps.items()}
+    return ArchiveSummary(aid, "2026-11-25T00:00:00Z", f"vm-{uuid}", "full", metadata=meta)
+
+
+def test_released_only_when_the_last_archive_is_gone() -> None:
+    a1 = summary("a1", "u1", {"vda": "vmarchive-1"})
+    a2 = summary("a2", "u1", {"vda": "vmarchive-2", "vdb": "vmarchive-3"})
+    b1 = summary("b1", "u2", None)  # captured without disk tracking
+    before = [a1, a2, b1]
+    # negative control: one archive of u1 remains
+    assert released(before, [a2, b1]) == []
+    assert released(before, [a1]) == []
+    (t,) = released(before, [b1])
+    assert (t.uuid, t.domain) == ("u1", "vm-u1")
+    assert t.bitmaps == {"vmarchive-1", "vmarchive-2", "vmarchive-3"}
+    assert released(before, []) == [t]  # u2 recorded no tracking: nothing to release
+
+
+def _fake_untrack(result: Any) -> Any:
+    calls: list[tuple[Any, ...]] = []
+
+    def fn(domain: str, uri: str, state_dir: Any, only: Any) -> Any:
+        calls.append((domain, uri, list(only)))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    fn.calls = calls  # type: ignore[attr-defined]
+    return fn
+
+
+def test_release_tracking_removes_named_bitmaps_or_says_what_to_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "h1")
+    gone = released([summary("a1", "u1", {"vda": "vmarchive-1"})], [])
+
+    fn = _fake_untrack(
+        UntrackResult("vm-u1", [("node-a", "vmarchive-1")], [("node-b", "vmarchive-x")])
+    )
+    (r,) = release_tracking(gone, "qemu:///system", untrack_fn=fn)
+    assert fn.calls == [("u1", "qemu:///system", ["vmarchive-1"])]  # type: ignore[attr-defined]
+    assert r.removed == [("node-a", "vmarchive-1")] and r.advice is None
+    assert any("1 other vmarchive bitmaps left" in line for line in r.lines())
+
+    fn = _fake_untrack(DomainNotFoundError("no domain with matching uuid 'u1'"))
+    (r,) = release_tracking(gone, "qemu:///system", untrack_fn=fn)
+    assert r.removed == [] and r.advice is not None
+    assert "run `vmarchive untrack vm-u1` on h1" in r.advice and "no domain" in r.advice
+    assert r.lines() == [r.advice]
+
+    # found here but none of its bitmaps: tracked on another host
+    elsewhere = released([summary("a1", "u1", {"vda": "vmarchive-1"}, host="h2")], [])
+    fn = _fake_untrack(UntrackResult("vm-u1", []))
+    (r,) = release_tracking(elsewhere, "qemu:///system", untrack_fn=fn)
+    assert r.advice is not None and "on h2" in r.advice
+    # negative control: same host, nothing there (already removed): nothing to say
+    (r,) = release_tracking(gone, "qemu:///system", untrack_fn=fn)
+    assert r.advice is None and r.lines() == []

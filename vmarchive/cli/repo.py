@@ -18,6 +18,8 @@ from vmarchive.cli.app import app, print_json
 from vmarchive.errors import DamageError, UsageError, WrongKeyError
 from vmarchive.format import constants as C
 from vmarchive.ops import repo as ops
+from vmarchive.ops import tracking
+from vmarchive.ops.tracking import DEFAULT_URI
 from vmarchive.store import GcOptions, InitOptions, PrunePolicy
 
 REPO_HELP = "Repository location (or set VMARCHIVE_REPO)."
@@ -208,19 +210,43 @@ def verify_cmd(
         )
 
 
+def _connect_option() -> Any:
+    return typer.Option(
+        DEFAULT_URI,
+        "--connect",
+        "-c",
+        help="libvirt URI where domains left without archives lose their dirty bitmaps.",
+    )
+
+
+def _untracked_json(released: list[tracking.Release]) -> dict[str, Any]:
+    # Only when a domain lost its last archive: the usual shapes stay as they were.
+    return {"untracked": [x.to_json() for x in released]} if released else {}
+
+
+def _echo_released(released: list[tracking.Release]) -> None:
+    for rel in released:
+        for line in rel.lines():
+            typer.echo(line)
+
+
 @app.command("forget")
 def forget_cmd(
     archives: list[str] = _FORGET_ARCHIVES,
     repo: str = _repo_option(),
+    connect: str = _connect_option(),
     as_json: bool = _json_option(),
 ) -> None:
-    """Remove archives from the list (run gc to reclaim their space)."""
-    ids = ops.forget(repo_ref(repo), archives)
+    """Remove archives from the list (run gc to reclaim their space).
+
+    A domain left without archives loses vmarchive's dirty bitmaps (if reachable)."""
+    r = tracking.forget(repo_ref(repo), archives, connect)
     if as_json:
-        print_json({"forgotten": ids})
-    else:
-        for i in ids:
-            typer.echo(f"forgot {i}")
+        print_json({"forgotten": r.forgotten, **_untracked_json(r.released)})
+        return
+    for i in r.forgotten:
+        typer.echo(f"forgot {i}")
+    _echo_released(r.released)
 
 
 @app.command("prune")
@@ -236,19 +262,21 @@ def prune_cmd(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be forgotten."),
     repo: str = _repo_option(),
+    connect: str = _connect_option(),
     as_json: bool = _json_option(),
 ) -> None:
     """Forget archives outside the retention policy, per domain (times in UTC)."""
     policy = PrunePolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
-    result = ops.prune(repo_ref(repo), policy, dry_run)
+    result, released = tracking.prune(repo_ref(repo), policy, dry_run, connect)
     if as_json:
-        print_json(result.to_json())
+        print_json({**result.to_json(), **_untracked_json(released)})
         return
     for a, reasons in result.keep:
         typer.echo(f"keep    {a.id[:12]}  {a.time:<25}  {a.domain}  ({', '.join(reasons)})")
     verb = "would forget" if dry_run else "forget"
     for a in result.forget:
         typer.echo(f"{verb:<7} {a.id[:12]}  {a.time:<25}  {a.domain}")
+    _echo_released(released)
 
 
 @app.command("gc")

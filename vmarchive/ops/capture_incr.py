@@ -50,8 +50,8 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -398,13 +398,25 @@ class UntrackResult:
     domain: str
     #: (node name or image path, bitmap name) removed
     removed: list[tuple[str, str]]
+    #: our bitmaps found but not removed (not in ``only``)
+    left: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"domain": self.domain, "removed": [list(x) for x in self.removed]}
+        return {
+            "domain": self.domain,
+            "removed": [list(x) for x in self.removed],
+            "left": [list(x) for x in self.left],
+        }
 
 
-def untrack(domain: str, uri: str, state_dir: Path | None = None) -> UntrackResult:
-    """Remove every ``vmarchive-*`` dirty bitmap from ``domain``'s disks.
+def untrack(
+    domain: str,
+    uri: str,
+    state_dir: Path | None = None,
+    only: Collection[str] | None = None,
+) -> UntrackResult:
+    """Remove every ``vmarchive-*`` dirty bitmap from ``domain``'s disks (or only those
+    named in ``only``; the others are listed in ``left``).
 
     A running domain: through QMP, under the per-domain capture lock (never during a
     capture).  A shut-off domain: from its qcow2 images with ``qemu-img bitmap --remove``.
@@ -414,6 +426,14 @@ def untrack(domain: str, uri: str, state_dir: Path | None = None) -> UntrackResu
         ConnectionFailedError, DomainNotFoundError, LockedError, HypervisorError.
     """
     removed: list[tuple[str, str]] = []
+    left: list[tuple[str, str]] = []
+
+    def wanted(where: str, name: str) -> bool:
+        if only is None or name in only:
+            return True
+        left.append((where, name))
+        return False
+
     with Connection.open(uri) as conn:
         dom = conn.lookup(domain)
         with domain_lock(state_dir or default_state_dir(), dom.uuid, dom.name):
@@ -422,16 +442,18 @@ def untrack(domain: str, uri: str, state_dir: Path | None = None) -> UntrackResu
                 for node, bms in node_bitmaps(qmp).items():
                     names = [b.name for b in bms if b.name.startswith(BITMAP_PREFIX)]
                     for n in names:
-                        qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": n})
-                        removed.append((node, n))
+                        if wanted(node, n):
+                            qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": n})
+                            removed.append((node, n))
             else:
                 for d in parse_disks(dom.xml()):
                     if d.format != "qcow2" or d.source is None or d.source_type != "file":
                         continue
                     for n in _image_bitmaps(d.source):
-                        _run_qemu_img(["bitmap", "--remove", "-f", "qcow2", d.source, n])
-                        removed.append((d.source, n))
-    return UntrackResult(dom.name, removed)
+                        if wanted(d.source, n):
+                            _run_qemu_img(["bitmap", "--remove", "-f", "qcow2", d.source, n])
+                            removed.append((d.source, n))
+    return UntrackResult(dom.name, removed, left)
 
 
 def _run_qemu_img(args: list[str]) -> str:
