@@ -92,7 +92,7 @@ from vmarchive.ops.capture_disks import (
     make_overlay_file,
     read_disk,
 )
-from vmarchive.ops.capture_dropcache import reopen_keep_cache
+from vmarchive.ops.capture_dropcache import preflush, reopen_keep_cache
 from vmarchive.ops.capture_incr import (
     PERSISTENT_FORMATS,
     Current,
@@ -574,7 +574,8 @@ class _Capture:
             with contextlib.suppress(OSError):
                 os.rmdir(self.work)
         self.to(CaptureState.DONE, result.id)
-        return result
+        # The whole command's time: the round trip, the commit and the clean-up included.
+        return dataclasses.replace(result, duration_s=self.clock() - self.t_start)
 
     def _choose_mode(self, qmp: QMP, dstate: DomainState) -> str:
         if dstate != DomainState.RUNNING:
@@ -994,6 +995,7 @@ class _Capture:
                 threads.start(d.target, fn)
 
         reader: PipeReader | None = None
+        roundtrip: capture_parse.RoundTrip | None = None
         mig: dict[str, Any] = {}
         try:
             with self._nbd_server(qmp, marker) as sock:
@@ -1015,6 +1017,7 @@ class _Capture:
                     self._migrate(qmp, marker)
                     self._wait_migration(qmp, reader, {"completed"})
                 elif mode == "switchover":
+                    preflush(disks)
                     stop_if_tcg(qmp)  # TCG precopy misses writes: copy a stopped guest
                     reader = self._start_pipe(qmp, memory)
                     self._migrate(qmp, marker)
@@ -1036,6 +1039,7 @@ class _Capture:
                     start_disk_reads(sock)
                     self.to(CaptureState.READING)
                 else:  # snapshot
+                    preflush(disks)
                     reader = self._start_pipe(qmp, memory)
                     reader.hold()
                     marker.migration_started = True
@@ -1061,11 +1065,16 @@ class _Capture:
                 reader.join()
                 if reader.error is not None:
                     raise reader.error
+                log.debug("memory stored at +%.2f s", self.clock() - self.t_start)
+                roundtrip = capture_parse.RoundTrip(w, memory)
                 threads.join()
+                log.debug("disks read at +%.2f s", self.clock() - self.t_start)
                 threads.raise_first()
         except BaseException:
             threads.cancel()
             threads.join()
+            if roundtrip is not None:
+                roundtrip.join()  # it reads from the writer that is about to be aborted
             if reader is not None:
                 reader.go()
             if reader is not None and reader.is_alive():
@@ -1129,6 +1138,8 @@ class _Capture:
             )
             for d in copy
         }
+        assert roundtrip is not None
+        roundtrip_result = roundtrip.result()  # before the streams it reads are closed
         mem_stored = memory.close_streams()
         meta.update(
             {
@@ -1146,7 +1157,7 @@ class _Capture:
                 "disk_delay_s": self.o.disk_delay_s or None,
             }
         )
-        meta["memory"]["roundtrip"] = capture_parse.roundtrip_check(w, memory)
+        meta["memory"]["roundtrip"] = roundtrip_result
         self.to(CaptureState.COMMITTING)
         aid = str(w.commit(meta))
         assert reader is not None

@@ -101,3 +101,29 @@ def restore_options(qmp: QMP, record: dict[str, dict[str, Any]]) -> bool:
             log.warning("cleanup: cannot restore the options of %s: %s", node, e)
             ok = False
     return ok
+
+
+def preflush(disks: list[DiskInfo]) -> None:
+    """Write back the host page cache of the disks' image files before the guest stops.
+
+    Stopping the vCPUs makes QEMU flush every block node (``bdrv_flush_all``) inside the
+    guest's pause: with a writeback cache holding much dirty data (a busy guest, an image
+    just copied), that ``fdatasync`` is the pause -- we measured 176 ms instead of 2 ms.
+    Doing the same ``fdatasync`` first, while the guest runs, leaves QEMU's little to do.
+    Best effort: a file we cannot open (network disks have none) is skipped.
+    """
+    for d in disks:
+        path = d.filename or d.source
+        if d.readonly or d.is_network or not path or d.file_driver not in FILE_DRIVERS:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.debug("pre-flush of %s skipped: %s", path, e)
+            continue
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            log.debug("pre-flush of %s failed: %s", path, e)
+        finally:
+            os.close(fd)

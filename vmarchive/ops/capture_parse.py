@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
+import time
 from typing import Any, Protocol
 
 from vmarchive.ops.capture_memory import OpaqueMemory
@@ -80,3 +82,32 @@ def roundtrip_check(w: Any, consumer: MemoryConsumer) -> dict[str, Any] | None:
         log.warning("round-trip check of the memory stream failed to run: %s", e)
         return {"ok": False, "problems": [f"check did not run: {e}"]}
     return result
+
+
+class RoundTrip:
+    """:func:`roundtrip_check` in a thread, started as soon as the memory is stored.
+
+    It reads back and re-parses what the memory consumer stored, which needs nothing from
+    the disks: run beside the disk reads, it costs no wall time when they take longer.
+    :meth:`result` waits for it; :meth:`join` (cleanup) only waits.
+    """
+
+    def __init__(self, w: Any, consumer: MemoryConsumer) -> None:
+        self._w = w
+        self._consumer = consumer
+        self._result: dict[str, Any] | None = None
+        consumer.close_streams()  # flush the partial last chunks it reads back (idempotent)
+        self._thread = threading.Thread(target=self._run, name="memory-roundtrip", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t = time.perf_counter()
+        self._result = roundtrip_check(self._w, self._consumer)
+        log.debug("memory round trip took %.2f s", time.perf_counter() - t)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> dict[str, Any] | None:
+        self._thread.join()
+        return self._result
