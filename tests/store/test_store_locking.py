@@ -8,7 +8,14 @@ import pytest
 
 from vmarchive.errors import LockedError
 from vmarchive.store.local import LocalBackend
-from vmarchive.store.locking import LockContext, LockManager, pid_alive
+from vmarchive.store.locking import (
+    DEFAULT_LEASE,
+    WAIT_ENV,
+    LockContext,
+    LockManager,
+    default_wait,
+    pid_alive,
+)
 
 
 class World:
@@ -179,3 +186,114 @@ def test_pid_alive() -> None:
     assert pid_alive(os.getpid())
     assert not pid_alive(0)
     assert not pid_alive(2**22 + 12345)  # above pid_max on Linux
+
+
+# -- shared lockers wait for an exclusive holder (FORMAT.md 15, rule 1) -------------------
+
+
+def waiting_manager(world: World, backend: LocalBackend, pid: int, wait: float) -> LockManager:
+    mgr = world.manager(backend, pid)
+    mgr.ctx.wait = wait
+    return mgr
+
+
+def test_shared_locker_waits_until_the_exclusive_holder_leaves(
+    world: World, backend: LocalBackend
+) -> None:
+    gc = world.manager(backend, 1, host="h2").acquire("exclusive", refresh=False)
+    naps: list[float] = []
+
+    def sleep(s: float) -> None:  # gc finishes during the writer's third nap
+        naps.append(s)
+        world.now += s
+        if len(naps) == 3:
+            gc.release()
+
+    writer = waiting_manager(world, backend, 2, wait=120)
+    writer.ctx.sleep = sleep
+    start = world.now
+    lock = writer.acquire("shared", refresh=False)
+    assert len(naps) == 3 and naps == sorted(naps)  # backoff grows
+    assert world.now - start < 120  # got in before the wait ended, not by staleness
+    lock.release()
+    # Negative control: without a wait the same situation is refused at once.
+    gc = world.manager(backend, 1, host="h2").acquire("exclusive", refresh=False)
+    naps.clear()
+    impatient = waiting_manager(world, backend, 3, wait=0)
+    impatient.ctx.sleep = sleep
+    with pytest.raises(LockedError, match=r"locked \(exclusive\) by pid 1 on h2"):
+        impatient.acquire("shared", refresh=False)
+    assert naps == []
+    assert [k.key for k in backend.list("locks/")] == [gc.key]
+
+
+def test_wait_is_bounded_and_says_so(world: World, backend: LocalBackend) -> None:
+    gc = world.manager(backend, 1, host="h2").acquire("exclusive", refresh=False)
+
+    def sleep(s: float) -> None:  # a live gc: it keeps its lease fresh
+        world.now += s
+        gc.refresh()
+
+    writer = waiting_manager(world, backend, 2, wait=100)
+    writer.ctx.sleep = sleep
+    start = world.now
+    with pytest.raises(LockedError, match=r"gave up after waiting 100 s \(VMARCHIVE_LOCK_WAIT\)"):
+        writer.acquire("shared", refresh=False)
+    assert 100 <= world.now - start < 106
+    assert [k.key for k in backend.list("locks/")] == [gc.key]  # ours withdrawn
+
+
+def test_exclusive_lockers_and_own_locks_are_not_waited_for(
+    world: World, backend: LocalBackend
+) -> None:
+    naps: list[float] = []
+    mgr = waiting_manager(world, backend, 1, wait=100)
+    mgr.ctx.sleep = naps.append
+    held = world.manager(backend, 2, host="h2").acquire("shared", refresh=False)
+    with pytest.raises(LockedError, match="shared"):
+        mgr.acquire("exclusive", refresh=False)  # gc does not queue behind writers
+    held.release()
+    own = mgr.acquire("exclusive", refresh=False)
+    with pytest.raises(LockedError, match=r"\(this process\)"):
+        mgr.acquire("shared", refresh=False)  # waiting for ourselves would only stall
+    assert naps == []
+    own.release()
+    mgr.acquire("shared", refresh=False).release()  # control: free again, no wait needed
+
+
+def test_default_wait_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(WAIT_ENV, raising=False)
+    assert LockContext.default().wait == default_wait() == DEFAULT_LEASE
+    monkeypatch.setenv(WAIT_ENV, "7.5")
+    assert LockContext.default().wait == 7.5
+    monkeypatch.setenv(WAIT_ENV, "soon")
+    assert default_wait() == DEFAULT_LEASE
+
+
+def test_writer_waits_for_gc_in_another_process(tmp_path: pathlib.Path) -> None:
+    from storehelpers import make_repo, read_archive, write_archive
+
+    from vmarchive.store import Repository
+
+    make_repo(tmp_path / "r")
+    alive = {1, 2}
+    gc_ctx = LockContext(host="h2", pid=1, is_alive=alive.__contains__)
+    gc_lock = Repository.open(str(tmp_path / "r"), lock_context=gc_ctx).lock("exclusive")
+    naps: list[float] = []
+
+    def sleep(s: float) -> None:
+        naps.append(s)
+        gc_lock.release()  # gc ends while the writer waits
+
+    ctx = LockContext(host="h1", pid=2, is_alive=alive.__contains__, sleep=sleep, wait=60)
+    repo = Repository.open(str(tmp_path / "r"), lock_context=ctx)
+    aid = write_archive(repo, {"s": b"x" * 5000})
+    assert naps and read_archive(repo, aid) == {"s": b"x" * 5000}
+    # Negative control: the same writer with no wait fails while gc holds the lock.
+    gc_lock = Repository.open(str(tmp_path / "r"), lock_context=gc_ctx).lock("exclusive")
+    ctx.wait = 0
+    naps.clear()
+    with pytest.raises(LockedError, match="exclusive"):
+        write_archive(repo, {"s": b"y" * 5000})
+    assert naps == []
+    gc_lock.release()

@@ -329,3 +329,28 @@ def test_writer_reads_back_its_chunks_at_every_stage(tmp_path: pathlib.Path) -> 
             assert w.read_chunk(repo.codecs.chunk_id(chunks[j])) == chunks[j]
         sw.close()
         w.commit(META)
+
+
+def test_writer_never_dedups_against_packs_a_gc_deleted_meanwhile(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmarchive.store import GcOptions
+
+    def scenario() -> tuple[Repository, str]:
+        path = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        make_repo(path)
+        daemon = Repository.open(str(path))  # a long-lived process: its index stays loaded
+        old = write_archive(daemon, {"s": rnd(20 * CHUNK, 5)})
+        other = Repository.open(str(path))
+        other.forget([old])
+        assert other.gc(GcOptions(grace=0)).packs_deleted > 0  # the chunks are gone
+        return daemon, write_archive(daemon, {"s": rnd(20 * CHUNK, 5)})
+
+    repo, aid = scenario()
+    assert read_archive(Repository.open(str(repo.backend.location)), aid)["s"] == rnd(20 * CHUNK, 5)
+    # Negative control: a writer that trusts the index it loaded before gc ran publishes
+    # an archive whose chunks do not exist.
+    monkeypatch.setattr(Repository, "_fresh_index_for_writer", lambda self: self.index)
+    repo, aid = scenario()
+    with pytest.raises(ChunkMissingError):
+        read_archive(Repository.open(str(repo.backend.location)), aid)

@@ -11,6 +11,12 @@ or when it was taken on this host by a process that no longer exists.  Stale loc
 ignored, and exclusive lockers delete them.  A holder whose lock has vanished (someone
 judged it stale) learns it at :meth:`Lock.check`, which the writer calls before it
 publishes a manifest, so it never commits without the protection it believed it had.
+
+Shared lockers (writers, restore, forget, verify) *wait* for an exclusive holder (gc,
+prune) for up to ``LockContext.wait`` seconds, one lease by default: a live gc usually
+ends within it, and a dead gc's lock is stale by then, so a capture scheduled while gc runs
+does not fail.  Exclusive lockers do not wait (a writer may run for hours).  A process never
+waits for a lock it holds itself: that would only delay the same :class:`LockedError`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,20 @@ log = logging.getLogger(__name__)
 LockKind = Literal["shared", "exclusive"]
 
 DEFAULT_LEASE = C.DEFAULT_LOCK_LEASE
+#: Environment variable: seconds a shared locker waits for an exclusive lock (default:
+#: one lease, so even the lock of a gc that died is stale before the wait ends).
+WAIT_ENV = "VMARCHIVE_LOCK_WAIT"
+
+
+def default_wait(lease: float = DEFAULT_LEASE) -> float:
+    """``VMARCHIVE_LOCK_WAIT`` seconds when set (and a number >= 0), else ``lease``."""
+    value = os.environ.get(WAIT_ENV)
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            log.warning("ignoring %s=%r (not a number of seconds)", WAIT_ENV, value)
+    return lease
 
 
 def pid_alive(pid: int) -> bool:
@@ -60,10 +80,12 @@ class LockContext:
     lease: float = DEFAULT_LEASE
     is_alive: Callable[[int], bool] = pid_alive
     sleep: Callable[[float], None] = time.sleep
+    #: Seconds a shared locker waits for an exclusive holder before LockedError.
+    wait: float = 0.0
 
     @classmethod
     def default(cls) -> LockContext:
-        return cls(host=socket.gethostname(), pid=os.getpid())
+        return cls(host=socket.gethostname(), pid=os.getpid(), wait=default_wait())
 
 
 class Lock:
@@ -190,30 +212,53 @@ class LockManager:
             out.append((info, self.is_stale(info)))
         return out
 
-    def acquire(self, kind: LockKind, *, wait: float = 0.0, refresh: bool = True) -> Lock:
-        """Take a lock of ``kind``, retrying for up to ``wait`` seconds.
+    def acquire(self, kind: LockKind, *, wait: float | None = None, refresh: bool = True) -> Lock:
+        """Take a lock of ``kind``, retrying with backoff for up to ``wait`` seconds
+        (``None``: ``ctx.wait`` for a shared lock, no wait for an exclusive one).
 
         Raises :class:`LockedError` naming the holder if a live conflicting lock
         remains, :class:`BackendError` on storage failure.
         """
-        deadline = self.ctx.clock() + wait
+        if wait is None:
+            wait = self.ctx.wait if kind == "shared" else 0.0
+        start = self.ctx.clock()
+        deadline = start + wait
         delay = 0.2
+        waiting_for: str | None = None
         while True:
             lock = self._try(kind)
             if isinstance(lock, Lock):
                 if refresh:
                     lock.start_refresher()
                 return lock
-            if self.ctx.clock() >= deadline:
-                h = lock
+            h = lock
+            ours = h.host == self.ctx.host and h.pid == self.ctx.pid
+            now = self.ctx.clock()
+            if now >= deadline or ours:
+                waited = (
+                    f"; gave up after waiting {now - start:.0f} s ({WAIT_ENV})"
+                    if waiting_for is not None
+                    else ""
+                )
                 raise LockedError(
                     f"repository is locked ({h.kind}) by pid {h.pid} on {h.host} "
-                    f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(h.created))}",
+                    f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(h.created))}"
+                    + (" (this process)" if ours else "")
+                    + waited,
                     holder=h.id,
                     host=h.host,
                     pid=h.pid,
                 )
-            self.ctx.sleep(delay)
+            if waiting_for != h.id:
+                waiting_for = h.id
+                log.info(
+                    "repository is locked (%s) by pid %d on %s; waiting up to %.0f s",
+                    h.kind,
+                    h.pid,
+                    h.host,
+                    deadline - now,
+                )
+            self.ctx.sleep(min(delay, max(deadline - now, 0.0)))
             delay = min(delay * 2, 5.0)
 
     def _try(self, kind: LockKind) -> Lock | LockInfo:

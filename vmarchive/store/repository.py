@@ -148,6 +148,7 @@ class Repository:
         self.locks = LockManager(backend, lock_context)
         self._index: ChunkIndex | None = None
         self._index_files: set[str] = set()
+        self._writers = 0  # live ArchiveWriters of this object
         self.index_problems: list[str] = []
         self._index_mutex = threading.Lock()
         self._chunks_mutex = threading.Lock()
@@ -224,8 +225,10 @@ class Repository:
         self.close()
 
     # -- locks -------------------------------------------------------------------------
-    def lock(self, kind: LockKind, *, wait: float = 0.0) -> Lock:
-        """Take a repository lock. Raises :class:`LockedError`, :class:`BackendError`."""
+    def lock(self, kind: LockKind, *, wait: float | None = None) -> Lock:
+        """Take a repository lock; a shared one waits for an exclusive holder (gc, prune)
+        for up to ``wait`` seconds (``None``: the lock context's wait, by default one lease
+        or ``VMARCHIVE_LOCK_WAIT``).  Raises :class:`LockedError`, :class:`BackendError`."""
         return self.locks.acquire(kind, wait=wait)
 
     # -- chunk index ------------------------------------------------------------------
@@ -319,15 +322,42 @@ class Repository:
     ) -> ArchiveWriter:
         """A new archive writer holding a shared lock until commit or exit.
 
-        Raises :class:`LockedError` if gc/prune holds the repository.
+        Waits while gc/prune holds the repository (see :meth:`lock`); raises
+        :class:`LockedError` if it still does when the wait ends.
         """
         lock = self.lock("shared")
         try:
-            _ = self.index  # load before writing: dedup against the whole repository
+            self._fresh_index_for_writer()
             return ArchiveWriter(self, lock, progress, options)
         except BaseException:
             lock.release()
             raise
+
+    def _writer_started(self) -> None:
+        with self._index_mutex:
+            self._writers += 1
+
+    def _writer_done(self) -> None:
+        with self._index_mutex:
+            self._writers -= 1
+
+    def _fresh_index_for_writer(self) -> None:
+        """Load the index under the writer's shared lock, or check that one loaded earlier
+        still holds: a gc that ran since (between our locks) may have deleted garbage packs
+        it names, and deduplicating against those would publish a broken archive.  gc
+        rewrites every index naming a pack it deletes, so a vanished index file shows it.
+        While another writer of this object runs, its lock has kept gc out since that
+        writer's own check, and reloading would drop its not-yet-indexed entries."""
+        with self._index_mutex:
+            if self._index is None:
+                self._index = self._load_index()
+                return
+            if self._writers:
+                return
+            listed = {o.key.split("/", 1)[1] for o in self.backend.list("index/")}
+            if self._index_files - listed:
+                log.info("index files vanished since the index was loaded (gc?); reloading")
+                self._index = self._load_index()
 
     # -- reading ------------------------------------------------------------------------
     def read_chunk(self, chunk_id: bytes) -> bytes:

@@ -270,8 +270,10 @@ class ArchiveWriter:
         self._max_uploads = max(1, self.options.max_uploads)
         self._index_entries: list[tuple[bytes, Location]] = []
         self._state = "open"  # open -> committed | aborted
+        self._done = False  # counted out of repo's live writers
         self.packs_written = 0
         self.indices_written = 0
+        repo._writer_started()
 
     # -- public API ----------------------------------------------------------------
     def stream(
@@ -452,4 +454,7 @@ class ArchiveWriter:
             self._uploader.shutdown(wait=True, cancel_futures=True)
             self._unpublished.clear()
         finally:
+            if not self._done:
+                self._done = True
+                self.repo._writer_done()
             self._lock.release()
