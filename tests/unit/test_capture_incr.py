@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
+import re
 import socket
 from typing import Any
 
 import pytest
 
+import vmarchive.format.migstream as ms
 from vmarchive.errors import DomainNotFoundError
+from vmarchive.ops.capture import DiskResult
 from vmarchive.ops.capture_incr import (
     BitmapState,
     Current,
@@ -170,3 +175,54 @@ def test_release_tracking_removes_named_bitmaps_or_says_what_to_run(
     # negative control: same host, nothing there (already removed): nothing to say
     (r,) = release_tracking(gone, "qemu:///system", untrack_fn=fn)
     assert r.advice is None and r.lines() == []
+
+
+# --- formats/FORMAT.md documents what the code writes ---------------------------------------
+
+SPEC = (pathlib.Path(__file__).resolve().parents[2] / "formats" / "FORMAT.md").read_text()
+
+
+def spec_keys(heading: str) -> list[set[str]]:
+    """The backticked first-column keys of each table under ``heading`` (to the next one)."""
+    start = SPEC.index(f"#### {heading}")
+    end = SPEC.find("\n#", start + 1)
+    tables: list[set[str]] = []
+    cur: set[str] = set()
+    for line in SPEC[start:end].splitlines():
+        m = re.match(r"\| `([a-z_]+)` \|", line)
+        if m:
+            cur.add(m.group(1))
+        elif cur:
+            tables.append(cur)
+            cur = set()
+    return tables
+
+
+def test_spec_lists_every_tracking_key() -> None:
+    meta, entry = spec_keys("Dirty tracking")
+    assert meta == {"tracking", "parent", "disks"}
+    plan = DiskPlan("vdb", "n", "vmarchive-1", True, None, None, "full", ())
+    assert entry == set(plan.tracking("h", "u", "/d", 1, "qcow2", "1:2"))
+    disks = SPEC[SPEC.index("| `disks` |") :].splitlines()[0]
+    documented = set(re.findall(r"`([a-z_]+)`", disks)) - {"disks"}
+    assert documented == set(DiskResult("vdb", True, 1).to_json())
+
+
+def test_spec_lists_every_layout_key() -> None:
+    top = spec_keys("Device state layout")[0]
+    layout = ms.StreamLayout(
+        3,
+        b"",
+        ms.RamSection(1, 0, 4),
+        [ms.RamBlock(0, "pc.ram", 4096)],
+        [ms.SectionRecord(4, 2, "timer", 0, 2, 0, 41)],
+        b"{}",
+    )
+    j = layout.to_json()
+    assert top == set(j)
+    start = SPEC.index("#### Device state layout")
+    section = SPEC[start : SPEC.index("\n### ", start)]
+    example = json.loads(section[section.index("```json") + 7 : section.index("```\n\n=")])
+    assert set(example) == set(j["records"][0])
+    for key in (*j["ram_blocks"][0], *j["stats"], *j["ram"]):
+        assert f"`{key}`" in section or f'"{key}"' in section, key
