@@ -34,7 +34,7 @@ _EOF = b""
 class _QueueInput:
     """``read(n)`` over byte strings pushed into a bounded queue (``b""`` = end)."""
 
-    def __init__(self, maxsize: int = 16) -> None:
+    def __init__(self, maxsize: int = 8) -> None:
         self.q: queue.Queue[bytes] = queue.Queue(maxsize=maxsize)
         self._buf = b""
         self._eof = False
