@@ -50,6 +50,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,6 +325,7 @@ def read_disk_incremental(
         ChunkMissingError, DamageError: a parent chunk cannot be read.
     """
     ctx = dirty_bitmap_context(bitmap)
+    t0 = time.perf_counter()
     with NBDClient.connect(
         address, export, meta_contexts=(BASE_ALLOCATION, ctx), timeout=connect_timeout
     ) as c:
@@ -390,6 +392,15 @@ def read_disk_incremental(
                 task.advance(n)
         finally:
             task.close()
+        log.debug(
+            "disk %s: %d of %d slots dirty, %d bytes read, %d referenced, %.2f s with extents",
+            target,
+            len(dirty),
+            nslots,
+            res.bytes_read,
+            res.bytes_referenced,
+            time.perf_counter() - t0,
+        )
         return res
 
 
