@@ -21,8 +21,8 @@ How targets are read: "full capture wall <= 1.1 x the slower physical limit" mea
 1.1 x bytes_read / min(migration rate, qemu-img rate).  ``qemu-img convert -O raw DISK
 /dev/null`` is refused by qemu-img 7.2 (a device cannot grow), so the disk limit converts
 into a ``null-co`` target of the disk's size (same reads, writes discarded).  Captures use
-one explicit ``--mode`` (default switchover), so a host setting flipped mid-run cannot mix
-mechanisms.  The machine is shared: compare ratios within one run, and note the load.
+one ``--mode`` fixed at the start (default: snapshot where userfaultfd works, as ``auto``
+would pick), so a host setting flipped mid-run cannot mix mechanisms.  The machine is shared: compare ratios within one run, and note the load.
 
 Usage: scripts/bench_capture.py [--quick] [--churn MiBps] [--workdir DIR] [--keep]
 Writes bench-results/capture-<time>.json and prints a table.
@@ -980,10 +980,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--mode",
-        default="switchover",
+        default=None,
         choices=("switchover", "snapshot", "auto"),
-        help="vmarchive capture mode for every capture (default switchover: works on any host;"
-        " auto would switch whenever someone toggles vm.unprivileged_userfaultfd)",
+        help="vmarchive capture mode for every capture (default: what `auto` picks on this host"
+        " at the start -- snapshot where userfaultfd works -- fixed for the whole run)",
     )
     ap.add_argument("--interval", type=float, default=2.0, help="seconds between churn captures")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -992,6 +992,9 @@ def main() -> None:
     if args.report:
         print_report(json.loads(Path(args.report).read_text()))
         return
+    if args.mode is None:
+        uffd = Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip()
+        args.mode = "snapshot" if uffd == "1" else "switchover"
     b = Bench(args)
     b.log(f"work directory {b.work}")
     t0 = time.time()
