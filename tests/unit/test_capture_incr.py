@@ -7,12 +7,14 @@ import json
 import pathlib
 import re
 import socket
+import threading
+import time
 from typing import Any
 
 import pytest
 
 import vmarchive.format.migstream as ms
-from vmarchive.errors import DomainNotFoundError
+from vmarchive.errors import ChunkMissingError, DomainNotFoundError
 from vmarchive.ops.capture import DiskResult
 from vmarchive.ops.capture_incr import (
     BitmapState,
@@ -20,6 +22,7 @@ from vmarchive.ops.capture_incr import (
     DiskPlan,
     ParentDisk,
     UntrackResult,
+    _Prefetch,
     decide,
 )
 from vmarchive.ops.tracking import release_tracking, released
@@ -226,3 +229,45 @@ def test_spec_lists_every_layout_key() -> None:
     assert set(example) == set(j["records"][0])
     for key in (*j["ram_blocks"][0], *j["stats"], *j["ram"]):
         assert f"`{key}`" in section or f'"{key}"' in section, key
+
+
+# --- parent chunks of partly dirty slots are read ahead, in order, bounded -------------------
+
+
+def test_prefetch_in_order_bounded_and_zero_ids() -> None:
+    zero = bytes(16)
+    seen: list[bytes] = []
+    lock = threading.Lock()
+
+    def read(cid: bytes) -> bytes:
+        with lock:
+            seen.append(cid)
+        return cid * 4
+
+    slots = [(i, bytes([i + 1]) * 16 if i % 3 else zero) for i in range(50)]
+    p = _Prefetch(read, slots, zero, lambda i: 64)
+    try:
+        # never more than the window read ahead of what was asked for
+        time.sleep(0.05)
+        with lock:
+            assert len(seen) <= _Prefetch.WINDOW
+        for i, cid in slots:
+            assert p.next(i) == (bytes(64) if cid == zero else cid * 4)
+    finally:
+        p.close()
+    assert sorted(seen) == sorted(c for _i, c in slots if c != zero)
+
+
+def test_prefetch_raises_the_read_error_at_its_slot() -> None:
+    def read(cid: bytes) -> bytes:
+        if cid[0] == 3:
+            raise ChunkMissingError("gone")
+        return cid
+
+    p = _Prefetch(read, [(i, bytes([i]) * 16) for i in range(1, 6)], bytes(16), lambda i: 16)
+    try:
+        assert p.next(1) and p.next(2)
+        with pytest.raises(ChunkMissingError):
+            p.next(3)
+    finally:
+        p.close()
