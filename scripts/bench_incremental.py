@@ -1,37 +1,53 @@
 #!/usr/bin/env python3
-"""Incremental vs full capture with 1 % of a 1 GiB disk rewritten between captures (issue 8).
+"""Incremental vs full capture with 1 % of a 1 GiB disk rewritten between captures (issue 8),
+side by side with virtnbdbackup's incremental backup of the same change.
 
 A TCG test guest with a second disk (qcow2, 1 GiB, filled with random data on the host
-before boot) is captured once to start tracking; then, twice each and alternating, 1 % of
-the disk (10 MiB as 160 random 64 KiB extents, written through QEMU's block layer with
-HMP ``qemu-io``, i.e. like guest writes) is rewritten and the guest captured ``--full`` or
-incrementally.  Prints wall time and bytes read per capture and the ratios; no assertion
-(the machine is shared and noisy).  virtnbdbackup is measured by scripts/bench_capture.py.
+before boot) is captured once to start tracking, and backed up once by virtnbdbackup
+(``-l full``, which starts its libvirt checkpoint).  Then, ``--rounds`` times each: 1 % of
+the disk (10 MiB as 160 random 64 KiB extents, written through QEMU's block layer with HMP
+``qemu-io``, i.e. like guest writes) is rewritten; vmarchive captures it (``--full`` and
+incremental alternately) and virtnbdbackup makes an incremental backup (``-l inc``) of the
+same change.  Both run as commands (``vmarchive --debug capture --json`` and
+``virtnbdbackup``), one after the other, each after ``sync``.
 
-Usage: scripts/bench_incremental.py [--workdir DIR]
+Prints per run: wall time, disk bytes read, what was stored; the ratios
+incremental/full and vmarchive incremental / virtnbdbackup incremental; and where the
+incremental capture's time goes (its state transitions and debug timings).  No assertion:
+the machine is shared and noisy.  vmarchive archives RAM and device state as well;
+virtnbdbackup copies disks only.
+
+By default the host page cache holds the freshly written 1 GiB image, so full reads come from
+memory; ``--cold`` evicts that image's pages (``posix_fadvise`` on that file only) before every
+vmarchive and virtnbdbackup run, as for a disk larger than the host's cache.
+
+Usage: scripts/bench_incremental.py [--workdir DIR] [--mode switchover|snapshot] [--rounds N]
+                                    [--cold]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_lib as bl  # noqa: E402
 import guestlib  # noqa: E402
 import libvirt  # noqa: E402
 
 from vmarchive.hypervisor.connection import Connection  # noqa: E402
 from vmarchive.hypervisor.qmp import QMP  # noqa: E402
-from vmarchive.ops.capture import CaptureOptions, CaptureResult, Mode, capture  # noqa: E402
 from vmarchive.store import Repository  # noqa: E402
 from vmarchive.store.codecs import InitOptions  # noqa: E402
 
@@ -39,6 +55,10 @@ MIB = 1024 * 1024
 DISK_MIB = 1024
 EXTENT = 64 * 1024
 CHANGED = DISK_MIB * MIB // 100
+#: debug lines worth showing in the breakdown (time since the process started)
+TIMINGS = re.compile(
+    r"(took|stored at|read at|slots dirty|round trip|capture \S+: \w+ -> \w+)", re.IGNORECASE
+)
 
 
 def rewrite_one_percent(name: str, rng: random.Random) -> None:
@@ -51,10 +71,91 @@ def rewrite_one_percent(name: str, rng: random.Random) -> None:
             q.hmp(f'qemu-io -d {dev} "write -P {rng.randrange(1, 255)} {off} {EXTENT}"')
 
 
+class Bench:
+    def __init__(self, g: guestlib.Guest, base: Path, mode: str, cold: bool) -> None:
+        self.g, self.base, self.mode, self.cold = g, base, mode, cold
+        self.repo = base / "repo"
+        Repository.init(str(self.repo), InitOptions()).close()
+        self.state = base / "state"
+        self.state.mkdir()
+        self.vnb = base / "virtnbd"
+        self.env = {**os.environ, "VMARCHIVE_STATE_DIR": str(self.state)}
+
+    def evict(self) -> None:
+        """--cold: drop the 1 GiB image's pages (only that file's) from the page cache."""
+        if not self.cold:
+            return
+        os.sync()
+        fd = os.open(self.g.disk_paths[1], os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def vmarchive(self, full: bool) -> tuple[dict[str, Any], bl.Run]:
+        self.evict()
+        cmd = [sys.executable, "-m", "vmarchive", "--debug", "capture", self.g.name]
+        cmd += ["--repo", str(self.repo), "--mode", self.mode, "--json", "-c", guestlib.URI]
+        r = bl.run([*cmd, *(["--full"] if full else [])], env=self.env, cwd=ROOT)
+        out = r.json()
+        (d,) = [x for x in out["disks"] if x["target"] == "vdb"]
+        assert d["incremental"] == (not full), d
+        return {
+            "wall_s": r.wall_s,
+            "cpu_s": r.cpu_s,
+            "vdb_read_mib": d["bytes_read"] / MIB,
+            "vdb_referenced_mib": d["bytes_referenced"] / MIB,
+            "disks_read_mib": sum(x["bytes_read"] for x in out["disks"]) / MIB,
+            "total_read_mib": out["bytes_read"] / MIB,
+            "stored_mib": out["bytes_stored"] / MIB,
+            "pause_ms": out["guest_pause_ms"],
+        }, r
+
+    def virtnbdbackup(self, level: str) -> dict[str, Any]:
+        self.evict()
+        before = {p: p.stat().st_size for p in self.vnb.rglob("*") if p.is_file()}
+        cmd = ["virtnbdbackup", "-U", guestlib.URI, "-d", self.g.name, "-l", level]
+        r = bl.run([*cmd, "-o", str(self.vnb), "-n"])
+        new = {p: p.stat().st_size for p in self.vnb.rglob("*") if p.is_file() and p not in before}
+        data = [(p, n) for p, n in new.items() if ".data" in p.name]
+        vdb = sum(n for p, n in data if p.name.startswith("vdb."))
+        return {
+            "wall_s": r.wall_s,
+            "cpu_s": r.cpu_s,
+            "vdb_data_mib": vdb / MIB,
+            "disks_data_mib": sum(n for _p, n in data) / MIB,
+            "output_mib": sum(new.values()) / MIB,
+        }
+
+
+def breakdown(r: bl.Run) -> list[str]:
+    """The incremental capture's timeline: state phases and the debug timings."""
+    out = [f"  {p['phase']:<12}{p['s']:8.2f} s" for p in bl.phases(r)]
+    out.append("  debug timings (s since the process started):")
+    for t, line in r.lines:
+        if TIMINGS.search(line) and " -> " not in line:
+            out.append(f"  {t:8.2f}  {line.split(': ', 1)[-1]}")
+    return out
+
+
+def median(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: statistics.median(float(x[k] or 0) for x in rows) for k in rows[0]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--mode", choices=("switchover", "snapshot"), default="switchover")
+    ap.add_argument("--rounds", type=int, default=3, help="full and incremental captures each")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="evict the 1 GiB image from the page cache before each run",
+    )
     a = ap.parse_args()
+    if shutil.which("virtnbdbackup") is None:
+        print("virtnbdbackup is missing: apt-get install virtnbdbackup (scripts/setup-host)")
+        return 2
     base = Path(tempfile.mkdtemp(prefix="vmarchive-bench-incr-", dir=a.workdir or "/var/tmp"))
     base.chmod(0o755)
     conn = libvirt.open(guestlib.URI)
@@ -63,65 +164,60 @@ def main() -> int:
     try:
         g.create_disks()
         raw = base / "fill.raw"
-        subprocess.run(
-            ["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={DISK_MIB}", "status=none"],
-            check=True,
-        )
-        subprocess.run(
-            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(g.disk_paths[1])],
-            check=True,
-        )
+        bl.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={DISK_MIB}"])
+        bl.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(g.disk_paths[1])])
         raw.unlink()
         g.start()
         g.wait_up()
-        repo = base / "repo"
-        Repository.init(str(repo), InitOptions()).close()
-        state = base / "state"
-        state.mkdir()
-
-        def cap(full: bool) -> CaptureResult:
-            return capture(
-                CaptureOptions(
-                    domain=g.name,
-                    repo=str(repo),
-                    uri=guestlib.URI,
-                    mode=Mode.SWITCHOVER,
-                    state_dir=state,
-                    full=full,
-                )
-            )
-
-        cap(True)
+        b = Bench(g, base, a.mode, a.cold)
+        first, _r = b.vmarchive(True)
+        vfull = b.virtnbdbackup("full")
+        print(
+            f"first: vmarchive {first['wall_s']:.2f} s, virtnbdbackup full {vfull['wall_s']:.2f} s"
+        )
         rng = random.Random(8)
-        rows: dict[str, list[dict[str, float]]] = {"full": [], "incremental": []}
-        for kind in ("full", "incremental", "full", "incremental"):
+        rows: dict[str, list[dict[str, Any]]] = {"full": [], "incremental": [], "virtnbd": []}
+        runs: list[bl.Run] = []
+        for kind in ("full", "incremental") * a.rounds:
             rewrite_one_percent(g.name, rng)
-            t = time.perf_counter()
-            r = cap(kind == "full")
-            wall = time.perf_counter() - t
-            (d,) = [x for x in r.disks if x.target == "vdb"]
-            assert d.incremental == (kind == "incremental"), d
-            rows[kind].append(
-                {
-                    "wall_s": wall,
-                    "disk_read_mib": d.bytes_read / MIB,
-                    "disk_referenced_mib": d.bytes_referenced / MIB,
-                    "total_read_mib": r.bytes_read / MIB,
-                    "stored_mib": r.bytes_stored / MIB,
-                }
-            )
+            row, r = b.vmarchive(kind == "full")
+            rows[kind].append(row)
+            runs.append(r)
+            rows["virtnbd"].append(b.virtnbdbackup("inc"))
         print(json.dumps(rows, indent=1))
-        f = {k: statistics.median(x[k] for x in rows["full"]) for k in rows["full"][0]}
-        i = {k: statistics.median(x[k] for x in rows["incremental"]) for k in rows["full"][0]}
-        print(f"{'':22}{'full':>10}{'incremental':>14}{'ratio':>8}")
+        f, i, v = median(rows["full"]), median(rows["incremental"]), median(rows["virtnbd"])
+        cache = "cold" if a.cold else "warm"
+        print(
+            f"\nmedians ({a.mode} mode, {cache} cache; 1 % = {CHANGED / MIB:.0f} MiB of {DISK_MIB} MiB)"
+        )
+        print(f"{'':22}{'full':>10}{'incremental':>14}{'inc/full':>10}")
         for k in f:
             ratio = i[k] / f[k] if f[k] else float("nan")
-            print(f"{k:22}{f[k]:10.2f}{i[k]:14.2f}{ratio:8.3f}")
+            print(f"{k:22}{f[k]:10.2f}{i[k]:14.2f}{ratio:10.3f}")
+        print(f"\n{'virtnbdbackup inc':22}{'':10}{'':14}")
+        for k in v:
+            print(f"{k:22}{v[k]:10.2f}")
         print(
-            f"vdb bytes read by the incremental: {100 * i['disk_read_mib'] / DISK_MIB:.2f} % of disk"
+            f"\nratio: vmarchive incremental / full capture wall       {i['wall_s'] / f['wall_s']:.3f}"
         )
+        print(
+            f"ratio: vmarchive incremental / virtnbdbackup inc wall  {i['wall_s'] / v['wall_s']:.3f}"
+        )
+        print(
+            "ratio: vmarchive vdb read / virtnbdbackup vdb data     "
+            f"{i['vdb_read_mib'] / v['vdb_data_mib']:.3f}"
+            if v["vdb_data_mib"]
+            else "virtnbdbackup wrote no vdb data"
+        )
+        print(
+            f"vdb bytes read by the incremental: {100 * i['vdb_read_mib'] / DISK_MIB:.2f} % of disk"
+        )
+        print("\nwhere the last full capture's time goes (phase durations):")
+        print("\n".join(breakdown(runs[-2])))
+        print("\nwhere the last incremental capture's time goes (phase durations):")
+        print("\n".join(breakdown(runs[-1])))
     finally:
-        g.cleanup()
+        g.cleanup()  # transient domain: virtnbdbackup's checkpoints go with it
         shutil.rmtree(base, ignore_errors=True)
         conn.close()
     return 0

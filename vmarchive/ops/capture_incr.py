@@ -374,6 +374,7 @@ def read_disk_incremental(
             if not (len(runs) == 1 and runs[0] == (i * cs, slot_len(i)))
         ]
         parents = _Prefetch(parent_chunk, partial, zero_id, slot_len)
+        t_store = 0.0
         try:
             for i in range(nslots):
                 if i in dirty:
@@ -382,6 +383,7 @@ def read_disk_incremental(
                 if cid != zero_id:
                     sink.set_chunk(i, cid)
                     res.bytes_referenced += slot_len(i)
+            t_refs = time.perf_counter() - t0 - t_extents
             pieces = (r for _i, runs in plan for r in runs)
             results = c.read_many(pieces, depth=8)
             for i, runs in plan:
@@ -396,7 +398,9 @@ def read_disk_incremental(
                 if cancelled():
                     raise InterruptedError_(f"reading disk {target} cancelled")
                 n = sum(k for _o, k in runs)
+                ts = time.perf_counter()
                 sink.write_chunk(i, buf)
+                t_store += time.perf_counter() - ts
                 res.bytes_read += n
                 task.advance(n)
         finally:
@@ -404,7 +408,8 @@ def read_disk_incremental(
             task.close()
         log.debug(
             "disk %s: %d of %d slots dirty, %d bytes read, %d referenced in %.2f s "
-            "(extents %.2f s, waited %.2f s for the %d parent chunks of partial slots)",
+            "(extents %.2f s, references %.2f s, waited %.2f s for the %d parent chunks of "
+            "partial slots, storing %.2f s, the rest is NBD reads)",
             target,
             len(dirty),
             nslots,
@@ -412,8 +417,10 @@ def read_disk_incremental(
             res.bytes_referenced,
             time.perf_counter() - t0,
             t_extents,
+            t_refs,
             t_parent,
             len(partial),
+            t_store,
         )
         return res
 
