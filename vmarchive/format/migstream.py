@@ -1158,7 +1158,7 @@ def check_round_trip(
     devstate: bytes | bytearray | memoryview | _Readable,
     ram_source: RamSource,
     *,
-    read_size: int = 4 << 20,
+    read_size: int = DEFAULT_READ_SIZE,
 ) -> RoundTripReport:
     """Regenerate a stream from stored parts, parse it back and compare, memory bounded.
 
