@@ -614,3 +614,45 @@ def test_forget_last_archive_removes_its_bitmaps(
     assert f"run `vmarchive untrack {guest.name}`" in p.stdout, p.stdout
     assert all(len(v) == 1 for v in our_bitmaps(guest).values())
     assert _cli(env2, "untrack", guest.name).returncode == 0
+
+
+def image_bitmaps(path: pathlib.Path) -> list[str]:
+    p = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = (json.loads(p.stdout).get("format-specific") or {}).get("data") or {}
+    return [str(b["name"]) for b in data.get("bitmaps") or []]
+
+
+def test_forget_last_archive_of_a_shut_off_domain(
+    two_disk_guest: guestlib.Guest, tmp_path: pathlib.Path
+) -> None:
+    """Shut off (defined, not running): the bitmaps its archives named are removed from its
+    qcow2 images; with one archive left they stay (negative control)."""
+    g = two_disk_guest
+    env = {"repo": tmp_path / "repo", "state": tmp_path / "state", "base": tmp_path}
+    Repository.init(str(env["repo"]), InitOptions()).close()
+    env["state"].mkdir()
+    ids = [capture(opts(g, env, mode=Mode.SWITCHOVER)).id for _ in range(2)]
+    uuid = g.dom.UUIDString()
+    g.dom.destroy()  # SIGTERM: QEMU stores the persistent bitmaps in the images as it exits
+    g.conn.defineXML(g.xml.replace("</name>", f"</name>\n  <uuid>{uuid}</uuid>", 1))
+    try:
+        with Repository.open(str(env["repo"])) as repo:
+            tracking = repo.load_archive(ids[-1]).metadata["tracking"]
+        for i, path in enumerate(g.disk_paths):
+            assert image_bitmaps(path) == [tracking[f"vd{'ab'[i]}"]["bitmap"]]
+
+        p = _cli(env, "forget", ids[0], "--repo", str(env["repo"]))
+        assert p.returncode == 0 and "removed" not in p.stdout, p.stdout + p.stderr
+        assert all(image_bitmaps(path) for path in g.disk_paths)
+
+        p = _cli(env, "forget", ids[1], "--repo", str(env["repo"]))
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.count("removed vmarchive-") == 2, p.stdout
+        assert all(image_bitmaps(path) == [] for path in g.disk_paths)
+    finally:
+        g.destroy()  # undefines the persistent definition
