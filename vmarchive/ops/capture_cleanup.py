@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmarchive.errors import HypervisorError, LockedError, QMPCommandError
+from vmarchive.errors import DomainNotFoundError, HypervisorError, LockedError, QMPCommandError
+from vmarchive.hypervisor.connection import Domain
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops.capture_dropcache import restore_options
 from vmarchive.store import crashpoint
@@ -265,7 +266,10 @@ def clean_domain(qmp: QMP | None, marker: Marker | None, *, keep_marker: bool = 
     Never raises for a QEMU problem: each step is logged and the next one still runs.
     """
     ok = True
-    if qmp is not None:
+    if qmp is not None and qemu_gone(qmp.domain):
+        # Destroyed, shut down or crashed: whatever the capture changed died with QEMU.
+        log.info("cleanup: %s has no QEMU process any more; nothing to undo there", qmp.domain)
+    elif qmp is not None:
         ok = _clean_qemu(qmp, marker) and ok
     if marker is not None:
         for f in marker.files:
@@ -282,6 +286,33 @@ def clean_domain(qmp: QMP | None, marker: Marker | None, *, keep_marker: bool = 
         if ok and not keep_marker:
             marker.remove()
     return ok
+
+
+def qemu_gone(dom: Domain) -> bool:
+    """True when ``dom`` has no QEMU process any more (or no longer exists).
+
+    False when libvirt cannot tell: then the cleanup must still try.
+    """
+    try:
+        return not dom.is_active()
+    except DomainNotFoundError:
+        return True
+    except HypervisorError:
+        return False
+
+
+def vanished_error(dom: Domain, cause: BaseException) -> HypervisorError | None:
+    """The one clear error for a capture that failed because its domain stopped under it
+    (destroyed, shut down, crashed), or None when the domain still runs or the failure is
+    an interruption (that keeps its own error)."""
+    if not isinstance(cause, Exception) or not qemu_gone(dom):
+        return None
+    return HypervisorError(
+        f"domain {dom.name!r} stopped during the capture (destroyed, shut down or crashed); "
+        "nothing was archived",
+        domain=dom.name,
+        cause=str(cause),
+    )
 
 
 def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:

@@ -128,7 +128,7 @@ def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
     marker_path = state_dir / f"{uuid}.json"
     if not marker_path.exists():
         return 0
-    from vmarchive.errors import LockedError, VmarchiveError
+    from vmarchive.errors import DomainNotFoundError, LockedError, VmarchiveError
     from vmarchive.hypervisor.connection import Connection
     from vmarchive.hypervisor.qmp import QMP
     from vmarchive.ops.capture_cleanup import Marker, clean_domain, domain_lock
@@ -142,8 +142,11 @@ def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
                     return 0
                 log.warning("capture of %s ended abnormally; cleaning up", name)
                 with Connection.open(uri) as conn:
-                    dom = conn.lookup(uuid)
-                    qmp = QMP(dom) if dom.is_active() else None
+                    try:
+                        dom = conn.lookup(uuid)
+                        qmp = QMP(dom) if dom.is_active() else None
+                    except DomainNotFoundError:
+                        qmp = None  # gone with its QEMU: only our files are left
                     return 0 if clean_domain(qmp, marker) else 1
         except LockedError:
             # The capture is still finishing (or a new one started and cleans up itself).
