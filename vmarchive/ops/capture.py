@@ -84,6 +84,7 @@ from vmarchive.ops.capture_cleanup import (
     del_export,
     domain_lock,
     stop_if_tcg,
+    vanished_error,
 )
 from vmarchive.ops.capture_disks import (
     DiskRead,
@@ -341,6 +342,9 @@ class _Capture:
                     ) from e
                 except BaseException as e:
                     self.to(CaptureState.FAILED, str(e) or type(e).__name__)
+                    gone = vanished_error(self.dom, e)
+                    if gone is not None:
+                        raise gone from e
                     raise
         finally:
             if watchdog is not None:

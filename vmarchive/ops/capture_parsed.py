@@ -113,8 +113,9 @@ class ParsedConsumer:
         except BaseException as e:
             log.debug("parser stopped", exc_info=True)
             self.error = e
-            # Keep consuming so the feeder never blocks on a full queue.
-            while self.input.q.get():
+            # Keep consuming so the feeder never blocks on a full queue; not when the
+            # error was the end itself (a truncated stream): nothing more will come.
+            while not self.input._eof and self.input.q.get():
                 pass
 
     def feed(self, data: memoryview) -> None:
