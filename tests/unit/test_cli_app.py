@@ -63,3 +63,33 @@ def test_s3_endpoint_option_reaches_the_store() -> None:
     assert r.returncode == 3
     assert "http://127.0.0.1:9/" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_each_command_is_registered_by_the_module_main_imports_for_it() -> None:
+    """main() imports only the module of the command it runs (COMMAND_MODULES)."""
+    from vmarchive.cli.app import COMMAND_MODULES, app, command_name, load_commands
+
+    load_commands()
+    registered = {
+        (c.name or c.callback.__name__.replace("_", "-")): c.callback.__module__
+        for c in app.registered_commands
+        if c.callback is not None
+    }
+    assert registered == {n: f"vmarchive.cli.{m}" for n, m in COMMAND_MODULES.items()}
+    assert command_name(["--debug", "--s3-endpoint", "http://x", "list", "--json"]) == "list"
+    assert command_name(["--help"]) is None
+
+
+def test_a_command_runs_with_only_its_module_loaded() -> None:
+    code = (
+        "import sys; from vmarchive.cli.app import load_commands; load_commands(['list']);"
+        "print(sorted(m for m in sys.modules if m.startswith('vmarchive.cli.')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "vmarchive.cli.repo" in r.stdout and "vmarchive.cli.restore" not in r.stdout
+    # and help still lists every command (all modules loaded)
+    h = run("--help")
+    assert h.returncode == 0
+    for name in ("capture", "restore", "export-memory", "gc", "doctor"):
+        assert name in h.stdout

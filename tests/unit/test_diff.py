@@ -8,7 +8,7 @@ import pathlib
 import pytest
 from test_elfcore_export import MAP, PAGE
 
-from vmarchive.cli.app import app
+from vmarchive.cli.app import app, load_commands
 from vmarchive.ops import diff as D
 from vmarchive.ops.repo import RepoRef
 from vmarchive.store import InitOptions, Repository
@@ -110,6 +110,7 @@ def test_cli_json_and_text(
     r = D.diff(RepoRef(ref_loc), a[:10], b[:10])
     js = json.loads(json.dumps(r.to_json()))
     assert js["physical"] == [{"address": 0, "length": CS, "block": "pc.ram", "offset": 0}]
+    load_commands(["diff"])
     app(["diff", "--repo", ref_loc, a[:10], b[:10]], standalone_mode=False)
     out = capsys.readouterr().out
     assert "guest-physical memory: 1 changed ranges, 16.0 KiB" in out

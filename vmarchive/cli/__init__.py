@@ -7,11 +7,8 @@ The CLI is thin: each command builds a typed options object, calls one function 
 
 from __future__ import annotations
 
-from vmarchive.cli import capture as _capture  # noqa: F401
-from vmarchive.cli import doctor as _doctor  # noqa: F401  (registers commands)
-from vmarchive.cli import export as _export  # noqa: F401
-from vmarchive.cli import repo as _repo  # noqa: F401
-from vmarchive.cli import restore as _restore  # noqa: F401
-from vmarchive.cli.app import app, main
+from vmarchive.cli.app import app, load_commands, main
 
-__all__ = ["app", "main"]
+# The command modules register themselves on ``app`` when imported: ``main`` imports only
+# the one it runs; ``load_commands()`` imports them all (help, tests).
+__all__ = ["app", "load_commands", "main"]
