@@ -77,6 +77,9 @@ class Marker:
     #: file node -> the options it had before we reopened it with drop-cache=false.
     reopened: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    #: [node, bitmap started, bitmap frozen or None] per disk, from before the instant's
+    #: transaction until the archive is committed (then emptied): undone if it never is.
+    bitmaps: list[list[str | None]] = field(default_factory=list)
 
     def save(self) -> None:
         """Write the marker atomically (and durably enough for a crash of the process)."""
@@ -108,6 +111,7 @@ class Marker:
             "overlays",
             "reopened",
             "files",
+            "bitmaps",
         ):
             if k in data:
                 setattr(m, k, data[k])
@@ -415,6 +419,10 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
         log.warning("cleanup: could not remove block nodes %s", nodes)
         ok = False
 
+    # 6b. Dirty bitmaps of a capture that published no archive (see undo_bitmaps).
+    if marker is not None and marker.bitmaps:
+        ok = _try("restoring dirty bitmaps", lambda: undo_bitmaps(qmp, marker.bitmaps)) and ok
+
     # 7. fd sets and named fds.
     try:
         fdsets = qmp.execute("query-fdsets")
@@ -438,6 +446,45 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
     if marker is not None and (marker.saved_capabilities or marker.saved_parameters):
         ok = _try("restoring migration settings", lambda: restore_migration(qmp, marker)) and ok
     return ok
+
+
+def undo_bitmaps(qmp: QMP, bitmaps: list[list[str | None]]) -> None:
+    """Put the dirty bitmaps back as they were before a capture that published nothing.
+
+    The instant's transaction started a new bitmap and froze the parent's one.  Without an
+    archive naming the new one, it is removed after its writes are merged into the old
+    one, which records again: it then holds every write since the parent's instant, so
+    the next capture can still be incremental (and no stray bitmap is left).
+
+    Not on inactive nodes (a guest left in ``postmigrate``): QEMU 7.2 aborts when a
+    persistent bitmap is removed there.  They are left; the next capture does not trust a
+    frozen bitmap (full read) and retires the stray one after its commit.
+
+    Raises:
+        HypervisorError: QEMU refused a step (the marker is kept; the next run retries).
+    """
+    status = str(qmp.execute("query-status").get("status"))
+    if status in ("postmigrate", "finish-migrate", "inmigrate"):
+        log.info("cleanup: dirty bitmaps left as they are: the guest is %s", status)
+        return
+    present = {
+        (str(n.get("node-name")), str(b.get("name"))): bool(b.get("recording"))
+        for n in qmp.execute("query-named-block-nodes", {"flat": True})
+        for b in n.get("dirty-bitmaps") or []
+    }
+    for node, new, old in bitmaps:
+        if node is None or new is None:
+            continue
+        if old is not None and (node, old) in present:
+            if not present[(node, old)]:
+                qmp.execute("block-dirty-bitmap-enable", {"node": node, "name": old})
+            if (node, new) in present:
+                qmp.execute(
+                    "block-dirty-bitmap-merge", {"node": node, "target": old, "bitmaps": [new]}
+                )
+        if (node, new) in present:
+            qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": new})
+            log.info("cleanup: removed dirty bitmap %s of %s (no archive names it)", new, node)
 
 
 def restore_migration(qmp: QMP, marker: Marker) -> None:
