@@ -930,6 +930,8 @@ class _Capture:
             assert d.virtual_size is not None
             disk_sinks[d.target] = self._disk_stream(w, d, d.virtual_size)
         self.plans = self._plan_disks(qmp, copy, disk_sinks)
+        marker.bitmaps = [[p.node, p.new_bitmap, p.since_bitmap] for p in self.plans.values()]
+        marker.save()
         self.to(CaptureState.PREPARED, mode)
 
         def fix_disks() -> None:
@@ -1168,6 +1170,8 @@ class _Capture:
         meta["memory"]["roundtrip"] = roundtrip_result
         self.to(CaptureState.COMMITTING)
         aid = str(w.commit(meta))
+        marker.bitmaps = []  # the archive names them now: the cleanup keeps them
+        marker.save()
         assert reader is not None
         return CaptureResult(
             id=aid,
