@@ -1,0 +1,434 @@
+"""Capture in the corners issue 4 names: a disk on a block device, 1 GiB of RAM, a domain
+that vanishes mid-capture, a repository disk that fills up.
+
+Each test reuses the archive checks of ``test_capture.py`` (counter page in the archived
+RAM against the tick block on the archived disk; nothing of ours left in QEMU) and adds
+its own truth:
+
+* block device: the whole loop device read while the capture holds the guest at its
+  instant (``VMARCHIVE_HOLD_AT``) equals the archived disk; a read after the capture
+  (the guest ticked on) must differ (the negative control);
+* vanished domain / full disk: the CLI prints one line and exits non-zero, no archive is
+  listed, the repository verifies, no marker or temporary file stays, and the next
+  capture works.  Leftover checks are shown to see what they look for (the held
+  capture's work directory and marker; the bitmap a good capture leaves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import libvirt
+import pytest
+from test_capture import observe, qemu_leftovers, snapshot_reason
+
+from vmarchive.hypervisor.connection import Connection
+from vmarchive.hypervisor.qmp import QMP
+from vmarchive.ops.capture import CaptureOptions, CaptureResult, Mode, capture
+from vmarchive.ops.capture_cleanup import PREFIX
+from vmarchive.store import Repository
+from vmarchive.store.codecs import InitOptions
+
+pytestmark = pytest.mark.libvirt
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+import guestlib  # noqa: E402
+
+T = TypeVar("T")
+MiB = 1024 * 1024
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(vm_workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """A repository, a state dir (markers, locks) and a TMPDIR (capture work dirs)."""
+    for d in ("state", "tmp"):
+        (vm_workdir / d).mkdir()
+    return {
+        "base": vm_workdir,
+        "repo": vm_workdir / "repo",
+        "state": vm_workdir / "state",
+        "tmp": vm_workdir / "tmp",
+    }
+
+
+def init_repo(path: pathlib.Path) -> None:
+    Repository.init(str(path), InitOptions()).close()
+
+
+def opts(g: guestlib.Guest, env: dict[str, pathlib.Path], mode: Mode) -> CaptureOptions:
+    return CaptureOptions(
+        domain=g.name,
+        repo=str(env["repo"]),
+        uri=guestlib.URI,
+        mode=mode,
+        state_dir=env["state"],
+        work_dir=env["tmp"],
+    )
+
+
+def need_snapshot(g: guestlib.Guest, mode: Mode) -> None:
+    if mode == Mode.SNAPSHOT and (why := snapshot_reason(g)) is not None:
+        pytest.skip(f"snapshot mode unavailable here: {why}")
+
+
+def our_bitmaps(g: guestlib.Guest) -> list[str]:
+    """``node/bitmap [(frozen)]`` of every vmarchive dirty bitmap in the guest's QEMU."""
+    with Connection.open(guestlib.URI) as c:
+        nodes = QMP(c.lookup(g.name)).execute("query-named-block-nodes", {"flat": True})
+    return [
+        f"{n['node-name']}/{b['name']}" + ("" if b.get("recording") else " (frozen)")
+        for n in nodes
+        for b in n.get("dirty-bitmaps") or []
+        if str(b.get("name", "")).startswith(PREFIX)
+    ]
+
+
+def leftover_files(env: dict[str, pathlib.Path]) -> list[str]:
+    """Markers and temporary files a capture may leave (its lock file is kept on purpose)."""
+    out = [p.name for p in env["state"].iterdir() if not p.name.endswith(".lock")]
+    return out + [p.name for p in env["tmp"].iterdir()]
+
+
+def archive_ids(repo: pathlib.Path) -> set[str]:
+    with Repository.open(str(repo)) as r:
+        return set(r.archive_ids())
+
+
+def verify_ok(repo: pathlib.Path) -> None:
+    with Repository.open(str(repo)) as r:
+        report = r.verify(full=True)
+    assert report.ok, report.problems
+
+
+def keeps_ticking(g: guestlib.Guest, mark: int) -> None:
+    n0 = g.last_tick(mark).n if g.serial.ticks(mark) else 0
+    g.wait_for("ticks after the capture", lambda: g.last_tick(mark).n > n0 + 2 or None, 60)
+
+
+def cli(args: list[str], env: dict[str, pathlib.Path], **extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vmarchive", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "VMARCHIVE_STATE_DIR": str(env["state"]),
+            "TMPDIR": str(env["tmp"]),
+            **extra,
+        },
+    )
+
+
+def one_line_failure(p: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]:
+    """Wait for a CLI run that must fail with one ``vmarchive:`` line; (exit code, line)."""
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode not in (0, None), (p.returncode, out, err)
+    # Log lines (WARNING ...) may precede it, but none from a cleanup or the watchdog:
+    # a cleanup that worked is silent.
+    lines = [x for x in err.strip().splitlines() if not x.startswith(("WARNING ", "INFO "))]
+    assert len(lines) == 1 and lines[0].startswith("vmarchive: "), err
+    assert not any(
+        w in err for w in ("Traceback", ": cleanup:", "incomplete", "vmarchive watchdog")
+    ), err
+    return p.returncode, lines[0]
+
+
+class Hold:
+    """``VMARCHIVE_HOLD_AT`` for one point: wait until a capture reaches it, release it."""
+
+    def __init__(self, where: pathlib.Path, point: str) -> None:
+        self.where, self.point = where, point
+        where.mkdir(exist_ok=True)
+
+    @property
+    def env(self) -> str:
+        return f"{self.point}:{self.where}"
+
+    def wait(self, alive: Callable[[], bool]) -> bool:
+        reached = self.where / f"{self.point}.reached"
+        while not reached.exists() and alive():
+            time.sleep(0.01)
+        return reached.exists()
+
+    def release(self) -> None:
+        (self.where / f"{self.point}.release").touch()
+
+
+def held_capture(
+    o: CaptureOptions,
+    hold: Hold,
+    monkeypatch: pytest.MonkeyPatch,
+    at_hold: Callable[[], T],
+) -> tuple[CaptureResult, T]:
+    """Capture in a thread, held at ``hold.point``; ``at_hold()`` runs there."""
+    monkeypatch.setenv("VMARCHIVE_HOLD_AT", hold.env)
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["r"] = capture(o)
+        except BaseException as e:  # re-raised below
+            box["e"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert hold.wait(t.is_alive), f"capture never reached {hold.point}: {box}"
+        seen = at_hold()
+    finally:
+        hold.release()
+        t.join()
+        monkeypatch.delenv("VMARCHIVE_HOLD_AT")
+    if "e" in box:
+        raise box["e"]
+    return box["r"], seen
+
+
+# --- 1. a disk on a block device ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def loop_device(image: pathlib.Path, size_mib: int) -> Iterator[str]:
+    subprocess.run(["truncate", "-s", f"{size_mib}M", str(image)], check=True)
+    dev = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.fixture(scope="module")
+def block_guest(
+    libvirt_conn: libvirt.virConnect, guest_build: dict[str, str]
+) -> Iterator[tuple[guestlib.Guest, str]]:
+    """A guest whose vda (the tick block) is a loop device, ``<disk type='block'>`` raw."""
+    wd = guestlib.make_workdir()
+    spec = guestlib.GuestSpec(disks=(guestlib.DiskSpec(fmt="raw", size_mib=32),))
+    g = guestlib.Guest(libvirt_conn, spec, wd)
+    try:
+        with loop_device(g.disk_paths[0], 32) as dev:
+            src = "<disk type='file' device='disk'>\n      <driver name='qemu' type='raw'"
+            assert src in g.xml
+            g.xml = g.xml.replace(src, src.replace("type='file'", "type='block'"), 1).replace(
+                f"<source file='{g.disk_paths[0]}'/>", f"<source dev='{dev}'/>", 1
+            )
+            g.start()
+            try:
+                g.wait_up()
+                g.wait_ticks(3)
+                yield g, dev
+            finally:
+                g.cleanup()
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", [Mode.SWITCHOVER, Mode.SNAPSHOT])
+def test_block_device_disk_is_the_device_at_the_instant(
+    block_guest: tuple[guestlib.Guest, str],
+    env: dict[str, pathlib.Path],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: Mode,
+) -> None:
+    g, dev = block_guest
+    need_snapshot(g, mode)
+    init_repo(env["repo"])
+    assert f"dev='{dev}'" in g.dom.XMLDesc(0)
+
+    def read_device() -> bytes:
+        with open(dev, "rb") as f:
+            return f.read()
+
+    # At this point the disk view is fixed and the guest stopped (switchover: at
+    # pre-switchover; snapshot: before `migrate`), so the device holds the instant.
+    hold = Hold(env["base"] / "hold", "capture-disks-fixed")
+    r, at_instant = held_capture(opts(g, env, mode), hold, monkeypatch, read_device)
+    assert r.mode == mode.value
+    (vda,) = [d for d in r.disks if d.target == "vda"]
+    assert vda.copied and vda.size == 32 * MiB
+    with Repository.open(str(env["repo"])) as repo:
+        archive = repo.load_archive(r.id)
+        assert archive.stream("disk:vda").attrs["source_type"] == "block"
+        archived = repo.open_stream(archive, "disk:vda").read_range(0, 32 * MiB)
+        ob = observe(repo, r.id, str(g.boot_id))
+    assert ob.consistent, f"RAM and block-device disk from different instants: {ob}"
+    assert archived == at_instant, "archived disk differs from the device at the instant"
+    # Negative control: the device a moment later (more ticks) is not the archive.
+    g.wait_tick(ob.disk_counter + 2)
+    assert read_device() != archived, "a later read matched: the comparison is blind"
+    assert qemu_leftovers(g) == []
+    print(
+        f"block device {mode.value}: pause {r.guest_pause_ms:.1f} ms, read {vda.bytes_read} "
+        f"of {vda.size} bytes, tick {ob.disk_counter}"
+    )
+
+
+# --- 2. a guest with 1 GiB of RAM ---------------------------------------------------------
+
+
+def test_one_gib_guest(guest_factory: guestlib.GuestFactory, env: dict[str, pathlib.Path]) -> None:
+    g = guest_factory(guestlib.GuestSpec(memory_mib=1024, params={"fill": 64}))
+    g.wait_ticks(2)
+    mode = Mode.SNAPSHOT if snapshot_reason(g) is None else Mode.SWITCHOVER
+    init_repo(env["repo"])
+    mark = g.serial.mark()
+    r = capture(opts(g, env, mode))
+    assert r.mode == mode.value and r.memory_format == "parsed"
+    assert r.guest_pause_ms is not None and r.guest_pause_ms > 0
+    with Repository.open(str(env["repo"])) as repo:
+        a = repo.load_archive(r.id)
+        mem = a.metadata["memory"]
+        ram = {s.name: s.size for s in a.streams if s.kind == "ram"}
+        ob = observe(repo, r.id, str(g.boot_id))
+    assert mem["format"] == "parsed" and mem["roundtrip"]["ok"], mem
+    assert ram.get("ram:pc.ram") == 1024 * MiB, ram
+    assert a.metadata["guest_pause_ms"] == r.guest_pause_ms
+    assert ob.consistent, ob
+    keeps_ticking(g, mark)
+    assert qemu_leftovers(g) == []
+    print(
+        f"1 GiB {mode.value}: pause {r.guest_pause_ms:.1f} ms, read {r.bytes_read / MiB:.0f} MiB, "
+        f"stored {r.bytes_stored / MiB:.0f} MiB in {r.duration_s:.1f} s"
+    )
+
+
+# --- 3. the domain vanishes mid-capture ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [Mode.SNAPSHOT, Mode.SWITCHOVER])
+def test_domain_destroyed_while_memory_streams(
+    guest_factory: guestlib.GuestFactory, env: dict[str, pathlib.Path], mode: Mode
+) -> None:
+    g = guest_factory(guestlib.GuestSpec(params={"fill": 32, "churn": 16}))
+    need_snapshot(g, mode)
+    init_repo(env["repo"])
+    hold = Hold(env["base"] / "hold", "capture-migrating")
+    p = cli(
+        ["capture", g.name, "--repo", str(env["repo"]), "--mode", mode.value, "--no-progress"],
+        env,
+        VMARCHIVE_HOLD_AT=hold.env,
+    )
+    try:
+        assert hold.wait(lambda: p.poll() is None), p.communicate()
+        # Held with the migration started: a marker and a work dir exist (what the
+        # leftover check below looks for), and QEMU is streaming memory.
+        assert leftover_files(env), "the leftover check cannot see a running capture"
+        with Connection.open(guestlib.URI) as c:
+            st = QMP(c.lookup(g.name)).execute("query-migrate")
+        assert st.get("status") in ("setup", "active", "pre-switchover"), st
+        g.destroy()
+    finally:
+        hold.release()
+    code, line = one_line_failure(p)
+    print(f"{mode.value}: exit {code}: {line}")
+    assert code == 5 and g.name in line and "stopped during the capture" in line, line
+    assert archive_ids(env["repo"]) == set()
+    verify_ok(env["repo"])
+    assert leftover_files(env) == []
+    # The next capture, of a new guest, works.
+    g2 = guest_factory(guestlib.GuestSpec())
+    r = capture(opts(g2, env, mode))
+    with Repository.open(str(env["repo"])) as repo:
+        assert observe(repo, r.id, str(g2.boot_id)).consistent
+    assert archive_ids(env["repo"]) == {r.id}
+    assert leftover_files(env) == []
+
+
+# --- 4. the repository's disk fills up ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: pathlib.Path, size_mib: int) -> Iterator[pathlib.Path]:
+    path.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)], check=True
+    )
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def resize(mnt: pathlib.Path, size_mib: int | None = None, free_mib: int = 1) -> None:
+    """Resize the tmpfs to ``size_mib``, or to what it holds plus ``free_mib``."""
+    if size_mib is None:
+        st = os.statvfs(mnt)
+        size_mib = (st.f_blocks - st.f_bfree) * st.f_frsize // MiB + free_mib
+    subprocess.run(["mount", "-o", f"remount,size={size_mib}m", str(mnt)], check=True)
+
+
+def fails_for_space(g: guestlib.Guest, env: dict[str, pathlib.Path], mode: Mode) -> None:
+    """A CLI capture into the full repository: one line, exit 3; the guest runs on and
+    nothing of the capture is left in QEMU or on the host."""
+    mark = g.serial.mark()
+    before = archive_ids(env["repo"])
+    p = cli(
+        ["capture", g.name, "--repo", str(env["repo"]), "--mode", mode.value, "--no-progress"],
+        env,
+    )
+    code, line = one_line_failure(p)
+    print(f"{mode.value}: exit {code}: {line}")
+    assert code == 3 and "No space left on device" in line, line
+    keeps_ticking(g, mark)
+    assert qemu_leftovers(g) == []
+    assert leftover_files(env) == []
+    assert archive_ids(env["repo"]) == before
+
+
+def test_full_repository_disk(
+    guest_factory: guestlib.GuestFactory, env: dict[str, pathlib.Path]
+) -> None:
+    # 48 MiB of random RAM cannot fit in 24 MiB; the churn (~0.8 MiB per tick) fills
+    # the 1 MiB left after a first archive.
+    g = guest_factory(guestlib.GuestSpec(params={"fill": 48, "churn": 4}))
+    mode = Mode.SNAPSHOT if snapshot_reason(g) is None else Mode.SWITCHOVER
+    with tmpfs(env["base"] / "mnt", 24) as mnt:
+        env["repo"] = mnt / "repo"
+        init_repo(env["repo"])
+        # 1. A first capture that does not fit: the bitmap it started is gone again.
+        fails_for_space(g, env, mode)
+        assert our_bitmaps(g) == []
+        resize(mnt, 256)
+        verify_ok(env["repo"])
+        a = capture(opts(g, env, mode))
+        with Repository.open(str(env["repo"])) as repo:
+            assert observe(repo, a.id, str(g.boot_id)).consistent
+        # The bitmap check sees the one bitmap a committed capture leaves.
+        (tracking,) = our_bitmaps(g)
+        # 2. An incremental capture that does not fit: the parent's bitmap records again
+        # (with the failed capture's writes merged in), the new one is gone.
+        resize(mnt, free_mib=1)
+        g.wait_tick(g.last_tick().n + 10)
+        fails_for_space(g, env, mode)
+        assert our_bitmaps(g) == [tracking]
+        resize(mnt, 256)
+        verify_ok(env["repo"])
+        b = capture(opts(g, env, mode))
+        with Repository.open(str(env["repo"])) as repo:
+            assert observe(repo, b.id, str(g.boot_id)).consistent
+        assert [d.incremental for d in b.disks if d.target == "vda"] == [True], b.disks
+        assert archive_ids(env["repo"]) == {a.id, b.id}
+        verify_ok(env["repo"])
+        assert qemu_leftovers(g) == [] and leftover_files(env) == []
+        print(
+            f"stored {a.bytes_stored / MiB:.1f} MiB, then {b.bytes_stored / MiB:.1f} MiB "
+            f"(incremental) once space was freed"
+        )
