@@ -79,11 +79,13 @@ class Marker:
     files: list[str] = field(default_factory=list)
     #: [node, bitmap started, bitmap frozen or None] per disk, from before the instant's
     #: transaction until the archive is committed (then emptied): undone if it never is.
+    #: In memory only: after a kill the next capture finds the parent's bitmap frozen,
+    #: reads in full and retires both (see capture_incr), as it always did.
     bitmaps: list[list[str | None]] = field(default_factory=list)
 
     def save(self) -> None:
         """Write the marker atomically (and durably enough for a crash of the process)."""
-        data = {k: v for k, v in self.__dict__.items() if k != "path"}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("path", "bitmaps")}
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
@@ -111,7 +113,6 @@ class Marker:
             "overlays",
             "reopened",
             "files",
-            "bitmaps",
         ):
             if k in data:
                 setattr(m, k, data[k])
@@ -449,7 +450,7 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
 
 
 def undo_bitmaps(qmp: QMP, bitmaps: list[list[str | None]]) -> None:
-    """Put the dirty bitmaps back as they were before a capture that published nothing.
+    """Put the dirty bitmaps back as they were before a capture that failed (in process).
 
     The instant's transaction started a new bitmap and froze the parent's one.  Without an
     archive naming the new one, it is removed after its writes are merged into the old
