@@ -931,7 +931,6 @@ class _Capture:
             disk_sinks[d.target] = self._disk_stream(w, d, d.virtual_size)
         self.plans = self._plan_disks(qmp, copy, disk_sinks)
         marker.bitmaps = [[p.node, p.new_bitmap, p.since_bitmap] for p in self.plans.values()]
-        marker.save()
         self.to(CaptureState.PREPARED, mode)
 
         def fix_disks() -> None:
@@ -1171,7 +1170,6 @@ class _Capture:
         self.to(CaptureState.COMMITTING)
         aid = str(w.commit(meta))
         marker.bitmaps = []  # the archive names them now: the cleanup keeps them
-        marker.save()
         assert reader is not None
         return CaptureResult(
             id=aid,
