@@ -31,10 +31,14 @@ import libvirt
 import pytest
 from test_capture import observe, qemu_leftovers, snapshot_reason
 
+from vmarchive.errors import StreamError
 from vmarchive.hypervisor.connection import Connection
 from vmarchive.hypervisor.qmp import QMP
+from vmarchive.ops import capture_parse
 from vmarchive.ops.capture import CaptureOptions, CaptureResult, Mode, capture
 from vmarchive.ops.capture_cleanup import PREFIX
+from vmarchive.ops.capture_memory import PipeReader
+from vmarchive.progress import NULL_PROGRESS
 from vmarchive.store import Repository
 from vmarchive.store.codecs import InitOptions
 
@@ -275,7 +279,7 @@ def test_block_device_disk_is_the_device_at_the_instant(
     assert read_device() != archived, "a later read matched: the comparison is blind"
     assert qemu_leftovers(g) == []
     print(
-        f"block device {mode.value}: pause {r.guest_pause_ms:.1f} ms, read {vda.bytes_read} "
+        f"block device {mode.value}: pause incl. the hold {r.guest_pause_ms:.1f} ms, read {vda.bytes_read} "
         f"of {vda.size} bytes, tick {ob.disk_counter}"
     )
 
@@ -349,6 +353,26 @@ def test_domain_destroyed_while_memory_streams(
         assert observe(repo, r.id, str(g2.boot_id)).consistent
     assert archive_ids(env["repo"]) == {r.id}
     assert leftover_files(env) == []
+
+
+def test_truncated_stream_ends_the_pipe_reader(tmp_path: pathlib.Path) -> None:
+    """What the destroyed domain looks like to the memory side, without a guest: the
+    stream ends mid-record.  The parser's error, not a hang, must end the reader (it
+    used to wait for a second end-of-stream marker, and the capture hung forever)."""
+    init_repo(tmp_path / "repo")
+    with Repository.open(str(tmp_path / "repo")) as repo, repo.writer() as w:
+        consumer = capture_parse.make_consumer(w, True)
+        rfd, wfd = os.pipe()
+        reader = PipeReader(rfd, consumer, NULL_PROGRESS.task("memory"))
+        reader.start()
+        os.write(wfd, b"QEVM\x00\x00\x00\x03\x07")  # header, then a cut section
+        # Control: while the stream is open the reader waits (the check below can fail).
+        reader.join(0.5)
+        assert reader.is_alive()
+        os.close(wfd)
+        reader.join(60)  # a hang guard, not a timing
+        assert not reader.is_alive(), "the pipe reader hangs on a truncated stream"
+        assert isinstance(reader.error, StreamError), reader.error
 
 
 # --- 4. the repository's disk fills up ----------------------------------------------------
