@@ -6,10 +6,14 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import threading
+from collections.abc import Callable
 
 import pytest
 
 from vmarchive.errors import RepositoryError
+from vmarchive.store.chunkindex import Location
+from vmarchive.store.codecs import StreamInfo
+from vmarchive.store.readahead import PackOrder
 from vmarchive.store.s3 import _ObjectCache, _PackCache, parse_location
 
 
@@ -99,3 +103,61 @@ def test_object_cache_serves_only_what_the_listing_and_the_name_vouch_for(
     assert cache.lookup(key) == data
     cache.drop(key)
     assert cache.lookup(key) is None
+
+
+def test_prefetch_serves_the_next_pack_without_plain_reads_and_survives_failure() -> None:
+    packs = {f"data/00/p{i}": bytes([i]) * 100 for i in range(3)}
+    fetched: list[str] = []
+    jobs: list[Callable[[], None]] = []
+
+    def fetch(key: str) -> bytes:
+        fetched.append(key)
+        if key == "data/00/p2":
+            raise OSError("gateway hiccup")
+        return packs[key]
+
+    cache = _PackCache(capacity=1 << 20)
+    assert not cache.streaming("data/00/p0")
+    for _ in range(3):  # the third read fetches p0 whole: a sequential reader
+        cache.read("data/00/p0", 0, 1, fetch)
+    assert cache.streaming("data/00/p0")
+    assert cache.prefetch("data/00/p1", fetch, jobs.append)
+    assert not cache.prefetch("data/00/p1", fetch, jobs.append)  # already under way
+    assert cache.streaming("data/00/p1")
+    got: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: got.append(cache.read("data/00/p1", 5, 2, fetch)))
+    reader.start()  # waits for the prefetch instead of a plain read (it returns no None)
+    jobs.pop()()
+    reader.join()
+    assert got == [b"\x01\x01"] and fetched == ["data/00/p0", "data/00/p1"]
+    # A failed prefetch hands its waiters back to plain ranged GETs (None), no error.
+    assert cache.prefetch("data/00/p2", fetch, jobs.append)
+    jobs.pop()()
+    assert cache.read("data/00/p2", 0, 1, fetch) is None
+    assert not cache.streaming("data/00/p2")
+
+
+def test_pack_order_learns_successors_from_slot_tables_within_a_budget() -> None:
+    zero = bytes(16)
+
+    def cid(n: int) -> bytes:
+        return n.to_bytes(16, "big")
+
+    # Stream: chunks 1-3 in pack A, a hole, 4-5 in B, 6 in A again (dedup), 7 in C.
+    where = {1: "A", 2: "A", 3: "A", 4: "B", 5: "B", 6: "A", 7: "C"}
+    table = b"".join([cid(1), cid(2), cid(3), zero, cid(4), cid(5), cid(6), cid(7)])
+    located: list[bytes] = []
+
+    def locate(c: bytes) -> Location | None:
+        located.append(c)
+        n = int.from_bytes(c, "big")
+        return Location(where[n], 0, 1, 1) if n in where else None
+
+    order = PackOrder(locate, zero)
+    assert order.next_pack("A") is None  # nothing loaded yet: no guess
+    order.add_archive("a1", [StreamInfo("s", "disk", 8, 1, {}, table)])
+    assert order.next_pack("A", budget=3) is None  # budget spent before the answer
+    assert order.next_pack("A") == "B"
+    assert order.next_pack("B") == "A" and order.next_pack("A") == "B"  # first one kept
+    assert order.next_pack("C") is None
+    assert len(located) == 7  # every slot looked up once, holes never

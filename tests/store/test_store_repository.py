@@ -336,8 +336,8 @@ def test_writer_never_dedups_against_packs_a_gc_deleted_meanwhile(
 ) -> None:
     from vmarchive.store import GcOptions
 
-    def scenario() -> tuple[Repository, str]:
-        path = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+    def scenario(name: str) -> tuple[Repository, str]:
+        path = tmp_path / name
         make_repo(path)
         daemon = Repository.open(str(path))  # a long-lived process: its index stays loaded
         old = write_archive(daemon, {"s": rnd(20 * CHUNK, 5)})
@@ -346,11 +346,11 @@ def test_writer_never_dedups_against_packs_a_gc_deleted_meanwhile(
         assert other.gc(GcOptions(grace=0)).packs_deleted > 0  # the chunks are gone
         return daemon, write_archive(daemon, {"s": rnd(20 * CHUNK, 5)})
 
-    repo, aid = scenario()
+    repo, aid = scenario("r1")
     assert read_archive(Repository.open(str(repo.backend.location)), aid)["s"] == rnd(20 * CHUNK, 5)
     # Negative control: a writer that trusts the index it loaded before gc ran publishes
     # an archive whose chunks do not exist.
     monkeypatch.setattr(Repository, "_fresh_index_for_writer", lambda self: self.index)
-    repo, aid = scenario()
+    repo, aid = scenario("r2")
     with pytest.raises(ChunkMissingError):
         read_archive(Repository.open(str(repo.backend.location)), aid)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vmarchive.errors import BackendError, RepositoryError
@@ -111,6 +111,14 @@ class Backend(ABC):
         except ObjectNotFoundError:
             return False
         return True
+
+    def set_read_order(self, following: Callable[[str], str | None]) -> None:  # noqa: B027
+        """Hint for read-ahead: ``following(key)`` names the object a reader of ``key``
+        will probably read next (or ``None``); it must be cheap and never raise.
+
+        A backend with slow round trips may fetch that object in the background while
+        ``key`` is read sequentially; the default ignores the hint.
+        """
 
     def clean_temporaries(self, older_than: float) -> int:
         """Remove what crashed puts left behind, older than ``older_than`` seconds.

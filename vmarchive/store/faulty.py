@@ -9,7 +9,7 @@ bytes.  Every call is recorded, so tests can also assert on write ordering.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -145,6 +145,9 @@ class FaultyBackend(Backend):
         self.inner.delete(key)
         if fault is not None:
             self._raise("delete", key)
+
+    def set_read_order(self, following: Callable[[str], str | None]) -> None:
+        self.inner.set_read_order(following)
 
     def clean_temporaries(self, older_than: float) -> int:
         return self.inner.clean_temporaries(older_than)

@@ -30,6 +30,7 @@ from vmarchive.errors import (
     NotFoundError,
     RepositoryNotFoundError,
     UsageError,
+    VmarchiveError,
     WrongKeyError,
 )
 from vmarchive.progress import NULL_PROGRESS, Progress
@@ -37,6 +38,7 @@ from vmarchive.store.backend import Backend, ObjectNotFoundError, open_backend
 from vmarchive.store.chunkindex import ChunkIndex, Location
 from vmarchive.store.codecs import Codecs, InitOptions, StreamInfo
 from vmarchive.store.locking import Lock, LockContext, LockKind, LockManager
+from vmarchive.store.readahead import PackOrder
 from vmarchive.store.reader import StreamReader
 from vmarchive.store.writer import ArchiveWriter, WriterOptions
 
@@ -152,6 +154,8 @@ class Repository:
         self.index_problems: list[str] = []
         self._index_mutex = threading.Lock()
         self._chunks_mutex = threading.Lock()
+        self._pack_order = PackOrder(self._chunk_location, codecs.zero_id)
+        backend.set_read_order(self._following_pack)
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
@@ -391,6 +395,17 @@ class Repository:
             return self.decode_chunk(chunk_id, blob, loc)
         raise AssertionError("unreachable")
 
+    def _following_pack(self, key: str) -> str | None:
+        """The pack a sequential reader of pack ``key`` reads next, if the slot tables
+        of recently loaded archives say (read-ahead hint for the backend)."""
+        pack_id = key.rsplit("/", 1)[-1]
+        try:
+            nxt = self._pack_order.next_pack(pack_id)
+        except VmarchiveError as e:  # e.g. the index cannot be loaded: no hint
+            log.debug("no read-ahead hint for %s: %s", key, e)
+            return None
+        return None if nxt is None else pack_key(nxt)
+
     def decode_chunk(self, chunk_id: bytes, blob: bytes | memoryview, loc: Location) -> bytes:
         """Decode and verify a blob read from a pack. Raises :class:`DamageError`."""
         if len(blob) != loc.length:
@@ -432,7 +447,10 @@ class Repository:
         Raises :class:`NotFoundError`, :class:`AmbiguousError`, :class:`DamageError`.
         """
         archive_id = self.resolve(name_or_prefix)
-        return self._load(archive_id)
+        archive = self._load(archive_id)
+        # Loaded to be read, most likely: let read-ahead learn its pack order.
+        self._pack_order.add_archive(archive_id, archive.streams)
+        return archive
 
     def _load(self, archive_id: str) -> Archive:
         try:

@@ -112,6 +112,9 @@ class S3Options:
     read_timeout: float = 60.0
     #: Memory for whole packs kept once a pack is read a third time (0: off).
     pack_cache_bytes: int = 64 * MiB
+    #: While a pack is read whole, fetch the pack the reader names as next in the
+    #: background (:meth:`Backend.read_ahead`); needs the pack cache.
+    read_ahead: bool = True
     #: Directory for local copies of index files and manifests (``None``: no cache).
     cache_dir: str | None = None
 
@@ -172,8 +175,11 @@ class _PackCache:
 
     The first two reads of a pack are left to plain ranged GETs (a lone chunk read, or a
     trailer read in two steps, must not pull 16 MiB); the third read of the same pack
-    fetches it whole, once, however many threads ask at the same moment.  Packs are immutable (named by their hash), so a
-    cached pack never holds wrong bytes; least recently used packs leave first.
+    fetches it whole, once, however many threads ask at the same moment.  While a pack is
+    read that way (sequentially), :meth:`prefetch` fetches the one the reader names as
+    next in the background, so the network and the decoding overlap instead of taking
+    turns.  Packs are immutable (named by their hash), so a cached pack never holds wrong
+    bytes; least recently used packs leave first.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -215,15 +221,64 @@ class _PackCache:
                 raise
             with self._lock:
                 del self._loading[key]
-                if data is not None:
-                    self._packs[key] = data
-                    self._bytes += len(data)
-                    while self._bytes > self.capacity and self._packs:
-                        self._bytes -= len(self._packs.popitem(last=False)[1])
+                self._keep(key, data)
             fut.set_result(data)
         else:
             data = fut.result()
         return None if data is None else data[offset : offset + length]
+
+    def _keep(self, key: str, data: bytes | None) -> None:
+        """Cache ``data`` (with the lock held); the least recently used packs leave."""
+        if data is None:
+            return
+        self._packs[key] = data
+        self._bytes += len(data)
+        while self._bytes > self.capacity and self._packs:
+            self._bytes -= len(self._packs.popitem(last=False)[1])
+
+    def streaming(self, key: str) -> bool:
+        """Whether ``key`` is read whole (cached or being fetched): a sequential reader."""
+        with self._lock:
+            return key in self._packs or key in self._loading
+
+    def prefetch(
+        self,
+        key: str,
+        fetch: Callable[[str], bytes | None],
+        submit: Callable[[Callable[[], None]], object],
+    ) -> bool:
+        """Start fetching ``key`` whole in the background unless cached or under way.
+
+        Readers arriving meanwhile wait for it.  A failed prefetch is only logged: its
+        waiters fall back to plain ranged GETs, which report the error properly.
+        """
+        with self._lock:
+            if key in self._packs or key in self._loading:
+                return False
+            fut: Future[bytes | None] = Future()
+            self._loading[key] = fut
+            self._seen.pop(key, None)
+
+        def run() -> None:
+            data: bytes | None = None
+            try:
+                data = fetch(key)
+            except Exception as e:
+                log.debug("read-ahead of %s failed: %s", key, e)
+            finally:
+                with self._lock:
+                    del self._loading[key]
+                    self._keep(key, data)
+                fut.set_result(data)
+
+        try:
+            submit(run)
+        except RuntimeError:  # the backend is closing
+            with self._lock:
+                del self._loading[key]
+            fut.set_result(None)
+            return False
+        return True
 
     def forget(self, key: str) -> None:
         with self._lock:
@@ -352,6 +407,8 @@ class S3Backend(Backend):
                 "it cannot send If-None-Match (need boto3 >= 1.35.10)"
             )
         self._pool: ThreadPoolExecutor | None = None
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._following: Callable[[str], str | None] | None = None
         self._pool_lock = threading.Lock()
         self._packs = _PackCache(self.options.pack_cache_bytes)
         self._cache: _ObjectCache | None = None
@@ -373,7 +430,9 @@ class S3Backend(Backend):
         style = opts.addressing_style or ("path" if opts.endpoint else "auto")
         config = Config(
             signature_version="s3v4",
-            retries={"max_attempts": _attempts(opts.max_attempts), "mode": "standard"},
+            # total_max_attempts counts the first try; botocore's max_attempts would
+            # count only the retries (AWS_MAX_ATTEMPTS=1 meant two requests).
+            retries={"total_max_attempts": _attempts(opts.max_attempts), "mode": "standard"},
             max_pool_connections=opts.connections + 4,
             connect_timeout=opts.connect_timeout,
             read_timeout=opts.read_timeout,
@@ -624,10 +683,34 @@ class S3Backend(Backend):
             self.stat(key)  # a missing object is still an error
             return b""
         if self.options.pack_cache_bytes and key.startswith("data/"):
+            self._read_ahead(key)
             cached = self._packs.read(key, offset, length, self._fetch_pack)
             if cached is not None:
                 return cached
         return self._get_range(key, offset, length)
+
+    def set_read_order(self, following: Callable[[str], str | None]) -> None:
+        self._following = following
+
+    def _read_ahead(self, key: str) -> None:
+        """While pack ``key`` is read whole (a sequential reader: restore), fetch the pack
+        the read order names next in the background."""
+        following = self._following
+        if following is None or not self.options.read_ahead or not self._packs.streaming(key):
+            return
+        nxt = following(key)
+        if nxt is None or not nxt.startswith("data/"):
+            return
+        check_key(nxt)
+        self._packs.prefetch(nxt, self._fetch_pack, self._submit_prefetch)
+
+    def _submit_prefetch(self, fn: Callable[[], None]) -> None:
+        # Its own thread: a prefetch waits on parts running in self.pool, so it must
+        # never occupy a thread of that pool.
+        with self._pool_lock:
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="vmarchive-s3-ahead")
+            self._prefetcher.submit(fn)
 
     def _fetch_pack(self, key: str) -> bytes | None:
         """A whole pack for the cache (``None`` if it is too large to be worth it)."""
@@ -676,6 +759,9 @@ class S3Backend(Backend):
     def close(self) -> None:
         with self._pool_lock:
             pool, self._pool = self._pool, None
+            ahead, self._prefetcher = self._prefetcher, None
+        if ahead is not None:
+            ahead.shutdown(wait=True)  # running prefetches need the pool
         if pool is not None:
             pool.shutdown(wait=True)
         self._client.close()
