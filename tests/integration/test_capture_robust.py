@@ -111,9 +111,9 @@ def archive_ids(repo: pathlib.Path) -> set[str]:
         return set(r.archive_ids())
 
 
-def verify_ok(repo: pathlib.Path) -> None:
+def verify_ok(repo: pathlib.Path, full: bool = True) -> None:
     with Repository.open(str(repo)) as r:
-        report = r.verify(full=True)
+        report = r.verify(full=full)
     assert report.ok, report.problems
 
 
@@ -288,7 +288,7 @@ def test_block_device_disk_is_the_device_at_the_instant(
 
 
 def test_one_gib_guest(guest_factory: guestlib.GuestFactory, env: dict[str, pathlib.Path]) -> None:
-    g = guest_factory(guestlib.GuestSpec(memory_mib=1024, params={"fill": 64}))
+    g = guest_factory(guestlib.GuestSpec(memory_mib=1024, params={"fill": 16}))
     g.wait_ticks(2)
     mode = Mode.SNAPSHOT if snapshot_reason(g) is None else Mode.SWITCHOVER
     init_repo(env["repo"])
@@ -322,6 +322,7 @@ def test_domain_destroyed_while_memory_streams(
 ) -> None:
     g = guest_factory(guestlib.GuestSpec(params={"fill": 32, "churn": 16}))
     need_snapshot(g, mode)
+    g2 = guest_factory(guestlib.GuestSpec(), wait=False)  # the next guest, booting meanwhile
     init_repo(env["repo"])
     hold = Hold(env["base"] / "hold", "capture-migrating")
     p = cli(
@@ -347,7 +348,7 @@ def test_domain_destroyed_while_memory_streams(
     verify_ok(env["repo"])
     assert leftover_files(env) == []
     # The next capture, of a new guest, works.
-    g2 = guest_factory(guestlib.GuestSpec())
+    g2.wait_up()
     r = capture(opts(g2, env, mode))
     with Repository.open(str(env["repo"])) as repo:
         assert observe(repo, r.id, str(g2.boot_id)).consistent
@@ -417,13 +418,14 @@ def fails_for_space(g: guestlib.Guest, env: dict[str, pathlib.Path], mode: Mode)
     assert archive_ids(env["repo"]) == before
 
 
+@pytest.mark.parametrize("mode", [Mode.SNAPSHOT, Mode.SWITCHOVER])
 def test_full_repository_disk(
-    guest_factory: guestlib.GuestFactory, env: dict[str, pathlib.Path]
+    guest_factory: guestlib.GuestFactory, env: dict[str, pathlib.Path], mode: Mode
 ) -> None:
     # 48 MiB of random RAM cannot fit in 24 MiB; the churn (~0.8 MiB per tick) fills
     # the 1 MiB left after a first archive.
     g = guest_factory(guestlib.GuestSpec(params={"fill": 48, "churn": 4}))
-    mode = Mode.SNAPSHOT if snapshot_reason(g) is None else Mode.SWITCHOVER
+    need_snapshot(g, mode)
     with tmpfs(env["base"] / "mnt", 24) as mnt:
         env["repo"] = mnt / "repo"
         init_repo(env["repo"])
@@ -431,7 +433,7 @@ def test_full_repository_disk(
         fails_for_space(g, env, mode)
         assert our_bitmaps(g) == []
         resize(mnt, 256)
-        verify_ok(env["repo"])
+        verify_ok(env["repo"], full=False)
         a = capture(opts(g, env, mode))
         with Repository.open(str(env["repo"])) as repo:
             assert observe(repo, a.id, str(g.boot_id)).consistent
@@ -444,7 +446,7 @@ def test_full_repository_disk(
         fails_for_space(g, env, mode)
         assert our_bitmaps(g) == [tracking]
         resize(mnt, 256)
-        verify_ok(env["repo"])
+        verify_ok(env["repo"], full=False)
         b = capture(opts(g, env, mode))
         with Repository.open(str(env["repo"])) as repo:
             assert observe(repo, b.id, str(g.boot_id)).consistent
