@@ -185,20 +185,20 @@ class _PackCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._lock = threading.Lock()
-        self._packs: OrderedDict[str, bytes] = OrderedDict()
+        self._packs: OrderedDict[str, bytes | bytearray] = OrderedDict()
         self._bytes = 0
         self._seen: OrderedDict[str, int] = OrderedDict()
-        self._loading: dict[str, Future[bytes | None]] = {}
+        self._loading: dict[str, Future[bytes | bytearray | None]] = {}
 
     def read(
-        self, key: str, offset: int, length: int, fetch: Callable[[str], bytes | None]
+        self, key: str, offset: int, length: int, fetch: Callable[[str], bytes | bytearray | None]
     ) -> bytes | None:
         """The bytes, or ``None`` when the caller should do a plain ranged GET."""
         with self._lock:
             data = self._packs.get(key)
             if data is not None:
                 self._packs.move_to_end(key)
-                return data[offset : offset + length]
+                return bytes(memoryview(data)[offset : offset + length])
             fut = self._loading.get(key)
             owner = fut is None
             if fut is None:
@@ -225,9 +225,9 @@ class _PackCache:
             fut.set_result(data)
         else:
             data = fut.result()
-        return None if data is None else data[offset : offset + length]
+        return None if data is None else bytes(memoryview(data)[offset : offset + length])
 
-    def _keep(self, key: str, data: bytes | None) -> None:
+    def _keep(self, key: str, data: bytes | bytearray | None) -> None:
         """Cache ``data`` (with the lock held); the least recently used packs leave."""
         if data is None:
             return
@@ -244,7 +244,7 @@ class _PackCache:
     def prefetch(
         self,
         key: str,
-        fetch: Callable[[str], bytes | None],
+        fetch: Callable[[str], bytes | bytearray | None],
         submit: Callable[[Callable[[], None]], object],
     ) -> bool:
         """Start fetching ``key`` whole in the background unless cached or under way.
@@ -255,12 +255,12 @@ class _PackCache:
         with self._lock:
             if key in self._packs or key in self._loading:
                 return False
-            fut: Future[bytes | None] = Future()
+            fut: Future[bytes | bytearray | None] = Future()
             self._loading[key] = fut
             self._seen.pop(key, None)
 
         def run() -> None:
-            data: bytes | None = None
+            data: bytes | bytearray | None = None
             try:
                 data = fetch(key)
             except Exception as e:
@@ -712,11 +712,58 @@ class S3Backend(Backend):
                 self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="vmarchive-s3-ahead")
             self._prefetcher.submit(fn)
 
-    def _fetch_pack(self, key: str) -> bytes | None:
-        """A whole pack for the cache (``None`` if it is too large to be worth it)."""
-        if self.stat(key).size > self.options.pack_cache_bytes // 2:
+    def _fetch_pack(self, key: str) -> bytearray | None:
+        """A whole pack for the cache (``None`` if it is too large to be worth it).
+
+        The size is known from a HEAD, so all parts are requested at once and each is
+        received straight into its place in one buffer: no part waits for the first, and
+        no 16 MiB join copies the pack again (measured: the join was as costly as zstd).
+        """
+        size = self.stat(key).size
+        if size > self.options.pack_cache_bytes // 2:
             return None
-        return self._get_range(key, 0, 1 << 62)
+        buf = bytearray(size)
+        view = memoryview(buf)
+        parts = max(1, -(-size // self.options.part_size))
+        step = -(-size // parts)
+        ranges = [(a, min(a + step, size)) for a in range(0, size, step)]
+        if len(ranges) <= 1:
+            for a, b in ranges:
+                self._get_into(key, a, view[a:b])
+        else:
+            list(self.pool.map(lambda r: self._get_into(key, r[0], view[r[0] : r[1]]), ranges))
+        return buf
+
+    def _get_into(self, key: str, first: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes at ``first`` (one ranged GET, read in place; a body
+        that breaks off is fetched again).  A short object is a :class:`BackendError`."""
+        full = self._key(key)
+        rng = f"bytes={first}-{first + len(out) - 1}"
+        for attempt in range(4):
+            try:
+                resp = self._client.get_object(Bucket=self.bucket, Key=full, Range=rng)
+                body = resp["Body"]
+                got = 0
+                while got < len(out):
+                    n = body.readinto(cast(Any, out[got:]))  # stubs say IO[bytes]
+                    if not n:
+                        break
+                    got += n
+                body.close()
+            except ClientError as e:
+                raise self._error(e, "get", key) from e
+            except (BotoCoreError, OSError) as e:
+                if attempt == 3 or isinstance(e, NoCredentialsError | PartialCredentialsError):
+                    raise self._error(e, "get", key) from e
+                log.debug("GET of %s broke off (%s); again", key, e)
+                time.sleep(0.1 * 2**attempt)
+                continue
+            if got != len(out):
+                raise BackendError(
+                    f"S3 get of {key!r} in {self.location}: {got} of {len(out)} bytes", key=key
+                )
+            return
+        raise AssertionError("unreachable")
 
     def _get_range(self, key: str, offset: int, length: int) -> bytes:
         size = self.options.part_size
