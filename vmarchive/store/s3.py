@@ -14,9 +14,13 @@ How the :class:`~vmarchive.store.backend.Backend` guarantees map onto S3:
   "already existed" although it created the object.  Content-named objects do not care;
   ``init`` may then say the repository was created concurrently (it was, by that call).
 * Large objects move in parallel: multipart uploads, and GETs split into ranged requests
-  on a thread pool.  Small reads (a blob, a pack trailer) are one ranged GET.
+  on a thread pool.  Small reads (a blob, a pack trailer) are one ranged GET; a pack read
+  a third time is fetched whole into memory, and while it is read that way the pack the
+  repository names as next in the stream (:meth:`Backend.set_read_order`) is fetched in
+  the background, so a restore overlaps the network with decoding.
 * Transient failures (connection errors, 5xx, throttling) are retried by botocore's
-  "standard" mode with exponential backoff and jitter; a body that breaks off while it
+  "standard" mode with exponential backoff and jitter (``max_attempts`` counts every
+  request, the first included); a body that breaks off while it
   is read is fetched again.  What is left is translated into :class:`BackendError`
   subclasses with one clear line: :class:`S3BucketNotFoundError`, :class:`S3AccessError`.
 * Credentials come from boto3's usual chain (``AWS_ACCESS_KEY_ID`` /
