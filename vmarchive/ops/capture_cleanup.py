@@ -185,7 +185,9 @@ def stop_if_tcg(qmp: QMP) -> bool:
     """
     if qmp.execute("query-kvm").get("enabled"):
         return False
-    log.warning("TCG guest: precopy misses writes under TCG; pausing it for the whole copy")
+    # Info, not a warning: it is expected on every such capture (doctor explains it), and
+    # a failing capture must stay one line.
+    log.info("TCG guest: precopy misses writes under TCG; pausing it for the whole copy")
     qmp.execute("stop")
     return True
 

@@ -261,7 +261,10 @@ def check_kvm(k: KvmProbe, lv: LibvirtProbe) -> Check:
         "kvm",
         Status.WARN,
         "KVM is not usable: guests run under TCG (type='qemu'), slowly but correctly",
-        explanation=why + ". Capture works the same under TCG.",
+        explanation=why
+        + ". Capture works under TCG, but QEMU 7.2's precopy misses writes there, so"
+        " switchover mode pauses a TCG guest for the whole memory copy (hundreds of ms);"
+        " snapshot mode (userfaultfd) pauses it for milliseconds.",
         action="define guests with <domain type='qemu'>; for speed, a host with hardware virtualization",
         details=details,
     )
