@@ -413,6 +413,7 @@ class S3Backend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         self._prefetcher: ThreadPoolExecutor | None = None
         self._following: Callable[[str], str | None] | None = None
+        self._pack_sizes: dict[str, int] = {}
         self._pool_lock = threading.Lock()
         self._packs = _PackCache(self.options.pack_cache_bytes)
         self._cache: _ObjectCache | None = None
@@ -522,6 +523,7 @@ class S3Backend(Backend):
     # -- writing -------------------------------------------------------------------------
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> bool:
         full = self._key(key)
+        self._pack_sizes.pop(key, None)
         body = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
         if len(body) > self.options.multipart_threshold:
             return self._put_multipart(key, full, body, create_only)
@@ -606,6 +608,7 @@ class S3Backend(Backend):
     def delete(self, key: str) -> None:
         full = self._key(key)
         self._packs.forget(key)
+        self._pack_sizes.pop(key, None)
         if self._cache is not None:
             self._cache.drop(key)
         self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
@@ -723,7 +726,9 @@ class S3Backend(Backend):
         received straight into its place in one buffer: no part waits for the first, and
         no 16 MiB join copies the pack again (measured: the join was as costly as zstd).
         """
-        size = self.stat(key).size
+        size = self._pack_sizes.get(key)
+        if size is None:
+            size = self.stat(key).size
         if size > self.options.pack_cache_bytes // 2:
             return None
         buf = bytearray(size)
@@ -784,7 +789,17 @@ class S3Backend(Backend):
     def stat(self, key: str) -> ObjectInfo:
         full = self._key(key)
         r = self._call("stat", key, lambda: self._client.head_object(Bucket=self.bucket, Key=full))
-        return ObjectInfo(key, int(r["ContentLength"]), _mtime(r["LastModified"]))
+        info = ObjectInfo(key, int(r["ContentLength"]), _mtime(r["LastModified"]))
+        self._saw_size(info)
+        return info
+
+    def _saw_size(self, info: ObjectInfo) -> None:
+        """Remember a pack's size (packs never change), so fetching it whole needs no HEAD
+        after a stat or a listing has shown it (restore's presence check stats every pack)."""
+        if info.key.startswith("data/"):
+            if len(self._pack_sizes) >= 1 << 17:
+                self._pack_sizes.clear()
+            self._pack_sizes[info.key] = info.size
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         strip = len(self.prefix)
@@ -801,7 +816,9 @@ class S3Backend(Backend):
                         etag = str(obj.get("ETag", ""))
                         cache.saw(key, etag)
                         present.add((key, etag))
-                    yield ObjectInfo(key, int(obj["Size"]), _mtime(obj["LastModified"]))
+                    info = ObjectInfo(key, int(obj["Size"]), _mtime(obj["LastModified"]))
+                    self._saw_size(info)
+                    yield info
         except (ClientError, BotoCoreError) as e:
             raise self._error(e, "list", prefix or None) from e
         if cache is not None:
