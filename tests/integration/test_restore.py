@@ -329,6 +329,119 @@ def test_missing_pack_is_refused_before_anything_is_written(
     no_leftovers(libvirt_conn, name, d)
 
 
+def late_disk_chunk(repo: Repository, archive_id: str) -> tuple[bytes, Any]:
+    """A stored chunk of the last part of the disk that no other stream references
+    (so only the disk half of a restore reads it)."""
+    a = repo.load_archive(archive_id)
+    others = {c for s in a.streams if s.kind != "disk" for c in s.chunk_ids()}
+    disk = next(s for s in a.streams if s.kind == "disk")
+    for cid in reversed(list(disk.chunk_ids())):
+        if cid not in others:
+            return cid, repo.index.get(cid)
+    raise AssertionError("every disk chunk is also a RAM chunk")
+
+
+def test_damaged_disk_chunk_aborts_the_concurrent_restore(
+    libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
+) -> None:
+    """The disks are filled while the memory stream flows: damage found by the disk half
+    cuts the stream before its end, so the guest never starts and nothing is left."""
+    bad = copy_repo(repo_path, domains)
+    with Repository.open(bad) as repo:
+        _cid, loc = late_disk_chunk(repo, captured.id)
+    p = pack_file(bad, loc.pack_id)
+    data = bytearray(p.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    d = domains.workdir()
+    name = "vmatest-damaged-disk"
+    domains.names.append(name)
+    with pytest.raises(DamageError):
+        restore(opts(bad, captured, name=name, disk_dir=d, clone=True))
+    no_leftovers(libvirt_conn, name, d)
+    # Negative control: the undamaged repository restores into the same place.
+    r = restore(opts(repo_path, captured, name=name, disk_dir=d, clone=True, paused=True))
+    assert libvirt_conn.lookupByName(name).isActive() and r.paused
+    domains.remove(name)
+
+
+def _domain_state(conn: libvirt.virConnect, name: str) -> int | None:
+    try:
+        return int(conn.lookupByName(name).state()[0])
+    except libvirt.libvirtError:
+        return None
+
+
+def _poll(check: Any, what: str, timeout: float = 120.0) -> None:
+    """Poll until ``check()``; a hang guard, not a timing assertion."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "negative-control-ungated"])
+def test_guest_does_not_run_before_its_disks_are_complete(
+    libvirt_conn: libvirt.virConnect,
+    repo_path: str,
+    captured: Captured,
+    domains: Domains,
+    monkeypatch: pytest.MonkeyPatch,
+    gated: bool,
+) -> None:
+    """Hold the disk half before it writes a byte: QEMU has started and read the stream up
+    to its withheld end, yet the guest is not running.  Without the gate (negative
+    control) the same held disks let the guest run -- the check can fail."""
+    import threading
+
+    from vmarchive.ops import restore as R
+
+    at_gate = threading.Event()
+    go = threading.Event()
+    fill = R._DiskFile.fill
+    wait = R._DiskFiller.wait
+
+    def held_fill(self: Any, *a: Any, **k: Any) -> int:
+        assert go.wait(120)
+        return fill(self, *a, **k)
+
+    def noted_wait(self: Any) -> None:
+        at_gate.set()
+        wait(self)
+
+    monkeypatch.setattr(R._DiskFile, "fill", held_fill)
+    monkeypatch.setattr(R._DiskFiller, "wait", noted_wait)
+    if not gated:
+        monkeypatch.setattr(R, "_stream_hold", lambda plan: 0)
+    d = domains.workdir()
+    name = f"vmatest-gate-{int(gated)}"
+    domains.names.append(name)
+    out: list[Any] = []
+    t = threading.Thread(
+        target=lambda: out.append(
+            restore(opts(repo_path, captured, name=name, disk_dir=d, clone=True))
+        )
+    )
+    t.start()
+    try:
+        assert at_gate.wait(120)  # the whole stream but its end went out
+        _poll(lambda: _domain_state(libvirt_conn, name) is not None, "incoming QEMU")
+        assert list(d.glob("*.qcow2"))  # the images exist (structure only, no data yet)
+        if gated:
+            assert _domain_state(libvirt_conn, name) != libvirt.VIR_DOMAIN_RUNNING
+        else:
+            running = libvirt.VIR_DOMAIN_RUNNING
+            _poll(lambda: _domain_state(libvirt_conn, name) == running, "ungated guest running")
+    finally:
+        go.set()
+        t.join(300)
+    assert out and out[0].domain == name
+    assert _domain_state(libvirt_conn, name) == libvirt.VIR_DOMAIN_RUNNING
+    domains.remove(name)
+
+
 def forge(
     repo_path: str,
     archive_id: str,

@@ -12,7 +12,13 @@ Routes (measured in ``scripts/bench_restore.py``; see the module notes below):
 ``fifo`` (default, a libvirtd on this host)
     The save image is a FIFO: the 92-byte header + XML are written into it, followed by
     the regenerated stream as QEMU reads it.  libvirt only reads the prefix and passes the
-    descriptor to QEMU, so nothing of the RAM is ever staged on disk.
+    descriptor to QEMU, so nothing of the RAM is ever staged on disk.  The disks are
+    filled at the same time: each image is first created with its final size and
+    structure (qcow2 tables computed from the slot table, so qcow2 is written in place,
+    no temporary raw file), then its data is written while the memory stream flows; the
+    stream's device sections, EOF and vmdesc are withheld until every disk is complete
+    and fsynced, and QEMU reads no disk data before the migration's end (see
+    :class:`_TailGate`).
 
 ``pool`` (``--pool``; any libvirt URI, also a remote one)
     Disks are created as volumes in the pool and uploaded through a sparse ``virStream``;
@@ -35,13 +41,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import random
 import shutil
 import stat
-import subprocess
 import tempfile
 import threading
 import time
@@ -57,7 +63,6 @@ from vmarchive.errors import (
     AlreadyExistsError,
     DamageError,
     FormatError,
-    HostPreconditionError,
     HypervisorError,
     StreamError,
     UsageError,
@@ -68,6 +73,7 @@ from vmarchive.format import saveimage
 from vmarchive.hypervisor.connection import DEFAULT_URI, Connection, Domain
 from vmarchive.hypervisor.restore import (
     Pool,
+    TargetCheck,
     VolumeUpload,
     check_target,
     domain_log_file,
@@ -76,9 +82,11 @@ from vmarchive.hypervisor.restore import (
     restore_image,
     set_guest_time,
 )
+from vmarchive.ops import export_qcow2 as Q
 from vmarchive.ops import restore_xml as rx
 from vmarchive.progress import NULL_PROGRESS, Progress
-from vmarchive.store import Archive, Repository, StreamInfo
+from vmarchive.store import Archive, Repository, StreamInfo, VerifyReport
+from vmarchive.store.batchread import all_present, read_chunks
 
 log = logging.getLogger(__name__)
 
@@ -252,45 +260,69 @@ def write_stream(
     return ms.regenerate(plan.layout, devstate, source, out)
 
 
-#: Chunks being fetched, decompressed and verified ahead of the consumer.  zstd and the
-#: pack reads release the GIL, so this overlaps them with the regenerator's page loop
-#: (measured: see scripts/bench_restore.py).
+#: Slots fetched per read task: the store reads the chunks of one task that lie back to
+#: back in a pack with one range read, and a task per 64 KiB chunk cost a GIL hand-over per
+#: chunk between the reader threads and the busy regenerator (measured with
+#: scripts/bench_restore.py).  zstd and the pack reads release the GIL, so READ_THREADS
+#: tasks overlap with the consumer; READ_AHEAD tasks are in flight at most.
+BATCH_BYTES = 512 << 10
 READ_AHEAD = 8
 READ_THREADS = 2
 
 
 def read_ahead(repo: Repository, s: StreamInfo) -> Iterator[tuple[int, int, bytes | None]]:
     """(offset, length, verified data or None for a hole) of every slot of ``s``, in order,
-    with up to READ_AHEAD chunks read in parallel.
+    read in batches on READ_THREADS threads, up to READ_AHEAD batches ahead.
 
     Raises DamageError / ChunkMissingError like :meth:`Repository.read_chunk`.
     """
     zero = repo.codecs.zero_id
     cs = s.chunk_size
-    window: collections.deque[tuple[int, int, Future[bytes] | None]] = collections.deque()
-    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="restore-read") as pool:
+    per_batch = max(1, BATCH_BYTES // cs)
+    window: collections.deque[tuple[int, int, Future[list[bytes]] | None]] = collections.deque()
 
-        def take() -> tuple[int, int, bytes | None]:
-            off, length, fut = window.popleft()
-            data = None if fut is None else fut.result()
+    def batches() -> Iterator[tuple[int, int, list[bytes]]]:
+        """(first slot, slot count, chunk ids) runs: all holes (no ids) or all data."""
+        index = 0
+        while index < s.slots:
+            hole = s.chunk_id(index) == zero
+            ids: list[bytes] = []
+            j = index
+            while j < s.slots and j - index < per_batch:
+                cid = s.chunk_id(j)
+                if (cid == zero) != hole:
+                    break
+                if not hole:
+                    ids.append(cid)
+                j += 1
+            yield index, j - index, ids
+            index = j
+
+    def slots(
+        first: int, count: int, fut: Future[list[bytes]] | None
+    ) -> Iterator[tuple[int, int, bytes | None]]:
+        datas = None if fut is None else fut.result()
+        for k in range(count):
+            off = (first + k) * cs
+            length = min(cs, s.size - off)
+            data = None if datas is None else datas[k]
             if data is not None and len(data) != length:
                 raise DamageError(
                     f"stream {s.name}: a chunk has {len(data)} bytes, its slot {length}"
                 )
-            return off, length, data
+            yield off, length, data
 
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="restore-read") as pool:
         try:
-            for index in range(s.slots):
-                off = index * cs
-                cid = s.chunk_id(index)
-                fut = None if cid == zero else pool.submit(repo.read_chunk, cid)
-                window.append((off, min(cs, s.size - off), fut))
+            for first, count, ids in batches():
+                fut = pool.submit(read_chunks, repo, ids) if ids else None
+                window.append((first, count, fut))
                 if len(window) > READ_AHEAD:
-                    yield take()
+                    yield from slots(*window.popleft())
             while window:
-                yield take()
+                yield from slots(*window.popleft())
         finally:
-            for _off, _length, fut in window:
+            for _first, _count, fut in window:
                 if fut is not None:
                     fut.cancel()
 
@@ -310,12 +342,6 @@ class _Hashing:
 # --- disks -------------------------------------------------------------------------------
 
 
-def _iter_disk(
-    repo: Repository, archive: Archive, s: StreamInfo
-) -> Iterator[tuple[int, int, bytes | None]]:
-    yield from read_ahead(repo, s)
-
-
 def _hex(h: Any) -> str | None:
     return None if h is None else str(h.hexdigest())
 
@@ -331,47 +357,179 @@ def _digest_disk(h: Any, length: int, data: bytes | None) -> None:
         length -= n
 
 
-def _write_raw_file(
-    path: Path, extents: Iterator[tuple[int, int, bytes | None]], size: int, h: Any
-) -> int:
-    """A sparse raw image: data written, holes left as holes. Returns data bytes written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    written = 0
-    try:
-        os.ftruncate(fd, size)
+def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
+
+
+def _qcow2_layout(s: StreamInfo, zero_id: bytes) -> Q.Qcow2Layout:
+    """The qcow2 layout of disk stream ``s``: every cluster a data slot touches is
+    allocated, the rest reads as zeros (known from the slot table, before any read)."""
+    cs = s.chunk_size
+    clusters: set[int] = set()
+    for i in range(s.slots):
+        if s.chunk_id(i) != zero_id:
+            start, end = i * cs, min((i + 1) * cs, s.size)
+            clusters.update(range(start // Q.CLUSTER, -(-end // Q.CLUSTER)))
+    return Q.plan(s.size, sorted(clusters))
+
+
+class _Cancelled(Exception):
+    """The other half of a restore failed: stop quietly (its error is the one reported)."""
+
+
+class _DiskFile:
+    """One rebuilt disk image on this host, made in two steps so that libvirt and QEMU can
+    open it while its data is still being written.
+
+    :meth:`create` makes the file at its final size with its final structure (for qcow2:
+    header, L1, refcount and L2 tables, all computed from the slot table) -- what libvirt
+    probes and QEMU opens when the incoming guest starts.  :meth:`fill` writes the data:
+    QEMU reads no guest data before the incoming migration completes, and the restore
+    holds back the end of the stream until every fill has finished and been fsynced.
+    """
+
+    def __init__(self, path: Path, fmt: str, s: StreamInfo, zero_id: bytes) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.stream = s
+        self.layout = _qcow2_layout(s, zero_id) if fmt == "qcow2" else None
+        self.fd = -1
+
+    def create(self) -> None:
+        """Create the file (O_EXCL: the caller removed what --replace allows)."""
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        if self.layout is None:
+            os.ftruncate(self.fd, self.stream.size)
+            return
+        os.ftruncate(self.fd, self.layout.file_size)
+        for off, blob in Q.metadata(self.layout):
+            _pwrite_all(self.fd, blob, off)
+
+    def _host_offset(self, off: int) -> int:
+        if self.layout is None:
+            return off
+        # The clusters of one data slot are consecutive in the file (data clusters are
+        # laid out in guest order and every cluster the slot touches is allocated).
+        cluster, within = divmod(off, Q.CLUSTER)
+        return int(self.layout.data_offset[cluster]) + within
+
+    def fill(
+        self,
+        extents: Iterator[tuple[int, int, bytes | None]],
+        h: Any,
+        cancelled: Callable[[], bool],
+        advance: Callable[[int], None],
+    ) -> int:
+        """Write the data of ``extents``; holes stay holes.  Returns data bytes written."""
+        written = 0
         for off, length, data in extents:
+            if cancelled():
+                raise _Cancelled
             if h is not None:
                 _digest_disk(h, length, data)
-            if data is None:
-                continue
-            view = memoryview(data)
-            pos = off
-            while view:
-                n = os.pwrite(fd, view, pos)
-                view = view[n:]
-                pos += n
-            written += length
-        os.fsync(fd)
+            if data is not None:
+                _pwrite_all(self.fd, data, self._host_offset(off))
+                written += length
+            advance(length)
+        os.fsync(self.fd)
+        return written
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _write_disk_file(path: Path, fmt: str, repo: Repository, s: StreamInfo, h: Any = None) -> int:
+    """Create and fill one image at once (export-save). Returns data bytes written."""
+    f = _DiskFile(path, fmt, s, repo.codecs.zero_id)
+    try:
+        f.create()
+        return f.fill(read_ahead(repo, s), h, lambda: False, lambda _n: None)
     finally:
-        os.close(fd)
-    return written
+        f.close()
 
 
-def _qemu_img() -> str:
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        raise HostPreconditionError("qemu-img is needed to write qcow2 disks")
-    return exe
+class _TailGate:
+    """A writer that withholds the end of the migration stream until ``barrier`` passes.
+
+    QEMU finishes an incoming migration -- activates the disks and, unless paused, runs
+    the guest -- only after it has read the stream's EOF marker.  Everything but the last
+    ``hold`` bytes flows at once; :meth:`release` calls ``barrier`` (wait for the disks;
+    it raises if they failed) and only then writes the rest.  With ``hold`` None nothing
+    flows before the barrier (a stream whose end cannot be located, e.g. an opaque one).
+    Only the withheld bytes are copied.
+    """
+
+    def __init__(self, out: _Writable, hold: int | None, barrier: Callable[[], None]) -> None:
+        self.out = out
+        self.hold = hold
+        self.barrier = barrier
+        self.tail = b""
+        self.passed = False
+
+    def _emit(self, b: bytes | bytearray | memoryview) -> None:
+        if len(b):
+            self.out.write(b)
+
+    def write(self, b: bytes | bytearray | memoryview, /) -> int:
+        n = len(b)
+        if self.hold is None:
+            if not self.passed:
+                self.barrier()
+                self.passed = True
+            self._emit(b)
+            return n
+        if n >= self.hold:
+            self._emit(self.tail)
+            view = memoryview(b)
+            self._emit(view[: n - self.hold])
+            self.tail = bytes(view[n - self.hold :])
+        else:
+            both = self.tail + bytes(b)
+            self._emit(both[: len(both) - self.hold] if len(both) > self.hold else b"")
+            self.tail = both[-self.hold :] if len(both) > self.hold else both
+        return n
+
+    def release(self) -> None:
+        """Deliver all but the withheld end, wait for the barrier, then write the end."""
+        flush = getattr(self.out, "flush", None)
+        if flush is not None:
+            flush()
+        if not self.passed:
+            self.barrier()
+            self.passed = True
+        self._emit(self.tail)
+        self.tail = b""
 
 
-def _convert(src: Path, dst: Path, fmt: str) -> None:
-    proc = subprocess.run(
-        [_qemu_img(), "convert", "-q", "-f", "raw", "-O", fmt, str(src), str(dst)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise HypervisorError(f"qemu-img convert to {dst} failed: {proc.stderr.strip()}")
+def _stream_hold(plan: _Plan) -> int | None:
+    """Bytes at the end of the regenerated stream to withhold: the last RAM_TAIL_HOLD
+    bytes of the RAM section, every device section, the EOF marker and the vmdesc.
+
+    Where the cut falls if the barrier fails matters: QEMU 7.2 fails the incoming
+    migration at once when its stream ends inside the RAM section (tests: damaged RAM
+    chunks), but a stream that ended after the RAM section left it spinning at 100 % CPU
+    and libvirt's restore waiting (seen here); so the cut is made inside RAM, and a failed
+    feed also destroys the half-started domain (see ``_restore_fifo``).
+    Per device section: type (1) + section id (4) + idstr length (1) + idstr + instance
+    id (4) + version id (4), the body, footer 0x7E (1) + section id (4); then EOF (1),
+    vmdesc type (1) + length (4) + the vmdesc.  None: the end cannot be located (an
+    opaque stream), so nothing flows before the barrier.
+    """
+    layout = plan.layout
+    if layout is None:
+        return None
+    sections = sum(14 + len(r.idstr.encode("ascii")) + r.length + 5 for r in layout.records)
+    return RAM_TAIL_HOLD + sections + 1 + 5 + len(layout.vmdesc)
+
+
+#: Bytes of the RAM section withheld with the device part (~15 page records).
+RAM_TAIL_HOLD = 64 << 10
 
 
 # --- the restore -------------------------------------------------------------------------
@@ -411,6 +569,54 @@ def _archive_age(archive: Archive, now: float) -> float | None:
     return now - dt.timestamp()
 
 
+class _DiskFiller:
+    """Fills the created disk images on a thread; :meth:`wait` is the stream's barrier."""
+
+    def __init__(self, r: _Restore, files: list[_DiskFile]) -> None:
+        self.r = r
+        self.files = files
+        self.cancel = threading.Event()
+        self.error: BaseException | None = None
+        self.results: list[DiskOut] = []
+        self.finished_at: float | None = None
+        self.thread = threading.Thread(target=self._run, name="restore-disks", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for f in self.files:
+                s = f.stream
+                h = hashlib.sha256() if self.r.o.digests else None
+                task = self.r.progress.task(f"disk {s.attrs['target']}", s.size)
+                try:
+                    n = f.fill(read_ahead(self.r.repo, s), h, self.cancel.is_set, task.advance)
+                finally:
+                    task.close()
+                target = str(s.attrs["target"])
+                self.results.append(DiskOut(target, str(f.path), f.fmt, s.size, n, _hex(h)))
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.finished_at = time.monotonic()
+
+    def wait(self) -> None:
+        """Block until every disk is filled. Raises StreamError if one failed."""
+        self.thread.join()
+        if self.error is not None:
+            raise StreamError(f"stream end withheld: a disk was not rebuilt ({self.error})")
+
+    def stop(self) -> None:
+        self.cancel.set()
+        if self.thread.ident is not None:
+            self.thread.join()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
 class _Restore:
     def __init__(
         self,
@@ -438,25 +644,19 @@ class _Restore:
         self.timings[what] = round(now - self._tmark, 4)
         self._tmark = now
 
-    # -- steps ----------------------------------------------------------------------------
-    def run(self) -> RestoreResult:
+    def _presence(self) -> VerifyReport:
+        """Every chunk of the archive present: the fast check, and the repository's verify
+        (which reloads the index and names what is wrong) only when that one doubts."""
+        if all_present(self.repo, self.archive):
+            return VerifyReport(ok=True, damaged=[], problems=[], archives_checked=1)
+        return self.repo.verify([self.archive.id], full=False)
+
+    def _check_target(self, root: Any, plan: _Plan, name: str) -> tuple[TargetCheck, Any, str]:
+        """The target can run the guest; the (raw) domain to replace; the UUID to give.
+
+        Raises HostPreconditionError, AlreadyExistsError."""
         o = self.o
         archive = self.archive
-        plan = _plan(self.repo, archive)
-        name = rx.check_domain_name(o.name or archive.domain)
-        if o.clone and not o.name:
-            raise UsageError("a clone needs --name")
-        fmt_override = o.disk_format
-        if fmt_override is not None and fmt_override not in DISK_FORMATS:
-            raise UsageError(f"--disk-format must be one of {', '.join(DISK_FORMATS)}")
-        pool = Pool(self.conn, o.pool) if o.pool else None
-        if pool is not None and o.disk_dir is not None:
-            raise UsageError("give --disk-dir or --pool, not both")
-        if pool is not None and fmt_override not in (None, "raw"):
-            raise UsageError("--pool writes raw volumes (--disk-format raw)")
-        root = rx.parse(plan.xml)
-
-        # 1. target checks, before anything is written
         ostype = root.find("os/type")
         cpu_xml, cpu_mode = rx.cpu_definition(plan.live_xml)
         tc = check_target(
@@ -486,18 +686,41 @@ class _Restore:
                 log.warning("UUID %s is used by domain %s: given a new one", old, holder.name())
             else:
                 new_uuid = old or ""
-        self._lap("checks")
+        return tc, existing, new_uuid
 
-        # 2. every chunk present (damage inside a chunk is caught as it is read)
-        report = self.repo.verify([archive.id], full=False)
+    # -- steps ----------------------------------------------------------------------------
+    def run(self) -> RestoreResult:
+        o = self.o
+        archive = self.archive
+        plan = _plan(self.repo, archive)
+        name = rx.check_domain_name(o.name or archive.domain)
+        if o.clone and not o.name:
+            raise UsageError("a clone needs --name")
+        fmt_override = o.disk_format
+        if fmt_override is not None and fmt_override not in DISK_FORMATS:
+            raise UsageError(f"--disk-format must be one of {', '.join(DISK_FORMATS)}")
+        pool = Pool(self.conn, o.pool) if o.pool else None
+        if pool is not None and o.disk_dir is not None:
+            raise UsageError("give --disk-dir or --pool, not both")
+        if pool is not None and fmt_override not in (None, "raw"):
+            raise UsageError("--pool writes raw volumes (--disk-format raw)")
+        root = rx.parse(plan.xml)
+
+        # 1. target checks and 2. every chunk present (damage inside a chunk is caught as
+        # it is read), both before anything is written; one waits on libvirt, the other
+        # on the repository, so they run side by side.
+        with ThreadPoolExecutor(1, thread_name_prefix="restore-verify") as ex:
+            presence = ex.submit(self._presence)
+            tc, existing, new_uuid = self._check_target(root, plan, name)
+            report = presence.result()
+        self._lap("checks")
         if not report.ok:
             raise DamageError(
                 f"archive {archive.id[:12]} is damaged: {'; '.join(report.problems[:3])}",
                 archive=archive.id,
             )
-        self._lap("verify")
-
         # 3. where everything goes
+        cpu_xml, _cpu_mode = rx.cpu_definition(plan.live_xml)
         disk_dir = (o.disk_dir or DEFAULT_DISK_DIR) if pool is None else None
         disk_plan: dict[str, rx.DiskRewrite] = {}
         outs: list[tuple[StreamInfo, str, str]] = []  # stream, file/volume name, fmt
@@ -569,16 +792,21 @@ class _Restore:
                 os.unlink(path)
             # libvirt creates the log when QEMU starts: ours to remove if the restore fails.
             self.created.files.append(Path(path))
-        for s, fname, fmt in outs:
-            result.disks.append(self._write_disk(s, fname, fmt, disk_dir, pool, result))
-        self._lap("disks")
-
-        # 5. memory: the save image, and the restore
         qemu_log = domain_log_file(name)
-        if pool is None and not os.path.lexists(qemu_log):
-            # libvirt starts this log with QEMU; a failed restore must not leave it.
-            self.created.files.append(Path(qemu_log))
-        dom = self._restore(plan, prefix, name, pool, result)
+        if pool is not None:
+            for s, fname, _fmt in outs:
+                result.disks.append(self._upload_disk(s, fname, pool))
+            self._lap("disks")
+            h = hashlib.sha256() if o.digests else None
+            dom = self._restore_pool(plan, prefix, name, pool, result, h)
+        else:
+            assert disk_dir is not None
+            files = self._create_disks(outs, disk_dir)
+            self._lap("disks_created")
+            if not os.path.lexists(qemu_log):
+                # libvirt starts this log with QEMU; a failed restore must not leave it.
+                self.created.files.append(Path(qemu_log))
+            dom = self._restore_fifo(plan, prefix, name, files, result)
         self.created.domain = name
         self._lap("restore")
         result.uuid = dom.uuid
@@ -601,79 +829,77 @@ class _Restore:
         result.duration_s = round(time.monotonic() - self.t0, 4)
         return result
 
-    def _write_disk(
-        self,
-        s: StreamInfo,
-        fname: str,
-        fmt: str,
-        disk_dir: Path | None,
-        pool: Pool | None,
-        result: RestoreResult,
-    ) -> DiskOut:
+    def _upload_disk(self, s: StreamInfo, fname: str, pool: Pool) -> DiskOut:
+        """One disk as a raw volume in ``pool``, through a sparse upload stream."""
         h = hashlib.sha256() if self.o.digests else None
-        extents = _iter_disk(self.repo, self.archive, s)
         size = int(s.size)
         task = self.progress.task(f"disk {s.attrs['target']}", size)
         try:
-            if pool is not None:
-                if pool.exists(fname):
-                    pool.delete(fname)
-                path = pool.create(fname, size, "raw")
-                self.created.volumes.append((pool, fname))
-                up = pool.open_upload(fname, size)
-                try:
-                    written = 0
-                    for off, length, data in extents:
-                        if h is not None:
-                            _digest_disk(h, length, data)
-                        if up.pos != off:
-                            up.hole(off - up.pos)
-                        if data is None:
-                            up.hole(length)
-                        else:
-                            up.write(data)
-                            written += length
-                        task.advance(length)
-                    up.finish()
-                except BaseException:
-                    up.abort()
-                    raise
-                return DiskOut(str(s.attrs["target"]), path, "raw", size, written, _hex(h))
-            assert disk_dir is not None
-            path_p = _safe_child(disk_dir, fname)
-            if os.path.lexists(path_p):
-                os.unlink(path_p)
-            if fmt == "raw":
-                self.created.files.append(path_p)
-                written = _write_raw_file(path_p, extents, size, h)
-            else:
-                staging = _safe_child(disk_dir, f".{fname}.raw-staging")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(staging)
-                try:
-                    written = _write_raw_file(staging, extents, size, h)
-                    result.staging_bytes += written
-                    self.created.files.append(path_p)
-                    _convert(staging, path_p, fmt)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(staging)
-            task.advance(size)
-            return DiskOut(str(s.attrs["target"]), str(path_p), fmt, size, written, _hex(h))
+            if pool.exists(fname):
+                pool.delete(fname)
+            path = pool.create(fname, size, "raw")
+            self.created.volumes.append((pool, fname))
+            up = pool.open_upload(fname, size)
+            try:
+                written = 0
+                for off, length, data in read_ahead(self.repo, s):
+                    if h is not None:
+                        _digest_disk(h, length, data)
+                    if up.pos != off:
+                        up.hole(off - up.pos)
+                    if data is None:
+                        up.hole(length)
+                    else:
+                        up.write(data)
+                        written += length
+                    task.advance(length)
+                up.finish()
+            except BaseException:
+                up.abort()
+                raise
+            return DiskOut(str(s.attrs["target"]), path, "raw", size, written, _hex(h))
         finally:
             task.close()
 
-    def _restore(
+    def _create_disks(
+        self, outs: list[tuple[StreamInfo, str, str]], disk_dir: Path
+    ) -> list[_DiskFile]:
+        """Every image at its final path, size and structure; no data yet."""
+        files: list[_DiskFile] = []
+        try:
+            for s, fname, fmt in outs:
+                path = _safe_child(disk_dir, fname)
+                if os.path.lexists(path):
+                    os.unlink(path)  # --replace (checked in run)
+                f = _DiskFile(path, fmt, s, self.repo.codecs.zero_id)
+                files.append(f)
+                self.created.files.append(path)
+                f.create()
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
+        return files
+
+    def _restore_fifo(
         self,
         plan: _Plan,
         prefix: bytes,
         name: str,
-        pool: Pool | None,
+        files: list[_DiskFile],
         result: RestoreResult,
     ) -> Domain:
+        """Fill the disks and feed the save image through a FIFO at the same time.
+
+        libvirt reads the image's header and starts QEMU with ``-incoming``; QEMU opens the
+        (already structured) images but reads no guest data until the migration completes,
+        which needs the stream's EOF marker: :class:`_TailGate` holds the stream's end
+        back until every disk is filled and fsynced.  Any failure on either side cuts the
+        stream, QEMU's incoming migration fails, libvirt removes the half-started domain,
+        and the caller undoes the rest.
+        """
         h = hashlib.sha256() if self.o.digests else None
-        if pool is not None:
-            return self._restore_pool(plan, prefix, name, pool, result, h)
+        disks = _DiskFiller(self, files)
         tmp = Path(tempfile.mkdtemp(prefix="vmarchive-restore-"))
         self.created.dirs.append(tmp)
         os.chmod(tmp, 0o711)
@@ -682,34 +908,71 @@ class _Restore:
         cancel = threading.Event()
         errors: list[BaseException] = []
         written = [0]
+        t0 = time.monotonic()
+        marks: dict[str, float] = {}
+
+        def stop() -> bool:
+            return cancel.is_set() or disks.error is not None
+
+        def barrier() -> None:
+            w0 = time.monotonic()
+            marks["stream_held"] = w0 - t0
+            disks.wait()
+            marks["gate_wait"] = time.monotonic() - w0
 
         def feed() -> None:
             try:
                 with open(fifo, "wb") as f:  # buffered: every write is complete
                     if cancel.is_set():
                         return
+                    marks["fifo_opened"] = time.monotonic() - t0
+                    _enlarge_pipe(f.fileno())
                     f.write(prefix)
-                    written[0] = write_stream(self.repo, plan, _Hashing(f, h), cancel.is_set)
+                    gate = _TailGate(f, _stream_hold(plan), barrier)
+                    written[0] = write_stream(self.repo, plan, _Hashing(gate, h), stop)
+                    marks["stream_regenerated"] = time.monotonic() - t0
+                    gate.release()
             except BaseException as e:
                 errors.append(e)
+                if not cancel.is_set():
+                    # A cut stream should fail QEMU's incoming migration, but QEMU 7.2
+                    # can spin instead (see _stream_hold): never wait on it.
+                    with contextlib.suppress(VmarchiveError):
+                        remove_domain(self.conn, name)
 
         t = threading.Thread(target=feed, name="restore-stream", daemon=True)
+        disks.start()
         t.start()
         try:
-            dom = restore_image(self.conn, str(fifo), name=name, paused=self.o.paused)
-        except BaseException as e:
-            cancel.set()
-            _unblock_fifo(fifo, t)
+            try:
+                dom = restore_image(self.conn, str(fifo), name=name, paused=self.o.paused)
+            except BaseException as e:
+                cancel.set()
+                disks.stop()
+                _unblock_fifo(fifo, t)
+                t.join()
+                # The first cause, not its echo: a disk failure cuts the stream, which
+                # makes QEMU's incoming migration (and libvirt's restore) fail.
+                if disks.error is not None and not isinstance(disks.error, _Cancelled):
+                    raise disks.error from e
+                damage = [x for x in errors if isinstance(x, VmarchiveError)]
+                if damage:
+                    raise damage[0] from e
+                raise
             t.join()
-            damage = [x for x in errors if isinstance(x, VmarchiveError)]
-            if damage:
-                raise damage[0] from e
-            raise
-        t.join()
-        if errors and not isinstance(errors[0], BrokenPipeError):
-            # QEMU started although our stream failed: never leave that guest running.
-            self.created.domain = name
-            raise errors[0]
+            disks.stop()
+            marks["running"] = time.monotonic() - t0
+            if disks.error is not None or (errors and not isinstance(errors[0], BrokenPipeError)):
+                # QEMU started although a half failed: never leave that guest running.
+                self.created.domain = name
+                raise disks.error or errors[0]
+        finally:
+            disks.close()
+        for k, v in marks.items():
+            self.timings[k] = round(v, 4)
+        if disks.finished_at is not None:
+            self.timings["disks_filled"] = round(disks.finished_at - t0, 4)
+        result.disks.extend(disks.results)
         result.stream_bytes = written[0]
         result.stream_sha256 = h.hexdigest() if h is not None else None
         return dom
@@ -778,6 +1041,16 @@ class _Restore:
         """Success: remove only the temporaries."""
         for d in self.created.dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+#: QEMU reads its incoming stream in 32 KiB pieces; a 64 KiB pipe makes the two processes
+#: hand over every 64 KiB.  1 MiB is Linux's default limit for unprivileged pipes.
+PIPE_SIZE = 1 << 20
+
+
+def _enlarge_pipe(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _unblock_fifo(fifo: Path, t: threading.Thread) -> None:
@@ -930,18 +1203,8 @@ def export_save(
             for s, p, fmt in todo:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
-                if fmt == "raw":
-                    made.append(p)
-                    n = _write_raw_file(p, _iter_disk(repo, archive, s), s.size, None)
-                else:
-                    staging = _safe_child(ddir, f".{p.name}.raw-staging")
-                    try:
-                        n = _write_raw_file(staging, _iter_disk(repo, archive, s), s.size, None)
-                        made.append(p)
-                        _convert(staging, p, fmt)
-                    finally:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(staging)
+                made.append(p)
+                n = _write_disk_file(p, fmt, repo, s)
                 outs.append(DiskOut(str(s.attrs["target"]), str(p), fmt, s.size, n))
             tmp = out.with_name(f".{out.name}.partial")
             made.append(tmp)
