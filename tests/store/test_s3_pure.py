@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import threading
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -155,9 +156,21 @@ def test_pack_order_learns_successors_from_slot_tables_within_a_budget() -> None
 
     order = PackOrder(locate, zero)
     assert order.next_pack("A") is None  # nothing loaded yet: no guess
-    order.add_archive("a1", [StreamInfo("s", "disk", 8, 1, {}, table)])
+    stream = StreamInfo("s", "disk", 8, 1, {}, table)
+    order.add_archive("a1", [stream])
     assert order.next_pack("A", budget=3) is None  # budget spent before the answer
     assert order.next_pack("A") == "B"
     assert order.next_pack("B") == "A" and order.next_pack("A") == "B"  # first one kept
     assert order.next_pack("C") is None
     assert len(located) == 7  # every slot looked up once, holes never
+    # Streams are held weakly: once the reader drops its archive, nothing is scanned.
+    other = StreamInfo("t", "disk", 2, 1, {}, cid(8) + cid(9))
+    where.update({8: "D", 9: "E"})
+    order.add_archive("a2", [other])
+    ref = weakref.ref(other)
+    del other
+    assert ref() is None
+    assert order.next_pack("D") is None and len(located) == 7
+    kept = StreamInfo("t", "disk", 2, 1, {}, cid(8) + cid(9))
+    order.add_archive("a3", [kept])  # control: the same table, still referenced
+    assert order.next_pack("D") == "E"

@@ -12,23 +12,25 @@ missing answer costs a useless fetch or a stall, never wrong bytes.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from vmarchive.store.chunkindex import Location
 from vmarchive.store.codecs import StreamInfo
 
-#: Archives whose tables are remembered (their tables stay in memory while remembered).
+#: Archives whose streams are remembered (weakly: a table dropped by its reader is
+#: never kept alive here; a 1 TiB disk has a table of 256 MiB).
 KEEP_ARCHIVES = 4
 #: Slots examined per question at most (a few ms of work), so a reader never stalls long.
 SCAN_BUDGET = 16384
 
 
 class _Cursor:
-    __slots__ = ("pos", "prev", "table")
+    __slots__ = ("pos", "prev", "stream")
 
-    def __init__(self, table: bytes) -> None:
-        self.table = table
+    def __init__(self, stream: StreamInfo) -> None:
+        self.stream = weakref.ref(stream)
         self.pos = 0
         self.prev: str | None = None
 
@@ -49,7 +51,7 @@ class PackOrder:
             if archive_id in self._archives:
                 self._archives.move_to_end(archive_id)
                 return
-            self._archives[archive_id] = [_Cursor(s.table) for s in streams if s.table]
+            self._archives[archive_id] = [_Cursor(s) for s in streams if s.table]
             while len(self._archives) > KEEP_ARCHIVES:
                 self._archives.popitem(last=False)
 
@@ -68,7 +70,10 @@ class PackOrder:
             return None
 
     def _scan(self, cur: _Cursor, wanted: str, budget: int) -> int:
-        table, zero, nxt = cur.table, self._zero, self._next
+        stream = cur.stream()
+        if stream is None:  # its reader is done with it
+            return budget
+        table, zero, nxt = stream.table, self._zero, self._next
         end = len(table)
         pos = cur.pos
         while pos < end and budget > 0:
