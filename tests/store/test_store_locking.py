@@ -198,7 +198,7 @@ def waiting_manager(world: World, backend: LocalBackend, pid: int, wait: float) 
 
 
 def test_shared_locker_waits_until_the_exclusive_holder_leaves(
-    world: World, backend: LocalBackend
+    world: World, backend: LocalBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
     gc = world.manager(backend, 1, host="h2").acquire("exclusive", refresh=False)
     naps: list[float] = []
@@ -212,8 +212,12 @@ def test_shared_locker_waits_until_the_exclusive_holder_leaves(
     writer = waiting_manager(world, backend, 2, wait=120)
     writer.ctx.sleep = sleep
     start = world.now
-    lock = writer.acquire("shared", refresh=False)
+    with caplog.at_level("WARNING", logger="vmarchive.store.locking"):
+        lock = writer.acquire("shared", refresh=False)
     assert len(naps) == 3 and naps == sorted(naps)  # backoff grows
+    assert [r.getMessage() for r in caplog.records] == [
+        "repository is locked (exclusive) by pid 1 on h2; waiting up to 120 s"
+    ]  # said once, so a command that seems to hang explains itself
     assert world.now - start < 120  # got in before the wait ended, not by staleness
     lock.release()
     # Negative control: without a wait the same situation is refused at once.
@@ -221,9 +225,10 @@ def test_shared_locker_waits_until_the_exclusive_holder_leaves(
     naps.clear()
     impatient = waiting_manager(world, backend, 3, wait=0)
     impatient.ctx.sleep = sleep
+    caplog.clear()
     with pytest.raises(LockedError, match=r"locked \(exclusive\) by pid 1 on h2"):
         impatient.acquire("shared", refresh=False)
-    assert naps == []
+    assert naps == [] and caplog.records == []
     assert [k.key for k in backend.list("locks/")] == [gc.key]
 
 

@@ -250,8 +250,9 @@ class LockManager:
                     pid=h.pid,
                 )
             if waiting_for != h.id:
+                # A warning: a user whose command seems to hang should learn why.
                 waiting_for = h.id
-                log.info(
+                log.warning(
                     "repository is locked (%s) by pid %d on %s; waiting up to %.0f s",
                     h.kind,
                     h.pid,
