@@ -197,9 +197,10 @@ def raw_transfer(packs: list[bytes], workdir: Path, s3: S3Backend, cpu: Cpu) -> 
 
 
 def bench_guest(
-    ram_mib: int, rounds: int, workdir: Path, bucket: str, endpoint: str
-) -> dict[tuple[str, str], list[float]]:
-    """Capture and restore of a live test guest, local directory against S3."""
+    ram_mib: int, rounds: int, workdir: Path, bucket: str, endpoint: str, cpu: Cpu
+) -> dict[tuple[str, str], list[tuple[float, float, float, float]]]:
+    """Capture and restore of a live test guest, local directory against S3: wall time,
+    our CPU, the Ceph daemons' CPU and the guest's QEMU's CPU (a TCG vCPU keeps a core)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import guestlib
     import libvirt
@@ -215,11 +216,24 @@ def bench_guest(
         params={"fill": ram_mib // 2, "tick_ms": 200},
     )
     g = guestlib.Guest(conn, spec, wd)
-    times: dict[tuple[str, str], list[float]] = {}
+    times: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     try:
         g.start()
         g.wait_up()
         g.wait_ticks(2)
+        qemu = Cpu(None)
+        with contextlib.suppress(OSError, ValueError):
+            qemu.pids = [int(Path(f"/run/libvirt/qemu/{g.name}.pid").read_text())]
+
+        def sample() -> tuple[float, float, float, float]:
+            return (*cpu.sample(), qemu.server())
+
+        def done(key: tuple[str, str], t0: tuple[float, float, float, float]) -> None:
+            t1 = sample()
+            times.setdefault(key, []).append(
+                (t1[0] - t0[0], t1[1] - t0[1], t1[2] - t0[2], t1[3] - t0[3])
+            )
+
         for rnd in range(rounds):
             for where in ("local", "s3"):
                 if where == "local":
@@ -229,15 +243,15 @@ def bench_guest(
                     loc = f"s3://{bucket}/g{secrets.token_hex(4)}"
                 Repository.init(loc, InitOptions()).close()
                 os.sync()
-                t = time.perf_counter()
+                t0 = sample()
                 r = capture(CaptureOptions(domain=g.name, repo=loc, uri=guestlib.URI))
-                times.setdefault((where, "capture"), []).append(time.perf_counter() - t)
+                done((where, "capture"), t0)
                 dd = guestlib.make_workdir("vmatest-bench-s3-clone-")
                 name = guestlib.unique_name()
                 try:
-                    t = time.perf_counter()
+                    t0 = sample()
                     clone(RestoreOptions(archive=r.id, repo=loc, name=name, disk_dir=dd))
-                    times.setdefault((where, "restore"), []).append(time.perf_counter() - t)
+                    done((where, "restore"), t0)
                 finally:
                     with contextlib.suppress(libvirt.libvirtError):
                         conn.lookupByName(name).destroy()
@@ -355,10 +369,11 @@ def main() -> None:
         )
         for where in ("local", "s3"):
             for step in ("ingest", "read"):
-                a = med(("serial", where, step))
-                b = med(("parallel", where, step))
+                ser = med(("serial", where, step))
+                par = med(("parallel", where, step))
                 print(
-                    f"parallel speed-up, {where:5} {step:7}: {a / b:5.2f}x  ({size / b:.0f} MiB/s)"
+                    f"parallel speed-up, {where:5} {step:7}: {ser / par:5.2f}x  "
+                    f"({size / par:.0f} MiB/s)"
                 )
         if args.raw:
             path = workdir / "local-repo"
@@ -366,14 +381,25 @@ def main() -> None:
             raw_s3 = S3Backend(args.bucket, f"raw{secrets.token_hex(4)}/", S3Options(endpoint))
             raw_transfer(packs, workdir, raw_s3, cpu)
         if args.guest:
-            gt = bench_guest(args.guest, args.rounds, workdir, args.bucket, endpoint)
+            gt = bench_guest(args.guest, args.rounds, workdir, args.bucket, endpoint, cpu)
+
+            def gmed(key: tuple[str, str], i: int = 0) -> float:
+                return statistics.median(v[i] for v in gt[key])
+
             print(f"\nlive guest, {args.guest} MiB RAM (half filled), medians of {args.rounds}")
-            print(f"{'step':8} {'local s':>8} {'s3 s':>8} {'s3/local':>9}")
+            print(
+                f"{'step':8} {'local s':>8} {'s3 s':>8} {'s3/local':>9}  cpu local: "
+                f"{'ours':>5} {'qemu':>5}  cpu s3: {'ours':>5} {'qemu':>5} {'ceph':>5}"
+            )
             for step in ("capture", "restore"):
-                lt = statistics.median(gt[("local", step)])
-                st = statistics.median(gt[("s3", step)])
+                lt, st = gmed(("local", step)), gmed(("s3", step))
                 ok = "ok" if st <= 1.3 * lt else "over 1.3x"
-                print(f"{step:8} {lt:8.2f} {st:8.2f} {st / lt:8.2f}x {ok}")
+                print(
+                    f"{step:8} {lt:8.2f} {st:8.2f} {st / lt:8.2f}x  {'':10} "
+                    f"{gmed(('local', step), 1):5.2f} {gmed(('local', step), 3):5.2f}  {'':7} "
+                    f"{gmed(('s3', step), 1):5.2f} {gmed(('s3', step), 3):5.2f} "
+                    f"{gmed(('s3', step), 2):5.2f} {ok}"
+                )
     finally:
         if not args.endpoint:
             subprocess.run([str(ROOT / "scripts" / "ceph"), "stop", str(base)], check=False)
