@@ -302,3 +302,52 @@ def test_writer_waits_for_gc_in_another_process(tmp_path: pathlib.Path) -> None:
         write_archive(repo, {"s": b"y" * 5000})
     assert naps == []
     gc_lock.release()
+
+
+@pytest.mark.parametrize("wait", ["120", "0"])
+def test_writer_process_waits_while_gc_holds_the_repository(
+    tmp_path: pathlib.Path, wait: str
+) -> None:
+    """Real processes: a writer started while another process holds the exclusive lock
+    says it waits, and publishes once the lock is gone; with no wait (the negative
+    control) it fails at once with one LockedError naming the holder."""
+    import os
+    import subprocess
+    import sys
+
+    from storehelpers import make_repo
+
+    from vmarchive.store import Repository
+
+    here = pathlib.Path(__file__).resolve().parent
+    make_repo(tmp_path / "r")
+    gc_lock = Repository.open(str(tmp_path / "r")).lock("exclusive")
+    env = dict(os.environ, PYTHONPATH=f"{here.parents[1]}{os.pathsep}{here}")
+    env["VMARCHIVE_LOCK_WAIT"] = wait
+    env.pop("VMARCHIVE_CRASH_AT", None)
+    writer = subprocess.Popen(
+        [sys.executable, str(here / "crash_writer.py"), str(tmp_path / "r"), "3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stderr is not None
+        first = writer.stderr.readline()  # blocks until the writer reports (or dies)
+        if wait == "0":
+            out, err = writer.communicate(timeout=120)
+            assert writer.returncode != 0 and out == ""
+            assert f"locked (exclusive) by pid {os.getpid()}" in first + err
+        else:
+            assert f"waiting up to {wait} s" in first and str(os.getpid()) in first
+            gc_lock.release()  # gc finishes
+            out, err = writer.communicate(timeout=120)
+            assert writer.returncode == 0, err
+            ids = {a.id for a in Repository.open(str(tmp_path / "r")).list_archives()}
+            assert ids == {out.strip()}
+    finally:
+        gc_lock.release()
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
