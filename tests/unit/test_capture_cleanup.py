@@ -12,10 +12,23 @@ from vmarchive.errors import LockedError, QMPCommandError
 from vmarchive.ops.capture_cleanup import Marker, clean_domain, domain_lock
 
 
+class FakeDomain:
+    """The libvirt domain behind FakeQEMU: its QEMU runs unless a test says otherwise."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+
 class FakeQEMU:
     """Just enough QEMU state: run state, migration, graph, jobs, exports, fd sets, caps."""
 
     def __init__(self) -> None:
+        self.domain = FakeDomain()
         self.log: list[str] = []
         self.running = False
         self.status = "paused"
@@ -144,6 +157,16 @@ def test_killed_at_pre_switchover_is_undone_in_order(tmp_path: Path) -> None:
     order = [c for c in q.log if c in ("migrate_cancel", "cont", "block-commit", "blockdev-del")]
     assert order.index("migrate_cancel") < order.index("cont") < order.index("block-commit")
     assert order.index("block-commit") < order.index("blockdev-del")
+
+
+def test_a_domain_without_qemu_only_loses_our_files(tmp_path: Path) -> None:
+    q = FakeQEMU()
+    q.domain.active = False  # destroyed mid-capture: nothing left to undo in QEMU
+    m = Marker.load(killed_marker(tmp_path).path)
+    assert m is not None
+    assert clean_domain(q, m)  # type: ignore[arg-type]
+    assert q.log == []  # not one QMP command
+    assert not (tmp_path / "vmarchive-ov-vda.qcow2").exists() and not m.path.exists()
 
 
 def test_background_snapshot_is_never_cancelled(tmp_path: Path) -> None:
