@@ -23,14 +23,14 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vmarchive.errors import ChunkMissingError, UsageError
 from vmarchive.progress import NULL_PROGRESS, Progress, Task
-from vmarchive.store import crashpoint
+from vmarchive.store import batchread, crashpoint
 from vmarchive.store.chunkindex import Location
 
 if TYPE_CHECKING:
@@ -302,6 +302,12 @@ class ArchiveWriter:
         self._streams[name] = sw
         return sw
 
+    def content_id(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The id a slot holding ``data`` gets: the hole id for zeros, else its chunk id."""
+        if self._codecs.is_zero(data):
+            return self.zero_id
+        return self._codecs.chunk_id(data)
+
     def read_chunk(self, chunk_id: bytes) -> bytes:
         """Read a chunk, including one still waiting in this writer's unpublished pack.
 
@@ -319,6 +325,26 @@ class ArchiveWriter:
             return data
         # Published meanwhile (indexed before it left _unpublished), or never ours.
         return self.repo.read_chunk(chunk_id)
+
+    def read_chunks(self, chunk_ids: Sequence[bytes]) -> list[bytes]:
+        """:meth:`read_chunk` of each id, in order; runs of published chunks adjacent in a
+        pack are read with one range read (:func:`vmarchive.store.batchread.read_chunks`).
+        """
+        with self._mutex:
+            mine = [cid in self._unpublished for cid in chunk_ids]
+        out: list[bytes] = []
+        i = 0
+        while i < len(chunk_ids):
+            j = i
+            while j < len(chunk_ids) and mine[j] == mine[i]:
+                j += 1
+            run = chunk_ids[i:j]
+            if mine[i]:
+                out += [self.read_chunk(cid) for cid in run]
+            else:
+                out += batchread.read_chunks(self.repo, run)
+            i = j
+        return out
 
     def commit(self, metadata: Mapping[str, Any]) -> str:
         """Flush everything, publish the manifest, return the archive id.
