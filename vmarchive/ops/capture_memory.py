@@ -54,7 +54,7 @@ class PipeReader(threading.Thread):
         fd: int,
         consumer: Consumer,
         task: Task,
-        max_buffer: int = 32 << 20,
+        max_buffer: int = 16 << 20,
         max_hold_s: float = 5.0,
     ) -> None:
         super().__init__(name="migration-pipe", daemon=True)

@@ -264,7 +264,7 @@ class ArchiveWriter:
         self._inflight: collections.deque[tuple[bytes, int, Future[bytes]]] = collections.deque()
         # Chunks accepted but not yet in a published pack: id -> encoded blob (None while
         # compressing).  Used for dedup within this writer and for read_chunk.
-        self._unpublished: dict[bytes, tuple[bytes | None, int]] = {}
+        self._unpublished: dict[bytes, tuple[bytes | memoryview | None, int]] = {}
         self._builder = self._codecs.new_pack()
         self._uploads: collections.deque[Future[list[tuple[bytes, Location]]]] = collections.deque()
         self._max_uploads = max(1, self.options.max_uploads)
@@ -440,6 +440,15 @@ class ArchiveWriter:
 
     def _assemble_and_publish(self, builder: PackBuilder) -> list[tuple[bytes, Location]]:
         pack_id, data, entries = self._codecs.finish_pack(builder)
+        # The pack holds every blob now: serve unpublished reads from it and let the
+        # separate blobs go (16 MiB less per pack in flight).  No mutex: the caller may
+        # hold it while waiting for this upload; replacing the value of a key only this
+        # pack's wait will pop is a single atomic dict store.
+        view = memoryview(data)
+        unpublished = self._unpublished
+        for cid, loc in entries:
+            if cid in unpublished:
+                unpublished[cid] = (view[loc.offset : loc.offset + loc.length], loc.raw_length)
         crashpoint.hit("before-pack")
         self.repo._publish_pack(pack_id, data)
         return entries
