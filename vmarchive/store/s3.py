@@ -492,6 +492,14 @@ class S3Backend(Backend):
                 )
             return self._pool
 
+    def _get_broke_off(self, attempt: int, last: int, e: Exception, key: str) -> None:
+        """A GET that broke off mid-body: raise when it was the ``last`` attempt or the
+        credentials are missing, else wait before the next attempt (0.1 s, doubling)."""
+        if attempt == last or isinstance(e, NoCredentialsError | PartialCredentialsError):
+            raise self._error(e, "get", key) from e
+        log.debug("GET of %s broke off (%s); again", key, e)
+        time.sleep(0.1 * 2**attempt)
+
     def _error(self, e: Exception, op: str, key: str | None) -> BackendError:
         """One clear line for a failed request; never mentions credentials."""
         what = f"{key!r} in {self.location}" if key is not None else self.location
@@ -666,10 +674,7 @@ class S3Backend(Backend):
                     return b"", None
                 raise self._error(e, "get", key) from e
             except (BotoCoreError, OSError) as e:
-                if attempt == 3 or isinstance(e, NoCredentialsError | PartialCredentialsError):
-                    raise self._error(e, "get", key) from e
-                log.debug("GET of %s broke off (%s); again", key, e)
-                time.sleep(0.1 * 2**attempt)
+                self._get_broke_off(attempt, 3, e, key)
                 continue
             total: int | None = None
             m = _CONTENT_RANGE_RE.match(str(resp.get("ContentRange", "")))
@@ -781,10 +786,7 @@ class S3Backend(Backend):
             except ClientError as e:
                 raise self._error(e, "get", key) from e
             except (BotoCoreError, OSError) as e:
-                if attempt == 3 or isinstance(e, NoCredentialsError | PartialCredentialsError):
-                    raise self._error(e, "get", key) from e
-                log.debug("GET of %s broke off (%s); again", key, e)
-                time.sleep(0.1 * 2**attempt)
+                self._get_broke_off(attempt, 3, e, key)
                 continue
             if got != len(out):
                 raise BackendError(
