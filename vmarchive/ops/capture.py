@@ -987,7 +987,7 @@ class _Capture:
                 sink = disk_sinks[d.target]
                 if plan.since_bitmap is not None and plan.parent is not None:
                     fn = functools.partial(
-                        _read_incremental,
+                        read_disk_incremental,
                         sock,
                         exp,
                         sink,
@@ -995,11 +995,11 @@ class _Capture:
                         self.progress,
                         plan.since_bitmap,
                         plan.parent.table,
-                        w.zero_id,
-                        w.read_chunk,
+                        zero_id=w.zero_id,
+                        parent_chunk=w.read_chunk,
                     )
                 else:
-                    fn = functools.partial(_read_one, sock, exp, sink, d.target, self.progress)
+                    fn = functools.partial(read_disk, sock, exp, sink, d.target, self.progress)
                 threads.start(d.target, fn)
 
         reader: PipeReader | None = None
@@ -1184,43 +1184,6 @@ class _Capture:
             memory_format=str(mem_info.get("format")),
             parent=parent_id,
         )
-
-
-def _read_one(
-    sock: str,
-    export: str,
-    sink: Any,
-    target: str,
-    progress: Progress,
-    cancelled: Callable[[], bool],
-) -> DiskRead:
-    return read_disk(sock, export, sink, target, progress, cancelled=cancelled)
-
-
-def _read_incremental(
-    sock: str,
-    export: str,
-    sink: Any,
-    target: str,
-    progress: Progress,
-    bitmap: str,
-    parent_table: bytes,
-    zero_id: bytes,
-    parent_chunk: Callable[[bytes], bytes],
-    cancelled: Callable[[], bool],
-) -> DiskRead:
-    return read_disk_incremental(
-        sock,
-        export,
-        sink,
-        target,
-        progress,
-        bitmap,
-        parent_table,
-        zero_id=zero_id,
-        parent_chunk=parent_chunk,
-        cancelled=cancelled,
-    )
 
 
 def _migration_stats(st: dict[str, Any]) -> dict[str, Any]:

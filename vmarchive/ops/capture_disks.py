@@ -150,10 +150,12 @@ class DiskThreads:
         self._threads: list[threading.Thread] = []
         self._cancel = threading.Event()
 
-    def start(self, target: str, fn: Callable[[Callable[[], bool]], DiskRead]) -> None:
+    def start(self, target: str, fn: Callable[..., DiskRead]) -> None:
+        """Run ``fn(cancelled=...)`` in a thread (a reader such as :func:`read_disk`)."""
+
         def run() -> None:
             try:
-                self.results[target] = fn(self._cancel.is_set)
+                self.results[target] = fn(cancelled=self._cancel.is_set)
             except BaseException as e:
                 log.debug("disk %s failed", target, exc_info=True)
                 self.errors.append(e)
