@@ -281,16 +281,21 @@ def pack_file(repo_path: str, pack_id: str) -> pathlib.Path:
     return pathlib.Path(repo_path) / "data" / pack_id[:2] / pack_id
 
 
+def damage_blob(repo_path: str, loc: Any) -> None:
+    """Flip one byte in the middle of the stored blob at ``loc`` (a chunk Location)."""
+    p = pack_file(repo_path, loc.pack_id)
+    data = bytearray(p.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
 def test_damaged_chunk_is_refused_before_the_guest_starts(
     libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
 ) -> None:
     bad = copy_repo(repo_path, domains)
     with Repository.open(bad) as repo:
         _cid, loc = late_ram_chunk(repo, captured.id)
-    p = pack_file(bad, loc.pack_id)
-    data = bytearray(p.read_bytes())
-    data[loc.offset + loc.length // 2] ^= 0xFF
-    p.write_bytes(bytes(data))
+    damage_blob(bad, loc)
     d = domains.workdir()
     name = "vmatest-damaged"
     domains.names.append(name)
@@ -349,10 +354,7 @@ def test_damaged_disk_chunk_aborts_the_concurrent_restore(
     bad = copy_repo(repo_path, domains)
     with Repository.open(bad) as repo:
         _cid, loc = late_disk_chunk(repo, captured.id)
-    p = pack_file(bad, loc.pack_id)
-    data = bytearray(p.read_bytes())
-    data[loc.offset + loc.length // 2] ^= 0xFF
-    p.write_bytes(bytes(data))
+    damage_blob(bad, loc)
     d = domains.workdir()
     name = "vmatest-damaged-disk"
     domains.names.append(name)
