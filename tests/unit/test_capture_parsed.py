@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from test_migstream import sample
 
+from vmarchive.errors import StreamError
 from vmarchive.format import migstream as ms
 from vmarchive.ops.capture_parsed import ParsedConsumer
 from vmarchive.store import InitOptions, Repository
@@ -52,3 +53,23 @@ def test_round_trip_sees_a_page_that_changed_on_the_way(
         r = pc.roundtrip(w)
         assert not r["ok"]
         assert any("'pc.ram' slot 0 differs" in p for p in r["problems"]), r["problems"]
+
+
+def test_a_stream_the_parser_rejects_surfaces_its_error_from_feed(tmp_path: pathlib.Path) -> None:
+    """Many more pieces than the pipe holds follow the bad start: feed never blocks, and
+    it raises the parser's own error (what the capture's opaque retry looks at)."""
+    repo = Repository.init(str(tmp_path / "repo"), InitOptions())
+    with repo, repo.writer() as w:
+        pc = ParsedConsumer(w)
+        raised: BaseException | None = None
+        for _ in range(64):
+            try:
+                pc.feed(memoryview(b"NOT A QEMU STREAM" * 100))
+            except BaseException as e:
+                raised = e
+                break
+        if raised is None:  # every piece fitted before the parser failed
+            with pytest.raises(StreamError):
+                pc.finish()
+        else:
+            assert isinstance(raised, StreamError) and not isinstance(raised, BrokenPipeError)

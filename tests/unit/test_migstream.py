@@ -526,7 +526,7 @@ def test_check_round_trip_reports_bad_parts() -> None:
 
 
 def test_round_trip_pipe_passes_buffers_and_frees_a_writer_when_the_reader_stops() -> None:
-    pipe = ms._BufferPipe(depth=2)
+    pipe = ms.BufferPipe(depth=2)
     pipe.write(b"abc")
     pipe.write(memoryview(b"defgh"))
     assert pipe.read(2) == b"ab"

@@ -1124,12 +1124,13 @@ class _CheckedSink(_DigestSink):
         self.check.page(block, offset, data)
 
 
-class _BufferPipe:
-    """An in-process pipe of whole buffers between the round trip's two threads.
+class BufferPipe:
+    """An in-process pipe of whole buffers between a writer thread and a parser thread.
 
-    The regenerator's flushes (``flush_at`` bytes each) become the parser's reads as they
-    are: no system call and no kernel copy per 64 KiB, as an OS pipe would cost.  A
-    reader that stops early makes the writer fail with ``BrokenPipeError``, like a pipe.
+    Each ``write`` (a copy) becomes the parser's reads as it is: no system call and no
+    kernel copy per 64 KiB, as an OS pipe would cost.  At most ``depth`` buffers wait.  A
+    reader that stops early (``reader_gone``) makes the writer fail with
+    ``BrokenPipeError``, like a pipe.  Used by the round trip and the live capture.
     """
 
     def __init__(self, depth: int = 4) -> None:
@@ -1142,7 +1143,7 @@ class _BufferPipe:
     def _put(self, data: bytes) -> None:
         while True:
             if self.reader_gone:
-                raise BrokenPipeError("the round trip's parser stopped reading")
+                raise BrokenPipeError("the parser stopped reading")
             try:
                 self._q.put(data, timeout=0.1)
                 return
@@ -1187,7 +1188,7 @@ def check_round_trip(
     """Regenerate a stream from stored parts, parse it back and compare, memory bounded.
 
     The regenerator runs in a thread writing buffers of ``read_size`` that the parser
-    reads (:class:`_BufferPipe`); digests of every page written and every page parsed
+    reads (:class:`BufferPipe`); digests of every page written and every page parsed
     (per block, in order), of the device bodies, and the two layouts must agree.  This is the capture's proof that what it
     stored restores.  Never raises for a mismatch: see ``RoundTripReport.problems``.
 
@@ -1199,7 +1200,7 @@ def check_round_trip(
     sent = _DigestSink()
     dev_sent = _digest()
     errors: list[BaseException] = []
-    pipe = _BufferPipe()
+    pipe = BufferPipe()
 
     class _Tee:
         def __init__(self, f: _Readable) -> None:

@@ -17,7 +17,6 @@ again: the layout, the device state and a digest of every RAM page must come bac
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -30,27 +29,6 @@ log = logging.getLogger(__name__)
 DEVSTATE_STREAM = "devstate"
 #: Slots read back per batch by the round trip (at most 8 MiB of 64 KiB chunks).
 _READ_BATCH = 128
-_EOF = b""
-
-
-class _QueueInput:
-    """``read(n)`` over byte strings pushed into a bounded queue (``b""`` = end)."""
-
-    def __init__(self, maxsize: int = 8) -> None:
-        self.q: queue.Queue[bytes] = queue.Queue(maxsize=maxsize)
-        self._buf = b""
-        self._eof = False
-
-    def read(self, n: int = -1, /) -> bytes:
-        if not self._buf and not self._eof:
-            self._buf = self.q.get()
-            if not self._buf:
-                self._eof = True
-        if n < 0 or n >= len(self._buf):
-            out, self._buf = self._buf, b""
-            return out
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
 
 
 class _Sink:
@@ -142,7 +120,7 @@ class ParsedConsumer:
     def __init__(self, w: Any) -> None:
         self.w = w
         self.sink = _Sink(w)
-        self.input = _QueueInput()
+        self.input = ms.BufferPipe(depth=8)
         self.layout: ms.StreamLayout | None = None
         self.error: BaseException | None = None
         self.size = 0
@@ -157,19 +135,20 @@ class ParsedConsumer:
         except BaseException as e:
             log.debug("parser stopped", exc_info=True)
             self.error = e
-            # Keep consuming so the feeder never blocks on a full queue; not when the
-            # error was the end itself (a truncated stream): nothing more will come.
-            while not self.input._eof and self.input.q.get():
-                pass
+            self.input.reader_gone = True  # a feeder waiting on the full pipe gives up
 
     def feed(self, data: memoryview) -> None:
         if self.error is not None:
             raise self.error
         self.size += len(data)
-        self.input.q.put(bytes(data))
+        try:
+            self.input.write(data)
+        except BrokenPipeError:
+            assert self.error is not None  # the parser stopped: its error is the cause
+            raise self.error from None
 
     def finish(self) -> None:
-        self.input.q.put(_EOF)
+        self.input.close_write()
         self._thread.join()
         if self.error is not None:
             raise self.error
