@@ -1080,14 +1080,17 @@ class _DigestSink(NullSink):
         self.dev = _digest()
         self.problems: list[str] = []
 
-    def page(self, block: RamBlock, offset: int, data: bytes | memoryview | None) -> None:
-        h = self.digests.get(block.idstr)
-        if h is None:
-            h = self.digests[block.idstr] = _digest()
+    def _in_order(self, block: RamBlock, offset: int) -> None:
         expect = self.next.get(block.idstr, 0)
         if offset != expect and len(self.problems) < 10:
             self.problems.append(f"block {block.idstr!r}: page {offset:#x} where {expect:#x}")
         self.next[block.idstr] = offset + block.page_size
+
+    def page(self, block: RamBlock, offset: int, data: bytes | memoryview | None) -> None:
+        h = self.digests.get(block.idstr)
+        if h is None:
+            h = self.digests[block.idstr] = _digest()
+        self._in_order(block, offset)
         if data is None:
             h.update(b"\x00")  # zero pages: a marker, not 4 KiB of zeros to hash
         else:
@@ -1117,10 +1120,7 @@ class _CheckedSink(_DigestSink):
         self.check = check
 
     def page(self, block: RamBlock, offset: int, data: bytes | memoryview | None) -> None:
-        expect = self.next.get(block.idstr, 0)
-        if offset != expect and len(self.problems) < 10:
-            self.problems.append(f"block {block.idstr!r}: page {offset:#x} where {expect:#x}")
-        self.next[block.idstr] = offset + block.page_size
+        self._in_order(block, offset)
         self.check.page(block, offset, data)
 
 

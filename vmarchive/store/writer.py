@@ -402,9 +402,9 @@ class ArchiveWriter:
     def _store_chunk(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bool]:
         """Return (chunk id, whether it was new); zero chunks return the hole id."""
         codecs = self._codecs
-        if codecs.is_zero(data):
-            return self.zero_id, False
-        cid = codecs.chunk_id(data)
+        cid = self.content_id(data)
+        if cid == self.zero_id:
+            return cid, False
         with self._mutex:
             if cid in self._unpublished or self.repo._chunk_location(cid) is not None:
                 return cid, False
