@@ -17,6 +17,7 @@ its own truth:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -31,7 +32,7 @@ import libvirt
 import pytest
 from test_capture import observe, qemu_leftovers, snapshot_reason
 
-from vmarchive.errors import StreamError
+from vmarchive.errors import HypervisorError, StreamError
 from vmarchive.hypervisor.connection import Connection
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops import capture_parse
@@ -288,11 +289,20 @@ def test_block_device_disk_is_the_device_at_the_instant(
 
 
 def test_one_gib_guest(guest_factory: guestlib.GuestFactory, env: dict[str, pathlib.Path]) -> None:
+    """Snapshot mode also shows here that the set-up gate's check fires: without the
+    pipe filler QEMU takes the RAM instant before the disks are fixed, and the capture
+    must refuse (and leave nothing); the gated capture that follows is consistent."""
     g = guest_factory(guestlib.GuestSpec(memory_mib=1024, params={"fill": 16}))
     g.wait_ticks(2)
     mode = Mode.SNAPSHOT if snapshot_reason(g) is None else Mode.SWITCHOVER
     init_repo(env["repo"])
     mark = g.serial.mark()
+    if mode == Mode.SNAPSHOT:
+        with pytest.raises(HypervisorError, match="did not wait at the set-up gate"):
+            capture(dataclasses.replace(opts(g, env, mode), open_gate=True))
+        assert archive_ids(env["repo"]) == set()
+        assert qemu_leftovers(g) == [] and leftover_files(env) == []
+        keeps_ticking(g, mark)
     r = capture(opts(g, env, mode))
     assert r.mode == mode.value and r.memory_format == "parsed"
     assert r.guest_pause_ms is not None and r.guest_pause_ms > 0

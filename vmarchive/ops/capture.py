@@ -14,10 +14,12 @@ Two mechanisms fix the instant (see ``docs`` and QEMU-FACTS for the measurements
     libvirt built.  No block job may run at switchover (QEMU fails the migration).
 
 ``snapshot``
-    ``background-snapshot`` (userfaultfd write-protection): ``stop``; one ``transaction``
-    starting a copy-before-write fleecing job per disk (``blockdev-backup sync=none`` into a
-    temporary qcow2 backed by the disk); ``migrate``; QEMU resumes the guest by itself and
-    saves every page as it was at the ``stop``.  The fleecing nodes are exported over NBD
+    ``background-snapshot`` (userfaultfd write-protection): ``migrate`` into a pipe that
+    holds QEMU after its set-up (the set-up gate, :meth:`_Capture._snapshot_gate`);
+    ``stop``; one ``transaction`` starting a copy-before-write fleecing job per disk
+    (``blockdev-backup sync=none`` into a temporary qcow2 backed by the disk); the pipe is
+    drained, QEMU resumes the guest by itself and saves every page as it was at the
+    ``stop``.  The fleecing nodes are exported over NBD
     and read concurrently with the memory stream.  Needs userfaultfd for the QEMU user
     (``vm.unprivileged_userfaultfd=1`` under libvirt); ``auto`` uses it only where QEMU
     accepts the capability, else ``switchover``.
@@ -73,6 +75,7 @@ from vmarchive.errors import (
 from vmarchive.hypervisor.blockinfo import DiskInfo, list_disks, parse_disks
 from vmarchive.hypervisor.connection import DEFAULT_URI, Connection, Domain, DomainState
 from vmarchive.hypervisor.memmap import collect_memory_map
+from vmarchive.hypervisor.qemuproc import qemu_pid, wait_thread_blocked_on_pipe
 from vmarchive.hypervisor.qmp import QMP, EventSubscription, pause_us
 from vmarchive.ops import capture_parse
 from vmarchive.ops.capture_cleanup import (
@@ -114,6 +117,7 @@ from vmarchive.store import Repository, crashpoint
 log = logging.getLogger(__name__)
 
 F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
 PIPE_SIZE = 1 << 20
 #: QEMU's max-bandwidth when the user sets none: effectively unlimited (bytes/s).
 UNLIMITED_BANDWIDTH = 1 << 40
@@ -175,6 +179,10 @@ class CaptureOptions:
     disk_delay_s: float = 0.0
     #: Read every disk in full even when a trustworthy parent exists (tracking re-armed).
     full: bool = False
+    #: TEST ONLY: snapshot mode without the set-up gate's filler (QEMU passes its set-up
+    #: and takes the RAM instant before the disks are fixed), to prove the check that the
+    #: gate held can fail (the negative control).
+    open_gate: bool = False
     #: TEST ONLY: start the new dirty bitmap after the overlay commit instead of inside
     #: the instant's transaction, to prove the incremental checks can fail.
     late_bitmap: bool = False
@@ -796,13 +804,26 @@ class _Capture:
             old = list(p.stale) + ([p.since_bitmap] if p.since_bitmap else [])
             remove_bitmaps(qmp, p.node, old)
 
-    def _start_pipe(self, qmp: QMP, consumer: Any) -> PipeReader:
+    def _start_pipe(self, qmp: QMP, consumer: Any, gate: bool = False) -> PipeReader:
+        """The migration pipe, handed to QEMU, and its reader.
+
+        ``gate``: fill the pipe to one byte short of full first and do not start the
+        reader, so QEMU's first write blocks (the set-up gate, see :meth:`_snapshot_gate`);
+        the reader skips the filler once started.  (``open_gate``, a test option, leaves
+        the filler out: QEMU then blocks only once the pipe is full of its RAM pages.)
+        """
         r, wfd = os.pipe2(os.O_CLOEXEC)
+        filler = 0
         try:
             try:
                 fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 log.debug("cannot enlarge the migration pipe", exc_info=True)
+            if gate and not self.o.open_gate:
+                filler = fcntl.fcntl(r, F_GETPIPE_SZ) - 1
+                view = memoryview(bytes(filler))
+                while view:
+                    view = view[os.write(wfd, view) :]
             qmp.getfd(PREFIX + "mig", wfd)
         except BaseException:
             close_fd(r)
@@ -811,9 +832,53 @@ class _Capture:
             close_fd(wfd)
         if self.watchdog is not None:
             self.watchdog.hold_stream(r)
-        reader = PipeReader(r, consumer, self.progress.task("memory", None))
-        reader.start()
+        reader = PipeReader(r, consumer, self.progress.task("memory", None), skip=filler)
+        if not gate:
+            reader.start()
         return reader
+
+    def _snapshot_gate(self, qmp: QMP, pid: int | None) -> bool:
+        """Wait until QEMU's background snapshot has done its set-up and waits on the pipe.
+
+        QEMU 7.2's ``bg_snapshot`` thread first read-touches every page of guest RAM
+        (``ram_write_tracking_prepare``, time grows with RAM: ~60 ms for 2 GiB here), then
+        writes the stream header, then takes the big lock, stops the vCPUs, saves the
+        device state, write-protects RAM and resumes the guest.  Stopping the guest before
+        ``migrate`` put all of that set-up into the pause.  Instead, ``migrate`` is issued
+        while the guest runs, into a pipe filled to one byte short of full
+        (:meth:`_start_pipe`): QEMU's header write blocks after the set-up, *before* the
+        thread stops anything.  Then the guest is stopped and the disks fixed, and only
+        then is the pipe drained; QEMU's stop finds the guest already stopped, so RAM and
+        disks hold the same instant, and the pause no longer includes the set-up.
+
+        Whether the thread has got to the pipe is read from /proc (it sleeps in
+        ``pipe_write``); returns False if that cannot be seen (the pause then includes the
+        rest of the set-up, as before; nothing else changes).  Either way the capture checks
+        that QEMU is still in ``setup`` with the guest stopped before it drains the pipe:
+        a thread still in ``setup`` has not stopped or resumed anything yet.
+        """
+        if pid is None:
+            return False
+        t = time.perf_counter()
+        blocked = wait_thread_blocked_on_pipe(pid)
+        log.debug(
+            "QEMU's snapshot set-up %s after %.1f ms",
+            "done" if blocked else "not seen done",
+            (time.perf_counter() - t) * 1000,
+        )
+        return blocked
+
+    def _check_gate_held(self, qmp: QMP) -> None:
+        """Raise unless QEMU's snapshot is still in ``setup`` (it never got past the gate)."""
+        st = qmp.execute("query-migrate")
+        status = str(st.get("status"))
+        if status != "setup":
+            raise HypervisorError(
+                f"QEMU's background snapshot of {self.dom.name} did not wait at the set-up "
+                f"gate (status {status!r}): RAM and disks would not hold the same instant; "
+                "nothing was stored",
+                domain=self.dom.name,
+            )
 
     def _migrate(self, qmp: QMP, marker: Marker) -> None:
         if not marker.migration_started:
@@ -1049,10 +1114,12 @@ class _Capture:
                     self.to(CaptureState.READING)
                 else:  # snapshot
                     preflush(disks)
-                    reader = self._start_pipe(qmp, memory)
-                    reader.hold()
-                    marker.migration_started = True
-                    marker.save()
+                    pid = qemu_pid(qmp)
+                    reader = self._start_pipe(qmp, memory, gate=True)
+                    self._migrate(qmp, marker)  # the guest runs through QEMU's set-up
+                    gate_seen = self._snapshot_gate(qmp, pid)
+                    if gate_seen:
+                        self._check_gate_held(qmp)
                     t = time.perf_counter()
                     qmp.execute("stop")
                     log.debug("stop took %.1f ms", (time.perf_counter() - t) * 1000)
@@ -1060,8 +1127,9 @@ class _Capture:
                     if self.o.disk_delay_s <= 0:
                         fix_disks()
                     crashpoint.hit("capture-disks-fixed")
-                    self._migrate(qmp, marker)
-                    reader.go()
+                    if not gate_seen:
+                        self._check_gate_held(qmp)
+                    reader.start()  # opens the gate: QEMU saves the instant, resumes the guest
                     self.t_instant = self.clock()
                     self.to(CaptureState.INSTANT)
                     if self.o.disk_delay_s > 0:
@@ -1085,6 +1153,7 @@ class _Capture:
             if roundtrip is not None:
                 roundtrip.join()  # it reads from the writer that is about to be aborted
             if reader is not None:
+                reader.ensure_started()  # a gated snapshot waits for it to drain the pipe
                 reader.go()
             if reader is not None and reader.is_alive():
                 if mode != "snapshot":

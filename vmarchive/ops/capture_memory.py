@@ -56,9 +56,12 @@ class PipeReader(threading.Thread):
         task: Task,
         max_buffer: int = 16 << 20,
         max_hold_s: float = 5.0,
+        skip: int = 0,
     ) -> None:
         super().__init__(name="migration-pipe", daemon=True)
         self.fd = fd
+        #: bytes at the start of the pipe that are not QEMU's (the set-up gate's filler)
+        self.skip = skip
         self.consumer = consumer
         self.task = task
         self.bytes_read = 0
@@ -84,6 +87,11 @@ class PipeReader(threading.Thread):
         with self._cond:
             self._held_until = time.monotonic() + self.max_hold_s
             self._cond.notify_all()
+
+    def ensure_started(self) -> None:
+        """Start draining the pipe, unless that was done already."""
+        if self.ident is None:
+            self.start()
 
     def go(self) -> None:
         """Resume feeding the consumer."""
@@ -120,6 +128,12 @@ class PipeReader(threading.Thread):
         self._feeder.start()
         try:
             with open(self.fd, "rb", buffering=0, closefd=True) as f:
+                skip = self.skip
+                while skip > 0:
+                    data = f.read(min(skip, READ_SIZE))
+                    if not data:
+                        break
+                    skip -= len(data)
                 while True:
                     data = f.read(READ_SIZE)
                     if not data:

@@ -1,0 +1,78 @@
+"""vmarchive.hypervisor.qemuproc against a fake /proc: when the capture may stop waiting."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+import time
+
+from vmarchive.hypervisor.qemuproc import qemu_pid, wait_thread_blocked_on_pipe
+
+
+def task(proc: pathlib.Path, pid: int, tid: int, comm: str, wchan: str) -> pathlib.Path:
+    t = proc / str(pid) / "task" / str(tid)
+    t.mkdir(parents=True, exist_ok=True)
+    (t / "comm").write_text(comm + "\n")
+    (t / "wchan").write_text(wchan)
+    return t
+
+
+def test_blocked_in_pipe_write_is_seen(tmp_path: pathlib.Path) -> None:
+    task(tmp_path, 7, 7, "qemu-system-x86", "do_sys_poll")
+    task(tmp_path, 7, 9, "bg_snapshot", "anon_pipe_write")
+    assert wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=5)
+
+
+def test_a_thread_elsewhere_is_not_taken_for_blocked(tmp_path: pathlib.Path) -> None:
+    """Negative control: the set-up still running (or another thread in pipe_write) is not
+    the gate reached; the wait ends at its timeout with False."""
+    task(tmp_path, 7, 8, "CPU 0/TCG", "pipe_write")
+    task(tmp_path, 7, 9, "bg_snapshot", "futex_wait_queue")
+    t0 = time.monotonic()
+    assert not wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=0.2)
+    assert time.monotonic() - t0 >= 0.2
+
+
+def test_waits_until_the_thread_gets_there(tmp_path: pathlib.Path) -> None:
+    t = task(tmp_path, 7, 9, "bg_snapshot", "futex_wait_queue")
+    timer = threading.Timer(0.1, lambda: (t / "wchan").write_text("pipe_write"))
+    timer.start()
+    try:
+        assert wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=10)
+    finally:
+        timer.cancel()
+
+
+def test_thread_that_ends_ends_the_wait(tmp_path: pathlib.Path) -> None:
+    """The migration failed: the thread is gone, no waiting for the timeout."""
+    t = task(tmp_path, 7, 9, "bg_snapshot", "futex_wait_queue")
+    timer = threading.Timer(0.1, lambda: [p.unlink() for p in t.iterdir()])
+    timer.start()
+    t0 = time.monotonic()
+    assert not wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=30)
+    assert time.monotonic() - t0 < 25
+    timer.join()
+
+
+def test_no_such_thread_or_process(tmp_path: pathlib.Path) -> None:
+    task(tmp_path, 7, 7, "qemu-system-x86", "do_sys_poll")
+    assert not wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=30)  # after ~1 s
+    assert not wait_thread_blocked_on_pipe(8, proc=tmp_path, timeout_s=30)  # at once
+
+
+class FakeQMP:
+    def __init__(self, reply: object) -> None:
+        self.reply = reply
+
+    def execute(self, command: str, arguments: object = None) -> object:
+        assert command == "query-cpus-fast"
+        return self.reply
+
+
+def test_qemu_pid_from_a_vcpu_thread(tmp_path: pathlib.Path) -> None:
+    d = tmp_path / "4242"
+    d.mkdir()
+    (d / "status").write_text("Name:\tCPU 0/TCG\nTgid:\t4200\nPid:\t4242\n")
+    assert qemu_pid(FakeQMP([{"thread-id": 4242}]), proc=tmp_path) == 4200  # type: ignore[arg-type]
+    assert qemu_pid(FakeQMP([{"thread-id": 1}]), proc=tmp_path) is None  # type: ignore[arg-type]
+    assert qemu_pid(FakeQMP([]), proc=tmp_path) is None  # type: ignore[arg-type]

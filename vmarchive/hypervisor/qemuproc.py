@@ -1,0 +1,99 @@
+"""Where QEMU's own threads are, seen through ``/proc`` (hypervisor layer, same host only).
+
+The snapshot-mode capture holds QEMU's ``bg_snapshot`` thread on a full pipe after its
+set-up (see :mod:`vmarchive.ops.capture`, "the set-up gate").  Whether the thread has got
+there is not visible through QMP (``query-migrate`` says ``setup`` before and after), but
+the kernel shows it: the thread sleeps in ``pipe_write``.  Everything here is an
+optimisation with a safe answer when ``/proc`` cannot tell (``None`` / ``False``): the
+capture then simply stops the guest without waiting.
+
+libvirt starts QEMU with ``-name ...,debug-threads=on``, which gives QEMU's threads their
+names (``bg_snapshot`` for the background-snapshot migration thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from vmarchive.errors import HypervisorError
+from vmarchive.hypervisor.qmp import QMP
+
+log = logging.getLogger(__name__)
+
+PROC = Path("/proc")
+#: QEMU's name for the background-snapshot migration thread (migration/migration.c).
+BG_SNAPSHOT_THREAD = "bg_snapshot"
+
+
+def qemu_pid(qmp: QMP, proc: Path = PROC) -> int | None:
+    """The process id of the domain's QEMU, or None when it cannot be found here.
+
+    QMP gives the host thread ids of the vCPUs; their thread group is QEMU's process.
+    """
+    try:
+        cpus = qmp.execute("query-cpus-fast")
+        tid = int(cpus[0]["thread-id"])
+        for line in (proc / str(tid) / "status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    except (HypervisorError, OSError, LookupError, ValueError, TypeError) as e:
+        log.debug("QEMU's process id not found: %s", e)
+    return None
+
+
+def _in_pipe_write(task: Path, name: str) -> bool | None:
+    """Whether the thread sleeps in ``pipe_write``; None when it is gone (or renamed)."""
+    try:
+        if (task / "comm").read_text().strip() != name:
+            return None
+        return "pipe_write" in (task / "wchan").read_text()
+    except OSError:
+        return None
+
+
+def wait_thread_blocked_on_pipe(
+    pid: int,
+    name: str = BG_SNAPSHOT_THREAD,
+    timeout_s: float = 30.0,
+    proc: Path = PROC,
+    poll_s: float = 0.0005,
+) -> bool:
+    """Wait until QEMU's thread ``name`` sleeps writing a pipe; False when it cannot.
+
+    False at ``timeout_s``; at once when the thread ends (the migration failed); and
+    after a second when no thread of that name shows up (QEMU without thread names, or a
+    /proc we may not read).
+    """
+    t0 = time.monotonic()
+    tasks: list[Path] = []
+    while True:
+        now = time.monotonic()
+        if not tasks:
+            try:
+                tasks = [t for t in (proc / str(pid) / "task").iterdir() if _comm(t) == name]
+            except OSError:
+                return False
+            if not tasks and now - t0 > 1.0:
+                log.debug("no %s thread in QEMU process %d", name, pid)
+                return False
+        if tasks:
+            seen = [_in_pipe_write(t, name) for t in tasks]
+            if any(seen):
+                return True
+            if all(s is None for s in seen):
+                return False
+        if now - t0 > timeout_s:
+            return False
+        time.sleep(poll_s)
+
+
+def _comm(task: Path) -> str:
+    try:
+        return (task / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+__all__ = ["BG_SNAPSHOT_THREAD", "qemu_pid", "wait_thread_blocked_on_pipe"]
