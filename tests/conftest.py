@@ -19,6 +19,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -28,6 +29,21 @@ import guestlib
 import libvirt
 import pytest
 from guestlib import TWO_DISK_WRITER_SEED, GuestFactory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The summary and index caches of every repository a test opens (in this process or
+    in the CLI processes it starts) go to a session directory, not to ~/.cache."""
+    saved = os.environ.get("VMARCHIVE_CACHE_DIR")
+    os.environ["VMARCHIVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("vmarchive-cache"))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("VMARCHIVE_CACHE_DIR", None)
+        else:
+            os.environ["VMARCHIVE_CACHE_DIR"] = saved
 
 
 @pytest.fixture(scope="session")

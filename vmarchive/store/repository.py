@@ -34,12 +34,13 @@ from vmarchive.errors import (
     WrongKeyError,
 )
 from vmarchive.progress import NULL_PROGRESS, Progress
-from vmarchive.store.backend import Backend, ObjectNotFoundError, open_backend
+from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, open_backend
 from vmarchive.store.chunkindex import ChunkIndex, Location
 from vmarchive.store.codecs import Codecs, InitOptions, StreamInfo
 from vmarchive.store.locking import Lock, LockContext, LockKind, LockManager
 from vmarchive.store.readahead import PackOrder
 from vmarchive.store.reader import StreamReader
+from vmarchive.store.summarycache import SummaryCache
 from vmarchive.store.writer import ArchiveWriter, WriterOptions
 
 if TYPE_CHECKING:
@@ -128,6 +129,21 @@ class Archive:
             yield from s.chunk_ids()
 
 
+def _summary_from_json(archive_id: str, d: dict[str, Any]) -> ArchiveSummary:
+    """An :meth:`ArchiveSummary.to_json` read back.  Raises KeyError/TypeError/ValueError."""
+    if d["id"] != archive_id or not isinstance(d["metadata"], dict):
+        raise ValueError("entry of another archive, or without metadata")
+    return ArchiveSummary(
+        id=archive_id,
+        time=str(d["time"]),
+        domain=str(d["domain"]),
+        kind=str(d["kind"]),
+        tags=[str(t) for t in d["tags"]],
+        size=int(d["size"]),
+        metadata=d["metadata"],
+    )
+
+
 def parse_time(value: str) -> datetime:
     """Parse an ISO 8601 archive time. Raises :class:`UsageError`."""
     try:
@@ -156,6 +172,9 @@ class Repository:
         self._chunks_mutex = threading.Lock()
         self._pack_order = PackOrder(self._chunk_location, codecs.zero_id)
         backend.set_read_order(self._following_pack)
+        self._summaries = SummaryCache.for_repository(
+            codecs.encoded_config, Codecs.config_encrypted(codecs.config)
+        )
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
@@ -420,7 +439,10 @@ class Repository:
 
     # -- archives -------------------------------------------------------------------------
     def archive_ids(self) -> list[str]:
-        return sorted(o.key.split("/", 1)[1] for o in self.backend.list("archives/"))
+        return sorted(self._archive_objects())
+
+    def _archive_objects(self) -> dict[str, ObjectInfo]:
+        return {o.key.split("/", 1)[1]: o for o in self.backend.list("archives/")}
 
     def resolve(self, name_or_prefix: str) -> str:
         """The full id of the one archive ``name_or_prefix`` names.
@@ -484,13 +506,38 @@ class Repository:
     def list_archives(self) -> list[ArchiveSummary]:
         """Every archive, oldest first; damaged manifests are skipped with a warning.
 
+        Summaries come from the local summary cache where it has them (see
+        :mod:`vmarchive.store.summarycache`); only the manifests it lacks are loaded.
+
         Raises :class:`BackendError`.
         """
-
-        def warn(aid: str, e: DamageError) -> None:
-            log.warning("archive %s is damaged: %s", aid, e)
-
-        out = [a.summary() for a in self.iter_archives(on_damage=warn)]
+        objects = self._archive_objects()
+        ids = sorted(objects)
+        cache = self._summaries
+        out: list[ArchiveSummary] = []
+        for aid in ids:
+            # The listing's size and mtime go with the entry: a manifest rewritten in
+            # place (damaged, or a copied repository tampered with) is loaded again.
+            stamp = f"{objects[aid].size}:{objects[aid].mtime!r}"
+            cached = cache.get(aid, stamp) if cache is not None else None
+            if cached is not None:
+                try:
+                    out.append(_summary_from_json(aid, cached))
+                    continue
+                except (KeyError, TypeError, ValueError) as e:
+                    log.debug("cached summary of %s unusable (%s); loading it", aid, e)
+            try:
+                summary = self._load(aid).summary()
+            except NotFoundError:
+                continue  # forgotten while we listed
+            except DamageError as e:
+                log.warning("archive %s is damaged: %s", aid, e)
+                continue
+            out.append(summary)
+            if cache is not None:
+                cache.put(aid, stamp, summary.to_json())
+        if cache is not None:
+            cache.keep_only(ids)
 
         def when(s: ArchiveSummary) -> float:
             try:

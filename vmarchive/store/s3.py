@@ -59,6 +59,7 @@ from botocore.loaders import Loader, create_loader
 
 from vmarchive.errors import BackendError, RepositoryError
 from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, check_key
+from vmarchive.store.summarycache import cache_root
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 #: boto3's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` work as well.
 ENDPOINT_ENV = "VMARCHIVE_S3_ENDPOINT"
 #: Where local copies of index files and manifests live (``off`` disables the cache).
-CACHE_ENV = "VMARCHIVE_CACHE_DIR"
 
 MiB = 1 << 20
 _MIN_PART = 5 * MiB
@@ -127,11 +127,7 @@ class S3Options:
     @staticmethod
     def default_cache_dir() -> str | None:
         """``VMARCHIVE_CACHE_DIR`` (``off``: none), else ``$XDG_CACHE_HOME/vmarchive``."""
-        env = os.environ.get(CACHE_ENV)
-        if env is not None:
-            return None if env in ("", "off") else env
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        return os.path.join(xdg, "vmarchive")
+        return cache_root()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> S3Options:

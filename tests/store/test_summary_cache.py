@@ -1,0 +1,112 @@
+"""The local cache of archive summaries: list without loading manifests, never wrong."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+from storehelpers import make_repo, write_archive
+
+from vmarchive.store import Repository
+from vmarchive.store.summarycache import CACHE_ENV
+
+
+@pytest.fixture
+def cache_dir(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pathlib.Path]:
+    d = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(d))
+    yield d
+
+
+def loads(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count the manifests the repository loads from now on."""
+    seen: list[str] = []
+    real = repo._load
+
+    def counting(aid: str) -> object:
+        seen.append(aid)
+        return real(aid)
+
+    monkeypatch.setattr(repo, "_load", counting)
+    return seen
+
+
+def three(path: pathlib.Path) -> tuple[Repository, list[str]]:
+    repo = make_repo(path)
+    ids = [
+        write_archive(repo, {"s": bytes([i]) * 1000}, time=f"2026-01-0{i + 1}T00:00:00Z")
+        for i in range(3)
+    ]
+    return repo, ids
+
+
+def test_second_listing_loads_no_manifest(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo, ids = three(tmp_path / "r")
+    first = repo.list_archives()
+    assert [a.id for a in first] == ids
+    with Repository.open(str(tmp_path / "r")) as again:
+        seen = loads(again, monkeypatch)
+        second = again.list_archives()
+    assert seen == []
+    assert [a.to_json() for a in second] == [a.to_json() for a in first]
+
+
+def test_negative_control_without_cache_every_manifest_is_loaded(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, "off")
+    repo, ids = three(tmp_path / "r")
+    repo.list_archives()
+    seen = loads(repo, monkeypatch)
+    repo.list_archives()
+    assert sorted(seen) == sorted(ids)
+
+
+def test_forgotten_archives_leave_the_cache(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path
+) -> None:
+    repo, ids = three(tmp_path / "r")
+    repo.list_archives()
+    assert len(list(cache_dir.rglob("*.json"))) == 3
+    repo.forget([ids[0]])
+    assert [a.id for a in repo.list_archives()] == ids[1:]
+    assert sorted(p.stem for p in cache_dir.rglob("*.json")) == sorted(ids[1:])
+
+
+def test_damaged_entry_is_remade(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo, ids = three(tmp_path / "r")
+    want = [a.to_json() for a in repo.list_archives()]
+    (entry,) = [p for p in cache_dir.rglob("*.json") if p.stem == ids[1]]
+    entry.write_text('{"v": 1, "id": "not this one"')  # cut short
+    seen = loads(repo, monkeypatch)
+    assert [a.to_json() for a in repo.list_archives()] == want
+    assert seen == [ids[1]]
+    seen.clear()
+    repo.list_archives()
+    assert seen == [], "the remade entry is served again"
+
+
+def test_manifest_rewritten_in_place_is_not_served_from_cache(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path
+) -> None:
+    repo, ids = three(tmp_path / "r")
+    repo.list_archives()
+    path = tmp_path / "r" / "archives" / ids[2]
+    data = bytearray(path.read_bytes())
+    data[30] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert [a.id for a in repo.list_archives()] == ids[:2], "a damaged manifest was listed"
+
+
+def test_encrypted_repository_keeps_no_summaries(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path
+) -> None:
+    repo = make_repo(tmp_path / "r", encrypted=True)
+    write_archive(repo, {"s": b"x" * 1000})
+    assert len(repo.list_archives()) == 1
+    assert not cache_dir.exists() or not list(cache_dir.rglob("*.json"))

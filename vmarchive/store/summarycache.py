@@ -1,0 +1,123 @@
+"""Local cache of archive summaries, so ``list``, ``prune`` and every capture's search for
+its parent do not load every manifest of the repository (store layer).
+
+Without it each of those decodes every manifest, slot tables included (~13 MB for a
+200 GB disk): O(archives x disk size) before a capture may start.  An archive's id is the
+hash of its manifest's bytes, so the summary of an id, once made, is right for ever; an
+entry is dropped when its archive is no longer listed.  Only an optimisation: a missing,
+unreadable or damaged entry is made again from the manifest, and a summary only chooses
+which archive to load (a loaded manifest is checked against its id as always).
+
+Not kept for encrypted repositories: a summary holds the archive's metadata (domain
+names, tags, times) in the clear, which such a repository keeps encrypted.
+
+Where: ``VMARCHIVE_CACHE_DIR`` (``off``: no cache), else ``$XDG_CACHE_HOME/vmarchive``
+(``~/.cache/vmarchive``), under ``summaries/<hash of the repository config>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "VMARCHIVE_CACHE_DIR"
+#: Bumped when the summary's fields change: older entries are then made again.
+VERSION = 1
+_ARCHIVE_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def cache_root() -> str | None:
+    """``VMARCHIVE_CACHE_DIR`` (``off`` or empty: no cache), else the XDG cache dir."""
+    env = os.environ.get(CACHE_ENV)
+    if env is not None:
+        return None if env in ("", "off") else env
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "vmarchive")
+
+
+class SummaryCache:
+    """One repository's summaries, one small JSON file per archive id."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_repository(cls, encoded_config: bytes, encrypted: bool) -> SummaryCache | None:
+        root = cache_root()
+        if root is None or encrypted:
+            return None
+        ident = hashlib.sha256(encoded_config).hexdigest()[:24]
+        return cls(os.path.join(root, "summaries", ident))
+
+    def _path(self, archive_id: str) -> str:
+        return os.path.join(self.directory, archive_id + ".json")
+
+    def get(self, archive_id: str, stamp: str) -> dict[str, Any] | None:
+        """The cached summary fields of ``archive_id``, or None (then make and ``put`` it).
+
+        ``stamp`` says which manifest object the entry was made from (its size and time in
+        the listing): an entry with another stamp is not served.
+        """
+        try:
+            with open(self._path(archive_id), "rb") as f:
+                entry = json.loads(f.read())
+            if (
+                isinstance(entry, dict)
+                and entry.get("v") == VERSION
+                and entry.get("id") == archive_id
+                and entry.get("stamp") == stamp
+                and isinstance(entry.get("summary"), dict)
+            ):
+                with self._lock:
+                    self.hits += 1
+                return dict(entry["summary"])
+            log.debug("summary cache entry of %s is stale or damaged; remaking it", archive_id)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.debug("summary cache entry of %s unreadable (%s); remaking it", archive_id, e)
+        with self._lock:
+            self.misses += 1
+        return None
+
+    def put(self, archive_id: str, stamp: str, summary: dict[str, Any]) -> None:
+        if not _ARCHIVE_ID.match(archive_id):
+            return
+        path = self._path(archive_id)
+        tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump({"v": VERSION, "id": archive_id, "stamp": stamp, "summary": summary}, f)
+            os.replace(tmp, path)
+        except (OSError, TypeError, ValueError) as e:
+            log.debug("cannot cache the summary of %s: %s", archive_id, e)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def keep_only(self, archive_ids: Iterable[str]) -> None:
+        """Drop the entries of archives no longer listed (forgotten, pruned)."""
+        keep = {a + ".json" for a in archive_ids}
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            if name.endswith(".json") and name not in keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, name))
+
+
+__all__ = ["CACHE_ENV", "SummaryCache", "cache_root"]
