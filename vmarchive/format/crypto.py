@@ -13,13 +13,14 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from vmarchive.errors import DamageError, FormatError, WrongKeyError
 from vmarchive.format import constants as C
 from vmarchive.format.header import decode_header, make_header
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 #: A source of random bytes: ``rng(n)`` returns ``n`` bytes.
 Rng = Callable[[int], bytes]
@@ -66,6 +67,10 @@ TEST_SCRYPT = ScryptParams(log2_n=10, r=8, p=1)
 
 
 def _aead(key: bytes) -> AESGCM:
+    # Imported here: only encrypted repositories need it, and it costs every command of
+    # every other repository ~17 ms of start-up.
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     if len(key) != C.KEY_SIZE:
         raise ValueError("AES-256-GCM needs a 32-byte key")
     return AESGCM(key)
@@ -90,6 +95,8 @@ def unseal(key: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:
     """
     if len(sealed) < C.SEAL_OVERHEAD:
         raise FormatError(f"sealed data truncated ({len(sealed)} bytes)")
+    from cryptography.exceptions import InvalidTag
+
     mv = memoryview(sealed)
     try:
         return _aead(key).decrypt(bytes(mv[: C.NONCE_SIZE]), bytes(mv[C.NONCE_SIZE :]), aad)
