@@ -113,6 +113,8 @@ def command_name(argv: list[str]) -> str | None:
 
 def load_commands(argv: list[str] | None = None) -> None:
     """Register the command ``argv`` runs, or every command (help, unknown, ``None``)."""
+    if argv is not None and command_name(argv) is None and "--version" in argv:
+        return  # eager: printed before any command is looked at
     module = COMMAND_MODULES.get(command_name(argv) or "") if argv is not None else None
     names = [module] if module else list(dict.fromkeys(COMMAND_MODULES.values()))
     for name in names:
