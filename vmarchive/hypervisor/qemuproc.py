@@ -23,8 +23,11 @@ from vmarchive.hypervisor.qmp import QMP
 log = logging.getLogger(__name__)
 
 PROC = Path("/proc")
-#: QEMU's name for the background-snapshot migration thread (migration/migration.c).
-BG_SNAPSHOT_THREAD = "bg_snapshot"
+#: QEMU's names for the background-snapshot migration thread (migration/migration.c):
+#: "bg_snapshot" up to QEMU 8, "mig/snapshot" since the threads were renamed.
+BG_SNAPSHOT_THREADS = ("bg_snapshot", "mig/snapshot")
+#: How long the thread may take to show up: QEMU creates it before ``migrate`` returns.
+SHOW_UP_S = 0.05
 
 
 def qemu_pid(qmp: QMP, proc: Path = PROC) -> int | None:
@@ -43,10 +46,10 @@ def qemu_pid(qmp: QMP, proc: Path = PROC) -> int | None:
     return None
 
 
-def _in_pipe_write(task: Path, name: str) -> bool | None:
+def _in_pipe_write(task: Path, names: tuple[str, ...]) -> bool | None:
     """Whether the thread sleeps in ``pipe_write``; None when it is gone (or renamed)."""
     try:
-        if (task / "comm").read_text().strip() != name:
+        if (task / "comm").read_text().strip() not in names:
             return None
         return "pipe_write" in (task / "wchan").read_text()
     except OSError:
@@ -55,16 +58,17 @@ def _in_pipe_write(task: Path, name: str) -> bool | None:
 
 def wait_thread_blocked_on_pipe(
     pid: int,
-    name: str = BG_SNAPSHOT_THREAD,
+    names: tuple[str, ...] = BG_SNAPSHOT_THREADS,
     timeout_s: float = 30.0,
     proc: Path = PROC,
     poll_s: float = 0.0005,
 ) -> bool:
-    """Wait until QEMU's thread ``name`` sleeps writing a pipe; False when it cannot.
+    """Wait until QEMU's thread (one of ``names``) sleeps writing a pipe; False when it
+    cannot be seen.
 
     False at ``timeout_s``; at once when the thread ends (the migration failed); and
-    after a second when no thread of that name shows up (QEMU without thread names, or a
-    /proc we may not read).
+    after :data:`SHOW_UP_S` when no such thread shows up (QEMU without thread names, a
+    renamed thread, or a /proc we may not read).
     """
     t0 = time.monotonic()
     tasks: list[Path] = []
@@ -72,14 +76,14 @@ def wait_thread_blocked_on_pipe(
         now = time.monotonic()
         if not tasks:
             try:
-                tasks = [t for t in (proc / str(pid) / "task").iterdir() if _comm(t) == name]
+                tasks = [t for t in (proc / str(pid) / "task").iterdir() if _comm(t) in names]
             except OSError:
                 return False
-            if not tasks and now - t0 > 1.0:
-                log.debug("no %s thread in QEMU process %d", name, pid)
+            if not tasks and now - t0 > SHOW_UP_S:
+                log.debug("no %s thread in QEMU process %d", "/".join(names), pid)
                 return False
         if tasks:
-            seen = [_in_pipe_write(t, name) for t in tasks]
+            seen = [_in_pipe_write(t, names) for t in tasks]
             if any(seen):
                 return True
             if all(s is None for s in seen):
@@ -96,4 +100,4 @@ def _comm(task: Path) -> str:
         return ""
 
 
-__all__ = ["BG_SNAPSHOT_THREAD", "qemu_pid", "wait_thread_blocked_on_pipe"]
+__all__ = ["BG_SNAPSHOT_THREADS", "qemu_pid", "wait_thread_blocked_on_pipe"]
