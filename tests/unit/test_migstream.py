@@ -611,3 +611,85 @@ def test_property_device_bodies_split_exactly_or_refused(parts: list[bytes]) -> 
         assert "ambiguous" in str(e)
         return
     assert rec.dev == b"".join(parts)
+
+
+# --- runs: the parser takes 16 CONTINUE records of one kind at once -------------------------
+
+
+class RunRecorder(Recorder):
+    """A Recorder that also takes whole runs (``ram_pages``), and counts them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
+
+    def ram_pages(self, block: ms.RamBlock, offset: int, data: bytes | None, count: int) -> None:
+        self.runs += 1
+        n = count * PAGE
+        assert data is None or len(data) == n
+        self.img[block.idstr][offset : offset + n] = bytes(n) if data is None else data
+
+
+segments = st.lists(
+    st.tuples(
+        st.integers(0, 1),  # block
+        st.integers(0, 63),  # first page
+        st.integers(1, 40),  # pages, in order
+        st.one_of(st.none(), st.integers(1, 255)),  # zero pages, or data pages of this tag
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(segments, st.integers(0, 2**16), st.integers(1, 70000))
+def test_property_runs_parse_as_single_records(
+    segs: list[tuple[int, int, int, int | None]], seed: int, max_read: int
+) -> None:
+    ops: list[tuple[int, int, bytes | None]] = []
+    for b, first, n, tag in segs:
+        ops += [
+            (b, p, None if tag is None else page(tag + p)) for p in range(first, min(first + n, 64))
+        ]
+    w = W(blocks=[("pc.ram", 64 * PAGE), ("b", 64 * PAGE)], sections=[ops])
+    seen: set[tuple[int, int]] = set()
+    resent = 0
+    for b, p, _d in ops:
+        resent += (b, p) in seen
+        seen.add((b, p))
+    data = w.build()
+    for rec in (Recorder(), RunRecorder()):
+        layout = ms.parse_stream(Dribble(data, seed, max_read), rec, read_size=max_read)
+        assert rec.img == w.final_images()
+        st_ = layout.stats
+        assert st_.page_records == len(ops)
+        assert st_.zero_records == sum(d is None for _b, _p, d in ops)
+        assert st_.resent_pages == resent
+        _, rec2 = parse(regen(layout, rec))
+        assert rec2.img == rec.img
+
+
+def test_runs_are_taken_and_a_broken_run_is_not() -> None:
+    """The run path is used for long in-order runs (else the property above proves
+    nothing about it), and not where one header in the run breaks the sequence."""
+    seq = [(0, p, page(p + 1)) for p in range(48)] + [(0, p, None) for p in range(48, 128)]
+    w = W(blocks=[("pc.ram", 128 * PAGE)], sections=[seq])
+    rec = RunRecorder()
+    ms.parse_stream(io.BytesIO(w.build()), rec)
+    assert rec.runs >= 4  # page 0 names the block; data runs 1-16, 17-32; zero runs
+    assert rec.img == w.final_images()
+    # Negative control: page 9 swapped with page 10 -- no run may cover pages 1..16.
+    broken = list(seq[:17])
+    broken[9], broken[10] = broken[10], broken[9]
+    w = W(blocks=[("pc.ram", 64 * PAGE)], sections=[broken])
+    rec = RunRecorder()
+    ms.parse_stream(io.BytesIO(w.build()), rec)
+    assert rec.runs == 0
+    assert rec.img == w.final_images()
+
+
+def test_run_of_zero_records_with_a_fill_byte_is_refused() -> None:
+    w = W(blocks=[("pc.ram", 64 * PAGE)], sections=[[(0, p, None) for p in range(40)]], zero_fill=1)
+    with pytest.raises(StreamRefusedError, match="fill byte"):
+        ms.parse_stream(io.BytesIO(w.build()), RunRecorder())

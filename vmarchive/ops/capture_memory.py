@@ -218,11 +218,20 @@ class RamImage:
     def _slot_len(self, index: int) -> int:
         return min(self.cs, self.size - index * self.cs)
 
-    def page(self, offset: int, data: bytes | bytearray | memoryview | None, length: int) -> None:
-        """Set ``length`` bytes at ``offset`` to ``data`` (None: zeros)."""
+    def page(
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview | None,
+        length: int,
+        pages: int = 1,
+    ) -> None:
+        """Set ``length`` bytes at ``offset`` to ``data`` (None: zeros); ``pages``: how
+        many pages that is (for the count)."""
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"page at {offset:#x} outside the block ({self.size:#x})")
-        self.pages += 1
+        self.pages += pages
+        if data is not None and not isinstance(data, memoryview):
+            data = memoryview(data)  # slices below without copies
         while length:
             index = offset // self.cs
             within = offset - index * self.cs

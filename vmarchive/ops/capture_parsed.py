@@ -60,6 +60,9 @@ class _Sink:
     def ram_page(self, block: ms.RamBlock, offset: int, data: memoryview | None) -> None:
         self.images[block.index].page(offset, data, block.page_size)
 
+    def ram_pages(self, block: ms.RamBlock, offset: int, data: bytes | None, count: int) -> None:
+        self.images[block.index].page(offset, data, count * block.page_size, count)
+
     def _devstream(self) -> Any:
         if self.dev is None:
             self.dev = self.w.stream(DEVSTATE_STREAM, "devstate", None, attrs={})
@@ -100,6 +103,26 @@ class _SlotCheck:
         if data is not None:
             within = offset - index * cs
             cur[1][within : within + len(data)] = data
+
+    def pages(self, block: ms.RamBlock, offset: int, data: bytes | None, count: int) -> None:
+        """``count`` pages at consecutive offsets (``data`` back to back; None: zero)."""
+        cs = int(self.streams[block.index].chunk_size)
+        mv = None if data is None else memoryview(data)
+        end = offset + count * block.page_size
+        while offset < end:
+            index = offset // cs
+            n = min(end, (index + 1) * cs) - offset  # bytes of the run in this slot
+            cur = self.open.get(block.index)
+            if cur is None or cur[0] != index:
+                if cur is not None:
+                    self._finish(block.index, *cur)
+                cur = (index, bytearray(min(cs, block.used_length - index * cs)))
+                self.open[block.index] = cur
+            if mv is not None:
+                within = offset - index * cs
+                cur[1][within : within + n] = mv[:n]
+                mv = mv[n:]
+            offset += n
 
     def _finish(self, bidx: int, index: int, buf: bytearray) -> None:
         self.checked += 1
