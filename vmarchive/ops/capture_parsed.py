@@ -92,19 +92,11 @@ class _SlotCheck:
         self.bad: list[str] = []
 
     def page(self, block: ms.RamBlock, offset: int, data: bytes | memoryview | None) -> None:
-        cs = int(self.streams[block.index].chunk_size)
-        index = offset // cs
-        cur = self.open.get(block.index)
-        if cur is None or cur[0] != index:
-            if cur is not None:
-                self._finish(block.index, *cur)
-            cur = (index, bytearray(min(cs, block.used_length - index * cs)))
-            self.open[block.index] = cur
-        if data is not None:
-            within = offset - index * cs
-            cur[1][within : within + len(data)] = data
+        self.pages(block, offset, data, 1)
 
-    def pages(self, block: ms.RamBlock, offset: int, data: bytes | None, count: int) -> None:
+    def pages(
+        self, block: ms.RamBlock, offset: int, data: bytes | memoryview | None, count: int
+    ) -> None:
         """``count`` pages at consecutive offsets (``data`` back to back; None: zero)."""
         cs = int(self.streams[block.index].chunk_size)
         mv = None if data is None else memoryview(data)
