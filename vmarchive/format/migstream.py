@@ -977,22 +977,40 @@ class _Writable(Protocol):
 
 
 class _Output:
+    """Pieces of the stream, written out joined once ``flush_at`` bytes are gathered.
+
+    A list of pieces, not a growing bytearray: a bytearray emptied after each write is
+    freed and regrown by reallocation on the next, which cost a fresh process (a restore)
+    about as much as generating the stream (measured: 0.36 -> 0.2 s for 400 MB).
+    """
+
     def __init__(self, out: _Writable, flush_at: int) -> None:
         self._out = out
         self._flush_at = flush_at
-        self.buf = bytearray()
+        self.parts: list[bytes | bytearray | memoryview] = []
+        self.size = 0
         self.written = 0
 
+    def add(self, b: bytes | bytearray | memoryview) -> None:
+        self.parts.append(b)
+        self.size += len(b)
+        if self.size >= self._flush_at:
+            self.flush()
+
     def flush(self) -> None:
-        mv = memoryview(self.buf)
+        if not self.parts:
+            return
+        data = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        self.parts.clear()
+        self.size = 0
+        mv = memoryview(data)
         done = 0
         while done < len(mv):
             n = self._out.write(mv[done:])
             # buffered writers return None / the full length; raw ones may write less
             done += len(mv) - done if n is None else n
         mv.release()
-        self.written += len(self.buf)
-        self.buf.clear()
+        self.written += len(data)
 
 
 def _section_header(t: int, sid: int, idstr: str, instance: int, version: int) -> bytes:
@@ -1072,7 +1090,7 @@ def regenerate(
     layout.validate()
     assert layout.ram is not None
     o = _Output(out, flush_at)
-    buf = o.buf
+    buf = bytearray()
     buf += _BE32.pack(QEVM_MAGIC) + _BE32.pack(layout.version)
     buf.append(SEC_CONFIGURATION)
     buf += layout.configuration
@@ -1085,9 +1103,12 @@ def regenerate(
         buf += bytes([len(name)]) + name + _BE64.pack(b.used_length)
     buf += _BE64.pack(RAM_FLAG_EOS) + _footer(ram.section_id)
     buf += bytes([SEC_END]) + _BE32.pack(ram.section_id)
+    o.add(buf)
 
     pack64 = _BE64.pack
     zero_tail = b"\x00"
+    add = o.parts.append
+    size = o.size
     for b in layout.ram_blocks:
         name = b.idstr.encode("ascii")
         named = bytes([len(name)]) + name
@@ -1104,20 +1125,24 @@ def regenerate(
                 flags = RAM_FLAG_PAGE
                 body = page
             if first:
-                buf += pack64(off | flags)
-                buf += named
+                add(pack64(off | flags) + named)
+                size += 8 + len(named)
                 first = False
             else:
-                buf += pack64(off | flags | RAM_FLAG_CONTINUE)
-            buf += body
-            if len(buf) >= flush_at:
+                add(pack64(off | flags | RAM_FLAG_CONTINUE))
+                size += 8
+            add(body)
+            size += len(body)
+            if size >= flush_at:
                 o.flush()
-    buf += _BE64.pack(RAM_FLAG_EOS) + _footer(ram.section_id)
+                size = 0
+    o.size = size
+    o.add(_BE64.pack(RAM_FLAG_EOS) + _footer(ram.section_id))
 
     reader = None if isinstance(devstate, bytes | bytearray | memoryview) else devstate
     dev = None if reader is not None else memoryview(devstate)  # type: ignore[arg-type]
     for r in layout.records:
-        buf += _section_header(r.section_type, r.section_id, r.idstr, r.instance_id, r.version_id)
+        o.add(_section_header(r.section_type, r.section_id, r.idstr, r.instance_id, r.version_id))
         if dev is not None:
             body = bytes(dev[r.offset : r.offset + r.length])
         else:
@@ -1125,13 +1150,9 @@ def regenerate(
             body = _read_exact(reader, r.length)
         if len(body) != r.length:
             raise StreamError(f"devstate too short for device section {r.idstr!r}")
-        buf += body
-        buf += _footer(r.section_id)
-        if len(buf) >= flush_at:
-            o.flush()
-    buf.append(SEC_EOF)
-    buf.append(SEC_VMDESC)
-    buf += _BE32.pack(len(layout.vmdesc)) + layout.vmdesc
+        o.add(body)
+        o.add(_footer(r.section_id))
+    o.add(bytes([SEC_EOF, SEC_VMDESC]) + _BE32.pack(len(layout.vmdesc)) + layout.vmdesc)
     o.flush()
     return o.written
 
