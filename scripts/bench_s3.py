@@ -32,7 +32,7 @@ a live capture into a fresh repository and a restore (as a clone, which is then 
 from it, local directory against S3.
 
 Usage: scripts/bench_s3.py [--mib N] [--rounds N] [--guest MIB] [--raw] [--workdir DIR]
-                           [--endpoint URL --bucket B]
+                           [--endpoint URL --bucket B] [--keep]
 """
 
 from __future__ import annotations
@@ -285,9 +285,11 @@ def main() -> None:
     ap.add_argument("--bucket", default="vmarchive-bench")
     ap.add_argument("--guest", type=int, metavar="MIB", help="also capture/restore a guest")
     ap.add_argument("--raw", action="store_true", help="also time boto3 alone vs the disk")
+    ap.add_argument("--keep", action="store_true", help="keep the repositories in --workdir")
     args = ap.parse_args()
 
     workdir = Path(args.workdir)
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
     base = workdir / "ceph"
     endpoint = args.endpoint or start_ceph(base)["VMARCHIVE_S3_ENDPOINT"]
@@ -403,6 +405,12 @@ def main() -> None:
     finally:
         if not args.endpoint:
             subprocess.run([str(ROOT / "scripts" / "ceph"), "stop", str(base)], check=False)
+        if not args.keep:  # the repositories are hundreds of MiB
+            for sub in ("local-repo", "guest-repo", "raw", "ceph"):
+                shutil.rmtree(workdir / sub, ignore_errors=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    workdir.rmdir()
 
 
 if __name__ == "__main__":
