@@ -212,6 +212,21 @@ def main() -> int:
         print(
             f"vdb bytes read by the incremental: {100 * i['vdb_read_mib'] / DISK_MIB:.2f} % of disk"
         )
+        # Floors: what any capture of this guest costs before reading a disk byte.
+        snap = bl.migrate_to_null(g.dom, background=a.mode == "snapshot")
+        start = bl.run(
+            [sys.executable, "-m", "vmarchive", "capture", "nosuch", "--repo", str(b.repo)],
+            env=b.env,
+            cwd=ROOT,
+            ok=tuple(range(256)),  # fails at once (no such domain): start-up and exit only
+        )
+        ram_s, start_s = snap["wall_s"], start.wall_s
+        print(
+            f"\nfloor: QEMU alone sending the RAM ({'background snapshot' if a.mode == 'snapshot' else 'precopy'}"
+            f" -> /dev/null) {ram_s:.2f} s = {ram_s / f['wall_s']:.3f} of the full capture;"
+            f" with the command's start-up and exit ({start_s:.2f} s):"
+            f" {(ram_s + start_s) / f['wall_s']:.3f}"
+        )
         print("\nwhere the last full capture's time goes (phase durations):")
         print("\n".join(breakdown(runs[-2])))
         print("\nwhere the last incremental capture's time goes (phase durations):")
