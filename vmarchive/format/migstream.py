@@ -134,6 +134,8 @@ _ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
 #: at a time, and hands them to a sink's ``ram_pages`` at once.
 _RUN = 16
 _PAGE_REC = 8 + TARGET_PAGE_SIZE
+#: the largest RAM record: 8 header + 1 + 255 idstr + 4096 page
+_MAX_RECORD = 8 + 256 + TARGET_PAGE_SIZE
 _ZERO_REC = 8 + 1
 _PAGE_CONT = RAM_FLAG_PAGE | RAM_FLAG_CONTINUE
 _ZERO_CONT = RAM_FLAG_ZERO | RAM_FLAG_CONTINUE
@@ -679,9 +681,9 @@ class _Parser:
         block = self.last_block
         unpack64 = _BE64.unpack_from
         page_size = TARGET_PAGE_SIZE
-        # largest record: 8 header + 1 + 255 idstr + 4096 page (runs are taken only where
-        # the buffer holds them: filling for a whole run would copy more at every refill)
-        want = 8 + 256 + page_size
+        # runs are taken only where the buffer holds them: filling for a whole run would
+        # copy more at every refill
+        want = _MAX_RECORD
         pages = zeros = resent = 0
         sink_pages = getattr(self.sink, "ram_pages", None)
         run_bytes = _RUN * page_size
@@ -981,7 +983,7 @@ class _Output:
 
     A list of pieces, not a growing bytearray: a bytearray emptied after each write is
     freed and regrown by reallocation on the next, which cost a fresh process (a restore)
-    about as much as generating the stream (measured: 0.36 -> 0.2 s for 400 MB).
+    about as much as generating the stream (measured: 0.36 -> 0.105 s for 404 MB).
     """
 
     def __init__(self, out: _Writable, flush_at: int) -> None:
@@ -1209,9 +1211,6 @@ class _DigestSink(NullSink):
     def ram_page(self, block: RamBlock, offset: int, data: memoryview | None) -> None:
         self.page(block, offset, data)
 
-    def ram_pages(self, block: RamBlock, offset: int, data: bytes | None, count: int) -> None:
-        _pages_one_by_one(self.page, block, offset, data, count)
-
     def device_section(self, record: SectionRecord, data: memoryview) -> None:
         self.dev.update(data)
 
@@ -1346,8 +1345,9 @@ def check_round_trip(
         try:
             on_page = sent.page if page_check is None else None
             # Buffers no larger than the parser's reads: it then takes each one whole,
-            # without slicing or joining (a buffer may overshoot flush_at by one run).
-            flush_at = max(read_size - _RUN * _PAGE_REC - 264, _PAGE_REC)
+            # without slicing or joining (a buffer overshoots flush_at by one RAM record; only
+            # a device section larger than that is sliced).
+            flush_at = max(read_size - _MAX_RECORD, _PAGE_REC)
             regenerate(layout, dev_in, ram_source, pipe, on_page=on_page, flush_at=flush_at)
         except BaseException as e:  # reported below; the thread must not die silently
             errors.append(e)
