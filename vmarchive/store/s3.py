@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 #: Environment variable naming the S3 endpoint URL (e.g. ``http://rgw.example:7480``).
 #: boto3's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` work as well.
 ENDPOINT_ENV = "VMARCHIVE_S3_ENDPOINT"
-#: Where local copies of index files and manifests live (``off`` disables the cache).
 
 MiB = 1 << 20
 _MIN_PART = 5 * MiB
@@ -124,15 +123,11 @@ class S3Options:
     #: Directory for local copies of index files and manifests (``None``: no cache).
     cache_dir: str | None = None
 
-    @staticmethod
-    def default_cache_dir() -> str | None:
-        """``VMARCHIVE_CACHE_DIR`` (``off``: none), else ``$XDG_CACHE_HOME/vmarchive``."""
-        return cache_root()
-
     @classmethod
     def from_env(cls, **overrides: Any) -> S3Options:
-        """Options with the endpoint from ``VMARCHIVE_S3_ENDPOINT`` when set."""
-        opts = cls(endpoint=os.environ.get(ENDPOINT_ENV) or None, cache_dir=cls.default_cache_dir())
+        """Options with the endpoint from ``VMARCHIVE_S3_ENDPOINT`` when set and the cache in
+        ``VMARCHIVE_CACHE_DIR`` (``off``: none), else ``$XDG_CACHE_HOME/vmarchive``."""
+        opts = cls(endpoint=os.environ.get(ENDPOINT_ENV) or None, cache_dir=cache_root())
         return replace(opts, **overrides) if overrides else opts
 
 

@@ -49,9 +49,6 @@ class SummaryCache:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self.hits = 0
-        self.misses = 0
-        self._lock = threading.Lock()
 
     @classmethod
     def for_repository(cls, encoded_config: bytes, encrypted: bool) -> SummaryCache | None:
@@ -80,16 +77,12 @@ class SummaryCache:
                 and entry.get("stamp") == stamp
                 and isinstance(entry.get("summary"), dict)
             ):
-                with self._lock:
-                    self.hits += 1
                 return dict(entry["summary"])
             log.debug("summary cache entry of %s is stale or damaged; remaking it", archive_id)
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as e:
             log.debug("summary cache entry of %s unreadable (%s); remaking it", archive_id, e)
-        with self._lock:
-            self.misses += 1
         return None
 
     def put(self, archive_id: str, stamp: str, summary: dict[str, Any]) -> None:
