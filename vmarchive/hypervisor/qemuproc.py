@@ -48,9 +48,9 @@ def qemu_pid(qmp: QMP, proc: Path = PROC) -> int | None:
 
 def _in_pipe_write(task: Path, names: tuple[str, ...]) -> bool | None:
     """Whether the thread sleeps in ``pipe_write``; None when it is gone (or renamed)."""
+    if _comm(task) not in names:
+        return None
     try:
-        if (task / "comm").read_text().strip() not in names:
-            return None
         return "pipe_write" in (task / "wchan").read_text()
     except OSError:
         return None

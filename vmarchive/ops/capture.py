@@ -837,11 +837,12 @@ class _Capture:
             reader.start()
         return reader
 
-    def _snapshot_gate(self, qmp: QMP, pid: int | None) -> bool:
+    def _snapshot_gate(self, pid: int | None) -> bool:
         """Wait until QEMU's background snapshot has done its set-up and waits on the pipe.
 
         QEMU 7.2's ``bg_snapshot`` thread first read-touches every page of guest RAM
-        (``ram_write_tracking_prepare``, time grows with RAM: ~60 ms for 2 GiB here), then
+        (``ram_write_tracking_prepare``, time grows with RAM: up to ~50 ms for 2 GiB
+        here), then
         writes the stream header, then takes the big lock, stops the vCPUs, saves the
         device state, write-protects RAM and resumes the guest.  Stopping the guest before
         ``migrate`` put all of that set-up into the pause.  Instead, ``migrate`` is issued
@@ -1117,7 +1118,7 @@ class _Capture:
                     pid = qemu_pid(qmp)
                     reader = self._start_pipe(qmp, memory, gate=True)
                     self._migrate(qmp, marker)  # the guest runs through QEMU's set-up
-                    gate_seen = self._snapshot_gate(qmp, pid)
+                    gate_seen = self._snapshot_gate(pid)
                     if gate_seen:
                         self._check_gate_held(qmp)
                     t = time.perf_counter()
