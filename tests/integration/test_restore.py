@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -289,19 +289,44 @@ def damage_blob(repo_path: str, loc: Any) -> None:
     p.write_bytes(bytes(data))
 
 
+def damaged_copy(
+    repo_path: str,
+    captured: Captured,
+    domains: Domains,
+    pick: Callable[[Repository, str], tuple[bytes, Any]],
+) -> str:
+    """A copy of the repository with the blob of the chunk ``pick`` names damaged."""
+    bad = copy_repo(repo_path, domains)
+    with Repository.open(bad) as repo:
+        _cid, loc = pick(repo, captured.id)
+    damage_blob(bad, loc)
+    return bad
+
+
+def refused_restore(
+    conn: libvirt.virConnect,
+    bad: str,
+    captured: Captured,
+    domains: Domains,
+    name: str,
+    match: str | None = None,
+) -> pathlib.Path:
+    """Restore from ``bad`` as a clone ``name``: DamageError, and nothing left behind.
+    Returns the disk directory it used."""
+    d = domains.workdir()
+    domains.names.append(name)
+    with pytest.raises(DamageError, match=match):
+        restore(opts(bad, captured, name=name, disk_dir=d, clone=True))
+    no_leftovers(conn, name, d)
+    return d
+
+
 def test_damaged_chunk_is_refused_before_the_guest_starts(
     libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
 ) -> None:
-    bad = copy_repo(repo_path, domains)
-    with Repository.open(bad) as repo:
-        _cid, loc = late_ram_chunk(repo, captured.id)
-    damage_blob(bad, loc)
-    d = domains.workdir()
+    bad = damaged_copy(repo_path, captured, domains, late_ram_chunk)
     name = "vmatest-damaged"
-    domains.names.append(name)
-    with pytest.raises(DamageError):
-        restore(opts(bad, captured, name=name, disk_dir=d, clone=True))
-    no_leftovers(libvirt_conn, name, d)
+    d = refused_restore(libvirt_conn, bad, captured, domains, name)
     # The CLI says it in one line, with the damage exit code.
     proc = subprocess.run(
         [*VMARCHIVE, "clone", captured.id, "--name", name, "--repo", bad, "--disk-dir", str(d)],
@@ -326,12 +351,7 @@ def test_missing_pack_is_refused_before_anything_is_written(
     with Repository.open(bad) as repo:
         _cid, loc = late_ram_chunk(repo, captured.id)
     pack_file(bad, loc.pack_id).unlink()
-    d = domains.workdir()
-    name = "vmatest-nopack"
-    domains.names.append(name)
-    with pytest.raises(DamageError, match="pack"):
-        restore(opts(bad, captured, name=name, disk_dir=d, clone=True))
-    no_leftovers(libvirt_conn, name, d)
+    refused_restore(libvirt_conn, bad, captured, domains, "vmatest-nopack", match="pack")
 
 
 def late_disk_chunk(repo: Repository, archive_id: str) -> tuple[bytes, Any]:
@@ -351,16 +371,9 @@ def test_damaged_disk_chunk_aborts_the_concurrent_restore(
 ) -> None:
     """The disks are filled while the memory stream flows: damage found by the disk half
     cuts the stream before its end, so the guest never starts and nothing is left."""
-    bad = copy_repo(repo_path, domains)
-    with Repository.open(bad) as repo:
-        _cid, loc = late_disk_chunk(repo, captured.id)
-    damage_blob(bad, loc)
-    d = domains.workdir()
+    bad = damaged_copy(repo_path, captured, domains, late_disk_chunk)
     name = "vmatest-damaged-disk"
-    domains.names.append(name)
-    with pytest.raises(DamageError):
-        restore(opts(bad, captured, name=name, disk_dir=d, clone=True))
-    no_leftovers(libvirt_conn, name, d)
+    d = refused_restore(libvirt_conn, bad, captured, domains, name)
     # Negative control: the undamaged repository restores into the same place.
     r = restore(opts(repo_path, captured, name=name, disk_dir=d, clone=True, paused=True))
     assert libvirt_conn.lookupByName(name).isActive() and r.paused
