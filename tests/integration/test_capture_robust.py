@@ -36,7 +36,7 @@ from vmarchive.errors import HypervisorError, StreamError
 from vmarchive.hypervisor.connection import Connection
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops import capture_parse
-from vmarchive.ops.capture import CaptureOptions, CaptureResult, Mode, capture
+from vmarchive.ops.capture import CaptureOptions, CaptureResult, Mode, _Capture, capture
 from vmarchive.ops.capture_cleanup import PREFIX
 from vmarchive.ops.capture_memory import PipeReader
 from vmarchive.progress import NULL_PROGRESS
@@ -288,18 +288,36 @@ def test_block_device_disk_is_the_device_at_the_instant(
 # --- 2. a guest with 1 GiB of RAM ---------------------------------------------------------
 
 
-def test_one_gib_guest(guest_factory: guestlib.GuestFactory, env: dict[str, pathlib.Path]) -> None:
+def test_one_gib_guest(
+    guest_factory: guestlib.GuestFactory,
+    env: dict[str, pathlib.Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Snapshot mode also shows here that the set-up gate's check fires: without the
     pipe filler QEMU takes the RAM instant before the disks are fixed, and the capture
-    must refuse (and leave nothing); the gated capture that follows is consistent."""
+    must refuse (and leave nothing); the gated capture that follows is consistent.
+
+    The check is asked 3 s after QEMU is seen waiting: a QEMU past the gate has
+    write-protected the guest's RAM by then and its main loop may block on a protected
+    page, so the check's own query hung until the capture drained the pipe (it hung
+    forever in one CI run before it did)."""
     g = guest_factory(guestlib.GuestSpec(memory_mib=1024, params={"fill": 16}))
     g.wait_ticks(2)
     mode = Mode.SNAPSHOT if snapshot_reason(g) is None else Mode.SWITCHOVER
     init_repo(env["repo"])
     mark = g.serial.mark()
     if mode == Mode.SNAPSHOT:
-        with pytest.raises(HypervisorError, match="did not wait at the set-up gate"):
-            capture(dataclasses.replace(opts(g, env, mode), open_gate=True))
+        seen = _Capture._snapshot_gate
+
+        def late(self: _Capture, pid: int | None) -> bool:
+            blocked = seen(self, pid)
+            time.sleep(3)
+            return blocked
+
+        with monkeypatch.context() as m:
+            m.setattr(_Capture, "_snapshot_gate", late)
+            with pytest.raises(HypervisorError, match="did not wait at the set-up gate"):
+                capture(dataclasses.replace(opts(g, env, mode), open_gate=True))
         assert archive_ids(env["repo"]) == set()
         assert qemu_leftovers(g) == [] and leftover_files(env) == []
         keeps_ticking(g, mark)

@@ -52,6 +52,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -119,6 +120,8 @@ log = logging.getLogger(__name__)
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 PIPE_SIZE = 1 << 20
+#: The set-up gate's check waits this long for QEMU's answer before draining the pipe.
+GATE_CHECK_S = 2.0
 #: QEMU's max-bandwidth when the user sets none: effectively unlimited (bytes/s).
 UNLIMITED_BANDWIDTH = 1 << 40
 
@@ -869,11 +872,24 @@ class _Capture:
         )
         return blocked
 
-    def _check_gate_held(self, qmp: QMP) -> None:
-        """Raise unless QEMU's snapshot is still in ``setup`` (it never got past the gate)."""
-        st = qmp.execute("query-migrate")
+    def _check_gate_held(self, qmp: QMP, reader: PipeReader) -> None:
+        """Raise unless QEMU's snapshot is still in ``setup`` (it never got past the gate).
+
+        A QEMU that did get past it has write-protected guest RAM and waits on the full
+        pipe; its main loop can then block on a protected page, and with it this very
+        ``query-migrate``.  So if the answer takes longer than GATE_CHECK_S the pipe is
+        drained: QEMU answers, and a status other than ``setup`` fails the capture as it
+        should (a gate that held only costs a failed capture if the answer is that slow).
+        """
+        drain = threading.Timer(GATE_CHECK_S, reader.ensure_started)
+        drain.daemon = True
+        drain.start()
+        try:
+            st = qmp.execute("query-migrate")
+        finally:
+            drain.cancel()
         status = str(st.get("status"))
-        if status != "setup":
+        if status != "setup" or reader.ident is not None:
             raise HypervisorError(
                 f"QEMU's background snapshot of {self.dom.name} did not wait at the set-up "
                 f"gate (status {status!r}): RAM and disks would not hold the same instant; "
@@ -1120,7 +1136,7 @@ class _Capture:
                     self._migrate(qmp, marker)  # the guest runs through QEMU's set-up
                     gate_seen = self._snapshot_gate(pid)
                     if gate_seen:
-                        self._check_gate_held(qmp)
+                        self._check_gate_held(qmp, reader)
                     t = time.perf_counter()
                     qmp.execute("stop")
                     log.debug("stop took %.1f ms", (time.perf_counter() - t) * 1000)
@@ -1129,8 +1145,8 @@ class _Capture:
                         fix_disks()
                     crashpoint.hit("capture-disks-fixed")
                     if not gate_seen:
-                        self._check_gate_held(qmp)
-                    reader.start()  # opens the gate: QEMU saves the instant, resumes the guest
+                        self._check_gate_held(qmp, reader)
+                    reader.ensure_started()  # opens the gate: QEMU takes the instant, resumes
                     self.t_instant = self.clock()
                     self.to(CaptureState.INSTANT)
                     if self.o.disk_delay_s > 0:

@@ -74,6 +74,7 @@ class PipeReader(threading.Thread):
         self._cond = threading.Condition()
         self._held_until = 0.0
         self._feeder = threading.Thread(target=self._feed, name="migration-parse", daemon=True)
+        self._start_lock = threading.Lock()
 
     def hold(self) -> None:
         """Stop feeding the consumer for a moment (at most ``max_hold_s``).
@@ -89,9 +90,10 @@ class PipeReader(threading.Thread):
             self._cond.notify_all()
 
     def ensure_started(self) -> None:
-        """Start draining the pipe, unless that was done already."""
-        if self.ident is None:
-            self.start()
+        """Start draining the pipe, unless that was done already (from any thread)."""
+        with self._start_lock:
+            if self.ident is None:
+                self.start()
 
     def go(self) -> None:
         """Resume feeding the consumer."""
