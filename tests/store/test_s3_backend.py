@@ -5,6 +5,7 @@ missing bucket, no credentials in messages)."""
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 from backend_contract import BackendContract
@@ -144,7 +145,7 @@ def _count_gets(b: S3Backend) -> list[str]:
 
 @pytest.mark.parametrize("cache", [64 << 20, 0])
 def test_pack_cache_turns_blob_reads_into_one_fetch(ceph: Ceph, cache: int) -> None:
-    b = ceph.backend(pack_cache_bytes=cache, part_size=5 << 20)
+    b = ceph.backend(pack_cache_bytes=cache, part_size=5 << 20, written_copy_bytes=0)
     pack = os.urandom(6 << 20)
     b.put("data/cd/pack", pack)
     gets = _count_gets(b)
@@ -164,7 +165,7 @@ def test_pack_cache_turns_blob_reads_into_one_fetch(ceph: Ceph, cache: int) -> N
 def test_pack_cache_concurrent_readers_fetch_once(ceph: Ceph) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    b = ceph.backend()
+    b = ceph.backend(written_copy_bytes=0)
     pack = os.urandom(2 << 20)
     b.put("data/ef/pack", pack)
     b.get_range("data/ef/pack", 0, 10)  # first touches: plain GETs
@@ -180,6 +181,38 @@ def test_pack_cache_concurrent_readers_fetch_once(ceph: Ceph) -> None:
     for _ in range(3):
         b.get_range("index/x", 0, 2)
     assert len(gets) == 4
+
+
+@pytest.mark.parametrize("copies", [64 << 20, 0])
+def test_uploaded_packs_are_read_back_from_local_copies(
+    ceph: Ceph, copies: int, tmp_path: pathlib.Path
+) -> None:
+    b = ceph.backend(written_copy_bytes=copies, cache_dir=str(tmp_path))
+    pack = os.urandom(3 << 20)
+    b.put("data/ab/pack", pack)
+    b.put("index/ab", b"not a pack")
+    # Gone from the store behind the backend's back: only a local copy can still answer.
+    other = ceph.backend(b.location)
+    other.delete("data/ab/pack")
+    other.delete("index/ab")
+    gets = _count_gets(b)
+    if copies:
+        assert b.get_range("data/ab/pack", 5, 100) == pack[5:105]
+        assert b.get_range("data/ab/pack", len(pack) - 3, 10) == pack[-3:]
+        assert gets == []
+        assert os.listdir(tmp_path / "s3") == []  # unlinked: nothing to leave behind
+    else:  # negative control: without copies the read goes to the store
+        with pytest.raises(ObjectNotFoundError):
+            b.get_range("data/ab/pack", 5, 100)
+        assert len(gets) == 1
+    with pytest.raises(ObjectNotFoundError):  # only packs are kept
+        b.get_range("index/ab", 0, 3)
+    # A pack deleted through this backend is not served any more.
+    b.put("data/ab/second", pack)
+    b.delete("data/ab/second")
+    with pytest.raises(ObjectNotFoundError):
+        b.get_range("data/ab/second", 0, 10)
+    b.close()
 
 
 def test_cli_on_s3_one_line_errors(ceph: Ceph) -> None:

@@ -4,18 +4,21 @@ object cache."""
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
 import pytest
 
 from vmarchive.errors import RepositoryError
+from vmarchive.store import s3
 from vmarchive.store.chunkindex import Location
 from vmarchive.store.codecs import StreamInfo
 from vmarchive.store.readahead import PackOrder
-from vmarchive.store.s3 import _ObjectCache, _PackCache, parse_location
+from vmarchive.store.s3 import _ObjectCache, _PackCache, _WrittenPacks, parse_location
 
 
 def test_parse_location() -> None:
@@ -174,3 +177,57 @@ def test_pack_order_learns_successors_from_slot_tables_within_a_budget() -> None
     kept = StreamInfo("t", "disk", 2, 1, {}, cid(8) + cid(9))
     order.add_archive("a3", [kept])  # control: the same table, still referenced
     assert order.next_pack("D") == "E"
+
+
+def test_written_pack_copies_evict_oldest_expire_and_leave_no_files(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = _WrittenPacks(str(tmp_path / "s3"), capacity=250)
+    packs = {f"data/00/p{i}": bytes([i]) * 100 for i in range(3)}
+    for key, body in packs.items():
+        w.keep(key, body)
+    # 300 bytes over a 250-byte budget: the oldest left.
+    assert w.read("data/00/p0", 0, 10) is None
+    assert w.read("data/00/p1", 95, 10) == bytes([1]) * 5  # short at the end
+    assert w.read("data/00/p2", 100, 10) == b""  # past the end, like a ranged GET
+    assert w.held() == 200
+    assert list((tmp_path / "s3").iterdir()) == []  # copies have no names
+    w.keep("data/00/big", b"x" * 251)  # larger than the budget: not kept
+    assert w.read("data/00/big", 0, 1) is None
+    w.forget("data/00/p1")
+    assert w.read("data/00/p1", 0, 1) is None
+    # Served for a limited time only.
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + s3._WRITTEN_COPY_TTL + 1)
+    assert w.read("data/00/p2", 0, 1) is None
+    assert w.held() == 0
+    monkeypatch.undo()
+    w.keep("data/00/p3", b"abc")
+    assert w.read("data/00/p3", 1, 5) == b"bc"
+    w.close()
+    assert w.read("data/00/p3", 0, 1) is None
+    w.keep("data/00/p4", b"abc")  # a closed store of copies keeps nothing
+    assert w.read("data/00/p4", 0, 1) is None
+
+
+def test_written_pack_copies_leave_the_file_system_room(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.statvfs
+    free_blocks = {"n": 0}
+
+    class Fs:
+        def __init__(self, st: object) -> None:
+            self.f_frsize = 4096
+            self.f_blocks = 1 << 20  # 4 GiB: 5 % + the reserve = 461 MiB must stay free
+            self.f_bavail = free_blocks["n"]
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Fs(real(p)))
+    w = _WrittenPacks(str(tmp_path), capacity=1 << 30)
+    free_blocks["n"] = (460 << 20) // 4096
+    w.keep("data/00/a", b"abc")
+    assert w.read("data/00/a", 0, 3) is None  # would leave less than the reserve
+    free_blocks["n"] = (470 << 20) // 4096  # control: with room it is kept
+    w.keep("data/00/a", b"abc")
+    assert w.read("data/00/a", 0, 3) == b"abc"
+    w.close()

@@ -17,7 +17,8 @@ How the :class:`~vmarchive.store.backend.Backend` guarantees map onto S3:
   on a thread pool.  Small reads (a blob, a pack trailer) are one ranged GET; a pack read
   a third time is fetched whole into memory, and while it is read that way the pack the
   repository names as next in the stream (:meth:`Backend.set_read_order`) is fetched in
-  the background, so a restore overlaps the network with decoding.
+  the background, so a restore overlaps the network with decoding.  Packs this backend
+  uploaded are read back from nameless local copies (:class:`_WrittenPacks`).
 * Transient failures (connection errors, 5xx, throttling) are retried by botocore's
   "standard" mode with exponential backoff and jitter (``max_attempts`` counts every
   request, the first included); a body that breaks off while it
@@ -37,6 +38,7 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -122,6 +124,9 @@ class S3Options:
     read_ahead: bool = True
     #: Directory for local copies of index files and manifests (``None``: no cache).
     cache_dir: str | None = None
+    #: Local disk for copies of the packs this backend uploads, read instead of the store
+    #: when the same process reads them back (0: none; see :class:`_WrittenPacks`).
+    written_copy_bytes: int = 2048 * MiB
 
     @classmethod
     def from_env(cls, **overrides: Any) -> S3Options:
@@ -298,6 +303,105 @@ class _PackCache:
                 self._bytes -= len(data)
 
 
+#: How long a copy of an uploaded pack is served: far below gc's grace period (6 hours),
+#: within which no gc deletes a pack this young, so a copy never outlives its object.
+_WRITTEN_COPY_TTL = 3600.0
+#: Free space a copy must leave on its file system (besides 5 % of it).
+_WRITTEN_COPY_RESERVE = 256 * MiB
+
+
+class _WrittenPacks:
+    """Local copies of the packs this backend uploaded, read instead of the store.
+
+    A capture reads its memory image back as soon as it is stored (the round trip
+    regenerates the migration stream from the archive); without copies that is the whole
+    image downloaded again right after it was uploaded -- a second transfer of the largest
+    part of the capture, and on a shared host the gateway's CPU as well.  A copy holds the
+    exact bytes the store acknowledged, and every chunk read from it is still checked
+    against its id by the repository, as one read from the store would be.
+
+    Each copy is an unlinked temporary file: it has no name, and the kernel frees it when
+    the backend closes or the process dies, so no crash leaves one behind.  The oldest
+    copies leave first once ``capacity`` bytes are held; a copy is not kept when its file
+    system would be left with less than 5 % + 256 MiB free, nor when writing it fails --
+    it is only an optimisation.  Copies are served for :data:`_WRITTEN_COPY_TTL` at most.
+    """
+
+    def __init__(self, directory: str | None, capacity: int) -> None:
+        self.directory = directory
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        # key -> (file, size, time kept)
+        self._files: OrderedDict[str, tuple[Any, int, float]] = OrderedDict()
+        self._bytes = 0
+        self._closed = False
+
+    def keep(self, key: str, body: bytes) -> None:
+        if len(body) > self.capacity or self._closed:
+            return
+        f = None
+        try:
+            if self.directory:
+                os.makedirs(self.directory, exist_ok=True)
+            st = os.statvfs(self.directory or tempfile.gettempdir())
+            free = st.f_bavail * st.f_frsize
+            if free - len(body) < _WRITTEN_COPY_RESERVE + st.f_blocks * st.f_frsize // 20:
+                return
+            # Open for as long as the copy is held: closed by _drop or close.
+            f = tempfile.TemporaryFile(dir=self.directory or None, buffering=0)  # noqa: SIM115
+            view = memoryview(body)
+            while view:
+                view = view[f.write(view) :]
+        except OSError as e:
+            log.debug("no local copy of %s: %s", key, e)
+            if f is not None:
+                f.close()
+            return
+        with self._lock:
+            if self._closed or key in self._files:
+                f.close()
+                return
+            self._files[key] = (f, len(body), time.monotonic())
+            self._bytes += len(body)
+            while self._bytes > self.capacity:
+                self._drop(next(iter(self._files)))
+
+    def read(self, key: str, offset: int, length: int) -> bytes | None:
+        """Bytes of the copy of ``key`` (short at its end, like a ranged GET), or ``None``."""
+        with self._lock:
+            entry = self._files.get(key)
+            if entry is None:
+                return None
+            f, size, kept = entry
+            if time.monotonic() - kept > _WRITTEN_COPY_TTL:
+                self._drop(key)
+                return None
+            # Under the lock: eviction must not close the file during the read (a copy
+            # is in the page cache; the read is a memory copy).
+            return os.pread(f.fileno(), max(0, min(length, size - offset)), offset)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            if key in self._files:
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        f, size, _ = self._files.pop(key)
+        self._bytes -= size
+        f.close()
+
+    def held(self) -> int:
+        """Bytes of copies held."""
+        with self._lock:
+            return self._bytes
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            while self._files:
+                self._drop(next(iter(self._files)))
+
+
 _CACHED_PREFIXES = ("index/", "archives/")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -429,6 +533,10 @@ class S3Backend(Backend):
             self._cache = _ObjectCache(
                 os.path.join(self.options.cache_dir, "s3", hashlib.sha256(ident).hexdigest()[:24])
             )
+        self._written = _WrittenPacks(
+            os.path.join(self.options.cache_dir, "s3") if self.options.cache_dir else None,
+            self.options.written_copy_bytes,
+        )
 
     @classmethod
     def from_location(cls, location: str, options: S3Options | None = None) -> S3Backend:
@@ -540,9 +648,15 @@ class S3Backend(Backend):
 
     # -- writing -------------------------------------------------------------------------
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> bool:
+        body = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
+        created = self._put(key, body, create_only)
+        if created and key.startswith("data/") and self.options.written_copy_bytes:
+            self._written.keep(key, body)
+        return created
+
+    def _put(self, key: str, body: bytes, create_only: bool) -> bool:
         full = self._key(key)
         self._pack_sizes.pop(key, None)
-        body = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
         if len(body) > self.options.multipart_threshold:
             return self._put_multipart(key, full, body, create_only)
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
@@ -626,6 +740,7 @@ class S3Backend(Backend):
     def delete(self, key: str) -> None:
         full = self._key(key)
         self._packs.forget(key)
+        self._written.forget(key)
         self._pack_sizes.pop(key, None)
         if self._cache is not None:
             self._cache.drop(key)
@@ -704,6 +819,10 @@ class S3Backend(Backend):
         if length == 0:
             self.stat(key)  # a missing object is still an error
             return b""
+        if key.startswith("data/"):
+            copy = self._written.read(key, offset, length)
+            if copy is not None:
+                return copy
         if self.options.pack_cache_bytes and key.startswith("data/"):
             self._read_ahead(key)
             cached = self._packs.read(key, offset, length, self._fetch_pack)
@@ -844,6 +963,7 @@ class S3Backend(Backend):
             ahead.shutdown(wait=True)  # running prefetches need the pool
         if pool is not None:
             pool.shutdown(wait=True)
+        self._written.close()
         self._client.close()
 
 
