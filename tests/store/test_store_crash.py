@@ -143,15 +143,11 @@ def garbage_repo(
     repo = make_repo(path)
     rng = random.Random(7)
     keep: dict[str, dict[str, bytes]] = {}
-    with repo.writer() as w:
-        streams = {n: rng.randbytes(40 * 4096) for n in ("a", "b")}
-        sws = {n: w.stream(n, "disk", len(d)) for n, d in streams.items()}
-        for i in range(40):  # interleave a and b chunks in the same packs
-            for n, sw in sws.items():
-                sw.write_chunk(i, streams[n][i * 4096 : (i + 1) * 4096])
-        for sw in sws.values():
-            sw.close()
-        dropped = w.commit({"time": "2026-01-01T00:00:00Z", "domain": "x", "kind": "full"})
+    streams = {n: rng.randbytes(40 * 4096) for n in ("a", "b")}
+    # One stream interleaving a's and b's chunks puts both in the same packs (each stream
+    # fills packs of its own); the kept archive then needs only a's chunks of them.
+    mixed = b"".join(streams[n][i * 4096 : (i + 1) * 4096] for i in range(40) for n in "ab")
+    dropped = write_archive(repo, {"ab": mixed})
     kept = write_archive(repo, {"a": streams["a"]}, time="2026-01-02T00:00:00Z")
     keep[kept] = {"a": streams["a"]}
     junk = write_archive(repo, {"j": rng.randbytes(30 * 4096)}, time="2026-01-03T00:00:00Z")

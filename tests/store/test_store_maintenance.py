@@ -82,17 +82,10 @@ def test_forget_resolves_all_names_first(tmp_path: pathlib.Path) -> None:
 def test_gc_sweeps_repacks_and_consolidates(tmp_path: pathlib.Path) -> None:
     repo = make_repo(tmp_path / "r")
     keep_data = rnd(6 * CHUNK, 1)
-    # One archive whose chunks interleave with a dropped one's, so packs are mixed.
-    with repo.writer() as w:
-        s1 = w.stream("s", "disk", 60 * CHUNK)
-        s2 = w.stream("t", "disk", 60 * CHUNK)
-        drop = rnd(60 * CHUNK, 2)
-        for i in range(60):
-            s2.write_chunk(i, drop[i * CHUNK : (i + 1) * CHUNK])
-        s1.write(0, keep_data)
-        s1.close()
-        s2.close()
-        mixed = w.commit({"time": "2026-01-01T00:00:00Z", "domain": "x", "kind": "full"})
+    # One stream of a dropped archive ends in chunks a kept one needs, so its last pack
+    # is mixed (each stream fills packs of its own).
+    drop = rnd(60 * CHUNK, 2)
+    mixed = write_archive(repo, {"t": drop + keep_data})
     keeper = write_archive(repo, {"k": keep_data + rnd(60 * CHUNK, 3)}, time="2026-01-02T00:00:00Z")
     junk = write_archive(repo, {"j": rnd(60 * CHUNK, 4)}, time="2026-01-03T00:00:00Z")
     for _ in range(3):
@@ -118,14 +111,7 @@ def test_gc_sweeps_repacks_and_consolidates(tmp_path: pathlib.Path) -> None:
 def test_gc_repacks_a_mostly_garbage_pack(tmp_path: pathlib.Path) -> None:
     repo = make_repo(tmp_path / "r")
     live = rnd(CHUNK, 10)
-    with repo.writer() as w:
-        a = w.stream("a", "disk", CHUNK)
-        b = w.stream("b", "disk", 10 * CHUNK)
-        a.write(0, live)
-        b.write(0, rnd(10 * CHUNK, 11))
-        a.close()
-        b.close()
-        first = w.commit({"time": "2026-01-01T00:00:00Z", "domain": "x", "kind": "full"})
+    first = write_archive(repo, {"a": live + rnd(10 * CHUNK, 11)})
     only_live = write_archive(repo, {"a": live}, time="2026-01-02T00:00:00Z")
     (old_pack,) = pack_keys(repo)
     repo.forget([first])

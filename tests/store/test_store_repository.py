@@ -354,3 +354,34 @@ def test_writer_never_dedups_against_packs_a_gc_deleted_meanwhile(
     repo, aid = scenario("r2")
     with pytest.raises(ChunkMissingError):
         read_archive(Repository.open(str(repo.backend.location)), aid)
+
+
+@pytest.mark.parametrize("nstreams", [2, 5])
+def test_streams_written_together_fill_packs_of_their_own(
+    tmp_path: pathlib.Path, nstreams: int
+) -> None:
+    """A reader of one stream (a restore fills disks one by one) must not fetch packs full
+    of another stream's chunks; many streams at once cost smaller packs, not memory."""
+    repo = make_repo(tmp_path / "r")
+    datas = {f"s{i}": rnd(40 * CHUNK, seed=i) for i in range(nstreams)}
+    held = []
+    with repo.writer(options=WriterOptions(workers=2, max_inflight=2)) as w:
+        sws = {name: w.stream(name, "disk", len(d)) for name, d in datas.items()}
+        for k in range(40):  # interleaved, chunk by chunk, as concurrent readers do
+            for name, sw in sws.items():
+                sw.write(k * CHUNK, datas[name][k * CHUNK : (k + 1) * CHUNK])
+                held.append(sum(b.size for b in w._builders.values()))
+        for sw in sws.values():
+            sw.close()
+        aid = w.commit(META)
+    fresh = Repository.open(str(tmp_path / "r"))
+    assert read_archive(fresh, aid) == datas
+    a = fresh.load_archive(aid)
+    owner: dict[str, str] = {}
+    for s in a.streams:
+        for i in range(s.slots):
+            loc = fresh._chunk_location(s.chunk_id(i))
+            assert loc is not None
+            assert owner.setdefault(loc.pack_id, s.name) == s.name
+    assert len(set(owner.values())) == nstreams
+    assert max(held) <= 2 * 64 * 1024 + CHUNK + 64

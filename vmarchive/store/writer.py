@@ -6,7 +6,8 @@ pack being built -> one uploader thread (publishes whole packs) -> index files -
 manifest at commit.
 
 Memory is bounded by constants, never by input size: at most ``max_inflight`` chunks
-wait for compression, one pack is being built, one is being uploaded.  What grows with
+wait for compression, packs being built hold at most two packs' worth of blobs, and
+``max_uploads`` packs are being uploaded.  What grows with
 the input is only what must: the slot tables of the manifest (16 bytes per chunk) and
 the chunk index (about 43 bytes per *new* chunk).  Index entries of published packs are
 written out every ``index_flush_entries`` entries, so they do not accumulate either.
@@ -15,6 +16,14 @@ Write ordering (crash safety): a pack is durable before an index names it, every
 naming this writer's packs is durable before the manifest is published, and the manifest
 is published whole under a new key.  Leaving without :meth:`ArchiveWriter.commit` lists
 nothing; packs and index files already published are garbage that gc reclaims.
+
+Each stream fills packs of its own: streams written at the same time (the memory image
+and every disk of a capture) would otherwise interleave in every pack, and a reader of
+one stream -- a restore fills its disks one after another while it feeds the memory to
+QEMU -- would fetch each pack once per stream in it.  Measured on a 512 MiB guest with
+one disk restored from S3: 1.45-1.55x the archive's bytes downloaded with mixed packs.
+When the packs being built together hold more than two packs' worth, the fullest is
+closed early, so many streams cost smaller packs, not memory.
 """
 
 from __future__ import annotations
@@ -152,7 +161,7 @@ class StreamWriter:
                 self._final_partial = True
             self._grow(index)
             self._end = max(self._end, index * self.chunk_size + n)
-        cid, new = self._w._store_chunk(data)
+        cid, new = self._w._store_chunk(data, self.name)
         self._table[16 * index : 16 * index + 16] = cid
         self._bytes_written += n
         if cid == self._w.zero_id:
@@ -261,11 +270,14 @@ class ArchiveWriter:
         self._uploader = ThreadPoolExecutor(
             max(1, self.options.max_uploads), thread_name_prefix="vmarchive-upload"
         )
-        self._inflight: collections.deque[tuple[bytes, int, Future[bytes]]] = collections.deque()
+        # (chunk id, raw length, stream name, compression)
+        self._inflight: collections.deque[tuple[bytes, int, str, Future[bytes]]] = (
+            collections.deque()
+        )
         # Chunks accepted but not yet in a published pack: id -> encoded blob (None while
         # compressing).  Used for dedup within this writer and for read_chunk.
         self._unpublished: dict[bytes, tuple[bytes | memoryview | None, int]] = {}
-        self._builder = self._codecs.new_pack()
+        self._builders: dict[str, PackBuilder] = {}  # stream name -> its pack being built
         self._uploads: collections.deque[Future[list[tuple[bytes, Location]]]] = collections.deque()
         self._max_uploads = max(1, self.options.max_uploads)
         self._index_entries: list[tuple[bytes, Location]] = []
@@ -361,7 +373,8 @@ class ArchiveWriter:
             sw.close()
         with self._mutex:
             self._drain(0)
-            self._finish_pack()
+            for name in list(self._builders):
+                self._finish_pack(name)
             self._wait_uploads()
             self._write_index()
             crashpoint.hit("before-manifest")
@@ -399,8 +412,9 @@ class ArchiveWriter:
         with self._mutex:
             return chunk_id in self._unpublished or self.repo._chunk_location(chunk_id) is not None
 
-    def _store_chunk(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bool]:
-        """Return (chunk id, whether it was new); zero chunks return the hole id."""
+    def _store_chunk(self, data: bytes | bytearray | memoryview, stream: str) -> tuple[bytes, bool]:
+        """Return (chunk id, whether it was new); zero chunks return the hole id.  A new
+        chunk goes into ``stream``'s pack."""
         codecs = self._codecs
         cid = self.content_id(data)
         if cid == self.zero_id:
@@ -411,29 +425,37 @@ class ArchiveWriter:
             raw = bytes(data)  # the caller may reuse its buffer
             fut = self._pool.submit(codecs.encode_blob, cid, raw)
             self._unpublished[cid] = (None, len(raw))
-            self._inflight.append((cid, len(raw), fut))
+            self._inflight.append((cid, len(raw), stream, fut))
             self._drain(self._max_inflight)
         return cid, True
 
     def _drain(self, keep: int) -> None:
         """Move finished compressions into the pack until at most ``keep`` are in flight."""
+        target = self._codecs.pack_target
         while len(self._inflight) > keep:
-            cid, raw_len, fut = self._inflight.popleft()
+            cid, raw_len, stream, fut = self._inflight.popleft()
             blob = fut.result()
             self._unpublished[cid] = (blob, raw_len)
-            self._builder.add(cid, blob, raw_len)
-            if self._builder.size >= self._codecs.pack_target:
-                self._finish_pack()
+            builder = self._builders.get(stream)
+            if builder is None:
+                builder = self._builders[stream] = self._codecs.new_pack()
+            builder.add(cid, blob, raw_len)
+            if builder.size >= target:
+                self._finish_pack(stream)
+            elif len(self._builders) > 1:
+                sizes = {name: b.size for name, b in self._builders.items()}
+                if sum(sizes.values()) > 2 * target:
+                    self._finish_pack(max(sizes, key=lambda name: sizes[name]))
 
-    def _finish_pack(self) -> None:
+    def _finish_pack(self, stream: str) -> None:
         """Hand the pack being built to an uploader (once fewer than ``max_uploads`` run).
 
         Assembling a pack (its SHA-256 costs more than compressing random data) and
         publishing it run on uploader threads, so the caller's thread goes on hashing.
         """
-        if self._builder.count == 0:
+        builder = self._builders.pop(stream, None)
+        if builder is None or builder.count == 0:
             return
-        builder, self._builder = self._builder, self._codecs.new_pack()
         while len(self._uploads) >= self._max_uploads:
             self._wait_upload()
         self._uploads.append(self._uploader.submit(self._assemble_and_publish, builder))
@@ -482,7 +504,7 @@ class ArchiveWriter:
 
     def _shutdown(self) -> None:
         try:
-            for _, _, fut in self._inflight:
+            for _, _, _, fut in self._inflight:
                 fut.cancel()
             self._inflight.clear()
             self._pool.shutdown(wait=True, cancel_futures=True)
