@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,31 @@ def test_domain_lock_refuses_a_second_capture(tmp_path: Path) -> None:
             pass
     with domain_lock(tmp_path, "u", "g"):
         pass
+    assert not (tmp_path / "u.lock").exists()  # no file per domain ever captured
+    (tmp_path / "u.lock").write_text("4242\n")  # left by a holder killed with -9
+    with domain_lock(tmp_path, "u", "g"):
+        assert (tmp_path / "u.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_domain_lock_retakes_a_file_its_holder_unlinked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[str] = []
+    real_open = os.open
+
+    def racing_open(path: str, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        if not opened:  # its holder lets go and unlinks it just after this open
+            os.unlink(path)
+        opened.append(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", racing_open)
+    with domain_lock(tmp_path, "u", "g"):
+        monkeypatch.undo()
+        assert len(opened) == 2  # the unlinked file was given up for the one at the path
+        with pytest.raises(LockedError), domain_lock(tmp_path, "u", "g"):
+            pass
 
 
 def test_marker_round_trips(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ is cleaned up by the next vmarchive run on that host.
 
 The per-domain lock (``flock`` on ``<state dir>/<uuid>.lock``) also keeps two captures
 of the same domain from running at once; the kernel drops it when the process dies, so
-a held lock always means a live capture.
+a held lock always means a live capture.  The holder unlinks the file before it lets go
+(a host that captured thousands of domains keeps no file per domain), so a taker checks
+that the file it locked is still the one at the path, and tries again if not.
 """
 
 from __future__ import annotations
@@ -132,24 +134,45 @@ def domain_lock(state_dir: Path, uuid: str, domain: str) -> Iterator[Path]:
     """
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock_path = state_dir / f"{uuid}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _take_lock_file(lock_path, domain)
     try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield state_dir / f"{uuid}.json"
+    finally:
+        # Unlinked while still held: a taker that opened it meanwhile sees it replaced.
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        os.close(fd)
+
+
+def _take_lock_file(lock_path: Path, domain: str) -> int:
+    """An fd of ``lock_path`` holding its ``flock``, the file still at the path.
+
+    Raises:
+        LockedError: another process holds it.
+    """
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise LockedError(
                 f"a capture of domain {domain!r} is already running (pid {holder})",
                 domain=domain,
                 pid=holder,
             ) from e
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield state_dir / f"{uuid}.json"
-    finally:
-        os.close(fd)
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # its holder unlinked it as we opened it: take the new one
 
 
 def _try(what: str, fn: Callable[[], object]) -> bool:
