@@ -325,10 +325,14 @@ def main() -> None:
                     with timed(cpu, times, (mode, where, "ingest")):
                         aid = ingest(repo, data, wopts)
                     readers = [("read", backend)]
-                    if where == "s3" and mode == "parallel":
+                    if where == "s3":
+                        # Another client, as on another host: the writer's backend would
+                        # read its own uploads back from local copies.
                         assert isinstance(backend, S3Backend)
-                        other = S3Backend(args.bucket, backend.prefix, no_ahead)
-                        readers.append(("read, no read-ahead", other))
+                        readers = [("read", S3Backend(args.bucket, backend.prefix, s3opts))]
+                        if mode == "parallel":
+                            other = S3Backend(args.bucket, backend.prefix, no_ahead)
+                            readers.append(("read, no read-ahead", other))
                     for step, b in readers:
                         fresh = Repository.open(backend.location, backend=b)
                         read = read_serial if mode == "serial" else read_parallel
@@ -338,7 +342,7 @@ def main() -> None:
                     if where == "s3":
                         assert isinstance(backend, S3Backend)
                         drop_prefix(backend)
-                        for _step, b in readers:
+                        for _step, b in [("ingest", backend), *readers]:
                             b.close()
                     print(f"round {rnd + 1}: {mode:8} {where:5} done", file=sys.stderr)
         size = len(data) / MiB
