@@ -7,7 +7,6 @@ import threading
 from typing import Any
 
 import typer
-from tqdm import tqdm
 
 from vmarchive.cli.app import app, print_json
 from vmarchive.errors import UsageError
@@ -43,6 +42,10 @@ class TqdmProgress:
         self._position = 0
 
     def task(self, name: str, total: int | None = None, unit: str = "B") -> Task:
+        # Imported with the first bar: runs without bars (--no-progress, cron, --json)
+        # skip its 20 ms of imports.
+        from tqdm import tqdm
+
         with self._lock:
             bar = tqdm(
                 total=total,
