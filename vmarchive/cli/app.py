@@ -98,6 +98,31 @@ COMMAND_MODULES: dict[str, str] = {
 _VALUED_ROOT_OPTIONS = ("--s3-endpoint",)
 
 
+#: glibc's mallopt parameter for the number of arenas (malloc.h: M_ARENA_MAX).
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Let at most ``arenas`` glibc malloc arenas serve this process's threads.
+
+    glibc gives threads that allocate an arena of their own (up to 8 per core) and keeps
+    what is freed in each for reuse.  A capture runs a dozen threads (pipe, parser,
+    compression, uploads, disk readers, round trip), and what their arenas kept raised
+    its peak RSS, by a different amount in every run.  First captures of a 2 GiB guest
+    (target: 300 MiB), two sets: 241-270 MiB (mean 255) with two arenas against 257-289
+    (mean 266) in six runs each; 246-273 against 304-316 in three each; no slower.  Called
+    by the commands that run the pipelines, before their threads start.  ``False`` where
+    there is no glibc ``mallopt`` (nothing changes).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
 def command_name(argv: list[str]) -> str | None:
     """The command ``argv`` (without the program name) runs, if any."""
     skip = False

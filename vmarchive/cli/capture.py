@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from vmarchive.cli.app import app, print_json
+from vmarchive.cli.app import app, limit_malloc_arenas, print_json
 from vmarchive.errors import UsageError
 from vmarchive.ops.capture import DEFAULT_URI, CaptureOptions, CaptureResult, Mode, capture
 from vmarchive.ops.capture_incr import untrack
@@ -141,6 +141,7 @@ def capture_cmd(
         passphrase=os.environ.get("VMARCHIVE_PASSPHRASE"),
     )
     progress: Progress = NULL_PROGRESS if (json_out or no_progress) else TqdmProgress()
+    limit_malloc_arenas()
     result = capture(opts, progress)
     if json_out:
         print_json(result.to_json())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from vmarchive.cli.app import app, print_json
+from vmarchive.cli.app import app, limit_malloc_arenas, print_json
 from vmarchive.errors import UsageError
 from vmarchive.hypervisor.connection import DEFAULT_URI
 from vmarchive.ops.restore import (
@@ -111,6 +111,7 @@ def restore_cmd(
         archive, repo, connect, name, disk_dir, pool, disk_format, paused, replace, sync_time,
         digests,
     )  # fmt: skip
+    limit_malloc_arenas()
     r = restore(opts)
     if json_out:
         print_json(r.to_json())
@@ -141,6 +142,7 @@ def clone_cmd(
         archive, repo, connect, name, disk_dir, pool, disk_format, paused, replace, sync_time,
         digests, clone=True, keep_network=keep_network,
     )  # fmt: skip
+    limit_malloc_arenas()
     r = restore(opts)
     if json_out:
         print_json(r.to_json())
