@@ -24,8 +24,8 @@ QEMU -- would fetch each pack once per stream in it.  Measured on a 512 MiB gues
 one disk restored from S3: 1.45-1.55x the archive's bytes downloaded with mixed packs.
 When the packs being built together hold more than 1.5 packs' worth, the fullest is
 closed early (packs of at least 3/4 of the target for two streams written at the same
-rate), so more streams cost smaller packs, not memory: one builder of 16 MiB more put
-the peak RSS of a 2 GiB guest's capture at 299 MiB, its target being 300.
+rate), so more streams cost smaller packs, not memory (a capture's peak RSS has a
+300 MiB target, and a full builder is 16 MiB).
 """
 
 from __future__ import annotations
