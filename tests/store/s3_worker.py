@@ -5,7 +5,8 @@ Usage::
     s3_worker.py write LOCATION SEED      store crash_writer.content(SEED); retry while gc
                                           holds the exclusive lock; print the archive id
     s3_worker.py gc LOCATION ROUNDS       run gc (default grace) ROUNDS times, skipping a
-                                          round while writers hold the repository
+                                          round while writers hold the repository, then
+                                          until one has run (up to 120 s); print how many
     s3_worker.py big LOCATION MIB         store MiB of random data as one archive
 
 The endpoint and credentials come from the environment (as for any user).  Failures end
@@ -54,7 +55,12 @@ def write(location: str, seed: int) -> None:
 
 def gc(location: str, rounds: int) -> None:
     done = 0
-    for _ in range(rounds):
+    deadline = time.monotonic() + 120
+    attempt = 0
+    # Writers that start first may hold the repository through every round (a capture
+    # started faster than this process did): then gc runs once they let go.
+    while attempt < rounds or (done == 0 and time.monotonic() < deadline):
+        attempt += 1
         try:
             open_repo(location).gc(GcOptions())
             done += 1
