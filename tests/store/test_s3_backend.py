@@ -145,7 +145,7 @@ def _count_gets(b: S3Backend) -> list[str]:
 
 @pytest.mark.parametrize("cache", [64 << 20, 0])
 def test_pack_cache_turns_blob_reads_into_one_fetch(ceph: Ceph, cache: int) -> None:
-    b = ceph.backend(pack_cache_bytes=cache, part_size=5 << 20, written_copy_bytes=0)
+    b = ceph.backend(pack_cache_bytes=cache, part_size=5 << 20)
     pack = os.urandom(6 << 20)
     b.put("data/cd/pack", pack)
     gets = _count_gets(b)
@@ -165,7 +165,7 @@ def test_pack_cache_turns_blob_reads_into_one_fetch(ceph: Ceph, cache: int) -> N
 def test_pack_cache_concurrent_readers_fetch_once(ceph: Ceph) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    b = ceph.backend(written_copy_bytes=0)
+    b = ceph.backend()
     pack = os.urandom(2 << 20)
     b.put("data/ef/pack", pack)
     b.get_range("data/ef/pack", 0, 10)  # first touches: plain GETs
@@ -184,17 +184,20 @@ def test_pack_cache_concurrent_readers_fetch_once(ceph: Ceph) -> None:
 
 
 @pytest.mark.parametrize("copies", [64 << 20, 0])
-def test_uploaded_packs_are_read_back_from_local_copies(
+def test_packs_to_read_back_are_read_from_local_copies(
     ceph: Ceph, copies: int, tmp_path: pathlib.Path
 ) -> None:
     b = ceph.backend(written_copy_bytes=copies, cache_dir=str(tmp_path))
     pack = os.urandom(3 << 20)
     b.put("data/ab/pack", pack)
+    b.will_read_back("data/ab/pack", pack)
+    b.put("data/ab/other", pack)  # no hint: not kept
     b.put("index/ab", b"not a pack")
+    b.will_read_back("index/ab", b"not a pack")  # only packs are kept
     # Gone from the store behind the backend's back: only a local copy can still answer.
     other = ceph.backend(b.location)
-    other.delete("data/ab/pack")
-    other.delete("index/ab")
+    for key in ("data/ab/pack", "data/ab/other", "index/ab"):
+        other.delete(key)
     gets = _count_gets(b)
     if copies:
         assert b.get_range("data/ab/pack", 5, 100) == pack[5:105]
@@ -205,10 +208,12 @@ def test_uploaded_packs_are_read_back_from_local_copies(
         with pytest.raises(ObjectNotFoundError):
             b.get_range("data/ab/pack", 5, 100)
         assert len(gets) == 1
-    with pytest.raises(ObjectNotFoundError):  # only packs are kept
-        b.get_range("index/ab", 0, 3)
+    for key in ("data/ab/other", "index/ab"):
+        with pytest.raises(ObjectNotFoundError):
+            b.get_range(key, 0, 3)
     # A pack deleted through this backend is not served any more.
     b.put("data/ab/second", pack)
+    b.will_read_back("data/ab/second", pack)
     b.delete("data/ab/second")
     with pytest.raises(ObjectNotFoundError):
         b.get_range("data/ab/second", 0, 10)

@@ -25,6 +25,7 @@ from vmarchive.errors import (
 from vmarchive.store import Extent, Repository, WriterOptions
 from vmarchive.store.faulty import Fault, FaultyBackend
 from vmarchive.store.local import LocalBackend
+from vmarchive.store.repository import pack_key
 
 META = {"time": "2026-01-01T00:00:00Z", "domain": "vm1", "kind": "full"}
 
@@ -385,3 +386,38 @@ def test_streams_written_together_fill_packs_of_their_own(
             assert owner.setdefault(loc.pack_id, s.name) == s.name
     assert len(set(owner.values())) == nstreams
     assert max(held) <= 64 * 1024 * 3 // 2 + CHUNK + 64
+
+
+def test_packs_of_read_back_streams_are_published_with_the_hint(tmp_path: pathlib.Path) -> None:
+    """Only the packs of streams written with ``read_back`` reach Backend.will_read_back
+    (a capture's memory image, which its round trip reads at once; not its disks)."""
+    make_repo(tmp_path / "r")
+    hinted: list[str] = []
+
+    class Recording(FaultyBackend):
+        def will_read_back(self, key: str, data: bytes) -> None:
+            assert self.inner.get(key) == data  # published first
+            hinted.append(key)
+
+    repo = Repository.open(
+        str(tmp_path / "r"), backend=Recording(LocalBackend(str(tmp_path / "r")))
+    )
+    ram, disk = rnd(40 * CHUNK, seed=1), rnd(40 * CHUNK, seed=2)
+    with repo.writer() as w:
+        m = w.stream("ram:pc.ram", "ram", len(ram), read_back=True)
+        d = w.stream("disk:vda", "disk", len(disk))
+        for k in range(40):
+            m.write(k * CHUNK, ram[k * CHUNK : (k + 1) * CHUNK])
+            d.write(k * CHUNK, disk[k * CHUNK : (k + 1) * CHUNK])
+        m.close()
+        d.close()
+        aid = w.commit(META)
+    a = repo.load_archive(aid)
+    packs_of: dict[str, set[str]] = {}
+    for s in a.streams:
+        for cid in s.chunk_ids():
+            loc = repo._chunk_location(cid)
+            assert loc is not None
+            packs_of.setdefault(s.name, set()).add(pack_key(loc.pack_id))
+    assert hinted and set(hinted) == packs_of["ram:pc.ram"]
+    assert not set(hinted) & packs_of["disk:vda"]

@@ -51,6 +51,7 @@ class _Sink:
                 "ram",
                 b.used_length,
                 attrs={"block": b.idstr, "index": b.index, "page_size": b.page_size},
+                read_back=True,  # the round trip reads the image back at once
             )
             self.streams[b.index] = sw
             self.images[b.index] = RamImage(
@@ -65,7 +66,7 @@ class _Sink:
 
     def _devstream(self) -> Any:
         if self.dev is None:
-            self.dev = self.w.stream(DEVSTATE_STREAM, "devstate", None, attrs={})
+            self.dev = self.w.stream(DEVSTATE_STREAM, "devstate", None, attrs={}, read_back=True)
         return self.dev
 
     def device_section(self, record: ms.SectionRecord, data: memoryview) -> None:

@@ -120,6 +120,11 @@ class Backend(ABC):
         ``key`` is read sequentially; the default ignores the hint.
         """
 
+    def will_read_back(self, key: str, data: bytes) -> None:  # noqa: B027
+        """Hint after a put of ``data`` under ``key``: this process reads it back soon (a
+        capture checks its memory image as soon as it is stored).  A remote backend may
+        keep the bytes to serve those reads locally; the default ignores the hint."""
+
     def clean_temporaries(self, older_than: float) -> int:
         """Remove what crashed puts left behind, older than ``older_than`` seconds.
 

@@ -146,6 +146,9 @@ class FaultyBackend(Backend):
         if fault is not None:
             self._raise("delete", key)
 
+    def will_read_back(self, key: str, data: bytes) -> None:
+        self.inner.will_read_back(key, data)
+
     def set_read_order(self, following: Callable[[str], str | None]) -> None:
         self.inner.set_read_order(following)
 

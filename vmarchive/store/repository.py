@@ -314,8 +314,12 @@ class Repository:
             index.add(chunk_id, loc)
 
     # -- object publishing (write ordering lives in the writer and gc) ---------------------
-    def _publish_pack(self, pack_id: str, data: bytes) -> None:
-        self.backend.put(pack_key(pack_id), data, create_only=True)
+    def _publish_pack(self, pack_id: str, data: bytes, *, read_back: bool = False) -> None:
+        """``read_back``: this process reads the pack back soon (a backend hint)."""
+        key = pack_key(pack_id)
+        self.backend.put(key, data, create_only=True)
+        if read_back:
+            self.backend.will_read_back(key, data)
 
     def _publish_index(
         self, entries: Sequence[tuple[bytes, Location]], *, replace: bool = False

@@ -17,8 +17,9 @@ How the :class:`~vmarchive.store.backend.Backend` guarantees map onto S3:
   on a thread pool.  Small reads (a blob, a pack trailer) are one ranged GET; a pack read
   a third time is fetched whole into memory, and while it is read that way the pack the
   repository names as next in the stream (:meth:`Backend.set_read_order`) is fetched in
-  the background, so a restore overlaps the network with decoding.  Packs this backend
-  uploaded are read back from nameless local copies (:class:`_WrittenPacks`).
+  the background, so a restore overlaps the network with decoding.  Packs this process
+  uploaded and said it will read back (:meth:`Backend.will_read_back`) are read from
+  nameless local copies (:class:`_WrittenPacks`).
 * Transient failures (connection errors, 5xx, throttling) are retried by botocore's
   "standard" mode with exponential backoff and jitter (``max_attempts`` counts every
   request, the first included); a body that breaks off while it
@@ -124,8 +125,8 @@ class S3Options:
     read_ahead: bool = True
     #: Directory for local copies of index files and manifests (``None``: no cache).
     cache_dir: str | None = None
-    #: Local disk for copies of the packs this backend uploads, read instead of the store
-    #: when the same process reads them back (0: none; see :class:`_WrittenPacks`).
+    #: Local disk for copies of uploaded packs that this process reads back (the hint
+    #: :meth:`Backend.will_read_back`; 0: none; see :class:`_WrittenPacks`).
     written_copy_bytes: int = 2048 * MiB
 
     @classmethod
@@ -311,12 +312,14 @@ _WRITTEN_COPY_RESERVE = 256 * MiB
 
 
 class _WrittenPacks:
-    """Local copies of the packs this backend uploaded, read instead of the store.
+    """Local copies of packs this backend uploaded, read instead of the store.
 
     A capture reads its memory image back as soon as it is stored (the round trip
     regenerates the migration stream from the archive); without copies that is the whole
     image downloaded again right after it was uploaded -- a second transfer of the largest
-    part of the capture, and on a shared host the gateway's CPU as well.  A copy holds the
+    part of the capture, and on a shared host the gateway's CPU as well.  Only packs the
+    writer says it will read back are kept (its memory streams' packs): a disk's packs
+    would fill the budget and push the memory image out.  A copy holds the
     exact bytes the store acknowledged, and every chunk read from it is still checked
     against its id by the repository, as one read from the store would be.
 
@@ -648,15 +651,9 @@ class S3Backend(Backend):
 
     # -- writing -------------------------------------------------------------------------
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> bool:
-        body = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
-        created = self._put(key, body, create_only)
-        if created and key.startswith("data/") and self.options.written_copy_bytes:
-            self._written.keep(key, body)
-        return created
-
-    def _put(self, key: str, body: bytes, create_only: bool) -> bool:
         full = self._key(key)
         self._pack_sizes.pop(key, None)
+        body = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
         if len(body) > self.options.multipart_threshold:
             return self._put_multipart(key, full, body, create_only)
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
@@ -736,6 +733,11 @@ class S3Backend(Backend):
         except (ClientError, BotoCoreError) as e:
             # The parts stay invisible; clean_temporaries (gc) aborts them later.
             log.warning("cannot abort multipart upload of %s: %s", full, e)
+
+    def will_read_back(self, key: str, data: bytes) -> None:
+        """Keep a local copy of pack ``key`` (only packs: they are what is read back)."""
+        if key.startswith("data/") and self.options.written_copy_bytes:
+            self._written.keep(key, data)
 
     def delete(self, key: str) -> None:
         full = self._key(key)

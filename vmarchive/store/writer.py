@@ -280,6 +280,7 @@ class ArchiveWriter:
         # compressing).  Used for dedup within this writer and for read_chunk.
         self._unpublished: dict[bytes, tuple[bytes | memoryview | None, int]] = {}
         self._builders: dict[str, PackBuilder] = {}  # stream name -> its pack being built
+        self._read_back: set[str] = set()  # streams whose packs are read back soon
         self._uploads: collections.deque[Future[list[tuple[bytes, Location]]]] = collections.deque()
         self._max_uploads = max(1, self.options.max_uploads)
         self._index_entries: list[tuple[bytes, Location]] = []
@@ -297,8 +298,14 @@ class ArchiveWriter:
         size: int | None,
         chunk_size: int | None = None,
         attrs: Mapping[str, Any] | None = None,
+        *,
+        read_back: bool = False,
     ) -> StreamWriter:
         """Start a stream. ``size`` None: unknown, fixed by what is written.
+
+        ``read_back``: the caller reads this stream's chunks back before the writer is
+        done (a capture's round trip); its packs are published with that hint, so a remote
+        backend can serve those reads from a local copy.
 
         Raises :class:`UsageError` for a duplicate name, an unknown kind or a bad size.
         """
@@ -314,6 +321,8 @@ class ArchiveWriter:
             raise UsageError(f"stream {name!r}: bad size or chunk size")
         sw = StreamWriter(self, name, kind, size, cs, attrs or {})
         self._streams[name] = sw
+        if read_back:
+            self._read_back.add(name)
         return sw
 
     def content_id(self, data: bytes | bytearray | memoryview) -> bytes:
@@ -460,9 +469,12 @@ class ArchiveWriter:
             return
         while len(self._uploads) >= self._max_uploads:
             self._wait_upload()
-        self._uploads.append(self._uploader.submit(self._assemble_and_publish, builder))
+        read_back = stream in self._read_back
+        self._uploads.append(self._uploader.submit(self._assemble_and_publish, builder, read_back))
 
-    def _assemble_and_publish(self, builder: PackBuilder) -> list[tuple[bytes, Location]]:
+    def _assemble_and_publish(
+        self, builder: PackBuilder, read_back: bool
+    ) -> list[tuple[bytes, Location]]:
         pack_id, data, entries = self._codecs.finish_pack(builder)
         # The pack holds every blob now: serve unpublished reads from it and let the
         # separate blobs go (16 MiB less per pack in flight).  No mutex: the caller may
@@ -474,7 +486,7 @@ class ArchiveWriter:
             if cid in unpublished:
                 unpublished[cid] = (view[loc.offset : loc.offset + loc.length], loc.raw_length)
         crashpoint.hit("before-pack")
-        self.repo._publish_pack(pack_id, data)
+        self.repo._publish_pack(pack_id, data, read_back=read_back)
         return entries
 
     def _wait_upload(self) -> None:
