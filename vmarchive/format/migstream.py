@@ -1240,7 +1240,7 @@ class _CheckedSink(_DigestSink):
     def ram_pages(self, block: RamBlock, offset: int, data: bytes | None, count: int) -> None:
         run = getattr(self.check, "pages", None)
         if run is None:
-            _pages_one_by_one(self.page, block, offset, data, count)
+            super().ram_pages(block, offset, data, count)
             return
         self._in_order(block, offset)  # the run's first page; the others follow from it
         self.next[block.idstr] = offset + count * block.page_size

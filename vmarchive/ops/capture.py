@@ -845,9 +845,8 @@ class _Capture:
 
         QEMU 7.2's ``bg_snapshot`` thread first read-touches every page of guest RAM
         (``ram_write_tracking_prepare``, time grows with RAM: up to ~50 ms for 2 GiB
-        here), then
-        writes the stream header, then takes the big lock, stops the vCPUs, saves the
-        device state, write-protects RAM and resumes the guest.  Stopping the guest before
+        here), then writes the stream header, then takes the big lock, stops the vCPUs,
+        saves the device state, write-protects RAM and resumes the guest.  Stopping the guest before
         ``migrate`` put all of that set-up into the pause.  Instead, ``migrate`` is issued
         while the guest runs, into a pipe filled to one byte short of full
         (:meth:`_start_pipe`): QEMU's header write blocks after the set-up, *before* the

@@ -7,9 +7,9 @@ manifest at commit.
 
 Memory is bounded by constants, never by input size: at most ``max_inflight`` chunks
 wait for compression, packs being built hold at most 1.5 packs' worth of blobs, and
-``max_uploads`` packs are being uploaded.  What grows with
-the input is only what must: the slot tables of the manifest (16 bytes per chunk) and
-the chunk index (about 43 bytes per *new* chunk).  Index entries of published packs are
+``max_uploads`` packs are being uploaded.  What grows with the input is only what must:
+the slot tables of the manifest (16 bytes per chunk) and the chunk index (about 43 bytes
+per *new* chunk).  Index entries of published packs are
 written out every ``index_flush_entries`` entries, so they do not accumulate either.
 
 Write ordering (crash safety): a pack is durable before an index names it, every index
@@ -87,10 +87,13 @@ class StreamWriter:
         size: int | None,
         chunk_size: int,
         attrs: Mapping[str, Any],
+        read_back: bool = False,
     ) -> None:
         self._w = writer
         self.name = name
         self.kind = kind
+        #: the caller reads this stream's chunks back before the writer is done
+        self.read_back = read_back
         self.size = size
         self.chunk_size = chunk_size
         self.attrs = dict(attrs)
@@ -280,7 +283,6 @@ class ArchiveWriter:
         # compressing).  Used for dedup within this writer and for read_chunk.
         self._unpublished: dict[bytes, tuple[bytes | memoryview | None, int]] = {}
         self._builders: dict[str, PackBuilder] = {}  # stream name -> its pack being built
-        self._read_back: set[str] = set()  # streams whose packs are read back soon
         self._uploads: collections.deque[Future[list[tuple[bytes, Location]]]] = collections.deque()
         self._max_uploads = max(1, self.options.max_uploads)
         self._index_entries: list[tuple[bytes, Location]] = []
@@ -319,10 +321,8 @@ class ArchiveWriter:
         cs = chunk_size or self._codecs.default_chunk_size(kind)
         if cs <= 0 or (size is not None and size < 0):
             raise UsageError(f"stream {name!r}: bad size or chunk size")
-        sw = StreamWriter(self, name, kind, size, cs, attrs or {})
+        sw = StreamWriter(self, name, kind, size, cs, attrs or {}, read_back)
         self._streams[name] = sw
-        if read_back:
-            self._read_back.add(name)
         return sw
 
     def content_id(self, data: bytes | bytearray | memoryview) -> bytes:
@@ -469,7 +469,7 @@ class ArchiveWriter:
             return
         while len(self._uploads) >= self._max_uploads:
             self._wait_upload()
-        read_back = stream in self._read_back
+        read_back = self._streams[stream].read_back
         self._uploads.append(self._uploader.submit(self._assemble_and_publish, builder, read_back))
 
     def _assemble_and_publish(
