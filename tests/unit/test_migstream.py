@@ -8,6 +8,7 @@ regenerator, so the two check each other.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import struct
@@ -258,6 +259,88 @@ def test_regenerate_reads_devstate_from_a_reader_and_sparse_extents() -> None:
     out = io.BytesIO()
     ms.regenerate(layout, io.BytesIO(bytes(rec.dev)), sparse, out)
     assert out.getvalue() == regen(layout, rec)
+
+
+class _Chunks:
+    """Writes that remember their sizes (how the output was cut into buffers)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, b: bytes | memoryview) -> int:
+        self.parts.append(bytes(b))
+        return len(b)
+
+
+@st.composite
+def _ram_extents(draw: st.DrawFn) -> tuple[list[tuple[str, int]], dict[str, list[ms.RamExtent]]]:
+    """Blocks and, per block, extents mixing data runs (with zero pages inside), holes,
+    gaps and a short zero tail; data as bytes or memoryview."""
+    blocks = [(f"b{i}", draw(st.integers(1, 70)) * PAGE) for i in range(draw(st.integers(1, 3)))]
+    extents: dict[str, list[ms.RamExtent]] = {}
+    for bname, size in blocks:
+        pages = size // PAGE
+        cuts = sorted(set(draw(st.lists(st.integers(0, pages), max_size=8))) | {0, pages})
+        ext: list[ms.RamExtent] = []
+        for a, b in itertools.pairwise(cuts):
+            kind = draw(st.sampled_from(["data", "hole", "gap"]))
+            if kind == "gap":
+                continue
+            length = (b - a) * PAGE
+            if kind == "hole":
+                if b == pages and draw(st.booleans()):
+                    length -= draw(st.integers(0, PAGE - 1))  # a short tail is still a page
+                ext.append((a * PAGE, length, None))
+                continue
+            data = b"".join(
+                bytes(PAGE) if draw(st.booleans()) else page(draw(st.integers(1, 250)))
+                for _ in range(b - a)
+            )
+            ext.append((a * PAGE, length, memoryview(data) if draw(st.booleans()) else data))
+        extents[bname] = ext
+    return blocks, extents
+
+
+@settings(max_examples=150, deadline=None)
+@given(_ram_extents(), st.booleans(), st.sampled_from([1, 5000, 40000, 1 << 20]))
+def test_bulk_regenerate_writes_what_the_page_by_page_writer_writes(
+    shape: tuple[list[tuple[str, int]], dict[str, list[ms.RamExtent]]],
+    send_zero_pages: bool,
+    flush_at: int,
+) -> None:
+    """The regenerator writes RAM records a group of pages per struct call; with
+    ``on_page`` it goes page by page (the plain reading of the format).  Same bytes,
+    and no buffer above ``flush_at`` unless one group of records is larger."""
+    blocks, extents = shape
+    w = W(blocks=blocks, sections=[[(0, 0, page(1))]])
+    layout, rec = parse(w.build())
+    source = lambda b: iter(extents[b.idstr])  # noqa: E731
+    fast, slow = _Chunks(), _Chunks()
+    kw = {"send_zero_pages": send_zero_pages, "flush_at": flush_at}
+    n_fast = ms.regenerate(layout, bytes(rec.dev), source, fast, **kw)  # type: ignore[arg-type]
+    seen: list[int] = []
+    n_slow = ms.regenerate(
+        layout,
+        bytes(rec.dev),
+        source,
+        slow,
+        on_page=lambda b, o, p: seen.append(o),
+        **kw,  # type: ignore[arg-type]
+    )
+    assert b"".join(fast.parts) == b"".join(slow.parts)
+    assert n_fast == n_slow == len(b"".join(fast.parts))
+    assert len(seen) == sum(-(-size // PAGE) for _, size in blocks)
+    group = 16 * (8 + PAGE)
+    slack = 300  # pieces other than RAM records are added, then flushed: at most a device's
+    assert all(len(p) <= max(flush_at, group) + slack for p in fast.parts)
+    if flush_at >= group:  # the regenerated image is the extents' image
+        _, rec2 = parse(b"".join(fast.parts))
+        for bname, size in blocks:
+            want = bytearray(size)
+            for off, length, data in extents[bname]:
+                if data is not None:
+                    want[off : off + length] = data
+            assert rec2.img[bname] == want
 
 
 def test_layout_json_round_trip() -> None:

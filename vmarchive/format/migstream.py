@@ -1061,6 +1061,160 @@ def _iter_pages(
         yield p, None
 
 
+def _emit_pages_one_by_one(
+    o: _Output,
+    blocks: list[RamBlock],
+    ram_source: RamSource,
+    send_zero_pages: bool,
+    on_page: Callable[[RamBlock, int, bytes | None], None],
+) -> None:
+    """The RAM records page by page, each page shown to ``on_page`` first."""
+    pack64 = _BE64.pack
+    zero_tail = b"\x00"
+    for b in blocks:
+        named = _named(b)
+        first = True
+        for off, page in _iter_pages(b, ram_source(b)):
+            on_page(b, off, page)
+            if page is None:
+                if not send_zero_pages:
+                    continue
+                flags = RAM_FLAG_ZERO
+                body = zero_tail
+            else:
+                flags = RAM_FLAG_PAGE
+                body = page
+            if first:
+                o.add(pack64(off | flags) + named)
+                first = False
+            else:
+                o.add(pack64(off | flags | RAM_FLAG_CONTINUE))
+            o.add(body)
+
+
+def _named(block: RamBlock) -> bytes:
+    name = block.idstr.encode("ascii")
+    return bytes([len(name)]) + name
+
+
+#: Pages per struct call when records are written in bulk (data pages: one call packs
+#: 16 headers with their pages, 65.7 KB; zero records are 9 bytes, so more per call).
+_EMIT_DATA = 16
+_EMIT_ZEROS = 512
+_emit_structs: dict[tuple[str, int], struct.Struct] = {}
+
+
+def _emit_struct(kind: str, n: int, page_size: int) -> struct.Struct:
+    st = _emit_structs.get((kind, n))
+    if st is None:
+        rec = f"Q{page_size}s" if kind == "data" else "Qx"  # x: the ZERO record's fill byte
+        st = _emit_structs.setdefault((kind, n), struct.Struct(">" + rec * n))
+    return st
+
+
+def _page_runs(
+    block: RamBlock, extents: Iterable[RamExtent]
+) -> Iterator[tuple[int, int, bytes | None]]:
+    """The block as runs ``(offset, pages, data)`` in order, gaps and holes as ``None``,
+    data runs as ``bytes``; checked as :func:`_iter_pages` checks extents."""
+    ps = block.page_size
+    nxt = 0
+    for off, length, data in extents:
+        if off < nxt or off % ps or length < 0 or off + length > block.used_length:
+            raise StreamError(
+                f"RAM source extent ({off:#x}, {length:#x}) of block {block.idstr!r}"
+                " is unaligned, out of order or out of range"
+            )
+        if off > nxt:
+            yield nxt, (off - nxt) // ps, None
+        if data is None:
+            if length:
+                yield off, -(-length // ps), None
+        else:
+            if len(data) != length or length % ps:
+                raise StreamError(f"RAM source data for {block.idstr!r} has a bad length")
+            if length:
+                yield off, length // ps, data if isinstance(data, bytes) else bytes(data)
+        nxt = off + length
+        nxt += -nxt % ps
+    if nxt < block.used_length:
+        yield nxt, -(-(block.used_length - nxt) // ps), None
+
+
+def _emit_block(
+    o: _Output, block: RamBlock, extents: Iterable[RamExtent], send_zero_pages: bool
+) -> None:
+    """The RAM records of one block, byte for byte what :func:`_emit_pages_one_by_one`
+    writes, but a struct call per group of pages instead of Python work per page (the
+    regenerator was four times slower than the parser)."""
+    ps = block.page_size
+    named = _named(block)
+    first = True  # the block's first record names it; the others are CONTINUE
+
+    def put(piece: bytes) -> None:
+        # flush first if the piece would overshoot: the buffers stay within flush_at
+        # (check_round_trip's parser then takes each whole)
+        if o.size and o.size + len(piece) > o._flush_at:
+            o.flush()
+        o.add(piece)
+
+    def zeros(off: int, n: int) -> None:
+        nonlocal first
+        if not send_zero_pages or n <= 0:
+            return
+        if first:
+            put(_BE64.pack(off | RAM_FLAG_ZERO) + named + b"\x00")
+            first = False
+            off += ps
+            n -= 1
+        flags = RAM_FLAG_ZERO | RAM_FLAG_CONTINUE
+        while n > 0:
+            k = min(n, _EMIT_ZEROS)
+            put(_emit_struct("zero", k, ps).pack(*range(off | flags, (off + k * ps) | flags, ps)))
+            off += k * ps
+            n -= k
+
+    def pages(off: int, raw: bytes, start: int, n: int) -> None:
+        # n data pages from raw[start:], none of them all zero
+        nonlocal first
+        if first:
+            put(_BE64.pack(off | RAM_FLAG_PAGE) + named + raw[start : start + ps])
+            first = False
+            off += ps
+            start += ps
+            n -= 1
+        flags = RAM_FLAG_PAGE | RAM_FLAG_CONTINUE
+        while n > 0:
+            k = min(n, _EMIT_DATA)
+            args: list[int | bytes] = [0] * (2 * k)
+            args[0::2] = range(off | flags, (off + k * ps) | flags, ps)
+            args[1::2] = [raw[i : i + ps] for i in range(start, start + k * ps, ps)]
+            put(_emit_struct("data", k, ps).pack(*args))
+            off += k * ps
+            start += k * ps
+            n -= k
+
+    for off, n, raw in _page_runs(block, extents):
+        if raw is None:
+            zeros(off, n)
+            continue
+        # zero pages inside data go out as ZERO records: find them (most pages are told
+        # apart by their first or last byte)
+        end = n * ps
+        zero_at = [
+            i
+            for i in range(0, end, ps)
+            if not raw[i] and not raw[i + ps - 1] and raw[i : i + ps] == _ZERO_PAGE
+        ]
+        done = 0
+        for z in [*zero_at, end]:
+            if z > done:
+                pages(off + done, raw, done, (z - done) // ps)
+            if z < end:
+                zeros(off + z, 1)
+            done = z + ps
+
+
 def regenerate(
     layout: StreamLayout,
     devstate: bytes | bytearray | memoryview | _Readable,
@@ -1107,38 +1261,11 @@ def regenerate(
     buf += bytes([SEC_END]) + _BE32.pack(ram.section_id)
     o.add(buf)
 
-    pack64 = _BE64.pack
-    zero_tail = b"\x00"
-    add = o.parts.append
-    size = o.size
-    for b in layout.ram_blocks:
-        name = b.idstr.encode("ascii")
-        named = bytes([len(name)]) + name
-        first = True
-        for off, page in _iter_pages(b, ram_source(b)):
-            if on_page is not None:
-                on_page(b, off, page)
-            if page is None:
-                if not send_zero_pages:
-                    continue
-                flags = RAM_FLAG_ZERO
-                body = zero_tail
-            else:
-                flags = RAM_FLAG_PAGE
-                body = page
-            if first:
-                add(pack64(off | flags) + named)
-                size += 8 + len(named)
-                first = False
-            else:
-                add(pack64(off | flags | RAM_FLAG_CONTINUE))
-                size += 8
-            add(body)
-            size += len(body)
-            if size >= flush_at:
-                o.flush()
-                size = 0
-    o.size = size
+    if on_page is None:
+        for b in layout.ram_blocks:
+            _emit_block(o, b, ram_source(b), send_zero_pages)
+    else:
+        _emit_pages_one_by_one(o, layout.ram_blocks, ram_source, send_zero_pages, on_page)
     o.add(_BE64.pack(RAM_FLAG_EOS) + _footer(ram.section_id))
 
     reader = None if isinstance(devstate, bytes | bytearray | memoryview) else devstate
@@ -1345,8 +1472,9 @@ def check_round_trip(
         try:
             on_page = sent.page if page_check is None else None
             # Buffers no larger than the parser's reads: it then takes each one whole,
-            # without slicing or joining (a buffer overshoots flush_at by one RAM record; only
-            # a device section larger than that is sliced).
+            # without slicing or joining (RAM records stay within flush_at, or overshoot it
+            # by one record when written page by page; only a device section larger than
+            # _MAX_RECORD is sliced).
             flush_at = max(read_size - _MAX_RECORD, _PAGE_REC)
             regenerate(layout, dev_in, ram_source, pipe, on_page=on_page, flush_at=flush_at)
         except BaseException as e:  # reported below; the thread must not die silently
