@@ -123,6 +123,19 @@ def decompress(frame: bytes | memoryview, expected: int | None, *, what: str) ->
     dctx: zstandard.ZstdDecompressor | None = getattr(_dctx, "d", None)
     if dctx is None:
         dctx = _dctx.d = zstandard.ZstdDecompressor()
+    if size > 0:
+        # One call that refuses trailing bytes; five times faster per 64 KiB chunk than a
+        # decompression object.  Anything it rejects is decoded again below only to say
+        # what is wrong (truncated, trailing bytes, corrupt).  (Not for empty frames:
+        # zstandard < 0.22 let bytes after one pass.)
+        try:
+            fast: bytes = dctx.decompress(frame, allow_extra_data=False)
+        except zstandard.ZstdError:
+            pass
+        else:
+            if len(fast) != size:
+                raise DamageError(f"{what}: decompressed {len(fast)} bytes, frame says {size}")
+            return fast
     dobj = dctx.decompressobj()
     try:
         out: bytes = dobj.decompress(frame)
