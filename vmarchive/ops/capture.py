@@ -75,6 +75,7 @@ from vmarchive.errors import (
 )
 from vmarchive.hypervisor.blockinfo import DiskInfo, list_disks, parse_disks
 from vmarchive.hypervisor.connection import DEFAULT_URI, Connection, Domain, DomainState
+from vmarchive.hypervisor.hugepages import restore_huge_pages
 from vmarchive.hypervisor.memmap import collect_memory_map
 from vmarchive.hypervisor.qemuproc import qemu_pid, wait_thread_blocked_on_pipe
 from vmarchive.hypervisor.qmp import QMP, EventSubscription, pause_us
@@ -182,6 +183,10 @@ class CaptureOptions:
     disk_delay_s: float = 0.0
     #: Read every disk in full even when a trustworthy parent exists (tracking re-armed).
     full: bool = False
+    #: Snapshot mode: afterwards, map the guest RAM's transparent huge pages that QEMU's
+    #: write tracking split with one page-table entry again, so that the next capture's
+    #: pause does not grow with RAM (:mod:`vmarchive.hypervisor.hugepages`).
+    remap_huge_pages: bool = True
     #: TEST ONLY: snapshot mode without the set-up gate's filler (QEMU passes its set-up
     #: and takes the RAM instant before the disks are fixed), to prove the check that the
     #: gate held can fail (the negative control).
@@ -223,6 +228,8 @@ class CaptureResult:
     disks: list[DiskResult] = field(default_factory=list)
     memory_format: str | None = None
     parent: str | None = None
+    #: Snapshot mode: what :func:`restore_huge_pages` did (None: not attempted).
+    huge_pages: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -1086,6 +1093,7 @@ class _Capture:
         reader: PipeReader | None = None
         roundtrip: capture_parse.RoundTrip | None = None
         mig: dict[str, Any] = {}
+        pid: int | None = None  # QEMU's process (snapshot mode)
         try:
             with self._nbd_server(qmp, marker) as sock:
                 if mode == "paused":
@@ -1256,6 +1264,12 @@ class _Capture:
         aid = str(w.commit(meta))
         marker.bitmaps = []  # the archive names them now: the cleanup keeps them
         assert reader is not None
+        huge = None
+        if mode == "snapshot" and self.o.remap_huge_pages:
+            # QEMU lifted its write protection when the migration completed (its clean-up
+            # runs at once; the round trip and the commit came after), so nothing of it
+            # is left on the pages being remapped.
+            huge = restore_huge_pages(pid).to_json()
         return CaptureResult(
             id=aid,
             domain=self.dom.name,
@@ -1268,6 +1282,7 @@ class _Capture:
             disks=disk_results,
             memory_format=str(mem_info.get("format")),
             parent=parent_id,
+            huge_pages=huge,
         )
 
 
