@@ -26,6 +26,7 @@ from vmarchive.hypervisor.probe import (
 from vmarchive.ops.doctor import (
     DoctorOptions,
     Status,
+    check_huge_pages,
     check_kvm,
     check_modes,
     check_switchover,
@@ -71,6 +72,40 @@ def test_doctor_reports_this_host_truthfully() -> None:
         if sysctl == 0:
             assert "sysctl vm.unprivileged_userfaultfd=1" in by["userfaultfd"].action
     assert by["capture"].status is Status.OK and report.ok
+    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    if os.geteuid() == 0 and "[never]" not in thp and _kernel_at_least(6, 1):
+        assert by["huge-pages"].status is Status.OK, by["huge-pages"]
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    rel = os.uname().release.split("-")[0].split(".")
+    return (int(rel[0]), int(rel[1])) >= (major, minor)
+
+
+def test_huge_page_remap_detector_can_say_no(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each way the remap is out of reach is reported (WARN, with the reason), and a host
+    without transparent huge pages has nothing to remap (OK)."""
+    from vmarchive.hypervisor import hugepages
+
+    always = tmp_path / "enabled"
+    always.write_text("[always] madvise never\n")
+    here = check_huge_pages(hugepages.probe_remap(always))
+    if os.geteuid() == 0 and _kernel_at_least(6, 1):
+        assert here.status is Status.OK  # the positive case the controls below differ from
+    with monkeypatch.context() as m:
+        m.setitem(hugepages._SYS_PROCESS_MADVISE, os.uname().machine, 9999)  # no such call
+        c = check_huge_pages(hugepages.probe_remap(always))
+        assert c.status is Status.WARN and "not implemented" in c.explanation, c
+    with monkeypatch.context() as m:
+        m.setattr(hugepages, "_PM_PFN_MASK", 0)  # as an unprivileged reader sees them
+        c = check_huge_pages(hugepages.probe_remap(always))
+        assert c.status is Status.WARN and "not root" in c.explanation, c
+    never = tmp_path / "never"
+    never.write_text("always madvise [never]\n")
+    c = check_huge_pages(hugepages.probe_remap(never))
+    assert c.status is Status.OK and "off" in c.summary
 
 
 @pytest.mark.libvirt

@@ -189,4 +189,65 @@ def restore_huge_pages(pid: int | None, proc: Path = PROC) -> HugePageReport:
     return rep
 
 
-__all__ = ["HugePageReport", "anonymous_mappings", "restore_huge_pages", "whole_folio_ranges"]
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@dataclass(frozen=True)
+class RemapProbe:
+    """Whether :func:`restore_huge_pages` can work on this host (``vmarchive doctor``)."""
+
+    thp_mode: str  # always / madvise / never / unknown
+    available: bool
+    error: str | None = None
+
+
+def probe_remap(thp_enabled: Path = THP_ENABLED) -> RemapProbe:
+    """THP's mode, and whether remapping works: frame numbers are visible to us, and
+    ``process_madvise(MADV_COLLAPSE)`` collapses a 2 MiB range of our own.  Never raises."""
+    try:
+        text = thp_enabled.read_text()
+        mode = text[text.index("[") + 1 : text.index("]")]
+    except (OSError, ValueError):
+        mode = "unknown"
+    if mode == "never":
+        return RemapProbe(mode, False, "transparent huge pages are off: nothing gets split")
+    import mmap
+
+    buf = None
+    try:
+        if platform.machine() not in _SYS_PROCESS_MADVISE:
+            raise OSError(errno.ENOSYS, f"no process_madvise number known for {platform.machine()}")
+        buf = mmap.mmap(-1, 2 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        view = ctypes.c_char.from_buffer(buf)
+        addr = ctypes.addressof(view)
+        del view  # an exported buffer could not be closed
+        start = -(-addr // HUGE) * HUGE
+        buf[start - addr : start - addr + HUGE] = b"\x01" * HUGE  # populate it
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // PAGE * 8)
+            entry = struct.unpack("<Q", f.read(8))[0]
+        if not entry & _PM_PFN_MASK:
+            raise OSError(errno.EPERM, "page frame numbers are hidden (not root)")
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            done, failed = _collapse(pidfd, [(start, HUGE)])
+        finally:
+            os.close(pidfd)
+        if failed or done != HUGE:
+            raise OSError(errno.EAGAIN, "MADV_COLLAPSE did not collapse a test range")
+        return RemapProbe(mode, True)
+    except (OSError, ValueError) as e:
+        return RemapProbe(mode, False, str(e.strerror if isinstance(e, OSError) else e))
+    finally:
+        if buf is not None:
+            buf.close()
+
+
+__all__ = [
+    "HugePageReport",
+    "RemapProbe",
+    "anonymous_mappings",
+    "probe_remap",
+    "restore_huge_pages",
+    "whole_folio_ranges",
+]
