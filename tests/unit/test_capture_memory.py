@@ -79,6 +79,36 @@ def test_final_image_is_last_write_of_each_page(
     assert sw.image() == bytes(expect)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    nchunks=st.integers(1, 6),
+    max_open=st.integers(1, 3),
+    sends=st.lists(st.tuples(st.booleans(), st.integers(0, 95), st.integers(0, 255)), max_size=120),
+)
+def test_whole_chunks_and_pages_mixed_give_the_last_write(
+    nchunks: int, max_open: int, sends: list[tuple[bool, int, int]]
+) -> None:
+    """Whole chunks as bytes (the parser's runs, stored without a copy when first seen)
+    mixed with single pages and resends of both."""
+    cs = 16 * PAGE
+    size = nchunks * cs
+    sw = FakeStream(size, cs)
+    img = RamImage(sw, sw.read_chunk, max_open=max_open)
+    expect = bytearray(size)
+    for whole, n, val in sends:
+        if whole:
+            off, length = n % nchunks * cs, cs
+            data: bytes | None = bytes([val]) * cs if val else None
+            img.page(off, data, length, 16)
+        else:
+            off, length = n % (nchunks * 16) * PAGE, PAGE
+            data = bytes([val]) * PAGE if val else None
+            img.page(off, data, length)
+        expect[off : off + length] = data or bytes(length)
+    img.flush()
+    assert sw.image() == bytes(expect)
+
+
 def test_memory_stays_bounded_by_open_chunks() -> None:
     sw = FakeStream(1024 * PAGE, 16 * PAGE)
     img = RamImage(sw, sw.read_chunk, max_open=2)

@@ -705,9 +705,11 @@ class RunRecorder(Recorder):
     def __init__(self) -> None:
         super().__init__()
         self.runs = 0
+        self.offsets: list[int] = []
 
     def ram_pages(self, block: ms.RamBlock, offset: int, data: bytes | None, count: int) -> None:
         self.runs += 1
+        self.offsets.append(offset)
         n = count * PAGE
         assert data is None or len(data) == n
         self.img[block.idstr][offset : offset + n] = bytes(n) if data is None else data
@@ -745,6 +747,8 @@ def test_property_runs_parse_as_single_records(
     for rec in (Recorder(), RunRecorder()):
         layout = ms.parse_stream(Dribble(data, seed, max_read), rec, read_size=max_read)
         assert rec.img == w.final_images()
+        if isinstance(rec, RunRecorder):  # runs start at whole chunks of the image only
+            assert all(off % (16 * PAGE) == 0 for off in rec.offsets), rec.offsets
         st_ = layout.stats
         assert st_.page_records == len(ops)
         assert st_.zero_records == sum(d is None for _b, _p, d in ops)
@@ -760,11 +764,14 @@ def test_runs_are_taken_and_a_broken_run_is_not() -> None:
     w = W(blocks=[("pc.ram", 128 * PAGE)], sections=[seq])
     rec = RunRecorder()
     ms.parse_stream(io.BytesIO(w.build()), rec)
-    assert rec.runs >= 4  # page 0 names the block; data runs 1-16, 17-32; zero runs
+    # page 0 names the block, 1-15 go one by one up to the first multiple of 16; then
+    # data runs 16-31, 32-47 and zero runs from 48
+    assert rec.runs >= 4 and rec.offsets[:2] == [16 * PAGE, 32 * PAGE], rec.offsets
     assert rec.img == w.final_images()
-    # Negative control: page 9 swapped with page 10 -- no run may cover pages 1..16.
-    broken = list(seq[:17])
-    broken[9], broken[10] = broken[10], broken[9]
+    # Negative control: page 20 swapped with page 21 -- no run may cover pages 16..31
+    # (and 32 is the last page: too few for another).
+    broken = list(seq[:33])
+    broken[20], broken[21] = broken[21], broken[20]
     w = W(blocks=[("pc.ram", 64 * PAGE)], sections=[broken])
     rec = RunRecorder()
     ms.parse_stream(io.BytesIO(w.build()), rec)

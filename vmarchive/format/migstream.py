@@ -700,7 +700,14 @@ class _Parser:
                     (word,) = unpack64(buf, pos) if pos + 8 <= avail else (0,)
                     kind = word & _FLAG_MASK
                     run_data: bytes | None = None
-                    if kind == _PAGE_CONT and avail - pos >= _RUN * _PAGE_REC:
+                    addr = word ^ kind
+                    heads: tuple[int, ...] | None
+                    if addr % run_bytes:
+                        # Runs start at multiples of their length only: a run is then one
+                        # whole 64 KiB chunk of the page image, which a sink can take
+                        # without copying it into a buffer.
+                        heads = None
+                    elif kind == _PAGE_CONT and avail - pos >= _RUN * _PAGE_REC:
                         heads = _RUN_PAGES.unpack_from(buf, pos)
                         n = _RUN * _PAGE_REC
                     elif kind == _ZERO_CONT and avail - pos >= _RUN * _ZERO_REC:
@@ -709,7 +716,6 @@ class _Parser:
                         n = _RUN * _ZERO_REC
                     else:
                         heads = ()
-                    addr = word ^ kind
                     if (
                         heads
                         and heads == tuple(range(word, word + run_bytes, page_size))
@@ -734,7 +740,8 @@ class _Parser:
                         else:
                             _pages_one_by_one(sink_page, block, addr, run_data, _RUN)
                         continue
-                    cooldown = _RUN_COOLDOWN
+                    if heads is not None:
+                        cooldown = _RUN_COOLDOWN
                 elif cooldown:
                     cooldown -= 1
                 if pos + 8 > avail:

@@ -232,6 +232,17 @@ class RamImage:
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"page at {offset:#x} outside the block ({self.size:#x})")
         self.pages += pages
+        if (
+            length == self.cs
+            and isinstance(data, bytes)
+            and not offset % self.cs
+            and offset // self.cs not in self._open
+            and offset // self.cs not in self._stored
+        ):
+            # A whole chunk, first seen, as immutable bytes (the parser's runs): stored as
+            # it is, without a zeroed buffer and a copy into it.
+            self._store(offset // self.cs, data)
+            return
         if data is not None and not isinstance(data, memoryview):
             data = memoryview(data)  # slices below without copies
         while length:
@@ -267,7 +278,7 @@ class RamImage:
             self._store(old, obuf)
         return buf
 
-    def _store(self, index: int, buf: bytearray) -> None:
+    def _store(self, index: int, buf: bytes | bytearray) -> None:
         self.sw.write_chunk(index, buf)
         self._stored.add(index)
 

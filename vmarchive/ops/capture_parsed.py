@@ -100,6 +100,15 @@ class _SlotCheck:
     ) -> None:
         """``count`` pages at consecutive offsets (``data`` back to back; None: zero)."""
         cs = int(self.streams[block.index].chunk_size)
+        if isinstance(data, bytes) and len(data) == cs and not offset % cs:
+            # a whole chunk in one piece (the parser's runs): its id directly, once the
+            # slot before it (complete: pages come in order) is checked
+            cur = self.open.get(block.index)
+            if cur is None or cur[0] != offset // cs:
+                if cur is not None:
+                    self._finish(block.index, *self.open.pop(block.index))
+                self._check(block.index, offset // cs, data)
+                return
         mv = None if data is None else memoryview(data)
         end = offset + count * block.page_size
         while offset < end:
@@ -118,6 +127,9 @@ class _SlotCheck:
             offset += n
 
     def _finish(self, bidx: int, index: int, buf: bytearray) -> None:
+        self._check(bidx, index, buf)
+
+    def _check(self, bidx: int, index: int, buf: bytes | bytearray) -> None:
         self.checked += 1
         if self.w.content_id(buf) != _slot_id(self.streams[bidx], index) and len(self.bad) < 10:
             name = self.blocks[bidx].idstr
