@@ -137,6 +137,7 @@ class Bench:
             "peak_rss": r.peak_rss,
             "cpu_s": r.cpu_s,
             "memory_format": j.get("memory_format"),
+            "huge_pages": j.get("huge_pages"),
             "phases": bl.phases(r),
         }
         self.log(
@@ -632,7 +633,8 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
                 f"vmarchive pause at {ram} MiB RAM",
                 f(p, " ms", 1),
                 f"n={len(caps)} {[round(c['pause_ms'], 1) for c in caps]} {sorted({c['mode'] for c in caps})},"
-                f" rss max {mib(max(c['peak_rss'] for c in caps))}",
+                f" rss max {mib(max(c['peak_rss'] for c in caps))},"
+                f" huge pages remapped (MiB) {[(c.get('huge_pages') or {}).get('remapped_mib') for c in caps]}",
             )
         )
     rst = res.get("vmarchive_restore")
@@ -820,7 +822,11 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
         rows.append(("2nd capture floor: background snapshot", f(sfloor, " s"),
                      f"= {100 * sfloor / c1['wall_s']:.0f}% of 1st capture wall (QEMU alone sending the RAM, nothing stored)"))  # fmt: skip
         if qi and get(qi, "rate_mib_s"):
-            disk_s = (c1["bytes_read"] - float(get(snap, "bytes") or 0)) / MiB / float(get(qi, "rate_mib_s"))
+            disk_s = (
+                (c1["bytes_read"] - float(get(snap, "bytes") or 0))
+                / MiB
+                / float(get(qi, "rate_mib_s"))
+            )
             sb = max(sfloor, disk_s)
             rows.append(("1st capture floor in snapshot mode", f(sb, " s"),
                          f"max(background snapshot, rest read at the qemu-img rate {disk_s:.2f} s): 1st capture = {c1['wall_s'] / sb:.2f}x"))  # fmt: skip

@@ -17,6 +17,12 @@ page flags checked first), so nothing is copied and no memory is added: a range 
 never huge stays as it is.  Needs root (page frame numbers, and CAP_SYS_NICE for the
 advice); anything that cannot be done is reported, never raised -- it is an optimisation
 of the next capture's pause, not part of this one.
+
+What it leaves: RAM the guest never touched.  QEMU's snapshot read-faults every page first,
+which maps the zero page, and splits those mappings the same way; collapsing them would
+allocate a real huge page per range (measured: +0.9 GiB for a half-empty 2 GiB guest), so
+they stay, and the pause still grows with the untouched part of RAM (half-empty 2 GiB guest:
+24-26 ms with the remap, 26-32 without).
 """
 
 from __future__ import annotations

@@ -328,7 +328,7 @@ def check_huge_pages(h: RemapProbe) -> Check:
         Status.WARN,
         "huge pages split by a snapshot capture cannot be remapped here",
         explanation=f"{h.error}; from the second snapshot capture of a guest on, its pause "
-        "grows with its RAM (about 10 ms per GiB here) until khugepaged remaps the pages.",
+        "grows with its RAM in use (about 10 ms per GiB here) until khugepaged remaps the pages.",
         action="run captures as root on Linux 6.1 or later (process_madvise MADV_COLLAPSE)",
         details=details,
     )
