@@ -117,11 +117,13 @@ class Bench:
     def vma(self, *a: str, ok: tuple[int, ...] = (0,)) -> bl.Run:
         return bl.run([*VMA, *a], ok=ok)
 
-    def capture(self, g: guestlib.Guest, repo: Path, watcher: bl.PauseWatcher) -> dict[str, Any]:
+    def capture(
+        self, g: guestlib.Guest, repo: Path, watcher: bl.PauseWatcher, *extra: str
+    ) -> dict[str, Any]:
         m = watcher.mark()
         r = self.vma(
             "-v", "capture", g.name, "--repo", str(repo), "--json", "--no-progress",
-            "--mode", self.args.mode,
+            "--mode", self.args.mode, *extra,
         )  # fmt: skip
         j = r.json()
         ev = watcher.pauses_ms(m)
@@ -457,6 +459,24 @@ class Bench:
                 bl.rm(self.work / f"ram{ram}")
         self.res["vmarchive_ram_scaling"] = out
 
+    def ram_in_use(self) -> None:
+        """The largest guest again with 7/8 of its RAM filled (a long-running guest's page
+        cache fills it): captures with the huge-page remap, then without it (the control:
+        QEMU's write tracking leaves RAM split, and the pause grows)."""
+        ram = self.ram * (2 if self.quick else 4)
+        g = self.boot(f"inuse{ram}", ram, ram * 7 // 8, 0, self.disk)
+        w = bl.PauseWatcher(self.conn, g.name)
+        try:
+            repo = self.init_repo(f"vma-inuse{ram}")
+            on = [self.capture(g, repo, w) for _ in range(3)]
+            off = [self.capture(g, repo, w, "--no-remap-huge-pages") for _ in range(3)]
+            self.res["vmarchive_ram_in_use"] = {"ram_mib": ram, "remap": on, "no_remap": off}
+        finally:
+            w.close()
+            g.cleanup()
+            bl.rm(self.work / f"vma-inuse{ram}")
+            bl.rm(self.work / f"inuse{ram}")
+
     def churn(self) -> None:
         g = self.boot("churn", self.ram, self.fill, self.args.churn, self.disk)
         w = bl.PauseWatcher(self.conn, g.name)
@@ -514,6 +534,8 @@ class Bench:
         self.main.cleanup()
         self.watch.close()
         self.phase("ram_scaling", self.ram_scaling)
+        if self.args.mode == "snapshot":
+            self.phase("ram_in_use", self.ram_in_use)
         self.phase("churn", self.churn)
         self.res["machine"]["loadavg_end"] = os.getloadavg()
 
@@ -637,6 +659,17 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
                 f" huge pages remapped (MiB) {[(c.get('huge_pages') or {}).get('remapped_mib') for c in caps]}",
             )
         )
+    inuse = res.get("vmarchive_ram_in_use")
+    if inuse:
+        for key, what in (("remap", "huge pages remapped"), ("no_remap", "--no-remap-huge-pages")):
+            caps = inuse[key]
+            rows.append(
+                (
+                    f"pause at {inuse['ram_mib']} MiB, 7/8 in use, {key.replace('_', ' ')}",
+                    f(med([c["pause_ms"] for c in caps[1:]]), " ms", 1),
+                    f"{what}: {[round(c['pause_ms'], 1) for c in caps]} (median of the last two)",
+                )
+            )
     rst = res.get("vmarchive_restore")
     rows.append(
         (

@@ -50,6 +50,7 @@ _MADV_COLLAPSE = 25
 #: /proc/PID/pagemap entry: bit 63 present, bits 0-54 the page frame number (root only).
 _PM_PRESENT = 1 << 63
 _PM_PFN_MASK = (1 << 55) - 1
+_RUN_OF_ENTRIES = struct.Struct(f"<{_PER_HUGE}Q")
 #: /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h).
 _KPF_COMPOUND_HEAD = 1 << 15
 _KPF_THP = 1 << 22
@@ -126,8 +127,11 @@ def _is_whole_folio(pm: int, kf: int, addr: int) -> bool:
     pfn = first & _PM_PFN_MASK
     if pfn == 0 or pfn % _PER_HUGE:
         return False  # no frame number (not root) or not the start of a huge page
-    entries = struct.unpack(f"<{_PER_HUGE}Q", raw)
-    if any(not e & _PM_PRESENT or e & _PM_PFN_MASK != pfn + i for i, e in enumerate(entries)):
+    # Every entry present, with the first one's flags and the next frame number: the
+    # expected bytes, compared at once (not a Python loop over 512 entries per range).
+    # Entries whose flags differ (a page swapped out, or still write-protected) are not
+    # taken either.
+    if raw != _RUN_OF_ENTRIES.pack(*range(first, first + _PER_HUGE)):
         return False  # a hole, or pages of different folios
     flags = os.pread(kf, 8, pfn * 8)
     if len(flags) != 8:
