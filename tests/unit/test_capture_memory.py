@@ -24,12 +24,14 @@ class FakeStream:
         self.slots: dict[int, bytes] = {}
         self.chunks: dict[bytes, bytes] = {}
         self.writes = 0
+        self.order: list[int] = []
         self.appended = bytearray()
 
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
         data = bytes(data)
         assert len(data) == min(self.chunk_size, self.size - index * self.chunk_size)
         self.writes += 1
+        self.order.append(index)
         if not any(data):
             self.slots[index] = bytes(16)
             return
@@ -107,6 +109,24 @@ def test_whole_chunks_and_pages_mixed_give_the_last_write(
         expect[off : off + length] = data or bytes(length)
     img.flush()
     assert sw.image() == bytes(expect)
+
+
+def test_whole_chunks_wait_their_turn_so_the_image_is_stored_in_order() -> None:
+    """Chunks are stored in the order their first page came: the store packs them in
+    that order, and a restore reads the image in address order (a whole chunk stored at
+    once, ahead of a partly sent earlier one, scattered an image over its packs: 810
+    range reads from S3 instead of 43)."""
+    cs = 16 * PAGE
+    sw = FakeStream(8 * cs, cs)
+    img = RamImage(sw, sw.read_chunk, max_open=3)
+    img.page(0, b"\x01" * PAGE, PAGE)  # chunk 0: one page of it so far
+    for i in range(1, 8):
+        img.page(i * cs, bytes([i]) * cs, cs, 16)  # whole chunks 1..7
+    img.page(PAGE, b"\x02" * PAGE, PAGE)  # chunk 0 again (already stored: reopened)
+    img.flush()
+    assert sw.order[:8] == list(range(8)), sw.order
+    assert sw.image()[:PAGE] == b"\x01" * PAGE and sw.image()[PAGE : 2 * PAGE] == b"\x02" * PAGE
+    assert sw.image()[cs:] == b"".join(bytes([i]) * cs for i in range(1, 8))
 
 
 def test_memory_stays_bounded_by_open_chunks() -> None:
