@@ -1043,29 +1043,10 @@ def _iter_pages(
 ) -> Iterator[tuple[int, bytes | None]]:
     """Every page of ``block`` in order, from extents; None = zero page."""
     ps = block.page_size
-    nxt = 0
-    for off, length, data in extents:
-        if off < nxt or off % ps or length < 0 or off + length > block.used_length:
-            raise StreamError(
-                f"RAM source extent ({off:#x}, {length:#x}) of block {block.idstr!r}"
-                " is unaligned, out of order or out of range"
-            )
-        for p in range(nxt, off, ps):
-            yield p, None
-        if data is None:
-            for p in range(off, off + length, ps):
-                yield p, None
-        else:
-            if len(data) != length or length % ps:
-                raise StreamError(f"RAM source data for {block.idstr!r} has a bad length")
-            raw = data if isinstance(data, bytes) else bytes(data)
-            for i in range(0, length, ps):
-                page = raw[i : i + ps]
-                yield off + i, (None if page == _ZERO_PAGE else page)
-        nxt = off + length
-        nxt += -nxt % ps
-    for p in range(nxt, block.used_length, ps):
-        yield p, None
+    for off, n, raw in _page_runs(block, extents):
+        for i in range(n):
+            page = None if raw is None else raw[i * ps : (i + 1) * ps]
+            yield off + i * ps, (None if page == _ZERO_PAGE else page)
 
 
 def _emit_pages_one_by_one(
@@ -1123,7 +1104,8 @@ def _page_runs(
     block: RamBlock, extents: Iterable[RamExtent]
 ) -> Iterator[tuple[int, int, bytes | None]]:
     """The block as runs ``(offset, pages, data)`` in order, gaps and holes as ``None``,
-    data runs as ``bytes``; checked as :func:`_iter_pages` checks extents."""
+    data runs as ``bytes``.  Raises StreamError for an extent out of order, unaligned or
+    out of range, or data of the wrong length."""
     ps = block.page_size
     nxt = 0
     for off, length, data in extents:
