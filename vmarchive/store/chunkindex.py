@@ -21,6 +21,9 @@ _REC = struct.Struct("<16sIIII")
 _REC_SIZE = _REC.size  # 16 + 4 * 4 = 32 bytes
 _HEAD = struct.Struct("<16sI")
 _MAX_U32 = 0xFFFFFFFF
+_SNAP_HEAD = struct.Struct("<QQ")
+#: the pack number of each 32-byte record, skipping the id and the other fields
+_PACK_FIELD = struct.Struct("<16xI12x")
 
 
 @dataclass(frozen=True)
@@ -142,3 +145,46 @@ class ChunkIndex:
     def memory_bytes(self) -> int:
         """Approximate memory held by the table (for logs and the benchmark)."""
         return len(self._buf)
+
+    # -- snapshots (the local index cache, :mod:`vmarchive.store.indexcache`) ------------
+    def snapshot(self) -> list[bytes | bytearray]:
+        """The table as consecutive parts (not joined: the table may be gigabytes):
+        ``count u64 | packs u64``, the pack ids (32 bytes each), the table (its capacity
+        is its length / 32).  The last part is the live table: write it out at once."""
+        head = _SNAP_HEAD.pack(self._count, len(self._packs))
+        return [head, b"".join(bytes.fromhex(p) for p in self._packs), self._buf]
+
+    @classmethod
+    def from_snapshot(cls, head: bytes, packs: bytes, table: bytearray) -> ChunkIndex:
+        """Inverse of :meth:`snapshot`; ``table`` becomes the new index's own (no copy).
+        Raises ValueError when the parts do not hold one (sizes, capacity, pack numbers,
+        or the count of occupied slots disagree)."""
+        if len(head) != _SNAP_HEAD.size:
+            raise ValueError("index snapshot truncated")
+        count, npacks = _SNAP_HEAD.unpack(head)
+        cap = len(table) // _REC_SIZE
+        if (
+            len(packs) != 32 * npacks
+            or len(table) % _REC_SIZE
+            or cap < 16
+            or cap & (cap - 1)
+            or count * 4 > cap * 3
+        ):
+            raise ValueError("index snapshot: bad sizes")
+        idx = cls.__new__(cls)
+        idx._cap = cap
+        idx._buf = table
+        idx._packs = [packs[i : i + 32].hex() for i in range(0, len(packs), 32)]
+        idx._pack_numbers = {p: n for n, p in enumerate(idx._packs, 1)}
+        if len(idx._pack_numbers) != npacks:
+            raise ValueError("index snapshot: a pack listed twice")
+        occupied = 0
+        for (pack,) in _PACK_FIELD.iter_unpack(table):
+            if pack:
+                if pack > npacks:
+                    raise ValueError("index snapshot: pack number out of range")
+                occupied += 1
+        if occupied != count:
+            raise ValueError("index snapshot: count disagrees with the table")
+        idx._count = count
+        return idx

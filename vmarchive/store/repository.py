@@ -37,6 +37,7 @@ from vmarchive.progress import NULL_PROGRESS, Progress
 from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, open_backend
 from vmarchive.store.chunkindex import ChunkIndex, Location
 from vmarchive.store.codecs import Codecs, InitOptions, StreamInfo
+from vmarchive.store.indexcache import IndexCache
 from vmarchive.store.locking import Lock, LockContext, LockKind, LockManager
 from vmarchive.store.readahead import PackOrder
 from vmarchive.store.reader import StreamReader
@@ -175,6 +176,9 @@ class Repository:
         self._summaries = SummaryCache.for_repository(
             codecs.encoded_config, Codecs.config_encrypted(codecs.config)
         )
+        self._index_cache = IndexCache.for_repository(
+            codecs.encoded_config, Codecs.config_encrypted(codecs.config)
+        )
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
@@ -278,8 +282,18 @@ class Repository:
         dangling = 0
         self._index_files = set()
         self.index_problems = []
-        for obj in self.backend.list("index/"):
+        objects = list(self.backend.list("index/"))
+        listed = {obj.key.split("/", 1)[1] for obj in objects}
+        # The local cache (not for gc and verify, which must see dangling entries).
+        cache = None if existing_packs is not None else self._index_cache
+        cached = cache.load(listed) if cache is not None else None
+        if cached is not None:
+            idx, self._index_files = cached[0], set(cached[1])
+        covered = set(self._index_files)
+        for obj in objects:
             name = obj.key.split("/", 1)[1]
+            if name in covered:
+                continue
             try:
                 entries = self.codecs.decode_index(self.backend.get(obj.key))
             except ObjectNotFoundError:
@@ -296,7 +310,14 @@ class Repository:
                 idx.add(cid, loc)
         if dangling:
             log.warning("chunk index: %d entries name packs that do not exist", dangling)
-        log.debug("chunk index: %d chunks from %d files", len(idx), len(self._index_files))
+        log.debug(
+            "chunk index: %d chunks from %d files (%d from the local cache)",
+            len(idx),
+            len(self._index_files),
+            len(covered),
+        )
+        if cache is not None and self._index_files != covered:
+            cache.save(idx, self._index_files)
         return idx
 
     def index_files(self) -> set[str]:

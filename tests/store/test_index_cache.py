@@ -1,0 +1,198 @@
+"""The local cache of the chunk index: a repository opens without decoding the index
+objects it has already seen, and is never wrong (stale, damaged, gc'd or encrypted)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+from storehelpers import PASSPHRASE, make_repo, read_archive, write_archive
+
+from vmarchive.store import Repository, maintenance
+from vmarchive.store.chunkindex import ChunkIndex, Location
+from vmarchive.store.codecs import Codecs
+from vmarchive.store.maintenance import GcOptions
+from vmarchive.store.summarycache import CACHE_ENV
+
+
+@pytest.fixture
+def cache_dir(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pathlib.Path]:
+    d = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(d))
+    yield d
+
+
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the index objects decoded from now on (each call: its entry count)."""
+    seen: list[int] = []
+    real = Codecs.decode_index
+
+    def counting(self: Codecs, data: bytes) -> list[tuple[bytes, Location]]:
+        out = real(self, data)
+        seen.append(len(out))
+        return out
+
+    monkeypatch.setattr(Codecs, "decode_index", counting)
+    return seen
+
+
+def index_of(repo: Repository) -> dict[bytes, Location]:
+    return dict(repo.index.items())
+
+
+def two_archives(path: pathlib.Path) -> tuple[list[str], dict[str, dict[str, bytes]]]:
+    repo = make_repo(path)
+    data = {
+        "a": {"s": os.urandom(40_000)},
+        "b": {"s": os.urandom(30_000), "t": bytes(8192) + b"x" * 9000},
+    }
+    ids = [write_archive(repo, data["a"]), write_archive(repo, data["b"])]
+    repo.close()
+    return ids, {ids[0]: data["a"], ids[1]: data["b"]}
+
+
+def test_snapshot_round_trip_and_its_checks() -> None:
+    idx = ChunkIndex()
+    packs = [os.urandom(32).hex() for _ in range(3)]
+    ids = [os.urandom(16) for _ in range(500)]
+    for i, c in enumerate(ids):
+        idx.add(c, Location(packs[i % 3], 28 + i, 10 + i, 20))
+    head, plist, table = idx.snapshot()
+    back = ChunkIndex.from_snapshot(head, plist, bytearray(table))
+    assert len(back) == 500 and dict(back.items()) == dict(idx.items())
+    assert back.get(os.urandom(16)) is None
+    first_used = next(i for i in range(0, len(table), 32) if table[i + 16 : i + 20] != bytes(4))
+    bad = bytearray(table)
+    bad[first_used + 16 : first_used + 20] = (9).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="pack number"):
+        ChunkIndex.from_snapshot(head, plist, bad)
+    with pytest.raises(ValueError, match="count"):
+        ChunkIndex.from_snapshot((501).to_bytes(8, "little") + head[8:], plist, bytearray(table))
+    with pytest.raises(ValueError, match="sizes"):
+        ChunkIndex.from_snapshot(head, plist, bytearray(table[:-32]))
+
+
+def test_second_open_decodes_no_index_object(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, data = two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as first:  # builds the cache
+        want = index_of(first)
+    assert list(cache_dir.glob("index-*.bin"))
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert index_of(again) == want
+        assert {a: read_archive(again, a) for a in ids} == data
+    assert seen == []
+
+
+def test_negative_control_without_cache_every_index_object_is_decoded(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, "off")
+    two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as first:
+        _ = first.index
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        _ = again.index
+        files = len(again.index_files())
+    assert len(seen) == files >= 2
+
+
+def test_new_index_objects_are_added_on_top(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as r:
+        _ = r.index
+        new_id = write_archive(r, {"n": os.urandom(20_000)})  # publishes one more index
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert read_archive(again, new_id)["n"]
+        got = index_of(again)
+    assert len(seen) == 1  # only the new one
+    monkeypatch.setenv(CACHE_ENV, "off")
+    with Repository.open(str(tmp_path / "r")) as plain:
+        assert index_of(plain) == got
+
+
+def test_a_vanished_index_object_rebuilds_from_the_repository(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc on another host (no cache of ours involved) rewrites the index objects naming
+    the packs it deletes: the cache names one that is gone, so it is not used."""
+    ids, data = two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as r:
+        _ = r.index  # the cache, built before the gc
+    monkeypatch.setenv(CACHE_ENV, "off")
+    with Repository.open(str(tmp_path / "r")) as other_host:
+        maintenance.forget(other_host, [ids[0]])
+        result = other_host.gc(GcOptions(grace=0))
+        assert result.indices_deleted, result  # the case under test
+        want = index_of(other_host)
+    monkeypatch.setenv(CACHE_ENV, str(cache_dir))
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        got = index_of(again)
+        files = len(again.index_files())
+        assert read_archive(again, ids[1]) == data[ids[1]]
+    assert len(seen) == files  # rebuilt, not served from the stale cache
+    assert got == want
+    seen.clear()
+    with Repository.open(str(tmp_path / "r")) as later:  # and cached again
+        assert index_of(later) == want
+    assert seen == []
+
+
+def test_a_damaged_cache_is_rebuilt(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, data = two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as first:
+        want = index_of(first)
+    (path,) = cache_dir.glob("index-*.bin")
+    raw = bytearray(path.read_bytes())
+    raw[-40] ^= 0x01  # inside the table: only the checksum can tell
+    path.write_bytes(bytes(raw))
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert index_of(again) == want
+        assert {a: read_archive(again, a) for a in ids} == data
+    assert seen  # decoded again
+    path.write_bytes(b"VMARIDXC")  # truncated: rebuilt as well
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert index_of(again) == want
+
+
+def test_no_cache_for_an_encrypted_repository(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path
+) -> None:
+    repo = make_repo(tmp_path / "r", encrypted=True)
+    write_archive(repo, {"s": os.urandom(10_000)})
+    repo.close()
+    with Repository.open(str(tmp_path / "r"), PASSPHRASE) as r:
+        assert len(r.index) > 0
+    assert not list(cache_dir.glob("index-*.bin"))
+    # the control: the same in a plain repository leaves one
+    plain = make_repo(tmp_path / "p")
+    write_archive(plain, {"s": os.urandom(10_000)})
+    plain.close()
+    with Repository.open(str(tmp_path / "p")) as r:
+        assert len(r.index) > 0
+    assert len(list(cache_dir.glob("index-*.bin"))) == 1
+
+
+def test_gc_and_verify_never_use_the_cache(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as first:
+        _ = first.index
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as r:
+        assert maintenance.verify(r, full=True).ok  # it reloads with the listed packs
+        files = len(r.index_files())
+    assert len(seen) == files  # every object decoded, though the cache was there
