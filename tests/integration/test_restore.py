@@ -631,7 +631,10 @@ def test_negative_control_a_disk_from_another_instant_is_detected(
     assert path.stat().st_blocks * 512 <= r.disks[0].bytes_written + (1 << 20)
     block = bytearray(guestlib.read_block(path, "raw", guestlib.TICK_OFFSET))
     tb = guestlib.parse_tick_block(bytes(block))
-    assert tb is not None and tb.counter == captured.last_written
+    # The instant may fall between the guest's tick write (drained by QEMU at the stop)
+    # and its record of it in RAM: the disk then legally holds one tick more (the rule
+    # of test_capture.Observed.consistent); seen once in CI.
+    assert tb is not None and tb.counter in (captured.last_written, captured.last_written + 1)
     ahead = tb.counter + 1000
     block[24:40] = ahead.to_bytes(8, "little") + (ahead ^ ((1 << 64) - 1)).to_bytes(8, "little")
     with path.open("r+b") as f:
@@ -640,7 +643,7 @@ def test_negative_control_a_disk_from_another_instant_is_detected(
     g = restored_guest(libvirt_conn, r, d)
     g.dom.resume()
     mism = g.wait_for("MISMATCH", lambda: g.serial.mismatches())
-    assert mism[0].disk == ahead and mism[0].ram == captured.last_written
+    assert mism[0].disk == ahead and mism[0].ram in (captured.last_written, tb.counter)
     domains.remove(name)
 
 
