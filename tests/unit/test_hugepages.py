@@ -125,8 +125,33 @@ def test_nothing_to_remap_calls_no_madvise(tmp_path: Path, monkeypatch: pytest.M
     # the control: with a whole folio there, it is called
     p.huge(0x40000000, 512 * 8)
     root = p.write()
-    monkeypatch.setattr(hp, "_collapse", lambda fd, runs: (sum(n for _, n in runs), 0))
+    monkeypatch.setattr(
+        hp, "_collapse", lambda fd, runs, deadline: (sum(n for _, n in runs), 0, False)
+    )
     monkeypatch.setattr(hp.os, "pidfd_open", lambda pid: 99)
     monkeypatch.setattr(hp.os, "close", lambda fd: None)
     rep = hp.restore_huge_pages(PID, root)
     assert (rep.huge_bytes, rep.remapped_bytes, rep.skipped) == (HUGE, HUGE, None)
+
+
+def test_the_remap_stops_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls of at most 64 MiB, the deadline checked between them: a huge guest's remap
+    is cut short (and says so) rather than lengthening the capture without bound."""
+    calls: list[int] = []
+
+    class FakeLibc:
+        def syscall(self, nr: int, fd: int, iov: object, n: int, advice: int, flags: int) -> int:
+            length = int(iov._obj.len)  # type: ignore[attr-defined]
+            calls.append(length)
+            return length
+
+    monkeypatch.setattr(hp.ctypes, "CDLL", lambda *a, **k: FakeLibc())
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    runs = [(0x40000000, 200 << 20), (0x80000000, HUGE)]
+    assert hp._collapse(7, runs) == ((200 << 20) + HUGE, 0, False)
+    assert calls == [64 << 20, 64 << 20, 64 << 20, 8 << 20, HUGE]
+    calls.clear()
+    clock = iter([0.0, 1.0, 2.0, 99.0])
+    monkeypatch.setattr(hp.time, "monotonic", lambda: next(clock))
+    assert hp._collapse(7, runs, deadline=5.0) == (3 * (64 << 20), 0, True)
+    assert len(calls) == 3

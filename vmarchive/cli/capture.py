@@ -92,8 +92,10 @@ def _print_text(r: CaptureResult) -> None:
             typer.echo(f"  disk {d.target:<6}  not copied: {d.reason}")
     hp = r.huge_pages
     if hp and hp.get("remapped_mib"):
+        more = " (time budget spent: khugepaged does the rest)" if hp.get("cut_short") else ""
         typer.echo(
-            f"  huge pages   {hp['remapped_mib']:.0f} MiB of guest RAM remapped in {hp['seconds']:.2f} s"
+            f"  huge pages   {hp['remapped_mib']:.0f} MiB of guest RAM remapped"
+            f" in {hp['seconds']:.2f} s{more}"
         )
     elif hp and hp.get("skipped"):
         typer.echo(f"  huge pages   not remapped: {hp['skipped']}")

@@ -47,6 +47,10 @@ _PER_HUGE = HUGE // PAGE  # 512 page-map entries per huge page
 #: process_madvise(2): the same number on x86-64 and the asm-generic table (arm64).
 _SYS_PROCESS_MADVISE = {"x86_64": 440, "aarch64": 440}
 _MADV_COLLAPSE = 25
+#: Bytes per call (a deadline is checked between calls) and the default time budget: the
+#: kernel remaps about 8 GiB/s here; a 1 TiB guest would take two minutes, not a capture's.
+_STEP = 64 << 20
+DEFAULT_BUDGET_S = 10.0
 #: /proc/PID/pagemap entry: bit 63 present, bits 0-54 the page frame number (root only).
 _PM_PRESENT = 1 << 63
 _PM_PFN_MASK = (1 << 55) - 1
@@ -65,9 +69,11 @@ class HugePageReport:
     failed_bytes: int = 0
     seconds: float = 0.0
     skipped: str | None = None
+    cut_short: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
+            "cut_short": self.cut_short,
             "remapped_mib": round(self.remapped_bytes / (1 << 20), 1),
             "huge_mib": round(self.huge_bytes / (1 << 20), 1),
             "failed_mib": round(self.failed_bytes / (1 << 20), 1),
@@ -144,28 +150,38 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-def _collapse(pidfd: int, runs: list[tuple[int, int]]) -> tuple[int, int]:
-    """MADV_COLLAPSE each run; returns (bytes advised, bytes failed)."""
+def _collapse(
+    pidfd: int, runs: list[tuple[int, int]], deadline: float = float("inf")
+) -> tuple[int, int, bool]:
+    """MADV_COLLAPSE the runs, at most :data:`_STEP` bytes per call; returns (bytes
+    advised, bytes failed, whether the deadline cut it short)."""
     nr = _SYS_PROCESS_MADVISE[platform.machine()]
     libc = ctypes.CDLL(None, use_errno=True)
     done = failed = 0
-    for start, length in runs:  # a call per run: an error names the run it stopped in
-        iov = _Iovec(start, length)
-        n = libc.syscall(nr, pidfd, ctypes.byref(iov), 1, _MADV_COLLAPSE, 0)
-        if n < 0:
-            err = ctypes.get_errno()
-            if err in (errno.ENOSYS, errno.EPERM, errno.EINVAL) and not done:
-                raise OSError(err, os.strerror(err))  # not supported or not allowed here
-            failed += length  # EAGAIN/ENOMEM in a run: the next one may still work
-            log.debug("MADV_COLLAPSE at %#x: %s", start, os.strerror(err))
-        else:
-            done += int(n)
-    return done, failed
+    for run_start, run_length in runs:
+        for start in range(run_start, run_start + run_length, _STEP):
+            if time.monotonic() > deadline:
+                return done, failed, True
+            length = min(_STEP, run_start + run_length - start)
+            iov = _Iovec(start, length)
+            n = libc.syscall(nr, pidfd, ctypes.byref(iov), 1, _MADV_COLLAPSE, 0)
+            if n < 0:
+                err = ctypes.get_errno()
+                if err in (errno.ENOSYS, errno.EPERM, errno.EINVAL) and not done:
+                    raise OSError(err, os.strerror(err))  # not supported or not allowed
+                failed += length  # EAGAIN/ENOMEM here: the next range may still work
+                log.debug("MADV_COLLAPSE at %#x: %s", start, os.strerror(err))
+            else:
+                done += int(n)
+    return done, failed, False
 
 
-def restore_huge_pages(pid: int | None, proc: Path = PROC) -> HugePageReport:
+def restore_huge_pages(
+    pid: int | None, proc: Path = PROC, budget_s: float = DEFAULT_BUDGET_S
+) -> HugePageReport:
     """Map QEMU's split transparent huge pages with one page-table entry again (see the
-    module docstring).  Never raises."""
+    module docstring), for at most ``budget_s`` seconds (the rest is left to khugepaged,
+    and ``cut_short`` says so).  Never raises."""
     rep = HugePageReport()
     t0 = time.monotonic()
     try:
@@ -179,7 +195,9 @@ def restore_huge_pages(pid: int | None, proc: Path = PROC) -> HugePageReport:
             if runs:
                 pidfd = os.pidfd_open(pid)
                 try:
-                    rep.remapped_bytes, rep.failed_bytes = _collapse(pidfd, runs)
+                    rep.remapped_bytes, rep.failed_bytes, rep.cut_short = _collapse(
+                        pidfd, runs, t0 + budget_s
+                    )
                 finally:
                     os.close(pidfd)
     except OSError as e:
@@ -240,7 +258,7 @@ def probe_remap(thp_enabled: Path = THP_ENABLED) -> RemapProbe:
             raise OSError(errno.EPERM, "page frame numbers are hidden (not root)")
         pidfd = os.pidfd_open(os.getpid())
         try:
-            done, failed = _collapse(pidfd, [(start, HUGE)])
+            done, failed, _ = _collapse(pidfd, [(start, HUGE)])
         finally:
             os.close(pidfd)
         if failed or done != HUGE:
