@@ -27,7 +27,6 @@ cache): chunk sizes and pack layout stay inside the encrypted index objects ther
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import struct
@@ -37,7 +36,7 @@ from io import BufferedReader
 import xxhash
 
 from vmarchive.store.chunkindex import ChunkIndex
-from vmarchive.store.summarycache import cache_root
+from vmarchive.store.summarycache import repository_cache
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,8 @@ class IndexCache:
 
     @classmethod
     def for_repository(cls, encoded_config: bytes, encrypted: bool) -> IndexCache | None:
-        root = cache_root()
-        if root is None or encrypted:
-            return None
-        ident = hashlib.sha256(encoded_config).hexdigest()[:24]
-        return cls(os.path.join(root, f"index-{ident}.bin"))
+        where = repository_cache(encoded_config, encrypted)
+        return None if where is None else cls(os.path.join(where[0], f"index-{where[1]}.bin"))
 
     def load(self, listed: set[str]) -> tuple[ChunkIndex, set[str]] | None:
         """The cached index and the index object names it covers, when all of those are

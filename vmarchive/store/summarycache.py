@@ -44,6 +44,15 @@ def cache_root() -> str | None:
     return os.path.join(xdg, "vmarchive")
 
 
+def repository_cache(encoded_config: bytes, encrypted: bool) -> tuple[str, str] | None:
+    """The cache directory and this repository's name in it (a hash of its config), or
+    None: caching is off, or the repository is encrypted (its metadata stays inside)."""
+    root = cache_root()
+    if root is None or encrypted:
+        return None
+    return root, hashlib.sha256(encoded_config).hexdigest()[:24]
+
+
 class SummaryCache:
     """One repository's summaries, one small JSON file per archive id."""
 
@@ -52,11 +61,8 @@ class SummaryCache:
 
     @classmethod
     def for_repository(cls, encoded_config: bytes, encrypted: bool) -> SummaryCache | None:
-        root = cache_root()
-        if root is None or encrypted:
-            return None
-        ident = hashlib.sha256(encoded_config).hexdigest()[:24]
-        return cls(os.path.join(root, "summaries", ident))
+        where = repository_cache(encoded_config, encrypted)
+        return None if where is None else cls(os.path.join(where[0], "summaries", where[1]))
 
     def _path(self, archive_id: str) -> str:
         return os.path.join(self.directory, archive_id + ".json")
@@ -113,4 +119,4 @@ class SummaryCache:
                     os.unlink(os.path.join(self.directory, name))
 
 
-__all__ = ["CACHE_ENV", "SummaryCache", "cache_root"]
+__all__ = ["CACHE_ENV", "SummaryCache", "cache_root", "repository_cache"]
