@@ -146,6 +146,14 @@ def _is_whole_folio(pm: int, kf: int, addr: int) -> bool:
     return bool(kpf & _KPF_THP and kpf & _KPF_COMPOUND_HEAD)
 
 
+def _process_madvise_number() -> int:
+    """Raises OSError (ENOSYS) on a machine whose system call number we do not know."""
+    nr = _SYS_PROCESS_MADVISE.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"no process_madvise number known for {platform.machine()}")
+    return nr
+
+
 class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
@@ -155,7 +163,7 @@ def _collapse(
 ) -> tuple[int, int, bool]:
     """MADV_COLLAPSE the runs, at most :data:`_STEP` bytes per call; returns (bytes
     advised, bytes failed, whether the deadline cut it short)."""
-    nr = _SYS_PROCESS_MADVISE[platform.machine()]
+    nr = _process_madvise_number()
     libc = ctypes.CDLL(None, use_errno=True)
     done = failed = 0
     for run_start, run_length in runs:
@@ -187,9 +195,8 @@ def restore_huge_pages(
     try:
         if pid is None:
             rep.skipped = "QEMU's process is not visible here"
-        elif platform.machine() not in _SYS_PROCESS_MADVISE:
-            rep.skipped = f"no process_madvise number known for {platform.machine()}"
         else:
+            _process_madvise_number()  # before reading page maps for nothing
             runs = whole_folio_ranges(pid, list(anonymous_mappings(pid, proc)), proc)
             rep.huge_bytes = sum(n for _, n in runs)
             if runs:
@@ -243,8 +250,7 @@ def probe_remap(thp_enabled: Path = THP_ENABLED) -> RemapProbe:
 
     buf = None
     try:
-        if platform.machine() not in _SYS_PROCESS_MADVISE:
-            raise OSError(errno.ENOSYS, f"no process_madvise number known for {platform.machine()}")
+        _process_madvise_number()
         buf = mmap.mmap(-1, 2 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         view = ctypes.c_char.from_buffer(buf)
         addr = ctypes.addressof(view)

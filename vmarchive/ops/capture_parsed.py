@@ -106,7 +106,7 @@ class _SlotCheck:
             cur = self.open.get(block.index)
             if cur is None or cur[0] != offset // cs:
                 if cur is not None:
-                    self._finish(block.index, *self.open.pop(block.index))
+                    self._check(block.index, *self.open.pop(block.index))
                 self._check(block.index, offset // cs, data)
                 return
         mv = None if data is None else memoryview(data)
@@ -117,7 +117,7 @@ class _SlotCheck:
             cur = self.open.get(block.index)
             if cur is None or cur[0] != index:
                 if cur is not None:
-                    self._finish(block.index, *cur)
+                    self._check(block.index, *cur)
                 cur = (index, bytearray(min(cs, block.used_length - index * cs)))
                 self.open[block.index] = cur
             if mv is not None:
@@ -125,9 +125,6 @@ class _SlotCheck:
                 cur[1][within : within + n] = mv[:n]
                 mv = mv[n:]
             offset += n
-
-    def _finish(self, bidx: int, index: int, buf: bytearray) -> None:
-        self._check(bidx, index, buf)
 
     def _check(self, bidx: int, index: int, buf: bytes | bytearray) -> None:
         self.checked += 1
@@ -137,7 +134,7 @@ class _SlotCheck:
 
     def problems(self) -> list[str]:
         for bidx, (index, buf) in self.open.items():
-            self._finish(bidx, index, buf)
+            self._check(bidx, index, buf)
         self.open.clear()
         return self.bad
 

@@ -21,7 +21,8 @@ _REC = struct.Struct("<16sIIII")
 _REC_SIZE = _REC.size  # 16 + 4 * 4 = 32 bytes
 _HEAD = struct.Struct("<16sI")
 _MAX_U32 = 0xFFFFFFFF
-_SNAP_HEAD = struct.Struct("<QQ")
+#: A snapshot's first part: entry count u64 | pack count u64 (:meth:`ChunkIndex.snapshot`).
+SNAPSHOT_HEAD = struct.Struct("<QQ")
 #: the pack number of each 32-byte record, skipping the id and the other fields
 _PACK_FIELD = struct.Struct("<16xI12x")
 
@@ -151,7 +152,7 @@ class ChunkIndex:
         """The table as consecutive parts (not joined: the table may be gigabytes):
         ``count u64 | packs u64``, the pack ids (32 bytes each), the table (its capacity
         is its length / 32).  The last part is the live table: write it out at once."""
-        head = _SNAP_HEAD.pack(self._count, len(self._packs))
+        head = SNAPSHOT_HEAD.pack(self._count, len(self._packs))
         return [head, b"".join(bytes.fromhex(p) for p in self._packs), self._buf]
 
     @classmethod
@@ -159,9 +160,9 @@ class ChunkIndex:
         """Inverse of :meth:`snapshot`; ``table`` becomes the new index's own (no copy).
         Raises ValueError when the parts do not hold one (sizes, capacity, pack numbers,
         or the count of occupied slots disagree)."""
-        if len(head) != _SNAP_HEAD.size:
+        if len(head) != SNAPSHOT_HEAD.size:
             raise ValueError("index snapshot truncated")
-        count, npacks = _SNAP_HEAD.unpack(head)
+        count, npacks = SNAPSHOT_HEAD.unpack(head)
         cap = len(table) // _REC_SIZE
         if (
             len(packs) != 32 * npacks

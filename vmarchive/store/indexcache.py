@@ -35,7 +35,7 @@ from io import BufferedReader
 
 import xxhash
 
-from vmarchive.store.chunkindex import ChunkIndex
+from vmarchive.store.chunkindex import SNAPSHOT_HEAD, ChunkIndex
 from vmarchive.store.summarycache import repository_cache
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 MAGIC = b"VMARIDXC"
 VERSION = 1
 _HEAD = struct.Struct("<8sI16sQ")  # magic, version, checksum, number of names: 36 bytes
-_SNAP_HEAD_SIZE = 16  # the snapshot's count u64 | packs u64 (ChunkIndex.snapshot)
 
 
 class IndexCache:
@@ -76,11 +75,11 @@ class IndexCache:
         magic, version, checksum, nnames = _HEAD.unpack(_exact(f, _HEAD.size))
         if magic != MAGIC or version != VERSION:
             raise ValueError(f"not a version {VERSION} index cache")
-        if _HEAD.size + 32 * nnames + _SNAP_HEAD_SIZE > size:
+        if _HEAD.size + 32 * nnames + SNAPSHOT_HEAD.size > size:
             raise ValueError("truncated")
         raw_names = _exact(f, 32 * nnames)
-        snap_head = _exact(f, _SNAP_HEAD_SIZE)
-        _count, npacks = struct.unpack("<QQ", snap_head)
+        snap_head = _exact(f, SNAPSHOT_HEAD.size)
+        _count, npacks = SNAPSHOT_HEAD.unpack(snap_head)
         packs = _exact(f, 32 * npacks)
         table = bytearray(size - f.tell())
         if f.readinto(table) != len(table):
