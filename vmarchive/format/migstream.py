@@ -1006,6 +1006,13 @@ class _Output:
         if self.size >= self._flush_at:
             self.flush()
 
+    def add_whole(self, b: bytes | bytearray | memoryview) -> None:
+        """:meth:`add`, flushing first if ``b`` would take the buffer past ``flush_at``:
+        buffers then stay within it unless one piece is larger."""
+        if self.size and self.size + len(b) > self._flush_at:
+            self.flush()
+        self.add(b)
+
     def flush(self) -> None:
         if not self.parts:
             return
@@ -1140,12 +1147,7 @@ def _emit_block(
     named = _named(block)
     first = True  # the block's first record names it; the others are CONTINUE
 
-    def put(piece: bytes) -> None:
-        # flush first if the piece would overshoot: the buffers stay within flush_at
-        # (check_round_trip's parser then takes each whole)
-        if o.size and o.size + len(piece) > o._flush_at:
-            o.flush()
-        o.add(piece)
+    put = o.add_whole  # buffers within flush_at: check_round_trip's parser takes each whole
 
     def zeros(off: int, n: int) -> None:
         nonlocal first

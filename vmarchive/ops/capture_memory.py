@@ -232,19 +232,20 @@ class RamImage:
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"page at {offset:#x} outside the block ({self.size:#x})")
         self.pages += pages
+        first = offset // self.cs
         if (
             length == self.cs
             and isinstance(data, bytes)
             and not offset % self.cs
-            and offset // self.cs not in self._open
-            and offset // self.cs not in self._stored
+            and first not in self._open
+            and first not in self._stored
         ):
             # A whole chunk, first seen, as immutable bytes (the parser's runs): kept as it
             # is, without a zeroed buffer and a copy into it.  It still waits its turn
             # among the open chunks: storing it at once put whole chunks ahead of their
             # partly-sent neighbours, which scattered the image over its packs (a restore
             # from S3 then made 810 range reads where it had made 43).
-            self._open[offset // self.cs] = data
+            self._open[first] = data
             self._evict()
             return
         if data is not None and not isinstance(data, memoryview):

@@ -282,16 +282,15 @@ class Repository:
         dangling = 0
         self._index_files = set()
         self.index_problems = []
-        objects = list(self.backend.list("index/"))
-        listed = {obj.key.split("/", 1)[1] for obj in objects}
+        objects = [(o.key.split("/", 1)[1], o) for o in self.backend.list("index/")]
+        listed = {name for name, _ in objects}
         # The local cache (not for gc and verify, which must see dangling entries).
         cache = None if existing_packs is not None else self._index_cache
         cached = cache.load(listed) if cache is not None else None
         if cached is not None:
             idx, self._index_files = cached[0], set(cached[1])
         covered = set(self._index_files)
-        for obj in objects:
-            name = obj.key.split("/", 1)[1]
+        for name, obj in objects:
             if name in covered:
                 continue
             try:
