@@ -250,3 +250,45 @@ def test_cli_on_s3_one_line_errors(ceph: Ceph) -> None:
         assert len(lines) == 1 and words in lines[0], r.stderr
         assert "wrong-secret-1234" not in r.stderr + r.stdout
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in r.stderr + r.stdout
+
+
+def test_debug_output_never_shows_credentials(ceph: Ceph) -> None:
+    """``--debug`` shows vmarchive's own details but not botocore's request dumps, which
+    carry the access key id and every request's signature."""
+    import logging
+    import subprocess
+    import sys
+
+    key_id = os.environ["AWS_ACCESS_KEY_ID"]
+    location = ceph.fresh_location()
+    b = ceph.backend()
+    # Control: the check below fires where botocore logs at debug level.
+    records: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    boto_log = logging.getLogger("botocore")
+    old_level = boto_log.level
+    boto_log.addHandler(handler)
+    boto_log.setLevel(logging.DEBUG)
+    try:
+        list(b.list(""))
+    finally:
+        boto_log.removeHandler(handler)
+        boto_log.setLevel(old_level)
+        b.close()
+    assert any(key_id in m for m in records)
+
+    for args in (("init", "--repo", location), ("stats", "--repo", location)):
+        r = subprocess.run(
+            [sys.executable, "-m", "vmarchive", "--debug", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        assert f"vmarchive.store.repository: {'created' if args[0] == 'init' else 'chunk'}" in (
+            r.stderr
+        )  # --debug output is on
+        out = r.stderr + r.stdout
+        assert key_id not in out and "Signature=" not in out and "Authorization" not in out
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in out

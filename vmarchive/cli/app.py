@@ -27,6 +27,11 @@ app = typer.Typer(
 
 _state: dict[str, Any] = {"debug": False}
 
+#: Libraries whose debug output ``--debug`` does not show: botocore's carries the access key
+#: id and each request's signature (credentials are never logged), and its hundreds of lines
+#: per request bury vmarchive's own.  Their warnings still show.
+QUIET_LOGGERS = ("boto3", "botocore", "s3transfer", "urllib3")
+
 
 def _version(value: bool) -> None:
     if value:
@@ -56,6 +61,8 @@ def _root(
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def print_json(obj: Any) -> None:
