@@ -45,6 +45,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def unix_uri(pool_dir: pathlib.Path) -> str:
+    """The URI by which a program on the second "host" reaches its libvirtd: the daemon's
+    own unix socket (capture passes file descriptors to QEMU, which TCP cannot carry).
+    ``pool_dir`` is the one :func:`second_libvirtd` yields."""
+    return f"qemu+unix:///system?socket={pool_dir.parent / 'instance' / 'run' / 'libvirt-sock'}"
+
+
 @pytest.fixture(scope="module")
 def second_libvirtd() -> Iterator[tuple[str, pathlib.Path]]:
     """(URI, pool directory) of a second libvirtd, stopped and removed afterwards."""

@@ -3,8 +3,9 @@
 * The gateway stopped in the middle of a capture: the capture fails with one clear storage
   error, the guest keeps running, no partial archive is listed, the repository verifies
   and the next capture succeeds.
-* Two hosts, one repository (issue 9's acceptance): concurrent captures while gc runs in
-  a third process, a full verify, and a restore from S3 onto the second libvirtd.
+* Two hosts, one repository (issue 9's acceptance): a capture on each of two libvirtd
+  instances at once while gc runs in a third process, a full verify, and a restore from S3
+  onto the second libvirtd.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import contextlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import libvirt
@@ -39,7 +42,7 @@ import guestlib  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 # The second libvirtd ("another host") and the resume checks of the restore tests.
 from test_restore import Captured, assert_resumed, counter_in_archive  # noqa: E402
-from test_restore_remote import POOL, second_libvirtd  # noqa: E402, F401
+from test_restore_remote import POOL, second_libvirtd, unix_uri  # noqa: E402, F401
 
 
 class _StopGatewayTask:
@@ -129,13 +132,28 @@ def test_capture_into_s3_and_gateway_stopped_mid_capture(
 
 
 @pytest.fixture(scope="module")
-def guest2(module_guest_factory: guestlib.GuestFactory) -> guestlib.Guest:
-    g = module_guest_factory(guestlib.GuestSpec(memory_mib=128, params={"tick_ms": 100}))
-    g.wait_ticks(3)
-    return g
+def guest2(
+    second_libvirtd: tuple[str, pathlib.Path],  # noqa: F811  (the imported fixture)
+    guest_build: dict[str, str],
+) -> Iterator[tuple[guestlib.Guest, str]]:
+    """A guest on the second libvirtd (the second host), with the URI a program on that
+    host reaches its libvirtd by."""
+    uri = unix_uri(second_libvirtd[1])
+    conn = libvirt.open(uri)
+    wd = guestlib.make_workdir()
+    g = guestlib.Guest(conn, guestlib.GuestSpec(memory_mib=128, params={"tick_ms": 100}), wd)
+    try:
+        g.start()
+        g.wait_up()
+        g.wait_ticks(3)
+        yield g, uri
+    finally:
+        g.cleanup()
+        conn.close()
+        shutil.rmtree(wd, ignore_errors=True)
 
 
-def _cli_capture(location: str, domain: str) -> subprocess.Popen[str]:
+def _cli_capture(location: str, domain: str, uri: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             str(ROOT / ".venv" / "bin" / "vmarchive"),
@@ -144,7 +162,7 @@ def _cli_capture(location: str, domain: str) -> subprocess.Popen[str]:
             "--repo",
             location,
             "--connect",
-            guestlib.URI,
+            uri,
             "--json",
             "--no-progress",
         ],
@@ -154,10 +172,10 @@ def _cli_capture(location: str, domain: str) -> subprocess.Popen[str]:
     )
 
 
-def _capture_retrying(location: str, domain: str) -> str:
+def _capture_retrying(location: str, domain: str, uri: str) -> str:
     """Capture through the CLI, as a host would; again while gc holds the repository."""
     for _ in range(20):
-        p = _cli_capture(location, domain)
+        p = _cli_capture(location, domain, uri)
         out, err = p.communicate(timeout=300)
         if p.returncode == 0:
             return str(json.loads(out)["id"])
@@ -169,13 +187,14 @@ def _capture_retrying(location: str, domain: str) -> str:
 def test_two_hosts_one_s3_repository(
     ceph: Ceph,
     guest: guestlib.Guest,
-    guest2: guestlib.Guest,
+    guest2: tuple[guestlib.Guest, str],
     second_libvirtd: tuple[str, pathlib.Path],  # noqa: F811  (the imported fixture)
 ) -> None:
-    """Issue 9's acceptance: two guests captured at the same time through the CLI into one
-    s3:// repository while a third process runs gc; ``verify --full`` is clean; one archive
-    is restored from S3 onto the second libvirtd (its TCP URI only) and resumes at the
-    captured instant while the original runs on."""
+    """Issue 9's acceptance: both hosts (the default libvirtd and the second one, each with
+    a guest) capture at the same time through the CLI into one s3:// repository while a
+    third process runs gc; ``verify --full`` is clean; the first host's archive is restored
+    from S3 onto the second libvirtd (its TCP URI only) and resumes at the captured instant
+    while the original runs on."""
     location = ceph.fresh_location()
     Repository.init(location, InitOptions()).close()
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}")
@@ -187,7 +206,8 @@ def test_two_hosts_one_s3_repository(
         text=True,
     )
     with ThreadPoolExecutor(2) as pool:
-        ids = list(pool.map(lambda g: _capture_retrying(location, g.name), (guest, guest2)))
+        hosts = ((guest, guestlib.URI), guest2)
+        ids = list(pool.map(lambda h: _capture_retrying(location, h[0].name, h[1]), hosts))
     out, err = gc.communicate(timeout=300)
     assert gc.returncode == 0 and int(out) >= 1, err
 
