@@ -65,6 +65,10 @@ from vmarchive.store.writer import ArchiveWriter  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 64 * 1024
+#: The ``serial`` setting: one compression worker, one upload, one S3 connection, no
+#: pack read-ahead (store level and live guest alike).
+SERIAL_WRITER = WriterOptions(workers=1, max_uploads=1)
+SERIAL_S3: dict[str, Any] = {"connections": 1, "read_ahead": False}
 
 
 def make_input(mib: int) -> bytes:
@@ -213,12 +217,12 @@ def serial_io() -> Iterator[None]:
     base = saved_env.__func__
 
     def from_env(cls: type[S3Options], **overrides: Any) -> S3Options:
-        return base(cls, **{"connections": 1, "read_ahead": False, **overrides})
+        return base(cls, **{**SERIAL_S3, **overrides})
 
     def writer(
         self: Repository, progress: Progress = NULL_PROGRESS, options: WriterOptions | None = None
     ) -> ArchiveWriter:
-        return saved_writer(self, progress, options or WriterOptions(workers=1, max_uploads=1))
+        return saved_writer(self, progress, options or SERIAL_WRITER)
 
     S3Options.from_env = classmethod(from_env)  # type: ignore[method-assign,assignment,arg-type]
     Repository.writer = writer  # type: ignore[method-assign]
@@ -340,10 +344,7 @@ def main() -> None:
         data = make_input(args.mib)
         opts = InitOptions(memory_chunk_size=CHUNK)
         settings = {
-            "serial": (
-                WriterOptions(workers=1, max_uploads=1),
-                S3Options(endpoint, connections=1, read_ahead=False),
-            ),
+            "serial": (SERIAL_WRITER, S3Options(endpoint, **SERIAL_S3)),
             "parallel": (WriterOptions(), S3Options(endpoint)),
         }
         no_ahead = S3Options(endpoint, read_ahead=False)
