@@ -276,6 +276,8 @@ class GuestSpec:
     disks: tuple[DiskSpec, ...] = (DiskSpec(),)
     params: Mapping[str, int | str] = dataclasses.field(default_factory=dict)
     machine: str = "pc"
+    #: back the guest's RAM with huge pages (hugetlbfs; the host must have enough reserved)
+    hugepages: bool = False
 
 
 def guest_build() -> dict[str, str]:
@@ -285,6 +287,40 @@ def guest_build() -> dict[str, str]:
         raise GuestError(f"{meta} missing: run scripts/build-test-guest")
     data: dict[str, str] = json.loads(meta.read_text())
     return data
+
+
+@contextlib.contextmanager
+def huge_pages_reserved(mib: int) -> Iterator[None]:
+    """At least ``mib`` MiB of 2 MiB huge pages reserved (``vm.nr_hugepages``, root) while
+    inside, for guests with ``GuestSpec(hugepages=True)``; the previous reservation is put
+    back after.  Fails when no hugetlbfs is mounted (scripts/setup-host mounts one before
+    libvirtd starts) or the kernel cannot find the pages."""
+    knob = pathlib.Path("/proc/sys/vm/nr_hugepages")
+    if " hugetlbfs " not in pathlib.Path("/proc/mounts").read_text():
+        raise GuestError("no hugetlbfs mounted: run scripts/setup-host, then restart libvirtd")
+    before = int(knob.read_text())
+    want = max(before, -(-mib // 2))
+    knob.write_text(f"{want}\n")
+    try:
+        got = int(knob.read_text())
+        if got < want:
+            raise GuestError(f"only {got} of {want} huge pages could be reserved")
+        yield
+    finally:
+        knob.write_text(f"{before}\n")
+
+
+def huge_page_backed_mib(pid: int) -> int:
+    """MiB of process ``pid``'s memory mapped with 2 MiB hugetlbfs pages (from smaps)."""
+    total = 0
+    size = 0
+    for line in pathlib.Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key == "Size":
+            size = int(rest.split()[0])
+        elif key == "KernelPageSize" and int(rest.split()[0]) == 2048:
+            total += size
+    return total // 1024
 
 
 def make_workdir(prefix: str = NAME_PREFIX) -> pathlib.Path:
@@ -324,9 +360,10 @@ def domain_xml(
     </disk>"""
         for i, (d, p) in enumerate(zip(spec.disks, disk_paths, strict=True))
     )
+    backing = "\n  <memoryBacking><hugepages/></memoryBacking>" if spec.hugepages else ""
     return f"""<domain type='qemu'>
   <name>{_esc(name)}</name>
-  <memory unit='MiB'>{spec.memory_mib}</memory>
+  <memory unit='MiB'>{spec.memory_mib}</memory>{backing}
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='{_esc(spec.machine)}'>hvm</type>
