@@ -27,6 +27,7 @@ from vmarchive.ops.doctor import (
     DoctorOptions,
     Status,
     check_huge_pages,
+    check_hugetlbfs,
     check_kvm,
     check_modes,
     check_switchover,
@@ -106,6 +107,32 @@ def test_huge_page_remap_detector_can_say_no(
     never.write_text("always madvise [never]\n")
     c = check_huge_pages(hugepages.probe_remap(never))
     assert c.status is Status.OK and "off" in c.summary
+
+
+def test_hugetlbfs_advice_tells_each_case_apart(tmp_path: pathlib.Path) -> None:
+    from vmarchive.hypervisor.hugepages import probe_hugetlbfs
+
+    mounts = tmp_path / "mounts"
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        "MemTotal: 24000000 kB\nHugePages_Total:     300\nHugePages_Free:      44\n"
+        "Hugepagesize:       2048 kB\n"
+    )
+    mounts.write_text("/dev/vda / ext4 rw 0 0\nhugetlbfs /dev/hugepages hugetlbfs rw 0 0\n")
+    p = probe_hugetlbfs(mounts, meminfo)
+    assert (p.mountpoint, p.page_kib, p.total, p.free) == ("/dev/hugepages", 2048, 300, 44)
+    c = check_hugetlbfs(p)
+    assert c.status is Status.OK and "44 of 300 huge pages of 2 MiB free" in c.summary, c
+    meminfo.write_text("HugePages_Total: 0\nHugePages_Free: 0\nHugepagesize: 2048 kB\n")
+    c = check_hugetlbfs(probe_hugetlbfs(mounts, meminfo))
+    assert "no huge page is reserved" in c.summary and "vm.nr_hugepages" in c.explanation, c
+    mounts.write_text("/dev/vda / ext4 rw 0 0\nnone /dev/hugepages tmpfs rw 0 0\n")
+    c = check_hugetlbfs(probe_hugetlbfs(mounts, meminfo))
+    assert "no hugetlbfs mounted" in c.summary and "mount -t hugetlbfs" in c.explanation, c
+    missing = probe_hugetlbfs(tmp_path / "nope", tmp_path / "nope")  # never raises
+    assert missing.mountpoint is None and missing.total == 0
+    # this host: set up by scripts/setup-host, which mounts it
+    assert probe_hugetlbfs().mountpoint is not None
 
 
 @pytest.mark.libvirt

@@ -27,6 +27,7 @@ they stay, and the pause still grows with the untouched part of RAM (half-empty 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -285,3 +286,38 @@ __all__ = [
     "restore_huge_pages",
     "whole_folio_ranges",
 ]
+
+
+@dataclass(frozen=True)
+class HugetlbProbe:
+    """Whether guests can have their RAM on hugetlbfs here (``vmarchive doctor``)."""
+
+    mountpoint: str | None  # where hugetlbfs is mounted, None: nowhere
+    page_kib: int  # the default huge page size
+    total: int  # huge pages reserved (vm.nr_hugepages)
+    free: int
+
+
+def probe_hugetlbfs(
+    mounts: Path = Path("/proc/mounts"), meminfo: Path = Path("/proc/meminfo")
+) -> HugetlbProbe:
+    """hugetlbfs's mount point and the huge page pool, from /proc.  Never raises."""
+    where = None
+    with contextlib.suppress(OSError):
+        for line in mounts.read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "hugetlbfs":
+                where = fields[1]
+                break
+    info: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in meminfo.read_text().splitlines():
+            key, _, rest = line.partition(":")
+            with contextlib.suppress(ValueError, IndexError):
+                info[key] = int(rest.split()[0])
+    return HugetlbProbe(
+        where,
+        info.get("Hugepagesize", 0),
+        info.get("HugePages_Total", 0),
+        info.get("HugePages_Free", 0),
+    )
