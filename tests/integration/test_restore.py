@@ -35,6 +35,7 @@ from vmarchive.errors import (
     DamageError,
     FormatError,
     HostPreconditionError,
+    HypervisorError,
     UsageError,
 )
 from vmarchive.ops.capture import CaptureOptions, capture
@@ -601,6 +602,40 @@ def test_restore_resumes_the_destroyed_original(
     assert out["domain"] == r.domain and out["duration_s"] > 0
     r2 = replace(r, serial_logs=out["serial_logs"], disks=r.disks)
     assert_resumed(restored_guest(libvirt_conn, r2, d), captured)
+
+
+def test_guest_on_huge_pages_resumes_on_ordinary_ram_with_no_hugepages(
+    libvirt_conn: libvirt.virConnect, guest_build: dict[str, str], domains: Domains
+) -> None:
+    """Restore-as-resume on a host without huge pages: the archived XML asks for them, the
+    restore says what to do, and --no-hugepages resumes the same boot on ordinary RAM."""
+    spec = guestlib.GuestSpec(params={"tick_ms": 100, "churn": 8}, hugepages=True)
+    repo = str(domains.workdir() / "repo")
+    Repository.init(repo, InitOptions()).close()
+    with guestlib.huge_pages_reserved(spec.memory_mib + 16):
+        g = guestlib.Guest(libvirt_conn, spec, domains.workdir())
+        domains.names.append(g.name)
+        g.start()
+        g.wait_up()
+        g.wait_ticks(3)
+        r = capture(CaptureOptions(domain=g.name, repo=repo))
+        assert g.boot_id is not None
+        with Repository.open(repo) as rp:
+            cp = counter_in_archive(rp, r.id, g.boot_id)
+        captured = Captured(r.id, cp.counter, cp.last_written, g.boot_id)
+        g.cleanup()  # its QEMU log too: a failed restore must remove the one it starts
+    free = guestlib.huge_pages_free_mib()
+    if free < spec.memory_mib:  # the pages are gone again, as on a host without them
+        out = domains.workdir()
+        with pytest.raises(HypervisorError, match=r"huge pages.*--no-hugepages"):
+            restore(RestoreOptions(archive=r.id, repo=repo, disk_dir=out))
+        no_leftovers(libvirt_conn, g.name, out)
+    out = domains.workdir()
+    res = restore(RestoreOptions(archive=r.id, repo=repo, disk_dir=out, no_hugepages=True))
+    assert "guest RAM on ordinary pages (it was on huge pages)" in res.notes
+    pid = int((pathlib.Path("/run/libvirt/qemu") / f"{res.domain}.pid").read_text())
+    assert guestlib.huge_page_backed_mib(pid) == 0
+    assert_resumed(restored_guest(libvirt_conn, res, out), captured)
 
 
 def test_negative_control_a_disk_from_another_instant_is_detected(

@@ -147,3 +147,32 @@ def test_helpers() -> None:
     cpu, mode = rx.cpu_definition(XML)
     assert mode == "custom" and cpu is not None and "qemu64" in cpu
     assert rx.cpu_definition("<domain/>") == (None, None)
+
+
+def test_no_hugepages_gives_ordinary_ram_and_keeps_the_rest_of_the_backing() -> None:
+    def with_backing(inner: str) -> str:
+        return XML.replace(
+            "<memory unit='KiB'>163840</memory>",
+            f"<memory unit='KiB'>163840</memory><memoryBacking>{inner}</memoryBacking>",
+        )
+
+    args = {"name": "web1", "disks": {}, "uuid": ""}
+    said = "guest RAM on ordinary pages (it was on huge pages)"
+    huge = with_backing("<hugepages/>")
+    assert rx.has_hugepages(rx.parse(huge)) and not rx.has_hugepages(rx.parse(XML))
+    # kept as it was unless asked
+    res = rx.rewrite(huge, rx.Rewrite(**args))  # type: ignore[arg-type]
+    assert rx.has_hugepages(rx.parse(res.xml)) and said not in res.notes
+    res = rx.rewrite(huge, rx.Rewrite(**args, no_hugepages=True))  # type: ignore[arg-type]
+    root = ET.fromstring(res.xml)
+    assert root.find("memoryBacking") is None  # nothing else was in it
+    assert said in res.notes
+    shared = with_backing(
+        "<hugepages><page size='2048' unit='KiB'/></hugepages><access mode='shared'/>"
+    )
+    res = rx.rewrite(shared, rx.Rewrite(**args, no_hugepages=True))  # type: ignore[arg-type]
+    backing = ET.fromstring(res.xml).find("memoryBacking")
+    assert backing is not None and [c.tag for c in backing] == ["access"]
+    # a guest without huge pages: nothing to say
+    res = rx.rewrite(XML, rx.Rewrite(**args, no_hugepages=True))  # type: ignore[arg-type]
+    assert said not in res.notes and ET.fromstring(res.xml).find("memoryBacking") is None

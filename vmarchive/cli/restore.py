@@ -54,6 +54,11 @@ _EXPORT_DISK_DIR = typer.Option(
     None, "--disk-dir", help="Where to rebuild the disks (default: beside the image)."
 )
 _FMT = typer.Option(None, "--disk-format", help="raw or qcow2 (default: as archived).")
+_NO_HUGEPAGES = typer.Option(
+    False,
+    "--no-hugepages",
+    help="Ordinary RAM for a guest that had huge pages (a target without them).",
+)
 
 
 def _options(
@@ -70,6 +75,7 @@ def _options(
     digests: bool,
     clone: bool = False,
     keep_network: bool = False,
+    no_hugepages: bool = False,
 ) -> RestoreOptions:
     return RestoreOptions(
         archive=archive,
@@ -86,6 +92,7 @@ def _options(
         clone=clone,
         keep_network=keep_network,
         digests=digests,
+        no_hugepages=no_hugepages,
     )
 
 
@@ -104,12 +111,13 @@ def restore_cmd(
         False, "--sync-time", help="Set the guest clock through its guest agent."
     ),
     digests: bool = typer.Option(False, "--digests", help="SHA-256 of stream and disks."),
+    no_hugepages: bool = _NO_HUGEPAGES,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Resume ARCHIVE's guest where it was captured (same boot, memory, devices, disks)."""
     opts = _options(
         archive, repo, connect, name, disk_dir, pool, disk_format, paused, replace, sync_time,
-        digests,
+        digests, no_hugepages=no_hugepages,
     )  # fmt: skip
     limit_malloc_arenas()
     r = restore(opts)
@@ -135,12 +143,13 @@ def clone_cmd(
     replace: bool = typer.Option(False, "--replace", help="Replace an existing domain/files."),
     sync_time: bool = typer.Option(False, "--sync-time", help="Set the clock via guest agent."),
     digests: bool = typer.Option(False, "--digests", help="SHA-256 of stream and disks."),
+    no_hugepages: bool = _NO_HUGEPAGES,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Start an isolated copy of ARCHIVE's guest beside the original (new name, UUID, MACs)."""
     opts = _options(
         archive, repo, connect, name, disk_dir, pool, disk_format, paused, replace, sync_time,
-        digests, clone=True, keep_network=keep_network,
+        digests, clone=True, keep_network=keep_network, no_hugepages=no_hugepages,
     )  # fmt: skip
     limit_malloc_arenas()
     r = restore(opts)

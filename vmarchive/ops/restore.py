@@ -122,6 +122,8 @@ class RestoreOptions:
     keep_network: bool = False
     #: Compute SHA-256 of the regenerated stream and of each disk's contents (replay proof).
     digests: bool = False
+    #: Ordinary RAM for a guest that had huge pages (a target without them).
+    no_hugepages: bool = False
 
 
 @dataclass(frozen=True)
@@ -762,6 +764,7 @@ class _Restore:
                 uuid=new_uuid,
                 clone=o.clone,
                 keep_network=o.keep_network,
+                no_hugepages=o.no_hugepages,
             ),
             self.rng,
         )
@@ -793,20 +796,29 @@ class _Restore:
             # libvirt creates the log when QEMU starts: ours to remove if the restore fails.
             self.created.files.append(Path(path))
         qemu_log = domain_log_file(name)
-        if pool is not None:
-            for s, fname, _fmt in outs:
-                result.disks.append(self._upload_disk(s, fname, pool))
-            self._lap("disks")
-            h = hashlib.sha256() if o.digests else None
-            dom = self._restore_pool(plan, prefix, name, pool, result, h)
-        else:
-            assert disk_dir is not None
-            files = self._create_disks(outs, disk_dir)
-            self._lap("disks_created")
-            if not os.path.lexists(qemu_log):
-                # libvirt starts this log with QEMU; a failed restore must not leave it.
-                self.created.files.append(Path(qemu_log))
-            dom = self._restore_fifo(plan, prefix, name, files, result)
+        try:
+            if pool is not None:
+                for s, fname, _fmt in outs:
+                    result.disks.append(self._upload_disk(s, fname, pool))
+                self._lap("disks")
+                h = hashlib.sha256() if o.digests else None
+                dom = self._restore_pool(plan, prefix, name, pool, result, h)
+            else:
+                assert disk_dir is not None
+                files = self._create_disks(outs, disk_dir)
+                self._lap("disks_created")
+                if not os.path.lexists(qemu_log):
+                    # libvirt starts this log with QEMU; a failed restore must not leave it.
+                    self.created.files.append(Path(qemu_log))
+                dom = self._restore_fifo(plan, prefix, name, files, result)
+        except HypervisorError as e:
+            if "guest RAM" in str(e) and rx.has_hugepages(rx.parse(rw.xml)):
+                raise HypervisorError(
+                    f"{e} (the guest's RAM was on huge pages: reserve them on the target, "
+                    "or restore with --no-hugepages)",
+                    **e.fields,
+                ) from e
+            raise
         self.created.domain = name
         self._lap("restore")
         result.uuid = dom.uuid

@@ -60,6 +60,8 @@ class Rewrite:
     uuid: str | None = None  # None: drop it (libvirt makes one); "" keep
     clone: bool = False
     keep_network: bool = False
+    #: give the guest ordinary RAM where it had huge pages (a target without them)
+    no_hugepages: bool = False
 
 
 @dataclass
@@ -95,6 +97,11 @@ def chardev_files(root: ET.Element) -> list[str]:
             if p not in out:
                 out.append(p)
     return out
+
+
+def has_hugepages(root: ET.Element) -> bool:
+    """The domain's RAM is on huge pages (``<memoryBacking><hugepages/>``)."""
+    return root.find("./memoryBacking/hugepages") is not None
 
 
 def has_agent_channel(root: ET.Element) -> bool:
@@ -176,6 +183,17 @@ def rewrite(xml: str, rw: Rewrite, rng: random.Random | None = None) -> RewriteR
                 # libvirt generates a fresh socket path for the new domain.
                 del csrc.attrib["path"]
                 res.notes.append(f"channel socket {path} left for libvirt to allocate")
+
+    backing = root.find("memoryBacking")
+    if rw.no_hugepages and backing is not None:
+        huge = backing.find("hugepages")
+        if huge is not None:
+            # Migration does not care how RAM is backed: the same RAM blocks, in 4 KiB
+            # pages, load into ordinary memory.
+            backing.remove(huge)
+            if not len(backing):
+                root.remove(backing)
+            res.notes.append("guest RAM on ordinary pages (it was on huge pages)")
 
     if rw.clone:
         for iface in devices.iterfind("interface"):
