@@ -21,13 +21,16 @@ By default the host page cache holds the freshly written 1 GiB image, so full re
 memory; ``--cold`` evicts that image's pages (``posix_fadvise`` on that file only) before every
 vmarchive and virtnbdbackup run, as for a disk larger than the host's cache.
 
+``--hugepages`` puts the guest's RAM on 2 MiB huge pages (see scripts/bench_capture.py).
+
 Usage: scripts/bench_incremental.py [--workdir DIR] [--mode switchover|snapshot] [--rounds N]
-                                    [--cold]
+                                    [--cold] [--hugepages]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -152,6 +155,11 @@ def main() -> int:
         action="store_true",
         help="evict the 1 GiB image from the page cache before each run",
     )
+    ap.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="back the guest's RAM with 2 MiB huge pages (reserved for the run)",
+    )
     a = ap.parse_args()
     if shutil.which("virtnbdbackup") is None:
         print("virtnbdbackup is missing: apt-get install virtnbdbackup (scripts/setup-host)")
@@ -159,9 +167,14 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="vmarchive-bench-incr-", dir=a.workdir or "/var/tmp"))
     base.chmod(0o755)
     conn = libvirt.open(guestlib.URI)
-    spec = guestlib.GuestSpec(disks=(guestlib.DiskSpec(), guestlib.DiskSpec(size_mib=DISK_MIB)))
+    spec = guestlib.GuestSpec(
+        disks=(guestlib.DiskSpec(), guestlib.DiskSpec(size_mib=DISK_MIB)), hugepages=a.hugepages
+    )
     g = guestlib.Guest(conn, spec, base)
+    reserved = contextlib.ExitStack()
     try:
+        if a.hugepages:
+            reserved.enter_context(guestlib.huge_pages_reserved(spec.memory_mib + 64))
         g.create_disks()
         raw = base / "fill.raw"
         bl.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={DISK_MIB}"])
@@ -187,8 +200,10 @@ def main() -> int:
         print(json.dumps(rows, indent=1))
         f, i, v = median(rows["full"]), median(rows["incremental"]), median(rows["virtnbd"])
         cache = "cold" if a.cold else "warm"
+        ram = f"{spec.memory_mib} MiB RAM on {'huge pages' if a.hugepages else '4 KiB pages'}"
         print(
-            f"\nmedians ({a.mode} mode, {cache} cache; 1 % = {CHANGED / MIB:.0f} MiB of {DISK_MIB} MiB)"
+            f"\nmedians ({a.mode} mode, {cache} cache, {ram};"
+            f" 1 % = {CHANGED / MIB:.0f} MiB of {DISK_MIB} MiB)"
         )
         print(f"{'':22}{'full':>10}{'incremental':>14}{'inc/full':>10}")
         for k in f:
@@ -233,6 +248,7 @@ def main() -> int:
         print("\n".join(breakdown(runs[-1])))
     finally:
         g.cleanup()  # transient domain: virtnbdbackup's checkpoints go with it
+        reserved.close()  # after the guest that used them
         shutil.rmtree(base, ignore_errors=True)
         conn.close()
     return 0
