@@ -636,6 +636,17 @@ def test_guest_on_huge_pages_resumes_on_ordinary_ram_with_no_hugepages(
     pid = int((pathlib.Path("/run/libvirt/qemu") / f"{res.domain}.pid").read_text())
     assert guestlib.huge_page_backed_mib(pid) == 0
     assert_resumed(restored_guest(libvirt_conn, res, out), captured)
+    # the same for a save image resumed by plain `virsh restore`
+    for drop in (False, True):
+        img = domains.workdir() / "guest.save"
+        export_save(r.id, repo, img, name=f"{g.name}-x", no_hugepages=drop)
+        dumped = subprocess.run(
+            ["virsh", "-c", guestlib.URI, "save-image-dumpxml", str(img)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert ("<hugepages" in dumped) is not drop, dumped
 
 
 def test_negative_control_a_disk_from_another_instant_is_detected(

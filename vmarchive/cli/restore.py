@@ -169,6 +169,7 @@ def export_save_cmd(
     disk_format: str = _FMT,
     paused: bool = typer.Option(False, "--paused", help="The image restores paused."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite existing files."),
+    no_hugepages: bool = _NO_HUGEPAGES,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Write a libvirt save image (+ its disks) that plain `virsh restore` resumes."""
@@ -182,6 +183,7 @@ def export_save_cmd(
         replace=replace,
         paused=paused,
         passphrase=os.environ.get("VMARCHIVE_PASSPHRASE"),
+        no_hugepages=no_hugepages,
     )
     if json_out:
         print_json(r.to_json())

@@ -1166,11 +1166,13 @@ def export_save(
     replace: bool = False,
     paused: bool = False,
     passphrase: str | None = None,
+    no_hugepages: bool = False,
 ) -> ExportResult:
     """Write a save image for ``virsh restore`` to ``output`` and the disks it names.
 
     The disks are rebuilt in ``disk_dir`` (default: the output's directory), serial logs
-    go there too.  Raises like :func:`restore` (no domain is created).
+    go there too.  ``no_hugepages``: as :attr:`RestoreOptions.no_hugepages`.  Raises like
+    :func:`restore` (no domain is created).
     """
     repo = Repository.open(repo_location, passphrase)
     made: list[Path] = []
@@ -1211,6 +1213,7 @@ def export_save(
                     disks=disks,
                     chardev_paths=chardevs,
                     uuid=str(archive.metadata.get("uuid") or ""),
+                    no_hugepages=no_hugepages,
                 ),
             )
             cpu_xml, _mode = rx.cpu_definition(plan.live_xml)
