@@ -23,6 +23,10 @@ which maps the zero page, and splits those mappings the same way; collapsing the
 allocate a real huge page per range (measured: +0.9 GiB for a half-empty 2 GiB guest), so
 they stay, and the pause still grows with the untouched part of RAM (half-empty 2 GiB guest:
 24-26 ms with the remap, 26-32 without).
+
+None of this concerns guest RAM on hugetlbfs (libvirt ``<hugepages/>``), which QEMU protects
+and releases 2 MiB at a time; :func:`probe_hugetlbfs` tells ``vmarchive doctor`` whether the
+host can give guests such RAM.
 """
 
 from __future__ import annotations
@@ -278,16 +282,6 @@ def probe_remap(thp_enabled: Path = THP_ENABLED) -> RemapProbe:
             buf.close()
 
 
-__all__ = [
-    "HugePageReport",
-    "RemapProbe",
-    "anonymous_mappings",
-    "probe_remap",
-    "restore_huge_pages",
-    "whole_folio_ranges",
-]
-
-
 @dataclass(frozen=True)
 class HugetlbProbe:
     """Whether guests can have their RAM on hugetlbfs here (``vmarchive doctor``)."""
@@ -321,3 +315,15 @@ def probe_hugetlbfs(
         info.get("HugePages_Total", 0),
         info.get("HugePages_Free", 0),
     )
+
+
+__all__ = [
+    "HugePageReport",
+    "HugetlbProbe",
+    "RemapProbe",
+    "anonymous_mappings",
+    "probe_hugetlbfs",
+    "probe_remap",
+    "restore_huge_pages",
+    "whole_folio_ranges",
+]
