@@ -19,21 +19,34 @@ import pytest
 from s3helpers import CEPH_SCRIPT, Ceph
 
 
-def _free_port(pair: bool = False) -> int:
-    """A free TCP port on 127.0.0.1 (and the one after it when ``pair``)."""
-    for _ in range(50):
-        with socket.socket() as s:
+def _free_ports() -> tuple[int, int]:
+    """Two free TCP ports on 127.0.0.1: a pair's first (the one after it free too: the
+    mon's v2 and v1 ports) and another (the S3 gateway's).  All three are held bound until
+    all are found, so the kernel cannot hand one of them out twice (it did once: the gateway
+    was given the mon's port and S3 clients met the mon's "ceph v2" banner)."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(50):
+            s = socket.socket()
+            held.append(s)
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if not pair or port >= 65535:
-            return port
-        with socket.socket() as s2:
+            if port >= 65535:
+                continue
+            s2 = socket.socket()
+            held.append(s2)
             try:
                 s2.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
-        return port
-    raise RuntimeError("no free port pair")
+            s3 = socket.socket()
+            held.append(s3)
+            s3.bind(("127.0.0.1", 0))
+            return port, int(s3.getsockname()[1])
+        raise RuntimeError("no free port pair")
+    finally:
+        for s in held:
+            s.close()
 
 
 def _read_env(path: pathlib.Path) -> dict[str, str]:
@@ -78,8 +91,9 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
                 os.environ.get("VMARCHIVE_TEST_CEPH_BASE", f"{_BASE_PREFIX}{os.getpid()}")
             )
             env = dict(os.environ)
-            env["VMARCHIVE_CEPH_MON_PORT"] = str(_free_port(pair=True))
-            env["VMARCHIVE_CEPH_RGW_PORT"] = str(_free_port())
+            mon_port, rgw_port = _free_ports()
+            env["VMARCHIVE_CEPH_MON_PORT"] = str(mon_port)
+            env["VMARCHIVE_CEPH_RGW_PORT"] = str(rgw_port)
             subprocess.run([str(CEPH_SCRIPT), "start", str(base)], check=True, env=env, timeout=900)
             creds = _read_env(base / "s3.env")
             os.environ.update(creds)
