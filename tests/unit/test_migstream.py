@@ -637,6 +637,22 @@ def test_round_trip_pipe_passes_buffers_and_frees_a_writer_when_the_reader_stops
     pipe.close_write()  # never raises, even with the reader gone
 
 
+def test_buffer_pipe_hands_on_bytes_without_copying_and_copies_what_can_change() -> None:
+    pipe = ms.BufferPipe(depth=8)
+    whole = b"a" * 1000
+    pipe.write(whole)
+    pipe.write(memoryview(whole))  # a pipe read as the capture's feeder passes it
+    part = memoryview(whole)[10:20]
+    pipe.write(part)
+    buf = bytearray(b"mutable")
+    pipe.write(buf)
+    buf[0:1] = b"M"  # the writer reuses its buffer: the pipe must hold a copy
+    assert pipe.read() is whole and pipe.read() is whole
+    got = pipe.read()
+    assert got == whole[10:20] and got is not whole
+    assert pipe.read() == b"mutable"
+
+
 def test_progress_counts_every_byte_read() -> None:
     data = sample().build()
 

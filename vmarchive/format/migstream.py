@@ -1365,6 +1365,21 @@ class _CheckedSink(_DigestSink):
         run(block, offset, data, count)
 
 
+def _frozen(data: bytes | bytearray | memoryview) -> bytes:
+    """``data`` as bytes, without a copy when it is (a whole view of) a bytes object: what
+    a pipe read or a joined buffer is, and nobody can change it while it waits."""
+    if type(data) is bytes:
+        return data
+    if (
+        isinstance(data, memoryview)
+        and type(data.obj) is bytes
+        and data.c_contiguous
+        and data.nbytes == len(data.obj)
+    ):
+        return data.obj
+    return bytes(data)
+
+
 class BufferPipe:
     """An in-process pipe of whole buffers between a writer thread and a parser thread.
 
@@ -1394,7 +1409,7 @@ class BufferPipe:
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         n = len(data)
         if n:
-            self._put(bytes(data))
+            self._put(_frozen(data))
         return n
 
     def close_write(self) -> None:
