@@ -432,6 +432,8 @@ def test_kill_anywhere_leaves_guest_running_and_next_run_cleans(
     with Repository.open(str(env["repo"])) as repo:
         before = set(repo.archive_ids())
     mark = guest.serial.mark()
+    wlog = env["state"] / f"{guest.dom.UUIDString()}.watchdog.log"
+    logged = len(wlog.read_text()) if wlog.exists() else 0
     p = subprocess.run(
         [
             sys.executable,
@@ -460,6 +462,14 @@ def test_kill_anywhere_leaves_guest_running_and_next_run_cleans(
     n0 = guest.last_tick(mark).n if guest.serial.ticks(mark) else 0
     guest.wait_for("ticks after the kill", lambda: (guest.last_tick(mark).n > n0 + 1) or None, 60)
     # ... except in the window between a completed migration and `cont`.
+    if mode == Mode.SWITCHOVER and point not in ("capture-locked", "capture-prepared"):
+        # Only the watchdog could clean up after this one (and, until the migration
+        # completed, resume the TCG guest it had stopped): its log says what it did.
+        said = wlog.read_text()[logged:] if wlog.exists() else ""
+        assert "ended abnormally; cleaning up" in said, said
+        assert said.rstrip().endswith("done"), said
+        stopped = point in ("capture-migrating", "capture-switchover", "capture-disks-fixed")
+        assert ("resuming guest" in said) == stopped, said
     with Repository.open(str(env["repo"])) as repo:
         after = set(repo.archive_ids())
     if point not in ("capture-cleaning",):

@@ -14,6 +14,10 @@ a failing background snapshot in QEMU 7.2 can deadlock QEMU (its main loop fault
 write-protected guest page while the snapshot thread, bailing out, waits for the main
 loop's lock), so a background snapshot must always be allowed to finish.
 
+Whatever it does is appended, step by step and with the time, to ``STATE_DIR/UUID.watchdog.log``
+(:func:`log_path`): the capture that started it is gone, so this is the only account of why a
+guest was, or was not, resumed.  A watchdog with nothing to do writes nothing.
+
 Run as ``python -m vmarchive.ops.capture_watchdog STATE_DIR UUID NAME URI`` with one end
 of a unix socket pair on stdin.
 """
@@ -147,10 +151,14 @@ def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
                         qmp = QMP(dom) if dom.is_active() else None
                     except DomainNotFoundError:
                         qmp = None  # gone with its QEMU: only our files are left
-                    return 0 if clean_domain(qmp, marker) else 1
+                    done = clean_domain(qmp, marker)
+                    level = logging.INFO if done else logging.WARNING
+                    log.log(level, "cleanup of %s %s", name, "done" if done else "incomplete")
+                    return 0 if done else 1
         except LockedError:
             # The capture is still finishing (or a new one started and cleans up itself).
             if time.monotonic() > deadline:
+                log.info("%s still locked after 120 s: left to whoever holds it", name)
                 return 0
             time.sleep(0.05)
         except VmarchiveError as e:
@@ -158,9 +166,25 @@ def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
             return 1
 
 
+def log_path(state_dir: Path, uuid: str) -> Path:
+    """Where a watchdog that acted says what it did, step by step (appended to)."""
+    return state_dir / f"{uuid}.watchdog.log"
+
+
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.WARNING, format="vmarchive watchdog: %(message)s")
     state_dir, uuid, name, uri = argv
+    # Warnings to the capture's stderr (the user may still see them); every step, with the
+    # time, to a file beside the marker: the capture that started it is gone, so this is
+    # the only account of why a guest was (or was not) resumed.  Created only when written.
+    err = logging.StreamHandler()
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("vmarchive watchdog: %(message)s"))
+    handlers: list[logging.Handler] = [err]
+    with contextlib.suppress(OSError):
+        f = logging.FileHandler(log_path(Path(state_dir), uuid), delay=True)
+        f.setFormatter(logging.Formatter(f"%(asctime)s watchdog {os.getpid()}: %(message)s"))
+        handlers.append(f)
+    logging.basicConfig(level=logging.INFO, handlers=handlers)
     return _watch(Path(state_dir), uuid, name, uri)
 
 
