@@ -190,6 +190,53 @@ def test_background_snapshot_is_never_cancelled(tmp_path: Path) -> None:
     assert "migrate_cancel" not in q.log and q.migration == "completed"
 
 
+def _stuck_cancel(q: FakeQEMU, wakeable: bool) -> None:
+    """QEMU 7.2's race: a cancel just after the switchover stopped the vCPUs, before
+    pre-switchover, stays at 'cancelling' until migrate-continue names that state."""
+    q.migration = "active"
+    q.status = "finish-migrate"
+
+    def racing(cmd: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
+        if cmd == "migrate_cancel":
+            q.log.append(cmd)
+            q.migration = "cancelling"
+            return {}
+        if cmd == "migrate-continue":
+            q.log.append(cmd)
+            if not wakeable or (args or {}).get("state") != q.migration:
+                raise QMPCommandError("Migration not in expected state", command=cmd)
+            q.migration = "cancelled"
+            return {}
+        if cmd == "cont" and q.migration == "cancelling":
+            raise QMPCommandError("Migration is not finalized yet", command=cmd)
+        return FakeQEMU.execute(q, cmd, args, **kw)
+
+    q.execute = racing  # type: ignore[method-assign]
+
+
+def test_a_cancel_stuck_at_the_switchover_is_woken_and_the_guest_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmarchive.ops import capture_cleanup
+
+    monkeypatch.setattr(capture_cleanup, "CANCEL_FIRST_WAIT_S", 0.05)
+    monkeypatch.setattr(capture_cleanup, "CANCEL_WAIT_S", 0.2)
+    real_cont = capture_cleanup.cont_guest
+    monkeypatch.setattr(capture_cleanup, "cont_guest", lambda q: real_cont(q, timeout=0.2))
+    q = FakeQEMU()
+    _stuck_cancel(q, wakeable=True)
+    assert clean_domain(q, killed_marker(tmp_path))  # type: ignore[arg-type]
+    assert q.migration == "cancelled" and q.running
+    assert q.log.index("migrate_cancel") < q.log.index("migrate-continue") < q.log.index("cont")
+    # the control: a QEMU that cannot be woken stays stuck, and the clean-up says so
+    q = FakeQEMU()
+    _stuck_cancel(q, wakeable=False)
+    m = killed_marker(tmp_path)
+    m.overlays = {}  # this fake commits only a running guest's overlays
+    assert not clean_domain(q, m)  # type: ignore[arg-type]
+    assert q.migration == "cancelling" and not q.running
+
+
 def test_a_marker_left_by_nobody_changes_nothing_without_qemu(tmp_path: Path) -> None:
     m = killed_marker(tmp_path)
     assert clean_domain(None, m)

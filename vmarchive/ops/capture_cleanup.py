@@ -49,6 +49,10 @@ MIGRATION_ACTIVE = frozenset(
 
 #: Run states in which QEMU's vCPUs stand still.
 STOPPED_RUNSTATES = frozenset({"paused", "postmigrate", "finish-migrate", "prelaunch"})
+#: How long a cancelled migration may take to end before it is taken for stuck (see
+#: _unstick_cancel), and then to end after it was woken (s).
+CANCEL_FIRST_WAIT_S = 2.0
+CANCEL_WAIT_S = 30.0
 
 DEFAULT_STATE_DIR = "/run/vmarchive"
 
@@ -185,13 +189,16 @@ def _try(what: str, fn: Callable[[], object]) -> bool:
         return False
 
 
-def _wait(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.01) -> bool:
+def _wait(
+    pred: Callable[[], bool], timeout: float, what: str, step: float = 0.01, warn: bool = True
+) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return True
         time.sleep(step)
-    log.warning("cleanup: timed out waiting for %s", what)
+    if warn:
+        log.warning("cleanup: timed out waiting for %s", what)
     return False
 
 
@@ -345,6 +352,28 @@ def vanished_error(dom: Domain, cause: BaseException) -> HypervisorError | None:
     )
 
 
+def _unstick_cancel(qmp: QMP, active: Callable[[], bool]) -> bool:
+    """Free a cancel that hangs in QEMU 7.2's switchover race; True once it is over.
+
+    A ``migrate_cancel`` that lands just after the migration thread stopped the vCPUs for the
+    switchover, and before it announced ``pre-switchover``, leaves that thread waiting for a
+    ``migrate-continue`` nobody can send (the cancel only wakes a thread already marked as
+    paused; QEMU 7.2's migration_maybe_pause) and the state at ``cancelling`` for good, the
+    guest stopped and ``cont`` refused ("Migration is not finalized yet").  Seen twice in CI
+    runs, in the watchdog's clean-up after a capture killed while migrating.  The waiting
+    thread is woken the way QEMU wakes it itself: ``migrate-continue`` naming the state the
+    migration is in.  It then sees the cancel and ends the migration.
+    """
+    try:
+        status = str(qmp.execute("query-migrate").get("status", "none"))
+        if status == "cancelling":
+            log.info("cleanup: the cancel is stuck at the switchover; waking the migration")
+            qmp.execute("migrate-continue", {"state": "cancelling"})
+    except HypervisorError as e:
+        log.warning("cleanup: cannot wake the cancelled migration: %s", e)
+    return _wait(lambda: not active(), CANCEL_WAIT_S, "migration cancel")
+
+
 def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
     ok = True
 
@@ -364,7 +393,8 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
             elif active():
                 log.info("cleanup: cancelling migration")
                 qmp.execute("migrate_cancel")
-                ok = _wait(lambda: not active(), 30.0, "migration cancel") and ok
+                if not _wait(lambda: not active(), CANCEL_FIRST_WAIT_S, "", warn=False):
+                    ok = _unstick_cancel(qmp, active) and ok
         except HypervisorError as e:
             log.warning("cleanup: migration state unknown: %s", e)
             ok = False
