@@ -363,10 +363,16 @@ def _unstick_cancel(qmp: QMP, active: Callable[[], bool]) -> bool:
     runs, in the watchdog's clean-up after a capture killed while migrating.  The waiting
     thread is woken the way QEMU wakes it itself: ``migrate-continue`` naming the state the
     migration is in.  It then sees the cancel and ends the migration.
+
+    Only then: the semaphore outlives the migration, so a post nobody waits for would let the
+    next migration run past its pre-switchover pause.  The race's mark is a cancel still
+    pending with the vCPUs in ``finish-migrate`` (stopped by the switchover itself); a cancel
+    merely slow is not touched.
     """
     try:
         status = str(qmp.execute("query-migrate").get("status", "none"))
-        if status == "cancelling":
+        run = str(qmp.execute("query-status").get("status", ""))
+        if status == "cancelling" and run == "finish-migrate":
             log.info("cleanup: the cancel is stuck at the switchover; waking the migration")
             qmp.execute("migrate-continue", {"state": "cancelling"})
     except HypervisorError as e:
