@@ -310,15 +310,6 @@ def huge_pages_reserved(mib: int) -> Iterator[None]:
         knob.write_text(f"{before}\n")
 
 
-def huge_pages_free_mib() -> int:
-    """Free memory in the default huge page pool (/proc/meminfo), MiB."""
-    info = {}
-    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        info[key] = int(rest.split()[0]) if rest.split() else 0
-    return info.get("HugePages_Free", 0) * info.get("Hugepagesize", 0) // 1024
-
-
 def huge_page_backed_mib(pid: int) -> int:
     """MiB of process ``pid``'s memory mapped with 2 MiB hugetlbfs pages (from smaps)."""
     total = 0

@@ -38,6 +38,7 @@ from vmarchive.errors import (
     HypervisorError,
     UsageError,
 )
+from vmarchive.hypervisor.hugepages import probe_hugetlbfs
 from vmarchive.ops.capture import CaptureOptions, capture
 from vmarchive.ops.restore import RestoreOptions, RestoreResult, export_save, restore
 from vmarchive.store import Repository
@@ -624,8 +625,8 @@ def test_guest_on_huge_pages_resumes_on_ordinary_ram_with_no_hugepages(
             cp = counter_in_archive(rp, r.id, g.boot_id)
         captured = Captured(r.id, cp.counter, cp.last_written, g.boot_id)
         g.cleanup()  # its QEMU log too: a failed restore must remove the one it starts
-    free = guestlib.huge_pages_free_mib()
-    if free < spec.memory_mib:  # the pages are gone again, as on a host without them
+    pool = probe_hugetlbfs()
+    if pool.free * pool.page_kib // 1024 < spec.memory_mib:  # gone, as on a host without them
         out = domains.workdir()
         with pytest.raises(HypervisorError, match=r"huge pages.*--no-hugepages"):
             restore(RestoreOptions(archive=r.id, repo=repo, disk_dir=out))
