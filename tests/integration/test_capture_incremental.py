@@ -194,6 +194,13 @@ def check_archive(g: guestlib.Guest, env: dict[str, pathlib.Path], aid: str, tag
     return problems
 
 
+def memory_roundtrip(env: dict[str, pathlib.Path], aid: str) -> dict[str, Any]:
+    with Repository.open(str(env["repo"])) as repo:
+        rt: dict[str, Any] = repo.load_archive(aid).metadata["memory"]["roundtrip"]
+    assert rt["ok"], rt
+    return rt
+
+
 def disk(r: CaptureResult, target: str) -> dict[str, object]:
     (d,) = [x for x in r.disks if x.target == target]
     return d.to_json()
@@ -231,6 +238,14 @@ def test_generations_exact_and_self_contained(
                 assert d["incremental"] and d["fallback_reason"] is None, d
             assert 0 < int(vdb["bytes_read"]) < int(vdb["size"]) // 2, vdb
             assert int(vdb["bytes_referenced"]) > 0
+        # RAM slots unchanged since the parent are vouched for by its round trip; the
+        # ticking guest changes some, which are read back and checked
+        rt = memory_roundtrip(env, r.id)
+        if i == 0:
+            assert rt["slots_from_parent"] == 0 and rt["parent"] is None, rt
+        else:
+            assert rt["slots_from_parent"] > 0 and rt["parent"] == ids[i - 1], rt
+        assert rt["slots_checked"] > 0, rt
         assert check_archive(guest, env, r.id, str(i)) == [], (i, r.mode)
     # The bitmap started by the newest archive is the only one left on each disk.
     for dev, bms in our_bitmaps(guest).items():
@@ -280,6 +295,11 @@ def _fallback_then_incremental(
 
 def test_full_forced(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> None:
     _fallback_then_incremental(guest, env, ("vda", "vdb", "vdc"), "--full", full=True)
+    with Repository.open(str(env["repo"])) as repo:
+        forced, after = [a.id for a in repo.list_archives()][-2:]
+    # --full reads the memory back whole too; the capture after it takes slots again
+    assert memory_roundtrip(env, forced)["slots_from_parent"] == 0
+    assert memory_roundtrip(env, after)["slots_from_parent"] > 0
 
 
 def test_bitmap_removed_by_another_tool(

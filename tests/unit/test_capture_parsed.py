@@ -12,7 +12,8 @@ from test_migstream import W, page, sample
 
 from vmarchive.errors import StreamError
 from vmarchive.format import migstream as ms
-from vmarchive.ops.capture_parsed import ParsedConsumer
+from vmarchive.ops import capture_parsed
+from vmarchive.ops.capture_parsed import ParentMemory, ParsedConsumer
 from vmarchive.store import InitOptions, Repository
 
 
@@ -42,8 +43,10 @@ def test_round_trip_sees_a_page_that_changed_on_the_way(
     repo, w, pc = _capture(tmp_path)
     real = pc._stored_extents
 
-    def flipped(block: ms.RamBlock) -> Iterator[tuple[int, int, bytes | None]]:
-        for off, n, data in real(block):
+    def flipped(
+        block: ms.RamBlock, skip: frozenset[int] = frozenset()
+    ) -> Iterator[tuple[int, int, bytes | None]]:
+        for off, n, data in real(block, skip):
             if block.idstr == "pc.ram" and data is not None and off == 0:
                 data = bytes([data[0] ^ 1]) + data[1:]
             yield off, n, data
@@ -101,8 +104,10 @@ def test_round_trip_of_runs_is_ok_and_sees_a_flip_inside_a_run(
         assert r["pages"] == 96
         real = pc._stored_extents
 
-        def flipped(block: ms.RamBlock) -> Iterator[tuple[int, int, bytes | None]]:
-            for off, n, data in real(block):
+        def flipped(
+            block: ms.RamBlock, skip: frozenset[int] = frozenset()
+        ) -> Iterator[tuple[int, int, bytes | None]]:
+            for off, n, data in real(block, skip):
                 at = 37 * 4096 - off  # page 37: inside the run of pages 33-48
                 if data is not None and 0 <= at < n:
                     data = data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
@@ -112,3 +117,154 @@ def test_round_trip_of_runs_is_ok_and_sees_a_flip_inside_a_run(
         r = pc.roundtrip(w)
         assert not r["ok"]
         assert r["problems"] == ["RAM block 'pc.ram' slot 18 differs after the round trip"]
+
+
+# --- slots the parent's round trip vouches for ----------------------------------------------
+#: 96 pages in 48 slots of 8 KiB: 32 data slots, slots 20-35 zero
+_DATA_SLOTS = 32
+
+
+def _stream(changed: frozenset[int] = frozenset(), pages: int = 96) -> bytes:
+    seq = [
+        (0, p, None if 40 <= p < 72 else page(p + 1 + (5000 if p in changed else 0)))
+        for p in range(pages)
+    ]
+    return W(blocks=[("pc.ram", pages * 4096)], sections=[seq]).build()
+
+
+def _consume(w: Any, data: bytes) -> ParsedConsumer:
+    pc = ParsedConsumer(w)
+    for i in range(0, len(data), 100_000):
+        pc.feed(memoryview(data[i : i + 100_000]))
+    pc.finish()
+    pc.close_streams()
+    return pc
+
+
+def _committed(repo: Repository, data: bytes, **roundtrip: Any) -> str:
+    """An archive of ``data`` with its round trip's result (``roundtrip`` overrides keys)."""
+    with repo.writer() as w:
+        pc = _consume(w, data)
+        r = pc.roundtrip(w)
+        assert r["ok"], r["problems"]
+        r.update(roundtrip)
+        meta = {"time": "t", "domain": "d", "kind": "full", "memory": {**pc.summary()}}
+        meta["memory"]["roundtrip"] = r
+        return w.commit(meta)
+
+
+def _counting_reads(monkeypatch: pytest.MonkeyPatch, w: Any) -> list[int]:
+    reads: list[int] = []
+    real = w.read_chunks
+
+    def counted(ids: list[bytes]) -> Any:
+        reads.append(len(ids))
+        return real(ids)
+
+    monkeypatch.setattr(w, "read_chunks", counted)
+    return reads
+
+
+@pytest.fixture
+def repo(tmp_path: pathlib.Path) -> Repository:
+    return Repository.init(str(tmp_path / "repo"), InitOptions(memory_chunk_size=8192))
+
+
+def test_slots_unchanged_since_the_parent_are_not_read_back(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent = ParentMemory.of(repo.load_archive(_committed(repo, _stream())))
+    assert parent is not None
+    with repo, repo.writer() as w:
+        pc = _consume(w, _stream(frozenset({10, 11})))  # both pages of slot 5
+        reads = _counting_reads(monkeypatch, w)
+        r = pc.roundtrip(w, parent)
+        assert r["ok"], r["problems"]
+        assert r["slots_from_parent"] == _DATA_SLOTS - 1 and r["parent"] == parent.archive
+        assert r["slots_checked"] == 48 - (_DATA_SLOTS - 1)
+        assert sum(reads) == 1  # slot 5 alone
+        # without the parent every data slot is read back (the control)
+        reads.clear()
+        r = pc.roundtrip(w)
+        assert r["ok"] and r["slots_from_parent"] == 0 and r["parent"] is None
+        assert sum(reads) == _DATA_SLOTS
+
+
+def test_a_changed_slot_is_still_checked_against_what_was_captured(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent = ParentMemory.of(repo.load_archive(_committed(repo, _stream())))
+    with repo, repo.writer() as w:
+        pc = _consume(w, _stream(frozenset({10, 11})))
+        real = pc._stored_extents
+
+        def flipped(
+            block: ms.RamBlock, skip: frozenset[int] = frozenset()
+        ) -> Iterator[tuple[int, int, bytes | None]]:
+            for off, n, data in real(block, skip):
+                if off == 5 * 8192 and data is not None:
+                    data = bytes([data[0] ^ 1]) + data[1:]
+                yield off, n, data
+
+        monkeypatch.setattr(pc, "_stored_extents", flipped)
+        r = pc.roundtrip(w, parent)
+        assert r["problems"] == ["RAM block 'pc.ram' slot 5 differs after the round trip"]
+
+
+def test_a_slot_taken_from_the_parent_must_come_back_as_a_hole(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slot check expects zeros where the source was told to leave a hole: a source
+    that sends the slot anyway (or a regenerator that invents data there) is caught."""
+    parent = ParentMemory.of(repo.load_archive(_committed(repo, _stream())))
+    with repo, repo.writer() as w:
+        pc = _consume(w, _stream())
+        real = pc._stored_extents
+
+        def ignores_skip(
+            block: ms.RamBlock, skip: frozenset[int] = frozenset()
+        ) -> Iterator[tuple[int, int, bytes | None]]:
+            return real(block, frozenset(s for s in skip if s != 3))
+
+        monkeypatch.setattr(pc, "_stored_extents", ignores_skip)
+        r = pc.roundtrip(w, parent)
+        assert r["problems"] == ["RAM block 'pc.ram' slot 3 differs after the round trip"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"ok": False}, {"checker": "0123456789abcdef"}, {"checker": None}],
+    ids=["parent-failed", "other-code", "no-checker"],
+)
+def test_no_slot_is_taken_from_a_parent_that_proved_nothing_for_this_code(
+    repo: Repository, override: dict[str, Any]
+) -> None:
+    arch = repo.load_archive(_committed(repo, _stream(), **override))
+    assert ParentMemory.of(arch) is None
+    good = repo.load_archive(_committed(repo, _stream()))
+    assert ParentMemory.of(good) is not None  # the control
+    opaque = type(good)(good.id, {**good.metadata, "memory": {**good.metadata["memory"]}}, [])
+    opaque.metadata["memory"]["format"] = "opaque"
+    assert ParentMemory.of(opaque) is None
+
+
+def test_a_block_of_another_size_takes_nothing_from_the_parent(repo: Repository) -> None:
+    parent = ParentMemory.of(repo.load_archive(_committed(repo, _stream(pages=80))))
+    assert parent is not None
+    with repo, repo.writer() as w:
+        pc = _consume(w, _stream())
+        r = pc.roundtrip(w, parent)
+        assert r["ok"] and r["slots_from_parent"] == 0 and r["slots_checked"] == 48
+
+
+def test_the_checker_id_changes_with_the_code(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = capture_parsed.checker_id()
+    assert mine is not None and mine == capture_parsed.checker_id.__wrapped__()
+    edited = tmp_path / "migstream.py"
+    edited.write_bytes(pathlib.Path(ms.__file__).read_bytes() + b"# one more line\n")
+    monkeypatch.setattr(ms, "__file__", str(edited))
+    assert capture_parsed.checker_id.__wrapped__() not in (None, mine)
+    monkeypatch.setattr(ms, "__file__", str(tmp_path / "gone.py"))
+    assert capture_parsed.checker_id.__wrapped__() is None

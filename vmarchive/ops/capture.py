@@ -304,6 +304,8 @@ class _Capture:
         self.work: Path | None = None
         self.watchdog: Watchdog | None = None
         self.plans: dict[str, DiskPlan] = {}
+        #: the domain's newest archive, loaded when planning (None: none, or not yet)
+        self.parent_archive: Any = None
 
     # -- state machine -------------------------------------------------------------------
     def to(self, state: CaptureState, note: str = "") -> None:
@@ -744,7 +746,8 @@ class _Capture:
                         known[str(t["bitmap"])] = s.id
         if newest is None:
             return None, known
-        return self.repo.load_archive(newest.id), known
+        self.parent_archive = self.repo.load_archive(newest.id)
+        return self.parent_archive, known
 
     def _plan_disks(
         self, qmp: QMP, copy: list[DiskInfo], sinks: dict[str, Any]
@@ -1167,7 +1170,9 @@ class _Capture:
                 if reader.error is not None:
                     raise reader.error
                 log.debug("memory stored at +%.2f s", self.clock() - self.t_start)
-                roundtrip = capture_parse.RoundTrip(w, memory)
+                # --full reads everything again: the memory's round trip included
+                vouch = None if self.o.full else self.parent_archive
+                roundtrip = capture_parse.RoundTrip(w, memory, vouch)
                 threads.join()
                 log.debug("disks read at +%.2f s", self.clock() - self.t_start)
                 threads.raise_first()

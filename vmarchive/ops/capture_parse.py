@@ -71,13 +71,24 @@ def make_consumer(w: Any, parse: bool, refused: str | None = None) -> MemoryCons
     return OpaqueConsumer(w, refused)
 
 
-def roundtrip_check(w: Any, consumer: MemoryConsumer) -> dict[str, Any] | None:
-    """Regenerate the stream from what was stored, re-parse it; the result for the manifest."""
+def roundtrip_check(
+    w: Any, consumer: MemoryConsumer, parent: Any | None = None
+) -> dict[str, Any] | None:
+    """Regenerate the stream from what was stored, re-parse it; the result for the manifest.
+
+    ``parent``: the parent archive (loaded), whose round trip may vouch for the RAM slots
+    that hold its chunks at the same place (see :mod:`vmarchive.ops.capture_parsed`).
+    """
     check = getattr(consumer, "roundtrip", None)
     if check is None:
         return None
     try:
-        result: dict[str, Any] = check(w)
+        if parent is not None:
+            from vmarchive.ops.capture_parsed import ParentMemory
+
+            result: dict[str, Any] = check(w, ParentMemory.of(parent))
+        else:
+            result = check(w)
     except Exception as e:  # the archive is still good; record why the check could not run
         log.warning("round-trip check of the memory stream failed to run: %s", e)
         return {"ok": False, "problems": [f"check did not run: {e}"]}
@@ -92,9 +103,10 @@ class RoundTrip:
     :meth:`result` waits for it; :meth:`join` (cleanup) only waits.
     """
 
-    def __init__(self, w: Any, consumer: MemoryConsumer) -> None:
+    def __init__(self, w: Any, consumer: MemoryConsumer, parent: Any | None = None) -> None:
         self._w = w
         self._consumer = consumer
+        self._parent = parent
         self._result: dict[str, Any] | None = None
         consumer.close_streams()  # flush the partial last chunks it reads back (idempotent)
         self._thread = threading.Thread(target=self._run, name="memory-roundtrip", daemon=True)
@@ -102,7 +114,7 @@ class RoundTrip:
 
     def _run(self) -> None:
         t = time.perf_counter()
-        self._result = roundtrip_check(self._w, self._consumer)
+        self._result = roundtrip_check(self._w, self._consumer, self._parent)
         log.debug("memory round trip took %.2f s", time.perf_counter() - t)
 
     def join(self) -> None:

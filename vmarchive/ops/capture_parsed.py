@@ -12,14 +12,25 @@
 
 :meth:`ParsedConsumer.roundtrip` regenerates a stream from what was stored and parses it
 again: the layout, the device state and a digest of every RAM page must come back equal.
+
+A RAM slot holding the same chunk at the same place as in the parent archive, whose own
+round trip passed with the same code (:func:`checker_id`), is not read back again: the
+records the regenerator writes for a slot depend only on its block, its offset and its
+content, so the parent's check already proved those bytes (:class:`ParentMemory`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from vmarchive.format import migstream as ms
 from vmarchive.ops.capture_memory import RamImage, _slot_id
@@ -29,6 +40,58 @@ log = logging.getLogger(__name__)
 DEVSTATE_STREAM = "devstate"
 #: Slots read back per batch by the round trip (at most 8 MiB of 64 KiB chunks).
 _READ_BATCH = 128
+
+
+@functools.cache
+def checker_id() -> str | None:
+    """Names the code of the round trip (the regenerator, the parser and the slot check):
+    a digest of the two modules' files, so any change to them gives another id.  None
+    when the files cannot be read (then no round trip is taken over from a parent)."""
+    h = xxhash.xxh3_64()
+    for mod in (ms, sys.modules[__name__]):
+        try:
+            h.update(Path(str(mod.__file__)).read_bytes())
+        except (OSError, TypeError):
+            return None
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ParentBlock:
+    """One RAM block of the parent archive: its length, chunk and page size, slot table."""
+
+    size: int
+    chunk_size: int
+    page_size: int
+    table: bytes
+
+
+@dataclass(frozen=True)
+class ParentMemory:
+    """The RAM slots of a parent archive whose round trip passed with this code."""
+
+    archive: str
+    blocks: Mapping[str, ParentBlock]
+
+    @classmethod
+    def of(cls, archive: Any) -> ParentMemory | None:
+        """From a loaded archive (``store.Archive``); None unless its memory was parsed,
+        its round trip passed and was made by the same code (:func:`checker_id`)."""
+        mem = archive.metadata.get("memory")
+        rt = mem.get("roundtrip") if isinstance(mem, dict) else None
+        mine = checker_id()
+        if not isinstance(rt, dict) or rt.get("ok") is not True or mine is None:
+            return None
+        if mem.get("format") != "parsed" or rt.get("checker") != mine:
+            return None
+        blocks = {}
+        for st in archive.streams:
+            a = st.attrs
+            if st.kind == "ram" and isinstance(a.get("block"), str) and a.get("page_size"):
+                blocks[a["block"]] = ParentBlock(
+                    st.size, st.chunk_size, int(a["page_size"]), bytes(st.table)
+                )
+        return cls(archive.id, blocks) if blocks else None
 
 
 class _Sink:
@@ -81,16 +144,32 @@ class _SlotCheck:
     into each ``ram`` stream's slots, must have the chunk ids the capture recorded there.
 
     So the proof reaches back to the live capture (whose pages made those ids), not only
-    from the regenerator to the parser.  Pages arrive in order, once each.
+    from the regenerator to the parser.  Pages arrive in order, once each.  The slots in
+    ``inherited`` (block index -> slot indexes) were regenerated as holes: they must come
+    back as zeros.
     """
 
-    def __init__(self, w: Any, blocks: list[ms.RamBlock], streams: dict[int, Any]) -> None:
+    def __init__(
+        self,
+        w: Any,
+        blocks: list[ms.RamBlock],
+        streams: dict[int, Any],
+        inherited: Mapping[int, set[int]] | None = None,
+    ) -> None:
         self.w = w
         self.blocks = {b.index: b for b in blocks}
         self.streams = streams
+        self.inherited = inherited or {}
+        self.zero = getattr(w, "zero_id", bytes(16))
         self.open: dict[int, tuple[int, bytearray]] = {}
         self.checked = 0
         self.bad: list[str] = []
+
+    def _want(self, bidx: int, index: int) -> bytes:
+        """The id the slot must have after the round trip."""
+        if index in self.inherited.get(bidx, ()):
+            return self.zero
+        return _slot_id(self.streams[bidx], index)
 
     def page(self, block: ms.RamBlock, offset: int, data: bytes | memoryview | None) -> None:
         self.pages(block, offset, data, 1)
@@ -100,6 +179,14 @@ class _SlotCheck:
     ) -> None:
         """``count`` pages at consecutive offsets (``data`` back to back; None: zero)."""
         cs = int(self.streams[block.index].chunk_size)
+        if data is None and count * block.page_size == cs and not offset % cs:
+            # a whole slot of zero records (holes, inherited slots): no buffer to hash
+            cur = self.open.get(block.index)
+            if cur is None or cur[0] != offset // cs:
+                if cur is not None:
+                    self._check(block.index, *self.open.pop(block.index))
+                self._check_zero(block.index, offset // cs)
+                return
         if isinstance(data, bytes) and len(data) == cs and not offset % cs:
             # a whole chunk in one piece (the parser's runs): its id directly, once the
             # slot before it (complete: pages come in order) is checked
@@ -128,7 +215,16 @@ class _SlotCheck:
 
     def _check(self, bidx: int, index: int, buf: bytes | bytearray) -> None:
         self.checked += 1
-        if self.w.content_id(buf) != _slot_id(self.streams[bidx], index) and len(self.bad) < 10:
+        if self.w.content_id(buf) != self._want(bidx, index):
+            self._differs(bidx, index)
+
+    def _check_zero(self, bidx: int, index: int) -> None:
+        self.checked += 1
+        if self._want(bidx, index) != self.zero:
+            self._differs(bidx, index)
+
+    def _differs(self, bidx: int, index: int) -> None:
+        if len(self.bad) < 10:
             name = self.blocks[bidx].idstr
             self.bad.append(f"RAM block {name!r} slot {index} differs after the round trip")
 
@@ -210,39 +306,75 @@ class ParsedConsumer:
         return n
 
     # -- round trip ------------------------------------------------------------------------
-    def _stored_extents(self, block: ms.RamBlock) -> Iterator[tuple[int, int, bytes | None]]:
+    def _inherited(self, parent: ParentMemory | None) -> dict[int, set[int]]:
+        """Block index -> the slots holding the parent's chunk at the same place."""
+        out: dict[int, set[int]] = {}
+        if parent is None or self.layout is None:
+            return out
+        zero = getattr(self.w, "zero_id", bytes(16))
+        for b in self.layout.ram_blocks:
+            p = parent.blocks.get(b.idstr)
+            sw = self.sink.streams[b.index]
+            cs = int(sw.chunk_size)
+            if p is None or (p.size, p.chunk_size, p.page_size) != (b.used_length, cs, b.page_size):
+                continue
+            same = set()
+            for i in range(len(p.table) // 16):
+                cid = _slot_id(sw, i)
+                if cid != zero and cid == p.table[16 * i : 16 * i + 16]:
+                    same.add(i)
+            out[b.index] = same
+        return out
+
+    def _stored_extents(
+        self, block: ms.RamBlock, skip: set[int] | frozenset[int] = frozenset()
+    ) -> Iterator[tuple[int, int, bytes | None]]:
         """The block's slots as stored, read back in batches (adjacent chunks of a pack
-        with one range read: one read per 64 KiB chunk was most of the round trip)."""
+        with one range read: one read per 64 KiB chunk was most of the round trip); the
+        slots in ``skip`` as holes, not read."""
         sw = self.sink.streams[block.index]
         cs = int(sw.chunk_size)
         zero = getattr(self.w, "zero_id", bytes(16))
         nslots = -(-block.used_length // cs)
         for first in range(0, nslots, _READ_BATCH):
-            ids = [_slot_id(sw, i) for i in range(first, min(first + _READ_BATCH, nslots))]
+            ids = [
+                zero if i in skip else _slot_id(sw, i)
+                for i in range(first, min(first + _READ_BATCH, nslots))
+            ]
             data = iter(self.w.read_chunks([c for c in ids if c != zero]))
             for i, cid in enumerate(ids, first):
                 off = i * cs
                 n = min(cs, block.used_length - off)
                 yield off, n, (None if cid == zero else next(data))
 
-    def roundtrip(self, w: Any) -> dict[str, Any]:
+    def roundtrip(self, w: Any, parent: ParentMemory | None = None) -> dict[str, Any]:
         """Regenerate the stream from the stored streams, parse it again, compare
-        (:func:`vmarchive.format.migstream.check_round_trip`).
+        (:func:`vmarchive.format.migstream.check_round_trip`).  The RAM slots that hold
+        ``parent``'s chunk at the same place are regenerated as holes and not read back:
+        the parent's round trip proved them (see the module's docstring).
 
         Never raises for a mismatch: the result goes into the manifest.
         """
         assert self.layout is not None
-        check = _SlotCheck(self.w, self.layout.ram_blocks, self.sink.streams)
-        report = ms.check_round_trip(
-            self.layout, self._read_devstate(), self._stored_extents, page_check=check
-        )
+        inherited = self._inherited(parent)
+        check = _SlotCheck(self.w, self.layout.ram_blocks, self.sink.streams, inherited)
+
+        def source(block: ms.RamBlock) -> Iterator[tuple[int, int, bytes | None]]:
+            return self._stored_extents(block, inherited.get(block.index, frozenset()))
+
+        report = ms.check_round_trip(self.layout, self._read_devstate(), source, page_check=check)
         if not report.ok:
             log.warning("memory stream does not round-trip: %s", "; ".join(report.problems))
+        taken = sum(len(v) for v in inherited.values())
         return {
             "ok": report.ok,
             "problems": list(report.problems),
             "stream_bytes": report.stream_bytes,
             "pages": report.pages,
+            "checker": checker_id(),
+            "slots_checked": check.checked - taken,
+            "slots_from_parent": taken,
+            "parent": parent.archive if parent is not None and taken else None,
         }
 
     def _read_devstate(self) -> bytes:
