@@ -208,3 +208,55 @@ def test_held_reader_never_blocks_the_writer() -> None:
     reader.go()
     reader.join(30)
     assert sum(fed) == len(payload) and reader.error is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nchunks=st.integers(1, 6),
+    max_open=st.integers(1, 3),
+    sends=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 95), st.integers(0, 255)), max_size=120
+    ),
+)
+def test_zero_runs_over_several_slots_give_the_last_write(
+    nchunks: int, max_open: int, sends: list[tuple[int, int, int]]
+) -> None:
+    """Zero runs of whole slots (the parser's 2 MiB zero runs: several slots at once,
+    first seen, open or already stored) mixed with pages and whole data chunks."""
+    cs = 16 * PAGE
+    size = nchunks * cs
+    sw = FakeStream(size, cs)
+    img = RamImage(sw, sw.read_chunk, max_open=max_open)
+    expect = bytearray(size)
+    for kind, n, val in sends:
+        if kind == 0:  # zero slots n.. (as many as fit, up to 3)
+            first = n % nchunks
+            k = min(3, nchunks - first)
+            off, length, data = first * cs, k * cs, None
+            img.page(off, None, length, 16 * k)
+        elif kind == 1:
+            off, length = n % nchunks * cs, cs
+            data = bytes([val]) * cs if val else None
+            img.page(off, data, length, 16)
+        else:
+            off, length = n % (nchunks * 16) * PAGE, PAGE
+            data = bytes([val]) * PAGE if val else None
+            img.page(off, data, length)
+        expect[off : off + length] = data or bytes(length)
+    img.flush()
+    assert sw.image() == bytes(expect)
+
+
+def test_zero_slots_seen_first_are_holes_at_once() -> None:
+    """A zero run over slots never seen stores holes at once (nothing waits among the
+    open chunks); a slot already open with data is zeroed, not left as it was."""
+    cs = 16 * PAGE
+    sw = FakeStream(4 * cs, cs)
+    img = RamImage(sw, sw.read_chunk, max_open=8)
+    img.page(0, b"\x05" * PAGE, PAGE)  # slot 0 open with data
+    img.page(0, None, 3 * cs, 48)  # slots 0-2 zero
+    assert sw.order == [1, 2]  # the unseen slots at once; slot 0 stays open
+    img.page(3 * cs, b"\x07" * cs, cs, 16)
+    img.flush()
+    assert sw.image() == bytes(3 * cs) + b"\x07" * cs
+    assert sw.slots[0] == bytes(16)

@@ -225,6 +225,7 @@ class RamImage:
         self.max_open = max_open
         self._open: collections.OrderedDict[int, bytes | bytearray] = collections.OrderedDict()
         self._stored: set[int] = set()
+        self._zeros = bytes(self.cs)
         self.pages = 0
         self.reopened = 0
 
@@ -244,6 +245,16 @@ class RamImage:
             raise ValueError(f"page at {offset:#x} outside the block ({self.size:#x})")
         self.pages += pages
         first = offset // self.cs
+        if data is None and not offset % self.cs and not length % self.cs:
+            # Whole slots of zero pages (untouched RAM, most of a guest's records): a slot
+            # seen first is a hole at once, without a zeroed buffer waiting its turn (a
+            # hole has no place in a pack to keep in order).
+            for index in range(first, first + length // self.cs):
+                if index in self._open or index in self._stored:
+                    self._chunk(index)[:] = bytes(self.cs)
+                else:
+                    self._store(index, self._zeros)
+            return
         if (
             length == self.cs
             and isinstance(data, bytes)
