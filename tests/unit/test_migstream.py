@@ -13,8 +13,9 @@ import json
 import random
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -799,3 +800,95 @@ def test_run_of_zero_records_with_a_fill_byte_is_refused() -> None:
     w = W(blocks=[("pc.ram", 64 * PAGE)], sections=[[(0, p, None) for p in range(40)]], zero_fill=1)
     with pytest.raises(StreamRefusedError, match="fill byte"):
         ms.parse_stream(io.BytesIO(w.build()), RunRecorder())
+
+
+# --- zero runs of 2 MiB: untouched RAM taken 512 records at a time -------------------------
+
+
+class CallRecorder(RunRecorder):
+    """A RunRecorder that keeps each run's (offset, pages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def ram_pages(self, block: ms.RamBlock, offset: int, data: bytes | None, count: int) -> None:
+        self.calls.append((offset, count))
+        super().ram_pages(block, offset, data, count)
+
+
+_BIG = 512  # records in a 2 MiB zero run
+
+
+def _zero_tail_stream(
+    change: Callable[[list[tuple[int, int, bytes | None]]], None] | None = None, **kw: Any
+) -> W:
+    """4 MiB of RAM: data pages 0-99, then zero records up to the end (from page 100:
+    16-page runs up to page 512, then the 2 MiB run 512-1023)."""
+    seq: list[tuple[int, int, bytes | None]] = [(0, p, page(p + 1)) for p in range(100)]
+    seq += [(0, p, None) for p in range(100, 2 * _BIG)]
+    if change is not None:
+        change(seq)
+    return W(blocks=[("pc.ram", 2 * _BIG * PAGE)], sections=[seq], **kw)
+
+
+def test_a_2_mib_zero_run_is_taken_at_once() -> None:
+    w = _zero_tail_stream()
+    rec = CallRecorder()
+    layout = ms.parse_stream(io.BytesIO(w.build()), rec)
+    assert (_BIG * PAGE, _BIG) in rec.calls, rec.calls
+    assert rec.img == w.final_images()
+    assert layout.stats.zero_records == 2 * _BIG - 100 and layout.stats.resent_pages == 0
+    # read in small random pieces, the run is taken where the buffer holds it, or not
+    for seed in range(5):
+        rec = CallRecorder()
+        ms.parse_stream(Dribble(w.build(), seed, 6000), rec, read_size=6000)
+        assert rec.img == w.final_images()
+    # a sink without ram_pages gets the run page by page
+    plain = Recorder()
+    ms.parse_stream(io.BytesIO(w.build()), plain)
+    assert plain.img == w.final_images()
+
+
+def _data_inside(seq: list[tuple[int, int, bytes | None]]) -> None:
+    seq[700] = (0, 700, page(7))
+
+
+def _swapped(seq: list[tuple[int, int, bytes | None]]) -> None:
+    seq[700], seq[701] = seq[701], seq[700]
+
+
+@pytest.mark.parametrize("change", [_data_inside, _swapped], ids=["data-page", "out-of-order"])
+def test_a_2_mib_run_with_one_record_different_is_not_taken(
+    change: Callable[[list[tuple[int, int, bytes | None]]], None],
+) -> None:
+    """Negative controls: one record inside the run differs, so no 2 MiB run may cover
+    it; the pages still come out right."""
+    w = _zero_tail_stream(change)
+    rec = CallRecorder()
+    layout = ms.parse_stream(io.BytesIO(w.build()), rec)
+    assert (_BIG * PAGE, _BIG) not in rec.calls
+    assert rec.img == w.final_images()
+    assert layout.stats.resent_pages == 0
+
+
+def test_a_2_mib_zero_run_with_a_fill_byte_is_refused() -> None:
+    """Only page 700's fill byte is not 0: the run is not taken, the record is refused."""
+    data = bytearray(_zero_tail_stream().build())
+    head = struct.pack(">Q", 700 * PAGE | 0x02 | 0x20)
+    at = data.index(head) + len(head)
+    assert data[at] == 0 and data.count(head) == 1
+    data[at] = 1
+    with pytest.raises(StreamRefusedError, match="fill byte 0x01"):
+        ms.parse_stream(io.BytesIO(bytes(data)), CallRecorder())
+
+
+def test_a_zero_run_past_the_block_end_is_not_taken_as_one() -> None:
+    """A block ending 1 MiB into a 2 MiB span: the records up to its end are parsed in
+    16-page runs, the page beyond its end is refused."""
+    seq: list[tuple[int, int, bytes | None]] = [(0, p, None) for p in range(_BIG + 257)]
+    w = W(blocks=[("pc.ram", (_BIG + 256) * PAGE)], sections=[seq])
+    rec = CallRecorder()
+    with pytest.raises(StreamError, match="beyond RAM block"):
+        ms.parse_stream(io.BytesIO(w.build()), rec)
+    assert all(count < _BIG for off, count in rec.calls if off >= _BIG * PAGE), rec.calls

@@ -179,14 +179,16 @@ class _SlotCheck:
     ) -> None:
         """``count`` pages at consecutive offsets (``data`` back to back; None: zero)."""
         cs = int(self.streams[block.index].chunk_size)
-        if data is None and count * block.page_size == cs and not offset % cs:
-            # a whole slot of zero records (holes, inherited slots): no buffer to hash
-            cur = self.open.get(block.index)
-            if cur is None or cur[0] != offset // cs:
-                if cur is not None:
-                    self._check(block.index, *self.open.pop(block.index))
-                self._check_zero(block.index, offset // cs)
-                return
+        length = count * block.page_size
+        if data is None and not offset % cs and not length % cs:
+            # whole slots of zero records (holes, inherited slots): no buffer to hash.  A
+            # slot still open is an earlier one (pages come in order): complete.
+            cur = self.open.pop(block.index, None)
+            if cur is not None:
+                self._check(block.index, *cur)
+            for index in range(offset // cs, (offset + length) // cs):
+                self._check_zero(block.index, index)
+            return
         if isinstance(data, bytes) and len(data) == cs and not offset % cs:
             # a whole chunk in one piece (the parser's runs): its id directly, once the
             # slot before it (complete: pages come in order) is checked
@@ -330,8 +332,9 @@ class ParsedConsumer:
         self, block: ms.RamBlock, skip: set[int] | frozenset[int] = frozenset()
     ) -> Iterator[tuple[int, int, bytes | None]]:
         """The block's slots as stored, read back in batches (adjacent chunks of a pack
-        with one range read: one read per 64 KiB chunk was most of the round trip); the
-        slots in ``skip`` as holes, not read."""
+        with one range read: one read per 64 KiB chunk was most of the round trip); holes
+        and the slots in ``skip`` are left out (gaps, which the regenerator fills with zero
+        records), not read."""
         sw = self.sink.streams[block.index]
         cs = int(sw.chunk_size)
         zero = getattr(self.w, "zero_id", bytes(16))
@@ -343,9 +346,11 @@ class ParsedConsumer:
             ]
             data = iter(self.w.read_chunks([c for c in ids if c != zero]))
             for i, cid in enumerate(ids, first):
+                if cid == zero:
+                    continue  # a gap: the regenerator writes zero records, runs merged
                 off = i * cs
                 n = min(cs, block.used_length - off)
-                yield off, n, (None if cid == zero else next(data))
+                yield off, n, next(data)
 
     def roundtrip(self, w: Any, parent: ParentMemory | None = None) -> dict[str, Any]:
         """Regenerate the stream from the stored streams, parse it again, compare
