@@ -167,6 +167,14 @@ def test_collect_fills_exactly_the_documented_keys() -> None:
     assert got["vcpus"] == 2 and got["arch"] == "x86_64"
     assert M.MemoryMap.from_json(got["memory_map"]) == M.build_memory_map(PC_MTREE, PC_RAMBLOCK)
     json.dumps(got)  # JSON-able
+    assert q.sent == ["info mtree -f", "info ramblock", "query-cpus-fast", "query-target"]
+
+
+def test_collect_parses_texts_it_is_given_without_asking_again() -> None:
+    q = FakeQMP()
+    got = M.collect_memory_map(q, PC_MTREE, PC_RAMBLOCK)  # type: ignore[arg-type]
+    assert q.sent == ["query-cpus-fast", "query-target"]
+    assert got == M.collect_memory_map(FakeQMP())  # type: ignore[arg-type]
 
 
 # --- registers for the notes, from a synthetic cpu section ------------------------------------

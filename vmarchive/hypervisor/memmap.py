@@ -241,7 +241,9 @@ def build_memory_map(mtree_text: str, ramblock_text: str) -> MemoryMap:
     return MemoryMap(tuple(ranges))
 
 
-def collect_memory_map(qmp: QMP) -> dict[str, Any]:
+def collect_memory_map(
+    qmp: QMP, mtree: str | None = None, ramblock: str | None = None
+) -> dict[str, Any]:
     """What a capture records so that memory exports can be made from the archive.
 
     Returns a dict to merge into the archive metadata, with exactly these keys:
@@ -255,11 +257,16 @@ def collect_memory_map(qmp: QMP) -> dict[str, Any]:
     reprograms the PAM/SMRAM windows, so reading it just before or after the instant is
     fine outside boot.
 
+    ``mtree`` and ``ramblock``: those two texts when the caller has them already (one
+    round trip each less); else they are asked for.
+
     Raises QMPCommandError / HypervisorError (QEMU or libvirt failed) and FormatError
     (QEMU's text could not be parsed).
     """
-    mtree = qmp.hmp("info mtree -f")
-    ramblock = qmp.hmp("info ramblock")
+    if mtree is None:
+        mtree = qmp.hmp("info mtree -f")
+    if ramblock is None:
+        ramblock = qmp.hmp("info ramblock")
     cpus = qmp.execute("query-cpus-fast")
     target = qmp.execute("query-target")
     return {

@@ -985,11 +985,12 @@ class _Capture:
         memory: capture_parse.MemoryConsumer,
     ) -> CaptureResult:
         meta = self._base_metadata("full", live_xml)
-        self._xml_streams(w, live_xml, mig_xml, self._memory_map(qmp))
+        texts = self._memory_map(qmp)
+        self._xml_streams(w, live_xml, mig_xml, texts)
         # The parsed map (memory_map, vcpus, arch) is what export-memory reads; the raw
         # texts above stay as a fallback. A map we cannot read must not lose the capture.
         try:
-            meta.update(collect_memory_map(qmp))
+            meta.update(collect_memory_map(qmp, texts.get("mtree.txt"), texts.get("ramblock.txt")))
         except (HypervisorError, FormatError) as map_err:
             log.warning("memory map not recorded: %s", map_err)
         threads = DiskThreads()
