@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import random
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -117,6 +118,71 @@ def test_write_chunk_set_chunk_and_append(tmp_path: pathlib.Path) -> None:
         aid2 = w.commit({**META, "parent": aid})
     assert pack_keys(repo) == packs
     assert read_archive(repo, aid2) == {"ram/pc.ram": b + bytes(CHUNK)}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kinds=st.lists(st.sampled_from("dzu"), min_size=1, max_size=24),
+    picked=st.lists(st.booleans(), min_size=24, max_size=24),
+)
+def test_set_chunks_is_set_chunk_for_each_slot(
+    tmp_path: pathlib.Path, kinds: list[str], picked: list[bool]
+) -> None:
+    """The bulk reference (incrementals' clean slots) gives the table, the count and the
+    archive that set_chunk slot by slot gives: runs and gaps of slots, holes in the
+    table, and chunks of this very writer not yet published ("u")."""
+    repo = make_repo(pathlib.Path(tempfile.mkdtemp(dir=tmp_path)) / "r")
+    n = len(kinds)
+    with repo.writer() as w:
+        src = w.stream("src", "disk", n * CHUNK)
+        for i, k in enumerate(kinds):
+            if k == "d":
+                src.write_chunk(i, rnd(CHUNK, i % 5))
+        src.close()
+        w.commit(META)
+    with repo, repo.writer() as w:
+        src = w.stream("src", "disk", n * CHUNK)
+        for i, k in enumerate(kinds):  # the same, plus this writer's own new chunks
+            if k == "d":
+                src.set_chunk(i, repo.codecs.chunk_id(rnd(CHUNK, i % 5)))
+            elif k == "u":
+                src.write_chunk(i, rnd(CHUNK, 100 + i))
+        table = src.table()
+        slots = [i for i in range(n) if picked[i]]
+        one, bulk = w.stream("one", "disk", n * CHUNK), w.stream("bulk", "disk", n * CHUNK)
+        held = 0
+        for i in slots:
+            cid = table[16 * i : 16 * i + 16]
+            if cid != w.zero_id:
+                one.set_chunk(i, cid)
+                held += 1
+        assert bulk.set_chunks(table, reversed(slots)) == held
+        assert bulk.table() == one.table()
+        one.close()
+        bulk.close()
+        aid = w.commit(META)
+    got = read_archive(repo, aid)
+    assert got["bulk"] == got["one"]
+
+
+def test_set_chunks_sets_nothing_when_a_chunk_is_missing(tmp_path: pathlib.Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    with repo.writer() as w:
+        w.stream("a", "disk", 2 * CHUNK).write_chunk(0, rnd(CHUNK))
+        w.commit(META)
+    have = repo.codecs.chunk_id(rnd(CHUNK))
+    with repo, repo.writer() as w:
+        sw = w.stream("b", "disk", 3 * CHUNK)
+        with pytest.raises(ChunkMissingError):
+            sw.set_chunks(have + b"\x01" * 16 + have, [0, 1, 2])
+        assert sw.table() == bytes(48)  # nothing set
+        assert sw.set_chunks(have + bytes(16) + have, [0, 1, 2]) == 2  # the control
+        with pytest.raises(UsageError):
+            sw.set_chunks(have * 4, [3])  # past the end of the stream
+        with pytest.raises(UsageError):
+            sw.set_chunks(have, [1])  # past the table given
 
 
 def test_writer_rejects_misuse(tmp_path: pathlib.Path) -> None:

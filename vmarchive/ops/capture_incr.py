@@ -376,13 +376,11 @@ def read_disk_incremental(
         parents = _Prefetch(parent_chunk, partial, zero_id, slot_len)
         t_store = 0.0
         try:
-            for i in range(nslots):
-                if i in dirty:
-                    continue
-                cid = parent_table[16 * i : 16 * i + 16]
-                if cid != zero_id:
-                    sink.set_chunk(i, cid)
-                    res.bytes_referenced += slot_len(i)
+            clean = [i for i in range(nslots) if i not in dirty]
+            held = sink.set_chunks(parent_table, clean)
+            res.bytes_referenced = held * cs
+            if clean and clean[-1] == nslots - 1 and parent_table[-16:] != zero_id:
+                res.bytes_referenced -= cs - slot_len(nslots - 1)  # the short last slot
             t_refs = time.perf_counter() - t0 - t_extents
             pieces = (r for _i, runs in plan for r in runs)
             results = c.read_many(pieces, depth=8)

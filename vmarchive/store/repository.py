@@ -328,6 +328,12 @@ class Repository:
         with self._chunks_mutex:  # several writers of one Repository may run at once
             return index.get(chunk_id)
 
+    def _missing_chunks(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
+        """Those of ``chunk_ids`` the index does not hold (one lock for all of them)."""
+        index = self.index
+        with self._chunks_mutex:
+            return [c for c in chunk_ids if c not in index]
+
     def _add_location(self, chunk_id: bytes, loc: Location) -> None:
         index = self.index
         with self._chunks_mutex:

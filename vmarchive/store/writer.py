@@ -34,7 +34,7 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -201,6 +201,57 @@ class StreamWriter:
             self._holes_written += 1
         else:
             self._chunks += 1
+
+    def set_chunks(self, table: bytes | bytearray | memoryview, slots: Iterable[int]) -> int:
+        """Point each slot in ``slots`` at the chunk ``table`` lists for it (16 bytes per
+        slot, this stream's chunk size: a parent archive's table); return how many of them
+        hold a chunk (the others are holes).
+
+        :meth:`set_chunk` for many slots at once: each distinct chunk is looked up once,
+        under one lock, and the table is copied in runs of adjacent slots (slot by slot it
+        took ~20 us a slot: a minute for the 3.3 million slots of a 200 GiB disk).
+
+        Raises :class:`ChunkMissingError` if the repository lacks one of the chunks
+        (then no slot is set), :class:`UsageError` for a slot past the end or past
+        ``table``.
+        """
+        self._check_open()
+        idx = sorted(set(slots))
+        if not idx:
+            return 0
+        if idx[0] < 0:
+            raise UsageError(f"stream {self.name}: negative slot")
+        last = idx[-1]
+        tb = bytes(table)
+        if len(tb) < 16 * (last + 1):
+            raise UsageError(f"stream {self.name}: slot {last} is past the table given")
+        if self.size is not None:
+            self._slot_length(last)
+        ids = [tb[16 * i : 16 * i + 16] for i in idx]
+        zero = self._w.zero_id
+        holes = ids.count(zero)
+        wanted = set(ids)
+        wanted.discard(zero)
+        with self._w._mutex:
+            mine = self._w._unpublished
+            missing = self._w.repo._missing_chunks(c for c in wanted if c not in mine)
+        if missing:
+            raise ChunkMissingError(
+                f"stream {self.name}: chunk {missing[0].hex()} is not in the repository",
+                chunk_id=missing[0].hex(),
+            )
+        if self.size is None:
+            self._grow(last)
+            self._end = max(self._end, (last + 1) * self.chunk_size)
+        start = prev = idx[0]
+        for i in [*idx[1:], -1]:  # -1: ends the last run
+            if i != prev + 1:
+                self._table[16 * start : 16 * (prev + 1)] = tb[16 * start : 16 * (prev + 1)]
+                start = i
+            prev = i
+        self._holes_written += holes
+        self._chunks += len(idx) - holes
+        return len(idx) - holes
 
     def close(self) -> StreamStats:
         """Finish the stream (flushes a partial :meth:`append` chunk). Idempotent."""
