@@ -448,11 +448,13 @@ def test_bitmap_export_refused_reads_in_full(
 
 
 def test_negative_control_bitmap_started_after_commit(
-    guest: guestlib.Guest, env: dict[str, pathlib.Path]
+    guest: guestlib.Guest, env: dict[str, pathlib.Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Starting the new bitmap after the overlay commit (not in the instant's transaction)
-    loses the writes made during the overlay's life: the check above must see it."""
-    capture(opts(guest, env, mode=Mode.SWITCHOVER, late_bitmap=True))
+    loses the writes made during the overlay's life: the check above must see it.  The
+    capture is held while reading until the guest has written (a capture shorter than a
+    writer tick could lose nothing, and the control would prove nothing: seen once)."""
+    held_at_reading(guest, env, monkeypatch, mode=Mode.SWITCHOVER, late_bitmap=True)
     guest.wait_ticks(2, since=guest.serial.mark())
     r = capture(opts(guest, env, mode=Mode.SWITCHOVER))
     assert disk(r, "vdb")["incremental"]
@@ -482,11 +484,13 @@ def held_at_reading(
     env: dict[str, pathlib.Path],
     monkeypatch: pytest.MonkeyPatch,
     ticks: int = 2,
+    mode: Mode = Mode.SNAPSHOT,
     **kw: object,
 ) -> CaptureResult:
-    """A snapshot-mode capture held once its disk reads have started, until the guest
-    has ticked ``ticks`` more times: the writer writes vdb (and the tick block vda) while
-    the fleecing view is being read and while the new bitmap is the recording one."""
+    """A capture held once its disk reads have started, until the guest has ticked
+    ``ticks`` more times: the writer writes vdb (and the tick block vda) while the
+    fleecing view (snapshot mode) or the overlay (switchover mode) is being read and
+    while the new bitmap is the recording one."""
     box: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="vmatest-hold") as d:
         hold = pathlib.Path(d)
@@ -495,7 +499,7 @@ def held_at_reading(
 
             def run() -> None:
                 try:
-                    box["r"] = capture(opts(g, env, mode=Mode.SNAPSHOT, **kw))
+                    box["r"] = capture(opts(g, env, mode=mode, **kw))
                 except BaseException as e:  # re-raised below
                     box["e"] = e
 
@@ -515,7 +519,7 @@ def held_at_reading(
     assert reached, f"the capture never reached {READING}"
     r = box["r"]
     assert isinstance(r, CaptureResult)
-    assert r.mode == "snapshot", r.mode
+    assert r.mode == mode.value, r.mode
     return r
 
 
