@@ -81,36 +81,6 @@ def test_final_image_is_last_write_of_each_page(
     assert sw.image() == bytes(expect)
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    nchunks=st.integers(1, 6),
-    max_open=st.integers(1, 3),
-    sends=st.lists(st.tuples(st.booleans(), st.integers(0, 95), st.integers(0, 255)), max_size=120),
-)
-def test_whole_chunks_and_pages_mixed_give_the_last_write(
-    nchunks: int, max_open: int, sends: list[tuple[bool, int, int]]
-) -> None:
-    """Whole chunks as bytes (the parser's runs, stored without a copy when first seen)
-    mixed with single pages and resends of both."""
-    cs = 16 * PAGE
-    size = nchunks * cs
-    sw = FakeStream(size, cs)
-    img = RamImage(sw, sw.read_chunk, max_open=max_open)
-    expect = bytearray(size)
-    for whole, n, val in sends:
-        if whole:
-            off, length = n % nchunks * cs, cs
-            data: bytes | None = bytes([val]) * cs if val else None
-            img.page(off, data, length, 16)
-        else:
-            off, length = n % (nchunks * 16) * PAGE, PAGE
-            data = bytes([val]) * PAGE if val else None
-            img.page(off, data, length)
-        expect[off : off + length] = data or bytes(length)
-    img.flush()
-    assert sw.image() == bytes(expect)
-
-
 def test_whole_chunks_wait_their_turn_so_the_image_is_stored_in_order() -> None:
     """Chunks are stored in the order their first page came: the store packs them in
     that order, and a restore reads the image in address order (a whole chunk stored at
@@ -218,11 +188,12 @@ def test_held_reader_never_blocks_the_writer() -> None:
         st.tuples(st.integers(0, 2), st.integers(0, 95), st.integers(0, 255)), max_size=120
     ),
 )
-def test_zero_runs_over_several_slots_give_the_last_write(
+def test_whole_chunks_zero_runs_and_pages_mixed_give_the_last_write(
     nchunks: int, max_open: int, sends: list[tuple[int, int, int]]
 ) -> None:
-    """Zero runs of whole slots (the parser's 2 MiB zero runs: several slots at once,
-    first seen, open or already stored) mixed with pages and whole data chunks."""
+    """Whole chunks as bytes (the parser's runs, stored without a copy when first seen),
+    zero runs over several slots (its 2 MiB zero runs: slots first seen, open or already
+    stored) and single pages, mixed, with resends of each."""
     cs = 16 * PAGE
     size = nchunks * cs
     sw = FakeStream(size, cs)

@@ -711,6 +711,7 @@ class _Parser:
                     run_data: bytes | None = None
                     addr = word ^ kind
                     heads: tuple[int, ...] | None
+                    count = 0  # records of the run taken here, if any
                     if (
                         kind == _ZERO_CONT
                         and not addr % _ZRUN_BYTES
@@ -720,58 +721,53 @@ class _Parser:
                             _ZRUN_EXPECT.pack(*range(word, word + _ZRUN_BYTES, page_size)), pos
                         )
                     ):
-                        inp.pos = pos + _ZRUN_LEN
-                        pages += _ZRUN
-                        zeros += _ZRUN
-                        marks = seen[block.index]
-                        pi = addr // page_size
-                        resent += marks.count(1, pi, pi + _ZRUN)
-                        marks[pi : pi + _ZRUN] = _ZRUN_MARKS
-                        if sink_pages is not None:
-                            sink_pages(block, addr, None, _ZRUN)
-                        else:
-                            _pages_one_by_one(sink_page, block, addr, None, _ZRUN)
-                        continue
-                    if addr % run_bytes:
-                        # Runs start at multiples of their length only: a run is then one
-                        # whole 64 KiB chunk of the page image, which a sink can take
-                        # without copying it into a buffer.
-                        heads = None
-                    elif kind == _PAGE_CONT and avail - pos >= _RUN * _PAGE_REC:
-                        heads = _RUN_PAGES.unpack_from(buf, pos)
-                        n = _RUN * _PAGE_REC
-                    elif kind == _ZERO_CONT and avail - pos >= _RUN * _ZERO_REC:
-                        both = _RUN_ZEROS.unpack_from(buf, pos)
-                        heads = both[0::2] if both[1::2] == _RUN_FILLS else ()
-                        n = _RUN * _ZERO_REC
+                        count, n = _ZRUN, _ZRUN_LEN
                     else:
-                        heads = ()
-                    if (
-                        heads
-                        and heads == tuple(range(word, word + run_bytes, page_size))
-                        and addr + run_bytes <= block.used_length
-                    ):
-                        if kind == _PAGE_CONT:
-                            mv = inp.mv
-                            first = pos + 8
-                            run_data = b"".join(
-                                [mv[p : p + page_size] for p in range(first, first + n, _PAGE_REC)]
-                            )
+                        if addr % run_bytes:
+                            # Runs start at multiples of their length only: a run is then
+                            # one whole 64 KiB chunk of the page image, which a sink can
+                            # take without copying it into a buffer.
+                            heads = None
+                        elif kind == _PAGE_CONT and avail - pos >= _RUN * _PAGE_REC:
+                            heads = _RUN_PAGES.unpack_from(buf, pos)
+                            n = _RUN * _PAGE_REC
+                        elif kind == _ZERO_CONT and avail - pos >= _RUN * _ZERO_REC:
+                            both = _RUN_ZEROS.unpack_from(buf, pos)
+                            heads = both[0::2] if both[1::2] == _RUN_FILLS else ()
+                            n = _RUN * _ZERO_REC
                         else:
-                            zeros += _RUN
+                            heads = ()
+                        if (
+                            heads
+                            and heads == tuple(range(word, word + run_bytes, page_size))
+                            and addr + run_bytes <= block.used_length
+                        ):
+                            count = _RUN
+                            if kind == _PAGE_CONT:
+                                mv = inp.mv
+                                first = pos + 8
+                                run_data = b"".join(
+                                    [
+                                        mv[p : p + page_size]
+                                        for p in range(first, first + n, _PAGE_REC)
+                                    ]
+                                )
+                        elif heads is not None:
+                            cooldown = _RUN_COOLDOWN
+                    if count:
+                        if kind == _ZERO_CONT:
+                            zeros += count
                         inp.pos = pos + n
-                        pages += _RUN
+                        pages += count
                         marks = seen[block.index]
                         pi = addr // page_size
-                        resent += marks.count(1, pi, pi + _RUN)
-                        marks[pi : pi + _RUN] = _RUN_MARKS
+                        resent += marks.count(1, pi, pi + count)
+                        marks[pi : pi + count] = _RUN_MARKS if count == _RUN else _ZRUN_MARKS
                         if sink_pages is not None:
-                            sink_pages(block, addr, run_data, _RUN)
+                            sink_pages(block, addr, run_data, count)
                         else:
-                            _pages_one_by_one(sink_page, block, addr, run_data, _RUN)
+                            _pages_one_by_one(sink_page, block, addr, run_data, count)
                         continue
-                    if heads is not None:
-                        cooldown = _RUN_COOLDOWN
                 elif cooldown:
                     cooldown -= 1
                 if pos + 8 > avail:
