@@ -251,7 +251,7 @@ class RamImage:
             # hole has no place in a pack to keep in order).
             for index in range(first, first + length // self.cs):
                 if index in self._open or index in self._stored:
-                    self._chunk(index)[:] = bytes(self.cs)
+                    self._chunk(index)[:] = self._zeros
                 else:
                     self._store(index, self._zeros)
             return
