@@ -399,7 +399,9 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
             elif active():
                 log.info("cleanup: cancelling migration")
                 qmp.execute("migrate_cancel")
-                if not _wait(lambda: not active(), CANCEL_FIRST_WAIT_S, "", warn=False):
+                if not _wait(
+                    lambda: not active(), CANCEL_FIRST_WAIT_S, "migration cancel", warn=False
+                ):
                     ok = _unstick_cancel(qmp, active) and ok
         except HypervisorError as e:
             log.warning("cleanup: migration state unknown: %s", e)
