@@ -11,3 +11,7 @@ imports ``vmarchive.store``.  Foreign errors are translated here into
 * :mod:`.export` — QEMU's own NBD server exporting a running domain's nodes.
 * :mod:`.probe` — host capability probes used by ``vmarchive doctor``.
 """
+
+#: The libvirt URI every command uses unless told otherwise (here, not in :mod:`.connection`,
+#: so that code naming it does not import libvirt).
+DEFAULT_URI = "qemu:///system"

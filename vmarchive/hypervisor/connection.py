@@ -32,10 +32,9 @@ from vmarchive.errors import (
     DomainNotFoundError,
     HypervisorError,
 )
+from vmarchive.hypervisor import DEFAULT_URI as DEFAULT_URI  # its home before; still named here
 
 log = logging.getLogger(__name__)
-
-DEFAULT_URI = "qemu:///system"
 
 
 def _silent_error_handler(_ctx: object, _err: object) -> None:

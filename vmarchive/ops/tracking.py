@@ -23,13 +23,17 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmarchive.errors import VmarchiveError
-from vmarchive.hypervisor.connection import DEFAULT_URI
-from vmarchive.ops.capture_incr import UntrackResult, untrack
+from vmarchive.hypervisor import DEFAULT_URI
 from vmarchive.ops.repo import RepoRef, open_repo
 from vmarchive.store import ArchiveSummary, PrunePolicy, PruneResult
+
+if TYPE_CHECKING:
+    # capture_incr brings libvirt and the QMP client: imported only where a forget or a
+    # prune has bitmaps to release, so that list, info, verify... start without them.
+    from vmarchive.ops.capture_incr import UntrackResult
 
 __all__ = [
     "DEFAULT_URI",
@@ -45,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Untrack = Callable[[str, str, Path | None, Sequence[str]], UntrackResult]
+Untrack = Callable[[str, str, Path | None, Sequence[str]], "UntrackResult"]
 
 
 @dataclass(frozen=True)
@@ -125,15 +129,23 @@ def release_tracking(
     domains: Iterable[Tracked],
     uri: str,
     state_dir: Path | None = None,
-    untrack_fn: Untrack = untrack,
+    untrack_fn: Untrack | None = None,
 ) -> list[Release]:
-    """Remove the named bitmaps of each released domain reachable on ``uri``.
+    """Remove the named bitmaps of each released domain reachable on ``uri``
+    (``untrack_fn``: :func:`vmarchive.ops.capture_incr.untrack` unless given).
 
     Never raises for a domain it cannot reach: its :class:`Release` carries the advice.
     """
+    todo = list(domains)
+    if not todo:
+        return []
+    if untrack_fn is None:
+        from vmarchive.ops.capture_incr import untrack
+
+        untrack_fn = untrack
     out: list[Release] = []
     here = socket.gethostname()
-    for t in domains:
+    for t in todo:
         try:
             r = untrack_fn(t.uuid, uri, state_dir, sorted(t.bitmaps))
         except VmarchiveError as e:
