@@ -487,3 +487,29 @@ def test_packs_of_read_back_streams_are_published_with_the_hint(tmp_path: pathli
             packs_of.setdefault(s.name, set()).add(pack_key(loc.pack_id))
     assert hinted and set(hinted) == packs_of["ram:pc.ram"]
     assert not set(hinted) & packs_of["disk:vda"]
+
+
+# Ids that share bytes with the one counted, at its edges: a count that matched 16 bytes
+# anywhere but at a slot's start, or that compared only some of a slot's bytes, would be
+# off for tables built from them.
+_NEAR = [bytes(16), bytes(15) + b"\x01", b"\x01" + bytes(15), bytes(8) + b"\xff" * 8]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, len(_NEAR)), max_size=64),
+    st.sampled_from([bytes(16), b"\x01" + bytes(15), bytes(range(16))]),
+)
+def test_holes_counted_in_a_table_are_the_slots_that_hold_the_id(
+    picks: list[int], wanted: bytes
+) -> None:
+    from vmarchive.store.writer import count_slots_holding
+
+    ids = [*_NEAR, wanted]
+    table = bytearray(b"".join(ids[i] for i in picks))
+    expect = sum(1 for i in picks if ids[i] == wanted)
+    assert count_slots_holding(table, wanted) == expect
+    if expect:  # the control: one byte changed in one holding slot is one slot fewer
+        at = 16 * [ids[i] for i in picks].index(wanted) + len(picks) % 16
+        table[at] ^= 0x80
+        assert count_slots_holding(table, wanted) == expect - 1

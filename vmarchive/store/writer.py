@@ -31,6 +31,7 @@ rate), so more streams cost smaller packs, not memory (a capture's peak RSS has 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import threading
@@ -53,6 +54,29 @@ log = logging.getLogger(__name__)
 
 STREAM_KINDS = frozenset({"meta", "ram", "devstate", "stream", "disk"})
 REQUIRED_METADATA = ("time", "domain", "kind")
+
+
+@functools.cache
+def _differs_from(value: int) -> bytes:
+    """A translation table mapping ``value`` to 0 and every other byte to 1."""
+    return bytes(int(b != value) for b in range(256))
+
+
+def count_slots_holding(table: bytes | bytearray, chunk_id: bytes) -> int:
+    """How many 16-byte slots of a slot table hold ``chunk_id``.
+
+    Byte k of every slot is one strided slice; mapped to 0 where it equals byte k of the
+    id and to 1 elsewhere, and the 16 slices OR-ed together (as integers), a slot holds
+    the id exactly where its byte of the result is 0.  Slot by slot in Python it took
+    ~0.14 us a slot: 0.1 s for a 200 GiB disk's table, at every close.
+    """
+    n = len(table) // 16
+    acc = 0
+    for k in range(16):
+        acc |= int.from_bytes(
+            table[k : 16 * n : 16].translate(_differs_from(chunk_id[k])), "little"
+        )
+    return acc.to_bytes(n, "little").count(0)
 
 
 @dataclass(frozen=True)
@@ -264,10 +288,7 @@ class StreamWriter:
                 self.size = self._end
             self.closed = True
             self._task.close()
-        nslots = len(self._table) // 16
-        holes = sum(
-            1 for i in range(nslots) if self._table[16 * i : 16 * i + 16] == self._w.zero_id
-        )
+        holes = count_slots_holding(self._table, self._w.zero_id)
         return StreamStats(self._bytes_written, self._bytes_new, self._chunks, holes)
 
     # -- internals ---------------------------------------------------------------
