@@ -144,6 +144,7 @@ class Bench:
             "bytes_stored": j["bytes_stored"],
             "peak_rss": r.peak_rss,
             "cpu_s": r.cpu_s,
+            "host_busy": r.host_busy,
             "memory_format": j.get("memory_format"),
             "huge_pages": j.get("huge_pages"),
             "phases": bl.phases(r),
@@ -641,7 +642,12 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
                 (
                     f"vmarchive {label} capture peak RSS",
                     mib(c["peak_rss"]),
-                    f"CPU {f(c.get('cpu_s'), ' s')}",
+                    f"CPU {f(c.get('cpu_s'), ' s')}"
+                    + (
+                        f", host CPUs {100 * c['host_busy']:.0f} % busy"
+                        if c.get("host_busy") is not None
+                        else ""
+                    ),
                 )
             )
     cap_rate = ratio(get(c1, "bytes_read"), get(c1, "wall_s"))

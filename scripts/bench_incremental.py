@@ -112,6 +112,9 @@ class Bench:
             "total_read_mib": out["bytes_read"] / MIB,
             "stored_mib": out["bytes_stored"] / MIB,
             "pause_ms": out["guest_pause_ms"],
+            # all CPUs of the host: near 100 the capture was bound by CPU, well below it
+            # waited (the GIL, QEMU, round trips)
+            "host_busy_pct": 100 * (r.host_busy or 0.0),
         }, r
 
     def virtnbdbackup(self, level: str) -> dict[str, Any]:

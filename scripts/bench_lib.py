@@ -42,6 +42,10 @@ class Run:
     lines: list[tuple[float, str]] = dataclasses.field(default_factory=list)
     #: (seconds since start, RSS bytes) sampled every ``poll`` seconds
     rss: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+    #: share of all the host's CPUs busy while it ran (/proc/stat: anything but idle and
+    #: iowait), 0..1: near 1 the run was bound by CPU (its own, QEMU's, anything's); well
+    #: below, it waited (on the GIL, on QEMU, on a round trip)
+    host_busy: float | None = None
 
     def json(self) -> Any:
         return json.loads(self.out)
@@ -64,6 +68,22 @@ def _vmrss(pid: int) -> int | None:
     return None
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, busy + idle) jiffies of all CPUs since boot, or None without /proc/stat.
+
+    Busy: user, nice, system, irq, softirq (guest time is inside user); idle: idle and
+    iowait.  Steal (time the host's hypervisor gave to others) is neither."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq = (
+                int(x) for x in f.readline().split()[1:8]
+            )
+    except (OSError, ValueError):
+        return None
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait
+
+
 def run(
     cmd: list[str],
     env: dict[str, str] | None = None,
@@ -80,6 +100,7 @@ def run(
     previous one's writeback."""
     if sync:
         os.sync()
+    ticks0 = _cpu_ticks()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -136,6 +157,10 @@ def run(
             proc.wait(30)
             raise
     wall = time.perf_counter() - t0
+    ticks1 = _cpu_ticks()
+    busy = None
+    if ticks0 and ticks1 and ticks1[1] > ticks0[1]:
+        busy = (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
     for t in ts:
         t.join()
     proc.returncode = rc = os.waitstatus_to_exitcode(status)
@@ -148,6 +173,7 @@ def run(
         usage.ru_utime + usage.ru_stime,
         lines,
         rss,
+        busy,
     )
     if timed_out:
         raise RuntimeError(f"{' '.join(cmd[:4])}... timed out after {timeout:.0f} s")
