@@ -32,10 +32,10 @@ import libvirt
 import pytest
 from test_capture import observe, qemu_leftovers, snapshot_reason
 
-from vmarchive.errors import HypervisorError, StreamError
+from vmarchive.errors import HypervisorError, StreamError, StreamRefusedError
 from vmarchive.hypervisor.connection import Connection
 from vmarchive.hypervisor.qmp import QMP
-from vmarchive.ops import capture_parse
+from vmarchive.ops import capture_parse, capture_parsed
 from vmarchive.ops.capture import CaptureOptions, CaptureResult, Mode, _Capture, capture
 from vmarchive.ops.capture_cleanup import PREFIX
 from vmarchive.ops.capture_memory import PipeReader
@@ -486,3 +486,60 @@ def test_full_repository_disk(
             f"stored {a.bytes_stored / MiB:.1f} MiB, then {b.bytes_stored / MiB:.1f} MiB "
             f"(incremental) once space was freed"
         )
+
+
+# --- 5. a capture taken again with its stream stored opaquely -----------------------------
+
+
+def test_a_capture_retried_opaquely_is_readable_by_every_process(
+    libvirt_conn: libvirt.virConnect,
+    guest_build: dict[str, str],
+    env: dict[str, pathlib.Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parser may refuse a stream at its very end (a device section comes after all of
+    RAM); the capture is then taken again, stream stored opaquely, by the same process
+    with the same Repository object.  The first attempt had stored the disks in packs it
+    published: the retry must not deduplicate against chunks no index object names.  It
+    did (the control, run on the code before the fix): the capture's own round trip
+    passed, and a fresh Repository -- any other process -- could not read vdb
+    (ChunkMissingError).  Small packs and a disk of random data make the first attempt
+    publish (and wait for) disk packs; the refusal waits until the disks are read."""
+    wd = guestlib.make_workdir()
+    spec = guestlib.GuestSpec(disks=(guestlib.DiskSpec(), guestlib.DiskSpec(size_mib=32)))
+    g = guestlib.Guest(libvirt_conn, spec, wd)
+    data = os.urandom(32 * MiB)
+    try:
+        g.create_disks()
+        raw = wd / "vdb.raw"
+        raw.write_bytes(data)
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(g.disk_paths[1])],
+            check=True,
+        )
+        raw.unlink()
+        g.start()
+        g.wait_up()
+        Repository.init(str(env["repo"]), InitOptions(pack_size=2 * MiB)).close()
+        finish = capture_parsed.ParsedConsumer.finish
+        refused: list[float] = []
+
+        def refuse_at_the_end(self: capture_parsed.ParsedConsumer) -> None:
+            finish(self)
+            if not refused:
+                time.sleep(3)  # the disks are read by then (32 MiB, in well under 1 s)
+                refused.append(time.monotonic())
+                raise StreamRefusedError("device section refused (test)")
+
+        monkeypatch.setattr(capture_parsed.ParsedConsumer, "finish", refuse_at_the_end)
+        r = capture(opts(g, env, Mode.SWITCHOVER))
+        assert refused and r.memory_format == "opaque", r
+        with Repository.open(str(env["repo"])) as repo:  # another process's view
+            a = repo.load_archive(r.id)
+            assert repo.open_stream(a, "disk:vdb").read_range(0, 32 * MiB) == data
+            assert "refused" in str(a.metadata["memory"])
+        verify_ok(env["repo"])
+        assert qemu_leftovers(g) == [] and leftover_files(env) == []
+    finally:
+        g.cleanup()
+        shutil.rmtree(wd, ignore_errors=True)

@@ -513,3 +513,43 @@ def test_holes_counted_in_a_table_are_the_slots_that_hold_the_id(
         at = 16 * [ids[i] for i in picks].index(wanted) + len(picks) % 16
         table[at] ^= 0x80
         assert count_slots_holding(table, wanted) == expect - 1
+
+
+def _abort_after_packs(repo: Repository, data: list[bytes]) -> None:
+    """A writer that published (and waited for) packs of ``data``, then gave up."""
+    w = repo.writer()
+    sw = w.stream("first", "disk", len(data) * CHUNK)
+    for i, c in enumerate(data):
+        sw.write_chunk(i, c)
+    assert w.packs_written > 0  # small packs: some were published and waited for
+    w.abort()
+
+
+@pytest.mark.parametrize("beside", [False, True])
+def test_a_writer_after_an_aborted_one_never_names_unindexed_chunks(
+    tmp_path: pathlib.Path, beside: bool
+) -> None:
+    """A capture retried in the same process (its stream stored opaquely) writes the same
+    disk chunks again.  The aborted writer's published chunks must be forgotten (or, while
+    another writer of the same object runs, indexed), else the retry deduplicates against
+    them and commits an archive whose chunks no index object names: unreadable from any
+    other process.  Before the fix all 3000 were missing from a fresh process's index."""
+    repo = make_repo(tmp_path / "r")
+    data = [rnd(CHUNK, 1000 + i) for i in range(3000)]
+    other = repo.writer() if beside else None  # another writer of the same Repository
+    _abort_after_packs(repo, data)
+    with repo.writer() as w:
+        sw = w.stream("again", "disk", len(data) * CHUNK)
+        for i, c in enumerate(data):
+            sw.write_chunk(i, c)
+        new = sw.close().bytes_new
+        aid = w.commit(META)
+    if other is not None:
+        other.abort()
+        # indexed by the abort: deduplicated (all but the packs in flight when it stopped)
+        assert new < len(data) * CHUNK // 10
+    else:
+        assert new == len(data) * CHUNK  # forgotten by the abort: stored again
+    fresh = Repository.open(str(tmp_path / "r"))
+    assert fresh._missing_chunks([fresh.codecs.chunk_id(c) for c in data]) == []
+    assert read_archive(fresh, aid)["again"] == b"".join(data)

@@ -386,6 +386,17 @@ class Repository:
             lock.release()
             raise
 
+    def _drop_index(self) -> bool:
+        """Forget the in-memory index (reloaded from ``index/`` on next use): an aborted
+        writer added entries no index object names.  Refused (False) while another
+        writer runs, whose own not-yet-published entries would go with it."""
+        with self._index_mutex:
+            if self._writers > 1:
+                return False
+            self._index = None
+            self._index_files = set()
+            return True
+
     def _writer_started(self) -> None:
         with self._index_mutex:
             self._writers += 1

@@ -475,9 +475,32 @@ class ArchiveWriter:
         return archive_id
 
     def abort(self) -> None:
-        """Stop without publishing a manifest (idempotent)."""
+        """Stop without publishing a manifest (idempotent).
+
+        The chunks of the packs this writer already published and waited for are in the
+        repository's in-memory index, but in no index object yet.  A later writer of the
+        same :class:`Repository` (a capture retried with its stream stored opaquely: the
+        disks' chunks again) would deduplicate against them and commit an archive naming
+        chunks that no index object names: missing for every other process, their packs
+        garbage for gc.  So the in-memory index is dropped and reloaded from ``index/`` on
+        next use (local, no request to a backend that may be what failed); only while
+        another writer of the same object runs -- dropping would lose its own entries --
+        are they published instead.
+        """
         if self._state == "open":
             self._state = "aborted"
+            if self._index_entries and not self.repo._drop_index():
+                try:
+                    self._lock.check()
+                    self.repo._publish_index(self._index_entries)
+                except Exception as e:  # reported: nothing else can be done
+                    log.error(
+                        "aborted archive writer: %d chunks of its packs left unindexed "
+                        "while another writer runs: %s",
+                        len(self._index_entries),
+                        e,
+                    )
+            self._index_entries = []
         self._shutdown()
 
     def __enter__(self) -> ArchiveWriter:
