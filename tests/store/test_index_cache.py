@@ -107,8 +107,11 @@ def test_new_index_objects_are_added_on_top(
 ) -> None:
     two_archives(tmp_path / "r")
     with Repository.open(str(tmp_path / "r")) as r:
-        _ = r.index
-        new_id = write_archive(r, {"n": os.urandom(20_000)})  # publishes one more index
+        _ = r.index  # the cache
+    with monkeypatch.context() as m:  # a writer elsewhere (another host: not our cache)
+        m.setenv(CACHE_ENV, "off")
+        with Repository.open(str(tmp_path / "r")) as r:
+            new_id = write_archive(r, {"n": os.urandom(20_000)})  # one more index object
     seen = decoded(monkeypatch)
     with Repository.open(str(tmp_path / "r")) as again:
         assert read_archive(again, new_id)["n"]
@@ -117,6 +120,66 @@ def test_new_index_objects_are_added_on_top(
     monkeypatch.setenv(CACHE_ENV, "off")
     with Repository.open(str(tmp_path / "r")) as plain:
         assert index_of(plain) == got
+
+
+def test_a_commit_leaves_the_cache_current(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's own index object goes into the cache at commit: the next command
+    does not decode what this one has just written (a first capture of a large disk
+    wrote hundreds of thousands of entries).  The cache is still exactly the index
+    objects' contents."""
+    two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as r:
+        new_id = write_archive(r, {"n": os.urandom(20_000)})
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert read_archive(again, new_id)["n"]
+        got = index_of(again)
+        files = again.index_files()
+    assert seen == [] and len(files) == 3
+    monkeypatch.setenv(CACHE_ENV, "off")
+    with Repository.open(str(tmp_path / "r")) as plain:
+        assert index_of(plain) == got and plain.index_files() == files
+
+
+def test_negative_control_an_index_loaded_for_verify_is_not_cached_at_commit(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify and gc load the index without the entries naming missing packs: not the
+    index objects' contents, so a commit after them leaves the cache alone (the next
+    open decodes the new object, as it did before commits wrote the cache)."""
+    two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as r:
+        assert r.verify(full=False).ok
+        write_archive(r, {"n": os.urandom(20_000)})
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        _ = again.index
+    assert len(seen) == 1
+
+
+def test_a_commit_beside_another_writer_does_not_cache_its_entries(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path
+) -> None:
+    """While another writer of the same Repository runs, its published packs' chunks are
+    in the in-memory index but in no index object: a commit then must not write the
+    cache, or every later open would take chunks for present that no index names (here:
+    those of the other writer, which then gives up)."""
+    repo = make_repo(tmp_path / "r")
+    other = repo.writer()
+    sw = other.stream("o", "disk", 400 * 4096)
+    theirs = [os.urandom(4096) for _ in range(400)]
+    for i, c in enumerate(theirs):
+        sw.write_chunk(i, c)
+    assert other.packs_written > 0  # some of them are in the in-memory index
+    mine = write_archive(repo, {"m": os.urandom(20_000)})
+    other.abort()
+    repo.close()
+    with Repository.open(str(tmp_path / "r")) as fresh:
+        assert read_archive(fresh, mine)["m"]
+        ids = [fresh.codecs.chunk_id(c) for c in theirs]
+        assert fresh._missing_chunks(ids) == ids
 
 
 def test_a_vanished_index_object_rebuilds_from_the_repository(

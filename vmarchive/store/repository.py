@@ -167,6 +167,9 @@ class Repository:
         self.locks = LockManager(backend, lock_context)
         self._index: ChunkIndex | None = None
         self._index_files: set[str] = set()
+        #: loaded without the entries that name missing packs (gc, verify): not the
+        #: index objects' exact contents, so never written to the local cache
+        self._index_pruned = False
         self._writers = 0  # live ArchiveWriters of this object
         self.index_problems: list[str] = []
         self._index_mutex = threading.Lock()
@@ -281,6 +284,7 @@ class Repository:
         idx = ChunkIndex()
         dangling = 0
         self._index_files = set()
+        self._index_pruned = existing_packs is not None
         self.index_problems = []
         objects = [(o.key.split("/", 1)[1], o) for o in self.backend.list("index/")]
         listed = {name for name, _ in objects}
@@ -386,6 +390,25 @@ class Repository:
             lock.release()
             raise
 
+    def _cache_index_after_commit(self) -> None:
+        """Write the local index cache after a writer published its index: the
+        in-memory index then holds exactly the entries of the index objects it names,
+        its own included, so the next command loads it instead of decoding them.
+
+        Decoding costs ~14 us a chunk here (100,000 chunks: 1.39 s, from the cache
+        0.017 s): the capture after a first capture of a 200 GiB disk (800,000 chunks)
+        spent ~11 s on the index the first one had just written.  Not while another
+        writer runs (its entries are in memory, its index object is not published yet),
+        nor for an index loaded for gc or verify."""
+        cache = self._index_cache
+        if cache is None:
+            return
+        with self._index_mutex:
+            if self._index is None or self._writers != 1 or self._index_pruned:
+                return
+            with self._chunks_mutex:
+                cache.save(self._index, self._index_files)
+
     def _drop_index(self) -> bool:
         """Forget the in-memory index (reloaded from ``index/`` on next use): an aborted
         writer added entries no index object names.  Refused (False) while another
@@ -395,6 +418,7 @@ class Repository:
                 return False
             self._index = None
             self._index_files = set()
+            self._index_pruned = False
             return True
 
     def _writer_started(self) -> None:

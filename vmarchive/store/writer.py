@@ -471,6 +471,7 @@ class ArchiveWriter:
         )
         crashpoint.hit("after-manifest")
         self._state = "committed"
+        self.repo._cache_index_after_commit()
         self._shutdown()
         return archive_id
 
