@@ -13,6 +13,7 @@ from storehelpers import PASSPHRASE, make_repo, read_archive, write_archive
 from vmarchive.store import Repository, maintenance
 from vmarchive.store.chunkindex import ChunkIndex, Location
 from vmarchive.store.codecs import Codecs
+from vmarchive.store.indexcache import IndexCache
 from vmarchive.store.maintenance import GcOptions
 from vmarchive.store.summarycache import CACHE_ENV
 
@@ -180,6 +181,23 @@ def test_a_commit_beside_another_writer_does_not_cache_its_entries(
         assert read_archive(fresh, mine)["m"]
         ids = [fresh.codecs.chunk_id(c) for c in theirs]
         assert fresh._missing_chunks(ids) == ids
+
+
+def test_a_cache_that_cannot_be_written_never_fails_the_commit(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest is published before the cache is written: whatever goes wrong then,
+    the commit has happened and says so (the control: the error does reach save)."""
+    calls: list[int] = []
+
+    def broken(self: IndexCache, index: ChunkIndex, names: set[str]) -> None:
+        calls.append(len(names))
+        raise RuntimeError("cache writer broke")
+
+    monkeypatch.setattr(IndexCache, "save", broken)
+    repo = make_repo(tmp_path / "r")
+    aid = write_archive(repo, {"n": b"y" * 9000})
+    assert calls and read_archive(repo, aid)["n"] == b"y" * 9000
 
 
 def test_a_vanished_index_object_rebuilds_from_the_repository(

@@ -406,8 +406,11 @@ class Repository:
         with self._index_mutex:
             if self._index is None or self._writers != 1 or self._index_pruned:
                 return
-            with self._chunks_mutex:
-                cache.save(self._index, self._index_files)
+            try:
+                with self._chunks_mutex:
+                    cache.save(self._index, self._index_files)
+            except Exception:  # an optimisation: never the failure of a published commit
+                log.debug("index cache not written after the commit", exc_info=True)
 
     def _drop_index(self) -> bool:
         """Forget the in-memory index (reloaded from ``index/`` on next use): an aborted
