@@ -171,11 +171,17 @@ def restored_guest(conn: libvirt.virConnect, result: RestoreResult, disk_dir: pa
 
 
 def assert_resumed(g: guestlib.Guest, captured: Captured) -> list[guestlib.Tick]:
-    """Same boot, first tick = captured counter + 1 (within one), no MISMATCH, no reboot."""
+    """Same boot, first tick = captured counter + 1 (within one), no MISMATCH, no reboot.
+
+    Or the captured counter itself: the workload sets the counter, then churns RAM, then
+    prints the tick line, so an instant inside that window resumes a guest that prints
+    the captured counter's line first (seen once in CI, with churn 16 MiB/s and 100 ms
+    ticks).  A resume from an older state fails the MISMATCH check (the disk holds the
+    captured counter)."""
     ticks = g.wait_ticks(WATCH_TICKS)
     first = ticks[0]
     assert first.boot_id == captured.boot_id
-    assert captured.counter + 1 <= first.n <= captured.counter + 2, (first, captured)
+    assert captured.counter <= first.n <= captured.counter + 2, (first, captured)
     assert [t.n for t in ticks] == list(range(first.n, first.n + len(ticks)))
     assert g.serial.mismatches() == []
     assert g.serial.boot_ids() == []  # resumed, not booted
