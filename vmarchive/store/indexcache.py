@@ -10,9 +10,10 @@ measured 18 s for 2 million chunks (128 GiB of 64 KiB chunks), linear in the rep
 Why it is safe: index objects are named by the hash of their bytes and never change; gc
 rewrites every index naming a pack it deletes, under new names, and deletes the old
 ones.  So the cache is used only when every index object it was built from is still
-listed; the listed objects it lacks are decoded and added on top (what a capture
-published since).  Any object it names gone -> the index is rebuilt from ``index/``.  It
-is an optimisation only: a missing, truncated or damaged file (its xxh3-128 checksum
+listed; the listed objects it lacks are decoded and added on top (what another client
+published since: a commit writes the cache with its own object, see
+:meth:`Repository._cache_index_after_commit`).  Any object it names gone -> the index
+is rebuilt from ``index/``.  It is an optimisation only: a missing, truncated or damaged file (its xxh3-128 checksum
 covers everything after it), another version, or another repository's file is ignored and
 rebuilt.  Reads still check every chunk against its id; gc and verify, which must see
 dangling entries, never use it.
