@@ -13,10 +13,10 @@ ones.  So the cache is used only when every index object it was built from is st
 listed; the listed objects it lacks are decoded and added on top (what another client
 published since: a commit writes the cache with its own object, see
 :meth:`Repository._cache_index_after_commit`).  Any object it names gone -> the index
-is rebuilt from ``index/``.  It is an optimisation only: a missing, truncated or damaged file (its xxh3-128 checksum
-covers everything after it), another version, or another repository's file is ignored and
-rebuilt.  Reads still check every chunk against its id; gc and verify, which must see
-dangling entries, never use it.
+is rebuilt from ``index/``.  It is an optimisation only: a missing, truncated or damaged
+file (its xxh3-128 checksum covers everything after it), another version, or another
+repository's file is ignored and rebuilt.  Reads still check every chunk against its id;
+gc and verify, which must see dangling entries, never use it.
 
 File (``index-<hash of the repository config>.bin`` in the cache directory, replaced
 atomically): ``magic "VMARIDXC" | version u32 | checksum[16] | names u64 | names x 32
