@@ -23,6 +23,7 @@ import pytest
 from vmarchive.errors import (
     DomainNotFoundError,
     HostPreconditionError,
+    HypervisorError,
     LockedError,
     RepositoryNotFoundError,
     UsageError,
@@ -537,6 +538,35 @@ def test_shut_off_domain_gives_disk_only_archive(
             assert s.read_range(1024 * 1024, 65536) == b"\x5a" * 65536
             assert s.read_range(0, 65536) == bytes(65536)
             assert {x.kind for x in a.streams} == {"meta", "disk"}
+    finally:
+        dom.undefine()
+        subprocess.run(["rm", "-rf", str(wd)], check=False)
+
+
+def test_shut_off_domain_whose_disk_cannot_be_opened_says_why(
+    conn: libvirt.virConnect, env: dict[str, pathlib.Path]
+) -> None:
+    # qemu-nbd creates its socket before it opens the image: the failure used to surface as
+    # a refused NBD connection, which the capture then blamed on the domain "stopping".
+    wd = guestlib.make_workdir()
+    name = guestlib.unique_name()
+    missing = wd / "missing.qcow2"
+    xml = f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
+<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{missing}'/><target dev='vda' bus='virtio'/></disk>
+</devices></domain>"""
+    dom = conn.defineXML(xml)
+    try:
+        with Repository.open(str(env["repo"])) as repo:
+            before = set(repo.archive_ids())
+        with pytest.raises(HypervisorError) as err:
+            capture(CaptureOptions(domain=name, repo=str(env["repo"]), state_dir=env["state"]))
+        msg = str(err.value)
+        assert f"qemu-nbd cannot serve {missing}" in msg and "No such file" in msg, msg
+        assert "stopped during the capture" not in msg, msg
+        with Repository.open(str(env["repo"])) as repo:
+            assert set(repo.archive_ids()) == before
+            assert repo.verify().ok
     finally:
         dom.undefine()
         subprocess.run(["rm", "-rf", str(wd)], check=False)

@@ -362,7 +362,8 @@ class _Capture:
                     ) from e
                 except BaseException as e:
                     self.to(CaptureState.FAILED, str(e) or type(e).__name__)
-                    gone = vanished_error(self.dom, e)
+                    # Only a domain that ran can have stopped under the capture.
+                    gone = vanished_error(self.dom, e) if self.qmp is not None else None
                     if gone is not None:
                         raise gone from e
                     raise

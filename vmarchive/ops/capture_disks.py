@@ -117,18 +117,33 @@ def local_nbd(path: str, fmt: str | None, export: str = "disk") -> Iterator[str]
         cmd += ["-f", fmt]
     cmd.append(path)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def failed() -> HypervisorError:
+        err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
+        last = err.strip().splitlines()[-1:]
+        why = last[0].removeprefix("qemu-nbd: ") if last else "?"
+        return HypervisorError(f"qemu-nbd cannot serve {path}: {why}")
+
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if proc.poll() is not None:
-                err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
-                raise HypervisorError(
-                    f"qemu-nbd cannot serve {path}: {err.strip().splitlines()[-1:] or '?'}"
-                )
+                raise failed()
             if time.monotonic() > deadline:
                 raise HypervisorError(f"qemu-nbd did not start for {path}")
             time.sleep(0.01)
-        yield sock
+        try:
+            yield sock
+        except HypervisorError as e:
+            # qemu-nbd listens before it opens the image: an image it cannot open (missing,
+            # unreadable, damaged) shows first as a refused or closed NBD connection.
+            try:
+                code = proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                raise e from None
+            if code != 0:
+                raise failed() from e
+            raise
     finally:
         proc.terminate()
         try:
