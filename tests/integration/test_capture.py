@@ -543,19 +543,23 @@ def test_shut_off_domain_gives_disk_only_archive(
         subprocess.run(["rm", "-rf", str(wd)], check=False)
 
 
+def _define_shut_off(conn: libvirt.virConnect, image: pathlib.Path) -> libvirt.virDomain:
+    xml = f"""<domain type='qemu'><name>{guestlib.unique_name()}</name><memory unit='MiB'>64</memory>
+<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{image}'/><target dev='vda' bus='virtio'/></disk>
+</devices></domain>"""
+    return conn.defineXML(xml)
+
+
 def test_shut_off_domain_whose_disk_cannot_be_opened_says_why(
     conn: libvirt.virConnect, env: dict[str, pathlib.Path]
 ) -> None:
     # qemu-nbd creates its socket before it opens the image: the failure used to surface as
     # a refused NBD connection, which the capture then blamed on the domain "stopping".
     wd = guestlib.make_workdir()
-    name = guestlib.unique_name()
     missing = wd / "missing.qcow2"
-    xml = f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
-<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{missing}'/><target dev='vda' bus='virtio'/></disk>
-</devices></domain>"""
-    dom = conn.defineXML(xml)
+    dom = _define_shut_off(conn, missing)
+    name = dom.name()
     try:
         with Repository.open(str(env["repo"])) as repo:
             before = set(repo.archive_ids())
@@ -569,6 +573,74 @@ def test_shut_off_domain_whose_disk_cannot_be_opened_says_why(
             assert repo.verify().ok
     finally:
         dom.undefine()
+        subprocess.run(["rm", "-rf", str(wd)], check=False)
+
+
+def test_several_domains_in_one_command(
+    guest: guestlib.Guest, conn: libvirt.virConnect, env: dict[str, pathlib.Path]
+) -> None:
+    wd = guestlib.make_workdir()
+    img = wd / "off.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "8M"], check=True)
+    off = _define_shut_off(conn, img)
+    broken = _define_shut_off(conn, wd / "missing.qcow2")
+    cli = [sys.executable, "-m", "vmarchive", "capture", "--repo", str(env["repo"])]
+    run_env = {**os.environ, "VMARCHIVE_STATE_DIR": str(env["state"])}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cli, *args], capture_output=True, text=True, cwd=ROOT, env=run_env, timeout=300
+        )
+
+    def archive_ids() -> set[str]:
+        with Repository.open(str(env["repo"])) as repo:
+            return set(repo.archive_ids())
+
+    try:
+        before = archive_ids()
+        # A failing domain in the middle: reported, the others still captured, and the
+        # exit code is its own (a hypervisor error).
+        p = run(guest.name, broken.name(), off.name(), "--json")
+        assert p.returncode == 5, p.stderr
+        out = json.loads(p.stdout)
+        assert [c["domain"] for c in out["captures"]] == [guest.name, off.name()]
+        assert [c["kind"] for c in out["captures"]] == ["full", "disk-only"]
+        (f,) = out["failures"]
+        assert f["domain"] == broken.name() and f["exit_code"] == 5
+        assert "qemu-nbd cannot serve" in f["error"]
+        assert out["skipped"] == [] and out["interrupted"] is False
+        assert p.stderr.strip() == f"vmarchive: {broken.name()}: {f['error']}"
+        ids = {c["id"] for c in out["captures"]}
+        assert archive_ids() == before | ids
+        with Repository.open(str(env["repo"])) as repo:
+            assert observe(repo, out["captures"][0]["id"], guest.boot_id or "").consistent
+            assert repo.verify().ok
+        assert qemu_leftovers(guest) == []
+
+        # --all: the running and paused domains only (the shut-off ones are not taken),
+        # less the excluded ones; here every active domain but this module's guest.
+        others = [
+            d.name()
+            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            if d.name() != guest.name
+        ]
+        excl = [a for o in others for a in ("--exclude", o)]
+        p = run("--all", *excl, "--exclude", "vmatest-no-such-domain")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.count("\narchive ") + p.stdout.startswith("archive ") == 1, p.stdout
+        assert f"domain       {guest.name} " in p.stdout
+        assert p.stdout.rstrip().endswith("1 of 1 domains captured"), p.stdout
+        assert "--exclude vmatest-no-such-domain: no such domain" in p.stderr
+
+        # An unknown name among several: nothing is captured at all.
+        n = len(archive_ids())
+        p = run(off.name(), "vmatest-no-such-domain", "--json")
+        assert p.returncode == 5 and p.stdout == "", (p.stdout, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1
+        assert len(archive_ids()) == n
+    finally:
+        off.undefine()
+        broken.undefine()
         subprocess.run(["rm", "-rf", str(wd)], check=False)
 
 

@@ -12,6 +12,7 @@ from vmarchive.cli.app import app, limit_malloc_arenas, print_json
 from vmarchive.errors import UsageError
 from vmarchive.ops.capture import DEFAULT_URI, CaptureOptions, CaptureResult, Mode, capture
 from vmarchive.ops.capture_incr import untrack
+from vmarchive.ops.capture_several import CaptureFailure, Outcome, capture_several
 from vmarchive.progress import NULL_PROGRESS, Progress, Task
 
 
@@ -37,9 +38,10 @@ class _TqdmTask:
 class TqdmProgress:
     """One tqdm bar per task (memory, each disk), stacked; thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self._lock = threading.Lock()
         self._position = 0
+        self._prefix = prefix
 
     def task(self, name: str, total: int | None = None, unit: str = "B") -> Task:
         # Imported with the first bar: runs without bars (--no-progress, cron, --json)
@@ -49,7 +51,7 @@ class TqdmProgress:
         with self._lock:
             bar = tqdm(
                 total=total,
-                desc=name,
+                desc=self._prefix + name,
                 unit=unit,
                 unit_scale=True,
                 unit_divisor=1024,
@@ -110,11 +112,21 @@ _MODE_OPTION = typer.Option(
     help="auto: snapshot where it works, else switchover.",
 )
 _TAG_OPTION = typer.Option([], "--tag", help="Tag the archive (repeatable).")
+_DOMAINS_ARGUMENT = typer.Argument(
+    None, help="Domain names or UUIDs, captured one after the other.", show_default=False
+)
+_EXCLUDE_OPTION = typer.Option(
+    [], "--exclude", help="With --all: leave this domain out (repeatable)."
+)
 
 
 @app.command("capture")
 def capture_cmd(
-    domain: str = typer.Argument(..., help="Domain name or UUID."),
+    domains: list[str] = _DOMAINS_ARGUMENT,
+    all_active: bool = typer.Option(
+        False, "--all", help="Capture every running or paused domain (by name)."
+    ),
+    exclude: list[str] = _EXCLUDE_OPTION,
     connect: str = typer.Option(DEFAULT_URI, "--connect", "-c", help="libvirt URI."),
     repo: str = typer.Option(
         None, "--repo", "-r", envvar="VMARCHIVE_REPO", help="Repository location."
@@ -139,13 +151,18 @@ def capture_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
-    """Archive DOMAIN's memory, device state and disks, all at one instant."""
+    """Archive each DOMAIN's memory, device state and disks, all at one instant.
+
+    With several domains (or --all) a domain that fails does not stop the others; the
+    exit code is then that of the first one that failed (0 when none did).
+    """
+    domains = list(domains or [])
     if not repo:
         raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
     if bandwidth is not None and bandwidth <= 0:
         raise UsageError("--bandwidth must be positive")
     opts = CaptureOptions(
-        domain=domain,
+        domain=domains[0] if len(domains) == 1 else "",
         repo=repo,
         uri=connect,
         mode=mode,
@@ -156,13 +173,60 @@ def capture_cmd(
         remap_huge_pages=remap_huge_pages,
         passphrase=os.environ.get("VMARCHIVE_PASSPHRASE"),
     )
-    progress: Progress = NULL_PROGRESS if (json_out or no_progress) else TqdmProgress()
     limit_malloc_arenas()
-    result = capture(opts, progress)
+    if len(domains) == 1 and not all_active and not exclude:
+        progress: Progress = NULL_PROGRESS if (json_out or no_progress) else TqdmProgress()
+        result = capture(opts, progress)
+        if json_out:
+            print_json(result.to_json())
+        else:
+            _print_text(result)
+        return
+    _capture_several(opts, domains, all_active, exclude, json_out, no_progress)
+
+
+def _capture_several(
+    opts: CaptureOptions,
+    domains: list[str],
+    all_active: bool,
+    exclude: list[str],
+    json_out: bool,
+    no_progress: bool,
+) -> None:
+    def progress_for(name: str) -> Progress:
+        return NULL_PROGRESS if (json_out or no_progress) else TqdmProgress(f"{name} ")
+
+    def show(o: Outcome) -> None:
+        if isinstance(o, CaptureFailure):
+            typer.echo(f"vmarchive: {o.domain}: {o.message}", err=True)
+        elif not json_out:
+            _print_text(o)
+            typer.echo()
+
+    r = capture_several(
+        opts,
+        domains,
+        all_active=all_active,
+        exclude=exclude,
+        progress_for=progress_for,
+        on_outcome=show,
+    )
     if json_out:
-        print_json(result.to_json())
+        print_json(r.to_json())
     else:
-        _print_text(result)
+        n = len(r.outcomes) + len(r.skipped)
+        if n == 0:
+            typer.echo("no running or paused domain to capture")
+        else:
+            failed = [f.domain for f in r.failures]
+            line = f"{len(r.captures)} of {n} domains captured"
+            if failed:
+                line += f"; failed: {', '.join(failed)}"
+            if r.skipped:
+                line += f"; not reached: {', '.join(r.skipped)}"
+            typer.echo(line)
+    if r.exit_code:
+        raise typer.Exit(r.exit_code)
 
 
 @app.command("untrack")

@@ -273,9 +273,23 @@ def capture(
     try:
         with Connection.open(options.uri) as conn:
             dom = conn.lookup(options.domain)
-            return _Capture(options, conn, dom, repo, progress, clock).run()
+            return capture_domain(options, conn, dom, repo, progress, clock=clock)
     finally:
         repo.close()
+
+
+def capture_domain(
+    options: CaptureOptions,
+    conn: Connection,
+    dom: Domain,
+    repo: Repository,
+    progress: Progress = NULL_PROGRESS,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> CaptureResult:
+    """:func:`capture` of ``dom`` with a connection and a repository the caller holds open
+    (``options.domain`` and ``options.repo`` are not looked at); raises as it does."""
+    return _Capture(options, conn, dom, repo, progress, clock).run()
 
 
 class _Capture:
