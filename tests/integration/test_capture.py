@@ -616,6 +616,17 @@ def test_several_domains_in_one_command(
             assert observe(repo, out["captures"][0]["id"], guest.boot_id or "").consistent
             assert repo.verify().ok
         assert qemu_leftovers(guest) == []
+        # each is now its domain's newest archive, by name and by UUID
+        for c, dom in zip(out["captures"], (guest.dom, off), strict=True):
+            for who in (dom.name(), dom.UUIDString()):
+                info = ["info", f"{who}@latest", "--json", "--repo", str(env["repo"])]
+                p = subprocess.run(
+                    [sys.executable, "-m", "vmarchive", *info],
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                )
+                assert p.returncode == 0 and json.loads(p.stdout)["id"] == c["id"], p.stderr
 
         # --all: the running and paused domains only (the shut-off ones are not taken),
         # less the excluded ones; here every active domain but this module's guest.

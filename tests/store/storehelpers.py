@@ -41,14 +41,16 @@ def write_archive(
     domain: str = "vm1",
     time: str = "2026-01-01T00:00:00Z",
     kind: str = "disk",
+    extra: Mapping[str, object] | None = None,
 ) -> str:
-    """Store ``streams`` (name -> bytes) as one archive; return its id."""
+    """Store ``streams`` (name -> bytes) as one archive (``extra``: more metadata); return
+    its id."""
     with repo.writer() as w:
         for name, data in streams.items():
             sw = w.stream(name, kind, len(data))
             sw.write(0, data)
             sw.close()
-        return w.commit({"time": time, "domain": domain, "kind": "full"})
+        return w.commit({"time": time, "domain": domain, "kind": "full", **(extra or {})})
 
 
 def read_archive(repo: Repository, archive_id: str) -> dict[str, bytes]:

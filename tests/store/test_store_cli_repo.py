@@ -106,6 +106,66 @@ def test_name_errors_are_one_line_exit_2(cli, repo_with_archives) -> None:  # ty
     assert r.code == 2 and "VMARCHIVE_REPO" in r.err
 
 
+def test_domain_latest_names_and_list_filters(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+    path, ids = repo_with_archives  # vm1: ids[0], ids[2], ids[4]; vm0: ids[1], ids[3]
+
+    def named(name: str) -> Result:
+        return cli("info", name, "--json", "--repo", path)
+
+    for name, want in (
+        ("vm1@latest", ids[4]),
+        ("vm1@latest~0", ids[4]),
+        ("vm1@latest~1", ids[2]),
+        ("vm1@LATEST~2", ids[0]),
+        ("vm0@latest", ids[3]),
+        ("@latest", ids[4]),
+        ("@latest~4", ids[0]),
+    ):
+        r = named(name)
+        assert r.code == 0 and r.json()["id"] == want, (name, r.err)  # type: ignore[index]
+    for name, says in (
+        ("vm1@latest~3", "domain 'vm1' has 3 archives"),
+        ("nope@latest", "domain 'nope' has no archive"),
+        ("vm1@yesterday", "after '@' comes latest"),
+        ("vm1@latest~-1", "after '@' comes latest"),
+        ("@latest~5", "the repository has 5 archives"),
+    ):
+        r = named(name)
+        assert r.code == 2 and says in r.err and r.err.count("\n") == 1, (name, r.err)
+
+    # the UUID recorded at capture names the domain too (in any case); tags filter lists
+    repo = Repository.open(path)
+    uuid = "5c0c3a4e-8f0e-4a43-9d7e-1b2c3d4e5f60"
+    tagged = write_archive(
+        repo,
+        {"disk/vda": b"x" * 5000},
+        domain="vm1-renamed",
+        time="2026-05-09T12:00:00Z",
+        extra={"uuid": uuid, "tags": ["pre-upgrade"]},
+    )
+    repo.close()
+    assert named(f"{uuid.upper()}@latest").json()["id"] == tagged  # type: ignore[index]
+    assert named("@latest").json()["id"] == tagged  # type: ignore[index]
+
+    def listed(*args: str) -> list[str]:
+        r = cli("list", *args, "--json", "--repo", path)
+        assert r.code == 0, r.err
+        return [a["id"] for a in r.json()]  # type: ignore[union-attr]
+
+    assert listed("vm0") == [ids[1], ids[3]]
+    assert listed("vm1") == [ids[0], ids[2], ids[4]]
+    assert listed(uuid) == [tagged]
+    assert listed("nope") == []
+    assert listed("--tag", "pre-upgrade") == [tagged]
+    assert listed("vm0", "--tag", "pre-upgrade") == []
+    assert len(listed()) == 6
+
+    # every command that takes an archive resolves the form: forget the newest of vm1
+    r = cli("forget", "vm1@latest", "--repo", path)
+    assert r.code == 0, r.err
+    assert named("vm1@latest").json()["id"] == ids[2]  # type: ignore[index]
+
+
 def test_verify_exit_codes_and_damage_json(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
     path, ids = repo_with_archives
     r = cli("verify", "--full", "--json", "--repo", path)

@@ -70,7 +70,7 @@ def _print_export(r: ExportResult) -> None:
 
 @app.command("export-memory")
 def export_memory_cmd(
-    archive: str = typer.Argument(..., help="Archive id or unique prefix."),
+    archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
     output: Path = _OUTPUT,
     fmt: MemoryFormat = _MEMORY_FORMAT,
     force: bool = _FORCE,
@@ -89,7 +89,7 @@ def export_memory_cmd(
 
 @app.command("export-disk")
 def export_disk_cmd(
-    archive: str = typer.Argument(..., help="Archive id or unique prefix."),
+    archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
     disk: str = _DISK,
     output: Path = _OUTPUT,
     fmt: DiskFormat = _DISK_FORMAT,
@@ -145,8 +145,8 @@ def _print_diff(r: DiffResult) -> None:
 
 @app.command("diff")
 def diff_cmd(
-    archive_a: str = typer.Argument(..., help="The earlier archive (id or unique prefix)."),
-    archive_b: str = typer.Argument(..., help="The later archive (id or unique prefix)."),
+    archive_a: str = typer.Argument(..., help="The earlier archive (id, prefix, DOMAIN@latest~N)."),
+    archive_b: str = typer.Argument(..., help="The later archive (id, prefix, DOMAIN@latest)."),
     exact: bool = _EXACT,
     repo: str = _REPO,
     json_out: bool = _JSON,

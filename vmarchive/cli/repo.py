@@ -24,7 +24,8 @@ from vmarchive.store import GcOptions, InitOptions, PrunePolicy
 
 REPO_HELP = "Repository location (or set VMARCHIVE_REPO)."
 _VERIFY_ARCHIVES = typer.Argument(None, help="Archives to check (default: all).")
-_FORGET_ARCHIVES = typer.Argument(..., help="Archive ids or unique prefixes.")
+_FORGET_ARCHIVES = typer.Argument(..., help="Archive ids, unique prefixes, or DOMAIN@latest[~N].")
+_LIST_TAGS = typer.Option([], "--tag", help="Only archives with this tag (repeatable).")
 PASSPHRASE_ENV = "VMARCHIVE_PASSPHRASE"
 
 
@@ -133,9 +134,15 @@ def init_cmd(
 
 
 @app.command("list")
-def list_cmd(repo: str = _repo_option(), as_json: bool = _json_option()) -> None:
-    """List archives, oldest first."""
-    archives = ops.list_archives(repo_ref(repo))
+def list_cmd(
+    domain: str = typer.Argument(None, help="Only this domain's archives (name or UUID)."),
+    tag: list[str] = _LIST_TAGS,
+    repo: str = _repo_option(),
+    as_json: bool = _json_option(),
+) -> None:
+    """List archives, oldest first (name one with its id, a unique prefix, or
+    DOMAIN@latest, DOMAIN@latest~1...)."""
+    archives = ops.list_archives(repo_ref(repo), domain, tag)
     if as_json:
         print_json([a.to_json() for a in archives])
         return
@@ -145,7 +152,7 @@ def list_cmd(repo: str = _repo_option(), as_json: bool = _json_option()) -> None
 
 @app.command("info")
 def info_cmd(
-    archive: str = typer.Argument(..., help="Archive id or unique id prefix."),
+    archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
     repo: str = _repo_option(),
     as_json: bool = _json_option(),
 ) -> None:

@@ -98,7 +98,7 @@ def _options(
 
 @app.command("restore")
 def restore_cmd(
-    archive: str = typer.Argument(..., help="Archive id (or unique prefix)."),
+    archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
     repo: str = _REPO,
     connect: str = _CONNECT,
     name: str = typer.Option(None, "--name", help="Name of the restored domain."),
@@ -129,7 +129,7 @@ def restore_cmd(
 
 @app.command("clone")
 def clone_cmd(
-    archive: str = typer.Argument(..., help="Archive id (or unique prefix)."),
+    archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
     name: str = typer.Option(..., "--name", help="Name of the clone."),
     repo: str = _REPO,
     connect: str = _CONNECT,
@@ -161,7 +161,7 @@ def clone_cmd(
 
 @app.command("export-save")
 def export_save_cmd(
-    archive: str = typer.Argument(..., help="Archive id (or unique prefix)."),
+    archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
     output: Path = _OUTPUT,
     repo: str = _REPO,
     disk_dir: Path = _EXPORT_DISK_DIR,

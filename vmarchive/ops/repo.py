@@ -44,8 +44,15 @@ def init_repo(location: str, options: InitOptions) -> Repository:
     return Repository.init(location, options)
 
 
-def list_archives(ref: RepoRef) -> list[ArchiveSummary]:
-    return open_repo(ref).list_archives()
+def list_archives(
+    ref: RepoRef, domain: str | None = None, tags: Sequence[str] = ()
+) -> list[ArchiveSummary]:
+    """Oldest first; only ``domain``'s (name or UUID) and those with every tag in ``tags``."""
+    return [
+        a
+        for a in open_repo(ref).list_archives()
+        if (domain is None or a.of_domain(domain)) and all(t in a.tags for t in tags)
+    ]
 
 
 def archive_info(ref: RepoRef, name: str) -> Archive:

@@ -16,6 +16,7 @@ writes, verify, gc), and listing archives reads only ``archives/``.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: what follows the ``@`` of ``DOMAIN@latest~N`` (:meth:`Repository.resolve_latest`)
+_LATEST = re.compile(r"latest(?:~([0-9]+))?")
+
 #: A passphrase, or a callable asked for one only if the repository is encrypted.
 Passphrase = str | Callable[[], str] | None
 
@@ -76,6 +80,12 @@ class ArchiveSummary:
     tags: list[str] = field(default_factory=list)
     size: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def of_domain(self, domain: str) -> bool:
+        """Whether this is an archive of ``domain``: its name, or its UUID in any case, as
+        recorded at capture (an archive outlives a rename)."""
+        uuid = str(self.metadata.get("uuid", ""))
+        return self.domain == domain or (bool(uuid) and uuid.lower() == domain.lower())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -513,10 +523,13 @@ class Repository:
         return {o.key.split("/", 1)[1]: o for o in self.backend.list("archives/")}
 
     def resolve(self, name_or_prefix: str) -> str:
-        """The full id of the one archive ``name_or_prefix`` names.
+        """The full id of the one archive ``name_or_prefix`` names: an id, a unique id
+        prefix, or ``DOMAIN@latest`` / ``DOMAIN@latest~N`` (:meth:`resolve_latest`).
 
         Raises :class:`NotFoundError`, :class:`AmbiguousError`, :class:`UsageError`.
         """
+        if "@" in name_or_prefix:
+            return self.resolve_latest(name_or_prefix)
         name = name_or_prefix.strip().lower()
         if not name or any(c not in "0123456789abcdef" for c in name):
             raise UsageError(f"{name_or_prefix!r} is not an archive id or id prefix")
@@ -530,6 +543,29 @@ class Repository:
                 matches=matches,
             )
         return matches[0]
+
+    def resolve_latest(self, name: str) -> str:
+        """``DOMAIN@latest``: the newest archive of DOMAIN (its name or UUID as captured);
+        ``DOMAIN@latest~N``: the N-th before that one; ``@latest``: of any domain.  Newest
+        means last in :meth:`list_archives` order (capture time, then id).
+
+        Raises :class:`UsageError` (no such form), :class:`NotFoundError`.
+        """
+        domain, _, selector = name.rpartition("@")
+        m = _LATEST.fullmatch(selector.strip().lower())
+        if m is None:
+            raise UsageError(f"{name!r}: after '@' comes latest or latest~N (N: 0, 1, ...)")
+        back = int(m.group(1) or 0)
+        mine = [s for s in self.list_archives() if not domain or s.of_domain(domain)]
+        whose = f"domain {domain!r}" if domain else "the repository"
+        if back >= len(mine):
+            have = (
+                f"has {len(mine)} archive{'' if len(mine) == 1 else 's'}"
+                if mine
+                else "has no archive"
+            )
+            raise NotFoundError(f"no archive {name!r}: {whose} {have}", archive=name)
+        return mine[-1 - back].id
 
     def load_archive(self, name_or_prefix: str) -> Archive:
         """Load the archive an id or unique id prefix names.
