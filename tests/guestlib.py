@@ -53,6 +53,10 @@ WRITER_MIX = 0xD1B54A32D192ED03
 _M64 = (1 << 64) - 1
 T = TypeVar("T")
 
+#: Debian's OVMF (package ovmf): firmware code and the variable store template
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+
 # A hang guard, not a timing assertion: a TCG boot takes ~3-4 s here, much more under load.
 BOOT_TIMEOUT = float(os.environ.get("VMARCHIVE_TEST_BOOT_TIMEOUT", "180"))
 
@@ -278,6 +282,9 @@ class GuestSpec:
     machine: str = "pc"
     #: back the guest's RAM with huge pages (hugetlbfs; the host must have enough reserved)
     hugepages: bool = False
+    #: boot through UEFI firmware (OVMF, Debian's ``ovmf``): a pflash loader and a
+    #: variable store file (``nvram.fd`` in the work directory, from OVMF's template)
+    uefi: bool = False
 
 
 def guest_build() -> dict[str, str]:
@@ -361,16 +368,27 @@ def domain_xml(
         for i, (d, p) in enumerate(zip(spec.disks, disk_paths, strict=True))
     )
     backing = "\n  <memoryBacking><hugepages/></memoryBacking>" if spec.hugepages else ""
+    firmware, features = "", ""
+    if spec.uefi:
+        for f in (OVMF_CODE, OVMF_VARS):
+            if not os.path.exists(f):
+                raise GuestError(f"{f} missing: install Debian's ovmf (scripts/setup-host does)")
+        nvram = serial_log.parent / "nvram.fd"
+        firmware = (
+            f"\n    <loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>"
+            f"\n    <nvram template='{OVMF_VARS}'>{_esc(nvram)}</nvram>"
+        )
+        features = "\n  <features><acpi/></features>"  # libvirt: UEFI needs ACPI on x86
     return f"""<domain type='qemu'>
   <name>{_esc(name)}</name>
   <memory unit='MiB'>{spec.memory_mib}</memory>{backing}
   <vcpu>1</vcpu>
   <os>
-    <type arch='x86_64' machine='{_esc(spec.machine)}'>hvm</type>
+    <type arch='x86_64' machine='{_esc(spec.machine)}'>hvm</type>{firmware}
     <kernel>{_esc(build["kernel"])}</kernel>
     <initrd>{_esc(build["initrd"])}</initrd>
     <cmdline>{_esc(cmdline)}</cmdline>
-  </os>
+  </os>{features}
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>

@@ -656,6 +656,69 @@ def test_guest_on_huge_pages_resumes_on_ordinary_ram_with_no_hugepages(
         assert ("<hugepages" in dumped) is not drop, dumped
 
 
+def test_uefi_guest_gets_a_variable_store_of_its_own(
+    libvirt_conn: libvirt.virConnect, guest_build: dict[str, str], domains: Domains
+) -> None:
+    """A UEFI guest's variable store (``<nvram>``) is a file its QEMU writes.  A restore
+    beside the running original, and an exported save image, name a store of their own
+    beside their disks, filled with the store as it was at the instant (QEMU has it as
+    flash RAM); they used to name the original's file, which the restored QEMU then wrote
+    over with the archived variables while the original's QEMU still used it."""
+    spec = guestlib.GuestSpec(params={"tick_ms": 100}, uefi=True)
+    repo = str(domains.workdir() / "repo")
+    Repository.init(repo, InitOptions()).close()
+    g = guestlib.Guest(libvirt_conn, spec, domains.workdir())
+    domains.names.append(g.name)
+    g.start()
+    g.wait_up()
+    g.wait_ticks(3)
+    store = g.workdir / "nvram.fd"
+    assert ET.fromstring(g.dom.XMLDesc(0)).findtext("./os/nvram") == str(store)
+    r = capture(CaptureOptions(domain=g.name, repo=repo))
+    assert g.boot_id is not None
+    with Repository.open(repo) as rp:
+        cp = counter_in_archive(rp, r.id, g.boot_id)
+        flash = rp.open_stream(rp.load_archive(r.id), "ram:system.flash1").read_all()
+    assert len(flash) == store.stat().st_size  # the flash RAM block is the whole store
+    captured = Captured(r.id, cp.counter, cp.last_written, g.boot_id)
+
+    out = domains.workdir()
+    res = restore(RestoreOptions(archive=r.id, repo=repo, disk_dir=out, name=f"{g.name}-r"))
+    domains.names.append(res.domain)
+    own = out / f"{res.domain}-nvram.fd"
+    assert res.nvram == str(own)
+    live = ET.fromstring(libvirt_conn.lookupByName(res.domain).XMLDesc(0))
+    assert live.findtext("./os/nvram") == str(own)
+    assert_resumed(restored_guest(libvirt_conn, res, out), captured)
+    assert own.read_bytes() == flash
+    assert g.is_active(), "the original runs on beside its restored copy"
+
+    img = domains.workdir() / "uefi.save"
+    ex = export_save(r.id, repo, img, name=f"{g.name}-x")
+    assert ex.nvram == str(img.parent / f"{g.name}-x-nvram.fd")
+    assert pathlib.Path(ex.nvram).read_bytes() == flash
+    dumped = subprocess.run(
+        ["virsh", "-c", guestlib.URI, "save-image-dumpxml", str(img)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert ET.fromstring(dumped).findtext("./os/nvram") == ex.nvram
+
+    # An opaque stream has no flash image to write: libvirt makes the new store from the
+    # firmware's template and the incoming migration fills it (QEMU writes its flash back).
+    r2 = capture(CaptureOptions(domain=g.name, repo=repo, parse_memory=False))
+    assert r2.memory_format == "opaque"
+    res2 = restore(RestoreOptions(archive=r2.id, repo=repo, disk_dir=out, name=f"{g.name}-o"))
+    domains.names.append(res2.domain)
+    assert any("from the firmware's template" in n for n in res2.notes), res2.notes
+    own2 = pathlib.Path(res2.nvram or "")
+    assert own2 == out / f"{res2.domain}-nvram.fd"
+    restored_guest(libvirt_conn, res2, out).wait_ticks(3)
+    template = pathlib.Path(guestlib.OVMF_VARS).read_bytes()
+    assert own2.read_bytes() == store.read_bytes() != template
+
+
 def test_negative_control_a_disk_from_another_instant_is_detected(
     libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
 ) -> None:

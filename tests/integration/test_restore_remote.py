@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
 import libvirt
@@ -105,7 +106,8 @@ def test_restore_onto_a_second_libvirtd_through_its_tcp_uri(
     second_libvirtd: tuple[str, pathlib.Path],
 ) -> None:
     uri, pool_dir = second_libvirtd
-    g = guest_factory(guestlib.GuestSpec(params={"tick_ms": 100, "churn": 16}))
+    # A UEFI guest: its variable store goes to the target as a volume of its own.
+    g = guest_factory(guestlib.GuestSpec(params={"tick_ms": 100, "churn": 16}, uefi=True))
     g.wait_ticks(3)
     repo_path = str(g.workdir / "repo")
     Repository.init(repo_path, InitOptions()).close()
@@ -113,6 +115,7 @@ def test_restore_onto_a_second_libvirtd_through_its_tcp_uri(
     with Repository.open(repo_path) as repo:
         assert g.boot_id is not None
         cp = counter_in_archive(repo, cap.id, g.boot_id)
+        flash = repo.open_stream(repo.load_archive(cap.id), "ram:system.flash1").read_all()
     # The original keeps running here: the target is another host with its own namespace.
     r = restore(RestoreOptions(archive=cap.id, repo=repo_path, uri=uri, pool=POOL))
     assert r.route == "pool" and r.domain == g.name
@@ -121,7 +124,9 @@ def test_restore_onto_a_second_libvirtd_through_its_tcp_uri(
     remote = libvirt.open(uri)
     try:
         vols = remote.storagePoolLookupByName(POOL).listVolumes()
-        assert sorted(vols) == [f"{g.name}-vda.raw"]  # ...and is gone again
+        assert sorted(vols) == [f"{g.name}-nvram.fd", f"{g.name}-vda.raw"]  # ...and is gone
+        assert r.nvram == str(pool_dir / f"{g.name}-nvram.fd")
+        assert pathlib.Path(r.nvram).read_bytes() == flash
         qemu_log = pool_dir.parent / "instance" / "log" / "qemu" / f"{g.name}.log"
         alive = [d.name() for d in remote.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
         assert g.name in alive, qemu_log.read_text()[-1500:] if qemu_log.exists() else "no log"
@@ -130,6 +135,7 @@ def test_restore_onto_a_second_libvirtd_through_its_tcp_uri(
         there = remote.lookupByName(g.name).XMLDesc(0)
         assert str(g.disk_paths[0]) in here and str(g.disk_paths[0]) not in there
         assert r.disks[0].path in there
+        assert ET.fromstring(there).findtext("./os/nvram") == r.nvram
         clone = guestlib.Guest(libvirt_conn, guestlib.GuestSpec(), pool_dir, name=g.name)
         clone.is_active = lambda: (
             g.name

@@ -176,3 +176,45 @@ def test_no_hugepages_gives_ordinary_ram_and_keeps_the_rest_of_the_backing() -> 
     # a guest without huge pages: nothing to say
     res = rx.rewrite(XML, rx.Rewrite(**args, no_hugepages=True))  # type: ignore[arg-type]
     assert said not in res.notes and ET.fromstring(res.xml).find("memoryBacking") is None
+
+
+DISKS = {
+    "vda": rx.DiskRewrite("/new/web2-vda.raw", "raw"),
+    "vdb": rx.DiskRewrite("/new/web2-vdb.raw", "raw"),
+}
+UEFI_OS = (
+    "<os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type>"
+    "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+    "{nvram}</os>"
+)
+
+
+@pytest.mark.parametrize(
+    "nvram",
+    [
+        "<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/nv/web1_VARS.fd</nvram>",
+        # the form libvirt >= 8.5 may write
+        "<nvram type='file'><source file='/var/lib/nv/web1_VARS.fd'/></nvram>",
+    ],
+)
+def test_uefi_variable_store_is_pointed_at_the_new_file(nvram: str) -> None:
+    xml = XML.replace(
+        "<os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>",
+        UEFI_OS.format(nvram=nvram),
+    )
+    assert rx.nvram_path(rx.parse(xml)) == "/var/lib/nv/web1_VARS.fd"
+    out = rx.rewrite(xml, rx.Rewrite("web2", DISKS, nvram="/new/web2-nvram.fd"))
+    root = ET.fromstring(out.xml)
+    assert rx.nvram_path(root) == "/new/web2-nvram.fd"
+    nv = root.find("./os/nvram")
+    assert nv is not None and nv.get("template", "") in ("", "/usr/share/OVMF/OVMF_VARS_4M.fd")
+    assert root.findtext("./os/loader") == "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    # no new store asked for: the XML keeps its own
+    kept = rx.rewrite(xml, rx.Rewrite("web2", DISKS))
+    assert rx.nvram_path(ET.fromstring(kept.xml)) == "/var/lib/nv/web1_VARS.fd"
+
+
+def test_no_variable_store_is_added_to_a_bios_guest() -> None:
+    assert rx.nvram_path(rx.parse(XML)) is None
+    out = rx.rewrite(XML, rx.Rewrite("web2", DISKS, nvram="/new/web2-nvram.fd"))
+    assert ET.fromstring(out.xml).find("./os/nvram") is None

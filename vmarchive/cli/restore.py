@@ -191,4 +191,6 @@ def export_save_cmd(
     typer.echo(f"wrote {r.path} ({r.bytes} bytes) for domain {r.domain}")
     for d in r.disks:
         typer.echo(f"  disk {d.target:<6}  {d.path} ({d.format})")
+    if r.nvram:
+        typer.echo(f"  nvram        {r.nvram}")
     typer.echo(f"resume it with: virsh restore {r.path}")

@@ -162,6 +162,8 @@ class RestoreResult:
     target: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: the new UEFI variable store (guests with ``<nvram>``), on the target host
+    nvram: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -558,6 +560,35 @@ def _safe_child(directory: Path, filename: str) -> Path:
     return p
 
 
+#: The RAM block of a PC machine's UEFI variable store: QEMU maps the ``<loader>`` as
+#: pflash unit 0 and the ``<nvram>`` file as unit 1, named ``system.flash0/1``.  A flash
+#: device's content is RAM to the migration, so the archive holds the store as it was at
+#: the instant.
+NVRAM_RAM_BLOCK = "system.flash1"
+
+
+def _nvram_content(repo: Repository, plan: _Plan) -> bytes | None:
+    """The guest's UEFI variable store at the captured instant (None: not in the archive,
+    e.g. an opaque stream; libvirt then starts from the firmware's template and the
+    incoming migration fills it)."""
+    if plan.layout is None:
+        return None
+    want = f"ram:{NVRAM_RAM_BLOCK}"
+    if not any(s.name == want for s in plan.archive.streams):
+        return None
+    return repo.open_stream(plan.archive, want).read_all()
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file (O_EXCL: the caller removed what --replace allows)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _archive_age(archive: Archive, now: float) -> float | None:
     t = archive.time
     if not t:
@@ -755,6 +786,23 @@ class _Restore:
             else:  # a path on the target host, beside the pool's volumes
                 assert pool is not None
                 chardevs[old_path] = f"{pool.path}/{log_name}"
+        # A UEFI guest's variable store: a file of its own beside the disks, never the
+        # archived path (the original's, or nobody's on another host).
+        nvram: tuple[str, str, bytes | None] | None = None  # path, file/volume name, data
+        if rx.nvram_path(root) is not None:
+            nv_name = f"{name}-nvram.fd"
+            if disk_dir is not None:
+                nv_path = str(_safe_child(disk_dir, nv_name))
+                if os.path.lexists(nv_path) and not o.replace:
+                    raise AlreadyExistsError(f"{nv_path} exists (use --replace)", path=nv_path)
+            else:
+                assert pool is not None
+                if pool.exists(nv_name) and not o.replace:
+                    raise AlreadyExistsError(
+                        f"volume {nv_name} exists in pool {pool.name} (use --replace)"
+                    )
+                nv_path = f"{pool.path}/{nv_name}"
+            nvram = (nv_path, nv_name, _nvram_content(self.repo, plan))
         rw = rx.rewrite(
             plan.xml,
             rx.Rewrite(
@@ -765,6 +813,7 @@ class _Restore:
                 clone=o.clone,
                 keep_network=o.keep_network,
                 no_hugepages=o.no_hugepages,
+                nvram=nvram[0] if nvram is not None else None,
             ),
             self.rng,
         )
@@ -795,6 +844,20 @@ class _Restore:
                 os.unlink(path)
             # libvirt creates the log when QEMU starts: ours to remove if the restore fails.
             self.created.files.append(Path(path))
+        if nvram is not None:
+            result.nvram = nvram[0]
+            result.notes.append(
+                f"UEFI variables in {nvram[0]}"
+                + (
+                    " (as at the instant)"
+                    if nvram[2] is not None
+                    else " (made by libvirt from the firmware's template; the migration fills it)"
+                )
+            )
+            if pool is not None:
+                self._upload_nvram(nvram[1], nvram[2], pool)
+            else:
+                self._write_nvram(Path(nvram[0]), nvram[2])
         qemu_log = domain_log_file(name)
         try:
             if pool is not None:
@@ -844,6 +907,28 @@ class _Restore:
         # waited there for the disks, and when the guest was running.
         log.debug("restore of %s took %.3f s: %s", name, result.duration_s, self.timings)
         return result
+
+    def _write_nvram(self, path: Path, data: bytes | None) -> None:
+        if os.path.lexists(path):
+            os.unlink(path)  # --replace (checked in run)
+        self.created.files.append(path)  # or libvirt's copy of the template: ours to undo
+        if data is not None:
+            _write_new_file(path, data)
+
+    def _upload_nvram(self, fname: str, data: bytes | None, pool: Pool) -> None:
+        if pool.exists(fname):
+            pool.delete(fname)  # --replace (checked in run)
+        if data is None:
+            return
+        pool.create(fname, len(data), "raw")
+        self.created.volumes.append((pool, fname))
+        up = pool.open_upload(fname, len(data))
+        try:
+            up.write(data)
+            up.finish()
+        except BaseException:
+            up.abort()
+            raise
 
     def _upload_disk(self, s: StreamInfo, fname: str, pool: Pool) -> DiskOut:
         """One disk as a raw volume in ``pool``, through a sparse upload stream."""
@@ -1145,6 +1230,8 @@ class ExportResult:
     bytes: int
     disks: list[DiskOut]
     domain: str
+    #: the UEFI variable store the save image names (guests with ``<nvram>``)
+    nvram: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1152,6 +1239,7 @@ class ExportResult:
             "bytes": self.bytes,
             "domain": self.domain,
             "disks": [d.to_json() for d in self.disks],
+            "nvram": self.nvram,
         }
 
 
@@ -1206,6 +1294,11 @@ def export_save(
                 old: str(_safe_child(ddir, f"{dname}-console{i}.log"))
                 for i, old in enumerate(rx.chardev_files(root))
             }
+            nvram: Path | None = None
+            if rx.nvram_path(root) is not None:
+                nvram = _safe_child(ddir, f"{dname}-nvram.fd")
+                if os.path.lexists(nvram) and not replace:
+                    raise AlreadyExistsError(f"{nvram} exists (use --replace)", path=str(nvram))
             rw = rx.rewrite(
                 plan.xml,
                 rx.Rewrite(
@@ -1214,10 +1307,18 @@ def export_save(
                     chardev_paths=chardevs,
                     uuid=str(archive.metadata.get("uuid") or ""),
                     no_hugepages=no_hugepages,
+                    nvram=str(nvram) if nvram is not None else None,
                 ),
             )
             cpu_xml, _mode = rx.cpu_definition(plan.live_xml)
             cookie = f"<cookie>\n  {cpu_xml}\n</cookie>\n" if cpu_xml else None
+            if nvram is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(nvram)
+                made.append(nvram)
+                data = _nvram_content(repo, plan)
+                if data is not None:  # else libvirt makes it from the template at restore
+                    _write_new_file(nvram, data)
             outs: list[DiskOut] = []
             for s, p, fmt in todo:
                 with contextlib.suppress(FileNotFoundError):
@@ -1234,7 +1335,9 @@ def export_save(
                 os.fsync(f.fileno())
             os.replace(tmp, out)
             made.remove(tmp)
-            return ExportResult(str(out), total, outs, dname)
+            return ExportResult(
+                str(out), total, outs, dname, str(nvram) if nvram is not None else None
+            )
     except BaseException:
         for p in made:
             with contextlib.suppress(FileNotFoundError):

@@ -62,6 +62,8 @@ class Rewrite:
     keep_network: bool = False
     #: give the guest ordinary RAM where it had huge pages (a target without them)
     no_hugepages: bool = False
+    #: the new UEFI variable store (``<os><nvram>``) of a guest that has one; None: as is
+    nvram: str | None = None
 
 
 @dataclass
@@ -97,6 +99,16 @@ def chardev_files(root: ET.Element) -> list[str]:
             if p not in out:
                 out.append(p)
     return out
+
+
+def nvram_path(root: ET.Element) -> str | None:
+    """The UEFI variable store file of the domain (``<os><nvram>``), if it has one."""
+    nv = root.find("./os/nvram")
+    if nv is None:
+        return None
+    src = nv.find("source")  # libvirt >= 8.5 may write <nvram type='file'><source file=.../>
+    path = src.get("file") if src is not None else (nv.text or "").strip()
+    return path or None
 
 
 def has_hugepages(root: ET.Element) -> bool:
@@ -183,6 +195,16 @@ def rewrite(xml: str, rw: Rewrite, rng: random.Random | None = None) -> RewriteR
                 # libvirt generates a fresh socket path for the new domain.
                 del csrc.attrib["path"]
                 res.notes.append(f"channel socket {path} left for libvirt to allocate")
+
+    nv = root.find("./os/nvram")
+    if rw.nvram is not None and nv is not None:
+        # Two domains must never share a variable store: QEMU writes the guest's UEFI
+        # variables into it (and, after an incoming migration, all of it).
+        nv_src = nv.find("source")
+        if nv_src is not None:
+            nv_src.set("file", rw.nvram)
+        else:
+            nv.text = rw.nvram
 
     backing = root.find("memoryBacking")
     if rw.no_hugepages and backing is not None:
