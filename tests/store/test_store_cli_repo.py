@@ -211,6 +211,43 @@ def test_forget_prune_gc(cli, repo_with_archives) -> None:  # type: ignore[no-un
     assert cli("verify", "--full", "--repo", path).code == 0
 
 
+def test_prune_one_domain_keeping_tagged(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+    path, ids = repo_with_archives  # vm1: ids[0], ids[2], ids[4]; vm0: ids[1], ids[3]
+    repo = Repository.open(path)
+    tagged = write_archive(
+        repo,
+        {"disk/vda": b"t" * 3000},
+        domain="vm1",
+        time="2026-05-01T12:00:00Z",  # the oldest of vm1
+        extra={"tags": ["pre-upgrade"]},
+    )
+    repo.close()
+    r = cli("prune", "vm1", "--keep-last", "1", "--keep-tag", "pre-upgrade", "--json")
+    assert r.code == 2 and "VMARCHIVE_REPO" in r.err  # still needs a repository
+    r = cli(
+        "prune", "vm1", "--keep-last", "1", "--keep-tag", "pre-upgrade", "--json", "--repo", path
+    )
+    assert r.code == 0, r.err
+    plan = r.json()
+    assert isinstance(plan, dict)
+    assert {a["id"]: a["reasons"] for a in plan["keep"]} == {
+        ids[4]: ["last #1"],
+        tagged: ["tag pre-upgrade"],
+    }
+    assert sorted(a["id"] for a in plan["forget"]) == sorted([ids[0], ids[2]])
+    left = [a["id"] for a in cli("list", "--json", "--repo", path).json()]  # type: ignore[union-attr]
+    assert sorted(left) == sorted([tagged, ids[1], ids[3], ids[4]])  # vm0 untouched
+    args = ["prune", "no-such-vm", "--keep-last", "1", "--repo", path]
+    p = subprocess.run(
+        [sys.executable, "-m", "vmarchive", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert p.returncode == 0 and "no archive of domain 'no-such-vm'" in p.stderr, p.stderr
+    assert len(cli("list", "--json", "--repo", path).json()) == 4  # type: ignore[arg-type]
+
+
 def test_init_errors_and_encryption(
     cli, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

@@ -17,8 +17,13 @@ def rnd(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def summ(i: int, time: str, domain: str = "vm") -> ArchiveSummary:
-    return ArchiveSummary(id=f"{i:064x}", time=time, domain=domain, kind="full")
+def summ(
+    i: int, time: str, domain: str = "vm", uuid: str | None = None, tags: tuple[str, ...] = ()
+) -> ArchiveSummary:
+    meta = {"uuid": uuid} if uuid else {}
+    return ArchiveSummary(
+        id=f"{i:064x}", time=time, domain=domain, kind="full", tags=list(tags), metadata=meta
+    )
 
 
 def kept(policy: PrunePolicy, archives: list[ArchiveSummary]) -> set[int]:
@@ -45,6 +50,46 @@ def test_prune_periods_keep_the_newest_of_each_bucket() -> None:
     # Time zones: 2026-03-02T00:30+02:00 is March 1st in UTC.
     tz = [summ(1, "2026-03-01T10:00:00Z"), summ(2, "2026-03-02T00:30:00+02:00")]
     assert kept(PrunePolicy(keep_daily=1), tz) == {2}
+
+
+U1 = "11111111-1111-4111-8111-111111111111"
+U2 = "22222222-2222-4222-8222-222222222222"
+
+
+def test_prune_tells_domains_apart_by_uuid_not_name() -> None:
+    # web01 on two hosts of a shared repository: two guests, one name
+    arch = [summ(i, f"2026-01-01T{i:02d}:00:00Z", "web01", U1 if i % 2 else U2) for i in range(8)]
+    assert kept(PrunePolicy(keep_last=1), arch) == {7, 6}
+    # a rename keeps one history (the UUID's), in any case
+    renamed = [
+        summ(1, "2026-01-01T01:00:00Z", "old-name", U1),
+        summ(2, "2026-01-01T02:00:00Z", "new-name", U1.upper()),
+    ]
+    assert kept(PrunePolicy(keep_last=1), renamed) == {2}
+    # archives without a UUID (older ones) are grouped by name, apart from the UUID's
+    legacy = [summ(1, "2026-01-01T01:00:00Z", "web01"), summ(2, "2026-01-01T02:00:00Z", "web01")]
+    assert kept(PrunePolicy(keep_last=1), legacy + arch) == {2, 7, 6}
+
+
+def test_prune_keeps_tagged_archives_and_a_tag_alone_is_a_policy() -> None:
+    arch = [
+        summ(i, f"2026-01-01T{i:02d}:00:00Z", tags=("pre-upgrade",) if i == 2 else ())
+        for i in range(6)
+    ]
+    res = plan_prune(arch, PrunePolicy(keep_last=1, keep_tags=("pre-upgrade", "other")))
+    assert {int(a.id, 16): r for a, r in res.keep} == {5: ["last #1"], 2: ["tag pre-upgrade"]}
+    assert kept(PrunePolicy(keep_tags=("pre-upgrade",)), arch) == {2}
+    assert kept(PrunePolicy(keep_tags=("nothing-has-it",)), arch) == set()
+
+
+def test_prune_of_some_domains_leaves_the_others_alone() -> None:
+    arch = [
+        summ(i, f"2026-01-01T{i:02d}:00:00Z", f"vm{i % 3}", f"{i % 3}" * 8 + U1[8:])
+        for i in range(9)
+    ]
+    res = plan_prune(arch, PrunePolicy(keep_last=1), domains=("vm1", "2" * 8 + U1[8:]))
+    assert {int(a.id, 16) for a, _ in res.keep} == {7, 8}
+    assert {int(a.id, 16) for a in res.forget} == {1, 4, 2, 5}  # nothing of vm0
 
 
 def test_prune_refuses_an_empty_or_negative_policy() -> None:

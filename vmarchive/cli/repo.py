@@ -26,6 +26,12 @@ REPO_HELP = "Repository location (or set VMARCHIVE_REPO)."
 _VERIFY_ARCHIVES = typer.Argument(None, help="Archives to check (default: all).")
 _FORGET_ARCHIVES = typer.Argument(..., help="Archive ids, unique prefixes, or DOMAIN@latest[~N].")
 _LIST_TAGS = typer.Option([], "--tag", help="Only archives with this tag (repeatable).")
+_PRUNE_DOMAINS = typer.Argument(
+    None,
+    help="Only these domains' archives (names or UUIDs; default: every domain).",
+    show_default=False,
+)
+_KEEP_TAGS = typer.Option([], "--keep-tag", help="Keep every archive with this tag (repeatable).")
 PASSPHRASE_ENV = "VMARCHIVE_PASSPHRASE"
 
 
@@ -258,6 +264,7 @@ def forget_cmd(
 
 @app.command("prune")
 def prune_cmd(
+    domains: list[str] = _PRUNE_DOMAINS,
     keep_last: int = typer.Option(0, "--keep-last", help="Keep the newest N archives."),
     keep_hourly: int = typer.Option(0, "--keep-hourly", help="Keep the newest of each of N hours."),
     keep_daily: int = typer.Option(0, "--keep-daily", help="Keep the newest of each of N days."),
@@ -267,14 +274,23 @@ def prune_cmd(
     keep_monthly: int = typer.Option(
         0, "--keep-monthly", help="Keep the newest of each of N months."
     ),
+    keep_tag: list[str] = _KEEP_TAGS,
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be forgotten."),
     repo: str = _repo_option(),
     connect: str = _connect_option(),
     as_json: bool = _json_option(),
 ) -> None:
-    """Forget archives outside the retention policy, per domain (times in UTC)."""
-    policy = PrunePolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly)
-    result, released = tracking.prune(repo_ref(repo), policy, dry_run, connect)
+    """Forget archives outside the retention policy, per domain (times in UTC).
+
+    A domain is the guest's UUID: its history survives a rename, and guests of the same
+    name on different hosts are pruned apart.
+    """
+    policy = PrunePolicy(
+        keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, tuple(keep_tag)
+    )
+    result, released = tracking.prune(
+        repo_ref(repo), policy, dry_run, connect, domains=tuple(domains or ())
+    )
     if as_json:
         print_json({**result.to_json(), **_untracked_json(released)})
         return

@@ -194,14 +194,16 @@ def prune(
     dry_run: bool,
     uri: str,
     state_dir: Path | None = None,
+    domains: Sequence[str] = (),
 ) -> tuple[PruneResult, list[Release]]:
-    """Prune; release the tracking of domains left without any archive (not in a dry run).
+    """Prune (only ``domains``' archives when given); release the tracking of domains left
+    without any archive (not in a dry run).
 
     Raises UsageError (empty policy), LockedError.
     """
     repo = open_repo(ref)
     before = repo.list_archives()
-    result = repo.prune(policy, dry_run=dry_run)
+    result = repo.prune(policy, dry_run=dry_run, domains=domains)
     if dry_run:
         return result, []
     gone = released(before, repo.list_archives())

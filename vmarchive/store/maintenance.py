@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -288,10 +288,19 @@ class PrunePolicy:
     keep_daily: int = 0
     keep_weekly: int = 0
     keep_monthly: int = 0
+    #: archives with any of these tags are kept, whatever their age
+    keep_tags: tuple[str, ...] = ()
 
     def empty(self) -> bool:
         return not any(
-            (self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly)
+            (
+                self.keep_last,
+                self.keep_hourly,
+                self.keep_daily,
+                self.keep_weekly,
+                self.keep_monthly,
+                self.keep_tags,
+            )
         )
 
 
@@ -317,8 +326,15 @@ _PERIODS: list[tuple[str, str]] = [
 ]
 
 
-def plan_prune(archives: list[ArchiveSummary], policy: PrunePolicy) -> PruneResult:
+def plan_prune(
+    archives: list[ArchiveSummary], policy: PrunePolicy, domains: Sequence[str] = ()
+) -> PruneResult:
     """Decide, per domain, which archives the policy keeps (pure; no I/O).
+
+    A domain is its UUID as recorded at capture (its name for archives without one): a
+    guest keeps one history across a rename, and two guests of the same name on different
+    hosts of a shared repository keep one each.  ``domains`` (names or UUIDs): only their
+    archives are considered, the others are neither kept nor forgotten.
 
     Raises :class:`UsageError` for an empty policy (it would forget everything) or a
     negative count.
@@ -336,12 +352,20 @@ def plan_prune(archives: list[ArchiveSummary], policy: PrunePolicy) -> PruneResu
         raise UsageError("prune needs at least one --keep-* option (it would forget every archive)")
     by_domain: dict[str, list[tuple[datetime, ArchiveSummary]]] = defaultdict(list)
     for a in archives:
-        by_domain[a.domain].append((parse_time(a.time), a))
+        if domains and not any(a.of_domain(d) for d in domains):
+            continue
+        key = str(a.metadata.get("uuid") or "").lower() or f"name:{a.domain}"
+        by_domain[key].append((parse_time(a.time), a))
     keep: list[tuple[ArchiveSummary, list[str]]] = []
     drop: list[ArchiveSummary] = []
-    for domain in sorted(by_domain):
-        group = sorted(by_domain[domain], key=lambda t: (t[0], t[1].id), reverse=True)
+    # by the name of each domain's newest archive, then its key: a stable report order
+    for key in sorted(by_domain, key=lambda k: (max(by_domain[k], key=_newest)[1].domain, k)):
+        group = sorted(by_domain[key], key=_newest, reverse=True)
         reasons: dict[str, list[str]] = defaultdict(list)
+        for _, a in group:
+            for tag in policy.keep_tags:
+                if tag in a.tags:
+                    reasons[a.id].append(f"tag {tag}")
         for i, (_, a) in enumerate(group[: policy.keep_last]):
             reasons[a.id].append(f"last #{i + 1}")
         for name, fmt in _PERIODS:
@@ -362,13 +386,24 @@ def plan_prune(archives: list[ArchiveSummary], policy: PrunePolicy) -> PruneResu
     return PruneResult(keep, drop, dry_run=True)
 
 
-def prune(repo: Repository, policy: PrunePolicy, *, dry_run: bool = False) -> PruneResult:
-    """Forget the archives ``policy`` does not keep (per domain); gc reclaims the space.
+def _newest(t: tuple[datetime, ArchiveSummary]) -> tuple[datetime, str]:
+    return t[0], t[1].id
+
+
+def prune(
+    repo: Repository, policy: PrunePolicy, *, dry_run: bool = False, domains: Sequence[str] = ()
+) -> PruneResult:
+    """Forget the archives ``policy`` does not keep (per domain; only ``domains``' when
+    given, see :func:`plan_prune`); gc reclaims the space.
 
     Raises :class:`UsageError` (empty policy), :class:`LockedError`, :class:`BackendError`.
     """
     with repo.lock("exclusive"):
-        result = plan_prune(repo.list_archives(), policy)
+        archives = repo.list_archives()
+        for d in domains:
+            if not any(a.of_domain(d) for a in archives):
+                log.warning("prune: no archive of domain %r", d)
+        result = plan_prune(archives, policy, domains)
         result.dry_run = dry_run
         if not dry_run:
             for a in result.forget:

@@ -675,11 +675,13 @@ class Repository:
 
         return maintenance.forget(self, names)
 
-    def prune(self, policy: PrunePolicy, dry_run: bool = False) -> PruneResult:
+    def prune(
+        self, policy: PrunePolicy, dry_run: bool = False, domains: Sequence[str] = ()
+    ) -> PruneResult:
         """See :func:`vmarchive.store.maintenance.prune`."""
         from vmarchive.store import maintenance
 
-        return maintenance.prune(self, policy, dry_run=dry_run)
+        return maintenance.prune(self, policy, dry_run=dry_run, domains=domains)
 
     def gc(self, options: GcOptions | None = None, progress: Progress = NULL_PROGRESS) -> GcResult:
         """See :func:`vmarchive.store.maintenance.gc`."""
