@@ -160,6 +160,25 @@ def test_domain_latest_names_and_list_filters(cli, repo_with_archives) -> None: 
     assert listed("vm0", "--tag", "pre-upgrade") == []
     assert len(listed()) == 6
 
+    # one name, two guests (web9 on two hosts sharing the repository): ambiguous
+    repo = Repository.open(path)
+    twins = {
+        u: write_archive(
+            repo,
+            {"disk/vda": bytes([i + 1]) * 5000},
+            domain="web9",
+            time=f"2026-05-09T1{i}:00:00Z",
+            extra={"uuid": u},
+        )
+        for i, u in enumerate(("0c0c3a4e-8f0e-4a43-9d7e-1b2c3d4e5f61", "0d" + uuid[2:]))
+    }
+    repo.close()
+    r = named("web9@latest")
+    assert r.code == 2 and "2 guests are named 'web9'" in r.err, r.err
+    for u, aid in twins.items():
+        assert u in r.err
+        assert named(f"{u}@latest").json()["id"] == aid  # type: ignore[index]
+
     # every command that takes an archive resolves the form: forget the newest of vm1
     r = cli("forget", "vm1@latest", "--repo", path)
     assert r.code == 0, r.err

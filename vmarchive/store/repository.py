@@ -549,7 +549,8 @@ class Repository:
         ``DOMAIN@latest~N``: the N-th before that one; ``@latest``: of any domain.  Newest
         means last in :meth:`list_archives` order (capture time, then id).
 
-        Raises :class:`UsageError` (no such form), :class:`NotFoundError`.
+        Raises :class:`UsageError` (no such form), :class:`NotFoundError`,
+        :class:`AmbiguousError` (guests of different UUIDs under one name).
         """
         domain, _, selector = name.rpartition("@")
         m = _LATEST.fullmatch(selector.strip().lower())
@@ -557,6 +558,15 @@ class Repository:
             raise UsageError(f"{name!r}: after '@' comes latest or latest~N (N: 0, 1, ...)")
         back = int(m.group(1) or 0)
         mine = [s for s in self.list_archives() if not domain or s.of_domain(domain)]
+        guests = sorted({str(s.metadata.get("uuid") or "").lower() for s in mine} - {""})
+        if domain and len(guests) > 1:
+            # one name, several guests (hosts sharing the repository, or a name reused)
+            raise AmbiguousError(
+                f"{name!r}: {len(guests)} guests are named {domain!r} "
+                f"({', '.join(guests)}): name one by its UUID",
+                archive=name,
+                matches=guests,
+            )
         whose = f"domain {domain!r}" if domain else "the repository"
         if back >= len(mine):
             have = (
