@@ -682,9 +682,19 @@ def test_uefi_guest_gets_a_variable_store_of_its_own(
     assert len(flash) == store.stat().st_size  # the flash RAM block is the whole store
     captured = Captured(r.id, cp.counter, cp.last_written, g.boot_id)
 
+    # Restored over a defined domain of the same name (--replace): that domain's own
+    # variable store is left as it was, like its disks.
+    old_store = domains.workdir() / "replaced-nvram.fd"
+    old_store.write_bytes(b"\x5a" * 4096)
+    replaced = g.xml.replace(f"<name>{g.name}</name>", f"<name>{g.name}-r</name>", 1)
+    replaced = replaced.replace(f">{store}</nvram>", f">{old_store}</nvram>", 1)
+    domains.names.append(f"{g.name}-r")
+    libvirt_conn.defineXML(replaced)
     out = domains.workdir()
-    res = restore(RestoreOptions(archive=r.id, repo=repo, disk_dir=out, name=f"{g.name}-r"))
-    domains.names.append(res.domain)
+    res = restore(
+        RestoreOptions(archive=r.id, repo=repo, disk_dir=out, name=f"{g.name}-r", replace=True)
+    )
+    assert old_store.read_bytes() == b"\x5a" * 4096
     own = out / f"{res.domain}-nvram.fd"
     assert res.nvram == str(own)
     live = ET.fromstring(libvirt_conn.lookupByName(res.domain).XMLDesc(0))

@@ -128,8 +128,9 @@ def domain_name(raw: Any) -> str:
     return str(raw.name())
 
 
-def remove_domain(conn: Connection, name: str) -> bool:
+def remove_domain(conn: Connection, name: str, *, keep_nvram: bool = False) -> bool:
     """Destroy domain ``name`` if it runs and undefine it if persistent; False if absent.
+    ``keep_nvram``: leave its UEFI variable store file (else libvirt deletes it).
 
     Raises HypervisorError if libvirt refuses.
     """
@@ -145,7 +146,11 @@ def remove_domain(conn: Connection, name: str) -> bool:
             raw.undefineFlags(
                 libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                | (
+                    libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+                    if keep_nvram
+                    else libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                )
             )
     return True
 

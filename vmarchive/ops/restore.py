@@ -823,7 +823,9 @@ class _Restore:
         # 4. clobber what --replace allows, then write
         if existing is not None:
             log.info("replacing domain %s", name)
-            remove_domain(self.conn, name)
+            # Its UEFI variables stay where they are: the restored domain has a store of its
+            # own, and nothing of the replaced one is deleted (its disks are not either).
+            remove_domain(self.conn, name, keep_nvram=True)
         result = RestoreResult(
             domain=name,
             uuid="",
