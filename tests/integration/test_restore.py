@@ -101,7 +101,7 @@ class Domains:
             if dom.isActive():
                 dom.destroy()
             if dom.isPersistent():
-                dom.undefine()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)  # UEFI ones need it
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/var/log/libvirt/qemu/{name}.log")
 
@@ -727,6 +727,55 @@ def test_uefi_guest_gets_a_variable_store_of_its_own(
     restored_guest(libvirt_conn, res2, out).wait_ticks(3)
     template = pathlib.Path(guestlib.OVMF_VARS).read_bytes()
     assert own2.read_bytes() == store.read_bytes() != template
+
+
+def test_disk_only_archive_restores_as_a_defined_domain_that_boots(
+    libvirt_conn: libvirt.virConnect, guest_build: dict[str, str], domains: Domains
+) -> None:
+    """A shut-off domain's archive holds its disks, its XML and (UEFI) its variable store:
+    it restores as a defined, shut-off domain with disks and store of its own, that boots.
+    It used to be refused ("nothing to resume")."""
+    spec = guestlib.GuestSpec(params={"tick_ms": 100}, uefi=True)
+    repo = str(domains.workdir() / "repo")
+    Repository.init(repo, InitOptions()).close()
+    g = guestlib.Guest(libvirt_conn, spec, domains.workdir())
+    g.create_disks()
+    dom = libvirt_conn.defineXML(g.xml)  # persistent: it stays defined when shut off
+    domains.names.append(g.name)
+    dom.create()  # libvirt makes its variable store; the workload writes its tick block
+    g.wait_up()
+    g.wait_ticks(2)
+    dom.destroy()
+    store = g.workdir / "nvram.fd"
+    r = capture(CaptureOptions(domain=g.name, repo=repo))
+    assert r.kind == "disk-only"
+    with Repository.open(repo) as rp:
+        a = rp.load_archive(r.id)
+        assert rp.open_stream(a, "nvram.fd").read_all() == store.read_bytes()
+    with pytest.raises(UsageError, match="holds no memory state"):
+        export_save(r.id, repo, domains.workdir() / "x.save")
+    with pytest.raises(UsageError, match="holds no memory state"):
+        restore(RestoreOptions(archive=r.id, repo=repo, name=f"{g.name}-p", paused=True))
+
+    out = domains.workdir()
+    res = restore(RestoreOptions(archive=r.id, repo=repo, disk_dir=out, name=f"{g.name}-d"))
+    domains.names.append(res.domain)
+    assert (res.state, res.route) == ("shut off", "define")
+    d = libvirt_conn.lookupByName(res.domain)
+    assert d.isPersistent() and not d.isActive()
+    assert res.nvram == str(out / f"{res.domain}-nvram.fd")
+    assert pathlib.Path(res.nvram).read_bytes() == store.read_bytes()
+    (disk,) = res.disks
+    same = subprocess.run(
+        ["qemu-img", "compare", str(g.disk_paths[0]), disk.path], capture_output=True, text=True
+    )
+    assert same.returncode == 0, same.stdout + same.stderr
+    d.create()
+    booted = restored_guest(libvirt_conn, res, out)
+    booted.wait_up()
+    assert booted.boot_id not in (None, g.boot_id)  # a fresh boot from the restored disk
+    booted.wait_ticks(2)
+    assert booted.serial.trouble() == []
 
 
 def test_negative_control_a_disk_from_another_instant_is_detected(

@@ -26,10 +26,14 @@ def _repo(repo: str | None) -> str:
 
 
 def _print(r: RestoreResult, verb: str) -> None:
-    state = "paused" if r.paused else "running"
-    typer.echo(f"{verb} {r.domain} ({state}) from archive {r.archive[:12]} in {r.duration_s:.2f} s")
+    typer.echo(
+        f"{verb} {r.domain} ({r.state}) from archive {r.archive[:12]} in {r.duration_s:.2f} s"
+    )
     typer.echo(f"  uuid         {r.uuid}")
-    typer.echo(f"  route        {r.route}, stream {r.stream_bytes} bytes")
+    if r.route == "define":
+        typer.echo("  route        define: a disk-only archive (its disks and definition)")
+    else:
+        typer.echo(f"  route        {r.route}, stream {r.stream_bytes} bytes")
     for d in r.disks:
         typer.echo(f"  disk {d.target:<6}  {d.path} ({d.format}, {d.bytes_written} bytes written)")
     for p in r.serial_logs:
@@ -114,7 +118,10 @@ def restore_cmd(
     no_hugepages: bool = _NO_HUGEPAGES,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Resume ARCHIVE's guest where it was captured (same boot, memory, devices, disks)."""
+    """Resume ARCHIVE's guest where it was captured (same boot, memory, devices, disks).
+
+    An archive of a shut-off domain (disk-only) is restored as a defined, shut-off domain.
+    """
     opts = _options(
         archive, repo, connect, name, disk_dir, pool, disk_format, paused, replace, sync_time,
         digests, no_hugepages=no_hugepages,

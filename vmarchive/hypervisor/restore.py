@@ -172,6 +172,16 @@ def restore_image(
     return conn.lookup(name)
 
 
+def define_domain(conn: Connection, xml: str, *, name: str) -> Domain:
+    """Define (persistently, shut off) the domain ``xml`` describes and return it.
+
+    Raises HypervisorError (with libvirt's message) if libvirt refuses the XML.
+    """
+    with libvirt_errors("cannot define the domain", domain=name, uri=conn.uri):
+        conn._conn().defineXML(xml)
+    return conn.lookup(name)
+
+
 #: Where libvirtd (system instance) writes QEMU's stderr and its own notes per domain.
 QEMU_LOG_DIR = "/var/log/libvirt/qemu"
 

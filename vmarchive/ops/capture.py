@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +113,7 @@ from vmarchive.ops.capture_incr import (
 )
 from vmarchive.ops.capture_memory import PipeReader, close_fd
 from vmarchive.ops.capture_watchdog import Watchdog
+from vmarchive.ops.restore_xml import NVRAM_META_STREAM, nvram_path
 from vmarchive.progress import NULL_PROGRESS, Progress
 from vmarchive.store import Repository, crashpoint
 
@@ -404,15 +405,35 @@ class _Capture:
         }
 
     def _xml_streams(
-        self, w: Any, live_xml: str, migratable_xml: str, extra: dict[str, str] | None = None
+        self,
+        w: Any,
+        live_xml: str,
+        migratable_xml: str,
+        extra: Mapping[str, str | bytes] | None = None,
     ) -> None:
         texts = {"domain.xml": migratable_xml, "domain-live.xml": live_xml, **(extra or {})}
         for name, text in texts.items():
-            data = text.encode()
+            data = text.encode() if isinstance(text, str) else text
             sw = w.stream(name, "meta", len(data))
             if data:
                 sw.write(0, data)
             sw.close()
+
+    @staticmethod
+    def _nvram_file(xml: str) -> dict[str, str | bytes]:
+        """A shut-off UEFI domain's variable store file, as a meta stream to archive (a
+        running one's is flash RAM, in the memory state).  None to archive when the domain
+        has none, or never started (libvirt makes the file at the first start)."""
+        root = ET.fromstring(xml)
+        path = nvram_path(root)
+        if path is None:
+            return {}
+        try:
+            with open(path, "rb") as f:
+                return {NVRAM_META_STREAM: f.read()}
+        except OSError as e:
+            log.info("UEFI variable store %s not archived: %s", path, e)
+            return {}
 
     @staticmethod
     def _memory_map(qmp: QMP) -> dict[str, str]:
@@ -456,7 +477,7 @@ class _Capture:
         meta = self._base_metadata("disk-only", xml)
         results: list[DiskResult] = []
         with self.repo.writer() as w:
-            self._xml_streams(w, xml, mig_xml)
+            self._xml_streams(w, xml, mig_xml, self._nvram_file(xml))
             for xd in parse_disks(xml):
                 d = DiskInfo(
                     target=xd.target,

@@ -76,6 +76,7 @@ from vmarchive.hypervisor.restore import (
     TargetCheck,
     VolumeUpload,
     check_target,
+    define_domain,
     domain_log_file,
     find_domain,
     remove_domain,
@@ -147,6 +148,8 @@ class RestoreResult:
     route: str
     duration_s: float
     paused: bool
+    #: what the domain is left as: running, paused, or shut off (a disk-only archive)
+    state: str = "running"
     disks: list[DiskOut] = field(default_factory=list)
     stream_bytes: int = 0
     stream_sha256: str | None = None
@@ -187,6 +190,12 @@ class _Plan:
     layout: ms.StreamLayout | None
     opaque: StreamInfo | None
 
+    @property
+    def has_memory(self) -> bool:
+        """False for a disk-only archive (a shut-off domain): disks and XML, nothing to
+        resume."""
+        return self.layout is not None or self.opaque is not None
+
 
 def _meta_text(repo: Repository, archive: Archive, name: str) -> str | None:
     if not any(s.name == name for s in archive.streams):
@@ -219,11 +228,6 @@ def _plan(repo: Repository, archive: Archive) -> _Plan:
                 raise StreamError(f"archive has no page image of RAM block {b.idstr!r}")
     elif streams:
         opaque = streams[0]
-    else:
-        kind = archive.metadata.get("kind")
-        raise UsageError(
-            f"archive {archive.id[:12]} ({kind}) holds no memory state: nothing to resume"
-        )
     disks = [s for s in archive.streams if s.kind == "disk"]
     for d in disks:
         rx.check_target_name(str(d.attrs.get("target", "")))
@@ -567,16 +571,21 @@ def _safe_child(directory: Path, filename: str) -> Path:
 NVRAM_RAM_BLOCK = "system.flash1"
 
 
+def _no_memory(archive: Archive, why: str) -> str:
+    kind = archive.metadata.get("kind")
+    return f"archive {archive.id[:12]} ({kind}) holds no memory state: {why}"
+
+
 def _nvram_content(repo: Repository, plan: _Plan) -> bytes | None:
-    """The guest's UEFI variable store at the captured instant (None: not in the archive,
-    e.g. an opaque stream; libvirt then starts from the firmware's template and the
+    """The guest's UEFI variable store at the captured instant: the flash RAM block of a
+    parsed memory state, or the file a disk-only capture archived.  None: not in the
+    archive (an opaque stream; libvirt then starts from the firmware's template and the
     incoming migration fills it)."""
-    if plan.layout is None:
-        return None
-    want = f"ram:{NVRAM_RAM_BLOCK}"
-    if not any(s.name == want for s in plan.archive.streams):
-        return None
-    return repo.open_stream(plan.archive, want).read_all()
+    names = {s.name for s in plan.archive.streams}
+    for want in (f"ram:{NVRAM_RAM_BLOCK}", rx.NVRAM_META_STREAM):
+        if want in names:
+            return repo.open_stream(plan.archive, want).read_all()
+    return None
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
@@ -692,6 +701,9 @@ class _Restore:
         archive = self.archive
         ostype = root.find("os/type")
         cpu_xml, cpu_mode = rx.cpu_definition(plan.live_xml)
+        if not plan.has_memory:
+            # Only defined, booted afresh later: no stream to load, no running CPU to match.
+            cpu_xml = cpu_mode = None
         tc = check_target(
             self.conn,
             arch=ostype.get("arch") if ostype is not None else None,
@@ -700,7 +712,9 @@ class _Restore:
             emulator=root.findtext("devices/emulator"),
             cpu_xml=cpu_xml,
             cpu_mode=cpu_mode,
-            source_qemu=str((archive.metadata.get("versions") or {}).get("qemu") or ""),
+            source_qemu=str((archive.metadata.get("versions") or {}).get("qemu") or "")
+            if plan.has_memory
+            else None,
         )
         existing = find_domain(self.conn, name)
         if existing is not None and not o.replace:
@@ -737,6 +751,10 @@ class _Restore:
             raise UsageError("give --disk-dir or --pool, not both")
         if pool is not None and fmt_override not in (None, "raw"):
             raise UsageError("--pool writes raw volumes (--disk-format raw)")
+        if not plan.has_memory and o.paused:
+            raise UsageError(
+                _no_memory(archive, "nothing to resume paused (it is defined, shut off)")
+            )
         root = rx.parse(plan.xml)
 
         # 1. target checks and 2. every chunk present (damage inside a chunk is caught as
@@ -819,6 +837,7 @@ class _Restore:
         )
         cookie = f"<cookie>\n  {cpu_xml}\n</cookie>\n" if cpu_xml else None
         prefix = saveimage.encode_prefix(rw.xml, running=not o.paused, cookie=cookie)
+        state = "shut off" if not plan.has_memory else "paused" if o.paused else "running"
 
         # 4. clobber what --replace allows, then write
         if existing is not None:
@@ -830,9 +849,10 @@ class _Restore:
             domain=name,
             uuid="",
             archive=archive.id,
-            route="pool" if pool is not None else "fifo",
+            route="define" if not plan.has_memory else "pool" if pool is not None else "fifo",
             duration_s=0.0,
             paused=o.paused,
+            state=state,
             macs=rw.macs,
             links_down=rw.links_down,
             serial_logs=list(chardevs.values()),
@@ -848,21 +868,30 @@ class _Restore:
             self.created.files.append(Path(path))
         if nvram is not None:
             result.nvram = nvram[0]
-            result.notes.append(
-                f"UEFI variables in {nvram[0]}"
-                + (
-                    " (as at the instant)"
-                    if nvram[2] is not None
-                    else " (made by libvirt from the firmware's template; the migration fills it)"
-                )
-            )
+            if nvram[2] is not None:
+                how = "as archived"
+            elif plan.has_memory:
+                how = "made by libvirt from the firmware's template; the migration fills it"
+            else:
+                how = "made by libvirt from the firmware's template at the first start"
+            result.notes.append(f"UEFI variables in {nvram[0]} ({how})")
             if pool is not None:
                 self._upload_nvram(nvram[1], nvram[2], pool)
             else:
                 self._write_nvram(Path(nvram[0]), nvram[2])
         qemu_log = domain_log_file(name)
         try:
-            if pool is not None:
+            if not plan.has_memory:
+                # A disk-only archive (a shut-off domain): its disks and its definition.
+                for s, fname, fmt in outs:
+                    if pool is not None:
+                        result.disks.append(self._upload_disk(s, fname, pool))
+                    else:
+                        assert disk_dir is not None
+                        result.disks.append(self._write_disk(s, fname, fmt, disk_dir))
+                self._lap("disks")
+                dom = define_domain(self.conn, rw.xml, name=name)
+            elif pool is not None:
                 for s, fname, _fmt in outs:
                     result.disks.append(self._upload_disk(s, fname, pool))
                 self._lap("disks")
@@ -887,6 +916,10 @@ class _Restore:
         self.created.domain = name
         self._lap("restore")
         result.uuid = dom.uuid
+        if not plan.has_memory:
+            result.duration_s = round(time.monotonic() - self.t0, 4)
+            result.timings = self.timings
+            return result
         now = self.clock()
         age = _archive_age(archive, now)
         result.clock_skew_s = None if age is None else round(age, 3)
@@ -909,6 +942,16 @@ class _Restore:
         # waited there for the disks, and when the guest was running.
         log.debug("restore of %s took %.3f s: %s", name, result.duration_s, self.timings)
         return result
+
+    def _write_disk(self, s: StreamInfo, fname: str, fmt: str, disk_dir: Path) -> DiskOut:
+        """One disk as an image file, written whole (no stream to overlap with)."""
+        path = _safe_child(disk_dir, fname)
+        if os.path.lexists(path):
+            os.unlink(path)  # --replace (checked in run)
+        self.created.files.append(path)
+        h = hashlib.sha256() if self.o.digests else None
+        n = _write_disk_file(path, fmt, self.repo, s, h)
+        return DiskOut(str(s.attrs["target"]), str(path), fmt, s.size, n, _hex(h))
 
     def _write_nvram(self, path: Path, data: bytes | None) -> None:
         if os.path.lexists(path):
@@ -1270,6 +1313,8 @@ def export_save(
         with repo.lock("shared"):
             archive = repo.load_archive(archive_name)
             plan = _plan(repo, archive)
+            if not plan.has_memory:
+                raise UsageError(_no_memory(archive, "a save image needs one"))
             dname = rx.check_domain_name(name or archive.domain)
             ddir = disk_dir or output.resolve().parent
             out = output.resolve()

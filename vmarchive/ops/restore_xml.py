@@ -24,6 +24,9 @@ _TARGET_RE = re.compile(r"^[a-z][a-z0-9]{0,31}$")
 #: A domain name we are willing to put into file names.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+#: The ``meta`` stream in which a disk-only capture keeps a shut-off UEFI domain's variable
+#: store file (formats/FORMAT.md; a live capture has the store as flash RAM instead).
+NVRAM_META_STREAM = "nvram.fd"
 #: libvirt generates these socket paths itself; they contain the old domain's name.
 _AUTO_CHANNEL_DIR = "/var/lib/libvirt/qemu/channel/"
 
