@@ -189,6 +189,16 @@ def assert_resumed(g: guestlib.Guest, captured: Captured) -> list[guestlib.Tick]
     return ticks
 
 
+def save_image_xml(img: pathlib.Path) -> str:
+    """The domain XML libvirt reads from save image ``img``."""
+    return subprocess.run(
+        ["virsh", "-c", guestlib.URI, "save-image-dumpxml", str(img)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def no_leftovers(conn: libvirt.virConnect, name: str, disk_dir: pathlib.Path) -> None:
     with pytest.raises(libvirt.libvirtError):
         conn.lookupByName(name)
@@ -647,12 +657,7 @@ def test_guest_on_huge_pages_resumes_on_ordinary_ram_with_no_hugepages(
     for drop in (False, True):
         img = domains.workdir() / "guest.save"
         export_save(r.id, repo, img, name=f"{g.name}-x", no_hugepages=drop)
-        dumped = subprocess.run(
-            ["virsh", "-c", guestlib.URI, "save-image-dumpxml", str(img)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        dumped = save_image_xml(img)
         assert ("<hugepages" in dumped) is not drop, dumped
 
 
@@ -707,13 +712,7 @@ def test_uefi_guest_gets_a_variable_store_of_its_own(
     ex = export_save(r.id, repo, img, name=f"{g.name}-x")
     assert ex.nvram == str(img.parent / f"{g.name}-x-nvram.fd")
     assert pathlib.Path(ex.nvram).read_bytes() == flash
-    dumped = subprocess.run(
-        ["virsh", "-c", guestlib.URI, "save-image-dumpxml", str(img)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert ET.fromstring(dumped).findtext("./os/nvram") == ex.nvram
+    assert ET.fromstring(save_image_xml(img)).findtext("./os/nvram") == ex.nvram
 
     # An opaque stream has no flash image to write: libvirt makes the new store from the
     # firmware's template and the incoming migration fills it (QEMU writes its flash back).

@@ -783,17 +783,7 @@ class _Restore:
             if pool is not None:
                 fmt = "raw"
             fname = f"{name}-{target}.{fmt}"
-            if disk_dir is not None:
-                path = str(_safe_child(disk_dir, fname))
-                if os.path.lexists(path) and not o.replace:
-                    raise AlreadyExistsError(f"{path} exists (use --replace)", path=path)
-            else:
-                assert pool is not None
-                if pool.exists(fname) and not o.replace:
-                    raise AlreadyExistsError(
-                        f"volume {fname} exists in pool {pool.name} (use --replace)"
-                    )
-                path = f"{pool.path}/{fname}"
+            path = self._new_path(fname, disk_dir, pool)
             disk_plan[target] = rx.DiskRewrite(path, fmt)
             outs.append((s, fname, fmt))
         chardevs: dict[str, str] = {}
@@ -809,17 +799,7 @@ class _Restore:
         nvram: tuple[str, str, bytes | None] | None = None  # path, file/volume name, data
         if rx.nvram_path(root) is not None:
             nv_name = f"{name}-nvram.fd"
-            if disk_dir is not None:
-                nv_path = str(_safe_child(disk_dir, nv_name))
-                if os.path.lexists(nv_path) and not o.replace:
-                    raise AlreadyExistsError(f"{nv_path} exists (use --replace)", path=nv_path)
-            else:
-                assert pool is not None
-                if pool.exists(nv_name) and not o.replace:
-                    raise AlreadyExistsError(
-                        f"volume {nv_name} exists in pool {pool.name} (use --replace)"
-                    )
-                nv_path = f"{pool.path}/{nv_name}"
+            nv_path = self._new_path(nv_name, disk_dir, pool)
             nvram = (nv_path, nv_name, _nvram_content(self.repo, plan))
         rw = rx.rewrite(
             plan.xml,
@@ -942,6 +922,19 @@ class _Restore:
         # waited there for the disks, and when the guest was running.
         log.debug("restore of %s took %.3f s: %s", name, result.duration_s, self.timings)
         return result
+
+    def _new_path(self, fname: str, disk_dir: Path | None, pool: Pool | None) -> str:
+        """Where file ``fname`` of the new domain goes on the target: in ``disk_dir``, or as
+        a volume of ``pool``.  Raises AlreadyExistsError when taken, unless --replace."""
+        if disk_dir is not None:
+            path = str(_safe_child(disk_dir, fname))
+            if os.path.lexists(path) and not self.o.replace:
+                raise AlreadyExistsError(f"{path} exists (use --replace)", path=path)
+            return path
+        assert pool is not None
+        if pool.exists(fname) and not self.o.replace:
+            raise AlreadyExistsError(f"volume {fname} exists in pool {pool.name} (use --replace)")
+        return f"{pool.path}/{fname}"
 
     def _write_disk(self, s: StreamInfo, fname: str, fmt: str, disk_dir: Path) -> DiskOut:
         """One disk as an image file, written whole (no stream to overlap with)."""
