@@ -87,6 +87,7 @@ COMMAND_MODULES: dict[str, str] = {
     "doctor": "doctor",
     "export-memory": "export",
     "export-disk": "export",
+    "serve": "export",
     "diff": "export",
     "init": "repo",
     "list": "repo",

@@ -1,7 +1,9 @@
-"""Forensic commands: ``export-memory``, ``export-disk`` and ``diff`` (read archives only)."""
+"""Forensic commands: ``export-memory``, ``export-disk``, ``serve`` and ``diff`` (read
+archives only)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -105,6 +107,67 @@ def export_disk_cmd(
         print_json(r.to_json())
     else:
         _print_export(r)
+
+
+_SOCKET = typer.Option(None, "--socket", help="Unix socket to listen on (mode 0600).")
+_SERVE_DISKS = typer.Option([], "--disk", help="Disk target to serve (repeatable; default: all).")
+
+
+@app.command("serve")
+def serve_cmd(
+    archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
+    socket_path: Path = _SOCKET,
+    listen: str = typer.Option(
+        None, "--listen", help="TCP [HOST:]PORT to listen on (HOST default: localhost)."
+    ),
+    disks: list[str] = _SERVE_DISKS,
+    repo: str = _REPO,
+    json_out: bool = _JSON,
+) -> None:
+    """Serve ARCHIVE's disks read-only over NBD until Ctrl-C (no TLS, no authentication).
+
+    Each disk is an export named by its target: mount one with
+    qemu-nbd -r -c /dev/nbd0 'nbd+unix:///vda?socket=PATH', or read it with qemu-img,
+    guestmount, nbdinfo... Reads come straight from the repository, verified.
+    """
+    import signal
+
+    from vmarchive.errors import UsageError
+    from vmarchive.ops import serve
+
+    if (socket_path is None) == (listen is None):
+        raise UsageError("give --socket PATH or --listen [HOST:]PORT (one of them)")
+    tcp = serve.parse_listen(listen) if listen is not None else None
+    sock = str(socket_path.absolute()) if socket_path is not None else None
+    with serve.open_server(repo_ref(repo), archive, disks) as srv:
+        if sock is not None:
+            listener = serve.unix_listener(sock)
+        else:
+            assert tcp is not None
+            listener = serve.tcp_listener(*tcp)
+        with listener as ls:
+            uris = {
+                e.name: serve.export_uri(e.name, socket_path=sock, tcp=tcp) for e in srv.exports
+            }
+            if json_out:
+                print_json(
+                    {
+                        "archive": srv.archive.id,
+                        "exports": [{**e.to_json(), "uri": uris[e.name]} for e in srv.exports],
+                    }
+                )
+            else:
+                typer.echo(f"serving archive {srv.archive.id[:12]} read-only (Ctrl-C stops)")
+                for e in srv.exports:
+                    typer.echo(f"  {e.name:<6} {_fmt(e.size):>10}  {uris[e.name]}")
+            sys.stdout.flush()
+            signal.signal(signal.SIGTERM, lambda _s, _f: srv.stop())
+            try:
+                srv.serve(ls)
+            except KeyboardInterrupt:
+                srv.stop()
+    if not json_out:
+        typer.echo("stopped")
 
 
 def _print_stream_diffs(title: str, diffs: list[StreamDiff]) -> None:
