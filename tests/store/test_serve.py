@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmarchive.errors import NBDError, NotFoundError
+from vmarchive.errors import NBDError, NotFoundError, UsageError
 from vmarchive.hypervisor import nbd as P
 from vmarchive.hypervisor.nbd import NBDClient
 from vmarchive.ops import serve
@@ -257,6 +257,33 @@ def test_damage_is_an_io_error_where_it_is_and_nowhere_else(
         assert p.returncode != 0 and "error" in p.stderr.lower(), p.stderr
 
 
+def test_tcp_listener(archive: tuple[str, str, dict[str, bytes]], tmp_path: pathlib.Path) -> None:
+    path, aid, disks = archive
+    ready = threading.Event()
+    with serve.open_server(RepoRef(path), aid) as srv, serve.tcp_listener("127.0.0.1", 0) as ls:
+        port = ls.getsockname()[1]
+        t = threading.Thread(target=srv.serve, args=(ls, ready), daemon=True)
+        t.start()
+        assert ready.wait(10)
+        try:
+            with NBDClient.connect(("127.0.0.1", port), "vdb", meta_contexts=()) as c:
+                assert c.read(0, 4096) == disks["vdb"][:4096]
+            out = tmp_path / "vdb.raw"
+            uri = serve.export_uri("vdb", tcp=("127.0.0.1", port))
+            subprocess.run(["qemu-img", "convert", "-O", "raw", uri, str(out)], check=True)
+            assert out.read_bytes() == padded(disks["vdb"])
+        finally:
+            srv.stop()
+            t.join(10)
+    with serve.tcp_listener("127.0.0.1", 0) as ls:
+        taken = ls.getsockname()[1]
+        with (
+            pytest.raises(UsageError, match="cannot listen"),
+            serve.tcp_listener("127.0.0.1", taken),
+        ):
+            pass
+
+
 def test_only_the_disks_asked_for_are_served(archive: tuple[str, str, dict[str, bytes]]) -> None:
     path, aid, _ = archive
     with serve.open_server(RepoRef(path), aid, ["vdb"]) as srv:
@@ -270,7 +297,7 @@ def test_only_the_disks_asked_for_are_served(archive: tuple[str, str, dict[str, 
 
 @pytest.mark.parametrize("value", ["0", "70000", "x", "host:", ":x"])
 def test_bad_listen_values(value: str) -> None:
-    with pytest.raises(Exception, match="--listen"):
+    with pytest.raises(UsageError, match="--listen"):
         serve.parse_listen(value)
 
 
