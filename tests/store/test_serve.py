@@ -111,6 +111,35 @@ def test_reads_match_the_archived_disk(served: tuple[str, dict[str, bytes], str]
         NBDClient.connect(sock, "vdz", meta_contexts=())
 
 
+def test_block_status_reports_the_stored_holes(served: tuple[str, dict[str, bytes], str]) -> None:
+    sock, disks, path = served
+    with Repository.open(path) as repo:
+        a = repo.load_archive(repo.archive_ids()[0])
+        stored = {
+            t: [(e.offset, e.length, e.hole) for e in repo.open_stream(a, f"disk:{t}").extents()]
+            for t in disks
+        }
+    for target, data in disks.items():
+        want = stored[target]
+        if target == "vda":  # big enough for whole-chunk holes: both kinds are checked
+            assert any(h for *_, h in want) and any(not h for *_, h in want), want
+        pad = serve.export_size(len(data)) - len(data)
+        if pad:  # the padding up to the export's size reads as a hole too
+            off, n, hole = want[-1]
+            want = want[:-1] + (
+                [(off, n + pad, True)] if hole else [(off, n, False), (len(data), pad, True)]
+            )
+        with NBDClient.connect(sock, target) as c:
+            got = [(e.offset, e.length, e.hole) for e in c.extents()]
+            assert got == want
+            assert all(e.zero == e.hole for e in c.extents())
+            # one request, the whole export: the same runs
+            one = c.block_status(0, c.size)[P.BASE_ALLOCATION]
+            assert [(e.offset, e.length, e.hole) for e in one] == want
+            # reads come back whole, holes sent as hole chunks
+            assert c.read(0, c.size) == padded(data)
+
+
 def test_qemu_reads_the_exports(
     served: tuple[str, dict[str, bytes], str], tmp_path: pathlib.Path
 ) -> None:
@@ -124,6 +153,17 @@ def test_qemu_reads_the_exports(
             capture_output=True,
         )
         assert out.read_bytes() == padded(data)
+    # QEMU sees the stored holes through block status (qemu-img map asks base:allocation)
+    vda = serve.export_uri("vda", socket_path=sock)
+    m = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "raw", vda],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    regions = json.loads(m.stdout)
+    assert {r["zero"] for r in regions} == {True, False}, regions
+    assert sum(r["length"] for r in regions) == serve.export_size(len(disks["vda"]))
     # QEMU sees the export read-only: a write through it is refused
     p = subprocess.run(
         ["qemu-io", "-f", "raw", "-c", "write 0 4k", serve.export_uri("vda", socket_path=sock)],
@@ -167,6 +207,12 @@ def _option(s: socket.socket, opt: int, data: bytes = b"") -> list[tuple[int, by
             return out
 
 
+def _meta(export: str, *queries: str) -> bytes:
+    raw = export.encode()
+    body = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+    return body + b"".join(struct.pack(">I", len(q)) + q.encode() for q in queries)
+
+
 def _go(name: str) -> bytes:
     raw = name.encode()
     return struct.pack(">I", len(raw)) + raw + struct.pack(">HH", 1, P.INFO_BLOCK_SIZE)
@@ -178,8 +224,25 @@ def test_option_haggling(served: tuple[str, dict[str, bytes], str]) -> None:
         listed = _option(s, P.OPT_LIST)
         assert [d[4:].decode() for t, d in listed if t == P.REP_SERVER] == ["vda", "vdb"]
         assert listed[-1][0] == P.REP_ACK
-        assert _option(s, P.OPT_STRUCTURED_REPLY) == [
-            (P.REP_ERR_BIT | 1, b"not supported by this server")
+        assert _option(s, 5)[0][0] == P.REP_ERR_BIT | 1  # NBD_OPT_STARTTLS: not supported
+        alloc = struct.pack(">I", 1) + P.BASE_ALLOCATION.encode()
+        assert _option(s, P.OPT_SET_META_CONTEXT, _meta("vda", P.BASE_ALLOCATION))[0][0] == (
+            P.REP_ERR_BIT | 3  # structured replies first
+        )
+        assert _option(s, P.OPT_LIST_META_CONTEXT, _meta("vda")) == [
+            (P.REP_META_CONTEXT, alloc),
+            (P.REP_ACK, b""),
+        ]
+        assert _option(s, P.OPT_STRUCTURED_REPLY) == [(P.REP_ACK, b"")]
+        assert _option(s, P.OPT_SET_META_CONTEXT, _meta("vdz", P.BASE_ALLOCATION))[0][0] == (
+            P.REP_ERR_BIT | 6
+        )
+        assert _option(s, P.OPT_SET_META_CONTEXT, _meta("vda", "qemu:dirty-bitmap:x")) == [
+            (P.REP_ACK, b"")  # nothing of that name: none selected
+        ]
+        assert _option(s, P.OPT_SET_META_CONTEXT, _meta("vda", P.BASE_ALLOCATION)) == [
+            (P.REP_META_CONTEXT, alloc),
+            (P.REP_ACK, b""),
         ]
         assert _option(s, P.OPT_GO, b"\x00\x00")[0][0] == P.REP_ERR_BIT | 3  # malformed
         assert _option(s, P.OPT_GO, _go("vdz"))[0][0] == P.REP_ERR_BIT | 6  # unknown export
@@ -194,8 +257,16 @@ def test_option_haggling(served: tuple[str, dict[str, bytes], str]) -> None:
             P.REP_INFO,
             P.REP_ACK,
         ]
-        assert _request(s, P.CMD_READ, 7, 1000, 24) == 0
-        assert s.recv(24, socket.MSG_WAITALL) == disks["vda"][1000:1024]
+        s.sendall(struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_READ, 7, 1000, 24))
+        magic, flags, kind, handle, n = struct.unpack(">IHHQI", s.recv(20, socket.MSG_WAITALL))
+        assert (magic, flags, kind, handle, n) == (
+            P.STRUCTURED_REPLY_MAGIC,
+            P.REPLY_FLAG_DONE,
+            P.CHUNK_OFFSET_DATA,
+            7,
+            8 + 24,
+        )
+        assert s.recv(n, socket.MSG_WAITALL) == struct.pack(">Q", 1000) + disks["vda"][1000:1024]
     with _hello(sock) as s:
         assert _option(s, P.OPT_ABORT) == [(P.REP_ACK, b"")]
         assert s.recv(1) == b""

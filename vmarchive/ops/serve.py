@@ -9,10 +9,13 @@ so a 200 GiB disk is browsable at once and costs only what is read.
 
 The server speaks just what that needs (protocol facts from the NBD protocol document, as
 for :mod:`vmarchive.hypervisor.nbd`): the fixed newstyle handshake with ``NBD_OPT_GO``,
-``NBD_OPT_INFO``, ``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_LIST`` and ``NBD_OPT_ABORT``; simple
-replies (no structured replies, so no block status: clients see holes as zeros); the
-commands ``NBD_CMD_READ``, ``NBD_CMD_FLUSH`` (nothing to do) and ``NBD_CMD_DISC``.  Exports
-are read-only: a write is refused with ``EPERM``.  A read that meets damage in the store
+``NBD_OPT_INFO``, ``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_LIST``, ``NBD_OPT_ABORT``,
+``NBD_OPT_STRUCTURED_REPLY`` and the meta context options for ``base:allocation``; the
+commands ``NBD_CMD_READ``, ``NBD_CMD_BLOCK_STATUS``, ``NBD_CMD_FLUSH`` (nothing to do) and
+``NBD_CMD_DISC``.  With structured replies a read sends the stored holes as hole chunks and
+block status reports them (hole and zero), so sparse-aware clients (``qemu-img convert``,
+``qemu-img map``) neither move nor write them; without, holes read as zeros.  Exports are
+read-only: a write is refused with ``EPERM``.  A read that meets damage in the store
 gets ``EIO`` (the client sees an I/O error there, and everything else still reads).  An
 export's size is the disk's rounded up to 512 bytes (:func:`export_size`).
 
@@ -72,6 +75,49 @@ class Export:
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "size": self.size}
+
+
+#: the one meta context this server has, and the id it gives it
+BASE_ALLOCATION_ID = 1
+_ERR_UNSUP = P.REP_ERR_BIT | 1
+_ERR_INVALID = P.REP_ERR_BIT | 3
+_ERR_UNKNOWN = P.REP_ERR_BIT | 6
+_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, payload length
+
+
+@dataclass
+class _Session:
+    """One client's chosen export and what it negotiated."""
+
+    reader: StreamReader
+    size: int  # the export's size (the stream's, rounded up: see export_size)
+    zero_id: bytes
+    structured: bool
+    allocation: bool  # base:allocation selected
+
+    def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """(offset, length, hole) runs covering the range; the padding is a hole."""
+        end = offset + length
+        cs = self.reader.chunk_size
+        stream = self.reader.stream
+        pos = offset
+        run: list[int | bool] | None = None  # [start, end, hole]
+        while pos < end:
+            if pos >= self.reader.size:
+                stop, hole = end, True
+            else:
+                index = pos // cs
+                stop = min((index + 1) * cs, end, self.reader.size)
+                hole = stream.chunk_id(index) == self.zero_id
+            if run is not None and run[2] == hole:
+                run[1] = stop
+            else:
+                if run is not None:
+                    yield int(run[0]), int(run[1]) - int(run[0]), bool(run[2])
+                run = [pos, stop, hole]
+            pos = stop
+        if run is not None:
+            yield int(run[0]), int(run[1]) - int(run[0]), bool(run[2])
 
 
 class _Closed(Exception):
@@ -145,9 +191,9 @@ class DiskServer:
     def _serve_conn(self, conn: socket.socket) -> None:
         try:
             with conn:
-                reader = self._handshake(conn)
-                if reader is not None:
-                    self._transmission(conn, reader)
+                ses = self._handshake(conn)
+                if ses is not None:
+                    self._transmission(conn, ses)
         except _Closed as e:
             log.debug("NBD connection ended: %s", e)
         except OSError as e:
@@ -158,8 +204,8 @@ class DiskServer:
             with self._mutex:
                 self._conns.discard(conn)
 
-    def _handshake(self, conn: socket.socket) -> tuple[StreamReader, int] | None:
-        """Negotiate; the reader of the chosen export, or None (the client aborted)."""
+    def _handshake(self, conn: socket.socket) -> _Session | None:
+        """Negotiate; the session on the chosen export, or None (the client aborted)."""
         conn.sendall(
             _HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
         )
@@ -167,6 +213,7 @@ class DiskServer:
         if cflags & ~(P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES):
             raise _Closed(f"unknown client flags {cflags:#x}")
         no_zeroes = bool(cflags & P.FLAG_NO_ZEROES)
+        structured = allocation = False
         while True:
             magic, opt, length = struct.unpack(">QII", _recv(conn, 16))
             if magic != P.IHAVEOPT:
@@ -185,7 +232,7 @@ class DiskServer:
                     struct.pack(">QH", self._sizes[name], TRANSMISSION_FLAGS)
                     + (b"" if no_zeroes else bytes(124))
                 )
-                return self._reader(name)
+                return self._session(name, structured, allocation)
             if opt == P.OPT_ABORT:
                 _opt_reply(conn, opt, P.REP_ACK)
                 return None
@@ -198,11 +245,11 @@ class DiskServer:
             if opt in (P.OPT_INFO, P.OPT_GO):
                 asked = self._info_request(data)
                 if asked is None:
-                    _opt_reply(conn, opt, P.REP_ERR_BIT | 3, b"malformed request")
+                    _opt_reply(conn, opt, _ERR_INVALID, b"malformed request")
                     continue
                 name = asked or (next(iter(self._streams)) if len(self._streams) == 1 else "")
                 if name not in self._streams:
-                    _opt_reply(conn, opt, P.REP_ERR_BIT | 6, f"no export {name!r}".encode())
+                    _opt_reply(conn, opt, _ERR_UNKNOWN, f"no export {name!r}".encode())
                     continue
                 size = self._sizes[name]
                 _opt_reply(
@@ -219,9 +266,39 @@ class DiskServer:
                 )
                 _opt_reply(conn, opt, P.REP_ACK)
                 if opt == P.OPT_GO:
-                    return self._reader(name)
+                    return self._session(name, structured, allocation)
                 continue
-            _opt_reply(conn, opt, P.REP_ERR_BIT | 1, b"not supported by this server")
+            if opt == P.OPT_STRUCTURED_REPLY:
+                if data:
+                    _opt_reply(conn, opt, _ERR_INVALID, b"no data expected")
+                    continue
+                structured = True
+                _opt_reply(conn, opt, P.REP_ACK)
+                continue
+            if opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+                meta = _meta_request(data)
+                if meta is None:
+                    _opt_reply(conn, opt, _ERR_INVALID, b"malformed request")
+                    continue
+                export, queries = meta
+                if opt == P.OPT_SET_META_CONTEXT and not structured:
+                    _opt_reply(conn, opt, _ERR_INVALID, b"structured replies first")
+                    continue
+                export = export or (next(iter(self._streams)) if len(self._streams) == 1 else "")
+                if export not in self._streams:
+                    _opt_reply(conn, opt, _ERR_UNKNOWN, f"no export {export!r}".encode())
+                    continue
+                listing = opt == P.OPT_LIST_META_CONTEXT
+                wanted = [q for q in queries or ([P.BASE_ALLOCATION] if listing else [])]
+                found = P.BASE_ALLOCATION in wanted or (listing and "base:" in wanted)
+                if found:
+                    body = _U32.pack(BASE_ALLOCATION_ID) + P.BASE_ALLOCATION.encode()
+                    _opt_reply(conn, opt, P.REP_META_CONTEXT, body)
+                if not listing:
+                    allocation = found  # each SET replaces the selection
+                _opt_reply(conn, opt, P.REP_ACK)
+                continue
+            _opt_reply(conn, opt, _ERR_UNSUP, b"not supported by this server")
 
     @staticmethod
     def _info_request(data: bytes) -> str | None:
@@ -237,13 +314,14 @@ class DiskServer:
             return None
         return name
 
-    def _reader(self, name: str) -> tuple[StreamReader, int]:
-        return self.repo.open_stream(self.archive, self._streams[name].name), self._sizes[name]
+    def _session(self, name: str, structured: bool, allocation: bool) -> _Session:
+        reader = self.repo.open_stream(self.archive, self._streams[name].name)
+        zero = self.repo.codecs.zero_id
+        return _Session(reader, self._sizes[name], zero, structured, allocation)
 
-    def _transmission(self, conn: socket.socket, chosen: tuple[StreamReader, int]) -> None:
-        reader, size = chosen
+    def _transmission(self, conn: socket.socket, ses: _Session) -> None:
         while True:
-            magic, _flags, cmd, handle, offset, length = _REQUEST.unpack(_recv(conn, _REQUEST.size))
+            magic, flags, cmd, handle, offset, length = _REQUEST.unpack(_recv(conn, _REQUEST.size))
             if magic != P.REQUEST_MAGIC:
                 raise _Closed(f"bad request magic {magic:#x}")
             if cmd == P.CMD_DISC:
@@ -251,25 +329,90 @@ class DiskServer:
             if cmd == CMD_WRITE:
                 _drain(conn, length)  # stay in step with the client, then refuse
                 _reply(conn, handle, errno.EPERM)
-                continue
-            if cmd == CMD_FLUSH:
+            elif cmd == CMD_FLUSH:
                 _reply(conn, handle, 0)
-                continue
-            if cmd != P.CMD_READ:
-                _reply(conn, handle, errno.EINVAL)
-                continue
-            if length > MAX_READ or offset + length > size:
-                _reply(conn, handle, errno.EINVAL)
-                continue
-            try:
-                data = reader.read_range(offset, length)
-                if len(data) < length:  # the padding up to the export's size
-                    data += bytes(length - len(data))
-            except (DamageError, ChunkMissingError, RepositoryError) as e:
-                log.error("read of %s at %d (+%d) failed: %s", reader.name, offset, length, e)
-                _reply(conn, handle, errno.EIO)
-                continue
+            elif cmd == P.CMD_READ:
+                self._read(conn, ses, handle, offset, length)
+            elif cmd == P.CMD_BLOCK_STATUS and ses.allocation:
+                if length == 0 or offset + length > ses.size:
+                    _error(conn, ses, handle, errno.EINVAL, "range outside the export")
+                    continue
+                runs = ses.runs(offset, length)
+                if flags & P.CMD_FLAG_REQ_ONE:
+                    runs = iter([next(runs)])
+                body = _U32.pack(BASE_ALLOCATION_ID) + b"".join(
+                    struct.pack(">II", n, P.STATE_HOLE | P.STATE_ZERO if hole else 0)
+                    for _off, n, hole in runs
+                )
+                _chunk(conn, handle, P.CHUNK_BLOCK_STATUS, body, done=True)
+            else:
+                _error(conn, ses, handle, errno.EINVAL, f"command {cmd} not supported")
+
+    def _read(self, conn: socket.socket, ses: _Session, handle: int, offset: int, n: int) -> None:
+        if n > MAX_READ or offset + n > ses.size:
+            _error(conn, ses, handle, errno.EINVAL, "read outside the export or too large")
+            return
+        if n == 0:  # nothing to send but the end of the reply
+            if ses.structured:
+                _chunk(conn, handle, P.CHUNK_NONE, b"", done=True)
+            else:
+                _reply(conn, handle, 0)
+            return
+        runs = list(ses.runs(offset, n))
+        pieces: list[bytes | None] = []  # read them all first: an error is then one reply
+        try:
+            for off, k, hole in runs:
+                pieces.append(None if hole else ses.reader.read_range(off, k).ljust(k, b"\0"))
+        except (DamageError, ChunkMissingError, RepositoryError) as e:
+            log.error("read of %s at %d (+%d) failed: %s", ses.reader.name, offset, n, e)
+            _error(conn, ses, handle, errno.EIO, "damaged data in the repository")
+            return
+        if not ses.structured:
+            data = b"".join(
+                p if p is not None else bytes(k)
+                for p, (_o, k, _h) in zip(pieces, runs, strict=True)
+            )
             conn.sendall(_SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle) + data)
+            return
+        for i, (piece, (off, k, _hole)) in enumerate(zip(pieces, runs, strict=True)):
+            done = i == len(runs) - 1
+            if piece is None:
+                _chunk(conn, handle, P.CHUNK_OFFSET_HOLE, struct.pack(">QI", off, k), done=done)
+            else:
+                _chunk(conn, handle, P.CHUNK_OFFSET_DATA, struct.pack(">Q", off) + piece, done=done)
+
+
+def _meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    """Export name and queries of a LIST/SET_META_CONTEXT option (None: malformed)."""
+    try:
+        (n,) = _U32.unpack_from(data)
+        export = data[4 : 4 + n].decode("utf-8", "replace")
+        pos = 4 + n
+        (count,) = _U32.unpack_from(data, pos)
+        pos += 4
+        queries = []
+        for _ in range(count):
+            (k,) = _U32.unpack_from(data, pos)
+            queries.append(data[pos + 4 : pos + 4 + k].decode("utf-8", "replace"))
+            pos += 4 + k
+    except struct.error:
+        return None
+    return (export, queries) if pos == len(data) else None
+
+
+def _chunk(conn: socket.socket, handle: int, kind: int, payload: bytes, *, done: bool) -> None:
+    flags = P.REPLY_FLAG_DONE if done else 0
+    head = _CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, flags, kind, handle, len(payload))
+    conn.sendall(head + payload)
+
+
+def _error(conn: socket.socket, ses: _Session, handle: int, error: int, message: str) -> None:
+    """An error reply: structured when negotiated (reads must not get simple ones then)."""
+    if not ses.structured:
+        _reply(conn, handle, error)
+        return
+    msg = message.encode()
+    _chunk(conn, handle, P.CHUNK_ERROR, struct.pack(">IH", error, len(msg)) + msg, done=True)
 
 
 def export_size(size: int) -> int:
