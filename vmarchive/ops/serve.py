@@ -222,11 +222,8 @@ class DiskServer:
                 raise _Closed(f"option {opt} of {length} bytes")
             data = _recv(conn, length)
             if opt == P.OPT_EXPORT_NAME:
-                name = data.decode("utf-8", "replace")
-                s = self._streams.get(name) if name else None
-                if s is None and not name and len(self._streams) == 1:
-                    name, s = next(iter(self._streams.items()))  # the default export
-                if s is None:
+                name = self._named(data.decode("utf-8", "replace"))
+                if name not in self._streams:
                     raise _Closed(f"unknown export {name!r}")  # the protocol says: close
                 conn.sendall(
                     struct.pack(">QH", self._sizes[name], TRANSMISSION_FLAGS)
@@ -247,7 +244,7 @@ class DiskServer:
                 if asked is None:
                     _opt_reply(conn, opt, _ERR_INVALID, b"malformed request")
                     continue
-                name = asked or (next(iter(self._streams)) if len(self._streams) == 1 else "")
+                name = self._named(asked)
                 if name not in self._streams:
                     _opt_reply(conn, opt, _ERR_UNKNOWN, f"no export {name!r}".encode())
                     continue
@@ -284,7 +281,7 @@ class DiskServer:
                 if opt == P.OPT_SET_META_CONTEXT and not structured:
                     _opt_reply(conn, opt, _ERR_INVALID, b"structured replies first")
                     continue
-                export = export or (next(iter(self._streams)) if len(self._streams) == 1 else "")
+                export = self._named(export)
                 if export not in self._streams:
                     _opt_reply(conn, opt, _ERR_UNKNOWN, f"no export {export!r}".encode())
                     continue
@@ -299,6 +296,12 @@ class DiskServer:
                 _opt_reply(conn, opt, P.REP_ACK)
                 continue
             _opt_reply(conn, opt, _ERR_UNSUP, b"not supported by this server")
+
+    def _named(self, asked: str) -> str:
+        """The export a client means: the one it names, or (no name) the only one."""
+        if asked or len(self._streams) != 1:
+            return asked
+        return next(iter(self._streams))
 
     @staticmethod
     def _info_request(data: bytes) -> str | None:
