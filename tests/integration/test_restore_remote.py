@@ -158,3 +158,48 @@ def test_restore_onto_a_second_libvirtd_through_its_tcp_uri(
     finally:
         remote.close()
     assert os.path.exists(pool_dir / f"{g.name}-vda.raw")
+
+
+def test_disk_only_archive_is_defined_on_a_second_libvirtd(
+    libvirt_conn: libvirt.virConnect, second_libvirtd: tuple[str, pathlib.Path]
+) -> None:
+    """A shut-off UEFI domain's archive, restored through the pool route: its disk and its
+    variable store are uploaded as volumes and the domain is defined there, shut off."""
+    uri, pool_dir = second_libvirtd
+    wd = guestlib.make_workdir("vmatest-lv2-off-")
+    g = guestlib.Guest(libvirt_conn, guestlib.GuestSpec(uefi=True), wd)
+    g.create_disks()
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(g.disk_paths[0])],
+        check=True,
+        capture_output=True,
+    )
+    store = wd / "nvram.fd"  # as libvirt would have made it at a first start, marked
+    store.write_bytes(pathlib.Path(guestlib.OVMF_VARS).read_bytes()[:-16] + b"vmarchive-nvram!")
+    dom = libvirt_conn.defineXML(g.xml)
+    try:
+        repo_path = str(wd / "repo")
+        Repository.init(repo_path, InitOptions()).close()
+        cap = capture(CaptureOptions(domain=g.name, repo=repo_path))
+        assert cap.kind == "disk-only"
+        r = restore(RestoreOptions(archive=cap.id, repo=repo_path, uri=uri, pool=POOL))
+        assert (r.route, r.state, r.domain) == ("define", "shut off", g.name)
+        assert r.nvram == str(pool_dir / f"{g.name}-nvram.fd")
+        assert pathlib.Path(r.nvram).read_bytes() == store.read_bytes()
+        (disk,) = r.disks
+        assert pathlib.Path(disk.path).parent == pool_dir
+        same = subprocess.run(
+            ["qemu-img", "compare", str(g.disk_paths[0]), disk.path], capture_output=True
+        )
+        assert same.returncode == 0, same.stdout
+        remote = libvirt.open(uri)
+        try:
+            there = remote.lookupByName(g.name)
+            assert there.isPersistent() and not there.isActive()
+            assert ET.fromstring(there.XMLDesc(0)).findtext("./os/nvram") == r.nvram
+            there.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        finally:
+            remote.close()
+    finally:
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+        shutil.rmtree(wd, ignore_errors=True)
