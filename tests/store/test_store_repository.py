@@ -293,6 +293,15 @@ def test_read_range_matches_slicing(
     assert sum(e.length for e in ext) == len(data)
     for e in ext:
         assert (data[e.offset : e.offset + e.length] == bytes(e.length)) or not e.hole
+    # a range's extents are the whole stream's, clipped to the range
+    for off, n in ranges:
+        end = min(off + n, len(data))
+        clipped = [
+            Extent(max(e.offset, off), min(e.offset + e.length, end) - max(e.offset, off), e.hole)
+            for e in ext
+            if off < end and e.offset < end and e.offset + e.length > off
+        ]
+        assert list(r.extents(off, n)) == clipped, (off, n)
 
 
 def test_index_flushes_bound_memory_and_stay_readable(tmp_path: pathlib.Path) -> None:

@@ -91,33 +91,20 @@ class _Session:
 
     reader: StreamReader
     size: int  # the export's size (the stream's, rounded up: see export_size)
-    zero_id: bytes
     structured: bool
     allocation: bool  # base:allocation selected
 
-    def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        """(offset, length, hole) runs covering the range; the padding is a hole."""
-        end = offset + length
-        cs = self.reader.chunk_size
-        stream = self.reader.stream
-        pos = offset
-        run: list[int | bool] | None = None  # [start, end, hole]
-        while pos < end:
-            if pos >= self.reader.size:
-                stop, hole = end, True
+    def runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, hole) runs covering the range: the stream's stored extents,
+        then the padding up to the export's size as a hole."""
+        runs = [(e.offset, e.length, e.hole) for e in self.reader.extents(offset, length)]
+        end, pad = offset + length, max(offset, self.reader.size)
+        if end > pad:
+            if runs and runs[-1][2]:
+                runs[-1] = (runs[-1][0], end - runs[-1][0], True)
             else:
-                index = pos // cs
-                stop = min((index + 1) * cs, end, self.reader.size)
-                hole = stream.chunk_id(index) == self.zero_id
-            if run is not None and run[2] == hole:
-                run[1] = stop
-            else:
-                if run is not None:
-                    yield int(run[0]), int(run[1]) - int(run[0]), bool(run[2])
-                run = [pos, stop, hole]
-            pos = stop
-        if run is not None:
-            yield int(run[0]), int(run[1]) - int(run[0]), bool(run[2])
+                runs.append((pad, end - pad, True))
+        return runs
 
 
 class _Closed(Exception):
@@ -319,8 +306,7 @@ class DiskServer:
 
     def _session(self, name: str, structured: bool, allocation: bool) -> _Session:
         reader = self.repo.open_stream(self.archive, self._streams[name].name)
-        zero = self.repo.codecs.zero_id
-        return _Session(reader, self._sizes[name], zero, structured, allocation)
+        return _Session(reader, self._sizes[name], structured, allocation)
 
     def _transmission(self, conn: socket.socket, ses: _Session) -> None:
         while True:
@@ -342,7 +328,7 @@ class DiskServer:
                     continue
                 runs = ses.runs(offset, length)
                 if flags & P.CMD_FLAG_REQ_ONE:
-                    runs = iter([next(runs)])
+                    runs = runs[:1]
                 body = _U32.pack(BASE_ALLOCATION_ID) + b"".join(
                     struct.pack(">II", n, P.STATE_HOLE | P.STATE_ZERO if hole else 0)
                     for _off, n, hole in runs
@@ -361,7 +347,7 @@ class DiskServer:
             else:
                 _reply(conn, handle, 0)
             return
-        runs = list(ses.runs(offset, n))
+        runs = ses.runs(offset, n)
         pieces: list[bytes | None] = []  # read them all first: an error is then one reply
         try:
             for off, k, hole in runs:

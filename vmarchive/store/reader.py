@@ -91,20 +91,25 @@ class StreamReader:
         for index in range(self.stream.slots):
             yield index * self.chunk_size, self._chunk(index)
 
-    def extents(self) -> Iterator[Extent]:
-        """Runs of data and holes, merged, without reading any chunk."""
-        run_start = 0
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Runs of data and holes, merged, without reading any chunk: of the whole stream,
+        or of ``[offset, offset+length)`` clipped to it (only its slots are looked at)."""
+        end = self.size if length is None else min(self.size, offset + length)
+        if offset >= end:
+            return
+        cs = self.chunk_size
+        run_start = offset
         run_hole: bool | None = None
-        for index in range(self.stream.slots):
+        for index in range(offset // cs, -(-end // cs)):
             hole = self.stream.chunk_id(index) == self._zero
             if run_hole is None:
                 run_hole = hole
             elif hole != run_hole:
-                off = index * self.chunk_size
+                off = index * cs
                 yield Extent(run_start, off - run_start, run_hole)
                 run_start, run_hole = off, hole
-        if run_hole is not None and self.size > run_start:
-            yield Extent(run_start, self.size - run_start, run_hole)
+        if run_hole is not None:
+            yield Extent(run_start, end - run_start, run_hole)
 
     def read_all(self) -> bytes:
         """The whole stream (small streams only: meta, devstate)."""
