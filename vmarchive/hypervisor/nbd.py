@@ -106,11 +106,12 @@ BASE_ALLOCATION = "base:allocation"
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024  # what the spec lets a client assume without info
 DEFAULT_REQUEST_SIZE = 2 * 1024 * 1024
 
-_REQ = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length: 28 bytes
-_SIMPLE = struct.Struct(">IIQ")  # magic, error, handle: 16 bytes
-_STRUCT = struct.Struct(">IHHQI")  # magic, flags, type, handle, length: 20 bytes
-_OPT = struct.Struct(">QII")  # IHAVEOPT, option, length: 16 bytes
-_OPT_REPLY = struct.Struct(">QIII")  # magic, option, type, length: 20 bytes
+# wire headers (the server in vmarchive.ops.serve writes and reads the same ones)
+REQUEST_HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length: 28 B
+SIMPLE_REPLY_HEADER = struct.Struct(">IIQ")  # magic, error, handle: 16 bytes
+CHUNK_HEADER = struct.Struct(">IHHQI")  # structured reply: magic, flags, type, handle, length
+OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length: 16 bytes
+OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, type, length: 20 bytes
 
 
 def dirty_bitmap_context(bitmap: str) -> str:
@@ -203,7 +204,7 @@ class NBDClient:
         self._context_names = {v: k for k, v in contexts.items()}
         self._pending: dict[int, _Pending] = {}
         self._next_handle = 1
-        self._hdr = bytearray(_STRUCT.size)
+        self._hdr = bytearray(CHUNK_HEADER.size)
         self._broken = False  # protocol state lost: no more requests
         self._closed = False
 
@@ -258,7 +259,7 @@ class NBDClient:
         self._closed = True
         try:
             if not self._broken:
-                self._sock.sendall(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+                self._sock.sendall(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
@@ -316,7 +317,9 @@ class NBDClient:
         handle = self._next_handle
         self._next_handle += 1
         try:
-            self._sock.sendall(_REQ.pack(REQUEST_MAGIC, flags, kind, handle, offset, length))
+            self._sock.sendall(
+                REQUEST_HEADER.pack(REQUEST_MAGIC, flags, kind, handle, offset, length)
+            )
         except OSError as e:
             self._broken = True
             raise self._fail(f"send failed: {e}", e) from e
@@ -338,8 +341,8 @@ class NBDClient:
         self._recv_into(hdr[:4])
         (magic,) = struct.unpack_from(">I", hdr)
         if magic == SIMPLE_REPLY_MAGIC:
-            self._recv_into(hdr[4 : _SIMPLE.size])
-            _, err, handle = _SIMPLE.unpack_from(hdr)
+            self._recv_into(hdr[4 : SIMPLE_REPLY_HEADER.size])
+            _, err, handle = SIMPLE_REPLY_HEADER.unpack_from(hdr)
             p = self._take(handle)
             if err:
                 p.error = err
@@ -350,8 +353,8 @@ class NBDClient:
         if magic != STRUCTURED_REPLY_MAGIC or not self.structured:
             self._broken = True
             raise self._fail(f"bad reply magic {magic:#x}")
-        self._recv_into(hdr[4 : _STRUCT.size])
-        _, flags, ctype, handle, length = _STRUCT.unpack_from(hdr)
+        self._recv_into(hdr[4 : CHUNK_HEADER.size])
+        _, flags, ctype, handle, length = CHUNK_HEADER.unpack_from(hdr)
         p = self._take(handle)
         if ctype == CHUNK_OFFSET_DATA and p.kind == CMD_READ and p.buf is not None:
             if length < 8:
@@ -644,10 +647,12 @@ class _Handshake:
             raise self._fail(f"send failed: {e}") from e
 
     def _option(self, opt: int, data: bytes = b"") -> None:
-        self._send(_OPT.pack(IHAVEOPT, opt, len(data)) + data)
+        self._send(OPTION_HEADER.pack(IHAVEOPT, opt, len(data)) + data)
 
     def _reply(self, opt: int) -> tuple[int, bytes]:
-        magic, ropt, rtype, length = _OPT_REPLY.unpack(self._recv(_OPT_REPLY.size))
+        magic, ropt, rtype, length = OPTION_REPLY_HEADER.unpack(
+            self._recv(OPTION_REPLY_HEADER.size)
+        )
         if magic != OPTION_REPLY_MAGIC or ropt != opt:
             raise self._fail(f"bad option reply (magic {magic:#x}, option {ropt})")
         if length > 64 * 1024 * 1024:

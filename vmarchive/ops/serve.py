@@ -59,9 +59,6 @@ CMD_FLUSH = 3
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _HANDSHAKE = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
-_OPT_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
-_REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
-_SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 _INFO_EXPORT = struct.Struct(">HQH")  # NBD_INFO_EXPORT, size, transmission flags
 _INFO_BLOCK = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
 
@@ -82,7 +79,6 @@ BASE_ALLOCATION_ID = 1
 _ERR_UNSUP = P.REP_ERR_BIT | 1
 _ERR_INVALID = P.REP_ERR_BIT | 3
 _ERR_UNKNOWN = P.REP_ERR_BIT | 6
-_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, payload length
 
 
 @dataclass
@@ -202,7 +198,7 @@ class DiskServer:
         no_zeroes = bool(cflags & P.FLAG_NO_ZEROES)
         structured = allocation = False
         while True:
-            magic, opt, length = struct.unpack(">QII", _recv(conn, 16))
+            magic, opt, length = P.OPTION_HEADER.unpack(_recv(conn, P.OPTION_HEADER.size))
             if magic != P.IHAVEOPT:
                 raise _Closed(f"bad option magic {magic:#x}")
             if length > 4096:
@@ -310,7 +306,9 @@ class DiskServer:
 
     def _transmission(self, conn: socket.socket, ses: _Session) -> None:
         while True:
-            magic, flags, cmd, handle, offset, length = _REQUEST.unpack(_recv(conn, _REQUEST.size))
+            magic, flags, cmd, handle, offset, length = P.REQUEST_HEADER.unpack(
+                _recv(conn, P.REQUEST_HEADER.size)
+            )
             if magic != P.REQUEST_MAGIC:
                 raise _Closed(f"bad request magic {magic:#x}")
             if cmd == P.CMD_DISC:
@@ -361,7 +359,7 @@ class DiskServer:
                 p if p is not None else bytes(k)
                 for p, (_o, k, _h) in zip(pieces, runs, strict=True)
             )
-            conn.sendall(_SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle) + data)
+            conn.sendall(P.SIMPLE_REPLY_HEADER.pack(P.SIMPLE_REPLY_MAGIC, 0, handle) + data)
             return
         for i, (piece, (off, k, _hole)) in enumerate(zip(pieces, runs, strict=True)):
             done = i == len(runs) - 1
@@ -391,7 +389,7 @@ def _meta_request(data: bytes) -> tuple[str, list[str]] | None:
 
 def _chunk(conn: socket.socket, handle: int, kind: int, payload: bytes, *, done: bool) -> None:
     flags = P.REPLY_FLAG_DONE if done else 0
-    head = _CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, flags, kind, handle, len(payload))
+    head = P.CHUNK_HEADER.pack(P.STRUCTURED_REPLY_MAGIC, flags, kind, handle, len(payload))
     conn.sendall(head + payload)
 
 
@@ -429,11 +427,11 @@ def _drain(conn: socket.socket, n: int) -> None:
 
 
 def _opt_reply(conn: socket.socket, opt: int, rtype: int, data: bytes = b"") -> None:
-    conn.sendall(_OPT_REPLY.pack(P.OPTION_REPLY_MAGIC, opt, rtype, len(data)) + data)
+    conn.sendall(P.OPTION_REPLY_HEADER.pack(P.OPTION_REPLY_MAGIC, opt, rtype, len(data)) + data)
 
 
 def _reply(conn: socket.socket, handle: int, error: int) -> None:
-    conn.sendall(_SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, error, handle))
+    conn.sendall(P.SIMPLE_REPLY_HEADER.pack(P.SIMPLE_REPLY_MAGIC, error, handle))
 
 
 # -- listeners ----------------------------------------------------------------------------
