@@ -439,7 +439,7 @@ def _reply(conn: socket.socket, handle: int, error: int) -> None:
 def unix_listener(path: str) -> Iterator[socket.socket]:
     """A listening unix socket at ``path`` (mode 0600), removed afterwards.
 
-    Raises AlreadyExistsError-like UsageError when ``path`` exists."""
+    Raises UsageError when ``path`` exists (it is never replaced)."""
     if os.path.lexists(path):
         raise UsageError(f"{path} exists: give a new socket path")
     ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
