@@ -953,20 +953,27 @@ class _Restore:
         if data is not None:
             _write_new_file(path, data)
 
-    def _upload_nvram(self, fname: str, data: bytes | None, pool: Pool) -> None:
-        if pool.exists(fname):
-            pool.delete(fname)  # --replace (checked in run)
-        if data is None:
-            return
-        pool.create(fname, len(data), "raw")
+    @contextlib.contextmanager
+    def _new_volume(self, pool: Pool, fname: str, size: int) -> Iterator[tuple[str, VolumeUpload]]:
+        """A new raw volume (one of that name is removed: --replace was checked in run),
+        ours to undo, and its upload stream: finished when the block ends, else aborted."""
+        pool.delete(fname)
+        path = pool.create(fname, size, "raw")
         self.created.volumes.append((pool, fname))
-        up = pool.open_upload(fname, len(data))
+        up = pool.open_upload(fname, size)
         try:
-            up.write(data)
+            yield path, up
             up.finish()
         except BaseException:
             up.abort()
             raise
+
+    def _upload_nvram(self, fname: str, data: bytes | None, pool: Pool) -> None:
+        if data is None:  # libvirt makes it from the firmware's template
+            pool.delete(fname)  # --replace (checked in run)
+            return
+        with self._new_volume(pool, fname, len(data)) as (_path, up):
+            up.write(data)
 
     def _upload_disk(self, s: StreamInfo, fname: str, pool: Pool) -> DiskOut:
         """One disk as a raw volume in ``pool``, through a sparse upload stream."""
@@ -974,13 +981,8 @@ class _Restore:
         size = int(s.size)
         task = self.progress.task(f"disk {s.attrs['target']}", size)
         try:
-            if pool.exists(fname):
-                pool.delete(fname)
-            path = pool.create(fname, size, "raw")
-            self.created.volumes.append((pool, fname))
-            up = pool.open_upload(fname, size)
-            try:
-                written = 0
+            written = 0
+            with self._new_volume(pool, fname, size) as (path, up):
                 for off, length, data in read_ahead(self.repo, s):
                     if h is not None:
                         _digest_disk(h, length, data)
@@ -992,10 +994,6 @@ class _Restore:
                         up.write(data)
                         written += length
                     task.advance(length)
-                up.finish()
-            except BaseException:
-                up.abort()
-                raise
             return DiskOut(str(s.attrs["target"]), path, "raw", size, written, _hex(h))
         finally:
             task.close()
@@ -1141,24 +1139,17 @@ class _Restore:
         else:
             assert plan.opaque is not None
             bound = len(prefix) + plan.opaque.size
-        pool.delete(vol)
-        path = pool.create(vol, bound, "raw")
-        self.created.volumes.append((pool, vol))
         try:
-            up: VolumeUpload = pool.open_upload(vol, bound)
-            try:
+            with self._new_volume(pool, vol, bound) as (path, up):
                 up.write(prefix)
                 result.stream_bytes = write_stream(self.repo, plan, _Hashing(up, h))
-                up.finish()
-            except BaseException:
-                up.abort()
-                raise
             result.staging_bytes += up.sent
             result.stream_sha256 = h.hexdigest() if h is not None else None
             return restore_image(self.conn, path, name=name, paused=self.o.paused)
         finally:
-            pool.delete(vol)
-            self.created.volumes.remove((pool, vol))
+            if (pool, vol) in self.created.volumes:  # not if it could not be created
+                pool.delete(vol)
+                self.created.volumes.remove((pool, vol))
 
     # -- cleanup --------------------------------------------------------------------------
     def undo(self) -> None:
