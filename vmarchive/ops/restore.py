@@ -598,6 +598,15 @@ def _write_new_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def _free_child(directory: Path, filename: str, replace: bool) -> Path:
+    """:func:`_safe_child`, refused when it exists and ``replace`` does not allow it.
+    Raises AlreadyExistsError, FormatError."""
+    p = _safe_child(directory, filename)
+    if os.path.lexists(p) and not replace:
+        raise AlreadyExistsError(f"{p} exists (use --replace)", path=str(p))
+    return p
+
+
 def _archive_age(archive: Archive, now: float) -> float | None:
     t = archive.time
     if not t:
@@ -927,10 +936,7 @@ class _Restore:
         """Where file ``fname`` of the new domain goes on the target: in ``disk_dir``, or as
         a volume of ``pool``.  Raises AlreadyExistsError when taken, unless --replace."""
         if disk_dir is not None:
-            path = str(_safe_child(disk_dir, fname))
-            if os.path.lexists(path) and not self.o.replace:
-                raise AlreadyExistsError(f"{path} exists (use --replace)", path=path)
-            return path
+            return str(_free_child(disk_dir, fname, self.o.replace))
         assert pool is not None
         if pool.exists(fname) and not self.o.replace:
             raise AlreadyExistsError(f"volume {fname} exists in pool {pool.name} (use --replace)")
@@ -1316,9 +1322,7 @@ def export_save(
                 target = str(s.attrs["target"])
                 fmt = disk_format or str(s.attrs.get("format") or "raw")
                 fmt = fmt if fmt in DISK_FORMATS else "raw"
-                p = _safe_child(ddir, f"{dname}-{target}.{fmt}")
-                if os.path.lexists(p) and not replace:
-                    raise AlreadyExistsError(f"{p} exists (use --replace)", path=str(p))
+                p = _free_child(ddir, f"{dname}-{target}.{fmt}", replace)
                 disks[target] = rx.DiskRewrite(str(p), fmt)
                 todo.append((s, p, fmt))
             chardevs = {
@@ -1327,9 +1331,7 @@ def export_save(
             }
             nvram: Path | None = None
             if rx.nvram_path(root) is not None:
-                nvram = _safe_child(ddir, f"{dname}-nvram.fd")
-                if os.path.lexists(nvram) and not replace:
-                    raise AlreadyExistsError(f"{nvram} exists (use --replace)", path=str(nvram))
+                nvram = _free_child(ddir, f"{dname}-nvram.fd", replace)
             rw = rx.rewrite(
                 plan.xml,
                 rx.Rewrite(
