@@ -227,11 +227,10 @@ class DiskServer:
                 if asked is None:
                     _opt_reply(conn, opt, _ERR_INVALID, b"malformed request")
                     continue
-                name = self._named(asked)
-                if name not in self._streams:
-                    _opt_reply(conn, opt, _ERR_UNKNOWN, f"no export {name!r}".encode())
+                chosen = self._known(conn, opt, asked)
+                if chosen is None:
                     continue
-                size = self._sizes[name]
+                size = self._sizes[chosen]
                 _opt_reply(
                     conn,
                     opt,
@@ -246,7 +245,7 @@ class DiskServer:
                 )
                 _opt_reply(conn, opt, P.REP_ACK)
                 if opt == P.OPT_GO:
-                    return self._session(name, structured, allocation)
+                    return self._session(chosen, structured, allocation)
                 continue
             if opt == P.OPT_STRUCTURED_REPLY:
                 if data:
@@ -264,9 +263,7 @@ class DiskServer:
                 if opt == P.OPT_SET_META_CONTEXT and not structured:
                     _opt_reply(conn, opt, _ERR_INVALID, b"structured replies first")
                     continue
-                export = self._named(export)
-                if export not in self._streams:
-                    _opt_reply(conn, opt, _ERR_UNKNOWN, f"no export {export!r}".encode())
+                if self._known(conn, opt, export) is None:
                     continue
                 listing = opt == P.OPT_LIST_META_CONTEXT
                 wanted = [q for q in queries or ([P.BASE_ALLOCATION] if listing else [])]
@@ -285,6 +282,15 @@ class DiskServer:
         if asked or len(self._streams) != 1:
             return asked
         return next(iter(self._streams))
+
+    def _known(self, conn: socket.socket, opt: int, asked: str) -> str | None:
+        """The export an option means (see :meth:`_named`), or None once an unknown one
+        has been refused."""
+        name = self._named(asked)
+        if name in self._streams:
+            return name
+        _opt_reply(conn, opt, _ERR_UNKNOWN, f"no export {name!r}".encode())
+        return None
 
     @staticmethod
     def _info_request(data: bytes) -> str | None:
