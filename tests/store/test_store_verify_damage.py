@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import pathlib
 import random
 import shutil
@@ -10,6 +12,9 @@ import pytest
 from storehelpers import CHUNK, make_repo, pack_keys, read_archive, write_archive
 
 from vmarchive.errors import DamageError
+from vmarchive.format import constants as C
+from vmarchive.format.config import decode_config, encode_config
+from vmarchive.format.pack import pack_tail_size
 from vmarchive.store import Repository
 
 
@@ -185,3 +190,57 @@ def test_rebuild_index_from_packs_alone(
 
 def _all_holes(archives: dict[str, dict[str, bytes]]) -> str:
     return next(a for a, s in archives.items() if all(not any(v) for v in s.values()))
+
+
+def test_unknown_feature_in_a_pack_footer_is_a_problem_not_the_end_of_verify(
+    tmp_path: pathlib.Path, pristine: tuple[pathlib.Path, dict[str, dict[str, bytes]]]
+) -> None:
+    src, _archives = pristine
+    path = tmp_path / "r"
+    shutil.copytree(src, path)
+    key = pack_keys(Repository.open(str(path)))[0]
+    size = path.joinpath(*key.split("/")).stat().st_size
+    flip(path, key, size - 28 + 8)  # a required-feature bit of the footer's header (bit 6)
+    report = Repository.open(str(path)).verify(full=True)
+    assert not report.ok and report.archives_checked == 4
+    assert any(f"pack {key.rsplit('/', 1)[1]}: footer:" in p for p in report.problems)
+
+
+def _without_tail_ids(path: pathlib.Path) -> None:
+    """Make ``path`` a repository as created before FEATURE_PACK_TAIL_ID existed."""
+    cfg_file = path / "config"
+    cfg = decode_config(cfg_file.read_bytes())
+    assert cfg.pack_tail_id  # what init writes now
+    old = dataclasses.replace(
+        cfg, required_features=cfg.required_features & ~C.FEATURE_PACK_TAIL_ID
+    )
+    cfg_file.write_bytes(encode_config(old))
+
+
+@pytest.mark.parametrize("tail_ids", [True, False])
+def test_packs_are_named_as_the_config_says_and_damage_is_found_either_way(
+    tmp_path: pathlib.Path, tail_ids: bool
+) -> None:
+    path = tmp_path / "r"
+    make_repo(path)
+    if not tail_ids:
+        _without_tail_ids(path)
+    repo = Repository.open(str(path))
+    streams = {"disk": rnd(12 * CHUNK, 7)}
+    aid = write_archive(repo, streams)
+    keys = pack_keys(repo)
+    assert keys
+    for key in keys:
+        data = path.joinpath(*key.split("/")).read_bytes()
+        tail = data[-pack_tail_size(data[-C.PACK_FOOTER_SIZE :]) :]
+        name = key.rsplit("/", 1)[1]
+        assert name == hashlib.sha256(tail if tail_ids else data).hexdigest()
+    assert Repository.open(str(path)).verify(full=True).ok
+    _cid, loc = sorted(Repository.open(str(path)).index.items())[0]
+    flip(path, f"data/{loc.pack_id[:2]}/{loc.pack_id}", loc.offset + loc.length // 2)
+    report = Repository.open(str(path)).verify(full=True)
+    assert report.damaged == [aid]
+    # Only a pack named by all its bytes no longer matches its name after a blob flip.
+    assert any("do not match its id" in p for p in report.problems) == (not tail_ids)
+    with pytest.raises(DamageError):
+        read_archive(Repository.open(str(path)), aid)

@@ -12,9 +12,20 @@ from vmarchive.format import constants as C
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPEC = (ROOT / "formats" / "FORMAT.md").read_text(encoding="utf-8")
 
-#: Digest over the committed vector files of format version 1 (name and SHA-256 of each).
-#: Released vectors never change: a format change adds vectors under a new version instead.
+#: Digest over the committed vector files of format version 1 as first released (name and
+#: SHA-256 of each). Released vectors never change: a format change adds vectors under a new
+#: version, or, for a feature bit (section 5), adds files of its own, frozen on their own.
 FROZEN_V1 = "0eaba066d50e74748db780064b97e1903debad50a34750b34f7b3a8e0b29db5e"
+#: The files added with FEATURE_PACK_TAIL_ID (2026-11-26), and their digest.
+PACK_TAIL_ID_FILES = frozenset(
+    {
+        "config-pack-tail-id.bin",
+        "pack-tail-id-plain.bin",
+        "pack-tail-id-encrypted.bin",
+        "pack-tail-id-flipped-blob.bin",
+    }
+)
+FROZEN_PACK_TAIL_ID = "6fca7f13a11edea5ae5a5f23d6ca2d53d3a2a36891405d2e91a0c5698d43e372"
 
 
 def test_struct_layouts_match_declared_sizes() -> None:
@@ -55,10 +66,12 @@ def test_versions_and_spec_agree() -> None:
         assert f"`{algorithm}`" in SPEC, algorithm
 
 
-def vector_digest() -> str:
+def vector_digest(added: bool = False) -> str:
+    """Digest of the first release's files, or (``added``) of the pack-tail-id files."""
     doc = json.loads((ROOT / "formats" / "vectors" / "vectors.json").read_text(encoding="utf-8"))
+    assert set(doc["files"]) >= PACK_TAIL_ID_FILES
     h = hashlib.sha256()
-    for name in sorted(doc["files"]):
+    for name in sorted(n for n in doc["files"] if (n in PACK_TAIL_ID_FILES) == added):
         h.update(
             name.encode()
             + b"\0"
@@ -71,4 +84,10 @@ def test_vectors_of_version_1_are_frozen() -> None:
     assert vector_digest() == FROZEN_V1, (
         "the committed v1 vectors changed: a released format version never changes its bytes; "
         "bump WRITE_VERSION and add vectors for the new version instead (FORMAT.md, section 20)"
+    )
+
+
+def test_vectors_added_with_pack_tail_ids_are_frozen() -> None:
+    assert vector_digest(added=True) == FROZEN_PACK_TAIL_ID, (
+        "the committed pack-tail-id vectors changed: released vectors never change their bytes"
     )

@@ -7,9 +7,11 @@ the zstd frame checksum).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import string
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +35,13 @@ from vmarchive.format.manifest import (
     encode_manifest,
     is_safe_stream_name,
 )
-from vmarchive.format.pack import PackBuilder, decode_pack_trailer, pack_tail_size, read_blob
+from vmarchive.format.pack import (
+    PackBuilder,
+    decode_pack_trailer,
+    pack_id,
+    pack_tail_size,
+    read_blob,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KEY = KeyMaterial(bytes(range(32)), bytes(range(32, 64)))
@@ -165,8 +173,8 @@ def test_encrypted_blob_detects_flip_truncation_and_swap(data: bytes, at: int, c
 # -- packs ------------------------------------------------------------------------------------
 
 
-def build_pack(cd: BlobCodec, chunks: list[bytes]) -> tuple[str, bytes]:
-    pb = PackBuilder(cd)
+def build_pack(cd: BlobCodec, chunks: list[bytes], tail_id: bool = False) -> tuple[str, bytes]:
+    pb = PackBuilder(cd, tail_id=tail_id)
     for c in chunks:
         pb.add(IDFN(c), encode_blob(cd, IDFN(c), c), len(c))
     assert pb.count == len(chunks) and pb.size >= C.HEADER_SIZE
@@ -177,17 +185,60 @@ unique_chunks = st.lists(chunk_data, min_size=0, max_size=8, unique=True)
 
 
 @SETTINGS
-@given(chunks=unique_chunks, encrypted=st.booleans())
-def test_pack_round_trip_from_tail_alone(chunks: list[bytes], encrypted: bool) -> None:
+@given(chunks=unique_chunks, encrypted=st.booleans(), tail_id=st.booleans())
+def test_pack_round_trip_from_tail_alone(
+    chunks: list[bytes], encrypted: bool, tail_id: bool
+) -> None:
     cd = codec(encrypted)
-    pid, data = build_pack(cd, chunks)
-    assert pid == hashlib.sha256(data).hexdigest()
+    pid, data = build_pack(cd, chunks, tail_id)
     tail = data[-pack_tail_size(data[-C.PACK_FOOTER_SIZE :]) :]
+    # The id covers the tail alone when the header says so, else every byte.
+    assert pid == hashlib.sha256(tail if tail_id else data).hexdigest() == pack_id(data)
+    assert bool(struct.unpack_from("<I", data, 8)[0] & C.FEATURE_PACK_TAIL_ID) == tail_id
     entries = decode_pack_trailer(cd, tail)
     assert entries == decode_pack_trailer(cd, data, pack_length=len(data))
     assert [e.chunk_id for e in entries] == [IDFN(c) for c in chunks]
     for e, c in zip(entries, chunks, strict=True):
         assert decode_blob(cd, e.chunk_id, read_blob(data, e), e.raw_length) == c
+
+
+@SETTINGS
+@given(chunks=unique_chunks.filter(bool), encrypted=st.booleans(), at=st.integers(0, 10**6))
+def test_tail_id_changes_with_any_tail_byte_and_blobs_stay_checked(
+    chunks: list[bytes], encrypted: bool, at: int
+) -> None:
+    cd = codec(encrypted)
+    pid, data = build_pack(cd, chunks, tail_id=True)
+    trailer_offset = len(data) - pack_tail_size(data[-C.PACK_FOOTER_SIZE :])
+    tail_byte = bytearray(data)
+    tail_byte[trailer_offset + at % (len(data) - trailer_offset)] ^= 0x20
+    # A footer no longer decodable (or claiming an unknown feature) is refused: caught too.
+    with contextlib.suppress(errors.DamageError, errors.UnsupportedVersionError):
+        assert pack_id(bytes(tail_byte)) != pid
+    # A blob byte is outside the id: the chunk id check on reading is what catches it.
+    blob_byte = bytearray(data)
+    blob_byte[C.HEADER_SIZE + at % (trailer_offset - C.HEADER_SIZE)] ^= 0x20
+    assert pack_id(bytes(blob_byte)) == pid
+    entries = decode_pack_trailer(cd, bytes(blob_byte), pack_length=len(data))
+    damaged = 0
+    for e, c in zip(entries, chunks, strict=True):
+        try:
+            out = decode_blob(cd, e.chunk_id, read_blob(bytes(blob_byte), e), e.raw_length)
+            verify_chunk(IDFN, e.chunk_id, out)
+        except errors.DamageError:
+            damaged += 1
+        else:
+            assert out == c
+    assert damaged == 1
+
+
+def test_whole_id_pack_covers_its_blobs() -> None:
+    """Negative control for the test above: a pack of a repository without the feature."""
+    cd = codec(False)
+    pid, data = build_pack(cd, [b"x" * 5000, b"y" * 7000])
+    flipped = bytearray(data)
+    flipped[C.HEADER_SIZE + 3] ^= 0x20
+    assert pack_id(data) == pid and pack_id(bytes(flipped)) != pid
 
 
 def read_whole_pack(cd: BlobCodec, data: bytes) -> None:

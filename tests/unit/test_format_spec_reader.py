@@ -65,12 +65,16 @@ def test_chunk_ids_from_the_spec() -> None:
 
 
 def test_config_from_the_spec() -> None:
-    for name, required in (("config-plain.bin", 0), ("config-encrypted.bin", 1)):
+    for name, required in (
+        ("config-plain.bin", 0),
+        ("config-encrypted.bin", 1),
+        ("config-pack-tail-id.bin", 2),
+    ):
         data = (VECTORS / name).read_bytes()
         assert header(data) == ("C", 1, required, 0)
         doc = json.loads(data[16:])
         assert doc["repository_id"] == case(name)["value"]["repository_id"]
-        assert ("id_secret" in doc) == (required == 0)
+        assert ("id_secret" in doc) == (required & 1 == 0)
 
 
 def test_keyfile_from_the_spec() -> None:
@@ -86,11 +90,18 @@ def test_keyfile_from_the_spec() -> None:
 
 
 def test_packs_from_the_spec() -> None:
-    for name, sealed in (("pack-plain.bin", False), ("pack-encrypted.bin", True)):
+    for name, sealed, tail_id in (
+        ("pack-plain.bin", False, False),
+        ("pack-encrypted.bin", True, False),
+        ("pack-tail-id-plain.bin", False, True),
+        ("pack-tail-id-encrypted.bin", True, True),
+    ):
         data = (VECTORS / name).read_bytes()
         footer = data[-28:]
         assert (
-            footer[:16] == data[:16] and header(data)[0] == "P" and header(data)[2] == int(sealed)
+            footer[:16] == data[:16]
+            and header(data)[0] == "P"
+            and header(data)[2] & 1 == int(sealed)
         )
         trailer_offset, trailer_length = struct.unpack("<QI", footer[16:28])
         assert trailer_offset + trailer_length + 28 == len(data)
@@ -98,7 +109,11 @@ def test_packs_from_the_spec() -> None:
         (count,) = struct.unpack("<I", plain[:4])
         entries = [struct.unpack("<16sIII", plain[4 + 28 * i : 32 + 28 * i]) for i in range(count)]
         want = case(name)["value"]
-        assert hashlib.sha256(data).hexdigest() == want["pack_id"]
+        # Section 12: required feature bit 1 names the pack by its tail, else by all its bytes.
+        required = struct.unpack("<I", data[8:12])[0]
+        assert bool(required & 2) == tail_id
+        named = data[trailer_offset:] if tail_id else data
+        assert hashlib.sha256(named).hexdigest() == want["pack_id"]
         assert [(e[0].hex(), e[1], e[2], e[3]) for e in entries] == [
             (w["chunk_id"], w["offset"], w["length"], w["raw_length"]) for w in want["entries"]
         ]

@@ -26,7 +26,7 @@ from vmarchive.format.header import object_id
 from vmarchive.format.index import decode_index
 from vmarchive.format.lock import decode_lock
 from vmarchive.format.manifest import decode_manifest
-from vmarchive.format.pack import decode_pack_trailer, pack_tail_size, read_blob
+from vmarchive.format.pack import decode_pack_trailer, pack_id, pack_tail_size, read_blob
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "formats" / "vectors"
@@ -125,7 +125,7 @@ def decode(case: dict[str, Any], data: bytes) -> Any:
                 idfn, e.chunk_id, decode_blob(codec, e.chunk_id, read_blob(data, e), e.raw_length)
             )
         return {
-            "pack_id": object_id(data),
+            "pack_id": pack_id(data),
             "entries": [
                 {
                     "chunk_id": e.chunk_id.hex(),

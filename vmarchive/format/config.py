@@ -65,6 +65,11 @@ class RepoConfig:
     def encrypted(self) -> bool:
         return self.encryption != C.ENCRYPTION_NONE
 
+    @property
+    def pack_tail_id(self) -> bool:
+        """Whether writers name new packs by their tail (``FEATURE_PACK_TAIL_ID``)."""
+        return bool(self.required_features & C.FEATURE_PACK_TAIL_ID)
+
     def validate(self) -> None:
         """Raise FormatError / UnsupportedVersionError when the values are not usable."""
         what = "config"
@@ -136,7 +141,7 @@ def new_config(
         pack_size=pack_size,
         encryption=encryption,
         secret=None if encrypted else key.id_secret,
-        required_features=C.FEATURE_AES256GCM if encrypted else 0,
+        required_features=(C.FEATURE_AES256GCM if encrypted else 0) | C.FEATURE_PACK_TAIL_ID,
     )
     cfg.validate()
     return cfg, key

@@ -34,9 +34,13 @@ class Header:
         )
 
 
-def make_header(type_code: int, *, encrypted: bool, optional: int = 0) -> Header:
-    """The header this release writes for a new object of ``type_code``."""
-    required = C.FEATURE_AES256GCM if encrypted else 0
+def make_header(type_code: int, *, encrypted: bool, optional: int = 0, required: int = 0) -> Header:
+    """The header this release writes for a new object of ``type_code``.
+
+    ``required``: required feature bits besides the encryption bit (``encrypted``).
+    """
+    if encrypted:
+        required |= C.FEATURE_AES256GCM
     return Header(type_code, C.WRITE_VERSION, required, optional)
 
 
@@ -73,7 +77,7 @@ def decode_header(data: bytes | memoryview, type_code: int) -> Header:
 
 
 def object_id(data: bytes | memoryview) -> str:
-    """The id of a pack, index, manifest or key file object: SHA-256 of its bytes, hex.
+    """The id of an index, manifest, key file or whole-named pack: SHA-256 of its bytes, hex.
 
     Content naming means a PUT under a new key never replaces a different object, and a
     reader can check an object against its key name.

@@ -2,7 +2,10 @@
 
 Layer: format.  A pack is ``header (16) || blob* || trailer body || footer (28)`` and is
 written whole, then published under ``data/<2 hex>/<pack id>`` where the pack id is the
-SHA-256 of the pack bytes.  The footer (a copy of the header, the trailer offset and the
+SHA-256 of the pack's tail (trailer body and footer) when its header carries
+``FEATURE_PACK_TAIL_ID``, else of all its bytes (:func:`pack_id`).  The tail names every
+blob by chunk id, offset and length, and each blob is checked by its chunk id when read, so
+hashing the blobs again bought nothing but CPU.  The footer (a copy of the header, the trailer offset and the
 trailer length, which are the last four bytes) lets a reader range-GET only the tail:
 fetch :data:`~vmarchive.format.constants.PACK_TAIL_FIRST_FETCH` bytes (or the whole pack
 when smaller), call :func:`pack_tail_size` and fetch more if it says so, then
@@ -36,9 +39,15 @@ class PackBuilder:
     Not thread-safe: one builder per writer thread, or a lock around it.
     """
 
-    def __init__(self, codec: BlobCodec) -> None:
+    def __init__(self, codec: BlobCodec, *, tail_id: bool = False) -> None:
+        """``tail_id``: name the pack by its tail (``FEATURE_PACK_TAIL_ID``), as the config of
+        the repository says; without it, by all its bytes (repositories made before it)."""
         self.codec = codec
-        self._header = make_header(C.TYPE_PACK, encrypted=codec.encrypted).encode()
+        self._tail_id = tail_id
+        required = C.FEATURE_PACK_TAIL_ID if tail_id else 0
+        self._header = make_header(
+            C.TYPE_PACK, encrypted=codec.encrypted, required=required
+        ).encode()
         self._parts: list[bytes] = [self._header]
         self._size = C.HEADER_SIZE
         self._entries: list[PackEntry] = []
@@ -88,7 +97,7 @@ class PackBuilder:
         return entry
 
     def finish(self) -> tuple[str, bytes]:
-        """The pack id (SHA-256 hex of the bytes) and the pack bytes.  Raises ValueError twice."""
+        """The pack id (see :func:`pack_id`) and the pack bytes.  Raises ValueError twice."""
         if self._finished:
             raise ValueError("pack already finished")
         self._finished = True
@@ -102,7 +111,24 @@ class PackBuilder:
         self._parts += [body, footer]
         data = b"".join(self._parts)
         self._parts = []
+        if self._tail_id:
+            return object_id(body + footer), data
         return object_id(data), data
+
+
+def pack_id(data: bytes | memoryview) -> str:
+    """The id a whole pack is named by: SHA-256 hex of its tail (from the trailer offset to
+    the end) when its header has ``FEATURE_PACK_TAIL_ID``, else of all its bytes.
+
+    Raises FormatError / UnsupportedVersionError when the footer is not one this release
+    reads or its trailer offset lies outside the pack.
+    """
+    header, trailer_offset, _ = _footer(data)
+    if not header.required & C.FEATURE_PACK_TAIL_ID:
+        return object_id(data)
+    if trailer_offset > len(data) - C.PACK_FOOTER_SIZE:
+        raise FormatError(f"pack: trailer offset {trailer_offset} lies outside the pack")
+    return object_id(memoryview(data)[trailer_offset:])
 
 
 def _footer(tail: bytes | memoryview) -> tuple[Header, int, int]:

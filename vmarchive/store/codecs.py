@@ -223,7 +223,7 @@ class Codecs:
 
     # -- packs ---------------------------------------------------------------------------
     def new_pack(self) -> fpack.PackBuilder:
-        return fpack.PackBuilder(self.blob)
+        return fpack.PackBuilder(self.blob, tail_id=self.config.pack_tail_id)
 
     def finish_pack(
         self, builder: fpack.PackBuilder
@@ -237,7 +237,7 @@ class Codecs:
 
     def read_pack_entries(self, data: bytes) -> list[tuple[bytes, Location]]:
         """The entries the trailer of a whole pack lists. Raises :class:`DamageError`."""
-        pack_id = self.object_id(data)
+        pack_id = self.pack_id(data)
         return [
             (e.chunk_id, Location(pack_id, e.offset, e.length, e.raw_length))
             for e in fpack.decode_pack_trailer(self.blob, data, len(data))
@@ -261,10 +261,16 @@ class Codecs:
             for e in fpack.decode_pack_trailer(self.blob, tail, size)
         ]
 
+    @staticmethod
+    def pack_id(data: bytes | memoryview) -> str:
+        """The id a whole pack is named by (its tail's or its bytes' SHA-256, as its header
+        says). Raises :class:`FormatError` when its footer is unreadable."""
+        return fpack.pack_id(data)
+
     # -- index and manifests ------------------------------------------------------------------
     @staticmethod
     def object_id(data: bytes | memoryview) -> str:
-        """SHA-256 of an object's bytes, hex: the name of packs, indexes and manifests."""
+        """SHA-256 of an object's bytes, hex: the name of indexes and manifests."""
         return object_id(data)
 
     def encode_index(self, entries: Sequence[tuple[bytes, Location]]) -> bytes:

@@ -4,7 +4,7 @@ Object layout (see ``formats/FORMAT.md``)::
 
     config                      repository config
     keys/<id>                   passphrase-wrapped key files (encrypted repositories)
-    data/<2 hex>/<pack id>      packs (content-named: SHA-256 of the pack bytes)
+    data/<2 hex>/<pack id>      packs (content-named: SHA-256 of the pack tail, or bytes)
     index/<index id>            index files: chunk id -> (pack, offset, length, raw length)
     archives/<archive id>       manifests (archive id: SHA-256 of the manifest bytes)
     locks/<lock id>             locks
