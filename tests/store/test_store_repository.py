@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import random
 import tempfile
@@ -9,7 +10,15 @@ import tempfile
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from storehelpers import CHUNK, PASSPHRASE, make_repo, pack_keys, read_archive, write_archive
+from storehelpers import (
+    CHUNK,
+    PASSPHRASE,
+    make_repo,
+    pack_keys,
+    read_archive,
+    small_options,
+    write_archive,
+)
 
 from vmarchive.errors import (
     AlreadyExistsError,
@@ -23,6 +32,7 @@ from vmarchive.errors import (
     UsageError,
     WrongKeyError,
 )
+from vmarchive.format.blob import BlobCodec, raw_frame
 from vmarchive.store import Extent, Repository, WriterOptions
 from vmarchive.store.faulty import Fault, FaultyBackend
 from vmarchive.store.local import LocalBackend
@@ -562,3 +572,39 @@ def test_a_writer_after_an_aborted_one_never_names_unindexed_chunks(
     fresh = Repository.open(str(tmp_path / "r"))
     assert fresh._missing_chunks([fresh.codecs.chunk_id(c) for c in data]) == []
     assert read_archive(fresh, aid)["again"] == b"".join(data)
+
+
+def test_random_chunks_are_stored_as_raw_block_frames(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's codec skips the compressor for incompressible chunks; text is compressed.
+
+    zstd emits the same raw-block frame for random data, so the stored bytes alone cannot
+    show the skip: the compressor's calls for blobs are counted.
+    """
+    blob_calls: list[int] = []
+    real = BlobCodec.compress
+
+    def spy(self: BlobCodec, data: bytes | memoryview, *, checksum: bool) -> bytes:
+        if not checksum:  # blobs; structure bodies carry the frame checksum
+            blob_calls.append(len(data))
+        return real(self, data, checksum=checksum)
+
+    monkeypatch.setattr(BlobCodec, "compress", spy)
+    big = 64 * 1024  # the helpers' 4 KiB chunks are below the size the codec judges
+    opts = dataclasses.replace(small_options(), disk_chunk_size=big, pack_size=1 << 20)
+    repo = Repository.init(str(tmp_path / "r"), opts)
+    noise = random.Random(5).randbytes(8 * big)
+    text = (b"vmarchive compresses text like this line. " * 20000)[: 8 * big]
+    aid = write_archive(repo, {"noise": noise, "text": text})
+    fresh = Repository.open(str(tmp_path / "r"))
+    assert read_archive(fresh, aid) == {"noise": noise, "text": text}
+    kinds = {"raw": 0, "compressed": 0}
+    for _cid, loc in fresh.index.items():
+        pack = fresh.backend.get(pack_key(loc.pack_id))
+        blob = pack[loc.offset : loc.offset + loc.length]
+        is_raw = blob == raw_frame(blob[len(blob) - loc.raw_length :])
+        kinds["raw" if is_raw else "compressed"] += 1
+    assert kinds == {"raw": 8, "compressed": 8}
+    assert len(blob_calls) == 8  # the text chunks only
+    assert fresh.verify(full=True).ok

@@ -16,16 +16,24 @@ SPEC = (ROOT / "formats" / "FORMAT.md").read_text(encoding="utf-8")
 #: SHA-256 of each). Released vectors never change: a format change adds vectors under a new
 #: version, or, for a feature bit (section 5), adds files of its own, frozen on their own.
 FROZEN_V1 = "0eaba066d50e74748db780064b97e1903debad50a34750b34f7b3a8e0b29db5e"
-#: The files added with FEATURE_PACK_TAIL_ID (2026-11-26), and their digest.
-PACK_TAIL_ID_FILES = frozenset(
-    {
-        "config-pack-tail-id.bin",
-        "pack-tail-id-plain.bin",
-        "pack-tail-id-encrypted.bin",
-        "pack-tail-id-flipped-blob.bin",
-    }
-)
-FROZEN_PACK_TAIL_ID = "6fca7f13a11edea5ae5a5f23d6ca2d53d3a2a36891405d2e91a0c5698d43e372"
+#: Files added to version 1 since, each group frozen on its own digest.
+ADDED: dict[str, tuple[frozenset[str], str]] = {
+    "FEATURE_PACK_TAIL_ID (2026-11-26)": (
+        frozenset(
+            {
+                "config-pack-tail-id.bin",
+                "pack-tail-id-plain.bin",
+                "pack-tail-id-encrypted.bin",
+                "pack-tail-id-flipped-blob.bin",
+            }
+        ),
+        "6fca7f13a11edea5ae5a5f23d6ca2d53d3a2a36891405d2e91a0c5698d43e372",
+    ),
+    "raw-block blob frames (2026-11-26)": (
+        frozenset({"blob-raw-frame.bin"}),
+        "fc828f91237d98560bf49f781ed639ee6283653f6b0e5926ddd8c395ec684a6c",
+    ),
+}
 
 
 def test_struct_layouts_match_declared_sizes() -> None:
@@ -66,12 +74,14 @@ def test_versions_and_spec_agree() -> None:
         assert f"`{algorithm}`" in SPEC, algorithm
 
 
-def vector_digest(added: bool = False) -> str:
-    """Digest of the first release's files, or (``added``) of the pack-tail-id files."""
+def vector_digest(files: frozenset[str] | None = None) -> str:
+    """Digest of ``files``, or of the first release's files (all but the added ones)."""
     doc = json.loads((ROOT / "formats" / "vectors" / "vectors.json").read_text(encoding="utf-8"))
-    assert set(doc["files"]) >= PACK_TAIL_ID_FILES
+    added = frozenset().union(*(f for f, _ in ADDED.values()))
+    assert set(doc["files"]) >= added
+    names = files if files is not None else frozenset(doc["files"]) - added
     h = hashlib.sha256()
-    for name in sorted(n for n in doc["files"] if (n in PACK_TAIL_ID_FILES) == added):
+    for name in sorted(names):
         h.update(
             name.encode()
             + b"\0"
@@ -87,7 +97,8 @@ def test_vectors_of_version_1_are_frozen() -> None:
     )
 
 
-def test_vectors_added_with_pack_tail_ids_are_frozen() -> None:
-    assert vector_digest(added=True) == FROZEN_PACK_TAIL_ID, (
-        "the committed pack-tail-id vectors changed: released vectors never change their bytes"
-    )
+def test_vectors_added_since_are_frozen() -> None:
+    for what, (files, digest) in ADDED.items():
+        assert vector_digest(files) == digest, (
+            f"the committed vectors of {what} changed: released vectors never change their bytes"
+        )

@@ -10,21 +10,30 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import string
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmarchive import errors
 from vmarchive.format import constants as C
-from vmarchive.format.blob import BlobCodec, decode_blob, encode_blob
+from vmarchive.format.blob import (
+    INCOMPRESSIBLE_SAMPLE,
+    BlobCodec,
+    blob_aad,
+    decode_blob,
+    encode_blob,
+    raw_frame,
+)
 from vmarchive.format.chunkid import ALGORITHMS, ZERO_ID, is_zero, make_id_function, verify_chunk
 from vmarchive.format.config import RepoConfig, decode_config, encode_config, new_config
-from vmarchive.format.crypto import TEST_SCRYPT, KeyMaterial, make_keyfile, open_keyfile
+from vmarchive.format.crypto import TEST_SCRYPT, KeyMaterial, make_keyfile, open_keyfile, seal
 from vmarchive.format.index import IndexEntry, decode_index, encode_index
 from vmarchive.format.lock import LockInfo, decode_lock, encode_lock, is_stale
 from vmarchive.format.manifest import (
@@ -168,6 +177,77 @@ def test_encrypted_blob_detects_flip_truncation_and_swap(data: bytes, at: int, c
         decode_blob(cd, cid, blob[: len(blob) - 1 - cut % len(blob)], len(data))
     with pytest.raises(errors.DamageError):
         decode_blob(cd, IDFN(data + b"x"), blob, len(data))  # moved to another id
+
+
+# -- raw-block frames ---------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    size=st.one_of(
+        st.integers(0, 300),
+        st.integers(65_000, 66_000),  # around the 1-/2-/4-byte content size switches
+        st.sampled_from([128 * 1024 - 1, 128 * 1024, 128 * 1024 + 1, 3 * 128 * 1024 + 7]),
+    ),
+    seed=st.integers(0, 2**32),
+)
+def test_raw_frame_is_a_zstd_frame_of_its_content(size: int, seed: int) -> None:
+    data = random.Random(seed).randbytes(size)
+    frame = raw_frame(data)
+    assert zstandard.get_frame_parameters(frame).content_size == size
+    assert zstandard.ZstdDecompressor().decompress(frame) == data
+    blocks = max(1, -(-size // (128 * 1024)))
+    assert (
+        len(frame) == size + 4 + 1 + (1 if size < 256 else 2 if size <= 65791 else 4) + 3 * blocks
+    )
+    for encrypted in (False, True):  # what a reader of the repository does with it
+        cd = codec(encrypted)
+        blob = (
+            frame
+            if not encrypted
+            else seal(KEY.data_key, frame, blob_aad(IDFN(data)), os.urandom(12))
+        )
+        assert decode_blob(cd, IDFN(data), blob, size) == data
+
+
+def _mixed(seed: int, size: int, compressible_at: str) -> bytes:
+    """Random bytes with one compressible stretch (a sample's worth) at the given place."""
+    b = bytearray(random.Random(seed).randbytes(size))
+    n = INCOMPRESSIBLE_SAMPLE
+    at = {"start": 0, "middle": (size - n) // 2, "end": size - n}[compressible_at]
+    b[at : at + n] = bytes(n)
+    return bytes(b)
+
+
+@pytest.mark.parametrize("size", [4 * INCOMPRESSIBLE_SAMPLE, 64 * 1024, 256 * 1024])
+def test_incompressible_judged_from_three_samples(
+    size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compressed: list[int] = []
+    real = BlobCodec.compress
+
+    def spy(self: BlobCodec, data: bytes | memoryview, *, checksum: bool) -> bytes:
+        compressed.append(len(data))
+        return real(self, data, checksum=checksum)
+
+    monkeypatch.setattr(BlobCodec, "compress", spy)
+    cd = BlobCodec(3, None, skip_incompressible=True)
+    rnd = random.Random(size).randbytes(size)
+    assert cd.looks_incompressible(rnd)
+    assert encode_blob(cd, IDFN(rnd), rnd) == raw_frame(rnd) and compressed == []
+    # zstd itself emits the same bytes for random data: the shortcut changes no stored byte.
+    plain = BlobCodec(3, None)
+    assert encode_blob(plain, IDFN(rnd), rnd) == raw_frame(rnd) and compressed == [size]
+    # Any one compressible sample keeps the compressor (each place is a control of its own).
+    for where in ("start", "middle", "end"):
+        data = _mixed(size, size, where)
+        assert not cd.looks_incompressible(data), where
+        blob = encode_blob(cd, IDFN(data), data)
+        assert compressed[-1] == size  # the compressor ran on the whole chunk
+        assert decode_blob(cd, IDFN(data), blob, size) == data
+    assert not cd.looks_incompressible(bytes(size))
+    # Below four samples a chunk is never judged.
+    assert not cd.looks_incompressible(rnd[: 4 * INCOMPRESSIBLE_SAMPLE - 1])
 
 
 # -- packs ------------------------------------------------------------------------------------

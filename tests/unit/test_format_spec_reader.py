@@ -89,6 +89,19 @@ def test_keyfile_from_the_spec() -> None:
     assert reserved == 0 and plain == SECRET + DATA_KEY
 
 
+def test_raw_block_frame_from_the_spec() -> None:
+    """Section 8: built by hand from the layout there, then read by zstandard and compared."""
+    data = (VECTORS / "blob-raw-frame.bin").read_bytes()
+    want = case("blob-raw-frame.bin")
+    chunk = zstandard.ZstdDecompressor().decompress(data)
+    assert hashlib.sha256(chunk).hexdigest() == want["value"]["sha256"]
+    assert xxh3_id(chunk).hex() == want["chunk_id"] and len(chunk) == want["raw_length"]
+    size = len(chunk)
+    assert 256 <= size <= 65791 and size <= 128 * 1024  # the 2-byte size, one block
+    head = b"\x28\xb5\x2f\xfd" + bytes([0x60]) + struct.pack("<H", size - 256)
+    assert data == head + (size << 3 | 1).to_bytes(3, "little") + chunk
+
+
 def test_packs_from_the_spec() -> None:
     for name, sealed, tail_id in (
         ("pack-plain.bin", False, False),

@@ -109,7 +109,13 @@ class Codecs:
         if secret is None:
             raise WrongKeyError("repository is encrypted: a key is needed")
         self._idfn = make_id_function(config.id_algorithm, secret)
-        self.blob = BlobCodec(config.compression_level, key if config.encrypted else None)
+        # Random chunks (encrypted guest disks, compressed files, the guest's own random
+        # pages) are stored as raw-block frames without running the compressor over them.
+        self.blob = BlobCodec(
+            config.compression_level,
+            key if config.encrypted else None,
+            skip_incompressible=True,
+        )
         self.pack_target = config.pack_size
 
     # -- construction --------------------------------------------------------------------
