@@ -9,8 +9,8 @@ the frame checksum, sealed with the object's header as AAD when encrypted.
 A codec made with ``skip_incompressible`` stores a chunk whose samples zstd cannot shrink as
 a frame of raw blocks (:func:`raw_frame`) instead of running the compressor over all of it:
 zstd level 3 spent ~1 s of CPU per GiB of random bytes to emit raw blocks anyway.  Readers
-cannot tell the difference.  Whether a chunk is judged so depends only on its bytes and the
-level, so equal chunks still encode alike.
+cannot tell the difference.  Whether a chunk is judged so depends only on its bytes (and
+libzstd), so equal chunks still encode alike.
 
 :class:`BlobCodec` is thread-safe: zstd contexts are per thread, AES-GCM is stateless.
 """

@@ -5,11 +5,11 @@ written whole, then published under ``data/<2 hex>/<pack id>`` where the pack id
 SHA-256 of the pack's tail (trailer body and footer) when its header carries
 ``FEATURE_PACK_TAIL_ID``, else of all its bytes (:func:`pack_id`).  The tail names every
 blob by chunk id, offset and length, and each blob is checked by its chunk id when read, so
-hashing the blobs again bought nothing but CPU.  The footer (a copy of the header, the trailer offset and the
-trailer length, which are the last four bytes) lets a reader range-GET only the tail:
-fetch :data:`~vmarchive.format.constants.PACK_TAIL_FIRST_FETCH` bytes (or the whole pack
-when smaller), call :func:`pack_tail_size` and fetch more if it says so, then
-:func:`decode_pack_trailer`.  The trailer alone is enough to rebuild the index.
+hashing the blobs again bought nothing but CPU.  The footer (a copy of the header, the
+trailer offset and the trailer length, which are the last four bytes) lets a reader
+range-GET only the tail: fetch :data:`~vmarchive.format.constants.PACK_TAIL_FIRST_FETCH`
+bytes (or the whole pack when smaller), call :func:`pack_tail_size` and fetch more if it
+says so, then :func:`decode_pack_trailer`.  The trailer alone is enough to rebuild the index.
 """
 
 from __future__ import annotations
