@@ -391,13 +391,30 @@ def test_listen_values() -> None:
 
 
 def _cli(*args: str) -> subprocess.Popen[str]:
+    # faulthandler: SIGABRT makes a hung server print every thread's stack (_exits).
     return subprocess.Popen(
         [sys.executable, "-m", "vmarchive", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
+
+
+def _exits(p: subprocess.Popen[str], after: str, timeout: float = 30) -> int:
+    """``p``'s exit code; a process still running after ``timeout`` is made to print its
+    threads' stacks and the test fails with them (a rare hang seen once in CI)."""
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        try:
+            _out, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _out, err = p.communicate()
+        pytest.fail(f"still running {timeout:.0f} s after {after}; its stacks:\n{err}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -437,7 +454,7 @@ def test_the_command_serves_until_signalled(
         )
         assert gc.returncode == 3 and "lock" in gc.stderr.lower(), gc.stderr
         p.send_signal(sig)
-        assert p.wait(30) == 0, p.stderr.read() if p.stderr else ""
+        assert _exits(p, sig.name) == 0, p.stderr.read() if p.stderr else ""
     finally:
         if p.poll() is None:
             p.kill()
