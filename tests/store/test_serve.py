@@ -391,9 +391,12 @@ def test_listen_values() -> None:
 
 
 def _cli(*args: str) -> subprocess.Popen[str]:
+    # SIGINT as a terminal gives it: a test run started in the background of a
+    # non-interactive shell (nohup ... &) ignores SIGINT, children inherit that, and Python
+    # then leaves it ignored -- as any program should; the server then served on (CI).
     # faulthandler: SIGABRT makes a hung server print every thread's stack (_exits).
     return subprocess.Popen(
-        [sys.executable, "-m", "vmarchive", *args],
+        ["env", "--default-signal=INT", sys.executable, "-m", "vmarchive", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -404,7 +407,7 @@ def _cli(*args: str) -> subprocess.Popen[str]:
 
 def _exits(p: subprocess.Popen[str], after: str, timeout: float = 30) -> int:
     """``p``'s exit code; a process still running after ``timeout`` is made to print its
-    threads' stacks and the test fails with them (a rare hang seen once in CI)."""
+    threads' stacks and the test fails with them."""
     try:
         return p.wait(timeout)
     except subprocess.TimeoutExpired:
