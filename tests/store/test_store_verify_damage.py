@@ -91,15 +91,23 @@ def test_flip_in_a_blob_names_exactly_its_archives(
             assert read_archive(fresh, aid) == streams
 
 
+def _copy_with_pack_flip(
+    tmp_path: pathlib.Path, pristine: tuple[pathlib.Path, dict[str, dict[str, bytes]]], back: int
+) -> tuple[pathlib.Path, str]:
+    """A copy of the pristine repository with a bit of its first pack flipped ``back``
+    bytes before the pack's end; returns the copy and that pack's key."""
+    path = tmp_path / "r"
+    shutil.copytree(pristine[0], path)
+    key = pack_keys(Repository.open(str(path)))[0]
+    flip(path, key, path.joinpath(*key.split("/")).stat().st_size - back)
+    return path, key
+
+
 def test_flip_in_a_pack_trailer_is_a_problem_but_damages_no_archive(
     tmp_path: pathlib.Path, pristine: tuple[pathlib.Path, dict[str, dict[str, bytes]]]
 ) -> None:
-    src, archives = pristine
-    path = tmp_path / "r"
-    shutil.copytree(src, path)
-    key = pack_keys(Repository.open(str(path)))[0]
-    size = path.joinpath(*key.split("/")).stat().st_size
-    flip(path, key, size - 40)  # inside the trailer body
+    archives = pristine[1]
+    path, _key = _copy_with_pack_flip(tmp_path, pristine, 40)  # inside the trailer body
     report = Repository.open(str(path)).verify(full=True)
     assert not report.ok and report.damaged == []
     assert any("do not match its id" in p for p in report.problems)
@@ -195,12 +203,8 @@ def _all_holes(archives: dict[str, dict[str, bytes]]) -> str:
 def test_unknown_feature_in_a_pack_footer_is_a_problem_not_the_end_of_verify(
     tmp_path: pathlib.Path, pristine: tuple[pathlib.Path, dict[str, dict[str, bytes]]]
 ) -> None:
-    src, _archives = pristine
-    path = tmp_path / "r"
-    shutil.copytree(src, path)
-    key = pack_keys(Repository.open(str(path)))[0]
-    size = path.joinpath(*key.split("/")).stat().st_size
-    flip(path, key, size - 28 + 8)  # a required-feature bit of the footer's header (bit 6)
+    # a required-feature bit of the footer's header (bit 6)
+    path, key = _copy_with_pack_flip(tmp_path, pristine, 28 - 8)
     report = Repository.open(str(path)).verify(full=True)
     assert not report.ok and report.archives_checked == 4
     assert any(f"pack {key.rsplit('/', 1)[1]}: footer:" in p for p in report.problems)
