@@ -89,7 +89,8 @@ class BlobCodec:
         """Whether zstd level 1 cannot shrink any of three samples of ``data`` (its start,
         middle and end, :data:`INCOMPRESSIBLE_SAMPLE` bytes each).  Chunks smaller than
         four samples are never judged so.  Costs ~1 % of compressing the chunk."""
-        n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+        mv = memoryview(data).cast("B")
+        n = mv.nbytes
         size = INCOMPRESSIBLE_SAMPLE
         if n < 4 * size:
             return False
@@ -98,7 +99,6 @@ class BlobCodec:
             probe = self._local.probe = zstandard.ZstdCompressor(
                 level=1, write_checksum=False, write_content_size=False, write_dict_id=False
             )
-        mv = memoryview(data).cast("B")
         for at in (0, (n - size) // 2, n - size):
             if len(probe.compress(mv[at : at + size])) < size:
                 return False

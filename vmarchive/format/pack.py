@@ -43,7 +43,6 @@ class PackBuilder:
         """``tail_id``: name the pack by its tail (``FEATURE_PACK_TAIL_ID``), as the config of
         the repository says; without it, by all its bytes (repositories made before it)."""
         self.codec = codec
-        self._tail_id = tail_id
         required = C.FEATURE_PACK_TAIL_ID if tail_id else 0
         self._header = make_header(
             C.TYPE_PACK, encrypted=codec.encrypted, required=required
@@ -111,9 +110,7 @@ class PackBuilder:
         self._parts += [body, footer]
         data = b"".join(self._parts)
         self._parts = []
-        if self._tail_id:
-            return object_id(body + footer), data
-        return object_id(data), data
+        return pack_id(data), data
 
 
 def pack_id(data: bytes | memoryview) -> str:
