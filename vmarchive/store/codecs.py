@@ -241,14 +241,6 @@ class Codecs:
         ]
         return pack_id, data, entries
 
-    def read_pack_entries(self, data: bytes) -> list[tuple[bytes, Location]]:
-        """The entries the trailer of a whole pack lists. Raises :class:`DamageError`."""
-        pack_id = self.pack_id(data)
-        return [
-            (e.chunk_id, Location(pack_id, e.offset, e.length, e.raw_length))
-            for e in fpack.decode_pack_trailer(self.blob, data, len(data))
-        ]
-
     @staticmethod
     def pack_tail_first_fetch() -> int:
         return C.PACK_TAIL_FIRST_FETCH
@@ -261,7 +253,8 @@ class Codecs:
     def entries_from_tail(
         self, pack_id: str, tail: bytes, size: int
     ) -> list[tuple[bytes, Location]]:
-        """The entries of pack ``pack_id`` from its last bytes. Raises :class:`DamageError`."""
+        """The entries of pack ``pack_id`` from its last bytes (or all of them, which also
+        checks the leading header against the footer). Raises :class:`DamageError`."""
         return [
             (e.chunk_id, Location(pack_id, e.offset, e.length, e.raw_length))
             for e in fpack.decode_pack_trailer(self.blob, tail, size)

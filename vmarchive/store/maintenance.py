@@ -157,16 +157,19 @@ def _verify(
                     problems.append(f"pack {pack_id} vanished")
                     continue
                 # A footer this release cannot read (damaged, or claiming a feature it does
-                # not know) is a problem of that pack, not the end of the verify.
+                # not know) is a problem of that pack, not the end of the verify; the trailer
+                # behind it is then not read either.
                 try:
-                    if repo.codecs.pack_id(data) != pack_id:
-                        problems.append(f"pack {pack_id}: contents do not match its id")
+                    named = repo.codecs.pack_id(data)
                 except (DamageError, UnsupportedVersionError) as e:
                     problems.append(f"pack {pack_id}: footer: {e}")
-                try:
-                    repo.codecs.read_pack_entries(data)
-                except (DamageError, UnsupportedVersionError) as e:
-                    problems.append(f"pack {pack_id}: trailer: {e}")
+                else:
+                    if named != pack_id:
+                        problems.append(f"pack {pack_id}: contents do not match its id")
+                    try:
+                        repo.codecs.entries_from_tail(pack_id, data, len(data))
+                    except (DamageError, UnsupportedVersionError) as e:
+                        problems.append(f"pack {pack_id}: trailer: {e}")
                 view = memoryview(data)
                 for cid, loc in by_pack[pack_id]:
                     try:
