@@ -1,3 +1,3 @@
-from vmarchive.cli import main
+from vmarchive.cli import run
 
-main()
+run()

@@ -109,3 +109,78 @@ def test_repository_commands_start_without_libvirt(command: str, expect: bool) -
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ("['libvirt', 'qemu.qmp']" if expect else "[]")
+
+
+# -- the process entry: run() leaves without the interpreter's teardown -----------------------
+
+#: a script run as the process: ``vmarchive --version`` through run(), plus what the
+#: parametrised case adds (an exit handler, a global whose __del__ runs at teardown, a
+#: non-daemon thread)
+_ENTRY = """
+import atexit, sys, threading, time
+from vmarchive.cli.app import run
+
+class Loud:
+    def __del__(self):
+        print("teardown ran", flush=True)
+
+if "handler" in sys.argv:
+    atexit.register(print, "exit handler ran")
+if "teardown" in sys.argv:
+    LOUD = Loud()
+if "thread" in sys.argv:
+    def late():
+        time.sleep(0.3)
+        print("thread finished", flush=True)
+    threading.Thread(target=late, daemon=False).start()
+sys.argv = ["vmarchive", "--version"]
+run()
+"""
+
+
+def _entry(*case: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _ENTRY, *case], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_run_skips_the_teardown_but_not_the_exit_handlers() -> None:
+    r = _entry("handler", "teardown")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"vmarchive {vmarchive.__version__}", "exit handler ran"]
+    # Negative control: the same global's __del__ does run on an ordinary interpreter exit,
+    # so its absence above shows the teardown was skipped.
+    plain = subprocess.run(
+        [sys.executable, "-c", "class L:\n def __del__(self): print('teardown ran')\nX = L()"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert plain.stdout.strip() == "teardown ran"
+
+
+def test_run_exits_normally_while_a_non_daemon_thread_runs() -> None:
+    r = _entry("thread")
+    assert r.returncode == 0, r.stderr
+    # the thread was waited for: os._exit would have cut it (it prints 0.3 s later)
+    assert r.stdout.splitlines() == [f"vmarchive {vmarchive.__version__}", "thread finished"]
+
+
+def test_run_keeps_the_exit_code_and_delivers_output_to_a_pipe() -> None:
+    # the whole help text reaches a pipe (flushed before the process leaves)
+    r = run("--help")
+    assert r.returncode == 0
+    assert "capture" in r.stdout and len(r.stdout) > 1000
+    bad = run("list", "--repo", "/nonexistent/vmarchive-test-repo")
+    assert bad.returncode == 3 and bad.stdout == ""
+    assert (
+        bad.stderr.strip()
+        == "vmarchive: no vmarchive repository at /nonexistent/vmarchive-test-repo"
+    )
+
+
+@pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (3, 3), (256 + 4, 4), ("boom", 1)])
+def test_exit_status_follows_python(code: object, status: int) -> None:
+    from vmarchive.cli.app import exit_status
+
+    assert exit_status(code) == status

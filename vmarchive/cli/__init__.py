@@ -7,8 +7,8 @@ The CLI is thin: each command builds a typed options object, calls one function 
 
 from __future__ import annotations
 
-from vmarchive.cli.app import app, load_commands, main
+from vmarchive.cli.app import app, load_commands, main, run
 
 # The command modules register themselves on ``app`` when imported: ``main`` imports only
 # the one it runs; ``load_commands()`` imports them all (help, tests).
-__all__ = ["app", "load_commands", "main"]
+__all__ = ["app", "load_commands", "main", "run"]
