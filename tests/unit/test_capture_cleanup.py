@@ -77,6 +77,13 @@ class FakeQEMU:
             return {}
         if cmd == "query-jobs":
             return list(self.jobs.values())
+        if cmd == "job-cancel":
+            self.jobs[args["id"]]["status"] = "concluded"
+            return {}
+        if cmd == "job-dismiss":
+            assert self.jobs[args["id"]]["status"] == "concluded"
+            del self.jobs[args["id"]]
+            return {}
         if cmd == "query-block":
             return [{"device": d, "inserted": {"node-name": n}} for d, n in self.attached.items()]
         if cmd == "block-commit":
@@ -101,8 +108,9 @@ class FakeQEMU:
             if n in self.attached.values():
                 raise QMPCommandError("node in use", command=cmd)
             if n.endswith("-f") and n[:-2] in self.nodes:
-                raise QMPCommandError("node has a parent", command=cmd)
-            self.nodes.discard(n)
+                raise QMPCommandError(f"Node {n} is not owned by the monitor", command=cmd)
+            # as in QEMU 7.2: a file node made inline with its parent goes with it
+            self.nodes -= {n, n + "-f"}
             return {}
         if cmd == "query-fdsets":
             return self.fdsets
@@ -158,6 +166,53 @@ def test_killed_at_pre_switchover_is_undone_in_order(tmp_path: Path) -> None:
     order = [c for c in q.log if c in ("migrate_cancel", "cont", "block-commit", "blockdev-del")]
     assert order.index("migrate_cancel") < order.index("cont") < order.index("block-commit")
     assert order.index("block-commit") < order.index("blockdev-del")
+
+
+def _snapshot_leftovers(q: FakeQEMU, tmp_path: Path) -> Marker:
+    """What a snapshot-mode capture of two disks holds while it reads them."""
+    q.running, q.status, q.migration = True, "running", "completed"
+    q.attached, q.backing = {"vda": "libvirt-1-format", "vdb": "libvirt-2-format"}, {}
+    q.nodes = {"libvirt-1-format", "libvirt-2-format"}
+    q.exports = set()
+    for d in ("vda", "vdb"):
+        q.nodes |= {f"vmarchive-fl-{d}", f"vmarchive-fl-{d}-f"}
+        q.exports.add(f"vmarchive-exp-{d}")
+    q.jobs = {
+        "vmarchive-fleece-vda": {"id": "vmarchive-fleece-vda", "status": "running"},
+        "vmarchive-fleece-vdb": {"id": "vmarchive-fleece-vdb", "status": "concluded"},
+    }
+    m = killed_marker(tmp_path)
+    m.mode, m.overlays = "snapshot", {}
+    return m
+
+
+def test_a_snapshot_capture_is_undone_in_few_round_trips(tmp_path: Path) -> None:
+    q = FakeQEMU()
+    m = _snapshot_leftovers(q, tmp_path)
+    assert clean_domain(q, m)  # type: ignore[arg-type]
+    assert not q.exports and not q.jobs and q.nodes == {"libvirt-1-format", "libvirt-2-format"}
+    # each export and job asked for once, then one query sees them all gone
+    assert q.log.count("block-export-del") == 2 and q.log.count("query-block-exports") == 2
+    assert q.log.count("job-cancel") == 1 and q.log.count("job-dismiss") == 2
+    assert q.log.count("query-jobs") == 2
+    # file nodes go with their parents: never asked for (QEMU refuses them alone)
+    assert q.log.count("blockdev-del") == 2
+
+
+def test_one_refused_export_or_job_does_not_stop_the_others(tmp_path: Path) -> None:
+    q = FakeQEMU()
+    m = _snapshot_leftovers(q, tmp_path)
+
+    def refusing(cmd: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
+        if (args or {}).get("id") in ("vmarchive-exp-vda", "vmarchive-fleece-vda"):
+            q.log.append(cmd)
+            raise QMPCommandError("refused", command=cmd)
+        return FakeQEMU.execute(q, cmd, args, **kw)
+
+    q.execute = refusing  # type: ignore[method-assign]
+    assert not clean_domain(q, m)  # type: ignore[arg-type]
+    assert q.exports == {"vmarchive-exp-vda"} and set(q.jobs) == {"vmarchive-fleece-vda"}
+    assert m.path.exists()  # kept: the next run retries
 
 
 def test_a_domain_without_qemu_only_loses_our_files(tmp_path: Path) -> None:

@@ -390,13 +390,14 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
             return str(qmp.execute("query-migrate").get("status", "none")) in MIGRATION_ACTIVE
 
         try:
-            if active() and marker.mode == "snapshot":
+            running = active()
+            if running and marker.mode == "snapshot":
                 # QEMU 7.2 can deadlock when a running background snapshot fails (its main
                 # loop faults on a write-protected page while the snapshot thread waits for
                 # the main loop's lock): let it finish; whoever holds the pipe drains it.
                 log.info("cleanup: waiting for the background snapshot to finish")
                 ok = _wait(lambda: not active(), 600.0, "background snapshot", 0.05) and ok
-            elif active():
+            elif running:
                 log.info("cleanup: cancelling migration")
                 qmp.execute("migrate_cancel")
                 if not _wait(
@@ -423,10 +424,9 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
         exports = qmp.execute("query-block-exports")
     except HypervisorError:
         exports = []
-    for ex in exports:
-        eid = str(ex.get("id", ""))
-        if eid.startswith(PREFIX):
-            ok = _try(f"removing export {eid}", functools.partial(del_export, qmp, eid)) and ok
+    ours = [str(ex.get("id", "")) for ex in exports if str(ex.get("id", "")).startswith(PREFIX)]
+    if ours:
+        ok = _try("removing NBD exports", functools.partial(del_exports, qmp, ours)) and ok
     if marker is not None and marker.nbd_server:
         try:
             qmp.execute("nbd-server-stop")
@@ -441,9 +441,13 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
         jobs = job_ids(qmp)
     except HypervisorError:
         jobs = {}
-    for jid, j in jobs.items():
-        if jid.startswith(PREFIX) and not jid.startswith(PREFIX + "commit-"):
-            ok = _try(f"cancelling job {jid}", functools.partial(_cancel_job, qmp, jid, j)) and ok
+    ours_j = {
+        jid: j
+        for jid, j in jobs.items()
+        if jid.startswith(PREFIX) and not jid.startswith(PREFIX + "commit-")
+    }
+    if ours_j:
+        ok = _try("cancelling block jobs", functools.partial(_cancel_jobs, qmp, ours_j)) and ok
 
     # 5. Overlays still attached to a guest device: commit them back.
     try:
@@ -477,6 +481,9 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
         if not nodes:
             break
         for n in nodes:
+            if n.endswith("-f") and n[:-2] in nodes:
+                continue  # a file node made with its parent: it goes with it (and QEMU
+                # refuses to delete it alone: "not owned by the monitor")
             with contextlib.suppress(HypervisorError):
                 qmp.execute("blockdev-del", {"node-name": n})
     else:
@@ -564,23 +571,64 @@ def restore_migration(qmp: QMP, marker: Marker) -> None:
 
 def del_export(qmp: QMP, eid: str) -> None:
     """Remove export ``eid`` (hard: clients are cut) and wait until QEMU dropped it."""
-    qmp.execute("block-export-del", {"id": eid, "mode": "hard"})
-    _wait(
-        lambda: all(e.get("id") != eid for e in qmp.execute("query-block-exports")),
-        10.0,
-        f"export {eid} to go",
-    )
+    del_exports(qmp, [eid])
 
 
-def _cancel_job(qmp: QMP, jid: str, j: dict[str, Any]) -> None:
-    if j.get("status") != "concluded":
-        qmp.execute("job-cancel", {"id": jid})
+def del_exports(qmp: QMP, eids: list[str]) -> None:
+    """Remove the exports ``eids`` (hard: clients are cut) and wait until QEMU dropped
+    those it accepted to remove.  Each is asked for even if removing another one failed.
 
-    def gone_or_concluded() -> bool:
-        cur = job_ids(qmp).get(jid)
-        return cur is None or cur.get("status") == "concluded"
+    Raises:
+        HypervisorError: QEMU refused one (the first refusal, after trying them all).
+    """
+    first: HypervisorError | None = None
+    left: set[str] = set()
+    for eid in eids:
+        try:
+            qmp.execute("block-export-del", {"id": eid, "mode": "hard"})
+            left.add(eid)
+        except HypervisorError as e:
+            first = first or e
+    if left:
+        _wait(
+            lambda: not left & {str(e.get("id")) for e in qmp.execute("query-block-exports")},
+            10.0,
+            f"exports {sorted(left)} to go",
+        )
+    if first is not None:
+        raise first
 
-    _wait(gone_or_concluded, 30.0, f"job {jid} to end")
-    cur = job_ids(qmp).get(jid)
-    if cur is not None and cur.get("status") == "concluded":
-        qmp.execute("job-dismiss", {"id": jid})
+
+def _cancel_jobs(qmp: QMP, jobs: dict[str, dict[str, Any]]) -> None:
+    """Cancel the block jobs ``jobs`` (id -> its query-jobs entry), wait until each is gone
+    or concluded, and dismiss the concluded ones.
+
+    Raises:
+        HypervisorError: QEMU refused one (the first refusal, after trying them all).
+    """
+    first: HypervisorError | None = None
+    ending: list[str] = []
+    for jid, j in jobs.items():
+        try:
+            if j.get("status") != "concluded":
+                qmp.execute("job-cancel", {"id": jid})
+            ending.append(jid)
+        except HypervisorError as e:
+            first = first or e
+    now: dict[str, dict[str, Any]] = {}
+
+    def all_ended() -> bool:
+        now.clear()
+        now.update(job_ids(qmp))
+        return all(now.get(jid, {}).get("status", "concluded") == "concluded" for jid in ending)
+
+    if ending:
+        _wait(all_ended, 30.0, f"jobs {sorted(ending)} to end")
+    for jid in ending:
+        if now.get(jid, {}).get("status") == "concluded":
+            try:
+                qmp.execute("job-dismiss", {"id": jid})
+            except HypervisorError as e:
+                first = first or e
+    if first is not None:
+        raise first
