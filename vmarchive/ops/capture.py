@@ -83,11 +83,13 @@ from vmarchive.ops import capture_parse
 from vmarchive.ops.capture_cleanup import (
     PREFIX,
     Marker,
+    Release,
     clean_domain,
     cont_guest,
     default_state_dir,
     del_export,
     domain_lock,
+    restore_bitmaps,
     stop_if_tcg,
     vanished_error,
 )
@@ -321,6 +323,8 @@ class _Capture:
         self.plans: dict[str, DiskPlan] = {}
         #: the domain's newest archive, loaded when planning (None: none, or not yet)
         self.parent_archive: Any = None
+        #: the clean-up of QEMU running while the capture commits (see Release)
+        self.release: Release | None = None
 
     # -- state machine -------------------------------------------------------------------
     def to(self, state: CaptureState, note: str = "") -> None:
@@ -623,7 +627,13 @@ class _Capture:
                     )
                 finally:
                     self.to(CaptureState.CLEANING)
-                    if not clean_domain(qmp, marker, keep_marker=True):
+                    early, self.release = self.release, None
+                    if early is not None and early.join():
+                        # QEMU is clean; only the bitmaps wait for the commit's outcome
+                        done = restore_bitmaps(qmp, marker)
+                    else:
+                        done = clean_domain(qmp, marker, keep_marker=True)
+                    if not done:
                         log.warning(
                             "cleanup of %s was incomplete; the next run retries", self.dom.name
                         )
@@ -1232,6 +1242,12 @@ class _Capture:
         finally:
             if self.watchdog is not None and (reader is None or not reader.is_alive()):
                 self.watchdog.drop_stream()
+
+        # QEMU's part is over: the migration completed and every disk was read.  What the
+        # capture changed in QEMU is undone on a thread while the memory's round trip and
+        # the commit run (~30 monitor round trips, mostly waiting on libvirt); the dirty
+        # bitmaps wait for the commit, in _attempt_inner's clean-up.
+        self.release = Release(qmp, marker)
 
         # -- results
         t_end = self.clock()

@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -293,7 +294,9 @@ def _backing_of(qmp: QMP, node: str) -> str | None:
     return None
 
 
-def clean_domain(qmp: QMP | None, marker: Marker | None, *, keep_marker: bool = False) -> bool:
+def clean_domain(
+    qmp: QMP | None, marker: Marker | None, *, keep_marker: bool = False, bitmaps: bool = True
+) -> bool:
     """Undo everything a capture (this one or a killed one) changed; True when all went well.
 
     Order matters: stop the migration first (it holds the disks), let the guest run again
@@ -301,13 +304,15 @@ def clean_domain(qmp: QMP | None, marker: Marker | None, *, keep_marker: bool = 
     exports (they hold nodes), block jobs, overlays (committed back, never dropped: the
     guest wrote into them), remaining nodes, fd sets, migration settings, files.
     Never raises for a QEMU problem: each step is logged and the next one still runs.
+    ``bitmaps=False`` leaves the marker's dirty bitmaps (:func:`restore_bitmaps`) alone:
+    a capture that has not committed yet decides about them afterwards.
     """
     ok = True
     if qmp is not None and qemu_gone(qmp.domain):
         # Destroyed, shut down or crashed: whatever the capture changed died with QEMU.
         log.info("cleanup: %s has no QEMU process any more; nothing to undo there", qmp.domain)
     elif qmp is not None:
-        ok = _clean_qemu(qmp, marker) and ok
+        ok = _clean_qemu(qmp, marker, bitmaps) and ok
     if marker is not None:
         for f in marker.files:
             try:
@@ -380,7 +385,44 @@ def _unstick_cancel(qmp: QMP, active: Callable[[], bool]) -> bool:
     return _wait(lambda: not active(), CANCEL_WAIT_S, "migration cancel")
 
 
-def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
+def restore_bitmaps(qmp: QMP, marker: Marker) -> bool:
+    """Undo the dirty bitmaps of a capture that published no archive (``marker.bitmaps``,
+    see :func:`undo_bitmaps`); True when done or nothing to do.  Never raises for a QEMU
+    problem (logged)."""
+    if not marker.bitmaps:
+        return True
+    return _try("restoring dirty bitmaps", lambda: undo_bitmaps(qmp, marker.bitmaps))
+
+
+class Release:
+    """:func:`clean_domain` of a capture whose QEMU part is over (migration completed,
+    every disk read), on a thread, while the capture goes on with what needs no QEMU (the
+    memory's round trip check and the commit).  The dirty bitmaps are left for the
+    capture to settle after its commit (``bitmaps=False``); the marker stays.
+    :meth:`join` returns True when everything was undone; otherwise the caller runs the
+    whole clean-up again (each step is idempotent).  A killed capture's watchdog does the
+    same whatever this thread got to.
+    """
+
+    def __init__(self, qmp: QMP, marker: Marker) -> None:
+        self._qmp, self._marker = qmp, marker
+        self._ok = False
+        self._thread = threading.Thread(target=self._run, name="capture-release", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._ok = clean_domain(self._qmp, self._marker, keep_marker=True, bitmaps=False)
+        except Exception:  # a bug must not be lost, nor kill the capture: the caller redoes it
+            log.warning("cleanup on its thread failed; redoing it", exc_info=True)
+
+    def join(self) -> bool:
+        """Wait for the clean-up; True when it undid everything (bitmaps aside)."""
+        self._thread.join()
+        return self._ok
+
+
+def _clean_qemu(qmp: QMP, marker: Marker | None, bitmaps: bool = True) -> bool:
     ok = True
 
     # 1. The migration: only one we started (a libvirt migration is none of our business).
@@ -491,8 +533,8 @@ def _clean_qemu(qmp: QMP, marker: Marker | None) -> bool:
         ok = False
 
     # 6b. Dirty bitmaps of a capture that published no archive (see undo_bitmaps).
-    if marker is not None and marker.bitmaps:
-        ok = _try("restoring dirty bitmaps", lambda: undo_bitmaps(qmp, marker.bitmaps)) and ok
+    if marker is not None and bitmaps:
+        ok = restore_bitmaps(qmp, marker) and ok
 
     # 7. fd sets and named fds.
     try:
