@@ -1248,6 +1248,12 @@ class _Capture:
         # the commit run (~30 monitor round trips, mostly waiting on libvirt); the dirty
         # bitmaps wait for the commit, in _attempt_inner's clean-up.
         self.release = Release(qmp, marker)
+        remap: _Background | None = None
+        if mode == "snapshot" and self.o.remap_huge_pages:
+            # QEMU lifts its write protection in the migration's clean-up, which its main
+            # loop ran before answering the query-migrate above; pages still protected
+            # would only be skipped (their page-map entries differ), never harmed.
+            remap = _Background("huge-page-remap", restore_huge_pages, pid)
 
         # -- results
         t_end = self.clock()
@@ -1322,12 +1328,7 @@ class _Capture:
         aid = str(w.commit(meta))
         marker.bitmaps = []  # the archive names them now: the cleanup keeps them
         assert reader is not None
-        huge = None
-        if mode == "snapshot" and self.o.remap_huge_pages:
-            # QEMU lifted its write protection when the migration completed (its clean-up
-            # runs at once; the round trip and the commit came after), so nothing of it
-            # is left on the pages being remapped.
-            huge = restore_huge_pages(pid).to_json()
+        huge = None if remap is None else remap.result().to_json()
         return CaptureResult(
             id=aid,
             domain=self.dom.name,
@@ -1342,6 +1343,23 @@ class _Capture:
             parent=parent_id,
             huge_pages=huge,
         )
+
+
+class _Background:
+    """``fn(*args)`` on a daemon thread from now on; :meth:`result` waits for its value.
+    For work that never raises (it reports its own failures) and that a failing capture
+    may leave running: the process ends without waiting for it."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._thread = threading.Thread(
+            target=lambda: setattr(self, "_value", fn(*args)), name=name, daemon=True
+        )
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        return self._value
 
 
 def _migration_stats(st: dict[str, Any]) -> dict[str, Any]:
