@@ -438,7 +438,11 @@ class _Input:
     """Block reader over a file or pipe: big reads, no per-byte Python work.
 
     The buffer is an immutable ``bytes`` so that views handed to sinks stay valid even if
-    a sink keeps them a little too long; refilling copies only the unread remainder.
+    a sink keeps them a little too long.  A record that straddles two reads is not made
+    contiguous by joining the unread remainder to the whole next read (a copy of every
+    byte of the stream, ~1 MiB per read): :meth:`fill` makes a short *bridge* of the
+    remainder and the next read's first ``n`` bytes, and once the parser is past the
+    remainder it goes on in the read itself, where it is.
     """
 
     def __init__(self, f: _Readable, read_size: int, task: Task | None = None) -> None:
@@ -450,6 +454,11 @@ class _Input:
         self.pos = 0
         self.base = 0  # stream offset of buf[0]
         self.eof = False
+        #: while ``buf`` is a bridge: the read it bridges to, where that read's first byte
+        #: is in ``buf``, and how many of its bytes ``buf`` holds
+        self._next: bytes | None = None
+        self._next_at = 0
+        self._next_held = 0
 
     def _read(self, n: int) -> bytes:
         d = self._f.read(n)
@@ -460,24 +469,61 @@ class _Input:
             self._task.advance(len(d))
         return d
 
+    def _set(self, buf: bytes, pos: int) -> None:
+        self.buf = buf
+        self.mv = memoryview(buf)
+        self.pos = pos
+
+    def _unbridged(self) -> list[bytes]:
+        """The unread bytes: ``buf``'s, then those of the read it bridges to (if any) that
+        it does not hold; the bridge is given up."""
+        parts = [self.buf[self.pos :]]
+        if self._next is not None:
+            parts.append(self._next[self._next_held :])
+            self._next = None
+        return parts
+
     def fill(self, n: int) -> None:
         """Make at least ``n`` unread bytes available, fewer only at end of stream."""
         have = len(self.buf) - self.pos
-        if have >= n or self.eof:
+        if have >= n:
             return
-        parts = [self.buf[self.pos :]]
+        nxt = self._next
+        if nxt is not None and self.pos >= self._next_at:
+            # Past the bridge's old bytes: the rest of it is the read's own head.
+            self._next = None
+            self.base += self._next_at
+            self._set(nxt, self.pos - self._next_at)
+            have = len(nxt) - self.pos
+            if have >= n:
+                return
+        if self.eof:
+            return
+        parts = self._unbridged()
+        have = sum(len(x) for x in parts)
+        fresh = 0  # reads made here
         while have < n:
             d = self._read(max(self._read_size, n - have))
             if not d:
                 self.eof = True
                 break
             parts.append(d)
+            fresh += 1
             have += len(d)
         self.base += self.pos
-        # Nothing left over (a source whose buffers end on records): no copy at all.
-        self.buf = parts[1] if len(parts) == 2 and not parts[0] else b"".join(parts)
-        self.mv = memoryview(self.buf)
-        self.pos = 0
+        parts = [x for x in parts if x]
+        if not parts:
+            self._set(b"", 0)
+        elif len(parts) == 1:
+            # Nothing left over (a source whose buffers end on records): no copy at all.
+            self._set(parts[0], 0)
+        elif len(parts) == 2 and fresh == 1 and len(parts[1]) > n:
+            # A remainder and one new read: bridge them (copies the remainder and n bytes).
+            old, new = parts
+            self._next, self._next_at, self._next_held = new, len(old), n
+            self._set(old + new[:n], 0)
+        else:
+            self._set(b"".join(parts), 0)
 
     def need(self, n: int, what: str) -> None:
         self.fill(n)
@@ -521,8 +567,8 @@ class _Input:
 
     def rest(self, limit: int) -> bytes:
         """All unread bytes up to end of stream; StreamRefusedError beyond ``limit``."""
-        parts = [self.buf[self.pos :]]
-        have = len(parts[0])
+        parts = self._unbridged()
+        have = sum(len(x) for x in parts)
         while not self.eof:
             d = self._read(self._read_size)
             if not d:
@@ -534,10 +580,8 @@ class _Input:
                 raise StreamRefusedError(
                     f"device state after RAM exceeds {limit} bytes; refusing to buffer it"
                 )
-        self.base += len(self.buf)
-        self.buf = b""
-        self.mv = memoryview(self.buf)
-        self.pos = 0
+        self.base += self.pos + have
+        self._set(b"", 0)
         return b"".join(parts)
 
     @property
@@ -737,6 +781,12 @@ class _Parser:
                             n = _RUN * _ZERO_REC
                         else:
                             heads = ()
+                            if kind in (_PAGE_CONT, _ZERO_CONT) and not inp.eof:
+                                # The buffer ends inside what may be a run: bridge into
+                                # the next read (a short copy, see _Input) and look again
+                                # (at the end of the stream, eof is set: no second time).
+                                inp.fill(_RUN * (_PAGE_REC if kind == _PAGE_CONT else _ZERO_REC))
+                                continue
                         if (
                             heads
                             and heads == tuple(range(word, word + run_bytes, page_size))
