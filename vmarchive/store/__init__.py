@@ -7,21 +7,49 @@ shared/exclusive locks; ``maintenance`` verify, stats, forget, prune and gc;
 ``repository`` ties them together.  The store knows nothing about QEMU or libvirt.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, open_backend
 from vmarchive.store.codecs import InitOptions, StreamInfo
 from vmarchive.store.locking import LockContext
-from vmarchive.store.maintenance import (
-    GcOptions,
-    GcResult,
-    PrunePolicy,
-    PruneResult,
-    RebuildResult,
-    RepoStats,
-    VerifyReport,
-)
 from vmarchive.store.reader import Extent, StreamReader
 from vmarchive.store.repository import Archive, ArchiveSummary, Repository
 from vmarchive.store.writer import ArchiveWriter, StreamStats, StreamWriter, WriterOptions
+
+if TYPE_CHECKING:
+    from vmarchive.store.maintenance import (
+        GcOptions,
+        GcResult,
+        PrunePolicy,
+        PruneResult,
+        RebuildResult,
+        RepoStats,
+        VerifyReport,
+    )
+
+#: Names of ``maintenance`` (verify, stats, forget, prune, gc), imported on first use: a
+#: capture or restore never needs them, and the module is one of the store's largest
+#: (~10 ms of every command's start-up).
+_MAINTENANCE = frozenset(
+    {
+        "GcOptions",
+        "GcResult",
+        "PrunePolicy",
+        "PruneResult",
+        "RebuildResult",
+        "RepoStats",
+        "VerifyReport",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MAINTENANCE:
+        from vmarchive.store import maintenance
+
+        return getattr(maintenance, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Archive",
