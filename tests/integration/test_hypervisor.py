@@ -12,6 +12,7 @@ import os
 import pathlib
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -142,6 +143,36 @@ def test_qmp_commands_errors_and_fds(guest: Guest) -> None:
         os.close(r)
         os.close(w)
     assert "running" in qmp.hmp("info status")
+
+
+def test_nbd_server_start_consumes_its_named_fd(guest: Guest) -> None:
+    """What passed_fd(consumed=True) relies on: QEMU takes the fd ``nbd-server-start``
+    uses out of the monitor's list, so nothing is left to close after it succeeded."""
+    qmp = QMP(guest.conn.lookup(guest.name))
+    d = pathlib.Path(tempfile.mkdtemp(prefix="vmatest-hv-fd-"))
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ls.bind(str(d / "nbd.sock"))
+        ls.listen(1)
+        with qmp.passed_fd("vmatest-nbd", ls.fileno(), consumed=True):
+            qmp.execute(
+                "nbd-server-start", {"addr": {"type": "fd", "data": {"str": "vmatest-nbd"}}}
+            )
+        try:
+            with pytest.raises(QMPCommandError, match="not found"):
+                qmp.closefd("vmatest-nbd")
+        finally:
+            qmp.execute("nbd-server-stop")
+        # the control: a body that fails leaves the fd passed, and passed_fd closes it
+        with pytest.raises(RuntimeError), qmp.passed_fd("vmatest-nbd", ls.fileno(), consumed=True):
+            raise RuntimeError("the command was never sent")
+        with pytest.raises(QMPCommandError, match="not found"):
+            qmp.closefd("vmatest-nbd")
+        qmp.getfd("vmatest-nbd", ls.fileno())
+        qmp.closefd("vmatest-nbd")  # an fd nobody consumed is there to close
+    finally:
+        ls.close()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_events_measure_pause_and_unregister(guest: Guest) -> None:

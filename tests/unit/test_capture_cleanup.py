@@ -215,6 +215,21 @@ def test_one_refused_export_or_job_does_not_stop_the_others(tmp_path: Path) -> N
     assert m.path.exists()  # kept: the next run retries
 
 
+def test_the_sweep_without_a_marker_only_looks(tmp_path: Path) -> None:
+    # nothing of ours in QEMU and no marker: queries only, and no named fd to close (they
+    # are passed only after a marker is saved); with a marker, both names are closed
+    q = FakeQEMU()
+    q.attached, q.exports, q.nbd, q.fdsets = {}, set(), False, []
+    q.nodes = {"libvirt-1-format", "libvirt-1-storage"}
+    assert clean_domain(q, None)  # type: ignore[arg-type]
+    assert all(c.startswith("query-") for c in q.log), q.log
+    q.log.clear()
+    m = killed_marker(tmp_path)
+    m.migration_started, m.was_running, m.overlays = False, False, {}
+    clean_domain(q, m)  # type: ignore[arg-type]
+    assert q.log.count("closefd") == 2
+
+
 def test_a_domain_without_qemu_only_loses_our_files(tmp_path: Path) -> None:
     q = FakeQEMU()
     q.domain.active = False  # destroyed mid-capture: nothing left to undo in QEMU

@@ -242,7 +242,10 @@ def build_memory_map(mtree_text: str, ramblock_text: str) -> MemoryMap:
 
 
 def collect_memory_map(
-    qmp: QMP, mtree: str | None = None, ramblock: str | None = None
+    qmp: QMP,
+    mtree: str | None = None,
+    ramblock: str | None = None,
+    cpus: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """What a capture records so that memory exports can be made from the archive.
 
@@ -257,8 +260,8 @@ def collect_memory_map(
     reprograms the PAM/SMRAM windows, so reading it just before or after the instant is
     fine outside boot.
 
-    ``mtree`` and ``ramblock``: those two texts when the caller has them already (one
-    round trip each less); else they are asked for.
+    ``mtree``, ``ramblock`` and ``cpus`` (``query-cpus-fast``'s answer): when the caller
+    has them already (one round trip each less); else they are asked for.
 
     Raises QMPCommandError / HypervisorError (QEMU or libvirt failed) and FormatError
     (QEMU's text could not be parsed).
@@ -267,7 +270,8 @@ def collect_memory_map(
         mtree = qmp.hmp("info mtree -f")
     if ramblock is None:
         ramblock = qmp.hmp("info ramblock")
-    cpus = qmp.execute("query-cpus-fast")
+    if cpus is None:
+        cpus = qmp.execute("query-cpus-fast")
     target = qmp.execute("query-target")
     return {
         "memory_map": build_memory_map(mtree, ramblock).to_json(),

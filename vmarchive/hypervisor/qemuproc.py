@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from vmarchive.errors import HypervisorError
 from vmarchive.hypervisor.qmp import QMP
@@ -30,13 +31,15 @@ BG_SNAPSHOT_THREADS = ("bg_snapshot", "mig/snapshot")
 SHOW_UP_S = 0.05
 
 
-def qemu_pid(qmp: QMP, proc: Path = PROC) -> int | None:
+def qemu_pid(qmp: QMP, proc: Path = PROC, cpus: list[dict[str, Any]] | None = None) -> int | None:
     """The process id of the domain's QEMU, or None when it cannot be found here.
 
-    QMP gives the host thread ids of the vCPUs; their thread group is QEMU's process.
+    QMP gives the host thread ids of the vCPUs (``cpus``: ``query-cpus-fast``'s answer
+    when the caller has it); their thread group is QEMU's process.
     """
     try:
-        cpus = qmp.execute("query-cpus-fast")
+        if cpus is None:
+            cpus = qmp.execute("query-cpus-fast")
         tid = int(cpus[0]["thread-id"])
         for line in (proc / str(tid) / "status").read_text().splitlines():
             if line.startswith("Tgid:"):

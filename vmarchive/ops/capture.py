@@ -752,7 +752,7 @@ class _Capture:
         try:
             ls.bind(path)
             ls.listen(16)
-            with qmp.passed_fd(PREFIX + "nbd", ls.fileno()):
+            with qmp.passed_fd(PREFIX + "nbd", ls.fileno(), consumed=True):
                 qmp.execute(
                     "nbd-server-start", {"addr": {"type": "fd", "data": {"str": PREFIX + "nbd"}}}
                 )
@@ -1035,8 +1035,14 @@ class _Capture:
         self._xml_streams(w, live_xml, mig_xml, texts)
         # The parsed map (memory_map, vcpus, arch) is what export-memory reads; the raw
         # texts above stay as a fallback. A map we cannot read must not lose the capture.
+        cpus: list[dict[str, Any]] | None = None  # for the map and QEMU's pid: asked once
         try:
-            meta.update(collect_memory_map(qmp, texts.get("mtree.txt"), texts.get("ramblock.txt")))
+            cpus = qmp.execute("query-cpus-fast")
+            meta.update(
+                collect_memory_map(
+                    qmp, texts.get("mtree.txt"), texts.get("ramblock.txt"), cpus=cpus
+                )
+            )
         except (HypervisorError, FormatError) as map_err:
             log.warning("memory map not recorded: %s", map_err)
         threads = DiskThreads()
@@ -1188,7 +1194,7 @@ class _Capture:
                     self.to(CaptureState.READING)
                 else:  # snapshot
                     preflush(disks)
-                    pid = qemu_pid(qmp)
+                    pid = qemu_pid(qmp, cpus=cpus)
                     reader = self._start_pipe(qmp, memory, gate=True)
                     self._migrate(qmp, marker)  # the guest runs through QEMU's set-up
                     gate_seen = self._snapshot_gate(pid)

@@ -547,7 +547,9 @@ def _clean_qemu(qmp: QMP, marker: Marker | None, bitmaps: bool = True) -> bool:
                 _try("removing an fd set", functools.partial(qmp.remove_fd, int(s["fdset-id"])))
                 and ok
             )
-    for name in ("mig", "nbd"):
+    # Named fds are passed only once the marker is saved, and a marker is removed only by
+    # a clean-up that got here: without one there are none of ours to close.
+    for name in ("mig", "nbd") if marker is not None else ():
         with contextlib.suppress(HypervisorError):
             qmp.closefd(PREFIX + name)
 
