@@ -246,3 +246,77 @@ def test_block_status_from_fake(sockpath: str) -> None:
         ]
     finally:
         srv.close()
+
+
+class _Counting:
+    """The client's socket, counting its receive and send calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.recvs = 0
+        self.sends = 0
+
+    def recv_into(self, *a: object) -> int:
+        self.recvs += 1
+        return self.sock.recv_into(*a)  # type: ignore[arg-type]
+
+    def sendall(self, data: bytes) -> None:
+        self.sends += 1
+        self.sock.sendall(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+def test_replies_are_received_in_few_calls_and_requests_sent_in_batches(sockpath: str) -> None:
+    # Each system call costs the reading thread a GIL round trip (a capture's disk reads
+    # beside its memory parser): 64 small reads must not cost four calls per reply.
+    def handler(c: socket.socket, reqs: list[tuple[int, int, int, int]]) -> None:
+        out = b"".join(
+            _chunk(
+                N.REPLY_FLAG_DONE,
+                N.CHUNK_OFFSET_DATA,
+                h,
+                struct.pack(">Q", off) + DATA[off : off + n],
+            )
+            for _k, h, off, n in reqs
+        )
+        c.sendall(out)
+
+    srv = FakeServer(sockpath, structured=True, handler=handler, batch=4)
+    try:
+        with N.NBDClient.connect(sockpath, "e") as c:
+            counting = _Counting(c._sock)
+            c._sock = counting  # type: ignore[assignment]
+            pieces = [(i * 8192, 4096) for i in range(64)]
+            got = list(c.read_many(pieces, depth=8))
+            assert got == [(o, bytearray(DATA[o : o + n])) for o, n in pieces]
+            assert counting.sends <= 64 // 4 + 1, counting.sends  # one per refill, not per read
+            assert counting.recvs <= 64 // 2, counting.recvs  # several replies per call
+    finally:
+        srv.close()
+    srv = FakeServer(sockpath + "2", structured=True, handler=handler, batch=1)
+    try:
+        with N.NBDClient.connect(sockpath + "2", "e") as c:
+            # payloads larger than the receive buffer arrive whole, straight into place
+            big = [(4096, 300_000), (400_000, 2_000), (500_000, 500_000)]
+            assert list(c.read_many(big, depth=3)) == [
+                (o, bytearray(DATA[o : o + n])) for o, n in big
+            ]
+    finally:
+        srv.close()
+
+
+def test_a_server_that_stops_answering_times_out(sockpath: str) -> None:
+    def handler(c: socket.socket, reqs: list[tuple[int, int, int, int]]) -> None:
+        pass  # never answers
+
+    srv = FakeServer(sockpath, structured=True, handler=handler)
+    try:
+        with (
+            N.NBDClient.connect(sockpath, "e", timeout=0.3) as c,
+            pytest.raises(NBDError, match="receive failed"),
+        ):
+            c.read(0, 4096)
+    finally:
+        srv.close()
