@@ -940,3 +940,29 @@ def test_records_across_reads_are_bridged_not_joined(monkeypatch: pytest.MonkeyP
     # ~16 straddles, each bridging at most two runs' worth (2 x 65 KiB): well under 2 MiB;
     # joining each remainder to the whole next read would build ~the whole 4 MiB again
     assert built < len(data) // 2, (built, len(data))
+
+
+def test_a_run_that_starts_in_a_bridge_extends_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whatever the read sizes, no buffer the parser builds itself is longer than two runs
+    # and two records: a run starting in a bridge's old bytes gets a longer bridge, not
+    # the old bytes joined to the whole next read.
+    n = 512
+    w = W(blocks=[("pc.ram", n * PAGE)], sections=[[(0, i, page(i)) for i in range(n)]])
+    data = w.build()
+    biggest = 0
+    real_set = ms._Input._set
+    for size in range(200_000, 300_000, 3_331):
+        src = _Reads(data, size)
+
+        def spy(self: ms._Input, buf: bytes, pos: int, src: _Reads = src) -> None:
+            nonlocal biggest
+            if id(buf) not in src.returned:
+                biggest = max(biggest, len(buf))
+            real_set(self, buf, pos)
+
+        monkeypatch.setattr(ms._Input, "_set", spy)
+        rec = Recorder()
+        ms.parse_stream(src, rec, read_size=size)
+        assert rec.img == w.final_images(), size
+    limit = 2 * 16 * (8 + PAGE) + 2 * ms._MAX_RECORD
+    assert biggest <= limit, (biggest, limit)

@@ -497,6 +497,16 @@ class _Input:
             have = len(nxt) - self.pos
             if have >= n:
                 return
+        if self._next is not None and nxt is not None:
+            # Still in the bridge's old bytes, and more is wanted (a run starting there):
+            # a longer bridge, not the unread bytes joined to the whole read.
+            old = self.buf[self.pos : self._next_at]
+            m = min(len(nxt), max(n, self._next_held))
+            if len(old) + m >= n:
+                self.base += self.pos
+                self._next_at, self._next_held = len(old), m
+                self._set(old + nxt[:m], 0)
+                return
         if self.eof:
             return
         parts = self._unbridged()
