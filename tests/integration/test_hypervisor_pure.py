@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
 
 from vmarchive.errors import HypervisorError, QMPCommandError
 from vmarchive.hypervisor.blockinfo import file_children, join_disks, parse_disks
@@ -21,7 +21,7 @@ def _qmp() -> QMP:
 
 
 def test_reply_translation() -> None:
-    q, sent = _qmp(), QMPClient.make_execute_msg("query-x")
+    q, sent = _qmp(), {"execute": "query-x"}
     assert q._parse_reply("query-x", sent, '{"return": {"a": 1}, "id": "libvirt-1"}') == {"a": 1}
     with pytest.raises(QMPCommandError) as ei:
         q._parse_reply(
@@ -35,7 +35,7 @@ def test_reply_translation() -> None:
     }
     assert isinstance(ei.value.__cause__, ExecuteError)
     assert ei.value.__cause__.sent["execute"] == "query-x"
-    for bad in ("not json", '{"id": 1}', '{"error": {"class": 3}}'):
+    for bad in ("not json", "[1, 2]", '{"id": 1}', '{"error": {"class": 3}}'):
         with pytest.raises(HypervisorError) as e2:
             q._parse_reply("query-x", sent, bad)
         assert not isinstance(e2.value, QMPCommandError)
