@@ -96,8 +96,8 @@ from vmarchive.ops.capture_cleanup import (
 from vmarchive.ops.capture_disks import (
     DiskRead,
     DiskThreads,
+    OverlayFiles,
     local_nbd,
-    make_overlay_file,
     read_disk,
 )
 from vmarchive.ops.capture_dropcache import preflush, reopen_keep_cache
@@ -252,6 +252,12 @@ def _machine_type(xml: str) -> str | None:
     return el.get("machine") if el is not None else None
 
 
+def _temp_name(role: str, d: DiskInfo) -> str:
+    """The node name (and image file stem) of disk ``d``'s temporary node: ``role`` is
+    ``ov`` (switchover overlay) or ``fl`` (snapshot fleecing image)."""
+    return f"{PREFIX}{role}-{_node_suffix(d.target)}"
+
+
 def _node_suffix(target: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in target)[:16]
 
@@ -325,6 +331,8 @@ class _Capture:
         self.parent_archive: Any = None
         #: the clean-up of QEMU running while the capture commits (see Release)
         self.release: Release | None = None
+        #: the temporary images being made for this attempt (see _live_capture)
+        self.images: OverlayFiles | None = None
 
     # -- state machine -------------------------------------------------------------------
     def to(self, state: CaptureState, note: str = "") -> None:
@@ -626,6 +634,9 @@ class _Capture:
                         qmp, marker, w, mode, disks, copy, live_xml, mig_xml, memory
                     )
                 finally:
+                    images, self.images = self.images, None
+                    if images is not None:
+                        images.close()  # none may still be written when files are removed
                     self.to(CaptureState.CLEANING)
                     early, self.release = self.release, None
                     if early is not None and early.join():
@@ -712,12 +723,9 @@ class _Capture:
         self, qmp: QMP, marker: Marker, role: str, d: DiskInfo, backing: str | None
     ) -> str:
         """A temporary qcow2 node (file in the work dir, passed to QEMU as an fd)."""
-        assert self.work is not None and d.virtual_size is not None
-        name = f"{PREFIX}{role}-{_node_suffix(d.target)}"
-        path = self.work / name
-        marker.files.insert(0, str(path) + ".qcow2")
-        marker.save()
-        img = make_overlay_file(self.work, name, d.virtual_size)
+        assert self.images is not None
+        name = _temp_name(role, d)
+        img = self.images.wait(name)
         fd = os.open(img, os.O_RDWR | os.O_CLOEXEC)
         try:
             fdset = qmp.add_fd(fd, opaque=name)
@@ -1030,6 +1038,17 @@ class _Capture:
         mig_xml: str,
         memory: capture_parse.MemoryConsumer,
     ) -> CaptureResult:
+        role = {"switchover": "ov", "snapshot": "fl"}.get(mode)
+        if role is not None and copy:
+            # The temporary images are made by qemu-img processes started here, beside
+            # the monitor commands below (_temp_node waits for each); the marker names
+            # them before they exist.
+            assert self.work is not None
+            sizes = {_temp_name(role, d): int(d.virtual_size or 0) for d in copy}
+            for name in sizes:
+                marker.files.insert(0, str(self.work / name) + ".qcow2")
+            marker.save()
+            self.images = OverlayFiles(self.work, sizes)
         meta = self._base_metadata("full", live_xml)
         texts = self._memory_map(qmp)
         self._xml_streams(w, live_xml, mig_xml, texts)
