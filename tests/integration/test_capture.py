@@ -668,6 +668,33 @@ def test_auto_mode_uses_snapshot_only_where_it_works(
         assert qemu_leftovers(guest) == []
 
 
+UFFD_SYSCTL = pathlib.Path("/proc/sys/vm/unprivileged_userfaultfd")
+
+
+def test_auto_mode_falls_back_where_userfaultfd_is_refused(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path]
+) -> None:
+    """The other branch of the test above, forced: with the host refusing userfaultfd to
+    QEMU's unprivileged user, auto mode takes switchover (the probe's answer serves the
+    saved settings too) and leaves QEMU's capabilities as they were."""
+    if os.geteuid() != 0 or not os.access(UFFD_SYSCTL, os.W_OK):
+        pytest.skip("needs root to set vm.unprivileged_userfaultfd for the test")
+    before = UFFD_SYSCTL.read_text()
+    UFFD_SYSCTL.write_text("0\n")
+    try:
+        assert snapshot_reason(guest) is not None  # the control: QEMU refuses now
+        r, ob = capture_and_check(guest, env, Mode.AUTO)
+        assert r.mode == "switchover" and ob.consistent
+        with pytest.raises(HostPreconditionError, match="snapshot mode does not work"):
+            capture(opts(guest, env, mode=Mode.SNAPSHOT))
+    finally:
+        UFFD_SYSCTL.write_text(before)
+    assert qemu_leftovers(guest) == []
+    expect = "switchover" if snapshot_reason(guest) is not None else "snapshot"
+    r, ob = capture_and_check(guest, env, Mode.AUTO)  # and back to what the host allows
+    assert r.mode == expect and ob.consistent
+
+
 def test_locked_repository_is_refused_and_guest_untouched(
     guest: guestlib.Guest, env: dict[str, pathlib.Path]
 ) -> None:

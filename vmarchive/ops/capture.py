@@ -333,6 +333,8 @@ class _Capture:
         self.release: Release | None = None
         #: the temporary images being made for this attempt (see _live_capture)
         self.images: OverlayFiles | None = None
+        #: QEMU's migration capabilities before the capture, when the mode probe asked
+        self.caps_before: dict[str, bool] | None = None
 
     # -- state machine -------------------------------------------------------------------
     def to(self, state: CaptureState, note: str = "") -> None:
@@ -674,7 +676,8 @@ class _Capture:
             return "paused"
         if self.o.mode == Mode.SWITCHOVER:
             return "switchover"
-        ok, why = snapshot_supported(qmp)
+        self.caps_before = _capabilities(qmp)
+        ok, why = snapshot_supported(qmp, self.caps_before)
         if self.o.mode == Mode.SNAPSHOT and not ok:
             raise HostPreconditionError(
                 f"snapshot mode does not work for {self.dom.name!r}: {why} "
@@ -687,9 +690,13 @@ class _Capture:
         return "switchover"
 
     def _save_migration_settings(self, qmp: QMP, marker: Marker) -> None:
-        caps = {
-            c["capability"]: bool(c["state"]) for c in qmp.execute("query-migrate-capabilities")
-        }
+        # The probe of _choose_mode put back what it changed: its answer is still the state
+        # before the capture (one round trip less).
+        caps = self.caps_before
+        if caps is None:
+            caps = {
+                c["capability"]: bool(c["state"]) for c in qmp.execute("query-migrate-capabilities")
+            }
         params = qmp.execute("query-migrate-parameters")
         marker.saved_capabilities = {
             k: caps[k]
@@ -1407,16 +1414,29 @@ def _migration_stats(st: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def snapshot_supported(qmp: QMP) -> tuple[bool, str]:
+def _capabilities(qmp: QMP) -> dict[str, bool] | None:
+    """QEMU's migration capabilities (name -> state); None if QEMU did not say."""
+    try:
+        return {
+            str(c["capability"]): bool(c["state"])
+            for c in qmp.execute("query-migrate-capabilities")
+        }
+    except HypervisorError:
+        return None
+
+
+def snapshot_supported(qmp: QMP, caps: Mapping[str, bool] | None = None) -> tuple[bool, str]:
     """Whether QEMU accepts ``background-snapshot`` for this domain (probe, then undo).
 
     QEMU checks userfaultfd write-protection when the capability is set, so setting it is
-    the exact test.  Never changes host settings.
+    the exact test.  Never changes host settings.  ``caps``: QEMU's capabilities when the
+    caller has asked already (see :func:`_capabilities`).
     """
-    try:
-        caps = {c["capability"]: c["state"] for c in qmp.execute("query-migrate-capabilities")}
-    except HypervisorError as e:
-        return False, str(e)
+    if caps is None:
+        try:
+            caps = {c["capability"]: c["state"] for c in qmp.execute("query-migrate-capabilities")}
+        except HypervisorError as e:
+            return False, str(e)
     if "background-snapshot" not in caps:
         return False, "this QEMU has no background-snapshot capability"
     if caps.get("background-snapshot"):
