@@ -335,6 +335,8 @@ class _Capture:
         self.images: OverlayFiles | None = None
         #: QEMU's migration capabilities before the capture, when the mode probe asked
         self.caps_before: dict[str, bool] | None = None
+        #: the huge-page remap running beside the commit (see _live_capture)
+        self.remap: _Background | None = None
 
     # -- state machine -------------------------------------------------------------------
     def to(self, state: CaptureState, note: str = "") -> None:
@@ -639,6 +641,9 @@ class _Capture:
                     images, self.images = self.images, None
                     if images is not None:
                         images.close()  # none may still be written when files are removed
+                    remap, self.remap = self.remap, None
+                    if remap is not None:
+                        remap.result()  # not beside a retried attempt's snapshot (bounded)
                     self.to(CaptureState.CLEANING)
                     early, self.release = self.release, None
                     if early is not None and early.join():
@@ -1285,7 +1290,7 @@ class _Capture:
             # QEMU lifts its write protection in the migration's clean-up, which its main
             # loop ran before answering the query-migrate above; pages still protected
             # would only be skipped (their page-map entries differ), never harmed.
-            remap = _Background("huge-page-remap", restore_huge_pages, pid)
+            remap = self.remap = _Background("huge-page-remap", restore_huge_pages, pid)
 
         # -- results
         t_end = self.clock()
@@ -1379,8 +1384,7 @@ class _Capture:
 
 class _Background:
     """``fn(*args)`` on a daemon thread from now on; :meth:`result` waits for its value.
-    For work that never raises (it reports its own failures) and that a failing capture
-    may leave running: the process ends without waiting for it."""
+    For work that never raises (it reports its own failures)."""
 
     def __init__(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
         self._value: Any = None
