@@ -86,6 +86,8 @@ class QMP:
     def _parse_reply(self, command: str, sent: dict[str, object], out: str) -> Any:
         try:
             reply = json.loads(out)
+            if not isinstance(reply, dict):
+                raise ValueError("not a JSON object")
         except ValueError as e:
             raise HypervisorError(
                 f"QMP {command}: unparseable reply from QEMU",
@@ -93,13 +95,6 @@ class QMP:
                 command=command,
                 reply=out[:200],
             ) from e
-        if not isinstance(reply, dict):
-            raise HypervisorError(
-                f"QMP {command}: unparseable reply from QEMU",
-                domain=self.domain.name,
-                command=command,
-                reply=out[:200],
-            )
         if "error" in reply:
             from qemu.qmp import ExecuteError, Message
             from qemu.qmp.models import ErrorResponse
