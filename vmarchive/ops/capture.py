@@ -681,7 +681,8 @@ class _Capture:
             return "paused"
         if self.o.mode == Mode.SWITCHOVER:
             return "switchover"
-        self.caps_before = _capabilities(qmp)
+        with contextlib.suppress(HypervisorError):  # then the probe asks and says why
+            self.caps_before = migration_capabilities(qmp)
         ok, why = snapshot_supported(qmp, self.caps_before)
         if self.o.mode == Mode.SNAPSHOT and not ok:
             raise HostPreconditionError(
@@ -699,9 +700,7 @@ class _Capture:
         # before the capture (one round trip less).
         caps = self.caps_before
         if caps is None:
-            caps = {
-                c["capability"]: bool(c["state"]) for c in qmp.execute("query-migrate-capabilities")
-            }
+            caps = migration_capabilities(qmp)
         params = qmp.execute("query-migrate-parameters")
         marker.saved_capabilities = {
             k: caps[k]
@@ -1418,15 +1417,11 @@ def _migration_stats(st: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _capabilities(qmp: QMP) -> dict[str, bool] | None:
-    """QEMU's migration capabilities (name -> state); None if QEMU did not say."""
-    try:
-        return {
-            str(c["capability"]): bool(c["state"])
-            for c in qmp.execute("query-migrate-capabilities")
-        }
-    except HypervisorError:
-        return None
+def migration_capabilities(qmp: QMP) -> dict[str, bool]:
+    """QEMU's migration capabilities, name -> state.  Raises: like :meth:`QMP.execute`."""
+    return {
+        str(c["capability"]): bool(c["state"]) for c in qmp.execute("query-migrate-capabilities")
+    }
 
 
 def snapshot_supported(qmp: QMP, caps: Mapping[str, bool] | None = None) -> tuple[bool, str]:
@@ -1434,11 +1429,11 @@ def snapshot_supported(qmp: QMP, caps: Mapping[str, bool] | None = None) -> tupl
 
     QEMU checks userfaultfd write-protection when the capability is set, so setting it is
     the exact test.  Never changes host settings.  ``caps``: QEMU's capabilities when the
-    caller has asked already (see :func:`_capabilities`).
+    caller has asked already (:func:`migration_capabilities`).
     """
     if caps is None:
         try:
-            caps = {c["capability"]: c["state"] for c in qmp.execute("query-migrate-capabilities")}
+            caps = migration_capabilities(qmp)
         except HypervisorError as e:
             return False, str(e)
     if "background-snapshot" not in caps:
