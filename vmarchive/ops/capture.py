@@ -83,7 +83,6 @@ from vmarchive.ops import capture_parse
 from vmarchive.ops.capture_cleanup import (
     PREFIX,
     Marker,
-    Release,
     clean_domain,
     cont_guest,
     default_state_dir,
@@ -329,8 +328,8 @@ class _Capture:
         self.plans: dict[str, DiskPlan] = {}
         #: the domain's newest archive, loaded when planning (None: none, or not yet)
         self.parent_archive: Any = None
-        #: the clean-up of QEMU running while the capture commits (see Release)
-        self.release: Release | None = None
+        #: the clean-up of QEMU running while the capture commits (see _release_qemu)
+        self.release: _Background | None = None
         #: the temporary images being made for this attempt (see _live_capture)
         self.images: OverlayFiles | None = None
         #: QEMU's migration capabilities before the capture, when the mode probe asked
@@ -646,7 +645,7 @@ class _Capture:
                         remap.result()  # not beside a retried attempt's snapshot (bounded)
                     self.to(CaptureState.CLEANING)
                     early, self.release = self.release, None
-                    if early is not None and early.join():
+                    if early is not None and early.result():
                         # QEMU is clean; only the bitmaps wait for the commit's outcome
                         done = restore_bitmaps(qmp, marker)
                     else:
@@ -1283,7 +1282,7 @@ class _Capture:
         # capture changed in QEMU is undone on a thread while the memory's round trip and
         # the commit run (~30 monitor round trips, mostly waiting on libvirt); the dirty
         # bitmaps wait for the commit, in _attempt_inner's clean-up.
-        self.release = Release(qmp, marker)
+        self.release = _Background("capture-release", _release_qemu, qmp, marker)
         remap: _Background | None = None
         if mode == "snapshot" and self.o.remap_huge_pages:
             # QEMU lifts its write protection in the migration's clean-up, which its main
@@ -1395,6 +1394,20 @@ class _Background:
     def result(self) -> Any:
         self._thread.join()
         return self._value
+
+
+def _release_qemu(qmp: QMP, marker: Marker) -> bool:
+    """:func:`clean_domain` of a capture whose QEMU part is over (migration completed,
+    every disk read), run beside what needs no QEMU (the memory's round trip check and
+    the commit).  The dirty bitmaps are left for the capture to settle after its commit
+    (``bitmaps=False``); the marker stays.  True when everything else was undone;
+    otherwise the caller runs the whole clean-up again (each step is idempotent).  A
+    killed capture's watchdog does the same whatever this got to."""
+    try:
+        return clean_domain(qmp, marker, keep_marker=True, bitmaps=False)
+    except Exception:  # a bug must not be lost, nor kill the capture: the caller redoes it
+        log.warning("cleanup on its thread failed; redoing it", exc_info=True)
+        return False
 
 
 def _migration_stats(st: dict[str, Any]) -> dict[str, Any]:

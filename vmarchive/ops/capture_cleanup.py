@@ -25,7 +25,6 @@ import functools
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -392,34 +391,6 @@ def restore_bitmaps(qmp: QMP, marker: Marker) -> bool:
     if not marker.bitmaps:
         return True
     return _try("restoring dirty bitmaps", lambda: undo_bitmaps(qmp, marker.bitmaps))
-
-
-class Release:
-    """:func:`clean_domain` of a capture whose QEMU part is over (migration completed,
-    every disk read), on a thread, while the capture goes on with what needs no QEMU (the
-    memory's round trip check and the commit).  The dirty bitmaps are left for the
-    capture to settle after its commit (``bitmaps=False``); the marker stays.
-    :meth:`join` returns True when everything was undone; otherwise the caller runs the
-    whole clean-up again (each step is idempotent).  A killed capture's watchdog does the
-    same whatever this thread got to.
-    """
-
-    def __init__(self, qmp: QMP, marker: Marker) -> None:
-        self._qmp, self._marker = qmp, marker
-        self._ok = False
-        self._thread = threading.Thread(target=self._run, name="capture-release", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._ok = clean_domain(self._qmp, self._marker, keep_marker=True, bitmaps=False)
-        except Exception:  # a bug must not be lost, nor kill the capture: the caller redoes it
-            log.warning("cleanup on its thread failed; redoing it", exc_info=True)
-
-    def join(self) -> bool:
-        """Wait for the clean-up; True when it undid everything (bitmaps aside)."""
-        self._thread.join()
-        return self._ok
 
 
 def _clean_qemu(qmp: QMP, marker: Marker | None, bitmaps: bool = True) -> bool:
