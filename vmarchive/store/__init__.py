@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     )
 
 #: Names of ``maintenance`` (verify, stats, forget, prune, gc), imported on first use: a
-#: capture or restore never needs them, and the module is one of the store's largest
-#: (~10 ms of every command's start-up).
+#: capture never needs them (a restore does: it verifies its archive), and the module is
+#: one of the store's largest (~10 ms of a command's start-up).
 _MAINTENANCE = frozenset(
     {
         "GcOptions",
