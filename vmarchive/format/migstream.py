@@ -1108,7 +1108,8 @@ class _Output:
         mv = memoryview(data)
         done = 0
         while done < len(mv):
-            n = self._out.write(mv[done:])
+            # the whole object first: a writer may keep (immutable) bytes without a copy
+            n = self._out.write(data if not done else mv[done:])
             # buffered writers return None / the full length; raw ones may write less
             done += len(mv) - done if n is None else n
         mv.release()

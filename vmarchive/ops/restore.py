@@ -85,6 +85,7 @@ from vmarchive.hypervisor.restore import (
 )
 from vmarchive.ops import export_qcow2 as Q
 from vmarchive.ops import restore_xml as rx
+from vmarchive.ops.restore_feed import FifoWriter
 from vmarchive.progress import NULL_PROGRESS, Progress
 from vmarchive.store import Archive, Repository, StreamInfo, VerifyReport
 from vmarchive.store.batchread import all_present, read_chunks
@@ -1064,24 +1065,37 @@ class _Restore:
             marks["gate_wait"] = time.monotonic() - w0
 
         def feed() -> None:
+            w: FifoWriter | None = None
+            fd = -1
             try:
-                with open(fifo, "wb") as f:  # buffered: every write is complete
-                    if cancel.is_set():
-                        return
-                    marks["fifo_opened"] = time.monotonic() - t0
-                    _enlarge_pipe(f.fileno())
-                    f.write(prefix)
-                    gate = _TailGate(f, _stream_hold(plan), barrier)
-                    written[0] = write_stream(self.repo, plan, _Hashing(gate, h), stop)
-                    marks["stream_regenerated"] = time.monotonic() - t0
-                    gate.release()
+                fd = os.open(fifo, os.O_WRONLY | os.O_CLOEXEC)
+                if cancel.is_set():
+                    return
+                marks["fifo_opened"] = time.monotonic() - t0
+                _enlarge_pipe(fd)
+                w = FifoWriter(fd)
+                w.write(prefix)
+                gate = _TailGate(w, _stream_hold(plan), barrier)
+                written[0] = write_stream(self.repo, plan, _Hashing(gate, h), stop)
+                marks["stream_regenerated"] = time.monotonic() - t0
+                gate.release()
+                w.close()
             except BaseException as e:
                 errors.append(e)
+                if w is not None:
+                    w.abort()
                 if not cancel.is_set():
                     # A cut stream should fail QEMU's incoming migration, but QEMU 7.2
                     # can spin instead (see _stream_hold): never wait on it.
                     with contextlib.suppress(VmarchiveError):
                         remove_domain(self.conn, name)
+            finally:
+                # The writer's last write ends once QEMU reads or is gone (removed
+                # above, or _unblock_fifo drains the FIFO): only then is the fd free.
+                if w is not None:
+                    w.join()
+                if fd >= 0:
+                    os.close(fd)
 
         t = threading.Thread(target=feed, name="restore-stream", daemon=True)
         disks.start()
