@@ -85,6 +85,7 @@ from vmarchive.hypervisor.restore import (
 )
 from vmarchive.ops import export_qcow2 as Q
 from vmarchive.ops import restore_xml as rx
+from vmarchive.ops.malloc_tuning import keep_freed_memory
 from vmarchive.ops.restore_feed import FifoWriter
 from vmarchive.progress import NULL_PROGRESS, Progress
 from vmarchive.store import Archive, Repository, StreamInfo, VerifyReport
@@ -749,6 +750,7 @@ class _Restore:
     def run(self) -> RestoreResult:
         o = self.o
         archive = self.archive
+        keep_freed_memory()  # fewer page faults while a gigabyte passes through
         plan = _plan(self.repo, archive)
         name = rx.check_domain_name(o.name or archive.domain)
         if o.clone and not o.name:
