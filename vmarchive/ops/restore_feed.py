@@ -30,9 +30,10 @@ class FifoWriter:
     ``write`` takes ownership: ``bytes`` and views of ``bytes`` are queued as they are,
     anything mutable is copied first.  An error of the thread (QEMU closed the FIFO)
     is raised by the next ``write`` or by :meth:`close`.  :meth:`abort` drops what is
-    queued and stops the thread after the write it is in; that write ends once the
-    reader reads or goes away, so the caller must make sure one of those happens before
-    it :meth:`join`\\ s.  The fd is the caller's to close, after :meth:`join`.
+    queued and stops the thread after the ``writev`` it is in (which carries what was
+    queued when it began); that call ends once the reader reads or goes away, so the
+    caller must make sure one of those happens before it :meth:`join`\\ s.  The fd is
+    the caller's to close, after :meth:`join`.
     """
 
     def __init__(self, fd: int, limit: int = QUEUE_BYTES) -> None:
@@ -47,14 +48,19 @@ class FifoWriter:
         self._thread.start()
 
     def write(self, b: bytes | bytearray | memoryview, /) -> int:
-        n = len(b)
-        if not n:
-            return 0
         item: bytes | memoryview
-        if isinstance(b, bytes) or (isinstance(b, memoryview) and isinstance(b.obj, bytes)):
+        if type(b) is bytes or (
+            isinstance(b, memoryview)
+            and type(b.obj) is bytes
+            and b.c_contiguous
+            and b.itemsize == 1
+        ):
             item = b
         else:
             item = bytes(b)
+        n = len(item)
+        if not n:
+            return 0
         with self._cond:
             # One item larger than the limit still goes (alone), or it never would.
             while self._queued and self._queued + n > self.limit and self._ok():
