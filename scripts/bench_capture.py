@@ -1135,7 +1135,11 @@ def main() -> None:
     ap.add_argument("--report", help="only print the report of a JSON result file")
     args = ap.parse_args()
     if args.report:
-        print_report(json.loads(Path(args.report).read_text()))
+        try:
+            report = json.loads(Path(args.report).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"bench_capture: cannot read report {args.report}: {e}") from None
+        print_report(report)
         return
     if args.mode is None:
         uffd = Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip()
