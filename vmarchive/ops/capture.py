@@ -251,6 +251,11 @@ def _machine_type(xml: str) -> str | None:
     return el.get("machine") if el is not None else None
 
 
+#: The role of a capture mode's temporary qcow2 nodes, in their names: the switchover
+#: mode's overlays, the snapshot mode's fleecing images (the others make none).
+_TEMP_ROLE = {"switchover": "ov", "snapshot": "fl"}
+
+
 def _temp_name(role: str, d: DiskInfo) -> str:
     """The node name (and image file stem) of disk ``d``'s temporary node: ``role`` is
     ``ov`` (switchover overlay) or ``fl`` (snapshot fleecing image)."""
@@ -1048,7 +1053,7 @@ class _Capture:
         mig_xml: str,
         memory: capture_parse.MemoryConsumer,
     ) -> CaptureResult:
-        role = {"switchover": "ov", "snapshot": "fl"}.get(mode)
+        role = _TEMP_ROLE.get(mode)
         if role is not None and copy:
             # The temporary images are made by qemu-img processes started here, beside
             # the monitor commands below (_temp_node waits for each); the marker names
@@ -1083,14 +1088,16 @@ class _Capture:
         if mode == "switchover":
             for d in copy:
                 assert d.node_name is not None
-                ov = self._temp_node(qmp, marker, "ov", d, None)
+                ov = self._temp_node(qmp, marker, _TEMP_ROLE[mode], d, None)
                 overlays[d.target] = ov
                 marker.overlays[ov] = d.node_name
                 export_node[d.target] = d.node_name
         elif mode == "snapshot":
             for d in copy:
                 assert d.node_name is not None
-                export_node[d.target] = self._temp_node(qmp, marker, "fl", d, d.node_name)
+                export_node[d.target] = self._temp_node(
+                    qmp, marker, _TEMP_ROLE[mode], d, d.node_name
+                )
         else:
             export_node = {d.target: str(d.node_name) for d in copy}
         marker.mode = mode
