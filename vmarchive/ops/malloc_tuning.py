@@ -7,7 +7,8 @@ read and decoded on the reader threads, freed by the stream and disk threads, jo
 is faulted in and zeroed by the kernel again: 55-65 thousand page faults per restore of
 the benchmark guest, against 17 thousand with the thresholds below, and the restore was
 faster in each of 5 alternating pairs (median 1.59 -> 1.44 s, scripts/bench_restore.py's
-guest).  The process holds at most the restore's working set (~110 MiB peak) either way.
+guest); its peak RSS rose from ~100 to ~110 MiB.  Captures gained nothing from the same
+thresholds (5 alternating pairs of first and second captures), so only restores set them.
 """
 
 from __future__ import annotations
