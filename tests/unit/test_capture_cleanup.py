@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from vmarchive.errors import LockedError, QMPCommandError
+from vmarchive.ops.capture import _release_qemu
 from vmarchive.ops.capture_cleanup import Marker, clean_domain, domain_lock
 
 
@@ -197,6 +198,23 @@ def test_a_snapshot_capture_is_undone_in_few_round_trips(tmp_path: Path) -> None
     assert q.log.count("query-jobs") == 2
     # file nodes go with their parents: never asked for (QEMU refuses them alone)
     assert q.log.count("blockdev-del") == 2
+
+
+def test_the_release_after_a_completed_capture_closes_no_named_fd(tmp_path: Path) -> None:
+    """QEMU took both named fds (migrate fd:, nbd-server-start): the release beside the
+    commit does not ask to close them (two failing round trips, and the first error
+    reply imported qemu.qmp with asyncio); the full clean-up still does (the control)."""
+    q = FakeQEMU()
+    m = _snapshot_leftovers(q, tmp_path)
+    assert _release_qemu(q, m)  # type: ignore[arg-type]
+    assert "closefd" not in q.log
+    assert not q.exports and not q.jobs and m.path.exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    q = FakeQEMU()
+    m = _snapshot_leftovers(q, full)
+    assert clean_domain(q, m)  # type: ignore[arg-type]
+    assert q.log.count("closefd") == 2
 
 
 def test_one_refused_export_or_job_does_not_stop_the_others(tmp_path: Path) -> None:

@@ -1409,9 +1409,16 @@ def _release_qemu(qmp: QMP, marker: Marker) -> bool:
     the commit).  The dirty bitmaps are left for the capture to settle after its commit
     (``bitmaps=False``); the marker stays.  True when everything else was undone;
     otherwise the caller runs the whole clean-up again (each step is idempotent).  A
-    killed capture's watchdog does the same whatever this got to."""
+    killed capture's watchdog does the same whatever this got to.
+
+    The named fds are not closed (``named_fds=False``): QEMU took both, ``migrate
+    fd:NAME`` the migration's and ``nbd-server-start`` the NBD socket (it removes a named
+    fd it uses from the monitor's list), and the migration completed and the disks were
+    read through that server.  Closing them failed twice per capture, and the first
+    error reply imported qemu.qmp (asyncio, ssl: ~50 ms of CPU) beside the round trip
+    and the commit."""
     try:
-        return clean_domain(qmp, marker, keep_marker=True, bitmaps=False)
+        return clean_domain(qmp, marker, keep_marker=True, bitmaps=False, named_fds=False)
     except Exception:  # a bug must not be lost, nor kill the capture: the caller redoes it
         log.warning("cleanup on its thread failed; redoing it", exc_info=True)
         return False

@@ -294,7 +294,12 @@ def _backing_of(qmp: QMP, node: str) -> str | None:
 
 
 def clean_domain(
-    qmp: QMP | None, marker: Marker | None, *, keep_marker: bool = False, bitmaps: bool = True
+    qmp: QMP | None,
+    marker: Marker | None,
+    *,
+    keep_marker: bool = False,
+    bitmaps: bool = True,
+    named_fds: bool = True,
 ) -> bool:
     """Undo everything a capture (this one or a killed one) changed; True when all went well.
 
@@ -305,13 +310,15 @@ def clean_domain(
     Never raises for a QEMU problem: each step is logged and the next one still runs.
     ``bitmaps=False`` leaves the marker's dirty bitmaps (:func:`restore_bitmaps`) alone:
     a capture that has not committed yet decides about them afterwards.
+    ``named_fds=False`` skips closing the named fds, for a caller that knows QEMU took
+    them (each ``closefd`` of a taken fd is a monitor round trip that fails).
     """
     ok = True
     if qmp is not None and qemu_gone(qmp.domain):
         # Destroyed, shut down or crashed: whatever the capture changed died with QEMU.
         log.info("cleanup: %s has no QEMU process any more; nothing to undo there", qmp.domain)
     elif qmp is not None:
-        ok = _clean_qemu(qmp, marker, bitmaps) and ok
+        ok = _clean_qemu(qmp, marker, bitmaps, named_fds) and ok
     if marker is not None:
         for f in marker.files:
             try:
@@ -393,7 +400,9 @@ def restore_bitmaps(qmp: QMP, marker: Marker) -> bool:
     return _try("restoring dirty bitmaps", lambda: undo_bitmaps(qmp, marker.bitmaps))
 
 
-def _clean_qemu(qmp: QMP, marker: Marker | None, bitmaps: bool = True) -> bool:
+def _clean_qemu(
+    qmp: QMP, marker: Marker | None, bitmaps: bool = True, named_fds: bool = True
+) -> bool:
     ok = True
 
     # 1. The migration: only one we started (a libvirt migration is none of our business).
@@ -520,7 +529,7 @@ def _clean_qemu(qmp: QMP, marker: Marker | None, bitmaps: bool = True) -> bool:
             )
     # Named fds are passed only once the marker is saved, and a marker is removed only by
     # a clean-up that got here: without one there are none of ours to close.
-    for name in ("mig", "nbd") if marker is not None else ():
+    for name in ("mig", "nbd") if marker is not None and named_fds else ():
         with contextlib.suppress(HypervisorError):
             qmp.closefd(PREFIX + name)
 
