@@ -734,9 +734,7 @@ class _Capture:
             "migrate-set-parameters", {"max-bandwidth": bw, "downtime-limit": self.o.downtime_ms}
         )
 
-    def _temp_node(
-        self, qmp: QMP, marker: Marker, role: str, d: DiskInfo, backing: str | None
-    ) -> str:
+    def _temp_node(self, qmp: QMP, role: str, d: DiskInfo, backing: str | None) -> str:
         """A temporary qcow2 node (file in the work dir, passed to QEMU as an fd)."""
         assert self.images is not None
         name = _temp_name(role, d)
@@ -1088,16 +1086,14 @@ class _Capture:
         if mode == "switchover":
             for d in copy:
                 assert d.node_name is not None
-                ov = self._temp_node(qmp, marker, _TEMP_ROLE[mode], d, None)
+                ov = self._temp_node(qmp, _TEMP_ROLE[mode], d, None)
                 overlays[d.target] = ov
                 marker.overlays[ov] = d.node_name
                 export_node[d.target] = d.node_name
         elif mode == "snapshot":
             for d in copy:
                 assert d.node_name is not None
-                export_node[d.target] = self._temp_node(
-                    qmp, marker, _TEMP_ROLE[mode], d, d.node_name
-                )
+                export_node[d.target] = self._temp_node(qmp, _TEMP_ROLE[mode], d, d.node_name)
         else:
             export_node = {d.target: str(d.node_name) for d in copy}
         marker.mode = mode
