@@ -45,6 +45,7 @@ class Watchdog:
     def __init__(self, state_dir: Path, uuid: str, name: str, uri: str) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
+        self._marker = _marker_path(state_dir, uuid)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = subprocess.Popen(
@@ -77,12 +78,22 @@ class Watchdog:
                 self._sock.sendall(b"d")
 
     def release(self) -> None:
-        """Tell the watchdog we are done (idempotent); it exits when it finds no marker."""
+        """Tell the watchdog we are done (idempotent).
+
+        With the capture's marker still there (its own clean-up was incomplete), the
+        watchdog cleans up now: waited for (up to 10 s), so the command ends after it.
+        Without one it has nothing to do and exits by itself; waiting for that (another
+        interpreter's exit, 15-16 ms here) was on every capture's path to its end, so a
+        daemon thread reaps it instead.
+        """
         proc, self._proc = self._proc, None
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
         if proc is None:
+            return
+        if not self._marker.exists():
+            threading.Thread(target=proc.wait, name="watchdog-reaper", daemon=True).start()
             return
         try:
             proc.wait(timeout=10)
@@ -129,7 +140,7 @@ def _watch(state_dir: Path, uuid: str, name: str, uri: str) -> int:
 
 
 def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
-    marker_path = state_dir / f"{uuid}.json"
+    marker_path = _marker_path(state_dir, uuid)
     if not marker_path.exists():
         return 0
     from vmarchive.errors import DomainNotFoundError, LockedError, VmarchiveError
@@ -164,6 +175,12 @@ def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
         except VmarchiveError as e:
             log.warning("watchdog cleanup of %s failed: %s", name, e)
             return 1
+
+
+def _marker_path(state_dir: Path, uuid: str) -> Path:
+    """The capture's marker (:func:`vmarchive.ops.capture_cleanup.domain_lock` names it;
+    not imported from there, which would load libvirt into every watchdog)."""
+    return state_dir / f"{uuid}.json"
 
 
 def log_path(state_dir: Path, uuid: str) -> Path:
