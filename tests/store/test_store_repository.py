@@ -608,3 +608,38 @@ def test_random_chunks_are_stored_as_raw_block_frames(
     assert kinds == {"raw": 8, "compressed": 8}
     assert len(blob_calls) == 8  # the text chunks only
     assert fresh.verify(full=True).ok
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_incompressible_chunks_are_encoded_without_the_compression_pool(
+    tmp_path: pathlib.Path, encrypted: bool
+) -> None:
+    """A chunk judged incompressible is framed (and sealed) on the storing thread: the
+    hand-off to a compression thread cost more than the copy.  Compressible chunks still
+    go to the pool.  Either kind reads back while in flight and after the commit."""
+    big = 64 * 1024
+    opts = dataclasses.replace(
+        small_options(encrypted=encrypted), disk_chunk_size=big, pack_size=1 << 20
+    )
+    repo = Repository.init(str(tmp_path / "r"), opts)
+    noise = [random.Random(7 + i).randbytes(big) for i in range(6)]
+    text = [(b"compressible line %d. " % i * 4000)[:big] for i in range(6)]
+    pooled: list[int] = []
+    with repo.writer() as w:
+        real_submit = w._pool.submit
+
+        def counting_submit(fn, *args, **kw):  # type: ignore[no-untyped-def]
+            pooled.append(len(args[1]))
+            return real_submit(fn, *args, **kw)
+
+        w._pool.submit = counting_submit  # type: ignore[method-assign]
+        sw = w.stream("disk", "disk", 12 * big)
+        for i, c in enumerate(noise + text):
+            sw.write_chunk(i, c)
+            assert w.read_chunk(repo.codecs.chunk_id(c)) == c
+        sw.close()
+        aid = w.commit(META)
+    assert len(pooled) == len(text)
+    fresh = Repository.open(str(tmp_path / "r"), PASSPHRASE if encrypted else None)
+    assert read_archive(fresh, aid) == {"disk": b"".join(noise + text)}
+    assert fresh.verify(full=True).ok

@@ -104,10 +104,15 @@ class BlobCodec:
                 return False
         return True
 
-    def compress_blob(self, data: bytes | memoryview) -> bytes:
+    def compress_blob(
+        self, data: bytes | memoryview, *, incompressible: bool | None = None
+    ) -> bytes:
         """The zstd frame of one chunk: raw blocks when ``skip_incompressible`` and the
-        chunk looks incompressible, else compressed at the level."""
-        if self.skip_incompressible and self.looks_incompressible(data):
+        chunk looks incompressible, else compressed at the level.  ``incompressible``:
+        the caller's answer of :meth:`looks_incompressible` for ``data`` (not asked again)."""
+        if incompressible is None:
+            incompressible = self.skip_incompressible and self.looks_incompressible(data)
+        if incompressible:
             return raw_frame(data)
         return self.compress(data, checksum=False)
 
@@ -225,14 +230,21 @@ def blob_aad(chunk_id: bytes) -> bytes:
     return struct.pack(C.BLOB_AAD_STRUCT, C.MAGIC, C.TYPE_BLOB, 0, C.WRITE_VERSION, chunk_id)
 
 
-def encode_blob(codec: BlobCodec, chunk_id: bytes, data: bytes | memoryview) -> bytes:
+def encode_blob(
+    codec: BlobCodec,
+    chunk_id: bytes,
+    data: bytes | memoryview,
+    *,
+    incompressible: bool | None = None,
+) -> bytes:
     """The stored bytes of one chunk (never call this for an all-zero chunk).
+    ``incompressible``: as for :meth:`BlobCodec.compress_blob`.
 
     Raises ValueError for a chunk id that is not 16 bytes.
     """
     if len(chunk_id) != C.CHUNK_ID_SIZE:
         raise ValueError("chunk id must be 16 bytes")
-    frame = codec.compress_blob(data)
+    frame = codec.compress_blob(data, incompressible=incompressible)
     if codec.key is None:
         return frame
     return seal(codec.key.data_key, frame, blob_aad(chunk_id), codec.nonce())
