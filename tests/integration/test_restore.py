@@ -362,6 +362,36 @@ def test_damaged_chunk_is_refused_before_the_guest_starts(
     domains.remove(name)
 
 
+def test_missing_disk_directory_is_refused_in_one_line(
+    libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
+) -> None:
+    """A mistyped --disk-dir (or an export's output directory) is a usage error, said in
+    one line before anything is done, and not created."""
+    d = domains.workdir()
+    missing = d / "not-there"
+    name = "vmatest-nodir"
+    for args in (
+        ["restore", captured.id[:12], "--name", name, "--disk-dir", str(missing)],
+        ["export-save", captured.id[:12], "-o", str(missing / "guest.save")],
+    ):
+        proc = subprocess.run(
+            [*VMARCHIVE, *args, "--repo", repo_path], capture_output=True, text=True
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == f"vmarchive: disk directory {missing} does not exist"
+    assert not missing.exists()
+    with pytest.raises(libvirt.libvirtError):
+        libvirt_conn.lookupByName(name)
+    # Negative control: the same export into a directory that exists goes through.
+    proc = subprocess.run(
+        [*VMARCHIVE, "export-save", captured.id[:12], "-o", str(d / "guest.save"), "-r", repo_path],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (d / "guest.save").stat().st_size > 0
+
+
 def test_missing_pack_is_refused_before_anything_is_written(
     libvirt_conn: libvirt.virConnect, repo_path: str, captured: Captured, domains: Domains
 ) -> None:

@@ -600,6 +600,15 @@ def _write_new_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def _existing_dir(directory: Path) -> Path:
+    """``directory``, where the disk images go: it must exist (a mistyped ``--disk-dir``
+    is refused, not created).  Raises UsageError."""
+    if not directory.is_dir():
+        what = "is not a directory" if os.path.lexists(directory) else "does not exist"
+        raise UsageError(f"disk directory {directory} {what}")
+    return directory
+
+
 def _free_child(directory: Path, filename: str, replace: bool) -> Path:
     """:func:`_safe_child`, refused when it exists and ``replace`` does not allow it.
     Raises AlreadyExistsError, FormatError."""
@@ -761,6 +770,7 @@ class _Restore:
         pool = Pool(self.conn, o.pool) if o.pool else None
         if pool is not None and o.disk_dir is not None:
             raise UsageError("give --disk-dir or --pool, not both")
+        disk_dir = _existing_dir(o.disk_dir or DEFAULT_DISK_DIR) if pool is None else None
         if pool is not None and fmt_override not in (None, "raw"):
             raise UsageError("--pool writes raw volumes (--disk-format raw)")
         if not plan.has_memory and o.paused:
@@ -784,7 +794,6 @@ class _Restore:
             )
         # 3. where everything goes
         cpu_xml, _cpu_mode = rx.cpu_definition(plan.live_xml)
-        disk_dir = (o.disk_dir or DEFAULT_DISK_DIR) if pool is None else None
         disk_plan: dict[str, rx.DiskRewrite] = {}
         outs: list[tuple[StreamInfo, str, str]] = []  # stream, file/volume name, fmt
         for s in plan.disks:
@@ -1322,7 +1331,7 @@ def export_save(
             if not plan.has_memory:
                 raise UsageError(_no_memory(archive, "a save image needs one"))
             dname = rx.check_domain_name(name or archive.domain)
-            ddir = disk_dir or output.resolve().parent
+            ddir = _existing_dir(disk_dir or output.resolve().parent)
             out = output.resolve()
             if os.path.lexists(out) and not replace:
                 raise AlreadyExistsError(f"{out} exists (use --replace)", path=str(out))
