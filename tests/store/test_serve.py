@@ -355,6 +355,24 @@ def test_tcp_listener(archive: tuple[str, str, dict[str, bytes]], tmp_path: path
             pass
 
 
+def test_unix_listener_refuses_a_path_it_cannot_bind(tmp_path: pathlib.Path) -> None:
+    for bad, why in (
+        (tmp_path / "no-such-dir" / "s.sock", "No such file or directory"),
+        (tmp_path / ("x" * 120), "too long"),
+    ):
+        with (
+            pytest.raises(UsageError, match=f"cannot listen on .*{why}"),
+            serve.unix_listener(str(bad)),
+        ):
+            pass
+        assert not os.path.lexists(bad)
+    # Negative control: a new path in a directory that exists is bound, and removed after.
+    good = tmp_path / "s.sock"
+    with serve.unix_listener(str(good)) as ls:
+        assert ls.getsockname() == str(good)
+    assert not os.path.lexists(good)
+
+
 def test_only_the_disks_asked_for_are_served(archive: tuple[str, str, dict[str, bytes]]) -> None:
     path, aid, _ = archive
     with serve.open_server(RepoRef(path), aid, ["vdb"]) as srv:

@@ -445,7 +445,8 @@ def _reply(conn: socket.socket, handle: int, error: int) -> None:
 def unix_listener(path: str) -> Iterator[socket.socket]:
     """A listening unix socket at ``path`` (mode 0600), removed afterwards.
 
-    Raises UsageError when ``path`` exists (it is never replaced)."""
+    Raises UsageError when ``path`` exists (it is never replaced) or cannot be bound (no
+    such directory, too long for a unix socket, no permission)."""
     if os.path.lexists(path):
         raise UsageError(f"{path} exists: give a new socket path")
     ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -453,6 +454,8 @@ def unix_listener(path: str) -> Iterator[socket.socket]:
         old = os.umask(0o177)
         try:
             ls.bind(path)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {path}: {e.strerror or e}") from e
         finally:
             os.umask(old)
         ls.listen(16)
