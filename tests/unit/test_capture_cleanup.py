@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from vmarchive.errors import LockedError, QMPCommandError
+from vmarchive.errors import HostPreconditionError, LockedError, QMPCommandError
 from vmarchive.ops.capture import _release_qemu
 from vmarchive.ops.capture_cleanup import Marker, clean_domain, domain_lock
 
@@ -351,6 +351,19 @@ def test_domain_lock_refuses_a_second_capture(tmp_path: Path) -> None:
     (tmp_path / "u.lock").write_text("4242\n")  # left by a holder killed with -9
     with domain_lock(tmp_path, "u", "g"):
         assert (tmp_path / "u.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_domain_lock_names_a_state_directory_it_cannot_use(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with (
+        pytest.raises(HostPreconditionError, match=r"state directory .*a-file/state"),
+        domain_lock(blocker / "state", "u", "g"),
+    ):
+        pass
+    # Negative control: the same call under a directory makes it and takes the lock.
+    with domain_lock(tmp_path / "state", "u", "g") as p:
+        assert p == tmp_path / "state" / "u.json"
 
 
 def test_domain_lock_retakes_a_file_its_holder_unlinked(

@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmarchive.errors import DomainNotFoundError, HypervisorError, LockedError, QMPCommandError
+from vmarchive.errors import (
+    DomainNotFoundError,
+    HostPreconditionError,
+    HypervisorError,
+    LockedError,
+    QMPCommandError,
+)
 from vmarchive.hypervisor.connection import Domain
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops.capture_dropcache import restore_options
@@ -135,10 +141,17 @@ def domain_lock(state_dir: Path, uuid: str, domain: str) -> Iterator[Path]:
 
     Raises:
         LockedError: another capture of this domain is running on this host.
+        HostPreconditionError: the state directory cannot be made or written.
     """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock_path = state_dir / f"{uuid}.lock"
-    fd = _take_lock_file(lock_path, domain)
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = _take_lock_file(lock_path, domain)
+    except OSError as e:
+        raise HostPreconditionError(
+            f"cannot use the state directory {state_dir} (locks and capture markers;"
+            f" VMARCHIVE_STATE_DIR sets it): {e.strerror or e}"
+        ) from e
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
