@@ -200,6 +200,13 @@ class CaptureOptions:
     #: show the QEMU 7.2 dirty-tracking bug that the stop works around still exists.
     tcg_live_precopy: bool = False
 
+    def __post_init__(self) -> None:
+        for tag in self.tags:
+            # Tags are shown in one-line listings and matched by prune --keep-tag: an
+            # empty one, or one with a line break, can only be a mistake.
+            if not tag.strip() or not tag.isprintable():
+                raise UsageError(f"tag {tag!r} is empty or has control characters")
+
 
 @dataclass(frozen=True)
 class DiskResult:
