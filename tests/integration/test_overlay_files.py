@@ -24,7 +24,8 @@ def _info(path: pathlib.Path) -> dict[str, object]:
 
 def test_images_are_made_side_by_side_and_waited_for(tmp_path: pathlib.Path) -> None:
     sizes = {"vmarchive-fl-vda": 64 << 20, "vmarchive-fl-vdb": 3 << 30}
-    with OverlayFiles(tmp_path, sizes) as images:
+    images = OverlayFiles(tmp_path, sizes)
+    try:
         procs = list(images._procs.values())
         assert len(procs) == 2  # both started before either is asked for
         for name, size in sizes.items():
@@ -32,6 +33,8 @@ def test_images_are_made_side_by_side_and_waited_for(tmp_path: pathlib.Path) -> 
             info = _info(path)
             assert info["format"] == "qcow2" and info["virtual-size"] == size
             assert "backing-filename" not in info
+    finally:
+        images.close()
     assert all(p.returncode == 0 for _path, p in procs)
 
 

@@ -86,7 +86,7 @@ from vmarchive.ops.capture_cleanup import (
     clean_domain,
     cont_guest,
     default_state_dir,
-    del_export,
+    del_exports,
     domain_lock,
     restore_bitmaps,
     stop_if_tcg,
@@ -1203,8 +1203,7 @@ class _Capture:
                     threads.raise_first()
                     # The migration inactivates the nodes, which saves and releases their
                     # persistent bitmaps: none may still be held by an export then.
-                    for d in copy:
-                        del_export(qmp, f"{PREFIX}exp-{_node_suffix(d.target)}")
+                    del_exports(qmp, [f"{PREFIX}exp-{_node_suffix(d.target)}" for d in copy])
                     reader = self._start_pipe(qmp, memory)
                     self._migrate(qmp, marker)
                     self._wait_migration(qmp, reader, {"completed"})

@@ -606,11 +606,6 @@ def restore_migration(qmp: QMP, marker: Marker) -> None:
         qmp.execute("migrate-set-parameters", dict(marker.saved_parameters))
 
 
-def del_export(qmp: QMP, eid: str) -> None:
-    """Remove export ``eid`` (hard: clients are cut) and wait until QEMU dropped it."""
-    del_exports(qmp, [eid])
-
-
 def del_exports(qmp: QMP, eids: list[str]) -> None:
     """Remove the exports ``eids`` (hard: clients are cut) and wait until QEMU dropped
     those it accepted to remove.  Each is asked for even if removing another one failed.

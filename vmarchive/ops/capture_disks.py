@@ -198,7 +198,7 @@ class OverlayFiles:
     start, which then overlaps the capture's monitor commands instead of adding to them.
 
     :meth:`wait` returns one image's path; :meth:`close` waits for the rest (a failing
-    capture must not remove files a qemu-img still writes).  A context manager.
+    capture must not remove files a qemu-img still writes).
     """
 
     def __init__(self, directory: Path, sizes: Mapping[str, int]) -> None:
@@ -235,9 +235,3 @@ class OverlayFiles:
         for _path, p in procs.values():
             with contextlib.suppress(OSError, ValueError):
                 p.communicate()
-
-    def __enter__(self) -> OverlayFiles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
