@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Any
 
@@ -61,6 +62,15 @@ class TqdmProgress:
             )
             self._position += 1
         return _TqdmTask(bar, self._lock)
+
+
+def progress_bars(quiet: bool, prefix: str = "") -> Progress:
+    """Progress bars where someone watches: none with ``quiet`` (--json, --no-progress) or
+    when stderr is not a terminal (cron, a log file, a pipe), where the bars' carriage
+    returns and cursor moves would only clutter the log."""
+    if quiet or not sys.stderr.isatty():
+        return NULL_PROGRESS
+    return TqdmProgress(prefix)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -175,8 +185,7 @@ def capture_cmd(
     )
     limit_malloc_arenas()
     if len(domains) == 1 and not all_active and not exclude:
-        progress: Progress = NULL_PROGRESS if (json_out or no_progress) else TqdmProgress()
-        result = capture(opts, progress)
+        result = capture(opts, progress_bars(json_out or no_progress))
         if json_out:
             print_json(result.to_json())
         else:
@@ -194,7 +203,7 @@ def _capture_several(
     no_progress: bool,
 ) -> None:
     def progress_for(name: str) -> Progress:
-        return NULL_PROGRESS if (json_out or no_progress) else TqdmProgress(f"{name} ")
+        return progress_bars(json_out or no_progress, f"{name} ")
 
     def show(o: Outcome) -> None:
         if isinstance(o, CaptureFailure):

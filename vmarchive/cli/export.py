@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from vmarchive.cli.app import app, print_json
-from vmarchive.cli.capture import TqdmProgress
+from vmarchive.cli.capture import progress_bars
 from vmarchive.cli.repo import REPO_HELP, repo_ref
 from vmarchive.ops.diff import DiffResult, StreamDiff, diff
 from vmarchive.ops.export import (
@@ -21,7 +21,6 @@ from vmarchive.ops.export import (
     export_disk,
     export_memory,
 )
-from vmarchive.progress import NULL_PROGRESS, Progress
 
 _REPO = typer.Option(None, "--repo", "-r", envvar="VMARCHIVE_REPO", help=REPO_HELP)
 _FORCE = typer.Option(False, "--force", help="Replace the output file if it exists.")
@@ -42,10 +41,6 @@ _DISK = typer.Option(..., "--disk", help="Disk target, e.g. vda.")
 _EXACT = typer.Option(
     False, "--exact", help="Read the changed chunks of both archives: report changed 4 KiB pages."
 )
-
-
-def _progress(quiet: bool) -> Progress:
-    return NULL_PROGRESS if quiet else TqdmProgress()
 
 
 def _fmt(n: int) -> str:
@@ -82,7 +77,7 @@ def export_memory_cmd(
 ) -> None:
     """Write an archive's guest memory as an ELF core or a raw physical image."""
     opts = ExportMemoryOptions(repo_ref(repo), archive, output, fmt, force)
-    r = export_memory(opts, _progress(json_out or no_progress))
+    r = export_memory(opts, progress_bars(json_out or no_progress))
     if json_out:
         print_json(r.to_json())
     else:
@@ -102,7 +97,7 @@ def export_disk_cmd(
 ) -> None:
     """Write one archived disk as a sparse raw or a qcow2 image."""
     opts = ExportDiskOptions(repo_ref(repo), archive, disk, output, fmt, force)
-    r = export_disk(opts, _progress(json_out or no_progress))
+    r = export_disk(opts, progress_bars(json_out or no_progress))
     if json_out:
         print_json(r.to_json())
     else:
