@@ -104,15 +104,18 @@ class BlobCodec:
                 return False
         return True
 
-    def compress_blob(
-        self, data: bytes | memoryview, *, incompressible: bool | None = None
-    ) -> bytes:
-        """The zstd frame of one chunk: raw blocks when ``skip_incompressible`` and the
-        chunk looks incompressible, else compressed at the level.  ``incompressible``:
-        the caller's answer of :meth:`looks_incompressible` for ``data`` (not asked again)."""
-        if incompressible is None:
-            incompressible = self.skip_incompressible and self.looks_incompressible(data)
-        if incompressible:
+    def stores_raw(self, data: bytes | memoryview) -> bool:
+        """Whether :meth:`compress_blob` stores ``data`` as raw blocks:
+        ``skip_incompressible`` and the chunk looks incompressible."""
+        return self.skip_incompressible and self.looks_incompressible(data)
+
+    def compress_blob(self, data: bytes | memoryview, *, raw_blocks: bool | None = None) -> bytes:
+        """The zstd frame of one chunk: raw blocks when :meth:`stores_raw`, else compressed
+        at the level.  ``raw_blocks``: the caller's answer of :meth:`stores_raw` for
+        ``data`` (not asked again)."""
+        if raw_blocks is None:
+            raw_blocks = self.stores_raw(data)
+        if raw_blocks:
             return raw_frame(data)
         return self.compress(data, checksum=False)
 
@@ -235,16 +238,16 @@ def encode_blob(
     chunk_id: bytes,
     data: bytes | memoryview,
     *,
-    incompressible: bool | None = None,
+    raw_blocks: bool | None = None,
 ) -> bytes:
     """The stored bytes of one chunk (never call this for an all-zero chunk).
-    ``incompressible``: as for :meth:`BlobCodec.compress_blob`.
+    ``raw_blocks``: as for :meth:`BlobCodec.compress_blob`.
 
     Raises ValueError for a chunk id that is not 16 bytes.
     """
     if len(chunk_id) != C.CHUNK_ID_SIZE:
         raise ValueError("chunk id must be 16 bytes")
-    frame = codec.compress_blob(data, incompressible=incompressible)
+    frame = codec.compress_blob(data, raw_blocks=raw_blocks)
     if codec.key is None:
         return frame
     return seal(codec.key.data_key, frame, blob_aad(chunk_id), codec.nonce())

@@ -209,14 +209,12 @@ class Codecs:
         """Raises :class:`DamageError` when ``data`` does not hash to ``chunk_id``."""
         verify_chunk(self._idfn, chunk_id, data)
 
-    def looks_incompressible(self, data: bytes | memoryview) -> bool:
-        """Whether ``data`` would be stored as a raw frame (see :class:`BlobCodec`)."""
-        return self.blob.skip_incompressible and self.blob.looks_incompressible(data)
+    def stores_raw(self, data: bytes | memoryview) -> bool:
+        """Whether ``data`` would be stored as a raw frame (:meth:`BlobCodec.stores_raw`)."""
+        return self.blob.stores_raw(data)
 
-    def encode_blob(
-        self, chunk_id: bytes, data: bytes, incompressible: bool | None = None
-    ) -> bytes:
-        return encode_blob(self.blob, chunk_id, data, incompressible=incompressible)
+    def encode_blob(self, chunk_id: bytes, data: bytes, raw_blocks: bool | None = None) -> bytes:
+        return encode_blob(self.blob, chunk_id, data, raw_blocks=raw_blocks)
 
     def decode_blob(self, chunk_id: bytes, blob: bytes | memoryview, raw_length: int) -> bytes:
         """Raises :class:`DamageError` (incl. :class:`FormatError`)."""

@@ -531,14 +531,14 @@ class ArchiveWriter:
                 return cid, False
             raw = bytes(data)  # the caller may reuse its buffer
             fut: Future[bytes] | bytes
-            if codecs.looks_incompressible(raw):
+            if codecs.stores_raw(raw):
                 # Stored as a raw frame: a copy, made here.  Handed to a compression thread
                 # it cost more than itself in hand-offs (a first capture's 4096 random RAM
                 # chunks: 0.15-0.3 CPU-s more).
-                fut = codecs.encode_blob(cid, raw, incompressible=True)
+                fut = codecs.encode_blob(cid, raw, raw_blocks=True)
                 self._unpublished[cid] = (fut, len(raw))
             else:
-                fut = self._pool.submit(codecs.encode_blob, cid, raw, incompressible=False)
+                fut = self._pool.submit(codecs.encode_blob, cid, raw, raw_blocks=False)
                 self._unpublished[cid] = (None, len(raw))
             self._inflight.append((cid, len(raw), stream, fut))
             self._drain(self._max_inflight)
