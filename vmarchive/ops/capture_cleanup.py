@@ -41,6 +41,7 @@ from vmarchive.errors import (
 from vmarchive.hypervisor.connection import Domain
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops.capture_dropcache import restore_options
+from vmarchive.ops.capture_watchdog import marker_path
 from vmarchive.store import crashpoint
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def domain_lock(state_dir: Path, uuid: str, domain: str) -> Iterator[Path]:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield state_dir / f"{uuid}.json"
+        yield marker_path(state_dir, uuid)
     finally:
         # Unlinked while still held: a taker that opened it meanwhile sees it replaced.
         with contextlib.suppress(FileNotFoundError):

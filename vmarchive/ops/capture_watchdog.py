@@ -45,7 +45,7 @@ class Watchdog:
     def __init__(self, state_dir: Path, uuid: str, name: str, uri: str) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
-        self._marker = _marker_path(state_dir, uuid)
+        self._marker = marker_path(state_dir, uuid)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = subprocess.Popen(
@@ -140,8 +140,7 @@ def _watch(state_dir: Path, uuid: str, name: str, uri: str) -> int:
 
 
 def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
-    marker_path = _marker_path(state_dir, uuid)
-    if not marker_path.exists():
+    if not marker_path(state_dir, uuid).exists():
         return 0
     from vmarchive.errors import DomainNotFoundError, LockedError, VmarchiveError
     from vmarchive.hypervisor.connection import Connection
@@ -151,8 +150,8 @@ def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
     deadline = time.monotonic() + 120
     while True:
         try:
-            with domain_lock(state_dir, uuid, name):
-                marker = Marker.load(marker_path)
+            with domain_lock(state_dir, uuid, name) as path:
+                marker = Marker.load(path)
                 if marker is None:
                     return 0
                 log.warning("capture of %s ended abnormally; cleaning up", name)
@@ -177,9 +176,11 @@ def _clean(state_dir: Path, uuid: str, name: str, uri: str) -> int:
             return 1
 
 
-def _marker_path(state_dir: Path, uuid: str) -> Path:
-    """The capture's marker (:func:`vmarchive.ops.capture_cleanup.domain_lock` names it;
-    not imported from there, which would load libvirt into every watchdog)."""
+def marker_path(state_dir: Path, uuid: str) -> Path:
+    """Where the capture of domain ``uuid`` keeps its marker (:func:`domain_lock
+    <vmarchive.ops.capture_cleanup.domain_lock>` yields it).  Defined here, in the module
+    that imports nothing of vmarchive at start-up, so the watchdog finds the marker
+    without loading libvirt."""
     return state_dir / f"{uuid}.json"
 
 
