@@ -309,9 +309,9 @@ def test_bulk_regenerate_writes_what_the_page_by_page_writer_writes(
     send_zero_pages: bool,
     flush_at: int,
 ) -> None:
-    """The regenerator writes RAM records a group of pages per struct call; with
-    ``on_page`` it goes page by page (the plain reading of the format).  Same bytes,
-    and no buffer above ``flush_at`` unless one group of records is larger."""
+    """The regenerator writes RAM records in groups of pages; with ``on_page`` it goes
+    page by page (the plain reading of the format).  Same bytes, and no buffer above
+    ``flush_at`` unless one record is larger."""
     blocks, extents = shape
     w = W(blocks=blocks, sections=[[(0, 0, page(1))]])
     layout, rec = parse(w.build())
@@ -331,17 +331,43 @@ def test_bulk_regenerate_writes_what_the_page_by_page_writer_writes(
     assert b"".join(fast.parts) == b"".join(slow.parts)
     assert n_fast == n_slow == len(b"".join(fast.parts))
     assert len(seen) == sum(-(-size // PAGE) for _, size in blocks)
-    group = 16 * (8 + PAGE)
+    record = 8 + 1 + 2 + PAGE  # the largest record here: a block's first, named (b0..b2)
     slack = 300  # pieces other than RAM records are added, then flushed: at most a device's
-    assert all(len(p) <= max(flush_at, group) + slack for p in fast.parts)
-    if flush_at >= group:  # the regenerated image is the extents' image
-        _, rec2 = parse(b"".join(fast.parts))
-        for bname, size in blocks:
-            want = bytearray(size)
-            for off, length, data in extents[bname]:
-                if data is not None:
-                    want[off : off + length] = data
-            assert rec2.img[bname] == want
+    assert all(len(p) <= max(flush_at, record) + slack for p in fast.parts)
+    _, rec2 = parse(b"".join(fast.parts))  # the regenerated image is the extents' image
+    for bname, size in blocks:
+        want = bytearray(size)
+        for off, length, data in extents[bname]:
+            if data is not None:
+                want[off : off + length] = data
+        assert rec2.img[bname] == want
+
+
+def test_regenerate_copies_data_its_source_may_change_and_not_immutable_data() -> None:
+    """Pages are written as views of the source's data and copied once, when a buffer is
+    flushed: a bytearray (which the source may refill for its next extent) is copied at
+    once; bytes and read-only views are taken as they are."""
+    layout, rec = parse(sample().build())
+    want = regen(layout, rec)
+    for kind in ("bytearray", "writable view", "bytes", "read-only view"):
+
+        def source(block: ms.RamBlock, kind: str = kind) -> Iterable[ms.RamExtent]:
+            img = rec.img[block.idstr]
+            for off in range(0, block.used_length, PAGE):
+                chunk = bytes(img[off : off + PAGE])
+                data: Any = {
+                    "bytearray": bytearray(chunk),
+                    "writable view": memoryview(bytearray(chunk)),
+                    "bytes": chunk,
+                    "read-only view": memoryview(chunk),
+                }[kind]
+                yield off, PAGE, data
+                if kind in ("bytearray", "writable view"):
+                    data[:] = b"\xee" * PAGE  # refilled: must not show in the output
+
+        out = io.BytesIO()
+        ms.regenerate(layout, bytes(rec.dev), source, out, flush_at=1 << 20)
+        assert out.getvalue() == want, kind
 
 
 def test_layout_json_round_trip() -> None:

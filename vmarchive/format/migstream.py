@@ -1081,7 +1081,7 @@ class _Output:
 
     def __init__(self, out: _Writable, flush_at: int) -> None:
         self._out = out
-        self._flush_at = flush_at
+        self.flush_at = flush_at
         self.parts: list[bytes | bytearray | memoryview] = []
         self.size = 0
         self.written = 0
@@ -1089,15 +1089,26 @@ class _Output:
     def add(self, b: bytes | bytearray | memoryview) -> None:
         self.parts.append(b)
         self.size += len(b)
-        if self.size >= self._flush_at:
+        if self.size >= self.flush_at:
             self.flush()
 
     def add_whole(self, b: bytes | bytearray | memoryview) -> None:
         """:meth:`add`, flushing first if ``b`` would take the buffer past ``flush_at``:
         buffers then stay within it unless one piece is larger."""
-        if self.size and self.size + len(b) > self._flush_at:
+        if self.size and self.size + len(b) > self.flush_at:
             self.flush()
         self.add(b)
+
+    def add_parts(self, parts: list[bytes | memoryview], nbytes: int) -> None:
+        """:meth:`add_whole` for pieces that must stay together in one buffer (``nbytes``
+        in all); they are copied once, by the join at :meth:`flush`, so views of
+        immutable source buffers are written without a copy of their own."""
+        if self.size and self.size + nbytes > self.flush_at:
+            self.flush()
+        self.parts += parts
+        self.size += nbytes
+        if self.size >= self.flush_at:
+            self.flush()
 
     def flush(self) -> None:
         if not self.parts:
@@ -1134,7 +1145,7 @@ def _footer(sid: int) -> bytes:
 
 def _iter_pages(
     block: RamBlock, extents: Iterable[RamExtent]
-) -> Iterator[tuple[int, bytes | None]]:
+) -> Iterator[tuple[int, bytes | memoryview | None]]:
     """Every page of ``block`` in order, from extents; None = zero page."""
     ps = block.page_size
     for off, n, raw in _page_runs(block, extents):
@@ -1148,11 +1159,12 @@ def _emit_pages_one_by_one(
     blocks: list[RamBlock],
     ram_source: RamSource,
     send_zero_pages: bool,
-    on_page: Callable[[RamBlock, int, bytes | None], None],
+    on_page: Callable[[RamBlock, int, bytes | memoryview | None], None],
 ) -> None:
     """The RAM records page by page, each page shown to ``on_page`` first."""
     pack64 = _BE64.pack
     zero_tail = b"\x00"
+    body: bytes | memoryview
     for b in blocks:
         named = _named(b)
         first = True
@@ -1179,26 +1191,34 @@ def _named(block: RamBlock) -> bytes:
     return bytes([len(name)]) + name
 
 
-#: Pages per struct call when records are written in bulk (data pages: one call packs
-#: 16 headers with their pages, 65.7 KB; zero records are 9 bytes, so more per call).
-_EMIT_DATA = 16
+#: Zero records per struct call when written in bulk (9 bytes each).
 _EMIT_ZEROS = 512
-_emit_structs: dict[tuple[str, int], struct.Struct] = {}
+_zero_structs: dict[int, struct.Struct] = {}
 
 
-def _emit_struct(kind: str, n: int, page_size: int) -> struct.Struct:
-    st = _emit_structs.get((kind, n))
+def _zero_struct(n: int) -> struct.Struct:
+    """``n`` ZERO records (x: each record's fill byte)."""
+    st = _zero_structs.get(n)
     if st is None:
-        rec = f"Q{page_size}s" if kind == "data" else "Qx"  # x: the ZERO record's fill byte
-        st = _emit_structs.setdefault((kind, n), struct.Struct(">" + rec * n))
+        st = _zero_structs.setdefault(n, struct.Struct(">" + "Qx" * n))
     return st
+
+
+def _immutable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``data`` as a byte view nobody can change while the output holds pieces of it:
+    bytes and read-only views as they are (no copy), anything else copied."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, memoryview) and data.readonly and data.c_contiguous:
+        return data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    return bytes(data)
 
 
 def _page_runs(
     block: RamBlock, extents: Iterable[RamExtent]
-) -> Iterator[tuple[int, int, bytes | None]]:
+) -> Iterator[tuple[int, int, bytes | memoryview | None]]:
     """The block as runs ``(offset, pages, data)`` in order, gaps and holes as ``None``,
-    data runs as ``bytes``.  Raises StreamError for an extent out of order, unaligned or
+    data runs as bytes or read-only byte views (:func:`_immutable`).  Raises StreamError for an extent out of order, unaligned or
     out of range, or data of the wrong length."""
     ps = block.page_size
     nxt = 0
@@ -1217,7 +1237,7 @@ def _page_runs(
             if len(data) != length or length % ps:
                 raise StreamError(f"RAM source data for {block.idstr!r} has a bad length")
             if length:
-                yield off, length // ps, data if isinstance(data, bytes) else bytes(data)
+                yield off, length // ps, _immutable(data)
         nxt = off + length
         nxt += -nxt % ps
     if nxt < block.used_length:
@@ -1228,13 +1248,16 @@ def _emit_block(
     o: _Output, block: RamBlock, extents: Iterable[RamExtent], send_zero_pages: bool
 ) -> None:
     """The RAM records of one block, byte for byte what :func:`_emit_pages_one_by_one`
-    writes, but a struct call per group of pages instead of Python work per page (the
-    regenerator was four times slower than the parser)."""
+    writes, but in groups instead of Python work per page (the regenerator was four times
+    slower than the parser): a struct call per group of zero records, and per group of
+    data records a list of headers and page views that the output joins once."""
     ps = block.page_size
     named = _named(block)
     first = True  # the block's first record names it; the others are CONTINUE
 
     put = o.add_whole  # buffers within flush_at: check_round_trip's parser takes each whole
+    put_parts = o.add_parts
+    pack64 = _BE64.pack
 
     def zeros(off: int, n: int) -> None:
         nonlocal first
@@ -1248,26 +1271,30 @@ def _emit_block(
         flags = RAM_FLAG_ZERO | RAM_FLAG_CONTINUE
         while n > 0:
             k = min(n, _EMIT_ZEROS)
-            put(_emit_struct("zero", k, ps).pack(*range(off | flags, (off + k * ps) | flags, ps)))
+            put(_zero_struct(k).pack(*range(off | flags, (off + k * ps) | flags, ps)))
             off += k * ps
             n -= k
 
-    def pages(off: int, raw: bytes, start: int, n: int) -> None:
-        # n data pages from raw[start:], none of them all zero
+    # data records per buffer: within the output's flush_at, so a buffer is never larger
+    group = max(1, o.flush_at // (8 + ps))
+
+    def pages(off: int, raw: bytes | memoryview, start: int, n: int) -> None:
+        # n data pages from raw[start:], none of them all zero: each record's header and a
+        # view of its page, joined once by the output (the only copy of the page)
         nonlocal first
-        if first:
-            put(_BE64.pack(off | RAM_FLAG_PAGE) + named + raw[start : start + ps])
-            first = False
-            off += ps
-            start += ps
-            n -= 1
+        mv = memoryview(raw)
         flags = RAM_FLAG_PAGE | RAM_FLAG_CONTINUE
         while n > 0:
-            k = min(n, _EMIT_DATA)
-            args: list[int | bytes] = [0] * (2 * k)
-            args[0::2] = range(off | flags, (off + k * ps) | flags, ps)
-            args[1::2] = [raw[i : i + ps] for i in range(start, start + k * ps, ps)]
-            put(_emit_struct("data", k, ps).pack(*args))
+            k = min(n, group)
+            parts: list[bytes | memoryview] = [b""] * (2 * k)
+            parts[0::2] = [pack64(a) for a in range(off | flags, (off + k * ps) | flags, ps)]
+            parts[1::2] = [mv[i : i + ps] for i in range(start, start + k * ps, ps)]
+            nbytes = k * (8 + ps)
+            if first:
+                parts[0] = pack64(off | RAM_FLAG_PAGE) + named
+                nbytes += len(named)
+                first = False
+            put_parts(parts, nbytes)
             off += k * ps
             start += k * ps
             n -= k
@@ -1301,7 +1328,7 @@ def regenerate(
     *,
     send_zero_pages: bool = True,
     flush_at: int = 4 << 20,
-    on_page: Callable[[RamBlock, int, bytes | None], None] | None = None,
+    on_page: Callable[[RamBlock, int, bytes | memoryview | None], None] | None = None,
 ) -> int:
     """Write a QEMU 7.2 migration stream for ``layout`` to ``out``; return bytes written.
 
