@@ -28,6 +28,8 @@ from vmarchive.format.blob import (
     BlobCodec,
     blob_aad,
     decode_blob,
+    decode_blob_view,
+    decompress_view,
     encode_blob,
     raw_frame,
 )
@@ -208,6 +210,72 @@ def test_raw_frame_is_a_zstd_frame_of_its_content(size: int, seed: int) -> None:
             else seal(KEY.data_key, frame, blob_aad(IDFN(data)), os.urandom(12))
         )
         assert decode_blob(cd, IDFN(data), blob, size) == data
+
+
+@SETTINGS
+@given(
+    size=st.one_of(
+        st.integers(0, 300),
+        st.integers(65_000, 66_000),  # around the 1-/2-/4-byte content size switches
+        st.sampled_from([128 * 1024 - 1, 128 * 1024, 128 * 1024 + 1, 3 * 128 * 1024 + 7]),
+    ),
+    seed=st.integers(0, 2**32),
+    encrypted=st.booleans(),
+)
+def test_a_one_block_raw_frame_is_read_as_a_view_of_itself(
+    size: int, seed: int, encrypted: bool
+) -> None:
+    """Up to one block (128 KiB) a raw frame's content comes back as a read-only view of
+    the blob's bytes, equal to what zstd returns; larger frames (several blocks) and
+    compressed ones are decompressed as before."""
+    data = random.Random(seed).randbytes(size)
+    cd = codec(encrypted)
+    cid = IDFN(data) if data else ZERO_ID
+    frame = raw_frame(data)
+    blob = frame if not encrypted else seal(KEY.data_key, frame, blob_aad(cid), os.urandom(12))
+    got = decode_blob_view(cd, cid, blob, size)
+    assert got == data == decode_blob(cd, cid, blob, size)
+    if size <= 128 * 1024:
+        assert isinstance(got, memoryview) and got.readonly
+    else:
+        assert isinstance(got, bytes)
+    compressible = bytes(size)[:-1] + b"x" if size else b""
+    z = encode_blob(codec(encrypted), IDFN(compressible), compressible) if size > 300 else None
+    if z is not None:  # control: a compressed frame is decompressed, not viewed
+        back = decode_blob_view(cd, IDFN(compressible), z, size)
+        assert isinstance(back, bytes) and back == compressible
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["block size", "not last", "compressed block", "checksum flag", "short", "long", "magic"],
+)
+def test_a_raw_frame_that_is_not_whole_is_not_taken_as_a_view(damage: str) -> None:
+    """The view is taken only for the exact shape raw_frame writes; anything else goes to
+    zstd, which refuses it as decompress does (each case a control of the others: the
+    undamaged frame is a view)."""
+    data = random.Random(7).randbytes(65536)
+    frame = bytearray(raw_frame(data))
+    assert isinstance(decompress_view(bytes(frame), 65536, what="x"), memoryview)
+    head = 4 + 1 + 2
+    if damage == "block size":
+        frame[head : head + 3] = ((65535 << 3) | 1).to_bytes(3, "little")
+    elif damage == "not last":
+        frame[head : head + 3] = (65536 << 3).to_bytes(3, "little")
+    elif damage == "compressed block":
+        frame[head : head + 3] = ((65536 << 3) | 0b101).to_bytes(3, "little")
+    elif damage == "checksum flag":
+        frame[4] |= 0x04
+    elif damage == "short":
+        del frame[-1]
+    elif damage == "long":
+        frame += b"\x00"
+    elif damage == "magic":
+        frame[0] ^= 1
+    with pytest.raises((errors.DamageError, errors.FormatError)):
+        decompress_view(bytes(frame), 65536, what="x")
+    with pytest.raises((errors.DamageError, errors.FormatError)):
+        decompress_view(bytes(raw_frame(data)), 65535, what="x")  # not the expected size
 
 
 def _mixed(seed: int, size: int, compressible_at: str) -> bytes:

@@ -1,6 +1,7 @@
 """The restore's store fast paths (vmarchive.store.batchread) against a local repository:
-batched reads return what read_chunk returns and fail like it; the presence check agrees
-with verify on a whole repository and doubts on a missing or truncated pack."""
+batched reads return what read_chunk returns and fail like it (also as views of raw
+chunks); the presence check agrees with verify on a whole repository and doubts on a
+missing or truncated pack."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from vmarchive.errors import ChunkMissingError, DamageError
 from vmarchive.store import Repository
-from vmarchive.store.batchread import all_present, read_chunks
+from vmarchive.store.batchread import all_present, read_chunk_views, read_chunks
 from vmarchive.store.codecs import InitOptions
 from vmarchive.store.repository import pack_key
 
@@ -84,3 +85,37 @@ def test_missing_or_truncated_pack(repo_with_archive: tuple[str, str, list[bytes
         p.write_bytes(whole)  # negative control: restored, all present again
         repo.reload_index()
         assert all_present(repo, archive)
+
+
+@pytest.fixture
+def repo_with_random_archive(tmp_path: Path) -> tuple[str, str, list[bytes]]:
+    """Random chunks (stored as raw frames, skip_incompressible) and compressible ones."""
+    path = str(tmp_path / "repo")
+    Repository.init(path, InitOptions()).close()
+    chunks = [os.urandom(CHUNK) if i % 3 else os.urandom(64) * (CHUNK // 64) for i in range(30)]
+    with Repository.open(path) as repo, repo.writer() as w:
+        sw = w.stream("ram:pc.ram", "ram", CHUNK * len(chunks), chunk_size=CHUNK)
+        sw.write(0, b"".join(chunks))
+        sw.close()
+        aid = w.commit({"time": "2026-11-27T00:00:00+00:00", "domain": "d", "kind": "test"})
+    return path, str(aid), chunks
+
+
+def test_read_chunk_views_are_the_chunks_and_are_verified(
+    repo_with_random_archive: tuple[str, str, list[bytes]],
+) -> None:
+    path, aid, chunks = repo_with_random_archive
+    with Repository.open(path) as repo:
+        ids = list(repo.load_archive(aid).stream("ram:pc.ram").chunk_ids())
+        got = read_chunk_views(repo, ids)
+        assert got == chunks == read_chunks(repo, ids)
+        kinds = [isinstance(g, memoryview) and g.readonly for g in got]
+        assert kinds == [bool(i % 3) for i in range(len(chunks))]  # raw ones are views
+        # a flipped byte in a raw chunk: the view is still hashed against its id
+        p, off, length = _pack_of(repo, path, ids[4])
+        b = bytearray(p.read_bytes())
+        b[off + length - 1] ^= 0x01
+        p.write_bytes(bytes(b))
+        with pytest.raises(DamageError):
+            read_chunk_views(repo, ids)
+        assert read_chunk_views(repo, ids[:4]) == chunks[:4]  # control: the ones before

@@ -28,7 +28,14 @@ from vmarchive.format import constants as C
 from vmarchive.format.chunkid import verify_chunk
 from vmarchive.format.crypto import KeyMaterial, Rng, seal, unseal
 
-__all__ = ["BlobCodec", "decode_blob", "encode_blob", "raw_frame", "verify_chunk"]
+__all__ = [
+    "BlobCodec",
+    "decode_blob",
+    "decode_blob_view",
+    "encode_blob",
+    "raw_frame",
+    "verify_chunk",
+]
 
 #: Bytes of each of the three samples :meth:`BlobCodec.looks_incompressible` tries.
 INCOMPRESSIBLE_SAMPLE = 2048
@@ -228,6 +235,34 @@ def decompress(frame: bytes | memoryview, expected: int | None, *, what: str) ->
     return out
 
 
+#: Frame_Header_Descriptor -> Frame_Content_Size bytes, for the headers raw_frame writes
+#: (single segment, no checksum, no dictionary).
+_RAW_FCS_BYTES = {0x20: 1, 0x60: 2, 0xA0: 4, 0xE0: 8}
+
+
+def decompress_view(frame: bytes | memoryview, expected: int, *, what: str) -> bytes | memoryview:
+    """:func:`decompress`, except that a frame shaped as :func:`raw_frame` writes it for
+    at most one block (header, then one last Raw_Block holding the whole content: chunks
+    up to 128 KiB) comes back as a read-only view of its content in ``frame``.
+
+    Such a block is the content verbatim (RFC 8878), so the view is what zstd would
+    return, without its copy: incompressible chunks are most of a first capture's RAM,
+    and each is read back for the round trip.  Any other frame goes to zstd.
+    """
+    mv = memoryview(frame).cast("B")
+    if len(mv) >= 5 and expected <= _RAW_BLOCK_MAX and mv[:4] == _ZSTD_MAGIC:
+        fcs = _RAW_FCS_BYTES.get(mv[4])
+        at = 5 + (fcs or 0)
+        if (
+            fcs is not None
+            and len(mv) == at + 3 + expected
+            and int.from_bytes(mv[5:at], "little") + (256 if fcs == 2 else 0) == expected
+            and int.from_bytes(mv[at : at + 3], "little") == (expected << 3) | 1
+        ):
+            return mv[at + 3 :].toreadonly()
+    return decompress(frame, expected, what=what)
+
+
 def blob_aad(chunk_id: bytes) -> bytes:
     """The AAD of an encrypted blob (24 bytes)."""
     return struct.pack(C.BLOB_AAD_STRUCT, C.MAGIC, C.TYPE_BLOB, 0, C.WRITE_VERSION, chunk_id)
@@ -262,6 +297,24 @@ def decode_blob(
     Raises DamageError (MAC failure, corrupt frame, wrong length) and FormatError (not a
     zstd frame).
     """
+    what, frame = _opened(codec, chunk_id, encoded, raw_length)
+    return decompress(frame, raw_length, what=what)
+
+
+def decode_blob_view(
+    codec: BlobCodec, chunk_id: bytes, encoded: bytes | memoryview, raw_length: int
+) -> bytes | memoryview:
+    """:func:`decode_blob`, but a chunk stored as one raw block comes back as a read-only
+    view of the frame (:func:`decompress_view`): no copy, and the view keeps the buffer
+    it was read in alive."""
+    what, frame = _opened(codec, chunk_id, encoded, raw_length)
+    return decompress_view(frame, raw_length, what=what)
+
+
+def _opened(
+    codec: BlobCodec, chunk_id: bytes, encoded: bytes | memoryview, raw_length: int
+) -> tuple[str, bytes | memoryview]:
+    """The blob's zstd frame (decrypted when the codec has a key) and its name."""
     what = f"blob {chunk_id.hex()}"
     if codec.key is not None:
         frame: bytes | memoryview = unseal(codec.key.data_key, encoded, blob_aad(chunk_id))
@@ -269,4 +322,4 @@ def decode_blob(
         frame = encoded
     if raw_length < 0 or raw_length > C.MAX_CHUNK_SIZE:
         raise FormatError(f"{what}: raw length {raw_length} out of range")
-    return decompress(frame, raw_length, what=what)
+    return what, frame

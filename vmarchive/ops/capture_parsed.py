@@ -330,7 +330,7 @@ class ParsedConsumer:
 
     def _stored_extents(
         self, block: ms.RamBlock, skip: set[int] | frozenset[int] = frozenset()
-    ) -> Iterator[tuple[int, int, bytes | None]]:
+    ) -> Iterator[ms.RamExtent]:
         """The block's slots as stored, read back in batches (adjacent chunks of a pack
         with one range read: one read per 64 KiB chunk was most of the round trip); holes
         and the slots in ``skip`` are left out (gaps, which the regenerator fills with zero
@@ -364,7 +364,7 @@ class ParsedConsumer:
         inherited = self._inherited(parent)
         check = _SlotCheck(self.w, self.layout.ram_blocks, self.sink.streams, inherited)
 
-        def source(block: ms.RamBlock) -> Iterator[tuple[int, int, bytes | None]]:
+        def source(block: ms.RamBlock) -> Iterator[ms.RamExtent]:
             return self._stored_extents(block, inherited.get(block.index, frozenset()))
 
         report = ms.check_round_trip(self.layout, self._read_devstate(), source, page_check=check)

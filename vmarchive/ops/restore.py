@@ -89,7 +89,7 @@ from vmarchive.ops.malloc_tuning import keep_freed_memory
 from vmarchive.ops.restore_feed import FifoWriter
 from vmarchive.progress import NULL_PROGRESS, Progress
 from vmarchive.store import Archive, Repository, StreamInfo, VerifyReport
-from vmarchive.store.batchread import all_present, read_chunks
+from vmarchive.store.batchread import all_present, read_chunk_views
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def write_stream(
     dev = next(s for s in archive.streams if s.kind == "devstate")
     devstate = repo.open_stream(archive, dev.name).read_all()
 
-    def source(b: ms.RamBlock) -> Iterator[tuple[int, int, bytes | None]]:
+    def source(b: ms.RamBlock) -> Iterator[ms.RamExtent]:
         for ext in read_ahead(repo, archive.stream(f"ram:{b.idstr}")):
             if cancelled():
                 raise StreamError("restore cancelled")
@@ -280,16 +280,22 @@ READ_AHEAD = 8
 READ_THREADS = 2
 
 
-def read_ahead(repo: Repository, s: StreamInfo) -> Iterator[tuple[int, int, bytes | None]]:
+def read_ahead(
+    repo: Repository, s: StreamInfo
+) -> Iterator[tuple[int, int, bytes | memoryview | None]]:
     """(offset, length, verified data or None for a hole) of every slot of ``s``, in order,
-    read in batches on READ_THREADS threads, up to READ_AHEAD batches ahead.
+    read in batches on READ_THREADS threads, up to READ_AHEAD batches ahead.  Chunks stored
+    as raw blocks come as read-only views of their batch's range read, not copied
+    (:func:`vmarchive.store.batchread.read_chunk_views`).
 
     Raises DamageError / ChunkMissingError like :meth:`Repository.read_chunk`.
     """
     zero = repo.codecs.zero_id
     cs = s.chunk_size
     per_batch = max(1, BATCH_BYTES // cs)
-    window: collections.deque[tuple[int, int, Future[list[bytes]] | None]] = collections.deque()
+    window: collections.deque[tuple[int, int, Future[list[bytes | memoryview]] | None]] = (
+        collections.deque()
+    )
 
     def batches() -> Iterator[tuple[int, int, list[bytes]]]:
         """(first slot, slot count, chunk ids) runs: all holes (no ids) or all data."""
@@ -309,8 +315,8 @@ def read_ahead(repo: Repository, s: StreamInfo) -> Iterator[tuple[int, int, byte
             index = j
 
     def slots(
-        first: int, count: int, fut: Future[list[bytes]] | None
-    ) -> Iterator[tuple[int, int, bytes | None]]:
+        first: int, count: int, fut: Future[list[bytes | memoryview]] | None
+    ) -> Iterator[tuple[int, int, bytes | memoryview | None]]:
         datas = None if fut is None else fut.result()
         for k in range(count):
             off = (first + k) * cs
@@ -325,7 +331,7 @@ def read_ahead(repo: Repository, s: StreamInfo) -> Iterator[tuple[int, int, byte
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="restore-read") as pool:
         try:
             for first, count, ids in batches():
-                fut = pool.submit(read_chunks, repo, ids) if ids else None
+                fut = pool.submit(read_chunk_views, repo, ids) if ids else None
                 window.append((first, count, fut))
                 if len(window) > READ_AHEAD:
                     yield from slots(*window.popleft())
@@ -356,7 +362,7 @@ def _hex(h: Any) -> str | None:
     return None if h is None else str(h.hexdigest())
 
 
-def _digest_disk(h: Any, length: int, data: bytes | None) -> None:
+def _digest_disk(h: Any, length: int, data: bytes | memoryview | None) -> None:
     if data is not None:
         h.update(data)
         return
@@ -429,7 +435,7 @@ class _DiskFile:
 
     def fill(
         self,
-        extents: Iterator[tuple[int, int, bytes | None]],
+        extents: Iterator[tuple[int, int, bytes | memoryview | None]],
         h: Any,
         cancelled: Callable[[], bool],
         advance: Callable[[int], None],

@@ -18,14 +18,16 @@ missing pack may shadow a good duplicate, which only a reload finds).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from vmarchive.store.backend import ObjectNotFoundError
 from vmarchive.store.chunkindex import Location
 
 if TYPE_CHECKING:
     from vmarchive.store.repository import Archive, Repository
+
+_T = TypeVar("_T", bytes, bytes | memoryview)
 
 #: Longest run read with one range read.
 MAX_RUN_BYTES = 8 << 20
@@ -37,9 +39,24 @@ def read_chunks(repo: Repository, chunk_ids: Sequence[bytes]) -> list[bytes]:
     Raises like :meth:`Repository.read_chunk`: :class:`ChunkMissingError`,
     :class:`DamageError`, :class:`BackendError`, :class:`UsageError` for the zero id.
     """
+    return _read(repo, chunk_ids, repo.decode_chunk)
+
+
+def read_chunk_views(repo: Repository, chunk_ids: Sequence[bytes]) -> list[bytes | memoryview]:
+    """:func:`read_chunks`, but the chunks stored as one raw block come back as read-only
+    views of the range read that fetched them (no copy; each keeps its range alive).  For
+    readers that pass the data on at once, as the stream regenerator does."""
+    return _read(repo, chunk_ids, repo.decode_chunk_view)
+
+
+def _read(
+    repo: Repository,
+    chunk_ids: Sequence[bytes],
+    decode: Callable[[bytes, bytes | memoryview, Location], _T],
+) -> list[bytes | _T]:
     from vmarchive.store.repository import pack_key
 
-    out: list[bytes] = []
+    out: list[bytes | _T] = []
     i, n = 0, len(chunk_ids)
     while i < n:
         first = repo._chunk_location(chunk_ids[i])
@@ -76,7 +93,7 @@ def read_chunks(repo: Repository, chunk_ids: Sequence[bytes]) -> list[bytes]:
         view = memoryview(blob)
         for cid, loc in zip(run, locs, strict=True):
             at = loc.offset - first.offset
-            out.append(repo.decode_chunk(cid, view[at : at + loc.length], loc))
+            out.append(decode(cid, view[at : at + loc.length], loc))
         i = j
     return out
 

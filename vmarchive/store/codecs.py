@@ -16,7 +16,7 @@ from typing import Any
 from vmarchive.errors import FormatError, UsageError, WrongKeyError
 from vmarchive.format import constants as C
 from vmarchive.format import pack as fpack
-from vmarchive.format.blob import BlobCodec, decode_blob, encode_blob
+from vmarchive.format.blob import BlobCodec, decode_blob, decode_blob_view, encode_blob
 from vmarchive.format.chunkid import ZERO_ID, is_zero, make_id_function, verify_chunk
 from vmarchive.format.config import RepoConfig, decode_config, encode_config, new_config
 from vmarchive.format.crypto import (
@@ -205,7 +205,7 @@ class Codecs:
     def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
         return self._idfn(data if isinstance(data, bytes | memoryview) else memoryview(data))
 
-    def verify_chunk(self, chunk_id: bytes, data: bytes) -> None:
+    def verify_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> None:
         """Raises :class:`DamageError` when ``data`` does not hash to ``chunk_id``."""
         verify_chunk(self._idfn, chunk_id, data)
 
@@ -219,6 +219,12 @@ class Codecs:
     def decode_blob(self, chunk_id: bytes, blob: bytes | memoryview, raw_length: int) -> bytes:
         """Raises :class:`DamageError` (incl. :class:`FormatError`)."""
         return decode_blob(self.blob, chunk_id, blob, raw_length)
+
+    def decode_blob_view(
+        self, chunk_id: bytes, blob: bytes | memoryview, raw_length: int
+    ) -> bytes | memoryview:
+        """:meth:`decode_blob`; a raw-block chunk as a view of ``blob`` (no copy)."""
+        return decode_blob_view(self.blob, chunk_id, blob, raw_length)
 
     @staticmethod
     def is_safe_stream_name(name: str) -> bool:

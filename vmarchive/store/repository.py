@@ -505,15 +505,29 @@ class Repository:
 
     def decode_chunk(self, chunk_id: bytes, blob: bytes | memoryview, loc: Location) -> bytes:
         """Decode and verify a blob read from a pack. Raises :class:`DamageError`."""
+        self._check_length(chunk_id, blob, loc)
+        data = self.codecs.decode_blob(chunk_id, blob, loc.raw_length)
+        self.codecs.verify_chunk(chunk_id, data)
+        return data
+
+    def decode_chunk_view(
+        self, chunk_id: bytes, blob: bytes | memoryview, loc: Location
+    ) -> bytes | memoryview:
+        """:meth:`decode_chunk`, but a chunk stored as one raw block comes back as a
+        read-only view of ``blob``: no copy, and it keeps ``blob`` alive."""
+        self._check_length(chunk_id, blob, loc)
+        data = self.codecs.decode_blob_view(chunk_id, blob, loc.raw_length)
+        self.codecs.verify_chunk(chunk_id, data)
+        return data
+
+    @staticmethod
+    def _check_length(chunk_id: bytes, blob: bytes | memoryview, loc: Location) -> None:
         if len(blob) != loc.length:
             raise DamageError(
                 f"chunk {chunk_id.hex()}: pack {loc.pack_id} is truncated",
                 chunk_id=chunk_id.hex(),
                 pack=loc.pack_id,
             )
-        data = self.codecs.decode_blob(chunk_id, blob, loc.raw_length)
-        self.codecs.verify_chunk(chunk_id, data)
-        return data
 
     # -- archives -------------------------------------------------------------------------
     def archive_ids(self) -> list[str]:

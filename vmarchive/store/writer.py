@@ -421,13 +421,14 @@ class ArchiveWriter:
         # Published meanwhile (indexed before it left _unpublished), or never ours.
         return self.repo.read_chunk(chunk_id)
 
-    def read_chunks(self, chunk_ids: Sequence[bytes]) -> list[bytes]:
+    def read_chunks(self, chunk_ids: Sequence[bytes]) -> list[bytes | memoryview]:
         """:meth:`read_chunk` of each id, in order; runs of published chunks adjacent in a
-        pack are read with one range read (:func:`vmarchive.store.batchread.read_chunks`).
+        pack are read with one range read, and those stored as one raw block come back as
+        read-only views of it (:func:`vmarchive.store.batchread.read_chunk_views`).
         """
         with self._mutex:
             mine = [cid in self._unpublished for cid in chunk_ids]
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         i = 0
         while i < len(chunk_ids):
             j = i
@@ -437,7 +438,7 @@ class ArchiveWriter:
             if mine[i]:
                 out += [self.read_chunk(cid) for cid in run]
             else:
-                out += batchread.read_chunks(self.repo, run)
+                out += batchread.read_chunk_views(self.repo, run)
             i = j
         return out
 
