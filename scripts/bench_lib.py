@@ -33,7 +33,11 @@ GiB = 1 << 30
 @dataclasses.dataclass
 class Run:
     wall_s: float
-    peak_rss: int  # bytes: the process's (and its waited-for children's) maximum RSS
+    #: bytes: the most its process tree held at once -- the larger of wait4's maximum
+    #: (the process's own, or its largest child's) and the peak of the tree's summed RSS
+    #: sampled every ``poll`` s (a command's helper processes count: vmarchive's watchdog,
+    #: while it runs)
+    peak_rss: int
     rc: int
     out: str
     err: str
@@ -46,6 +50,8 @@ class Run:
     #: iowait), 0..1: near 1 the run was bound by CPU (its own, QEMU's, anything's); well
     #: below, it waited (on the GIL, on QEMU, on a round trip)
     host_busy: float | None = None
+    #: bytes: wait4's maximum alone (the process's own, or its largest child's)
+    single_rss: int = 0
 
     def json(self) -> Any:
         return json.loads(self.out)
@@ -66,6 +72,32 @@ def _vmrss(pid: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def _tree_rss(pid: int) -> int | None:
+    """The summed RSS of ``pid`` and its descendants (None when ``pid`` is gone)."""
+    own = _vmrss(pid)
+    if own is None:
+        return None
+    total, todo, seen = own, [pid], {pid}
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for k in kids:
+                if k not in seen:
+                    seen.add(k)
+                    todo.append(k)
+                    total += _vmrss(k) or 0
+    return total
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -93,8 +125,9 @@ def run(
     poll: float = 0.02,
     timeout: float = 900.0,
 ) -> Run:
-    """Run ``cmd`` to completion: wall time, peak RSS from wait4(), stderr lines with
-    their arrival time and an RSS timeline from /proc (every ``poll`` s).  Raises on exit
+    """Run ``cmd`` to completion: wall time, peak RSS (wait4() and the process tree's
+    sampled sum), stderr lines with their arrival time and an RSS timeline of the tree
+    from /proc (every ``poll`` s).  Raises on exit
     codes other than ``ok``; a process still running after ``timeout`` s is terminated
     (then killed) and reported as failed.  ``sync`` flushes dirty pages first, so no tool pays for the
     previous one's writeback."""
@@ -147,7 +180,7 @@ def run(
             timed_out = True
             proc.terminate()
             threading.Timer(15, lambda: proc.poll() is None and proc.kill()).start()
-        m = _vmrss(proc.pid)
+        m = _tree_rss(proc.pid)
         if m is not None:
             rss.append((now, m))
         try:
@@ -166,7 +199,7 @@ def run(
     proc.returncode = rc = os.waitstatus_to_exitcode(status)
     r = Run(
         wall,
-        usage.ru_maxrss * 1024,
+        max(usage.ru_maxrss * 1024, max((m for _t, m in rss), default=0)),
         rc,
         b"".join(chunks).decode(errors="replace"),
         "\n".join(x for _t, x in lines),
@@ -174,6 +207,7 @@ def run(
         lines,
         rss,
         busy,
+        usage.ru_maxrss * 1024,
     )
     if timed_out:
         raise RuntimeError(f"{' '.join(cmd[:4])}... timed out after {timeout:.0f} s")
