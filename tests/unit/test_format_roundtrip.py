@@ -183,14 +183,17 @@ def test_encrypted_blob_detects_flip_truncation_and_swap(data: bytes, at: int, c
 
 # -- raw-block frames ---------------------------------------------------------------------
 
+#: Content sizes around raw_frame's switches: 1-/2-/4-byte content size, one block or more.
+raw_sizes = st.one_of(
+    st.integers(0, 300),
+    st.integers(65_000, 66_000),
+    st.sampled_from([128 * 1024 - 1, 128 * 1024, 128 * 1024 + 1, 3 * 128 * 1024 + 7]),
+)
+
 
 @SETTINGS
 @given(
-    size=st.one_of(
-        st.integers(0, 300),
-        st.integers(65_000, 66_000),  # around the 1-/2-/4-byte content size switches
-        st.sampled_from([128 * 1024 - 1, 128 * 1024, 128 * 1024 + 1, 3 * 128 * 1024 + 7]),
-    ),
+    size=raw_sizes,
     seed=st.integers(0, 2**32),
 )
 def test_raw_frame_is_a_zstd_frame_of_its_content(size: int, seed: int) -> None:
@@ -214,11 +217,7 @@ def test_raw_frame_is_a_zstd_frame_of_its_content(size: int, seed: int) -> None:
 
 @SETTINGS
 @given(
-    size=st.one_of(
-        st.integers(0, 300),
-        st.integers(65_000, 66_000),  # around the 1-/2-/4-byte content size switches
-        st.sampled_from([128 * 1024 - 1, 128 * 1024, 128 * 1024 + 1, 3 * 128 * 1024 + 7]),
-    ),
+    size=raw_sizes,
     seed=st.integers(0, 2**32),
     encrypted=st.booleans(),
 )
