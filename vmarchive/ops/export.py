@@ -46,6 +46,7 @@ from vmarchive.ops.export_source import (
     load_memory_map,
     mapped_blocks,
 )
+from vmarchive.ops.outputs import check_output
 from vmarchive.ops.repo import RepoRef, open_repo
 from vmarchive.progress import NULL_PROGRESS, Progress, Task
 from vmarchive.store import Archive, Repository, StreamInfo, StreamReader
@@ -108,16 +109,6 @@ class ExportResult:
 
 
 # --- output files --------------------------------------------------------------------------
-
-
-def check_output(path: Path, force: bool) -> None:
-    """Raises AlreadyExistsError (exists, no force) and UsageError (not a writable place)."""
-    if path.is_dir():
-        raise UsageError(f"output {path} is a directory")
-    if (path.exists() or path.is_symlink()) and not force:
-        raise AlreadyExistsError(f"output {path} exists (use --force to replace it)")
-    if not path.parent.is_dir():
-        raise UsageError(f"output directory {path.parent} does not exist")
 
 
 @contextlib.contextmanager

@@ -47,7 +47,6 @@ import logging
 import os
 import random
 import shutil
-import stat
 import tempfile
 import threading
 import time
@@ -86,6 +85,7 @@ from vmarchive.hypervisor.restore import (
 from vmarchive.ops import export_qcow2 as Q
 from vmarchive.ops import restore_xml as rx
 from vmarchive.ops.malloc_tuning import keep_freed_memory
+from vmarchive.ops.outputs import check_output
 from vmarchive.ops.restore_feed import FifoWriter
 from vmarchive.progress import NULL_PROGRESS, Progress
 from vmarchive.store import Archive, Repository, StreamInfo, VerifyReport
@@ -1339,10 +1339,7 @@ def export_save(
             dname = rx.check_domain_name(name or archive.domain)
             ddir = _existing_dir(disk_dir or output.resolve().parent)
             out = output.resolve()
-            if os.path.lexists(out) and not replace:
-                raise AlreadyExistsError(f"{out} exists (use --replace)", path=str(out))
-            if os.path.lexists(out) and stat.S_ISDIR(os.lstat(out).st_mode):
-                raise UsageError(f"{out} is a directory")
+            check_output(out, replace, flag="--replace")
             report = repo.verify([archive.id], full=False)
             if not report.ok:
                 raise DamageError(f"archive {archive.id[:12]} is damaged: {report.problems[0]}")
