@@ -370,16 +370,21 @@ def test_missing_disk_directory_is_refused_in_one_line(
     d = domains.workdir()
     missing = d / "not-there"
     name = "vmatest-nodir"
-    for args in (
-        ["restore", captured.id[:12], "--name", name, "--disk-dir", str(missing)],
-        ["export-save", captured.id[:12], "-o", str(missing / "guest.save")],
+    for args, what in (
+        (["restore", captured.id[:12], "--name", name, "--disk-dir", str(missing)], "disk"),
+        (["export-save", captured.id[:12], "-o", str(missing / "guest.save")], "disk"),
+        # the disks elsewhere: the image's own directory is checked before they are written
+        (
+            ["export-save", captured.id[:12], "-o", str(missing / "g.save"), "--disk-dir", str(d)],
+            "output",
+        ),
     ):
         proc = subprocess.run(
             [*VMARCHIVE, *args, "--repo", repo_path], capture_output=True, text=True
         )
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.strip() == f"vmarchive: disk directory {missing} does not exist"
-    assert not missing.exists()
+        assert proc.stderr.strip() == f"vmarchive: {what} directory {missing} does not exist"
+    assert not missing.exists() and not list(d.iterdir())
     with pytest.raises(libvirt.libvirtError):
         libvirt_conn.lookupByName(name)
     # Negative control: the same export into a directory that exists goes through.
