@@ -345,11 +345,11 @@ def test_bulk_regenerate_writes_what_the_page_by_page_writer_writes(
 
 def test_regenerate_copies_data_its_source_may_change_and_not_immutable_data() -> None:
     """Pages are written as views of the source's data and copied once, when a buffer is
-    flushed: a bytearray (which the source may refill for its next extent) is copied at
-    once; bytes and read-only views are taken as they are."""
+    flushed: a bytearray (which the source may refill for its next extent), or any view of
+    one, is copied at once; bytes and views of bytes are taken as they are."""
     layout, rec = parse(sample().build())
     want = regen(layout, rec)
-    for kind in ("bytearray", "writable view", "bytes", "read-only view"):
+    for kind in ("bytearray", "writable view", "read-only view of a bytearray", "bytes", "view"):
 
         def source(block: ms.RamBlock, kind: str = kind) -> Iterable[ms.RamExtent]:
             img = rec.img[block.idstr]
@@ -358,12 +358,14 @@ def test_regenerate_copies_data_its_source_may_change_and_not_immutable_data() -
                 data: Any = {
                     "bytearray": bytearray(chunk),
                     "writable view": memoryview(bytearray(chunk)),
+                    "read-only view of a bytearray": memoryview(bytearray(chunk)).toreadonly(),
                     "bytes": chunk,
-                    "read-only view": memoryview(chunk),
+                    "view": memoryview(chunk),
                 }[kind]
                 yield off, PAGE, data
-                if kind in ("bytearray", "writable view"):
-                    data[:] = b"\xee" * PAGE  # refilled: must not show in the output
+                owner = data if isinstance(data, bytearray) else getattr(data, "obj", None)
+                if isinstance(owner, bytearray):
+                    owner[:] = b"\xee" * PAGE  # refilled: must not show in the output
 
         out = io.BytesIO()
         ms.regenerate(layout, bytes(rec.dev), source, out, flush_at=1 << 20)

@@ -1205,11 +1205,12 @@ def _zero_struct(n: int) -> struct.Struct:
 
 
 def _immutable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
-    """``data`` as a byte view nobody can change while the output holds pieces of it:
-    bytes and read-only views as they are (no copy), anything else copied."""
+    """``data`` as bytes nobody can change while the output holds pieces of it: bytes and
+    views of bytes as they are (no copy); anything else copied (a bytearray, or a view of
+    one even when read-only: its owner may refill it)."""
     if isinstance(data, bytes):
         return data
-    if isinstance(data, memoryview) and data.readonly and data.c_contiguous:
+    if isinstance(data, memoryview) and isinstance(data.obj, bytes) and data.c_contiguous:
         return data.cast("B") if data.format != "B" or data.ndim != 1 else data
     return bytes(data)
 
@@ -1218,8 +1219,8 @@ def _page_runs(
     block: RamBlock, extents: Iterable[RamExtent]
 ) -> Iterator[tuple[int, int, bytes | memoryview | None]]:
     """The block as runs ``(offset, pages, data)`` in order, gaps and holes as ``None``,
-    data runs as bytes or read-only byte views (:func:`_immutable`).  Raises StreamError for an extent out of order, unaligned or
-    out of range, or data of the wrong length."""
+    data runs as bytes or views of bytes (:func:`_immutable`).  Raises StreamError for an
+    extent out of order, unaligned or out of range, or data of the wrong length."""
     ps = block.page_size
     nxt = 0
     for off, length, data in extents:
