@@ -167,6 +167,7 @@ def main() -> int:
     if shutil.which("virtnbdbackup") is None:
         print("virtnbdbackup is missing: apt-get install virtnbdbackup (scripts/setup-host)")
         return 2
+    guestlib.guest_build()  # a missing guest fails here, before the work directory exists
     base = Path(tempfile.mkdtemp(prefix="vmarchive-bench-incr-", dir=a.workdir or "/var/tmp"))
     base.chmod(0o755)
     conn = libvirt.open(guestlib.URI)

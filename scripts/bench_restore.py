@@ -75,6 +75,7 @@ def main() -> int:
     ap.add_argument("--disk-format", default="qcow2", choices=["qcow2", "raw"])
     a = ap.parse_args()
 
+    guestlib.guest_build()  # a missing guest fails here, before the work directory exists
     conn = libvirt.open(guestlib.URI)
     wd = guestlib.make_workdir("vmatest-bench-")
     spec = guestlib.GuestSpec(
