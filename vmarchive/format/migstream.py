@@ -50,7 +50,7 @@ import json
 import queue
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -1095,11 +1095,9 @@ class _Output:
     def add_whole(self, b: bytes | bytearray | memoryview) -> None:
         """:meth:`add`, flushing first if ``b`` would take the buffer past ``flush_at``:
         buffers then stay within it unless one piece is larger."""
-        if self.size and self.size + len(b) > self.flush_at:
-            self.flush()
-        self.add(b)
+        self.add_parts([b], len(b))
 
-    def add_parts(self, parts: list[bytes | memoryview], nbytes: int) -> None:
+    def add_parts(self, parts: Sequence[bytes | bytearray | memoryview], nbytes: int) -> None:
         """:meth:`add_whole` for pieces that must stay together in one buffer (``nbytes``
         in all); they are copied once, by the join at :meth:`flush`, so views of
         immutable source buffers are written without a copy of their own."""
@@ -1204,13 +1202,22 @@ def _zero_struct(n: int) -> struct.Struct:
     return st
 
 
+def _bytes_under(data: bytes | bytearray | memoryview) -> bytes | None:
+    """The bytes object a contiguous view ``data`` shows (part of), else None.  Such a view
+    cannot change; a view of a bytearray can, even when read-only: its owner may refill it."""
+    if isinstance(data, memoryview) and data.c_contiguous:
+        obj = data.obj
+        if type(obj) is bytes:
+            return obj
+    return None
+
+
 def _immutable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
     """``data`` as bytes nobody can change while the output holds pieces of it: bytes and
-    views of bytes as they are (no copy); anything else copied (a bytearray, or a view of
-    one even when read-only: its owner may refill it)."""
+    views of bytes as they are (no copy, :func:`_bytes_under`); anything else copied."""
     if isinstance(data, bytes):
         return data
-    if isinstance(data, memoryview) and isinstance(data.obj, bytes) and data.c_contiguous:
+    if isinstance(data, memoryview) and _bytes_under(data) is not None:
         return data.cast("B") if data.format != "B" or data.ndim != 1 else data
     return bytes(data)
 
@@ -1485,13 +1492,9 @@ def _frozen(data: bytes | bytearray | memoryview) -> bytes:
     a pipe read or a joined buffer is, and nobody can change it while it waits."""
     if type(data) is bytes:
         return data
-    if (
-        isinstance(data, memoryview)
-        and type(data.obj) is bytes
-        and data.c_contiguous
-        and data.nbytes == len(data.obj)
-    ):
-        return data.obj
+    under = _bytes_under(data)
+    if under is not None and memoryview(data).nbytes == len(under):
+        return under
     return bytes(data)
 
 
