@@ -130,6 +130,35 @@ def test_write_chunk_set_chunk_and_append(tmp_path: pathlib.Path) -> None:
     assert read_archive(repo, aid2) == {"ram/pc.ram": b + bytes(CHUNK)}
 
 
+def test_write_if_present_records_only_what_needs_no_storing(tmp_path: pathlib.Path) -> None:
+    """Zeros and chunks the repository or the writer already hold fill their slot at once;
+    a new chunk fills nothing and comes back as its id, which write_chunk then takes."""
+    repo = make_repo(tmp_path / "r")
+    old, mine, new = rnd(CHUNK, 1), rnd(CHUNK, 2), rnd(CHUNK, 3)
+    write_archive(repo, {"disk/vda": old})
+    with repo.writer() as w:
+        first = w.stream("ram:a", "ram", CHUNK)
+        first.write_chunk(0, mine)  # stored by this writer, not published yet
+        sw = w.stream("ram:b", "ram", 5 * CHUNK)
+        assert sw.write_if_present(0, bytes(CHUNK)) is None
+        assert sw.write_if_present(1, old) is None
+        assert sw.write_if_present(2, mine) is None
+        cid = sw.write_if_present(3, new)
+        assert cid == repo.codecs.chunk_id(new)
+        assert sw.slot_id(3) == bytes(16)  # nothing recorded for it
+        packs_before = len(pack_keys(repo))
+        sw.write_chunk(3, new, cid)
+        with pytest.raises(UsageError):
+            sw.write_if_present(4, new[:-1])  # not a whole slot
+        st = sw.close()
+        first.close()
+        aid = w.commit(META)
+    assert (st.chunks, st.holes, st.bytes_new) == (3, 2, CHUNK)
+    assert len(pack_keys(repo)) > packs_before
+    assert read_archive(repo, aid)["ram:b"] == bytes(CHUNK) + old + mine + new + bytes(CHUNK)
+    assert repo.verify(full=True).ok
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

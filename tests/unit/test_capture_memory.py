@@ -25,18 +25,35 @@ class FakeStream:
         self.chunks: dict[bytes, bytes] = {}
         self.writes = 0
         self.order: list[int] = []
+        #: slots filled by write_if_present (nothing stored)
+        self.present: list[int] = []
         self.appended = bytearray()
 
-    def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
+    @staticmethod
+    def content_id(data: bytes | bytearray | memoryview) -> bytes:
+        data = bytes(data)
+        return bytes(16) if not any(data) else hashlib.blake2b(data, digest_size=16).digest()
+
+    def write_if_present(self, index: int, data: bytes) -> bytes | None:
+        assert len(data) == min(self.chunk_size, self.size - index * self.chunk_size)
+        cid = self.content_id(data)
+        if cid != bytes(16) and cid not in self.chunks:
+            return cid
+        self.slots[index] = cid
+        self.present.append(index)
+        return None
+
+    def write_chunk(
+        self, index: int, data: bytes | bytearray | memoryview, chunk_id: bytes | None = None
+    ) -> None:
         data = bytes(data)
         assert len(data) == min(self.chunk_size, self.size - index * self.chunk_size)
+        cid = self.content_id(data)
+        assert chunk_id in (None, cid)  # an id handed on must be the data's
         self.writes += 1
         self.order.append(index)
-        if not any(data):
-            self.slots[index] = bytes(16)
-            return
-        cid = hashlib.blake2b(data, digest_size=16).digest()
-        self.chunks[cid] = data
+        if cid != bytes(16):
+            self.chunks[cid] = data
         self.slots[index] = cid
 
     def slot_id(self, index: int) -> bytes:
@@ -97,6 +114,32 @@ def test_whole_chunks_wait_their_turn_so_the_image_is_stored_in_order() -> None:
     assert sw.order[:8] == list(range(8)), sw.order
     assert sw.image()[:PAGE] == b"\x01" * PAGE and sw.image()[PAGE : 2 * PAGE] == b"\x02" * PAGE
     assert sw.image()[cs:] == b"".join(bytes([i]) * cs for i in range(1, 8))
+
+
+def test_known_whole_chunks_are_recorded_at_once_and_new_ones_keep_their_order() -> None:
+    """A whole chunk the store holds already (most of a second capture's RAM) fills its
+    slot at once, without waiting among the open chunks or being written; the new ones
+    are still stored in the order they came, each hashed once (its id handed on)."""
+    cs = 16 * PAGE
+    sw = FakeStream(8 * cs, cs)
+    known = {i: bytes([i]) * cs for i in (2, 3, 6)}
+    for data in known.values():
+        sw.chunks[sw.content_id(data)] = data
+    img = RamImage(sw, sw.read_chunk, max_open=3)
+    img.page(0, b"\x01" * PAGE, PAGE)  # chunk 0: one page of it so far
+    for i in range(1, 8):
+        img.page(i * cs, known.get(i, bytes([100 + i]) * cs), cs, 16)
+    assert sw.present == [2, 3, 6]
+    img.flush()
+    assert sw.order == [0, 1, 4, 5, 7], sw.order
+    want = b"\x01" * PAGE + bytes(cs - PAGE)
+    want += b"".join(known.get(i, bytes([100 + i]) * cs) for i in range(1, 8))
+    assert sw.image() == want
+    # a known chunk written to again afterwards is reopened (read back) as before
+    img.page(2 * cs, b"\x09" * PAGE, PAGE)
+    img.flush()
+    assert sw.image()[2 * cs : 2 * cs + PAGE] == b"\x09" * PAGE
+    assert img.reopened == 1
 
 
 def test_memory_stays_bounded_by_open_chunks() -> None:
@@ -184,19 +227,23 @@ def test_held_reader_never_blocks_the_writer() -> None:
 @given(
     nchunks=st.integers(1, 6),
     max_open=st.integers(1, 3),
+    known=st.sets(st.integers(1, 255), max_size=4),
     sends=st.lists(
         st.tuples(st.integers(0, 2), st.integers(0, 95), st.integers(0, 255)), max_size=120
     ),
 )
 def test_whole_chunks_zero_runs_and_pages_mixed_give_the_last_write(
-    nchunks: int, max_open: int, sends: list[tuple[int, int, int]]
+    nchunks: int, max_open: int, known: set[int], sends: list[tuple[int, int, int]]
 ) -> None:
     """Whole chunks as bytes (the parser's runs, stored without a copy when first seen),
     zero runs over several slots (its 2 MiB zero runs: slots first seen, open or already
-    stored) and single pages, mixed, with resends of each."""
+    stored) and single pages, mixed, with resends of each; some whole chunks are in the
+    store already (``known``)."""
     cs = 16 * PAGE
     size = nchunks * cs
     sw = FakeStream(size, cs)
+    for v in known:
+        sw.chunks[sw.content_id(bytes([v]) * cs)] = bytes([v]) * cs
     img = RamImage(sw, sw.read_chunk, max_open=max_open)
     expect = bytearray(size)
     for kind, n, val in sends:

@@ -225,6 +225,8 @@ class RamImage:
         self.max_open = max_open
         self._open: collections.OrderedDict[int, bytes | bytearray] = collections.OrderedDict()
         self._stored: set[int] = set()
+        #: content ids of the whole chunks in _open as they came (see write_if_present)
+        self._ids: dict[int, bytes] = {}
         self._zeros = bytes(self.cs)
         self.pages = 0
         self.reopened = 0
@@ -267,6 +269,13 @@ class RamImage:
             # among the open chunks: storing it at once put whole chunks ahead of their
             # partly-sent neighbours, which scattered the image over its packs (a restore
             # from S3 then made 810 range reads where it had made 43).
+            cid = self.sw.write_if_present(first, data)
+            if cid is None:
+                # nothing to store (the chunk is known, e.g. unchanged since the parent
+                # capture): no place in a pack to wait for
+                self._stored.add(first)
+                return
+            self._ids[first] = cid
             self._open[first] = data
             self._evict()
             return
@@ -291,6 +300,7 @@ class RamImage:
             self._open.move_to_end(index)
             if isinstance(got, bytearray):
                 return got
+            self._ids.pop(index, None)
             buf = self._open[index] = bytearray(got)  # a whole chunk written to again
             return buf
         if index in self._stored:
@@ -312,7 +322,7 @@ class RamImage:
             self._store(old, obuf)
 
     def _store(self, index: int, buf: bytes | bytearray) -> None:
-        self.sw.write_chunk(index, buf)
+        self.sw.write_chunk(index, buf, self._ids.pop(index, None))
         self._stored.add(index)
 
     def flush(self) -> None:

@@ -170,8 +170,36 @@ class StreamWriter:
         if whole < len(view):
             self._pending += view[whole:]
 
-    def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
+    def write_if_present(self, index: int, data: bytes) -> bytes | None:
+        """Fill slot ``index`` of a stream of known size with ``data`` (a whole slot)
+        when nothing needs storing: zeros (a hole), or a chunk the repository or this
+        writer holds already.  Returns None then; otherwise the chunk id, for
+        :meth:`write_chunk` (``chunk_id=``) when the caller stores the data later.
+
+        Raises :class:`UsageError` for a slot past the end or a wrong length.
+        """
+        self._check_open()
+        n = len(data)
+        if self.size is None or n != self._slot_length(index):
+            raise UsageError(f"stream {self.name}: slot {index} needs a whole slot, got {n}")
+        w = self._w
+        cid = w.content_id(data)
+        if cid != w.zero_id and not w._has_chunk(cid):
+            return cid
+        self._table[16 * index : 16 * index + 16] = cid
+        self._bytes_written += n
+        if cid == w.zero_id:
+            self._holes_written += 1
+        else:
+            self._chunks += 1
+        self._task.advance(n)
+        return None
+
+    def write_chunk(
+        self, index: int, data: bytes | bytearray | memoryview, chunk_id: bytes | None = None
+    ) -> None:
         """Store one slot; all-zero data becomes a hole and is never stored.
+        ``chunk_id``: the content id of ``data``, from :meth:`write_if_present`.
 
         Raises :class:`UsageError` for a slot past the end or a wrong length.
         """
@@ -190,7 +218,7 @@ class StreamWriter:
                 self._final_partial = True
             self._grow(index)
             self._end = max(self._end, index * self.chunk_size + n)
-        cid, new = self._w._store_chunk(data, self.name)
+        cid, new = self._w._store_chunk(data, self.name, chunk_id)
         self._table[16 * index : 16 * index + 16] = cid
         self._bytes_written += n
         if cid == self._w.zero_id:
@@ -520,11 +548,15 @@ class ArchiveWriter:
         with self._mutex:
             return chunk_id in self._unpublished or self.repo._chunk_location(chunk_id) is not None
 
-    def _store_chunk(self, data: bytes | bytearray | memoryview, stream: str) -> tuple[bytes, bool]:
+    def _store_chunk(
+        self, data: bytes | bytearray | memoryview, stream: str, cid: bytes | None = None
+    ) -> tuple[bytes, bool]:
         """Return (chunk id, whether it was new); zero chunks return the hole id.  A new
-        chunk goes into ``stream``'s pack."""
+        chunk goes into ``stream``'s pack.  ``cid``: :meth:`content_id` of ``data``, if
+        the caller has it."""
         codecs = self._codecs
-        cid = self.content_id(data)
+        if cid is None:
+            cid = self.content_id(data)
         if cid == self.zero_id:
             return cid, False
         with self._mutex:
