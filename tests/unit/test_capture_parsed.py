@@ -4,13 +4,14 @@ carry in every RAM slot the content whose chunk id the capture recorded there.""
 from __future__ import annotations
 
 import pathlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from test_migstream import W, page, sample
 
-from vmarchive.errors import StreamError
+from vmarchive.errors import DamageError, StreamError
 from vmarchive.format import migstream as ms
 from vmarchive.ops import capture_parsed
 from vmarchive.ops.capture_parsed import ParentMemory, ParsedConsumer
@@ -268,3 +269,44 @@ def test_the_checker_id_changes_with_the_code(
     assert capture_parsed.checker_id.__wrapped__() not in (None, mine)
     monkeypatch.setattr(ms, "__file__", str(tmp_path / "gone.py"))
     assert capture_parsed.checker_id.__wrapped__() is None
+
+
+def test_read_back_in_batches_read_ahead_gives_every_slot_once_in_order(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round trip reads the next batch while this one is regenerated: with batches of
+    5 slots (of 48; 16 holes) every stored slot comes once, in order, with its bytes; a
+    generator given up early leaves no reading thread behind, and a failed read surfaces
+    from the generator."""
+    monkeypatch.setattr(capture_parsed, "_READ_BATCH", 5)
+    repo, w, pc = _long_capture(tmp_path)
+    with repo, w:
+        (block,) = pc.layout.ram_blocks
+        got = list(pc._stored_extents(block))
+        assert [off for off, _n, _d in got] == [i * 8192 for i in range(48) if not 20 <= i < 36]
+        for off, n, d in got:
+            assert bytes(d) == page(off // 4096 + 1) + page(off // 4096 + 2) and n == 8192
+        assert pc.roundtrip(w)["ok"]
+
+        def readers() -> list[str]:
+            return [t.name for t in threading.enumerate() if t.name.startswith("roundtrip-read")]
+
+        gen = pc._stored_extents(block)
+        next(gen)
+        assert readers()  # the control: reading ahead
+        gen.close()
+        assert not readers()
+
+        real = w.read_chunks
+        calls: list[int] = []
+
+        def failing(ids: list[bytes]) -> Any:
+            calls.append(len(ids))
+            if len(calls) == 3:
+                raise DamageError("bad chunk")
+            return real(ids)
+
+        monkeypatch.setattr(w, "read_chunks", failing)
+        with pytest.raises(DamageError):
+            list(pc._stored_extents(block))
+        assert not readers()

@@ -26,6 +26,7 @@ import logging
 import sys
 import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,18 +340,31 @@ class ParsedConsumer:
         cs = int(sw.chunk_size)
         zero = getattr(self.w, "zero_id", bytes(16))
         nslots = -(-block.used_length // cs)
-        for first in range(0, nslots, _READ_BATCH):
+
+        def batch(first: int) -> tuple[list[bytes], list[bytes | memoryview]]:
             ids = [
                 zero if i in skip else _slot_id(sw, i)
                 for i in range(first, min(first + _READ_BATCH, nslots))
             ]
-            data = iter(self.w.read_chunks([c for c in ids if c != zero]))
-            for i, cid in enumerate(ids, first):
-                if cid == zero:
-                    continue  # a gap: the regenerator writes zero records, runs merged
-                off = i * cs
-                n = min(cs, block.used_length - off)
-                yield off, n, next(data)
+            return ids, self.w.read_chunks([c for c in ids if c != zero])
+
+        # The next batch is read while this one is regenerated: its range reads and its
+        # decompression release the GIL, so they run beside the regenerator and the
+        # parser (a first capture's round trip ends alone, on one core, after the disks).
+        with ThreadPoolExecutor(1, thread_name_prefix="roundtrip-read") as pool:
+            ahead = pool.submit(batch, 0) if nslots else None
+            for first in range(0, nslots, _READ_BATCH):
+                assert ahead is not None
+                ids, chunks = ahead.result()
+                nxt = first + _READ_BATCH
+                ahead = pool.submit(batch, nxt) if nxt < nslots else None
+                data = iter(chunks)
+                for i, cid in enumerate(ids, first):
+                    if cid == zero:
+                        continue  # a gap: the regenerator writes zero records, runs merged
+                    off = i * cs
+                    n = min(cs, block.used_length - off)
+                    yield off, n, next(data)
 
     def roundtrip(self, w: Any, parent: ParentMemory | None = None) -> dict[str, Any]:
         """Regenerate the stream from the stored streams, parse it again, compare
