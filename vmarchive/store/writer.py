@@ -186,13 +186,7 @@ class StreamWriter:
         cid = w.content_id(data)
         if cid != w.zero_id and not w._has_chunk(cid):
             return cid
-        self._table[16 * index : 16 * index + 16] = cid
-        self._bytes_written += n
-        if cid == w.zero_id:
-            self._holes_written += 1
-        else:
-            self._chunks += 1
-        self._task.advance(n)
+        self._record(index, cid, n, new=False)
         return None
 
     def write_chunk(
@@ -219,6 +213,10 @@ class StreamWriter:
             self._grow(index)
             self._end = max(self._end, index * self.chunk_size + n)
         cid, new = self._w._store_chunk(data, self.name, chunk_id)
+        self._record(index, cid, n, new)
+
+    def _record(self, index: int, cid: bytes, n: int, new: bool) -> None:
+        """Slot ``index`` holds ``cid`` (``n`` bytes; ``new``: stored by this call)."""
         self._table[16 * index : 16 * index + 16] = cid
         self._bytes_written += n
         if cid == self._w.zero_id:
