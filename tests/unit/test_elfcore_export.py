@@ -17,6 +17,7 @@ from test_elfcore_memmap import _FIELDS, PC_MTREE, PC_RAMBLOCK, _layout
 from vmarchive.errors import AlreadyExistsError, FormatError, NotFoundError
 from vmarchive.hypervisor.memmap import MemoryMap, MemRange
 from vmarchive.ops import export as X
+from vmarchive.ops import fileio
 from vmarchive.ops.export_source import NoMemoryMapError
 from vmarchive.ops.repo import RepoRef
 from vmarchive.store import InitOptions, Repository
@@ -191,6 +192,40 @@ def test_disk_export(repo_path: pathlib.Path, tmp_path: pathlib.Path, fmt: X.Dis
         ["qemu-img", "info", str(out)], capture_output=True, text=True, check=True
     )
     assert f"file format: {fmt.value}" in info.stdout
+
+
+@pytest.mark.parametrize("what", ["raw", "qcow2", "elf"])
+def test_exports_go_to_writeback_while_written(
+    repo_path: pathlib.Path,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    what: str,
+) -> None:
+    """Every export writes through fileio.ImageWriter: with a threshold of 8 KiB the
+    writeback of what was written starts along the way, and the file is still right."""
+    monkeypatch.setattr(fileio, "WRITEBACK_BYTES", 8192)
+    started: list[tuple[int, int]] = []
+    real = fileio.start_writeback
+
+    def recorded(fd: int, offset: int, length: int) -> None:
+        started.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(fileio, "start_writeback", recorded)
+    disk = b"x" * 8192 + bytes(8192) + b"y" * 16384
+    with Repository.open(str(repo_path)) as repo:
+        aid = make_archive(repo, disk=disk)
+    out = tmp_path / f"out.{what}"
+    ref = RepoRef(str(repo_path))
+    if what == "elf":
+        X.export_memory(X.ExportMemoryOptions(ref, aid, out, X.MemoryFormat.ELF))
+        phdrs = read_phdrs(out.read_bytes())
+        assert sum(p["filesz"] for p in phdrs) >= RAM  # the file itself is tested above
+    else:
+        X.export_disk(X.ExportDiskOptions(ref, aid, "vda", out, X.DiskFormat(what)))
+        if what == "raw":
+            assert out.read_bytes() == disk
+    assert started and all(n >= 8192 for _o, n in started)
 
 
 @pytest.mark.qemu  # qemu-img checks the images

@@ -1,5 +1,6 @@
-"""A rebuilt disk's pages go to the kernel's writeback while the disk is filled, so the
-fsync that ends the fill (and holds the incoming guest back) finds little left to write."""
+"""Image files go to the kernel's writeback while they are written (restore's rebuilt
+disks, whose final fsync holds the incoming guest back, and export's files), so the fsync
+that ends them finds little left to write."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import types
 
 import pytest
 
-from vmarchive.ops import restore
+from vmarchive.ops import fileio, restore
 
 MIB = 1 << 20
 
@@ -18,15 +19,15 @@ MIB = 1 << 20
 def test_fill_starts_writeback_of_every_range_it_wrote(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(restore, "_WRITEBACK_BYTES", MIB)
+    monkeypatch.setattr(fileio, "WRITEBACK_BYTES", MIB)
     started: list[tuple[int, int]] = []
-    real = restore._start_writeback
+    real = fileio.start_writeback
 
     def recorded(fd: int, offset: int, length: int) -> None:
         started.append((offset, length))
         real(fd, offset, length)
 
-    monkeypatch.setattr(restore, "_start_writeback", recorded)
+    monkeypatch.setattr(fileio, "start_writeback", recorded)
     rng = random.Random(3)
     chunk = 256 * 1024
     slots = 40
@@ -55,8 +56,30 @@ def test_fill_starts_writeback_of_every_range_it_wrote(
 
 def test_start_writeback_is_best_effort() -> None:
     """On Linux the call exists; a bad descriptor is ignored (the fsync reports errors)."""
-    assert restore._sync_file_range() is not None
+    assert fileio.sync_file_range() is not None
     r, w = os.pipe()
     os.close(r)
     os.close(w)
-    restore._start_writeback(w, 0, MIB)  # closed fd: no exception
+    fileio.start_writeback(w, 0, MIB)  # closed fd: no exception
+
+
+def test_pwrite_all_continues_short_writes(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwrite
+    calls: list[int] = []
+
+    def short(fd: int, data: memoryview, pos: int) -> int:
+        calls.append(pos)
+        return real(fd, data[:1000], pos)  # at most 1000 bytes a call
+
+    monkeypatch.setattr(fileio.os, "pwrite", short)
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 20  # 5120 bytes
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        assert fileio.pwrite_all(fd, data, 100) == len(data)
+    finally:
+        os.close(fd)
+    assert calls == [100, 1100, 2100, 3100, 4100, 5100]
+    assert path.read_bytes() == bytes(100) + data

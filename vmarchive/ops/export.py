@@ -46,6 +46,7 @@ from vmarchive.ops.export_source import (
     load_memory_map,
     mapped_blocks,
 )
+from vmarchive.ops.fileio import ImageWriter
 from vmarchive.ops.outputs import check_output
 from vmarchive.ops.repo import RepoRef, open_repo
 from vmarchive.progress import NULL_PROGRESS, Progress, Task
@@ -136,7 +137,7 @@ def _copy_stream(
     reader: StreamReader,
     src: int,
     length: int,
-    fd: int,
+    out: ImageWriter,
     dst: int,
     task: Task,
 ) -> int:
@@ -156,29 +157,20 @@ def _copy_stream(
             raise UsageError(f"stream {info.name} is shorter than the range to export")
         if info.chunk_id(slot) == C.ZERO_ID:
             if batch:
-                written += _pwrite_all(fd, batch, batch_at)
+                written += out.write(batch, batch_at)
                 batch = bytearray()
         else:
             if not batch:
                 batch_at = dst + (pos - src)
             batch += reader.read_range(pos, stop - pos)
             if len(batch) >= WRITE_BATCH:
-                written += _pwrite_all(fd, batch, batch_at)
+                written += out.write(batch, batch_at)
                 batch = bytearray()
         task.advance(stop - pos)
         pos = stop
     if batch:
-        written += _pwrite_all(fd, batch, batch_at)
+        written += out.write(batch, batch_at)
     return written
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-    return len(data)
 
 
 # --- memory --------------------------------------------------------------------------------
@@ -239,12 +231,13 @@ def export_memory(options: ExportMemoryOptions, progress: Progress = NULL_PROGRE
                 fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     os.ftruncate(fd, total)
+                    out = ImageWriter(fd)
                     if options.format == MemoryFormat.ELF:
-                        data += _pwrite_all(fd, plan.head, 0)
+                        data += out.write(plan.head, 0)
                     for b, off in zip(blocks, offsets, strict=True):
                         reader = repo.open_stream(archive, b.stream.name)
-                        data += _copy_stream(reader, b.range.offset, b.range.size, fd, off, task)
-                    os.fsync(fd)
+                        data += _copy_stream(reader, b.range.offset, b.range.size, out, off, task)
+                    out.fsync()
                 finally:
                     os.close(fd)
         finally:
@@ -314,12 +307,13 @@ def export_disk(options: ExportDiskOptions, progress: Progress = NULL_PROGRESS) 
             with _publish(options.output, options.force) as tmp:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
                 try:
+                    out = ImageWriter(fd)
                     if options.format == DiskFormat.QCOW2:
-                        data = _write_qcow2(reader, fd, task)
+                        data = _write_qcow2(reader, out, task)
                     else:
                         os.ftruncate(fd, stream.size)
-                        data = _copy_stream(reader, 0, stream.size, fd, 0, task)
-                    os.fsync(fd)
+                        data = _copy_stream(reader, 0, stream.size, out, 0, task)
+                    out.fsync()
                 finally:
                     os.close(fd)
         finally:
@@ -338,7 +332,7 @@ def _data_slots(info: StreamInfo) -> list[int]:
     return [i for i in range(info.slots) if info.chunk_id(i) != C.ZERO_ID]
 
 
-def _write_qcow2(reader: StreamReader, fd: int, task: Task) -> int:
+def _write_qcow2(reader: StreamReader, out: ImageWriter, task: Task) -> int:
     """The stream as a qcow2 image in one pass: layout from the slot table, then data."""
     info = reader.stream
     cs = info.chunk_size
@@ -348,10 +342,10 @@ def _write_qcow2(reader: StreamReader, fd: int, task: Task) -> int:
         start, end = i * cs, min((i + 1) * cs, info.size)
         clusters.update(range(start // Q.CLUSTER, -(-end // Q.CLUSTER)))
     layout = Q.plan(info.size, sorted(clusters))
-    os.ftruncate(fd, layout.file_size)
+    os.ftruncate(out.fd, layout.file_size)
     written = 0
     for off, blob in Q.metadata(layout):
-        written += _pwrite_all(fd, blob, off)
+        written += out.write(blob, off)
     done = 0
     for i in slots:
         pos = i * cs
@@ -360,7 +354,7 @@ def _write_qcow2(reader: StreamReader, fd: int, task: Task) -> int:
         while view:
             cluster, within = divmod(pos, Q.CLUSTER)
             n = min(len(view), Q.CLUSTER - within)
-            written += _pwrite_all(fd, view[:n], layout.data_offset[cluster] + within)
+            written += out.write(view[:n], layout.data_offset[cluster] + within)
             view = view[n:]
             pos += n
         task.advance(i * cs + len(data) - done)

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import fcntl
-import functools
 import hashlib
 import logging
 import os
@@ -86,6 +84,7 @@ from vmarchive.hypervisor.restore import (
 )
 from vmarchive.ops import export_qcow2 as Q
 from vmarchive.ops import restore_xml as rx
+from vmarchive.ops.fileio import ImageWriter, pwrite_all
 from vmarchive.ops.malloc_tuning import keep_freed_memory
 from vmarchive.ops.outputs import check_output
 from vmarchive.ops.restore_feed import FifoWriter
@@ -375,40 +374,6 @@ def _digest_disk(h: Any, length: int, data: bytes | memoryview | None) -> None:
         length -= n
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view = view[n:]
-        pos += n
-
-
-#: Bytes of image written between two writeback starts (see _DiskFile.fill).
-_WRITEBACK_BYTES = 32 << 20
-_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing the dirty pages of ``fd`` in that range to disk, without waiting
-    for them (``sync_file_range(SYNC_FILE_RANGE_WRITE)``; the pages stay cached).  Best
-    effort: the caller's fsync is what makes the data durable."""
-    fn = _sync_file_range()
-    if fn is not None:
-        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
 def _qcow2_layout(s: StreamInfo, zero_id: bytes) -> Q.Qcow2Layout:
     """The qcow2 layout of disk stream ``s``: every cluster a data slot touches is
     allocated, the rest reads as zeros (known from the slot table, before any read)."""
@@ -451,7 +416,7 @@ class _DiskFile:
             return
         os.ftruncate(self.fd, self.layout.file_size)
         for off, blob in Q.metadata(self.layout):
-            _pwrite_all(self.fd, blob, off)
+            pwrite_all(self.fd, blob, off)
 
     def _host_offset(self, off: int) -> int:
         if self.layout is None:
@@ -470,30 +435,23 @@ class _DiskFile:
     ) -> int:
         """Write the data of ``extents``; holes stay holes.  Returns data bytes written.
 
-        The pages written are handed to the kernel's writeback every
-        :data:`_WRITEBACK_BYTES` (:func:`_start_writeback`), so the fsync at the end finds
-        little left to write: on a host with much memory nothing else starts it, and the
-        whole image went to disk in that fsync (0.3 s of a 512 MiB restore's 1.5 s here)
-        while the regenerated stream waited for it at the gate.
+        The pages written go to the kernel's writeback while the fill goes on
+        (:class:`ImageWriter`), so the fsync at the end finds little left to write: the
+        whole image had gone to disk in that fsync (0.3 s of a 512 MiB restore's 1.5 s
+        here) while the regenerated stream waited for it at the gate.
         """
         written = 0
-        lo, hi = -1, -1  # host byte range written since the last writeback
+        out = ImageWriter(self.fd)
         for off, length, data in extents:
             if cancelled():
                 raise _Cancelled
             if h is not None:
                 _digest_disk(h, length, data)
             if data is not None:
-                at = self._host_offset(off)
-                _pwrite_all(self.fd, data, at)
+                out.write(data, self._host_offset(off))
                 written += length
-                lo = at if lo < 0 else min(lo, at)
-                hi = max(hi, at + length)
-                if hi - lo >= _WRITEBACK_BYTES:
-                    _start_writeback(self.fd, lo, hi - lo)
-                    lo, hi = -1, -1
             advance(length)
-        os.fsync(self.fd)
+        out.fsync()
         return written
 
     def close(self) -> None:
@@ -642,7 +600,7 @@ def _write_new_file(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file (O_EXCL: the caller removed what --replace allows)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        _pwrite_all(fd, data, 0)
+        pwrite_all(fd, data, 0)
         os.fsync(fd)
     finally:
         os.close(fd)
