@@ -276,7 +276,7 @@ class _Chunks:
 @st.composite
 def _ram_extents(draw: st.DrawFn) -> tuple[list[tuple[str, int]], dict[str, list[ms.RamExtent]]]:
     """Blocks and, per block, extents mixing data runs (with zero pages inside), holes,
-    gaps and a short zero tail; data as bytes or memoryview."""
+    gaps, UNSENT runs and a short zero tail; data as bytes or memoryview."""
     blocks = [(f"b{i}", draw(st.integers(1, 70)) * PAGE) for i in range(draw(st.integers(1, 3)))]
     extents: dict[str, list[ms.RamExtent]] = {}
     for bname, size in blocks:
@@ -284,10 +284,13 @@ def _ram_extents(draw: st.DrawFn) -> tuple[list[tuple[str, int]], dict[str, list
         cuts = sorted(set(draw(st.lists(st.integers(0, pages), max_size=8))) | {0, pages})
         ext: list[ms.RamExtent] = []
         for a, b in itertools.pairwise(cuts):
-            kind = draw(st.sampled_from(["data", "hole", "gap"]))
+            kind = draw(st.sampled_from(["data", "hole", "gap", "unsent"]))
             if kind == "gap":
                 continue
             length = (b - a) * PAGE
+            if kind == "unsent":
+                ext.append((a * PAGE, length, ms.UNSENT))
+                continue
             if kind == "hole":
                 if b == pages and draw(st.booleans()):
                     length -= draw(st.integers(0, PAGE - 1))  # a short tail is still a page
@@ -330,7 +333,8 @@ def test_bulk_regenerate_writes_what_the_page_by_page_writer_writes(
     )
     assert b"".join(fast.parts) == b"".join(slow.parts)
     assert n_fast == n_slow == len(b"".join(fast.parts))
-    assert len(seen) == sum(-(-size // PAGE) for _, size in blocks)
+    unsent = sum(n // PAGE for ext in extents.values() for _o, n, d in ext if d is ms.UNSENT)
+    assert len(seen) == sum(-(-size // PAGE) for _, size in blocks) - unsent
     record = 8 + 1 + 2 + PAGE  # the largest record here: a block's first, named (b0..b2)
     slack = 300  # pieces other than RAM records are added, then flushed: at most a device's
     assert all(len(p) <= max(flush_at, record) + slack for p in fast.parts)
@@ -338,8 +342,8 @@ def test_bulk_regenerate_writes_what_the_page_by_page_writer_writes(
     for bname, size in blocks:
         want = bytearray(size)
         for off, length, data in extents[bname]:
-            if data is not None:
-                want[off : off + length] = data
+            if data is not None and data is not ms.UNSENT:
+                want[off : off + length] = data  # type: ignore[index]
         assert rec2.img[bname] == want
 
 
@@ -635,6 +639,59 @@ def test_check_round_trip_reports_bad_parts() -> None:
 
     bad = ms.check_round_trip(layout, bytes(rec.dev), bad_source)
     assert not bad.ok and any("out of range" in p for p in bad.problems)
+
+
+def _leaving_out(rec: Recorder, first: int, count: int) -> Any:
+    """rec.source with pc.ram's pages first..first+count-1 given as UNSENT."""
+
+    def source(block: ms.RamBlock) -> Iterable[ms.RamExtent]:
+        if block.idstr != "pc.ram":
+            yield from rec.source(block)
+            return
+        img = rec.img[block.idstr]
+        a, b = first * PAGE, (first + count) * PAGE
+        yield (0, a, bytes(img[:a]))
+        yield (a, b - a, ms.UNSENT)
+        yield (b, block.used_length - b, bytes(img[b : block.used_length]))
+
+    return source
+
+
+def test_unsent_pages_get_no_records_and_the_check_expects_none() -> None:
+    layout, rec = parse(sample().build())
+    out = io.BytesIO()
+    ms.regenerate(layout, bytes(rec.dev), _leaving_out(rec, 4, 8), out)
+    layout2, rec2 = parse(out.getvalue())
+    assert layout2.stats.unsent_pages == 8  # the parser saw no record of them
+    img = rec.img["pc.ram"]
+    assert rec2.img["pc.ram"] == img[: 4 * PAGE] + bytes(8 * PAGE) + img[12 * PAGE :]
+    assert rec2.img["vga.vram"] == rec.img["vga.vram"]
+    report = ms.check_round_trip(layout, bytes(rec.dev), _leaving_out(rec, 4, 8))
+    assert report.ok, report.problems
+    assert report.pages == 20 - 8
+    # the page at 0 names the block: leaving it out moves the name to the next record
+    report = ms.check_round_trip(layout, bytes(rec.dev), _leaving_out(rec, 0, 3))
+    assert report.ok and report.pages == 20 - 3, report.problems
+
+
+def test_check_round_trip_sees_records_missing_without_unsent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pages the source gave but the regenerator left out are missing, not excused."""
+    layout, rec = parse(sample().build())
+    real = ms.regenerate
+
+    def dropping(layout_: Any, dev: Any, source: Any, out: Any, **kw: Any) -> int:
+        def src(block: ms.RamBlock) -> Iterable[ms.RamExtent]:
+            for off, n, data in source(block):  # the check has seen these as data
+                yield (off, n, ms.UNSENT if block.idstr == "pc.ram" and off == 0 else data)
+
+        return real(layout_, dev, src, out, **kw)
+
+    monkeypatch.setattr(ms, "regenerate", dropping)
+    report = ms.check_round_trip(layout, bytes(rec.dev), _leaving_out(rec, 4, 8))
+    assert not report.ok
+    assert any("'pc.ram'" in p and "where 0x0" in p for p in report.problems), report.problems
 
 
 def test_round_trip_pipe_passes_buffers_and_frees_a_writer_when_the_reader_stops() -> None:

@@ -52,7 +52,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import xxhash
 
@@ -1061,8 +1061,21 @@ def parse_stream(
 
 # --- regenerator ----------------------------------------------------------------------------
 
-#: One extent of a block's page image: (offset, length, data or None for zeros).
-RamExtent = tuple[int, int, "bytes | bytearray | memoryview | None"]
+
+class _Unsent:
+    """The type of :data:`UNSENT`."""
+
+    def __repr__(self) -> str:
+        return "UNSENT"
+
+
+#: Extent data meaning "no records for these pages": the regenerated stream leaves them
+#: out (as QEMU leaves out pages it never sends), not even as ZERO records.  Only the
+#: capture's round trip uses it, for pages its parent archive's round trip proved.
+UNSENT: Final = _Unsent()
+
+#: One extent of a block's page image: (offset, length, data; None for zeros, UNSENT).
+RamExtent = tuple[int, int, "bytes | bytearray | memoryview | _Unsent | None"]
 #: Called once per block, yields ascending non-overlapping extents; gaps are zeros.
 RamSource = Callable[[RamBlock], Iterable[RamExtent]]
 
@@ -1147,6 +1160,8 @@ def _iter_pages(
     """Every page of ``block`` in order, from extents; None = zero page."""
     ps = block.page_size
     for off, n, raw in _page_runs(block, extents):
+        if isinstance(raw, _Unsent):
+            continue
         for i in range(n):
             page = None if raw is None else raw[i * ps : (i + 1) * ps]
             yield off + i * ps, (None if page == _ZERO_PAGE else page)
@@ -1224,10 +1239,11 @@ def _immutable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
 
 def _page_runs(
     block: RamBlock, extents: Iterable[RamExtent]
-) -> Iterator[tuple[int, int, bytes | memoryview | None]]:
+) -> Iterator[tuple[int, int, bytes | memoryview | _Unsent | None]]:
     """The block as runs ``(offset, pages, data)`` in order, gaps and holes as ``None``,
-    data runs as bytes or views of bytes (:func:`_immutable`).  Raises StreamError for an
-    extent out of order, unaligned or out of range, or data of the wrong length."""
+    data runs as bytes or views of bytes (:func:`_immutable`), :data:`UNSENT` as given.
+    Raises StreamError for an extent out of order, unaligned or out of range, or data of
+    the wrong length."""
     ps = block.page_size
     nxt = 0
     for off, length, data in extents:
@@ -1238,9 +1254,9 @@ def _page_runs(
             )
         if off > nxt:
             yield nxt, (off - nxt) // ps, None
-        if data is None:
+        if data is None or isinstance(data, _Unsent):
             if length:
-                yield off, -(-length // ps), None
+                yield off, -(-length // ps), data
         else:
             if len(data) != length or length % ps:
                 raise StreamError(f"RAM source data for {block.idstr!r} has a bad length")
@@ -1308,6 +1324,8 @@ def _emit_block(
             n -= k
 
     for off, n, raw in _page_runs(block, extents):
+        if isinstance(raw, _Unsent):
+            continue
         if raw is None:
             zeros(off, n)
             continue
@@ -1343,8 +1361,8 @@ def regenerate(
     Output (canonical form): header, configuration, ram START with the MEM_SIZE block
     list, one ram END section with every page of every block in order (zero pages as
     ZERO records unless ``send_zero_pages`` is False -- the destination's ROM blocks are
-    not zero, so skipping is only safe where every block starts zeroed), the device
-    sections byte-exact in their original order, EOF, vmdesc.  ``devstate`` is the
+    not zero, so skipping is only safe where every block starts zeroed; extents given as
+    :data:`UNSENT` get no records at all), the device sections byte-exact in their original order, EOF, vmdesc.  ``devstate`` is the
     concatenated device bodies, as bytes or a reader read sequentially.  Memory use is
     bounded by ``flush_at`` plus one extent of ``ram_source``.  ``on_page`` sees every
     page (None = zero) in the order written, e.g. to digest what was sent.
@@ -1428,11 +1446,20 @@ class _DigestSink(NullSink):
     def __init__(self) -> None:
         self.digests: dict[str, Any] = {}
         self.next: dict[str, int] = {}
+        #: (block name, offset) -> end of a range sent as UNSENT (no records expected)
+        self.unsent: dict[tuple[str, int], int] = {}
         self.dev = _digest()
         self.problems: list[str] = []
 
+    def expected(self, block: RamBlock) -> int:
+        """The offset of the block's next page (ranges left UNSENT skipped)."""
+        at = self.next.get(block.idstr, 0)
+        while (end := self.unsent.get((block.idstr, at))) is not None:
+            at = end
+        return at
+
     def _in_order(self, block: RamBlock, offset: int) -> None:
-        expect = self.next.get(block.idstr, 0)
+        expect = self.expected(block)
         if offset != expect and len(self.problems) < 10:
             self.problems.append(f"block {block.idstr!r}: page {offset:#x} where {expect:#x}")
         self.next[block.idstr] = offset + block.page_size
@@ -1592,6 +1619,15 @@ def check_round_trip(
     else:
         dev_in = _Tee(devstate)
 
+    def noting_unsent(block: RamBlock) -> Iterator[RamExtent]:
+        # what the parser must not expect back; noted before any later record is written
+        ps = block.page_size
+        for ext in ram_source(block):
+            off, length, data = ext
+            if isinstance(data, _Unsent) and length > 0:
+                got.unsent[(block.idstr, off)] = off + length + (-(off + length) % ps)
+            yield ext
+
     def writer() -> None:
         try:
             on_page = sent.page if page_check is None else None
@@ -1600,16 +1636,16 @@ def check_round_trip(
             # by one record when written page by page; only a device section larger than
             # _MAX_RECORD is sliced).
             flush_at = max(read_size - _MAX_RECORD, _PAGE_REC)
-            regenerate(layout, dev_in, ram_source, pipe, on_page=on_page, flush_at=flush_at)
+            regenerate(layout, dev_in, noting_unsent, pipe, on_page=on_page, flush_at=flush_at)
         except BaseException as e:  # reported below; the thread must not die silently
             errors.append(e)
         finally:
             pipe.close_write()
 
     report = RoundTripReport()
+    got = _DigestSink() if page_check is None else _CheckedSink(page_check)
     t = threading.Thread(target=writer, name="migstream-regenerate", daemon=True)
     t.start()
-    got = _DigestSink() if page_check is None else _CheckedSink(page_check)
     try:
         back = parse_stream(pipe, got, read_size=read_size)
     except StreamError as e:
@@ -1642,7 +1678,7 @@ def check_round_trip(
         h1, h2 = sent.digests.get(blk.idstr), got.digests.get(blk.idstr)
         if page_check is None and (h1 is None or h2 is None or h1.digest() != h2.digest()):
             report.problems.append(f"RAM block {blk.idstr!r} differs after the round trip")
-        if got.next.get(blk.idstr, 0) != blk.used_length:
+        if got.expected(blk) != blk.used_length:
             report.problems.append(f"RAM block {blk.idstr!r} incomplete after the round trip")
     if dev_sent.digest() != got.dev.digest():
         report.problems.append("device state differs after the round trip")
@@ -1668,6 +1704,7 @@ __all__ = [
     "QEVM_MAGIC",
     "QEVM_VERSION",
     "TARGET_PAGE_SIZE",
+    "UNSENT",
     "NullSink",
     "RamBlock",
     "RamExtent",
