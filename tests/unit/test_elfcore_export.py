@@ -13,11 +13,11 @@ import subprocess
 import pytest
 from test_elfcore import read_ehdr, read_notes, read_phdrs
 from test_elfcore_memmap import _FIELDS, PC_MTREE, PC_RAMBLOCK, _layout
+from test_restore_writeback import record_writeback_starts
 
 from vmarchive.errors import AlreadyExistsError, FormatError, NotFoundError
 from vmarchive.hypervisor.memmap import MemoryMap, MemRange
 from vmarchive.ops import export as X
-from vmarchive.ops import fileio
 from vmarchive.ops.export_source import NoMemoryMapError
 from vmarchive.ops.repo import RepoRef
 from vmarchive.store import InitOptions, Repository
@@ -203,15 +203,7 @@ def test_exports_go_to_writeback_while_written(
 ) -> None:
     """Every export writes through fileio.ImageWriter: with a threshold of 8 KiB the
     writeback of what was written starts along the way, and the file is still right."""
-    monkeypatch.setattr(fileio, "WRITEBACK_BYTES", 8192)
-    started: list[tuple[int, int]] = []
-    real = fileio.start_writeback
-
-    def recorded(fd: int, offset: int, length: int) -> None:
-        started.append((offset, length))
-        real(fd, offset, length)
-
-    monkeypatch.setattr(fileio, "start_writeback", recorded)
+    started = record_writeback_starts(monkeypatch, 8192)
     disk = b"x" * 8192 + bytes(8192) + b"y" * 16384
     with Repository.open(str(repo_path)) as repo:
         aid = make_archive(repo, disk=disk)

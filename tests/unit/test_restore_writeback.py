@@ -16,10 +16,12 @@ from vmarchive.ops import fileio, restore
 MIB = 1 << 20
 
 
-def test_fill_starts_writeback_of_every_range_it_wrote(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(fileio, "WRITEBACK_BYTES", MIB)
+def record_writeback_starts(
+    monkeypatch: pytest.MonkeyPatch, threshold: int
+) -> list[tuple[int, int]]:
+    """With fileio's writeback threshold at ``threshold``: the (offset, length) ranges
+    handed to the kernel from now on (they still are)."""
+    monkeypatch.setattr(fileio, "WRITEBACK_BYTES", threshold)
     started: list[tuple[int, int]] = []
     real = fileio.start_writeback
 
@@ -28,6 +30,13 @@ def test_fill_starts_writeback_of_every_range_it_wrote(
         real(fd, offset, length)
 
     monkeypatch.setattr(fileio, "start_writeback", recorded)
+    return started
+
+
+def test_fill_starts_writeback_of_every_range_it_wrote(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = record_writeback_starts(monkeypatch, MIB)
     rng = random.Random(3)
     chunk = 256 * 1024
     slots = 40
