@@ -1362,8 +1362,9 @@ def regenerate(
     list, one ram END section with every page of every block in order (zero pages as
     ZERO records unless ``send_zero_pages`` is False -- the destination's ROM blocks are
     not zero, so skipping is only safe where every block starts zeroed; extents given as
-    :data:`UNSENT` get no records at all), the device sections byte-exact in their original order, EOF, vmdesc.  ``devstate`` is the
-    concatenated device bodies, as bytes or a reader read sequentially.  Memory use is
+    :data:`UNSENT` get no records at all), the device sections byte-exact in their
+    original order, EOF, vmdesc.  ``devstate`` is the concatenated device bodies, as
+    bytes or a reader read sequentially.  Memory use is
     bounded by ``flush_at`` plus one extent of ``ram_source``.  ``on_page`` sees every
     page (None = zero) in the order written, e.g. to digest what was sent.
 
@@ -1590,8 +1591,10 @@ def check_round_trip(
 
     The regenerator runs in a thread writing buffers of ``read_size`` that the parser
     reads (:class:`BufferPipe`); digests of every page written and every page parsed
-    (per block, in order), of the device bodies, and the two layouts must agree.  This is the capture's proof that what it
-    stored restores.  Never raises for a mismatch: see ``RoundTripReport.problems``.
+    (per block, in order), of the device bodies, and the two layouts must agree.  This is
+    the capture's proof that what it stored restores.  Pages the source gives as
+    :data:`UNSENT` are neither written nor expected back.  Never raises for a mismatch:
+    see ``RoundTripReport.problems``.
 
     With ``page_check`` the pages parsed back go to it instead, and nothing is digested
     per page on the writing side: a check against what the capture recorded (the chunk
