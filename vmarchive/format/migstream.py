@@ -1160,8 +1160,6 @@ def _iter_pages(
     """Every page of ``block`` in order, from extents; None = zero page."""
     ps = block.page_size
     for off, n, raw in _page_runs(block, extents):
-        if isinstance(raw, _Unsent):
-            continue
         for i in range(n):
             page = None if raw is None else raw[i * ps : (i + 1) * ps]
             yield off + i * ps, (None if page == _ZERO_PAGE else page)
@@ -1239,11 +1237,11 @@ def _immutable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
 
 def _page_runs(
     block: RamBlock, extents: Iterable[RamExtent]
-) -> Iterator[tuple[int, int, bytes | memoryview | _Unsent | None]]:
+) -> Iterator[tuple[int, int, bytes | memoryview | None]]:
     """The block as runs ``(offset, pages, data)`` in order, gaps and holes as ``None``,
-    data runs as bytes or views of bytes (:func:`_immutable`), :data:`UNSENT` as given.
-    Raises StreamError for an extent out of order, unaligned or out of range, or data of
-    the wrong length."""
+    data runs as bytes or views of bytes (:func:`_immutable`); :data:`UNSENT` extents
+    give no run at all.  Raises StreamError for an extent out of order, unaligned or out
+    of range, or data of the wrong length."""
     ps = block.page_size
     nxt = 0
     for off, length, data in extents:
@@ -1254,9 +1252,11 @@ def _page_runs(
             )
         if off > nxt:
             yield nxt, (off - nxt) // ps, None
-        if data is None or isinstance(data, _Unsent):
+        if isinstance(data, _Unsent):
+            pass  # no records: the next run starts after it
+        elif data is None:
             if length:
-                yield off, -(-length // ps), data
+                yield off, -(-length // ps), None
         else:
             if len(data) != length or length % ps:
                 raise StreamError(f"RAM source data for {block.idstr!r} has a bad length")
@@ -1324,8 +1324,6 @@ def _emit_block(
             n -= k
 
     for off, n, raw in _page_runs(block, extents):
-        if isinstance(raw, _Unsent):
-            continue
         if raw is None:
             zeros(off, n)
             continue
@@ -1364,8 +1362,8 @@ def regenerate(
     not zero, so skipping is only safe where every block starts zeroed; extents given as
     :data:`UNSENT` get no records at all), the device sections byte-exact in their
     original order, EOF, vmdesc.  ``devstate`` is the concatenated device bodies, as
-    bytes or a reader read sequentially.  Memory use is
-    bounded by ``flush_at`` plus one extent of ``ram_source``.  ``on_page`` sees every
+    bytes or a reader read sequentially.  Memory use is bounded by ``flush_at`` plus one
+    extent of ``ram_source``.  ``on_page`` sees every
     page (None = zero) in the order written, e.g. to digest what was sent.
 
     A fresh ``-incoming`` QEMU 7.2 loaded streams without ZERO records correctly in our
