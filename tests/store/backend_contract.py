@@ -32,6 +32,14 @@ class BackendContract:
         assert backend.get("data/ab/big") == data
         assert backend.stat("data/ab/big").size == len(data)
 
+    def test_put_for_read_back_publishes_as_put_does(self, backend: Backend) -> None:
+        data = bytes(range(256)) * (8 * 4096 + 3)  # past the local backend's O_DIRECT size
+        assert backend.put_for_read_back("data/cd/p", data, create_only=True) is True
+        assert backend.put_for_read_back("data/cd/p", b"other", create_only=True) is False
+        assert backend.get("data/cd/p") == data
+        assert backend.get_range("data/cd/p", 5000, 7) == data[5000:5007]
+        assert [i.key for i in backend.list("data/")] == ["data/cd/p"]
+
     def test_get_missing_raises_not_found(self, backend: Backend) -> None:
         with pytest.raises(ObjectNotFoundError):
             backend.get("nope")

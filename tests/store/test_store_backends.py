@@ -49,6 +49,31 @@ def test_local_put_leaves_no_temporaries_and_cleans_crash_leftovers(tmp_path: pa
     assert sorted(os.listdir(tmp_path / "data" / "00")) == ["x"]
 
 
+def test_local_put_for_read_back_keeps_the_pages_cached(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large objects go around the page cache (O_DIRECT), except those put for read-back:
+    the round trip that reads them at once would find them on the device."""
+    from vmarchive.store import local
+
+    direct: list[str] = []
+    real = local._write_direct
+
+    def recording(tmp: str, data: bytes | memoryview) -> bool:
+        direct.append(tmp)
+        return real(tmp, data)
+
+    monkeypatch.setattr(local, "_write_direct", recording)
+    b = LocalBackend(str(tmp_path))
+    big = os.urandom(local._DIRECT_MIN + 4096)
+    b.put("data/00/plain", big, create_only=True)
+    assert len(direct) == 1  # the negative control: a plain put of this size goes direct
+    assert b.put_for_read_back("data/00/kept", big, create_only=True) is True
+    assert len(direct) == 1
+    assert b.get("data/00/kept") == big == b.get("data/00/plain")
+    assert sorted(os.listdir(tmp_path / "data" / "00")) == ["kept", "plain"]
+
+
 def test_local_write_error_is_a_backend_error(tmp_path: pathlib.Path) -> None:
     (tmp_path / "data").write_bytes(b"a file where a directory should be")
     b = LocalBackend(str(tmp_path))

@@ -125,6 +125,15 @@ class Backend(ABC):
         capture checks its memory image as soon as it is stored).  A remote backend may
         keep the bytes to serve those reads locally; the default ignores the hint."""
 
+    def put_for_read_back(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+        """:meth:`put` of an object this process reads back soon (see
+        :meth:`will_read_back`, which the default passes the hint to after the put).  A
+        backend that writes around its cache for other objects may keep this one in it.
+        """
+        done = self.put(key, data, create_only=create_only)
+        self.will_read_back(key, data)
+        return done
+
     def clean_temporaries(self, older_than: float) -> int:
         """Remove what crashed puts left behind, older than ``older_than`` seconds.
 

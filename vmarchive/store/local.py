@@ -26,7 +26,8 @@ _TMP_PREFIX = ".tmp-"
 
 #: Objects at least this large (packs) are written with O_DIRECT where the file system
 #: allows it: on the VMs we run on, buffered writes of fresh pages cost several times
-#: more CPU than the copy into one reused aligned buffer, and packs are never re-read soon.
+#: more CPU than the copy into one reused aligned buffer, and packs are rarely re-read soon
+#: (those that are go through :meth:`LocalBackend.put_for_read_back`).
 _DIRECT_MIN = 1 << 20
 _ALIGN = 4096
 _tls = threading.local()
@@ -117,12 +118,22 @@ class LocalBackend(Backend):
             _fsync_dir(os.path.dirname(d))
 
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> bool:
+        return self._put(key, data, create_only=create_only, direct=len(data) >= _DIRECT_MIN)
+
+    def put_for_read_back(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+        """Written through the page cache, never with O_DIRECT: the pages stay cached for
+        the reads that follow.  A first capture's round trip reads ~330 MiB of memory
+        packs back as soon as they are stored; written around the cache they came from
+        the device (0.13 s against 0.03 s per 160 MiB here), on the round trip's path."""
+        return self._put(key, data, create_only=create_only, direct=False)
+
+    def _put(self, key: str, data: bytes | memoryview, *, create_only: bool, direct: bool) -> bool:
         path = self._path(key)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
         try:
             self._makedirs(directory)
-            if len(data) < _DIRECT_MIN or not _write_direct(tmp, data):
+            if not direct or not _write_direct(tmp, data):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     view = memoryview(data)

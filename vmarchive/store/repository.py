@@ -357,9 +357,10 @@ class Repository:
     def _publish_pack(self, pack_id: str, data: bytes, *, read_back: bool = False) -> None:
         """``read_back``: this process reads the pack back soon (a backend hint)."""
         key = pack_key(pack_id)
-        self.backend.put(key, data, create_only=True)
         if read_back:
-            self.backend.will_read_back(key, data)
+            self.backend.put_for_read_back(key, data, create_only=True)
+        else:
+            self.backend.put(key, data, create_only=True)
 
     def _publish_index(
         self, entries: Sequence[tuple[bytes, Location]], *, replace: bool = False
