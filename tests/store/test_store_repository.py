@@ -645,7 +645,8 @@ def test_incompressible_chunks_are_encoded_without_the_compression_pool(
 ) -> None:
     """A chunk judged incompressible is framed (and sealed) on the storing thread: the
     hand-off to a compression thread cost more than the copy.  Compressible chunks still
-    go to the pool.  Either kind reads back while in flight and after the commit."""
+    go to the pool.  Either kind reads back while in flight and after the commit, though
+    the caller writes every chunk from one buffer it overwrites at once."""
     big = 64 * 1024
     opts = dataclasses.replace(
         small_options(encrypted=encrypted), disk_chunk_size=big, pack_size=1 << 20
@@ -663,8 +664,11 @@ def test_incompressible_chunks_are_encoded_without_the_compression_pool(
 
         w._pool.submit = counting_submit  # type: ignore[method-assign]
         sw = w.stream("disk", "disk", 12 * big)
+        buf = bytearray(big)
         for i, c in enumerate(noise + text):
-            sw.write_chunk(i, c)
+            buf[:] = c
+            sw.write_chunk(i, memoryview(buf))
+            buf[:] = b"\xa5" * big
             assert w.read_chunk(repo.codecs.chunk_id(c)) == c
         sw.close()
         aid = w.commit(META)

@@ -213,7 +213,9 @@ class Codecs:
         """Whether ``data`` would be stored as a raw frame (:meth:`BlobCodec.stores_raw`)."""
         return self.blob.stores_raw(data)
 
-    def encode_blob(self, chunk_id: bytes, data: bytes, raw_blocks: bool | None = None) -> bytes:
+    def encode_blob(
+        self, chunk_id: bytes, data: bytes | memoryview, raw_blocks: bool | None = None
+    ) -> bytes:
         return encode_blob(self.blob, chunk_id, data, raw_blocks=raw_blocks)
 
     def decode_blob(self, chunk_id: bytes, blob: bytes | memoryview, raw_length: int) -> bytes:

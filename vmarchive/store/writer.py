@@ -560,18 +560,20 @@ class ArchiveWriter:
         with self._mutex:
             if cid in self._unpublished or self.repo._chunk_location(cid) is not None:
                 return cid, False
-            raw = bytes(data)  # the caller may reuse its buffer
+            n = len(data)
+            view = data if isinstance(data, bytes) else memoryview(data)
             fut: Future[bytes] | bytes
-            if codecs.stores_raw(raw):
-                # Stored as a raw frame: a copy, made here.  Handed to a compression thread
-                # it cost more than itself in hand-offs (a first capture's 4096 random RAM
-                # chunks: 0.15-0.3 CPU-s more).
-                fut = codecs.encode_blob(cid, raw, raw_blocks=True)
-                self._unpublished[cid] = (fut, len(raw))
+            if codecs.stores_raw(view):
+                # Stored as a raw frame, made here from the caller's buffer: the frame is
+                # the one copy.  Handed to a compression thread it cost more than itself
+                # in hand-offs (a first capture's 4096 random RAM chunks: 0.15-0.3 CPU-s).
+                fut = codecs.encode_blob(cid, view, raw_blocks=True)
+                self._unpublished[cid] = (fut, n)
             else:
+                raw = bytes(data)  # the caller may reuse its buffer
                 fut = self._pool.submit(codecs.encode_blob, cid, raw, raw_blocks=False)
-                self._unpublished[cid] = (None, len(raw))
-            self._inflight.append((cid, len(raw), stream, fut))
+                self._unpublished[cid] = (None, n)
+            self._inflight.append((cid, n, stream, fut))
             self._drain(self._max_inflight)
         return cid, True
 
