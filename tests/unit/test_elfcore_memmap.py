@@ -143,10 +143,12 @@ def test_json_round_trip_and_validation() -> None:
 
 
 class FakeQMP:
-    """Answers the four commands collect_memory_map sends, like QEMU 7.2 does."""
+    """Answers the commands collect_memory_map may send, like QEMU 7.2 does (``old``: like
+    a QEMU before 3.0, whose query-cpus-fast names no target)."""
 
-    def __init__(self) -> None:
+    def __init__(self, old: bool = False) -> None:
         self.sent: list[str] = []
+        self.old = old
 
     def hmp(self, line: str) -> str:
         self.sent.append(line)
@@ -155,7 +157,8 @@ class FakeQMP:
     def execute(self, cmd: str, args: object = None) -> Any:
         self.sent.append(cmd)
         if cmd == "query-cpus-fast":
-            return [{"cpu-index": 0, "target": "x86_64"}, {"cpu-index": 1, "target": "x86_64"}]
+            cpus = [{"cpu-index": 0, "target": "x86_64"}, {"cpu-index": 1, "target": "x86_64"}]
+            return [{"cpu-index": c["cpu-index"]} for c in cpus] if self.old else cpus
         assert cmd == "query-target"
         return {"arch": "x86_64"}
 
@@ -167,13 +170,21 @@ def test_collect_fills_exactly_the_documented_keys() -> None:
     assert got["vcpus"] == 2 and got["arch"] == "x86_64"
     assert M.MemoryMap.from_json(got["memory_map"]) == M.build_memory_map(PC_MTREE, PC_RAMBLOCK)
     json.dumps(got)  # JSON-able
+    # the vCPUs name the arch: no query-target
+    assert q.sent == ["info mtree -f", "info ramblock", "query-cpus-fast"]
+
+
+def test_collect_asks_for_the_target_when_the_vcpus_do_not_name_it() -> None:
+    q = FakeQMP(old=True)
+    got = M.collect_memory_map(q)  # type: ignore[arg-type]
     assert q.sent == ["info mtree -f", "info ramblock", "query-cpus-fast", "query-target"]
+    assert got == M.collect_memory_map(FakeQMP())  # type: ignore[arg-type]
 
 
 def test_collect_parses_texts_it_is_given_without_asking_again() -> None:
     q = FakeQMP()
     got = M.collect_memory_map(q, PC_MTREE, PC_RAMBLOCK)  # type: ignore[arg-type]
-    assert q.sent == ["query-cpus-fast", "query-target"]
+    assert q.sent == ["query-cpus-fast"]
     assert got == M.collect_memory_map(FakeQMP())  # type: ignore[arg-type]
 
 

@@ -254,7 +254,8 @@ def collect_memory_map(
     * ``memory_map``: :meth:`MemoryMap.to_json` of the guest's RAM-backed guest-physical
       ranges (from ``info mtree -f`` and ``info ramblock``);
     * ``vcpus``: the number of vCPUs (``query-cpus-fast``);
-    * ``arch``: QEMU's target architecture (``query-target``, e.g. ``"x86_64"``).
+    * ``arch``: QEMU's target architecture (e.g. ``"x86_64"``): the ``target`` that
+      ``query-cpus-fast`` gives for each vCPU (QEMU 3.0 on), else ``query-target``.
 
     The map of a running ``pc``/``q35`` guest changes only on hotplug or when the firmware
     reprograms the PAM/SMRAM windows, so reading it just before or after the instant is
@@ -272,9 +273,11 @@ def collect_memory_map(
         ramblock = qmp.hmp("info ramblock")
     if cpus is None:
         cpus = qmp.execute("query-cpus-fast")
-    target = qmp.execute("query-target")
+    arch = cpus[0].get("target") if cpus else None
+    if not arch:  # one round trip less per capture where the vCPUs name it
+        arch = qmp.execute("query-target")["arch"]
     return {
         "memory_map": build_memory_map(mtree, ramblock).to_json(),
         "vcpus": len(cpus),
-        "arch": str(target["arch"]),
+        "arch": str(arch),
     }
