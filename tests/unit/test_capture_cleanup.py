@@ -203,18 +203,30 @@ def test_a_snapshot_capture_is_undone_in_few_round_trips(tmp_path: Path) -> None
 def test_the_release_after_a_completed_capture_closes_no_named_fd(tmp_path: Path) -> None:
     """QEMU took both named fds (migrate fd:, nbd-server-start): the release beside the
     commit does not ask to close them (two failing round trips, and the first error
-    reply imported qemu.qmp with asyncio); the full clean-up still does (the control)."""
+    reply imported qemu.qmp with asyncio), nor about the migration it saw complete; the
+    full clean-up still does both (the control)."""
     q = FakeQEMU()
     m = _snapshot_leftovers(q, tmp_path)
-    assert _release_qemu(q, m)  # type: ignore[arg-type]
-    assert "closefd" not in q.log
+    q.caps["background-snapshot"] = True  # as the capture set it
+    assert _release_qemu(q, m, True)  # type: ignore[arg-type]
+    assert "closefd" not in q.log and "query-migrate" not in q.log
     assert not q.exports and not q.jobs and m.path.exists()
+    assert q.caps["background-snapshot"] is False  # the settings restored all the same
     full = tmp_path / "full"
     full.mkdir()
     q = FakeQEMU()
     m = _snapshot_leftovers(q, full)
     assert clean_domain(q, m)  # type: ignore[arg-type]
-    assert q.log.count("closefd") == 2
+    assert q.log.count("closefd") == 2 and q.log.count("query-migrate") == 2
+
+
+def test_a_release_that_did_not_see_the_migration_end_asks(tmp_path: Path) -> None:
+    """Without the capture's word that the migration completed, the release checks it
+    before restoring the migration's settings, as any clean-up does."""
+    q = FakeQEMU()
+    m = _snapshot_leftovers(q, tmp_path)
+    assert _release_qemu(q, m, False)  # type: ignore[arg-type]
+    assert q.log.count("query-migrate") == 2
 
 
 def test_one_refused_export_or_job_does_not_stop_the_others(tmp_path: Path) -> None:

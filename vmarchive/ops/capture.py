@@ -1291,7 +1291,8 @@ class _Capture:
         # capture changed in QEMU is undone on a thread while the memory's round trip and
         # the commit run (~30 monitor round trips, mostly waiting on libvirt); the dirty
         # bitmaps wait for the commit, in _attempt_inner's clean-up.
-        self.release = _Background("capture-release", _release_qemu, qmp, marker)
+        over = mig.get("status") == "completed"  # as _wait_migration saw: never asked again
+        self.release = _Background("capture-release", _release_qemu, qmp, marker, over)
         remap: _Background | None = None
         if mode == "snapshot" and self.o.remap_huge_pages:
             # QEMU lifts its write protection in the migration's clean-up, which its main
@@ -1405,7 +1406,7 @@ class _Background:
         return self._value
 
 
-def _release_qemu(qmp: QMP, marker: Marker) -> bool:
+def _release_qemu(qmp: QMP, marker: Marker, migration_over: bool) -> bool:
     """:func:`clean_domain` of a capture whose QEMU part is over (migration completed,
     every disk read), run beside what needs no QEMU (the memory's round trip check and
     the commit).  The dirty bitmaps are left for the capture to settle after its commit
@@ -1418,9 +1419,17 @@ def _release_qemu(qmp: QMP, marker: Marker) -> bool:
     fd it uses from the monitor's list), and the migration completed and the disks were
     read through that server.  Closing them failed twice per capture, and the first
     error reply imported qemu.qmp (asyncio, ssl: ~50 ms of CPU) beside the round trip
-    and the commit."""
+    and the commit.  ``migration_over``: the capture's last ``query-migrate`` said
+    ``completed``; the clean-up does not ask twice more."""
     try:
-        return clean_domain(qmp, marker, keep_marker=True, bitmaps=False, named_fds=False)
+        return clean_domain(
+            qmp,
+            marker,
+            keep_marker=True,
+            bitmaps=False,
+            named_fds=False,
+            migration_over=migration_over,
+        )
     except Exception:  # a bug must not be lost, nor kill the capture: the caller redoes it
         log.warning("cleanup on its thread failed; redoing it", exc_info=True)
         return False

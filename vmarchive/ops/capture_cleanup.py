@@ -314,6 +314,7 @@ def clean_domain(
     keep_marker: bool = False,
     bitmaps: bool = True,
     named_fds: bool = True,
+    migration_over: bool = False,
 ) -> bool:
     """Undo everything a capture (this one or a killed one) changed; True when all went well.
 
@@ -326,13 +327,16 @@ def clean_domain(
     a capture that has not committed yet decides about them afterwards.
     ``named_fds=False`` skips closing the named fds, for a caller that knows QEMU took
     them (each ``closefd`` of a taken fd is a monitor round trip that fails).
+    ``migration_over``: the caller saw the migration end (``completed``) just before, so
+    it is not asked about again (twice: before cancelling it and before restoring its
+    settings); a migration that ended does not start again by itself.
     """
     ok = True
     if qmp is not None and qemu_gone(qmp.domain):
         # Destroyed, shut down or crashed: whatever the capture changed died with QEMU.
         log.info("cleanup: %s has no QEMU process any more; nothing to undo there", qmp.domain)
     elif qmp is not None:
-        ok = _clean_qemu(qmp, marker, bitmaps, named_fds) and ok
+        ok = _clean_qemu(qmp, marker, bitmaps, named_fds, migration_over) and ok
     if marker is not None:
         for f in marker.files:
             try:
@@ -415,12 +419,16 @@ def restore_bitmaps(qmp: QMP, marker: Marker) -> bool:
 
 
 def _clean_qemu(
-    qmp: QMP, marker: Marker | None, bitmaps: bool = True, named_fds: bool = True
+    qmp: QMP,
+    marker: Marker | None,
+    bitmaps: bool = True,
+    named_fds: bool = True,
+    migration_over: bool = False,
 ) -> bool:
     ok = True
 
     # 1. The migration: only one we started (a libvirt migration is none of our business).
-    if marker is not None and marker.migration_started:
+    if marker is not None and marker.migration_started and not migration_over:
 
         def active() -> bool:
             return str(qmp.execute("query-migrate").get("status", "none")) in MIGRATION_ACTIVE
@@ -553,7 +561,13 @@ def _clean_qemu(
 
     # 9. Migration capabilities and parameters as they were.
     if marker is not None and (marker.saved_capabilities or marker.saved_parameters):
-        ok = _try("restoring migration settings", lambda: restore_migration(qmp, marker)) and ok
+        ok = (
+            _try(
+                "restoring migration settings",
+                lambda: restore_migration(qmp, marker, migration_over),
+            )
+            and ok
+        )
     return ok
 
 
@@ -596,10 +610,13 @@ def undo_bitmaps(qmp: QMP, bitmaps: list[list[str | None]]) -> None:
             log.info("cleanup: removed dirty bitmap %s of %s (no archive names it)", new, node)
 
 
-def restore_migration(qmp: QMP, marker: Marker) -> None:
-    st = str(qmp.execute("query-migrate").get("status", "none"))
-    if st in MIGRATION_ACTIVE:
-        raise HypervisorError(f"migration still {st}: cannot restore its settings")
+def restore_migration(qmp: QMP, marker: Marker, migration_over: bool = False) -> None:
+    """The migration capabilities and parameters ``marker`` saved, set again (QEMU refuses
+    them while a migration runs: asked first, unless ``migration_over``)."""
+    if not migration_over:
+        st = str(qmp.execute("query-migrate").get("status", "none"))
+        if st in MIGRATION_ACTIVE:
+            raise HypervisorError(f"migration still {st}: cannot restore its settings")
     if marker.saved_capabilities:
         caps = [{"capability": k, "state": v} for k, v in marker.saved_capabilities.items()]
         qmp.execute("migrate-set-capabilities", {"capabilities": caps})
