@@ -74,6 +74,52 @@ def test_local_put_for_read_back_keeps_the_pages_cached(
     assert sorted(os.listdir(tmp_path / "data" / "00")) == ["kept", "plain"]
 
 
+def _resident_pages(path: pathlib.Path) -> int:
+    """How many of the file's pages are in the page cache (mincore(2) of a mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as m:
+        anchor = ctypes.c_char.from_buffer(m)
+        try:
+            rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
+        finally:
+            del anchor  # the mapping cannot close while exported
+        assert rc == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec)
+
+
+def _on_tmpfs(path: pathlib.Path) -> bool:
+    """Whether ``path`` lies on a tmpfs (whose pages are the file: never dropped)."""
+    best, fstype = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, typ = line.split()[:3]
+            if str(path).startswith(mnt.rstrip("/") + "/") and len(mnt) > len(best):
+                best, fstype = mnt, typ
+    return fstype == "tmpfs"
+
+
+def test_local_done_reading_back_drops_the_cached_pages(tmp_path: pathlib.Path) -> None:
+    """A pack put for read-back is cached (the control), and no longer once the reader
+    says it is done with it: a capture's memory packs do not linger in the host's cache."""
+    if _on_tmpfs(tmp_path):
+        pytest.skip("tmpfs: the page cache is the file")
+    b = LocalBackend(str(tmp_path))
+    data = os.urandom(4 << 20)
+    b.put_for_read_back("data/00/p", data, create_only=True)
+    path = tmp_path / "data" / "00" / "p"
+    pages = len(data) // 4096
+    assert _resident_pages(path) > pages // 2
+    assert b.get_range("data/00/p", 4096, 8) == data[4096:4104]
+    b.done_reading_back(["data/00/p", "data/00/missing"])  # a missing object: no error
+    assert _resident_pages(path) < pages // 8
+    assert b.get("data/00/p") == data
+
+
 def test_local_write_error_is_a_backend_error(tmp_path: pathlib.Path) -> None:
     (tmp_path / "data").write_bytes(b"a file where a directory should be")
     b = LocalBackend(str(tmp_path))

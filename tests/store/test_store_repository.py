@@ -6,6 +6,7 @@ import dataclasses
 import pathlib
 import random
 import tempfile
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -502,16 +503,24 @@ def test_streams_written_together_fill_packs_of_their_own(
     assert max(held) <= 64 * 1024 * 3 // 2 + CHUNK + 64
 
 
-def test_packs_of_read_back_streams_are_published_with_the_hint(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("commit", [True, False])
+def test_packs_of_read_back_streams_are_published_with_the_hint(
+    tmp_path: pathlib.Path, commit: bool
+) -> None:
     """Only the packs of streams written with ``read_back`` reach Backend.will_read_back
-    (a capture's memory image, which its round trip reads at once; not its disks)."""
+    (a capture's memory image, which its round trip reads at once; not its disks), and
+    the same packs reach done_reading_back once the writer ends, committed or not."""
     make_repo(tmp_path / "r")
     hinted: list[str] = []
+    done: list[str] = []
 
     class Recording(FaultyBackend):
         def will_read_back(self, key: str, data: bytes) -> None:
             assert self.inner.get(key) == data  # published first
             hinted.append(key)
+
+        def done_reading_back(self, keys: Iterable[str]) -> None:
+            done.extend(keys)
 
     repo = Repository.open(
         str(tmp_path / "r"), backend=Recording(LocalBackend(str(tmp_path / "r")))
@@ -525,7 +534,14 @@ def test_packs_of_read_back_streams_are_published_with_the_hint(tmp_path: pathli
             d.write(k * CHUNK, disk[k * CHUNK : (k + 1) * CHUNK])
         m.close()
         d.close()
+        assert not done  # not before the writer ends: the round trip reads them
+        if not commit:
+            w._wait_uploads()  # what the abort below finds published
+            w.abort()
+            assert done and sorted(done) == sorted(hinted)
+            return
         aid = w.commit(META)
+    assert sorted(done) == sorted(hinted)
     a = repo.load_archive(aid)
     packs_of: dict[str, set[str]] = {}
     for s in a.streams:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from vmarchive.errors import BackendError, RepositoryError
@@ -124,6 +124,11 @@ class Backend(ABC):
         """Hint after a put of ``data`` under ``key``: this process reads it back soon (a
         capture checks its memory image as soon as it is stored).  A remote backend may
         keep the bytes to serve those reads locally; the default ignores the hint."""
+
+    def done_reading_back(self, keys: Iterable[str]) -> None:  # noqa: B027
+        """Hint: the objects under ``keys``, put with :meth:`put_for_read_back`, were read
+        back and will not be again soon.  A backend that kept them close (the local one:
+        in the page cache) may let them go; the default ignores the hint.  Never raises."""
 
     def put_for_read_back(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         """:meth:`put` of an object this process reads back soon (see

@@ -9,7 +9,7 @@ bytes.  Every call is recorded, so tests can also assert on write ordering.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -148,6 +148,9 @@ class FaultyBackend(Backend):
 
     def will_read_back(self, key: str, data: bytes) -> None:
         self.inner.will_read_back(key, data)
+
+    def done_reading_back(self, keys: Iterable[str]) -> None:
+        self.inner.done_reading_back(keys)
 
     def set_read_order(self, following: Callable[[str], str | None]) -> None:
         self.inner.set_read_order(following)

@@ -15,6 +15,7 @@ writes, verify, gc), and listing archives reads only ``archives/``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -361,6 +362,11 @@ class Repository:
             self.backend.put_for_read_back(key, data, create_only=True)
         else:
             self.backend.put(key, data, create_only=True)
+
+    def _done_reading_back(self, pack_ids: Sequence[str]) -> None:
+        """The packs ``pack_ids``, published with ``read_back``, were read back (a hint)."""
+        with contextlib.suppress(Exception):  # a hint must not fail a commit or an abort
+            self.backend.done_reading_back([pack_key(p) for p in pack_ids])
 
     def _publish_index(
         self, entries: Sequence[tuple[bytes, Location]], *, replace: bool = False

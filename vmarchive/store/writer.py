@@ -384,6 +384,7 @@ class ArchiveWriter:
         self._uploads: collections.deque[Future[list[tuple[bytes, Location]]]] = collections.deque()
         self._max_uploads = max(1, self.options.max_uploads)
         self._index_entries: list[tuple[bytes, Location]] = []
+        self._read_back_packs: list[str] = []  # published with read_back (uploader threads)
         self._state = "open"  # open -> committed | aborted
         self._done = False  # counted out of repo's live writers
         self.packs_written = 0
@@ -624,6 +625,8 @@ class ArchiveWriter:
                 unpublished[cid] = (view[loc.offset : loc.offset + loc.length], loc.raw_length)
         crashpoint.hit("before-pack")
         self.repo._publish_pack(pack_id, data, read_back=read_back)
+        if read_back:
+            self._read_back_packs.append(pack_id)
         return entries
 
     def _wait_upload(self) -> None:
@@ -662,6 +665,9 @@ class ArchiveWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._uploader.shutdown(wait=True, cancel_futures=True)
             self._unpublished.clear()
+            if self._read_back_packs:  # read back by now: commit and abort come after
+                self.repo._done_reading_back(self._read_back_packs)
+                self._read_back_packs = []
         finally:
             if not self._done:
                 self._done = True
