@@ -561,8 +561,8 @@ class ArchiveWriter:
         with self._mutex:
             if cid in self._unpublished or self.repo._chunk_location(cid) is not None:
                 return cid, False
-            n = len(data)
             view = data if isinstance(data, bytes) else memoryview(data)
+            n = len(view) if isinstance(view, bytes) else view.nbytes
             fut: Future[bytes] | bytes
             if codecs.stores_raw(view):
                 # Stored as a raw frame, made here from the caller's buffer: the frame is
