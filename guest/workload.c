@@ -23,6 +23,10 @@
  * Counter page (4096 bytes, page-aligned, mlock'ed; little-endian):
  *   0  char[24] "VMARCHIVE-COUNTER" NUL-padded
  *   24 u64 boot id   32 u64 counter (last completed tick)   40 u64 last value written to disk
+ *   48 u64 in_check: the tick N whose check and write are under way, 0 outside them.  An
+ *      instant taken while it is non-zero may fall after the check's read and before the
+ *      write: a guest resumed from there overwrites the tick block unread, so a disk that
+ *      disagrees with its RAM goes unreported (the check's blind window).
  * Tick block: 4096 bytes at byte offset 1 MiB of /dev/vda, O_DIRECT both ways:
  *   0  char[16] "VMARCHIVE-TICK" NUL-padded   16 u64 boot id   24 u64 counter   32 u64 ~counter
  *   rest zero
@@ -65,7 +69,12 @@ struct counter_page {
 	uint64_t boot_id;
 	uint64_t counter;
 	uint64_t last_written;
+	uint64_t in_check;
 };
+
+/* Keeps the compiler from moving the counter page's stores across it: an instant is taken
+ * between two instructions, so the page must hold what the program order says. */
+#define ORDERED() __asm__ volatile("" ::: "memory")
 
 static uint64_t splitmix64(uint64_t *s)
 {
@@ -259,6 +268,8 @@ int main(void)
 	for (;;) {
 		uint64_t n = cp->counter + 1;
 		if (vda >= 0) {
+			cp->in_check = n;
+			ORDERED();
 			if (cp->last_written != 0) {
 				if (pread(vda, blk, PAGE, TICK_OFFSET) != PAGE) {
 					say("IOERROR read /dev/vda: %s", strerror(errno));
@@ -287,6 +298,8 @@ int main(void)
 				say("IOERROR write /dev/vda: %s", strerror(errno));
 			else
 				cp->last_written = n;
+			ORDERED();
+			cp->in_check = 0;
 		}
 		cp->counter = n;
 

@@ -50,17 +50,20 @@ class Observed:
     ram_counter: int
     disk_counter: int
     boot_id: str
+    ram_in_check: int
 
     @property
     def consistent(self) -> bool:
         # The workload writes tick N to disk, then records N in RAM.  An instant between the
         # two (the write drained by QEMU at the stop, not yet seen by the guest) legally
-        # shows the disk one ahead, with the RAM counter not yet advanced either.
+        # shows the disk one ahead, with the RAM counter not yet advanced either, and the
+        # guest inside its check-and-write of N.
         if self.disk_counter == self.ram_last_written:
             return True
         return (
             self.disk_counter == self.ram_last_written + 1
             and self.ram_counter == self.ram_last_written
+            and self.ram_in_check == self.disk_counter
         )
 
 
@@ -75,7 +78,7 @@ def _counter_in_ram(repo: Repository, archive_id: str, boot_id: str) -> guestlib
                 if data is None:
                     continue
                 for p in range(0, len(data), guestlib.PAGE):
-                    cp = guestlib.parse_counter_page(data[p : p + 48])
+                    cp = guestlib.parse_counter_page(data[p : p + guestlib.COUNTER_BYTES])
                     if cp is not None and cp.boot_id == boot_id:
                         found.append(cp)
         assert len(found) == 1, f"expected one counter page in the RAM image, found {found}"
@@ -85,7 +88,7 @@ def _counter_in_ram(repo: Repository, archive_id: str, boot_id: str) -> guestlib
     data = repo.open_stream(archive, stream.name).read_all()
     pos = data.rfind(guestlib.COUNTER_MAGIC)
     while pos >= 0:
-        cp = guestlib.parse_counter_page(data[pos : pos + 48])
+        cp = guestlib.parse_counter_page(data[pos : pos + guestlib.COUNTER_BYTES])
         if cp is not None and cp.boot_id == boot_id:
             return cp
         pos = data.rfind(guestlib.COUNTER_MAGIC, 0, pos)
@@ -98,7 +101,7 @@ def observe(repo: Repository, archive_id: str, boot_id: str) -> Observed:
     tick = guestlib.parse_tick_block(disk)
     assert tick is not None and tick.boot_id == boot_id, "no tick block on the archived disk"
     cp = _counter_in_ram(repo, archive_id, boot_id)
-    return Observed(cp.last_written, cp.counter, tick.counter, boot_id)
+    return Observed(cp.last_written, cp.counter, tick.counter, boot_id, cp.in_check)
 
 
 # --- fixtures -------------------------------------------------------------------------------

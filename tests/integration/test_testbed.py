@@ -72,6 +72,11 @@ def test_disk_tick_block_follows_the_counter(shared: guestlib.Guest) -> None:
         # Paused between "write done" and "tick printed", or with the write in flight.
         assert block.counter in (logged, logged + 1)
         assert block.counter in (page.last_written, page.last_written + 1)
+        # in_check names the tick under way (the next one) or nothing; a write of N in
+        # flight means the guest is inside its check-and-write of N.
+        assert page.in_check in (0, page.counter + 1), page
+        if block.counter == page.last_written + 1:
+            assert page.in_check == block.counter, (block, page)
         seen.append(block.counter)
         shared.wait_tick(block.counter + 2)
     assert seen[1] > seen[0]
