@@ -680,7 +680,7 @@ def test_guest_on_huge_pages_resumes_on_ordinary_ram_with_no_hugepages(
         assert g.boot_id is not None
         with Repository.open(repo) as rp:
             cp = counter_in_archive(rp, r.id, g.boot_id)
-        captured = Captured(r.id, cp.counter, cp.last_written, g.boot_id)
+        captured = Captured(r.id, cp.counter, cp.last_written, g.boot_id, cp.in_check)
         g.cleanup()  # its QEMU log too: a failed restore must remove the one it starts
     pool = probe_hugetlbfs()
     if pool.free * pool.page_kib // 1024 < spec.memory_mib:  # gone, as on a host without them
@@ -726,7 +726,7 @@ def test_uefi_guest_gets_a_variable_store_of_its_own(
         cp = counter_in_archive(rp, r.id, g.boot_id)
         flash = rp.open_stream(rp.load_archive(r.id), "ram:system.flash1").read_all()
     assert len(flash) == store.stat().st_size  # the flash RAM block is the whole store
-    captured = Captured(r.id, cp.counter, cp.last_written, g.boot_id)
+    captured = Captured(r.id, cp.counter, cp.last_written, g.boot_id, cp.in_check)
 
     # Restored over a defined domain of the same name (--replace): that domain's own
     # variable store is left as it was, like its disks.

@@ -145,7 +145,9 @@ def test_restore_onto_a_second_libvirtd_through_its_tcp_uri(
         )
         clone.serial = guestlib.SerialLog(pathlib.Path(r.serial_logs[0]))
         try:
-            assert_resumed(clone, Captured(cap.id, cp.counter, cp.last_written, g.boot_id))
+            assert_resumed(
+                clone, Captured(cap.id, cp.counter, cp.last_written, g.boot_id, cp.in_check)
+            )
         except guestlib.GuestError:
             print(qemu_log.read_text()[-3000:] if qemu_log.exists() else "no QEMU log")
             raise

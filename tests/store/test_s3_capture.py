@@ -225,7 +225,9 @@ def test_two_hosts_one_s3_repository(
         assert r.route == "pool" and r.domain == guest.name
         there = guestlib.Guest(remote, guestlib.GuestSpec(), pool_dir, name=guest.name)
         there.serial = guestlib.SerialLog(pathlib.Path(r.serial_logs[0]))
-        assert_resumed(there, Captured(ids[0], cp.counter, cp.last_written, guest.boot_id))
+        assert_resumed(
+            there, Captured(ids[0], cp.counter, cp.last_written, guest.boot_id, cp.in_check)
+        )
         guest.wait_ticks(2, since=guest.serial.mark())  # the original runs on, here
     finally:
         with contextlib.suppress(libvirt.libvirtError):
