@@ -434,11 +434,15 @@ class _Capture:
     def _xml_streams(
         self,
         w: Any,
-        live_xml: str,
-        migratable_xml: str,
+        live_xml: str | None,
+        migratable_xml: str | None,
         extra: Mapping[str, str | bytes] | None = None,
     ) -> None:
-        texts = {"domain.xml": migratable_xml, "domain-live.xml": live_xml, **(extra or {})}
+        """The domain's XML (both, or neither) and ``extra`` as meta streams."""
+        texts: dict[str, str | bytes] = {}
+        if live_xml is not None and migratable_xml is not None:
+            texts = {"domain.xml": migratable_xml, "domain-live.xml": live_xml}
+        texts.update(extra or {})
         for name, text in texts.items():
             data = text.encode() if isinstance(text, str) else text
             sw = w.stream(name, "meta", len(data))
@@ -1070,20 +1074,29 @@ class _Capture:
             marker.save()
             self.images = OverlayFiles(self.work, sizes)
         meta = self._base_metadata("full", live_xml)
-        texts = self._memory_map(qmp)
-        self._xml_streams(w, live_xml, mig_xml, texts)
-        # The parsed map (memory_map, vcpus, arch) is what export-memory reads; the raw
-        # texts above stay as a fallback. A map we cannot read must not lose the capture.
+        self._xml_streams(w, live_xml, mig_xml)
         cpus: list[dict[str, Any]] | None = None  # for the map and QEMU's pid: asked once
-        try:
+        with contextlib.suppress(HypervisorError):  # then the map asks again and says why
             cpus = qmp.execute("query-cpus-fast")
-            meta.update(
-                collect_memory_map(
-                    qmp, texts.get("mtree.txt"), texts.get("ramblock.txt"), cpus=cpus
+
+        def record_memory_map() -> None:
+            # After the memory was stored, beside its round trip and the disk reads: two
+            # HMP round trips less before the instant, and none while QEMU sends the RAM
+            # (they slowed that by as much; the map is as good read after the instant, see
+            # collect_memory_map).  The parsed map (memory_map,
+            # vcpus, arch) is what export-memory reads; the raw texts stay as a fallback.
+            # A map we cannot read must not lose the capture.
+            texts = self._memory_map(qmp)
+            self._xml_streams(w, None, None, texts)
+            try:
+                meta.update(
+                    collect_memory_map(
+                        qmp, texts.get("mtree.txt"), texts.get("ramblock.txt"), cpus=cpus
+                    )
                 )
-            )
-        except (HypervisorError, FormatError) as map_err:
-            log.warning("memory map not recorded: %s", map_err)
+            except (HypervisorError, FormatError) as map_err:
+                log.warning("memory map not recorded: %s", map_err)
+
         threads = DiskThreads()
         disk_sinks: dict[str, Any] = {}
         export_node: dict[str, str] = {}
@@ -1264,6 +1277,7 @@ class _Capture:
                 # --full reads everything again: the memory's round trip included
                 vouch = None if self.o.full else self.parent_archive
                 roundtrip = capture_parse.RoundTrip(w, memory, vouch)
+                record_memory_map()
                 threads.join()
                 log.debug("disks read at +%.2f s", self.clock() - self.t_start)
                 threads.raise_first()
