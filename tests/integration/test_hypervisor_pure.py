@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from qemu.qmp import ExecuteError
 
 from vmarchive.errors import HypervisorError, QMPCommandError
-from vmarchive.hypervisor.blockinfo import file_children, join_disks, parse_disks
+from vmarchive.hypervisor.blockinfo import file_children, join_disks, list_disks, parse_disks
 from vmarchive.hypervisor.qmp import QMP, QMPEvent, pause_us
 
 
@@ -109,6 +109,30 @@ def test_join_block_network_cdrom_and_unknown() -> None:
     assert vdd.source == "nbd:exp"
     assert sda.removable and sda.readonly and sda.has_medium and not sda.is_block_device
     assert vde.node_name is None and not vde.has_medium  # no alias: not in QEMU (inactive XML)
+
+
+def test_list_disks_asks_only_for_what_it_was_not_given() -> None:
+    """The capture hands over the leftover sweep's block answers: list_disks then asks
+    QEMU only for the graph, and joins the same disks as when it asks for everything."""
+    asked: list[str] = []
+
+    class Fake:
+        def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+            asked.append(cmd)
+            if cmd == "x-debug-query-block-graph":
+                raise QMPCommandError("no graph here", command=cmd)
+            return {"query-block": QB, "query-named-block-nodes": NODES}[cmd]
+
+    q: Any = Fake()
+    full = list_disks(q, XML)
+    assert asked == ["query-block", "query-named-block-nodes", "x-debug-query-block-graph"]
+    asked.clear()
+    known = {"query-block": QB, "query-named-block-nodes": NODES}
+    assert list_disks(q, XML, known=known) == full
+    assert asked == ["x-debug-query-block-graph"]
+    asked.clear()
+    list_disks(q, XML, known={"query-block": QB})  # the one missing is asked for
+    assert asked == ["query-named-block-nodes", "x-debug-query-block-graph"]
 
 
 def test_graph_overrides_naming_convention() -> None:

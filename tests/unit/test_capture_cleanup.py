@@ -260,6 +260,41 @@ def test_the_sweep_without_a_marker_only_looks(tmp_path: Path) -> None:
     assert q.log.count("closefd") == 2
 
 
+def test_a_sweep_that_found_nothing_hands_over_what_it_saw(tmp_path: Path) -> None:
+    """The capture lists its disks from the sweep's own block answers (two round trips
+    less), but only when the sweep changed nothing: controls with a leftover node, an
+    overlay of ours, and a marker (whose bitmaps or options the sweep may restore)."""
+    q = FakeQEMU()
+    q.attached, q.exports, q.nbd, q.fdsets = {"vda": "libvirt-1-format"}, set(), False, []
+    q.nodes = {"libvirt-1-format", "libvirt-1-storage"}
+    seen: dict[str, Any] = {}
+    assert clean_domain(q, None, block_state=seen)  # type: ignore[arg-type]
+    assert seen == {
+        "query-block": q.execute("query-block"),
+        "query-named-block-nodes": q.execute("query-named-block-nodes"),
+    }
+
+    q.nodes |= {"vmarchive-fl-vda"}  # a node of ours left behind: removed, so changed
+    seen = {}
+    assert clean_domain(q, None, block_state=seen)  # type: ignore[arg-type]
+    assert seen == {} and "blockdev-del" in q.log
+
+    q.attached = {"vda": "vmarchive-ov-vda"}  # an overlay of ours: committed, so changed
+    q.nodes |= {"vmarchive-ov-vda", "vmarchive-ov-vda-f"}
+    seen = {}
+    clean_domain(q, None, block_state=seen)  # type: ignore[arg-type]
+    assert seen == {}
+
+    q = FakeQEMU()
+    q.attached, q.exports, q.nbd, q.fdsets = {"vda": "libvirt-1-format"}, set(), False, []
+    q.nodes = {"libvirt-1-format", "libvirt-1-storage"}
+    m = killed_marker(tmp_path)
+    m.migration_started, m.was_running, m.overlays = False, False, {}
+    seen = {}
+    clean_domain(q, m, block_state=seen)  # type: ignore[arg-type]
+    assert seen == {}
+
+
 def test_a_domain_without_qemu_only_loses_our_files(tmp_path: Path) -> None:
     q = FakeQEMU()
     q.domain.active = False  # destroyed mid-capture: nothing left to undo in QEMU

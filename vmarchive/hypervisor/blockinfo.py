@@ -210,19 +210,28 @@ def join_disks(
     return out
 
 
-def list_disks(qmp: QMP, xml: str | None = None) -> list[DiskInfo]:
+def list_disks(
+    qmp: QMP, xml: str | None = None, known: Mapping[str, Any] | None = None
+) -> list[DiskInfo]:
     """Every disk of the running domain with its QEMU nodes, in XML order.
 
     ``xml`` defaults to the domain's live XML (it must be the live form: it carries the
-    ``<alias>`` names that connect disks to QEMU devices).
+    ``<alias>`` names that connect disks to QEMU devices).  ``known``: QEMU's answers to
+    ``query-block`` and ``query-named-block-nodes`` (flat) by those names, when the
+    caller has just had them (the missing ones are asked for).
 
     Raises:
         QMPCommandError, HypervisorError, DomainNotFoundError.
     """
     if xml is None:
         xml = qmp.domain.xml()
-    qb = qmp.execute("query-block")
-    named = qmp.execute("query-named-block-nodes", {"flat": True})
+    known = known or {}
+    qb = known.get("query-block")
+    if qb is None:
+        qb = qmp.execute("query-block")
+    named = known.get("query-named-block-nodes")
+    if named is None:
+        named = qmp.execute("query-named-block-nodes", {"flat": True})
     try:
         graph = qmp.execute("x-debug-query-block-graph")
     except QMPCommandError:

@@ -332,6 +332,8 @@ class _Capture:
         self.marker: Marker | None = None
         self.qmp: QMP | None = None
         self.meta: dict[str, Any] = {}
+        #: QEMU's block answers from the leftover sweep (see clean_domain)
+        self.block_state: dict[str, Any] = {}
         self.t_start = clock()
         self.t_instant: float | None = None
         self.events: EventSubscription | None = None
@@ -379,7 +381,7 @@ class _Capture:
                         leftover.pid,
                     )
                 if (leftover is not None or self.qmp is not None) and not clean_domain(
-                    self.qmp, leftover
+                    self.qmp, leftover, block_state=self.block_state
                 ):
                     raise HypervisorError(
                         f"leftovers of an earlier capture of {self.dom.name!r} could not be "
@@ -581,7 +583,8 @@ class _Capture:
         assert qmp is not None and self.marker is not None
         live_xml = self.dom.xml()
         mig_xml = self.dom.xml(migratable=True)
-        disks = list_disks(qmp, live_xml)
+        # The leftover sweep has just seen QEMU's block devices (unless it changed them).
+        disks = list_disks(qmp, live_xml, known=self.block_state)
         copy = [d for d in disks if self._copy_disk(d) is None]
         mode = self._choose_mode(qmp, dstate)
         parse, refused = self.o.parse_memory, None

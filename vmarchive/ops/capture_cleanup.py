@@ -315,6 +315,7 @@ def clean_domain(
     bitmaps: bool = True,
     named_fds: bool = True,
     migration_over: bool = False,
+    block_state: dict[str, Any] | None = None,
 ) -> bool:
     """Undo everything a capture (this one or a killed one) changed; True when all went well.
 
@@ -330,13 +331,17 @@ def clean_domain(
     ``migration_over``: the caller saw the migration end (``completed``) just before, so
     it is not asked about again (twice: before cancelling it and before restoring its
     settings); a migration that ended does not start again by itself.
+    ``block_state``: when given, with no ``marker``, and the clean-up found no overlay
+    and no node of ours, QEMU's answers to ``query-block`` and ``query-named-block-nodes`` (flat) go there
+    under those names: nothing was changed after them, so a caller about to list the
+    disks (:func:`~vmarchive.hypervisor.blockinfo.list_disks`) need not ask again.
     """
     ok = True
     if qmp is not None and qemu_gone(qmp.domain):
         # Destroyed, shut down or crashed: whatever the capture changed died with QEMU.
         log.info("cleanup: %s has no QEMU process any more; nothing to undo there", qmp.domain)
     elif qmp is not None:
-        ok = _clean_qemu(qmp, marker, bitmaps, named_fds, migration_over) and ok
+        ok = _clean_qemu(qmp, marker, bitmaps, named_fds, migration_over, block_state) and ok
     if marker is not None:
         for f in marker.files:
             try:
@@ -424,8 +429,10 @@ def _clean_qemu(
     bitmaps: bool = True,
     named_fds: bool = True,
     migration_over: bool = False,
+    block_state: dict[str, Any] | None = None,
 ) -> bool:
     ok = True
+    seen: dict[str, Any] = {}  # QEMU's block answers, while nothing of ours was found
 
     # 1. The migration: only one we started (a libvirt migration is none of our business).
     if marker is not None and marker.migration_started and not migration_over:
@@ -496,11 +503,13 @@ def _clean_qemu(
     # 5. Overlays still attached to a guest device: commit them back.
     try:
         blocks = qmp.execute("query-block")
+        seen["query-block"] = blocks
     except HypervisorError:
         blocks = []
     for b in blocks:
         node = str((b.get("inserted") or {}).get("node-name", ""))
         if node.startswith(PREFIX):
+            seen.clear()
             base = (marker.overlays.get(node) if marker else None) or _backing_of(qmp, node)
             if base is None:
                 log.warning("cleanup: overlay %s has no known backing node", node)
@@ -513,16 +522,17 @@ def _clean_qemu(
             )
 
     # 6. Our remaining nodes (parents before children: retry while progress is made).
-    for _ in range(4):
+    for attempt in range(4):
         try:
+            named = qmp.execute("query-named-block-nodes", {"flat": True})
             nodes = [
-                str(n["node-name"])
-                for n in qmp.execute("query-named-block-nodes", {"flat": True})
-                if str(n.get("node-name", "")).startswith(PREFIX)
+                str(n["node-name"]) for n in named if str(n.get("node-name", "")).startswith(PREFIX)
             ]
         except HypervisorError:
             break
         if not nodes:
+            if attempt == 0 and "query-block" in seen and block_state is not None and not marker:
+                block_state.update(seen, **{"query-named-block-nodes": named})
             break
         for n in nodes:
             if n.endswith("-f") and n[:-2] in nodes:
