@@ -348,6 +348,8 @@ class _Capture:
         self.images: OverlayFiles | None = None
         #: QEMU's migration capabilities before the capture, when the mode probe asked
         self.caps_before: dict[str, bool] | None = None
+        #: the migration capabilities as QEMU has them now, as far as known (None: unknown)
+        self.caps_now: dict[str, bool] | None = None
         #: the huge-page remap running beside the commit (see _live_capture)
         self.remap: _Background | None = None
 
@@ -648,7 +650,8 @@ class _Capture:
                 self.repo.writer() as w,
             ):
                 self.events = ev
-                self._save_migration_settings(qmp, marker)
+                if not (marker.saved_capabilities or marker.saved_parameters):
+                    self._save_migration_settings(qmp, marker)  # unless _choose_mode did
                 marker.save()
                 memory = capture_parse.make_consumer(w, parse, refused)
                 try:
@@ -663,6 +666,7 @@ class _Capture:
                     if remap is not None:
                         remap.result()  # not beside a retried attempt's snapshot (bounded)
                     self.to(CaptureState.CLEANING)
+                    self.caps_now = None  # the clean-up puts the saved settings back
                     early, self.release = self.release, None
                     if early is not None and early.result():
                         # QEMU is clean; only the bitmaps wait for the commit's outcome
@@ -701,7 +705,21 @@ class _Capture:
             return "switchover"
         with contextlib.suppress(HypervisorError):  # then the probe asks and says why
             self.caps_before = migration_capabilities(qmp)
-        ok, why = snapshot_supported(qmp, self.caps_before)
+        caps = self.caps_before
+        probe = caps is not None and caps.get("background-snapshot") is False
+        if probe:
+            # The probe's setting is kept for the capture (one round trip where setting,
+            # undoing and setting again took three), so the marker names the settings to
+            # put back before QEMU's change: the watchdog or the next run restores them
+            # should this process die before its own clean-up.
+            assert self.marker is not None
+            self._save_migration_settings(qmp, self.marker)
+            self.marker.save()
+        ok, why = snapshot_supported(qmp, caps, keep=True)
+        if ok and probe:
+            crashpoint.hit("capture-probed")
+        if caps is not None:
+            self.caps_now = {**caps, "background-snapshot": True} if ok and probe else dict(caps)
         if self.o.mode == Mode.SNAPSHOT and not ok:
             raise HostPreconditionError(
                 f"snapshot mode does not work for {self.dom.name!r}: {why} "
@@ -714,8 +732,8 @@ class _Capture:
         return "switchover"
 
     def _save_migration_settings(self, qmp: QMP, marker: Marker) -> None:
-        # The probe of _choose_mode put back what it changed: its answer is still the state
-        # before the capture (one round trip less).
+        # _choose_mode's answer from before its probe changed anything (one round trip
+        # less).
         caps = self.caps_before
         if caps is None:
             caps = migration_capabilities(qmp)
@@ -735,10 +753,13 @@ class _Capture:
             "background-snapshot": mode == "snapshot",
             "auto-converge": mode == "switchover" and self.o.auto_converge,
         }
-        qmp.execute(
-            "migrate-set-capabilities",
-            {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
-        )
+        now = self.caps_now
+        if now is None or any(now.get(k) is not v for k, v in caps.items()):
+            qmp.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+            )
+            self.caps_now = {**(now or {}), **caps}
         bw = (
             UNLIMITED_BANDWIDTH
             if self.o.bandwidth_mib_s is None
@@ -1479,12 +1500,16 @@ def migration_capabilities(qmp: QMP) -> dict[str, bool]:
     }
 
 
-def snapshot_supported(qmp: QMP, caps: Mapping[str, bool] | None = None) -> tuple[bool, str]:
+def snapshot_supported(
+    qmp: QMP, caps: Mapping[str, bool] | None = None, *, keep: bool = False
+) -> tuple[bool, str]:
     """Whether QEMU accepts ``background-snapshot`` for this domain (probe, then undo).
 
     QEMU checks userfaultfd write-protection when the capability is set, so setting it is
     the exact test.  Never changes host settings.  ``caps``: QEMU's capabilities when the
-    caller has asked already (:func:`migration_capabilities`).
+    caller has asked already (:func:`migration_capabilities`).  ``keep``: a probe that
+    succeeded leaves the capability set (the caller captures in snapshot mode and has
+    recorded how to put it back).
     """
     if caps is None:
         try:
@@ -1502,6 +1527,8 @@ def snapshot_supported(qmp: QMP, caps: Mapping[str, bool] | None = None) -> tupl
         )
     except QMPCommandError as e:
         return False, str(e.fields.get("desc") or e)
+    if keep:
+        return True, ""
     with contextlib.suppress(HypervisorError):
         qmp.execute(
             "migrate-set-capabilities",
