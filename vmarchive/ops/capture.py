@@ -667,6 +667,7 @@ class _Capture:
                         remap.result()  # not beside a retried attempt's snapshot (bounded)
                     self.to(CaptureState.CLEANING)
                     self.caps_now = None  # the clean-up puts the saved settings back
+                    self.block_state = {}  # and may change bitmaps: a retry asks again
                     early, self.release = self.release, None
                     if early is not None and early.result():
                         # QEMU is clean; only the bitmaps wait for the commit's outcome
@@ -855,7 +856,9 @@ class _Capture:
         self, qmp: QMP, copy: list[DiskInfo], sinks: dict[str, Any]
     ) -> dict[str, DiskPlan]:
         parent, known = self._parent()
-        bitmaps = node_bitmaps(qmp)
+        # The sweep's answer still holds for the bitmaps: nothing of ours touched them
+        # since (a temporary node was added at most).
+        bitmaps = node_bitmaps(qmp, self.block_state.get("query-named-block-nodes"))
         host = socket.gethostname()
         instance = qemu_instance(self.dom.name)
         plans: dict[str, DiskPlan] = {}

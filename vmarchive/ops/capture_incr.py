@@ -108,10 +108,15 @@ class BitmapState:
         )
 
 
-def node_bitmaps(qmp: QMP) -> dict[str, list[BitmapState]]:
-    """node-name -> its dirty bitmaps (every named node)."""
+def node_bitmaps(
+    qmp: QMP, named: list[dict[str, Any]] | None = None
+) -> dict[str, list[BitmapState]]:
+    """node-name -> its dirty bitmaps (every named node).  ``named``: QEMU's answer to
+    ``query-named-block-nodes`` (flat) when the caller has just had it."""
     out: dict[str, list[BitmapState]] = {}
-    for n in qmp.execute("query-named-block-nodes", {"flat": True}):
+    if named is None:
+        named = qmp.execute("query-named-block-nodes", {"flat": True})
+    for n in named:
         name = str(n.get("node-name", ""))
         out[name] = [BitmapState.from_qmp(b) for b in n.get("dirty-bitmaps") or []]
     return out
