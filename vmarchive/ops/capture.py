@@ -652,9 +652,21 @@ class _Capture:
                 self.events = ev
                 if not (marker.saved_capabilities or marker.saved_parameters):
                     self._save_migration_settings(qmp, marker)  # unless _choose_mode did
+                # The temporary images are made by qemu-img processes (~10 ms each, mostly
+                # a process start) that run beside what follows up to their nodes' creation
+                # (_temp_node waits for each): the parser's set-up, the metadata, monitor
+                # commands.  The marker names them before they exist.
+                role = _TEMP_ROLE.get(mode)
+                sizes = (
+                    {_temp_name(role, d): int(d.virtual_size or 0) for d in copy} if role else {}
+                )
+                for name in sizes:
+                    marker.files.insert(0, str(self.work / name) + ".qcow2")
                 marker.save()
-                memory = capture_parse.make_consumer(w, parse, refused)
                 try:
+                    if sizes:
+                        self.images = OverlayFiles(self.work, sizes)
+                    memory = capture_parse.make_consumer(w, parse, refused)
                     result = self._live_capture(
                         qmp, marker, w, mode, disks, copy, live_xml, mig_xml, memory
                     )
@@ -1089,17 +1101,6 @@ class _Capture:
         mig_xml: str,
         memory: capture_parse.MemoryConsumer,
     ) -> CaptureResult:
-        role = _TEMP_ROLE.get(mode)
-        if role is not None and copy:
-            # The temporary images are made by qemu-img processes started here, beside
-            # the monitor commands below (_temp_node waits for each); the marker names
-            # them before they exist.
-            assert self.work is not None
-            sizes = {_temp_name(role, d): int(d.virtual_size or 0) for d in copy}
-            for name in sizes:
-                marker.files.insert(0, str(self.work / name) + ".qcow2")
-            marker.save()
-            self.images = OverlayFiles(self.work, sizes)
         meta = self._base_metadata("full", live_xml)
         self._xml_streams(w, live_xml, mig_xml)
         cpus: list[dict[str, Any]] | None = None  # for the map and QEMU's pid: asked once
