@@ -87,3 +87,30 @@ def test_qemu_pid_from_a_vcpu_thread(tmp_path: pathlib.Path) -> None:
 class NoQMP:
     def execute(self, command: str, arguments: object = None) -> object:
         raise AssertionError(f"QEMU asked for {command}")
+
+
+def qemu_process(proc: pathlib.Path, pid: int, name: str) -> None:
+    d = proc / str(pid)
+    d.mkdir(parents=True, exist_ok=True)
+    args = ["/usr/bin/qemu-system-x86_64", "-name", f"guest={name},debug-threads=on", "-S"]
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in args) + b"\0")
+
+
+def test_qemu_pid_from_libvirts_pid_file_without_asking_qemu(tmp_path: pathlib.Path) -> None:
+    """The pid file is taken when that process is this domain's QEMU; controls: another
+    domain's process, a process gone, no pid file -- each falls back to the vCPUs."""
+    proc, run = tmp_path / "proc", tmp_path / "run"
+    run.mkdir()
+    (run / "g,1.pid").write_text("4200\n")
+    qemu_process(proc, 4200, "g,,1")  # libvirt doubles the comma
+    assert qemu_pid(NoQMP(), proc=proc, name="g,1", run_dir=run) == 4200  # type: ignore[arg-type]
+
+    vcpu = proc / "4343"
+    vcpu.mkdir()
+    (vcpu / "status").write_text("Name:\tCPU 0/TCG\nTgid:\t4300\nPid:\t4343\n")
+    asked = FakeQMP([{"thread-id": 4343}])
+    qemu_process(proc, 4200, "g,,10")  # a domain whose name starts alike
+    assert qemu_pid(asked, proc=proc, name="g,1", run_dir=run) == 4300  # type: ignore[arg-type]
+    (proc / "4200" / "cmdline").unlink()  # that process is gone
+    assert qemu_pid(asked, proc=proc, name="g,1", run_dir=run) == 4300  # type: ignore[arg-type]
+    assert qemu_pid(asked, proc=proc, name="other", run_dir=run) == 4300  # type: ignore[arg-type]

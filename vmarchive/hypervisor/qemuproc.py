@@ -31,12 +31,30 @@ BG_SNAPSHOT_THREADS = ("bg_snapshot", "mig/snapshot")
 SHOW_UP_S = 0.05
 
 
-def qemu_pid(qmp: QMP, proc: Path = PROC, cpus: list[dict[str, Any]] | None = None) -> int | None:
+#: Where the system libvirt daemon keeps each running domain's QEMU pid (``NAME.pid``).
+LIBVIRT_RUN_DIR = Path("/run/libvirt/qemu")
+
+
+def qemu_pid(
+    qmp: QMP,
+    proc: Path = PROC,
+    cpus: list[dict[str, Any]] | None = None,
+    *,
+    name: str | None = None,
+    run_dir: Path = LIBVIRT_RUN_DIR,
+) -> int | None:
     """The process id of the domain's QEMU, or None when it cannot be found here.
 
-    QMP gives the host thread ids of the vCPUs (``cpus``: ``query-cpus-fast``'s answer
-    when the caller has it); their thread group is QEMU's process.
+    With the domain's ``name``, first libvirt's pid file in ``run_dir``, taken only when
+    that process's command line names the domain (``-name guest=NAME,...``): no monitor
+    round trip.  Else QMP gives the host thread ids of the vCPUs (``cpus``:
+    ``query-cpus-fast``'s answer when the caller has it); their thread group is QEMU's
+    process.
     """
+    if name is not None and cpus is None:
+        pid = _pid_from_file(run_dir, name, proc)
+        if pid is not None:
+            return pid
     try:
         if cpus is None:
             cpus = qmp.execute("query-cpus-fast")
@@ -46,6 +64,21 @@ def qemu_pid(qmp: QMP, proc: Path = PROC, cpus: list[dict[str, Any]] | None = No
                 return int(line.split()[1])
     except (HypervisorError, OSError, LookupError, ValueError, TypeError) as e:
         log.debug("QEMU's process id not found: %s", e)
+    return None
+
+
+def _pid_from_file(run_dir: Path, name: str, proc: Path) -> int | None:
+    try:
+        pid = int((run_dir / f"{name}.pid").read_text().strip())
+        args = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    # libvirt writes "-name guest=NAME,debug-threads=on", commas in NAME doubled
+    want = ("guest=" + name.replace(",", ",,") + ",").encode()
+    named = [args[i + 1] for i, a in enumerate(args[:-1]) if a == b"-name"]
+    if any((v + b",").startswith(want) for v in named):
+        return pid
+    log.debug("%s/%s.pid names no QEMU of this domain", run_dir, name)
     return None
 
 

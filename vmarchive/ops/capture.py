@@ -1103,24 +1103,19 @@ class _Capture:
     ) -> CaptureResult:
         meta = self._base_metadata("full", live_xml)
         self._xml_streams(w, live_xml, mig_xml)
-        cpus: list[dict[str, Any]] | None = None  # for the map and QEMU's pid: asked once
-        with contextlib.suppress(HypervisorError):  # then the map asks again and says why
-            cpus = qmp.execute("query-cpus-fast")
 
         def record_memory_map() -> None:
-            # After the memory was stored, beside its round trip and the disk reads: two
-            # HMP round trips less before the instant, and none while QEMU sends the RAM
-            # (they slowed that by as much; the map is as good read after the instant, see
-            # collect_memory_map).  The parsed map (memory_map,
-            # vcpus, arch) is what export-memory reads; the raw texts stay as a fallback.
-            # A map we cannot read must not lose the capture.
+            # After the memory was stored, beside its round trip and the disk reads: three
+            # round trips (two HMP, query-cpus-fast) less before the instant, and none
+            # while QEMU sends the RAM (they slowed that by as much; the map is as good
+            # read after the instant, see collect_memory_map).  The parsed map
+            # (memory_map, vcpus, arch) is what export-memory reads; the raw texts stay
+            # as a fallback.  A map we cannot read must not lose the capture.
             texts = self._memory_map(qmp)
             self._xml_streams(w, None, None, texts)
             try:
                 meta.update(
-                    collect_memory_map(
-                        qmp, texts.get("mtree.txt"), texts.get("ramblock.txt"), cpus=cpus
-                    )
+                    collect_memory_map(qmp, texts.get("mtree.txt"), texts.get("ramblock.txt"))
                 )
             except (HypervisorError, FormatError) as map_err:
                 log.warning("memory map not recorded: %s", map_err)
@@ -1273,7 +1268,7 @@ class _Capture:
                     self.to(CaptureState.READING)
                 else:  # snapshot
                     preflush(disks)
-                    pid = qemu_pid(qmp, cpus=cpus)
+                    pid = qemu_pid(qmp, name=self.dom.name)  # libvirt's pid file, or QMP
                     reader = self._start_pipe(qmp, memory, gate=True)
                     self._migrate(qmp, marker)  # the guest runs through QEMU's set-up
                     gate_seen = self._snapshot_gate(pid)
