@@ -695,7 +695,7 @@ class _Capture:
                     if self.o.late_bitmap:
                         for p in self.plans.values():
                             qmp.execute("transaction", {"actions": p.actions()[:1]})
-                self._retire_bitmaps(qmp)
+                self._retire_bitmaps(qmp, mode)
         finally:
             with contextlib.suppress(OSError):
                 os.rmdir(self.work)
@@ -919,20 +919,27 @@ class _Capture:
             plans[d.target] = plan
         return plans
 
-    def _retire_bitmaps(self, qmp: QMP) -> None:
+    def _retire_bitmaps(self, qmp: QMP, mode: str) -> None:
         """After a committed archive: only the bitmap it started stays on each disk.
 
         Not while a paused guest sits in ``postmigrate``: its nodes are inactive and QEMU
         7.2 aborts when a persistent bitmap is removed from an inactive qcow2 node.  The
         next capture of the running guest removes them (they are frozen, never trusted).
+        A background snapshot (``mode`` snapshot) never leaves QEMU there: no need to ask.
         """
-        status = str(qmp.execute("query-status").get("status"))
-        if status in ("postmigrate", "finish-migrate", "inmigrate"):
-            log.info("old dirty bitmaps kept until the guest runs again (%s)", status)
+        old = {
+            p.node: list(p.stale) + ([p.since_bitmap] if p.since_bitmap else [])
+            for p in self.plans.values()
+        }
+        if not any(old.values()):
             return
-        for p in self.plans.values():
-            old = list(p.stale) + ([p.since_bitmap] if p.since_bitmap else [])
-            remove_bitmaps(qmp, p.node, old)
+        if mode != "snapshot":
+            status = str(qmp.execute("query-status").get("status"))
+            if status in ("postmigrate", "finish-migrate", "inmigrate"):
+                log.info("old dirty bitmaps kept until the guest runs again (%s)", status)
+                return
+        for node, names in old.items():
+            remove_bitmaps(qmp, node, names)
 
     def _start_pipe(self, qmp: QMP, consumer: Any, gate: bool = False) -> PipeReader:
         """The migration pipe, handed to QEMU, and its reader.
