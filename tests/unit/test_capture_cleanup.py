@@ -196,8 +196,32 @@ def test_a_snapshot_capture_is_undone_in_few_round_trips(tmp_path: Path) -> None
     assert q.log.count("block-export-del") == 2 and q.log.count("query-block-exports") == 2
     assert q.log.count("job-cancel") == 1 and q.log.count("job-dismiss") == 2
     assert q.log.count("query-jobs") == 2
-    # file nodes go with their parents: never asked for (QEMU refuses them alone)
+    # file nodes go with their parents: never asked for (QEMU refuses them alone), and
+    # with every deletion accepted nothing is left to look for again
     assert q.log.count("blockdev-del") == 2
+    assert q.log.count("query-named-block-nodes") == 1
+    # a snapshot-mode capture attaches no overlay: the devices are not asked about
+    assert "query-block" not in q.log
+
+
+def test_a_refused_node_deletion_is_looked_at_again(tmp_path: Path) -> None:
+    """The control of the above: a deletion QEMU refuses (a child asked before its
+    parent, say) makes the clean-up ask for the nodes again and retry."""
+    q = FakeQEMU()
+    m = _snapshot_leftovers(q, tmp_path)
+    refused: list[str] = []
+
+    def once_refusing(cmd: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
+        if cmd == "blockdev-del" and not refused:
+            refused.append(str((args or {}).get("node-name")))
+            q.log.append(cmd)
+            raise QMPCommandError("node in use", command=cmd)
+        return FakeQEMU.execute(q, cmd, args, **kw)
+
+    q.execute = once_refusing  # type: ignore[method-assign]
+    assert clean_domain(q, m)  # type: ignore[arg-type]
+    assert q.nodes == {"libvirt-1-format", "libvirt-2-format"}
+    assert q.log.count("query-named-block-nodes") == 2  # asked again after the refusal
 
 
 def test_the_release_after_a_completed_capture_closes_no_named_fd(tmp_path: Path) -> None:
@@ -208,8 +232,10 @@ def test_the_release_after_a_completed_capture_closes_no_named_fd(tmp_path: Path
     q = FakeQEMU()
     m = _snapshot_leftovers(q, tmp_path)
     q.caps["background-snapshot"] = True  # as the capture set it
+    q.running, q.status = True, "running"  # QEMU resumed the guest in its set-up
     assert _release_qemu(q, m, True)  # type: ignore[arg-type]
     assert "closefd" not in q.log and "query-migrate" not in q.log
+    assert "query-status" not in q.log  # a completed snapshot left the guest running
     assert not q.exports and not q.jobs and m.path.exists()
     assert q.caps["background-snapshot"] is False  # the settings restored all the same
     full = tmp_path / "full"
@@ -218,6 +244,7 @@ def test_the_release_after_a_completed_capture_closes_no_named_fd(tmp_path: Path
     m = _snapshot_leftovers(q, full)
     assert clean_domain(q, m)  # type: ignore[arg-type]
     assert q.log.count("closefd") == 2 and q.log.count("query-migrate") == 2
+    assert "query-status" in q.log
 
 
 def test_a_release_that_did_not_see_the_migration_end_asks(tmp_path: Path) -> None:

@@ -459,8 +459,11 @@ def _clean_qemu(
             log.warning("cleanup: migration state unknown: %s", e)
             ok = False
 
-    # 2. Run the guest again if it ran before and is stopped now.
-    if marker is not None and marker.was_running:
+    # 2. Run the guest again if it ran before and is stopped now.  Not asked after a
+    # background snapshot seen to complete: QEMU ran the guest again at the end of its
+    # set-up, long before.
+    snapshot_done = marker is not None and marker.mode == "snapshot" and migration_over
+    if marker is not None and marker.was_running and not snapshot_done:
         try:
             st = qmp.execute("query-status")
             if not st.get("running") and st.get("status") in STOPPED_RUNSTATES:
@@ -500,12 +503,15 @@ def _clean_qemu(
     if ours_j:
         ok = _try("cancelling block jobs", functools.partial(_cancel_jobs, qmp, ours_j)) and ok
 
-    # 5. Overlays still attached to a guest device: commit them back.
-    try:
-        blocks = qmp.execute("query-block")
-        seen["query-block"] = blocks
-    except HypervisorError:
-        blocks = []
+    # 5. Overlays still attached to a guest device: commit them back.  A snapshot-mode
+    # capture makes none (its temporary nodes are fleecing targets, attached to nothing).
+    blocks: list[dict[str, Any]] = []
+    if marker is None or marker.mode != "snapshot" or marker.overlays:
+        try:
+            blocks = qmp.execute("query-block")
+            seen["query-block"] = blocks
+        except HypervisorError:
+            pass
     for b in blocks:
         node = str((b.get("inserted") or {}).get("node-name", ""))
         if node.startswith(PREFIX):
@@ -534,12 +540,17 @@ def _clean_qemu(
             if attempt == 0 and "query-block" in seen and block_state is not None and not marker:
                 block_state.update(seen, **{"query-named-block-nodes": named})
             break
+        refused = False
         for n in nodes:
             if n.endswith("-f") and n[:-2] in nodes:
                 continue  # a file node made with its parent: it goes with it (and QEMU
                 # refuses to delete it alone: "not owned by the monitor")
-            with contextlib.suppress(HypervisorError):
+            try:
                 qmp.execute("blockdev-del", {"node-name": n})
+            except HypervisorError:
+                refused = True  # e.g. a child asked before its parent: asked again
+        if not refused:
+            break  # every one deleted, with their file nodes: none left to look for
     else:
         log.warning("cleanup: could not remove block nodes %s", nodes)
         ok = False
