@@ -692,12 +692,18 @@ def test_auto_mode_falls_back_where_userfaultfd_is_refused(
         pytest.skip("needs root to set vm.unprivileged_userfaultfd for the test")
     before = UFFD_SYSCTL.read_text()
     UFFD_SYSCTL.write_text("0\n")
+    wlog = env["state"] / f"{guest.dom.UUIDString()}.watchdog.log"
     try:
         assert snapshot_reason(guest) is not None  # the control: QEMU refuses now
         r, ob = capture_and_check(guest, env, Mode.AUTO)
         assert r.mode == "switchover" and ob.consistent
+        logged = len(wlog.read_text()) if wlog.exists() else 0
         with pytest.raises(HostPreconditionError, match="snapshot mode does not work"):
             capture(opts(guest, env, mode=Mode.SNAPSHOT))
+        # A refused probe changed nothing: no marker left for the watchdog to act on.
+        said = wlog.read_text()[logged:] if wlog.exists() else ""
+        assert "cleaning up" not in said, said
+        assert not list(env["state"].glob("*.json")), "marker left behind"
     finally:
         UFFD_SYSCTL.write_text(before)
     assert qemu_leftovers(guest) == []

@@ -728,9 +728,11 @@ class _Capture:
             assert self.marker is not None
             self._save_migration_settings(qmp, self.marker)
             self.marker.save()
-        ok, why = snapshot_supported(qmp, caps, keep=True)
+        ok, why = snapshot_supported(qmp, caps, keep=probe)
         if ok and probe:
             crashpoint.hit("capture-probed")
+        elif probe and self.marker is not None:
+            self.marker.remove()  # refused: QEMU unchanged, nothing for a watchdog to undo
         if caps is not None:
             self.caps_now = {**caps, "background-snapshot": True} if ok and probe else dict(caps)
         if self.o.mode == Mode.SNAPSHOT and not ok:
