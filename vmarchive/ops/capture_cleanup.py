@@ -332,9 +332,10 @@ def clean_domain(
     it is not asked about again (twice: before cancelling it and before restoring its
     settings); a migration that ended does not start again by itself.
     ``block_state``: when given, with no ``marker``, and the clean-up found no overlay
-    and no node of ours, QEMU's answers to ``query-block`` and ``query-named-block-nodes`` (flat) go there
-    under those names: nothing was changed after them, so a caller about to list the
-    disks (:func:`~vmarchive.hypervisor.blockinfo.list_disks`) need not ask again.
+    and no node of ours, QEMU's answers to ``query-block`` and ``query-named-block-nodes``
+    (flat) go there under those names: nothing was changed after them, so a caller about
+    to list the disks (:func:`~vmarchive.hypervisor.blockinfo.list_disks`) need not ask
+    again.
     """
     ok = True
     if qmp is not None and qemu_gone(qmp.domain):
