@@ -637,7 +637,9 @@ def test_restore_resumes_the_destroyed_original(
         last = g.last_tick()
         tb = g.read_tick_block()
         assert tb is not None and tb.boot_id == captured.boot_id
-        assert tb.counter == last.n >= ticks[-1].n
+        # Paused between a tick's write and its line (the RAM churn runs in between) the
+        # disk holds one tick more than printed, as test_testbed allows; seen in CI.
+        assert tb.counter in (last.n, last.n + 1) and last.n >= ticks[-1].n, (tb, last)
     finally:
         g.dom.resume()
 
