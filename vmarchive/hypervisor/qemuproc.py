@@ -67,11 +67,21 @@ def qemu_pid(
     return None
 
 
-def _pid_from_file(run_dir: Path, name: str, proc: Path) -> int | None:
+def libvirt_pid(name: str, run_dir: Path = LIBVIRT_RUN_DIR) -> int | None:
+    """The pid libvirt recorded for domain ``name``'s QEMU, or None (no readable file)."""
     try:
-        pid = int((run_dir / f"{name}.pid").read_text().strip())
-        args = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+        return int((run_dir / f"{name}.pid").read_text().strip())
     except (OSError, ValueError):
+        return None
+
+
+def _pid_from_file(run_dir: Path, name: str, proc: Path) -> int | None:
+    pid = libvirt_pid(name, run_dir)
+    if pid is None:
+        return None
+    try:
+        args = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
         return None
     # libvirt writes "-name guest=NAME,debug-threads=on", commas in NAME doubled
     want = ("guest=" + name.replace(",", ",,") + ",").encode()

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import shutil
 import subprocess
@@ -67,6 +66,7 @@ from vmarchive.hypervisor.nbd import (
     data_ranges,
     dirty_bitmap_context,
 )
+from vmarchive.hypervisor.qemuproc import LIBVIRT_RUN_DIR, libvirt_pid
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops.capture_cleanup import default_state_dir, domain_lock
 from vmarchive.ops.capture_disks import DiskRead
@@ -147,11 +147,12 @@ class Current:
     instance: str | None = None
 
 
-def qemu_instance(domain: str, run_dir: str = "/run/libvirt/qemu") -> str | None:
+def qemu_instance(domain: str, run_dir: Path = LIBVIRT_RUN_DIR) -> str | None:
     """``pid:start time`` of the domain's QEMU process (changes when QEMU restarts)."""
+    pid = libvirt_pid(domain, run_dir)
+    if pid is None:
+        return None
     try:
-        with open(os.path.join(run_dir, f"{domain}.pid")) as f:
-            pid = int(f.read().strip())
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
         return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
