@@ -438,15 +438,16 @@ class _Capture:
     def _xml_streams(
         self,
         w: Any,
-        live_xml: str | None,
-        migratable_xml: str | None,
+        live_xml: str,
+        migratable_xml: str,
         extra: Mapping[str, str | bytes] | None = None,
     ) -> None:
-        """The domain's XML (both, or neither) and ``extra`` as meta streams."""
-        texts: dict[str, str | bytes] = {}
-        if live_xml is not None and migratable_xml is not None:
-            texts = {"domain.xml": migratable_xml, "domain-live.xml": live_xml}
-        texts.update(extra or {})
+        texts = {"domain.xml": migratable_xml, "domain-live.xml": live_xml, **(extra or {})}
+        self._meta_streams(w, texts)
+
+    @staticmethod
+    def _meta_streams(w: Any, texts: Mapping[str, str | bytes]) -> None:
+        """Each of ``texts`` as a meta stream of that name."""
         for name, text in texts.items():
             data = text.encode() if isinstance(text, str) else text
             sw = w.stream(name, "meta", len(data))
@@ -1121,7 +1122,7 @@ class _Capture:
             # (memory_map, vcpus, arch) is what export-memory reads; the raw texts stay
             # as a fallback.  A map we cannot read must not lose the capture.
             texts = self._memory_map(qmp)
-            self._xml_streams(w, None, None, texts)
+            self._meta_streams(w, texts)
             try:
                 meta.update(
                     collect_memory_map(qmp, texts.get("mtree.txt"), texts.get("ramblock.txt"))
