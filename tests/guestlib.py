@@ -568,9 +568,11 @@ class Guest:
 
     # save / restore (libvirt's own, used by the detector's negative control) -------------
 
-    def save(self, path: pathlib.Path) -> None:
-        """``virsh save``: write RAM + device state to ``path`` and stop the domain."""
-        self.dom.save(str(path))
+    def save(self, path: pathlib.Path, running: bool = False) -> None:
+        """``virsh save``: write RAM + device state to ``path`` and stop the domain.
+        ``running``: a restore starts the guest running even when it was saved paused."""
+        flags = libvirt.VIR_DOMAIN_SAVE_RUNNING if running else 0
+        self.dom.saveFlags(str(path), None, flags)
         self._dom = None
 
     def restore(self, path: pathlib.Path) -> None:

@@ -8,7 +8,9 @@ RAM and disk come from different instants -- and stays silent when they do not.
 
 from __future__ import annotations
 
+import pathlib
 import shutil
+import time
 
 import guestlib
 import pytest
@@ -155,15 +157,38 @@ def test_destroy_mid_run_leaves_nothing_behind(guest_factory: GuestFactory) -> N
     assert sorted(p.name for p in g.workdir.iterdir()) == ["disk0.qcow2", "serial.log"]
 
 
+def save_outside_check(g: guestlib.Guest, image: pathlib.Path) -> guestlib.CounterPage:
+    """``virsh save`` of the guest paused outside its check-and-write of the tick block;
+    the counter page as saved.
+
+    Saved inside it (after the check read the block, before the write), the guest restored
+    against a newer disk overwrites that disk's block unread and MISMATCH cannot fire: the
+    blind window ``guest/workload.c`` describes.  A pause that lands inside is resumed and
+    taken again."""
+    frame = g.serial.counter_frame()
+    assert frame is not None
+    for _ in range(20):
+        g.dom.suspend()
+        page = guestlib.parse_counter_page(g.read_phys(frame * guestlib.PAGE))
+        assert page is not None and page.boot_id == g.boot_id, page
+        if page.in_check == 0:
+            g.save(image, running=True)
+            return page
+        g.dom.resume()
+        time.sleep(0.05)
+    raise AssertionError("20 pauses in a row inside the workload's check-and-write")
+
+
 def test_mismatch_detector_fires_on_a_stale_disk_and_only_then(
     guest_factory: GuestFactory,
 ) -> None:
     g = guest_factory()
     g.wait_ticks(3)
     image = g.workdir / "state.save"
-    g.save(image)
+    page = save_outside_check(g, image)
     at_save = g.read_tick_block()  # stopped: flushed
     assert at_save is not None
+    assert at_save.counter == page.last_written, (at_save, page)
     matching = g.workdir / "disk-at-save.qcow2"
     shutil.copyfile(g.disk_paths[0], matching)
 
