@@ -925,8 +925,9 @@ class _Capture:
     def _retire_bitmaps(self, qmp: QMP, mode: str) -> None:
         """After a committed archive: only the bitmap it started stays on each disk.
 
-        Not while a paused guest sits in ``postmigrate``: its nodes are inactive and QEMU
-        7.2 aborts when a persistent bitmap is removed from an inactive qcow2 node.  The
+        Not while a paused guest sits in ``postmigrate``: its nodes are inactive, QEMU 7.2
+        has written a qcow2 disk's persistent bitmaps into the image and let go of them,
+        and refuses their removal ("not found"; they come back when the guest runs).  The
         next capture of the running guest removes them (they are frozen, never trusted).
         A background snapshot (``mode`` snapshot) never leaves QEMU there: no need to ask.
         """
