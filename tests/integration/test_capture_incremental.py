@@ -14,6 +14,7 @@ the tick block, whose counter must agree with the RAM counter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -313,6 +314,43 @@ def test_bitmap_removed_by_another_tool(
         (bm,) = our_bitmaps(guest)[str(vdb.qdev)]
         q.execute("block-dirty-bitmap-remove", {"node": vdb.node_name, "name": bm["name"]})
     _fallback_then_incremental(guest, env, ("vdb",), "is missing")
+
+
+def test_bitmaps_created_by_another_tool(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path]
+) -> None:
+    """Another tool's bitmaps do not touch ours: still incremental and exact; one named in
+    our namespace (not started by an archive) goes with the old ones, any other stays."""
+    stray, theirs = "vmarchive-0123456789abcdef", "othertool-checkpoint"
+    c, q = qmp_of(guest)
+    with c:
+        (vdb,) = [d for d in list_disks(q, guest.dom.XMLDesc()) if d.target == "vdb"]
+        node = vdb.node_name
+        assert node is not None
+        for name in (stray, theirs):
+            q.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": True})
+    try:
+        guest.wait_ticks(1, since=guest.serial.mark())
+        r = capture(opts(guest, env, mode=Mode.SWITCHOVER))
+        d = disk(r, "vdb")
+        assert d["incremental"] and d["fallback_reason"] is None, d
+        assert check_archive(guest, env, r.id, "others") == []
+        (ours,) = our_bitmaps(guest)[str(vdb.qdev)]
+        assert ours["name"] != stray and ours["recording"], ours
+        c, q = qmp_of(guest)
+        with c:
+            names = [
+                bm["name"]
+                for dev in q.execute("query-block")
+                for bm in (dev.get("inserted") or {}).get("dirty-bitmaps", [])
+            ]
+        assert theirs in names and stray not in names, names
+    finally:
+        c, q = qmp_of(guest)
+        with c:
+            for name in (stray, theirs):
+                with contextlib.suppress(QMPCommandError):
+                    q.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
 
 
 def test_parent_forgotten(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> None:
