@@ -28,7 +28,7 @@ import errno as errno_mod
 import logging
 import socket
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -531,7 +531,7 @@ class NBDClient:
 
     def read_many(
         self, ranges: Iterable[tuple[int, int]], *, depth: int = 4
-    ) -> Iterator[tuple[int, bytearray]]:
+    ) -> Generator[tuple[int, bytearray], None, None]:
         """Read each ``(offset, length)`` range with up to ``depth`` requests in flight;
         yield ``(offset, data)`` in the order given.  Each ``data`` is a new buffer owned
         by the caller.  Ranges must each fit in one request (see :meth:`split_ranges`).
