@@ -203,7 +203,7 @@ def memory_roundtrip(env: dict[str, pathlib.Path], aid: str) -> dict[str, Any]:
     return rt
 
 
-def disk(r: CaptureResult, target: str) -> dict[str, object]:
+def disk(r: CaptureResult, target: str) -> dict[str, Any]:
     (d,) = [x for x in r.disks if x.target == target]
     return d.to_json()
 

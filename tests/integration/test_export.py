@@ -252,8 +252,12 @@ def env(
 
     def cap(**kw: object) -> str:
         opts = CaptureOptions(
-            domain=g.name, repo=str(repo), uri=guestlib.URI, state_dir=base / "state", **kw
-        )  # type: ignore[arg-type]
+            domain=g.name,
+            repo=str(repo),
+            uri=guestlib.URI,
+            state_dir=base / "state",
+            **kw,  # type: ignore[arg-type]
+        )
         return capture(opts).id
 
     try:

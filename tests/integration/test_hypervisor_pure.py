@@ -21,7 +21,7 @@ def _qmp() -> QMP:
 
 
 def test_reply_translation() -> None:
-    q, sent = _qmp(), {"execute": "query-x"}
+    q, sent = _qmp(), dict[str, object](execute="query-x")
     assert q._parse_reply("query-x", sent, '{"return": {"a": 1}, "id": "libvirt-1"}') == {"a": 1}
     with pytest.raises(QMPCommandError) as ei:
         q._parse_reply(

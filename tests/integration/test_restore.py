@@ -290,12 +290,16 @@ def copy_repo(repo_path: str, domains: Domains) -> str:
 def late_ram_chunk(repo: Repository, archive_id: str) -> tuple[bytes, Any]:
     """A stored chunk of the last part of pc.ram whose pack holds no disk chunk."""
     a = repo.load_archive(archive_id)
-    disk_packs = {
-        repo.index.get(c).pack_id for s in a.streams if s.kind == "disk" for c in s.chunk_ids()
-    }
+
+    def where(cid: bytes) -> Any:
+        loc = repo.index.get(cid)
+        assert loc is not None, cid.hex()
+        return loc
+
+    disk_packs = {where(c).pack_id for s in a.streams if s.kind == "disk" for c in s.chunk_ids()}
     ram = a.stream("ram:pc.ram")
     for cid in reversed(list(ram.chunk_ids())):
-        loc = repo.index.get(cid)
+        loc = where(cid)
         if loc.pack_id not in disk_packs:
             return cid, loc
     raise AssertionError("every RAM pack also holds a disk chunk")

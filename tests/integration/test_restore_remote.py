@@ -137,11 +137,9 @@ def test_restore_onto_a_second_libvirtd_through_its_tcp_uri(
         assert r.disks[0].path in there
         assert ET.fromstring(there).findtext("./os/nvram") == r.nvram
         clone = guestlib.Guest(libvirt_conn, guestlib.GuestSpec(), pool_dir, name=g.name)
-        clone.is_active = lambda: (
+        clone.is_active = lambda: (  # type: ignore[method-assign]
             g.name
-            in [  # type: ignore[method-assign]
-                d.name() for d in remote.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            ]
+            in [d.name() for d in remote.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
         )
         clone.serial = guestlib.SerialLog(pathlib.Path(r.serial_logs[0]))
         try:

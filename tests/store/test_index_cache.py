@@ -60,7 +60,7 @@ def test_snapshot_round_trip_and_its_checks() -> None:
     ids = [os.urandom(16) for _ in range(500)]
     for i, c in enumerate(ids):
         idx.add(c, Location(packs[i % 3], 28 + i, 10 + i, 20))
-    head, plist, table = idx.snapshot()
+    head, plist, table = (bytes(x) for x in idx.snapshot())
     back = ChunkIndex.from_snapshot(head, plist, bytearray(table))
     assert len(back) == 500 and dict(back.items()) == dict(idx.items())
     assert back.get(os.urandom(16)) is None

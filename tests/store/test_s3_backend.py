@@ -265,7 +265,7 @@ def test_debug_output_never_shows_credentials(ceph: Ceph) -> None:
     # Control: the check below fires where botocore logs at debug level.
     records: list[str] = []
     handler = logging.Handler(logging.DEBUG)
-    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[assignment]
     boto_log = logging.getLogger("botocore")
     old_level = boto_log.level
     boto_log.addHandler(handler)

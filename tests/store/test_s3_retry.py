@@ -84,7 +84,8 @@ def backend(fake: FakeS3, attempts: int) -> S3Backend:
 @pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])
 def test_transient_errors_are_retried(fake: FakeS3, status: int, code: str) -> None:
     b = backend(fake, attempts=4)
-    assert b._client.meta.config.retries["mode"] == "standard"  # backoff with jitter
+    config = b._client.meta.config
+    assert config.retries["mode"] == "standard"  # type: ignore[attr-defined]  # backoff, jitter
     fake.script = [(status, code)]
     assert b.get("config") == BODY
     assert len(fake.requests) == 2  # a failure, then the answer

@@ -278,7 +278,7 @@ def _request(
     s.sendall(struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, cmd, handle, off, n) + payload)
     magic, error, h = struct.unpack(">IIQ", s.recv(16, socket.MSG_WAITALL))
     assert magic == P.SIMPLE_REPLY_MAGIC and h == handle
-    return error
+    return int(error)
 
 
 def test_writes_and_bad_requests_are_refused_and_the_session_goes_on(
@@ -447,7 +447,7 @@ def test_the_command_serves_until_signalled(
     p = _cli("serve", aid[:10], "--socket", str(sock), "--disk", "vdb", "--json", "--repo", path)
     try:
         assert p.stdout is not None
-        lines = []
+        lines: list[str] = []
         while not lines or lines[-1] != "}\n":
             line = p.stdout.readline()
             assert line, p.stderr.read() if p.stderr else ""

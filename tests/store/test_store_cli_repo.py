@@ -7,7 +7,9 @@ import pathlib
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import pytest
 from storehelpers import write_archive
@@ -22,12 +24,16 @@ class Result:
     def __init__(self, code: int, out: str, err: str) -> None:
         self.code, self.out, self.err = code, out, err
 
-    def json(self) -> object:
+    def json(self) -> Any:
         return json.loads(self.out)
 
 
+#: the ``cli`` fixture: runs ``vmarchive ARGS...`` in this process
+Cli = Callable[..., Result]
+
+
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
     monkeypatch.delenv("VMARCHIVE_REPO", raising=False)
     monkeypatch.delenv("VMARCHIVE_PASSPHRASE", raising=False)
 
@@ -46,7 +52,7 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  #
 
 
 @pytest.fixture
-def repo_with_archives(tmp_path: pathlib.Path, cli) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
+def repo_with_archives(tmp_path: pathlib.Path, cli: Cli) -> tuple[str, list[str]]:
     path = str(tmp_path / "r")
     assert cli("init", "--repo", path).code == 0
     repo = Repository.open(path)
@@ -62,7 +68,7 @@ def repo_with_archives(tmp_path: pathlib.Path, cli) -> tuple[str, list[str]]:  #
     return path, ids
 
 
-def test_list_info_stats_json(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+def test_list_info_stats_json(cli: Cli, repo_with_archives: tuple[str, list[str]]) -> None:
     path, ids = repo_with_archives
     r = cli("list", "--json", "--repo", path)
     assert r.code == 0
@@ -82,13 +88,17 @@ def test_list_info_stats_json(cli, repo_with_archives) -> None:  # type: ignore[
     assert text.code == 0 and ids[0][:12] in text.out
 
 
-def test_repo_from_environment(cli, repo_with_archives, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_repo_from_environment(
+    cli: Cli, repo_with_archives: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, ids = repo_with_archives
     monkeypatch.setenv("VMARCHIVE_REPO", path)
-    assert len(cli("list", "--json").json()) == len(ids)  # type: ignore[arg-type]
+    assert len(cli("list", "--json").json()) == len(ids)
 
 
-def test_name_errors_are_one_line_exit_2(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+def test_name_errors_are_one_line_exit_2(
+    cli: Cli, repo_with_archives: tuple[str, list[str]]
+) -> None:
     path, ids = repo_with_archives
     shared = (
         next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
@@ -106,7 +116,9 @@ def test_name_errors_are_one_line_exit_2(cli, repo_with_archives) -> None:  # ty
     assert r.code == 2 and "VMARCHIVE_REPO" in r.err
 
 
-def test_domain_latest_names_and_list_filters(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+def test_domain_latest_names_and_list_filters(
+    cli: Cli, repo_with_archives: tuple[str, list[str]]
+) -> None:
     path, ids = repo_with_archives  # vm1: ids[0], ids[2], ids[4]; vm0: ids[1], ids[3]
 
     def named(name: str) -> Result:
@@ -122,7 +134,7 @@ def test_domain_latest_names_and_list_filters(cli, repo_with_archives) -> None: 
         ("@latest~4", ids[0]),
     ):
         r = named(name)
-        assert r.code == 0 and r.json()["id"] == want, (name, r.err)  # type: ignore[index]
+        assert r.code == 0 and r.json()["id"] == want, (name, r.err)
     for name, says in (
         ("vm1@latest~3", "domain 'vm1' has 3 archives"),
         ("nope@latest", "domain 'nope' has no archive"),
@@ -144,13 +156,13 @@ def test_domain_latest_names_and_list_filters(cli, repo_with_archives) -> None: 
         extra={"uuid": uuid, "tags": ["pre-upgrade"]},
     )
     repo.close()
-    assert named(f"{uuid.upper()}@latest").json()["id"] == tagged  # type: ignore[index]
-    assert named("@latest").json()["id"] == tagged  # type: ignore[index]
+    assert named(f"{uuid.upper()}@latest").json()["id"] == tagged
+    assert named("@latest").json()["id"] == tagged
 
     def listed(*args: str) -> list[str]:
         r = cli("list", *args, "--json", "--repo", path)
         assert r.code == 0, r.err
-        return [a["id"] for a in r.json()]  # type: ignore[union-attr]
+        return [a["id"] for a in r.json()]
 
     assert listed("vm0") == [ids[1], ids[3]]
     assert listed("vm1") == [ids[0], ids[2], ids[4]]
@@ -177,19 +189,21 @@ def test_domain_latest_names_and_list_filters(cli, repo_with_archives) -> None: 
     assert r.code == 2 and "2 guests are named 'web9'" in r.err, r.err
     for u, aid in twins.items():
         assert u in r.err
-        assert named(f"{u}@latest").json()["id"] == aid  # type: ignore[index]
+        assert named(f"{u}@latest").json()["id"] == aid
 
     # every command that takes an archive resolves the form: forget the newest of vm1
     r = cli("forget", "vm1@latest", "--repo", path)
     assert r.code == 0, r.err
-    assert named("vm1@latest").json()["id"] == ids[2]  # type: ignore[index]
+    assert named("vm1@latest").json()["id"] == ids[2]
 
 
-def test_verify_exit_codes_and_damage_json(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+def test_verify_exit_codes_and_damage_json(
+    cli: Cli, repo_with_archives: tuple[str, list[str]]
+) -> None:
     path, ids = repo_with_archives
     r = cli("verify", "--full", "--json", "--repo", path)
     assert r.code == 0
-    assert r.json() == {**r.json(), "ok": True, "damaged": []}  # type: ignore[dict-item]
+    assert r.json() == {**r.json(), "ok": True, "damaged": []}
     # Damage a chunk of archive 3 (each archive has its own random data).
     repo = Repository.open(path)
     cid = next(repo.load_archive(ids[2]).chunk_ids())
@@ -209,7 +223,7 @@ def test_verify_exit_codes_and_damage_json(cli, repo_with_archives) -> None:  # 
     assert cli("verify", "--repo", path).code == 0  # fast verify does not read data
 
 
-def test_forget_prune_gc(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+def test_forget_prune_gc(cli: Cli, repo_with_archives: tuple[str, list[str]]) -> None:
     path, ids = repo_with_archives
     r = cli("prune", "--repo", path)
     assert r.code == 2 and "--keep" in r.err
@@ -217,9 +231,9 @@ def test_forget_prune_gc(cli, repo_with_archives) -> None:  # type: ignore[no-un
     assert r.code == 0
     plan = r.json()
     assert isinstance(plan, dict) and len(plan["forget"]) == 3 and len(plan["keep"]) == 2
-    assert len(cli("list", "--json", "--repo", path).json()) == 5  # type: ignore[arg-type]
+    assert len(cli("list", "--json", "--repo", path).json()) == 5
     assert cli("prune", "--keep-last", "1", "--repo", path).code == 0
-    left = [a["id"] for a in cli("list", "--json", "--repo", path).json()]  # type: ignore[union-attr]
+    left = [a["id"] for a in cli("list", "--json", "--repo", path).json()]
     assert sorted(left) == sorted(ids[-2:])
     r = cli("forget", ids[-1][:12], "--json", "--repo", path)
     assert r.code == 0 and r.json() == {"forgotten": [ids[-1]]}
@@ -230,7 +244,9 @@ def test_forget_prune_gc(cli, repo_with_archives) -> None:  # type: ignore[no-un
     assert cli("verify", "--full", "--repo", path).code == 0
 
 
-def test_prune_one_domain_keeping_tagged(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+def test_prune_one_domain_keeping_tagged(
+    cli: Cli, repo_with_archives: tuple[str, list[str]]
+) -> None:
     path, ids = repo_with_archives  # vm1: ids[0], ids[2], ids[4]; vm0: ids[1], ids[3]
     repo = Repository.open(path)
     tagged = write_archive(
@@ -254,7 +270,7 @@ def test_prune_one_domain_keeping_tagged(cli, repo_with_archives) -> None:  # ty
         tagged: ["tag pre-upgrade"],
     }
     assert sorted(a["id"] for a in plan["forget"]) == sorted([ids[0], ids[2]])
-    left = [a["id"] for a in cli("list", "--json", "--repo", path).json()]  # type: ignore[union-attr]
+    left = [a["id"] for a in cli("list", "--json", "--repo", path).json()]
     assert sorted(left) == sorted([tagged, ids[1], ids[3], ids[4]])  # vm0 untouched
     args = ["prune", "no-such-vm", "--keep-last", "1", "--repo", path]
     p = subprocess.run(
@@ -264,12 +280,12 @@ def test_prune_one_domain_keeping_tagged(cli, repo_with_archives) -> None:  # ty
         cwd=ROOT,
     )
     assert p.returncode == 0 and "no archive of domain 'no-such-vm'" in p.stderr, p.stderr
-    assert len(cli("list", "--json", "--repo", path).json()) == 4  # type: ignore[arg-type]
+    assert len(cli("list", "--json", "--repo", path).json()) == 4
 
 
 def test_init_errors_and_encryption(
-    cli, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    cli: Cli, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = str(tmp_path / "e")
     assert cli("init", "--repo", path, "--encryption", "rot13").code == 2
     assert cli("init", "--repo", path, "--id-algorithm", "md5").code == 2
@@ -277,7 +293,7 @@ def test_init_errors_and_encryption(
     assert r.code == 2 and "VMARCHIVE_PASSPHRASE" in r.err  # no terminal in tests
     monkeypatch.setenv("VMARCHIVE_PASSPHRASE", "s3cret")
     r = cli("init", "--repo", path, "--encryption", "aes-256-gcm", "--json")
-    assert r.code == 0 and r.json()["encryption"] == "aes-256-gcm"  # type: ignore[index]
+    assert r.code == 0 and r.json()["encryption"] == "aes-256-gcm"
     assert "s3cret" not in r.out + r.err
     assert cli("init", "--repo", path).code == 2  # exists
     assert cli("list", "--json", "--repo", path).json() == []
@@ -301,13 +317,13 @@ def test_missing_repository_no_traceback(tmp_path: pathlib.Path) -> None:
     assert "no vmarchive repository" in run.stderr
 
 
-def test_rebuild_index_command(cli, repo_with_archives) -> None:  # type: ignore[no-untyped-def]
+def test_rebuild_index_command(cli: Cli, repo_with_archives: tuple[str, list[str]]) -> None:
     import shutil
 
     path, ids = repo_with_archives
     shutil.rmtree(pathlib.Path(path, "index"))
     r = cli("verify", "--json", "--repo", path)
-    assert r.code == 4 and sorted(r.json()["damaged"]) == sorted(ids)  # type: ignore[index]
+    assert r.code == 4 and sorted(r.json()["damaged"]) == sorted(ids)
     r = cli("rebuild-index", "--json", "--repo", path)
-    assert r.code == 0 and r.json()["chunks_added"] > 0  # type: ignore[index]
+    assert r.code == 0 and r.json()["chunks_added"] > 0
     assert cli("verify", "--full", "--repo", path).code == 0

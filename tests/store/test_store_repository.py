@@ -7,6 +7,7 @@ import pathlib
 import random
 import tempfile
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -297,7 +298,12 @@ def test_open_errors(tmp_path: pathlib.Path) -> None:
     with pytest.raises(WrongKeyError):
         Repository.open(str(tmp_path / "e"), "wrong")
     asked: list[bool] = []
-    Repository.open(str(tmp_path / "r"), lambda: asked.append(True) or "x")
+
+    def ask() -> str:
+        asked.append(True)
+        return "x"
+
+    Repository.open(str(tmp_path / "r"), ask)
     assert asked == []  # not asked for an unencrypted repository
     Repository.open(str(tmp_path / "e"), lambda: PASSPHRASE)
 
@@ -389,7 +395,7 @@ def test_reader_raises_on_damage_instead_of_returning_wrong_bytes(tmp_path: path
     data = rnd(10 * CHUNK)
     aid = write_archive(repo, {"s": data})
     for mode in ("corrupt", "truncate"):
-        faulty.add(Fault("get_range", "data/", mode=mode))  # type: ignore[arg-type]
+        faulty.add(Fault("get_range", "data/", mode=mode))
         with pytest.raises(DamageError):
             Repository.open(str(tmp_path / "r"), backend=faulty).open_stream(aid, "s").read_all()
     # Deleting a pack: the chunk is missing.
@@ -674,11 +680,11 @@ def test_incompressible_chunks_are_encoded_without_the_compression_pool(
     with repo.writer() as w:
         real_submit = w._pool.submit
 
-        def counting_submit(fn, *args, **kw):  # type: ignore[no-untyped-def]
+        def counting_submit(fn: Any, *args: Any, **kw: Any) -> Any:
             pooled.append(len(args[1]))
             return real_submit(fn, *args, **kw)
 
-        w._pool.submit = counting_submit  # type: ignore[method-assign]
+        w._pool.submit = counting_submit  # type: ignore[method-assign,assignment]
         sw = w.stream("disk", "disk", 12 * big)
         buf = bytearray(big)
         for i, c in enumerate(noise + text):

@@ -160,7 +160,7 @@ def test_release_tracking_removes_named_bitmaps_or_says_what_to_run(
         UntrackResult("vm-u1", [("node-a", "vmarchive-1")], [("node-b", "vmarchive-x")])
     )
     (r,) = release_tracking(gone, "qemu:///system", untrack_fn=fn)
-    assert fn.calls == [("u1", "qemu:///system", ["vmarchive-1"])]  # type: ignore[attr-defined]
+    assert fn.calls == [("u1", "qemu:///system", ["vmarchive-1"])]
     assert r.removed == [("node-a", "vmarchive-1")] and r.advice is None
     assert any("1 other vmarchive bitmaps left" in line for line in r.lines())
 

@@ -213,7 +213,12 @@ def test_held_reader_never_blocks_the_writer() -> None:
     reader.hold()
     reader.start()
     payload = b"y" * (4 << 20)  # 64 times the buffer limit
-    t = threading.Thread(target=lambda: (os.write(w, payload), os.close(w)))
+
+    def write_all() -> None:
+        os.write(w, payload)
+        os.close(w)
+
+    t = threading.Thread(target=write_all)
     t.start()
     t.join(30)
     assert not t.is_alive(), "writer blocked while the reader was held"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pathlib
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Generator, Iterator
+from typing import Any, cast
 
 import pytest
 from test_migstream import W, page, sample
@@ -44,12 +44,14 @@ def test_round_trip_sees_a_page_that_changed_on_the_way(
     repo, w, pc = _capture(tmp_path)
     real = pc._stored_extents
 
-    def flipped(
-        block: ms.RamBlock, skip: frozenset[int] = frozenset()
-    ) -> Iterator[tuple[int, int, bytes | None]]:
+    def flipped(block: ms.RamBlock, skip: frozenset[int] = frozenset()) -> Iterator[ms.RamExtent]:
         for off, n, data in real(block, skip):
-            if block.idstr == "pc.ram" and data is not None and off == 0:
-                data = bytes([data[0] ^ 1]) + data[1:]
+            if (
+                block.idstr == "pc.ram"
+                and isinstance(data, bytes | bytearray | memoryview)
+                and off == 0
+            ):
+                data = bytes([data[0] ^ 1]) + bytes(data[1:])
             yield off, n, data
 
     monkeypatch.setattr(pc, "_stored_extents", flipped)
@@ -107,11 +109,11 @@ def test_round_trip_of_runs_is_ok_and_sees_a_flip_inside_a_run(
 
         def flipped(
             block: ms.RamBlock, skip: frozenset[int] = frozenset()
-        ) -> Iterator[tuple[int, int, bytes | None]]:
+        ) -> Iterator[ms.RamExtent]:
             for off, n, data in real(block, skip):
                 at = 37 * 4096 - off  # page 37: inside the run of pages 33-48
-                if data is not None and 0 <= at < n:
-                    data = data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+                if isinstance(data, bytes | bytearray | memoryview) and 0 <= at < n:
+                    data = bytes(data[:at]) + bytes([data[at] ^ 1]) + bytes(data[at + 1 :])
                 yield off, n, data
 
         monkeypatch.setattr(pc, "_stored_extents", flipped)
@@ -149,7 +151,12 @@ def _committed(repo: Repository, data: bytes, **roundtrip: Any) -> str:
         r = pc.roundtrip(w)
         assert r["ok"], r["problems"]
         r.update(roundtrip)
-        meta = {"time": "t", "domain": "d", "kind": "full", "memory": {**pc.summary()}}
+        meta: dict[str, Any] = {
+            "time": "t",
+            "domain": "d",
+            "kind": "full",
+            "memory": {**pc.summary()},
+        }
         meta["memory"]["roundtrip"] = r
         return w.commit(meta)
 
@@ -203,10 +210,10 @@ def test_a_changed_slot_is_still_checked_against_what_was_captured(
 
         def flipped(
             block: ms.RamBlock, skip: frozenset[int] = frozenset()
-        ) -> Iterator[tuple[int, int, bytes | None]]:
+        ) -> Iterator[ms.RamExtent]:
             for off, n, data in real(block, skip):
-                if off == 5 * 8192 and data is not None:
-                    data = bytes([data[0] ^ 1]) + data[1:]
+                if off == 5 * 8192 and isinstance(data, bytes | bytearray | memoryview):
+                    data = bytes([data[0] ^ 1]) + bytes(data[1:])
                 yield off, n, data
 
         monkeypatch.setattr(pc, "_stored_extents", flipped)
@@ -226,7 +233,7 @@ def test_a_slot_taken_from_the_parent_must_not_come_back(
 
         def ignores_skip(
             block: ms.RamBlock, skip: frozenset[int] = frozenset()
-        ) -> Iterator[tuple[int, int, bytes | None]]:
+        ) -> Iterator[ms.RamExtent]:
             return real(block, frozenset(s for s in skip if s != 3))
 
         monkeypatch.setattr(pc, "_stored_extents", ignores_skip)
@@ -249,7 +256,7 @@ def test_a_changed_slot_left_out_of_the_round_trip_is_caught(
 
         def skips_more(
             block: ms.RamBlock, skip: frozenset[int] = frozenset()
-        ) -> Iterator[tuple[int, int, bytes | None]]:
+        ) -> Iterator[ms.RamExtent]:
             return real(block, frozenset(skip) | {5})
 
         assert pc.roundtrip(w, parent)["ok"]  # the control
@@ -309,17 +316,19 @@ def test_read_back_in_batches_read_ahead_gives_every_slot_once_in_order(
     monkeypatch.setattr(capture_parsed, "_READ_BATCH", 5)
     repo, w, pc = _long_capture(tmp_path)
     with repo, w:
+        assert pc.layout is not None
         (block,) = pc.layout.ram_blocks
         got = list(pc._stored_extents(block))
         assert [off for off, _n, _d in got] == [i * 8192 for i in range(48) if not 20 <= i < 36]
         for off, n, d in got:
+            assert isinstance(d, bytes | bytearray | memoryview)
             assert bytes(d) == page(off // 4096 + 1) + page(off // 4096 + 2) and n == 8192
         assert pc.roundtrip(w)["ok"]
 
         def readers() -> list[str]:
             return [t.name for t in threading.enumerate() if t.name.startswith("roundtrip-read")]
 
-        gen = pc._stored_extents(block)
+        gen = cast(Generator[ms.RamExtent, None, None], pc._stored_extents(block))
         next(gen)
         assert readers()  # the control: reading ahead
         gen.close()

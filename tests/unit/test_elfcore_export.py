@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import subprocess
+from typing import Any
 
 import pytest
 from test_elfcore import read_ehdr, read_notes, read_phdrs
@@ -56,7 +57,7 @@ def make_archive(
     disk: bytes | None = None,
 ) -> str:
     layout, dev = _layout(_FIELDS)
-    meta = {"time": "2026-11-25T21:00:00Z", "domain": "vm1", "kind": "full"}
+    meta: dict[str, Any] = {"time": "2026-11-25T21:00:00Z", "domain": "vm1", "kind": "full"}
     if memory_map:
         meta |= {"memory_map": MAP.to_json(), "vcpus": 2, "arch": "x86_64"}
     with repo.writer() as w:

@@ -8,8 +8,11 @@ stopped working would show.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import platform
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -128,8 +131,8 @@ def test_nothing_to_remap_calls_no_madvise(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(
         hp, "_collapse", lambda fd, runs, deadline: (sum(n for _, n in runs), 0, False)
     )
-    monkeypatch.setattr(hp.os, "pidfd_open", lambda pid: 99)
-    monkeypatch.setattr(hp.os, "close", lambda fd: None)
+    monkeypatch.setattr(os, "pidfd_open", lambda pid: 99)  # hp.os
+    monkeypatch.setattr(os, "close", lambda fd: None)
     rep = hp.restore_huge_pages(PID, root)
     assert (rep.huge_bytes, rep.remapped_bytes, rep.skipped) == (HUGE, HUGE, None)
 
@@ -145,13 +148,13 @@ def test_the_remap_stops_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> Non
             calls.append(length)
             return length
 
-    monkeypatch.setattr(hp.ctypes, "CDLL", lambda *a, **k: FakeLibc())
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: FakeLibc())  # hp.ctypes
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     runs = [(0x40000000, 200 << 20), (0x80000000, HUGE)]
     assert hp._collapse(7, runs) == ((200 << 20) + HUGE, 0, False)
     assert calls == [64 << 20, 64 << 20, 64 << 20, 8 << 20, HUGE]
     calls.clear()
     clock = iter([0.0, 1.0, 2.0, 99.0])
-    monkeypatch.setattr(hp.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))  # hp.time
     assert hp._collapse(7, runs, deadline=5.0) == (3 * (64 << 20), 0, True)
     assert len(calls) == 3

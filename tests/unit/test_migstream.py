@@ -186,12 +186,12 @@ class Dribble(io.RawIOBase):
         return out
 
 
-def parse(data: bytes, **kw: int) -> tuple[ms.StreamLayout, Recorder]:
+def parse(data: bytes, **kw: Any) -> tuple[ms.StreamLayout, Recorder]:
     rec = Recorder()
     return ms.parse_stream(io.BytesIO(data), rec, **kw), rec
 
 
-def regen(layout: ms.StreamLayout, rec: Recorder, **kw: bool) -> bytes:
+def regen(layout: ms.StreamLayout, rec: Recorder, **kw: Any) -> bytes:
     out = io.BytesIO()
     n = ms.regenerate(layout, bytes(rec.dev), rec.source, out, **kw)
     assert n == len(out.getvalue())
@@ -268,7 +268,7 @@ class _Chunks:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
 
-    def write(self, b: bytes | memoryview) -> int:
+    def write(self, b: bytes | bytearray | memoryview, /) -> int:
         self.parts.append(bytes(b))
         return len(b)
 
@@ -342,8 +342,8 @@ def test_bulk_regenerate_writes_what_the_page_by_page_writer_writes(
     for bname, size in blocks:
         want = bytearray(size)
         for off, length, data in extents[bname]:
-            if data is not None and data is not ms.UNSENT:
-                want[off : off + length] = data  # type: ignore[index]
+            if isinstance(data, bytes | bytearray | memoryview):
+                want[off : off + length] = data
         assert rec2.img[bname] == want
 
 
@@ -862,7 +862,8 @@ def test_property_runs_parse_as_single_records(
 def test_runs_are_taken_and_a_broken_run_is_not() -> None:
     """The run path is used for long in-order runs (else the property above proves
     nothing about it), and not where one header in the run breaks the sequence."""
-    seq = [(0, p, page(p + 1)) for p in range(48)] + [(0, p, None) for p in range(48, 128)]
+    seq: list[tuple[int, int, bytes | None]] = [(0, p, page(p + 1)) for p in range(48)]
+    seq += [(0, p, None) for p in range(48, 128)]
     w = W(blocks=[("pc.ram", 128 * PAGE)], sections=[seq])
     rec = RunRecorder()
     ms.parse_stream(io.BytesIO(w.build()), rec)

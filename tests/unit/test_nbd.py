@@ -237,7 +237,7 @@ def test_data_ranges_cover_every_nonzero_byte(
         exts.append(Extent(pos, n, f))
         pos += n
     ranges = data_ranges(exts, granularity, size=pos)
-    covered = set()
+    covered: set[int] = set()
     for o, n in ranges:
         assert o % granularity == 0 and n > 0
         assert o + n <= pos

@@ -49,7 +49,12 @@ def test_waits_until_the_thread_gets_there(tmp_path: pathlib.Path) -> None:
 def test_thread_that_ends_ends_the_wait(tmp_path: pathlib.Path) -> None:
     """The migration failed: the thread is gone, no waiting for the timeout."""
     t = task(tmp_path, 7, 9, "bg_snapshot", "futex_wait_queue")
-    timer = threading.Timer(0.1, lambda: [p.unlink() for p in t.iterdir()])
+
+    def remove_task() -> None:
+        for p in t.iterdir():
+            p.unlink()
+
+    timer = threading.Timer(0.1, remove_task)
     timer.start()
     t0 = time.monotonic()
     assert not wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=30)

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmarchive.ops import restore_feed
 from vmarchive.ops.restore_feed import FifoWriter
 
 
@@ -155,7 +154,7 @@ def test_partial_writes_resume_inside_an_item(
             raise OSError("too many writes")
         return real(fd, [memoryview(buffers[0])[:777]])
 
-    monkeypatch.setattr(restore_feed.os, "writev", short_writev)
+    monkeypatch.setattr(os, "writev", short_writev)  # restore_feed.os
     r, w = pipe
     reader = _Reader(r)
     fw = FifoWriter(w)

@@ -139,11 +139,11 @@ def test_disk_file_qcow2_reads_back_as_the_stream(tmp_path: Path, chunk: int) ->
 
     assert same()
     # Negative control: one byte off in the last data slot is seen.
-    with want.open("r+b") as w:
-        w.seek(size - 1)
-        last = w.read(1)
-        w.seek(size - 1)
-        w.write(bytes([last[0] ^ 1]))
+    with want.open("r+b") as img:
+        img.seek(size - 1)
+        last = img.read(1)
+        img.seek(size - 1)
+        img.write(bytes([last[0] ^ 1]))
     assert not same()
 
 

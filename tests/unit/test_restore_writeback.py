@@ -55,7 +55,7 @@ def test_fill_starts_writeback_of_every_range_it_wrote(
     # every range handed over holds at least the threshold; together they cover all data
     # written before the last (shorter) stretch, which the final fsync writes
     assert started and all(n >= MIB for _o, n in started)
-    covered = set()
+    covered: set[int] = set()
     for off, n in started:
         covered.update(range(off // chunk, (off + n) // chunk))
     last = max(off + n for off, n in started)
@@ -82,7 +82,7 @@ def test_pwrite_all_continues_short_writes(
         calls.append(pos)
         return real(fd, data[:1000], pos)  # at most 1000 bytes a call
 
-    monkeypatch.setattr(fileio.os, "pwrite", short)
+    monkeypatch.setattr(os, "pwrite", short)  # fileio.os
     path = tmp_path / "f"
     data = bytes(range(256)) * 20  # 5120 bytes
     fd = os.open(path, os.O_RDWR | os.O_CREAT)

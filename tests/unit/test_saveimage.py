@@ -29,7 +29,7 @@ def test_header_is_92_bytes_and_decodes_libvirts_own() -> None:
 
 
 xml_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=300
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=300
 )
 
 
