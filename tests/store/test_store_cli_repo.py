@@ -283,6 +283,37 @@ def test_prune_one_domain_keeping_tagged(
     assert len(cli("list", "--json", "--repo", path).json()) == 4
 
 
+def test_init_chunk_sizes(cli: Cli, tmp_path: pathlib.Path) -> None:
+    """--disk-chunk-size / --memory-chunk-size set the repository's defaults, which the
+    streams of later archives take; bad sizes are one line and exit 2, nothing created."""
+    plain = str(tmp_path / "plain")
+    r = cli("init", "--repo", plain, "--json")
+    assert r.code == 0, r.err
+    assert (r.json()["disk_chunk_size"], r.json()["memory_chunk_size"]) == (256 << 10, 64 << 10)
+    path = str(tmp_path / "c")
+    r = cli(
+        *("init", "--repo", path, "--json"),
+        *("--disk-chunk-size", "64K", "--memory-chunk-size", "128KiB"),
+    )
+    assert r.code == 0, r.err
+    assert (r.json()["disk_chunk_size"], r.json()["memory_chunk_size"]) == (64 << 10, 128 << 10)
+    with Repository.open(path) as repo, repo.writer() as w:
+        assert w.stream("disk:vda", "disk", 1 << 20).chunk_size == 64 << 10
+        assert w.stream("ram:pc.ram", "ram", 1 << 20).chunk_size == 128 << 10
+    for opt, bad in [
+        ("--disk-chunk-size", "64Q"),
+        ("--disk-chunk-size", "6K"),
+        ("--disk-chunk-size", "32M"),
+        ("--memory-chunk-size", "0"),
+        ("--memory-chunk-size", "2k5"),
+    ]:
+        r = cli("init", "--repo", str(tmp_path / "bad"), opt, bad)
+        assert r.code == 2 and opt in r.err and len(r.err.strip().splitlines()) == 1, r.err
+        assert not (tmp_path / "bad").exists()
+    r = cli("init", "--repo", str(tmp_path / "m"), "--disk-chunk-size", "1M")
+    assert r.code == 0, r.err
+
+
 def test_init_errors_and_encryption(
     cli: Cli, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -60,6 +60,25 @@ def ask_passphrase() -> str:
     return getpass.getpass("Repository passphrase: ")
 
 
+_UNITS = {"": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20}
+
+
+def _chunk_size(option: str, text: str) -> int:
+    """``text`` (bytes, or with K/KiB/M/MiB) as a chunk size the repository accepts: a
+    multiple of 4 KiB from 4 KiB up to the pack size.  Raises UsageError."""
+    t = text.strip().upper()
+    digits = t.rstrip("KMIB")
+    unit = _UNITS.get(t[len(digits) :])
+    if not digits.isdigit() or unit is None:
+        raise UsageError(f"{option}: {text!r} is not a size (e.g. 65536, 64K, 1M)")
+    n = int(digits) * unit
+    if not (C.MIN_CHUNK_SIZE <= n <= C.DEFAULT_PACK_SIZE) or n % C.MIN_CHUNK_SIZE:
+        raise UsageError(
+            f"{option}: {text} is not a multiple of 4K between 4K and {C.DEFAULT_PACK_SIZE >> 20}M"
+        )
+    return n
+
+
 def _new_passphrase() -> str:
     env = os.environ.get(PASSPHRASE_ENV)
     if env is not None:
@@ -101,11 +120,25 @@ def init_cmd(
     compression_level: int = typer.Option(
         C.DEFAULT_ZSTD_LEVEL, "--compression-level", help="zstd level."
     ),
+    disk_chunk_size: str = typer.Option(
+        f"{C.DEFAULT_DISK_CHUNK >> 10}K",
+        "--disk-chunk-size",
+        help="Chunk size of disk streams (4K..16M, a multiple of 4K): smaller chunks store "
+        "less for scattered small writes (an incremental stores whole chunks), larger ones "
+        "keep big disks' indexes small.",
+    ),
+    memory_chunk_size: str = typer.Option(
+        f"{C.DEFAULT_MEMORY_CHUNK >> 10}K",
+        "--memory-chunk-size",
+        help="Chunk size of RAM streams (4K..16M, a multiple of 4K).",
+    ),
     as_json: bool = _json_option(),
 ) -> None:
     """Create a new, empty repository."""
     if not repo:
         raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
+    disk_chunk = _chunk_size("--disk-chunk-size", disk_chunk_size)
+    memory_chunk = _chunk_size("--memory-chunk-size", memory_chunk_size)
     if encryption not in C.ENCRYPTIONS:
         raise UsageError(f"unknown encryption {encryption!r} (one of {', '.join(C.ENCRYPTIONS)})")
     if id_algorithm not in C.ID_ALGORITHMS:
@@ -120,6 +153,8 @@ def init_cmd(
             passphrase=passphrase,
             id_algorithm=id_algorithm,
             compression_level=compression_level,
+            disk_chunk_size=disk_chunk,
+            memory_chunk_size=memory_chunk,
         ),
     )
     cfg = r.codecs.config
@@ -131,6 +166,8 @@ def init_cmd(
                 "encryption": cfg.encryption,
                 "id_algorithm": cfg.id_algorithm,
                 "compression_level": cfg.compression_level,
+                "disk_chunk_size": cfg.disk_chunk_size,
+                "memory_chunk_size": cfg.memory_chunk_size,
             }
         )
     else:
