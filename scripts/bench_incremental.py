@@ -25,8 +25,11 @@ vmarchive and virtnbdbackup run, as for a disk larger than the host's cache.
 
 ``--hugepages`` puts the guest's RAM on 2 MiB huge pages (see scripts/bench_capture.py).
 
+``--disk-chunk-kib`` sets the repository's disk chunk size: an incremental stores whole
+chunks, so the 160 rewritten 64 KiB extents become 160 new 256 KiB chunks by default.
+
 Usage: scripts/bench_incremental.py [--workdir DIR] [--mode switchover|snapshot] [--rounds N]
-                                    [--cold] [--hugepages]
+                                    [--cold] [--hugepages] [--disk-chunk-kib N]
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import bench_lib as bl  # noqa: E402
 import guestlib  # noqa: E402
 import libvirt  # noqa: E402
 
+from vmarchive.format import constants as C  # noqa: E402
 from vmarchive.hypervisor.connection import Connection  # noqa: E402
 from vmarchive.hypervisor.qmp import QMP  # noqa: E402
 from vmarchive.store import Repository  # noqa: E402
@@ -77,10 +81,12 @@ def rewrite_one_percent(name: str, rng: random.Random) -> None:
 
 
 class Bench:
-    def __init__(self, g: guestlib.Guest, base: Path, mode: str, cold: bool) -> None:
+    def __init__(
+        self, g: guestlib.Guest, base: Path, mode: str, cold: bool, disk_chunk: int
+    ) -> None:
         self.g, self.base, self.mode, self.cold = g, base, mode, cold
         self.repo = base / "repo"
-        Repository.init(str(self.repo), InitOptions()).close()
+        Repository.init(str(self.repo), InitOptions(disk_chunk_size=disk_chunk)).close()
         self.state = base / "state"
         self.state.mkdir()
         self.vnb = base / "virtnbd"
@@ -165,6 +171,12 @@ def main() -> int:
         action="store_true",
         help="back the guest's RAM with 2 MiB huge pages (reserved for the run)",
     )
+    ap.add_argument(
+        "--disk-chunk-kib",
+        type=int,
+        default=C.DEFAULT_DISK_CHUNK // 1024,
+        help="the repository's disk chunk size (vmarchive init --disk-chunk-size)",
+    )
     a = ap.parse_args()
     if shutil.which("virtnbdbackup") is None:
         print("virtnbdbackup is missing: apt-get install virtnbdbackup (scripts/setup-host)")
@@ -188,7 +200,7 @@ def main() -> int:
         raw.unlink()
         g.start()
         g.wait_up()
-        b = Bench(g, base, a.mode, a.cold)
+        b = Bench(g, base, a.mode, a.cold, a.disk_chunk_kib * 1024)
         first, _r = b.vmarchive(True)
         vfull = b.virtnbdbackup("full")
         print(
@@ -209,7 +221,7 @@ def main() -> int:
         ram = f"{spec.memory_mib} MiB RAM on {'huge pages' if a.hugepages else '4 KiB pages'}"
         print(
             f"\nmedians ({a.mode} mode, {cache} cache, {ram};"
-            f" 1 % = {CHANGED / MIB:.0f} MiB of {DISK_MIB} MiB)"
+            f" 1 % = {CHANGED / MIB:.0f} MiB of {DISK_MIB} MiB; disk chunks {a.disk_chunk_kib} KiB)"
         )
         print(f"{'':22}{'full':>10}{'incremental':>14}{'inc/full':>10}")
         for k in f:
