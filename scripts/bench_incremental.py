@@ -5,10 +5,10 @@ side by side with virtnbdbackup's incremental backup of the same change.
 A TCG test guest with a second disk (qcow2, 1 GiB, filled with random data on the host
 before boot) is captured once to start tracking, and backed up once by virtnbdbackup
 (``-l full``, which starts its libvirt checkpoint).  Then, ``--rounds`` times each: 1 % of
-the disk (10 MiB as 160 random 64 KiB extents, written through QEMU's block layer with HMP
-``qemu-io``, i.e. like guest writes) is rewritten; vmarchive captures it (``--full`` and
-incremental alternately) and virtnbdbackup makes an incremental backup (``-l inc``) of the
-same change.  Both run as commands (``vmarchive --debug capture --json`` and
+the disk (10 MiB as 160 random 64 KiB extents of new random content, written through
+QEMU's block layer with HMP ``qemu-io``, i.e. like guest writes) is rewritten; vmarchive
+captures it (``--full`` and incremental alternately) and virtnbdbackup makes an incremental
+backup (``-l inc``) of the same change.  Both run as commands (``vmarchive --debug capture --json`` and
 ``virtnbdbackup``), one after the other, each after ``sync``.
 
 Prints per run: wall time, disk bytes read, what was stored; the ratios
@@ -70,14 +70,23 @@ TIMINGS = re.compile(
 )
 
 
-def rewrite_one_percent(name: str, rng: random.Random) -> None:
+def rewrite_one_percent(name: str, rng: random.Random, scratch: Path) -> None:
+    """160 random 64 KiB extents of vdb get new random content, written by QEMU
+    (``qemu-io -s FILE``: the extent filled from FILE, one fresh file per extent), so no
+    two extents, and no extent and an older one, are alike: what is stored is what changed.
+    """
+    scratch.mkdir(exist_ok=True)
+    scratch.chmod(0o755)  # QEMU reads the files
     with Connection.open(guestlib.URI) as c:
         q = QMP(c.lookup(name))
         (blk,) = [b for b in q.execute("query-block") if "virtio-disk1" in str(b.get("qdev"))]
         dev = blk["qdev"]
-        for _ in range(CHANGED // EXTENT):
+        for k in range(CHANGED // EXTENT):
             off = rng.randrange(DISK_MIB * MIB // EXTENT) * EXTENT
-            q.hmp(f'qemu-io -d {dev} "write -P {rng.randrange(1, 255)} {off} {EXTENT}"')
+            src = scratch / f"extent{k}"
+            src.write_bytes(rng.randbytes(EXTENT))
+            src.chmod(0o644)
+            q.hmp(f'qemu-io -d {dev} "write -s {src} {off} {EXTENT}"')
 
 
 class Bench:
@@ -210,7 +219,7 @@ def main() -> int:
         rows: dict[str, list[dict[str, Any]]] = {"full": [], "incremental": [], "virtnbd": []}
         runs: list[bl.Run] = []
         for kind in ("full", "incremental") * a.rounds:
-            rewrite_one_percent(g.name, rng)
+            rewrite_one_percent(g.name, rng, base / "extents")
             row, r = b.vmarchive(kind == "full")
             rows[kind].append(row)
             runs.append(r)
