@@ -84,9 +84,6 @@ def test_qemu_pid_from_a_vcpu_thread(tmp_path: pathlib.Path) -> None:
     assert qemu_pid(FakeQMP([{"thread-id": 4242}]), proc=tmp_path) == 4200  # type: ignore[arg-type]
     assert qemu_pid(FakeQMP([{"thread-id": 1}]), proc=tmp_path) is None  # type: ignore[arg-type]
     assert qemu_pid(FakeQMP([]), proc=tmp_path) is None  # type: ignore[arg-type]
-    # the caller's answer to query-cpus-fast is used as it is: QEMU is not asked again
-    assert qemu_pid(NoQMP(), proc=tmp_path, cpus=[{"thread-id": 4242}]) == 4200  # type: ignore[arg-type]
-    assert qemu_pid(FakeQMP([{"thread-id": 4242}]), proc=tmp_path, cpus=None) == 4200  # type: ignore[arg-type]
 
 
 class NoQMP:

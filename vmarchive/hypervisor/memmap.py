@@ -245,7 +245,6 @@ def collect_memory_map(
     qmp: QMP,
     mtree: str | None = None,
     ramblock: str | None = None,
-    cpus: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """What a capture records so that memory exports can be made from the archive.
 
@@ -261,8 +260,8 @@ def collect_memory_map(
     reprograms the PAM/SMRAM windows, so reading it just before or after the instant is
     fine outside boot.
 
-    ``mtree``, ``ramblock`` and ``cpus`` (``query-cpus-fast``'s answer): when the caller
-    has them already (one round trip each less); else they are asked for.
+    ``mtree``, ``ramblock``: when the caller has them already (one round trip each less);
+    else they are asked for.
 
     Raises QMPCommandError / HypervisorError (QEMU or libvirt failed) and FormatError
     (QEMU's text could not be parsed).
@@ -271,8 +270,7 @@ def collect_memory_map(
         mtree = qmp.hmp("info mtree -f")
     if ramblock is None:
         ramblock = qmp.hmp("info ramblock")
-    if cpus is None:
-        cpus = qmp.execute("query-cpus-fast")
+    cpus = qmp.execute("query-cpus-fast")
     arch = cpus[0].get("target") if cpus else None
     if not arch:  # one round trip less per capture where the vCPUs name it
         arch = qmp.execute("query-target")["arch"]

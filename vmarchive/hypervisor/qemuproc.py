@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from vmarchive.errors import HypervisorError
 from vmarchive.hypervisor.qmp import QMP
@@ -38,7 +37,6 @@ LIBVIRT_RUN_DIR = Path("/run/libvirt/qemu")
 def qemu_pid(
     qmp: QMP,
     proc: Path = PROC,
-    cpus: list[dict[str, Any]] | None = None,
     *,
     name: str | None = None,
     run_dir: Path = LIBVIRT_RUN_DIR,
@@ -47,17 +45,15 @@ def qemu_pid(
 
     With the domain's ``name``, first libvirt's pid file in ``run_dir``, taken only when
     that process's command line names the domain (``-name guest=NAME,...``): no monitor
-    round trip.  Else QMP gives the host thread ids of the vCPUs (``cpus``:
-    ``query-cpus-fast``'s answer when the caller has it); their thread group is QEMU's
-    process.
+    round trip.  Else QMP gives the host thread ids of the vCPUs (``query-cpus-fast``);
+    their thread group is QEMU's process.
     """
-    if name is not None and cpus is None:
+    if name is not None:
         pid = _pid_from_file(run_dir, name, proc)
         if pid is not None:
             return pid
     try:
-        if cpus is None:
-            cpus = qmp.execute("query-cpus-fast")
+        cpus = qmp.execute("query-cpus-fast")
         tid = int(cpus[0]["thread-id"])
         for line in (proc / str(tid) / "status").read_text().splitlines():
             if line.startswith("Tgid:"):
