@@ -1,5 +1,6 @@
 """The CLI's contract with users: one line on error, documented exit codes, no tracebacks."""
 
+import itertools
 import subprocess
 import sys
 
@@ -196,3 +197,37 @@ def test_capture_starts_without_asyncio() -> None:
     code = "import sys, qemu.qmp; print('asyncio' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "True", r.stderr
+
+
+def _description(help_text: str) -> list[str]:
+    """The lines of a rendered --help between the usage line and the first panel."""
+    lines = help_text.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.strip().startswith("Usage:")) + 1
+    end = next((i for i, x in enumerate(lines) if x.startswith("╭")), len(lines))
+    return [x.strip() for x in lines[start:end]]
+
+
+def test_help_paragraphs_fill_their_lines() -> None:
+    """Each command's --help wraps its docstring's paragraphs at the terminal's width,
+    not at the docstring's own line breaks (typer keeps those: a word or two were left
+    alone on a line at 80 columns)."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from vmarchive.cli.app import app, load_commands
+
+    load_commands()
+    docs = [inspect.getdoc(c.callback) or "" for c in app.registered_commands if c.callback]
+    # the docstrings do break their paragraphs' lines: the check below is not empty
+    assert any("\n" in p.strip() for d in docs for p in d.split("\n\n"))
+    runner = CliRunner()
+    for c in app.registered_commands:
+        name = c.name or c.callback.__name__.replace("_", "-")  # type: ignore[union-attr]
+        r = runner.invoke(app, [name, "--help"], env={"COLUMNS": "80"})
+        assert r.exit_code == 0, r.output
+        text = _description(r.output)
+        assert any(text), name
+        for line, after in itertools.pairwise(text):
+            if line and after:  # within a paragraph: a filled line
+                assert len(line) > 55, f"{name}: {line!r} then {after!r}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import gc
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -155,6 +156,19 @@ def load_commands(argv: list[str] | None = None) -> None:
     names = [module] if module else list(dict.fromkeys(COMMAND_MODULES.values()))
     for name in names:
         importlib.import_module(f"vmarchive.cli.{name}")
+    for c in app.registered_commands:
+        if c.help is None and c.callback is not None:
+            c.help = reflow(inspect.getdoc(c.callback) or "")
+
+
+def reflow(doc: str) -> str:
+    """A docstring as help text: each paragraph on one line, for the terminal to wrap.
+
+    typer (0.28) keeps the line breaks of a help text's later paragraphs and then wraps
+    each source line at the terminal's width: at 80 columns a docstring's lines of up to
+    88 left a word or two alone on a line.
+    """
+    return "\n\n".join(" ".join(p.split()) for p in doc.split("\n\n"))
 
 
 def main() -> None:

@@ -209,9 +209,10 @@ def diff_cmd(
     repo: str = _REPO,
     json_out: bool = _JSON,
 ) -> None:
-    """Which guest-physical memory ranges and disk extents differ between two archives
-    (from the manifests alone, at chunk granularity; --exact reads the changed chunks to
-    narrow the answer to 4 KiB pages)."""
+    """Which guest-physical memory ranges and disk extents differ between two archives.
+
+    The answer comes from the manifests alone, at chunk granularity; --exact reads the
+    changed chunks to narrow it to 4 KiB pages."""
     r = diff(repo_ref(repo), archive_a, archive_b, exact)
     if json_out:
         print_json(r.to_json())

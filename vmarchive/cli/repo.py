@@ -183,8 +183,10 @@ def list_cmd(
     repo: str = _repo_option(),
     as_json: bool = _json_option(),
 ) -> None:
-    """List archives, oldest first (name one with its id, a unique prefix, or
-    DOMAIN@latest, DOMAIN@latest~1...)."""
+    """List archives, oldest first.
+
+    Other commands name an archive by its id, a unique prefix of it, or DOMAIN@latest,
+    DOMAIN@latest~1 (the one before it), and so on."""
     archives = ops.list_archives(repo_ref(repo), domain, tag)
     if as_json:
         print_json([a.to_json() for a in archives])
