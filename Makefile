@@ -3,6 +3,8 @@
 .PHONY: setup guest demo test check lint unit
 
 TESTPATH = tests:tests/unit:tests/integration:tests/store
+#: Python scripts without the .py suffix (ruff and mypy look for it in directories)
+PYSCRIPTS = scripts/gen-vectors scripts/gen-exit-codes
 
 setup:
 	scripts/setup-host
@@ -13,14 +15,16 @@ guest: setup
 demo: guest
 	scripts/demo
 
-# mypy runs over the tests too: their helpers import each other across directories, and
-# tests/ and tests/store/ each have a conftest module (two runs)
+# mypy runs over the tests and scripts too: their helpers import each other across
+# directories, and tests/ and tests/store/ each have a conftest module (two runs)
 check:
-	.venv/bin/ruff check vmarchive tests scripts
-	.venv/bin/ruff format --check vmarchive tests
+	.venv/bin/ruff check vmarchive tests scripts $(PYSCRIPTS)
+	.venv/bin/ruff format --check vmarchive tests scripts $(PYSCRIPTS)
 	.venv/bin/mypy
 	MYPYPATH=$(TESTPATH) .venv/bin/mypy --explicit-package-bases tests/*.py tests/unit tests/integration
 	MYPYPATH=$(TESTPATH) .venv/bin/mypy --explicit-package-bases tests/store
+	MYPYPATH=tests:scripts .venv/bin/mypy --explicit-package-bases scripts/*.py
+	for f in $(PYSCRIPTS); do MYPYPATH=tests:scripts .venv/bin/mypy --explicit-package-bases $$f || exit 1; done
 	.venv/bin/lint-imports
 
 test: guest check

@@ -582,7 +582,7 @@ def get(d: Any, *path: Any) -> Any:
 def ratio(a: Any, b: Any) -> float | None:
     if a is None or b is None or not b:
         return None
-    return a / b
+    return float(a / b)
 
 
 def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
@@ -798,24 +798,24 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
     )
     ch = res.get("churn")
     if ch:
-        n = len(ch["captures"])
+        ncap = len(ch["captures"])
         rows.append(
             (
-                f"churn: vmarchive repo after {n} captures",
+                f"churn: vmarchive repo after {ncap} captures",
                 mib(ch["vmarchive_repo_bytes"]),
                 f"pause median {f(med([c['pause_ms'] for c in ch['captures']]), ' ms', 1)}",
             )
         )
         rows.append(
             (
-                f"churn: borg repo (same {n} exports)",
+                f"churn: borg repo (same {ncap} exports)",
                 mib(ch["borg_repo_bytes"]),
                 f"{ch['borg_total_s']:.1f} s total",
             )
         )
         rows.append(
             (
-                f"churn: restic repo (same {n} exports)",
+                f"churn: restic repo (same {ncap} exports)",
                 mib(ch["restic_repo_bytes"]),
                 f"{ch['restic_total_s']:.1f} s total",
             )
@@ -830,8 +830,9 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
         for _r, caps in sorted(scal.items(), key=lambda kv: int(kv[0]))
     ]
     grows = None
-    if mp is not None and big and all(b is not None for b in big):
-        grows = any(b > 1.5 * mp for b in big)  # noise allowance: 1.5x the base median
+    known = [b for b in big if b is not None]
+    if mp is not None and known and len(known) == len(big):
+        grows = any(b > 1.5 * mp for b in known)  # noise allowance: 1.5x the base median
     targets.append(
         (
             "pause <= 50 ms median over captures",
@@ -877,7 +878,7 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
             rows.append(("1st capture floor in snapshot mode", f(sb, " s"),
                          f"max(background snapshot, rest read at the qemu-img rate {disk_s:.2f} s): 1st capture = {c1['wall_s'] / sb:.2f}x"))  # fmt: skip
     b1 = get(br, "run1")
-    if c1 and b1:
+    if c1 and b1 and cap_rate is not None:
         borg_rate = b1["input_bytes"] / b1["borg_s"]
         r = ratio(cap_rate, borg_rate)
         targets.append(
@@ -917,11 +918,11 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
         )
     if rst and rst.get("baseline_median_s"):
         ours, ref = rst["median_wall_s"], rst["baseline_median_s"]
-        n = len(rst["rounds_wall_s"])
+        rounds = len(rst["rounds_wall_s"])
         targets.append(
             (
                 "restore-to-running <= 1.2 x (virsh restore + cp disk)",
-                f"{ours:.2f} s vs {ref:.2f} s ({ours / ref:.2f}x, medians of {n} paired)",
+                f"{ours:.2f} s vs {ref:.2f} s ({ours / ref:.2f}x, medians of {rounds} paired)",
                 verdict(ours <= 1.2 * ref),
             )
         )

@@ -116,6 +116,11 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return busy, busy + idle + iowait
 
 
+def _kill_if_running(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+
+
 def run(
     cmd: list[str],
     env: dict[str, str] | None = None,
@@ -179,7 +184,7 @@ def run(
         if now > timeout and not timed_out:
             timed_out = True
             proc.terminate()
-            threading.Timer(15, lambda: proc.poll() is None and proc.kill()).start()
+            threading.Timer(15, _kill_if_running, (proc,)).start()
         m = _tree_rss(proc.pid)
         if m is not None:
             rss.append((now, m))
@@ -422,7 +427,8 @@ def migrate_to_null(dom: libvirt.virDomain, background: bool = False) -> dict[st
         qmp(dom, "getfd", files=[wfd], fdname="benchnull")
         os.close(wfd)
         wfd = -1
-        qmp(dom, "migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 300})
+        limits: dict[str, Any] = {"max-bandwidth": 1 << 40, "downtime-limit": 300}
+        qmp(dom, "migrate-set-parameters", **limits)
         caps = [{"capability": "background-snapshot", "state": background}]
         qmp(dom, "migrate-set-capabilities", capabilities=caps)
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ domain named vmatest-hv-bench-*, destroyed at the end).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import shutil
@@ -68,7 +69,7 @@ def variants(sock: str, export: str) -> dict[str, float]:
         for request in (256 * 1024, 1 * MiB, 4 * MiB):
             for depth in (1, 4):
                 out[f"{request // 1024}K x{depth}"] = rate(
-                    lambda r=request, d=depth: read_all(c, r, d)
+                    functools.partial(read_all, c, request, depth)
                 )
     return out
 

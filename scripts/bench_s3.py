@@ -217,7 +217,8 @@ def serial_io() -> Iterator[None]:
     base = saved_env.__func__
 
     def from_env(cls: type[S3Options], **overrides: Any) -> S3Options:
-        return base(cls, **{**SERIAL_S3, **overrides})
+        opts: S3Options = base(cls, **{**SERIAL_S3, **overrides})
+        return opts
 
     def writer(
         self: Repository, progress: Progress = NULL_PROGRESS, options: WriterOptions | None = None
