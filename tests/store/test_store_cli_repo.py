@@ -358,3 +358,50 @@ def test_rebuild_index_command(cli: Cli, repo_with_archives: tuple[str, list[str
     r = cli("rebuild-index", "--json", "--repo", path)
     assert r.code == 0 and r.json()["chunks_added"] > 0
     assert cli("verify", "--full", "--repo", path).code == 0
+
+
+def test_info_shows_nested_metadata_for_people(cli: Cli, tmp_path: pathlib.Path) -> None:
+    """``info`` without --json: nested objects indented under their key, lists of small
+    flat objects as tables (addresses in hex), byte counts with their size, a disk's
+    target first, null as '-' -- not Python's repr of the dicts."""
+    path = str(tmp_path / "r")
+    assert cli("init", "--repo", path).code == 0
+    disk = {
+        "bytes_read": 65536,
+        "bytes_referenced": 402653184,
+        "bytes_stored": 262144,
+        "copied": True,
+        "fallback_reason": None,
+        "incremental": True,
+        "reason": None,
+        "size": 1073741824,
+        "target": "vda",
+    }
+    ranges = [
+        {"block": "pc.ram", "offset": 0, "size": 655360, "start": 0},
+        {"block": "pc.ram", "offset": 1048576, "size": 535822336, "start": 1048576},
+    ]
+    extra = {
+        "parent": None,
+        "disks": [disk],
+        "memory_map": {"ranges": ranges, "version": 1},
+        "tags": ["nightly", "pre-upgrade"],
+    }
+    aid = write_archive(
+        Repository.open(path), {"disk:vda": bytes(70_000)}, kind="disk", extra=extra
+    )
+    r = cli("info", aid, "--repo", path)
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert "{'" not in r.out and "[{" not in r.out, r.out
+    assert "  parent           -" in lines
+    assert "  tags             nightly, pre-upgrade" in lines
+    at = lines.index("  disks")
+    assert lines[at + 1] == "    - target           vda"
+    assert "      bytes_referenced 402653184 (384.0 MiB)" in lines[at + 2 : at + 6]
+    assert "      fallback_reason  -" in lines and "      incremental      true" in lines
+    at = lines.index("    ranges")
+    assert lines[at + 1].split() == ["block", "offset", "size", "start"]
+    assert lines[at + 3].split() == ["pc.ram", "0x100000", "511.0", "MiB", "0x100000"]
+    assert "    version 1" in lines
+    assert "  stream disk:vda (disk): 68.4 KiB, 1 chunk of 256.0 KiB, 1 hole" in lines

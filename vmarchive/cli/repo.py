@@ -108,6 +108,82 @@ def _fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
+#: Keys whose integer values are byte counts (besides any key naming ``bytes``).
+_SIZE_KEYS = frozenset({"size", "virtual_size", "total", "transferred", "size_bytes"})
+#: Keys whose integer values are guest addresses or offsets (shown in hex in tables).
+_ADDRESS_KEYS = frozenset({"start", "offset"})
+#: Keys shown first among their object's (what names a disk, a block).
+_FIRST_KEYS = frozenset({"target", "name"})
+#: A list of flat objects with at most this many keys is shown as a table.
+_TABLE_MAX_KEYS = 6
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _is_size(key: str) -> bool:
+    return key in _SIZE_KEYS or "bytes" in key
+
+
+def _scalar(key: str, v: Any, *, table: bool = False) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int) and _is_size(key):
+        return _fmt_bytes(v) if table or v < 1024 else f"{v} ({_fmt_bytes(v)})"
+    if isinstance(v, int) and table and key in _ADDRESS_KEYS:
+        return f"{v:#x}"
+    return str(v)
+
+
+def _flat(v: Any) -> bool:
+    return not isinstance(v, dict | list)
+
+
+def _table(rows: list[dict[str, Any]], pad: str) -> list[str]:
+    keys = sorted(dict.fromkeys(k for r in rows for k in r), key=lambda k: k not in _FIRST_KEYS)
+    cells = [[_scalar(k, r.get(k), table=True) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    line = [pad + "  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)).rstrip()]
+    for c in cells:
+        line.append(pad + "  ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)).rstrip())
+    return line
+
+
+def _metadata_lines(meta: dict[str, Any], indent: int = 2, width: int = 16) -> list[str]:
+    """An archive's metadata for people: one key per line, nested objects indented below
+    their key, lists of small flat objects as tables, byte counts with their size in
+    KiB/MiB/GiB (``info --json`` has the values as stored)."""
+    pad = " " * indent
+    out: list[str] = []
+    for k in sorted(meta, key=lambda k: (k not in _FIRST_KEYS, k)):
+        v = meta[k]
+        if _flat(v) or not v:
+            shown = _scalar(k, v) if _flat(v) else "-"
+            out.append(f"{pad}{k:<{width}} {shown}".rstrip())
+        elif isinstance(v, list) and all(_flat(x) for x in v):
+            out.append(f"{pad}{k:<{width}} {', '.join(_scalar(k, x) for x in v)}")
+        elif isinstance(v, dict):
+            out.append(f"{pad}{k}")
+            out.extend(_metadata_lines(v, indent + 2, max(len(x) for x in v)))
+        elif all(isinstance(x, dict) and all(_flat(y) for y in x.values()) for x in v) and (
+            len({key for x in v for key in x}) <= _TABLE_MAX_KEYS
+        ):
+            out.append(f"{pad}{k}")
+            out.extend(_table(v, pad + "  "))
+        else:
+            out.append(f"{pad}{k}")
+            for x in v:
+                item = x if isinstance(x, dict) else {"value": x}
+                lines = _metadata_lines(item, indent + 4, max((len(y) for y in item), default=0))
+                if lines:
+                    lines[0] = f"{pad}  - {lines[0][indent + 4 :]}"
+                out.extend(lines or [f"{pad}  - -"])
+    return out
+
+
 @app.command("init")
 def init_cmd(
     repo: str = _repo_option(),
@@ -209,13 +285,14 @@ def info_cmd(
         )
         return
     typer.echo(f"archive {a.id}")
-    for k in sorted(a.metadata):
-        typer.echo(f"  {k:<16} {a.metadata[k]}")
+    for line in _metadata_lines(a.metadata):
+        typer.echo(line)
     for s in a.streams:
         j = s.to_json()
         typer.echo(
-            f"  stream {s.name} ({s.kind}): {_fmt_bytes(s.size)}, {j['slots']} chunks of "
-            f"{_fmt_bytes(s.chunk_size)}, {j['holes']} holes"
+            f"  stream {s.name} ({s.kind}): {_fmt_bytes(s.size)},"
+            f" {_count(j['slots'], 'chunk')} of {_fmt_bytes(s.chunk_size)},"
+            f" {_count(j['holes'], 'hole')}"
         )
 
 
