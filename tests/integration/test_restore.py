@@ -278,6 +278,41 @@ def test_clones_run_beside_the_original_and_replay_identically(
         domains.remove(r.domain)
 
 
+def test_clones_without_a_name_take_the_next_free_one(
+    libvirt_conn: libvirt.virConnect,
+    original: guestlib.Guest,
+    repo_path: str,
+    captured: Captured,
+    domains: Domains,
+) -> None:
+    """``clone`` without --name: DOMAIN-clone-<8 digits of the archive id>, then -2 while a
+    domain holds that name, -3 while only the files of -2 are left; --replace takes the
+    first name again (the search's negative control)."""
+    d = domains.workdir()
+    base = f"{original.name}-clone-{captured.id[:8]}"
+    domains.names += [base, f"{base}-2", f"{base}-3"]
+    first = restore(opts(repo_path, captured, disk_dir=d, clone=True, paused=True))
+    assert first.domain == base
+    cmd = [*VMARCHIVE, "clone", captured.id, "--repo", repo_path, "--disk-dir", str(d)]
+    proc = subprocess.run(
+        [*cmd, "--paused", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    second = json.loads(proc.stdout)["domain"]
+    assert second == f"{base}-2"
+    assert libvirt_conn.lookupByName(base).isActive()  # the first clone is untouched
+    domains.remove(second)  # its files stay: the name stays taken
+    assert glob.glob(f"{d}/{glob.escape(second)}-*")
+    third = restore(opts(repo_path, captured, disk_dir=d, clone=True, paused=True))
+    assert third.domain == f"{base}-3"
+    again = restore(opts(repo_path, captured, disk_dir=d, clone=True, paused=True, replace=True))
+    assert again.domain == base and again.uuid != first.uuid
+    for name in (base, third.domain):
+        domains.remove(name)
+
+
 # --- refused archives: nothing may be left behind ---------------------------------------------
 
 

@@ -137,7 +137,12 @@ def restore_cmd(
 @app.command("clone")
 def clone_cmd(
     archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
-    name: str = typer.Option(..., "--name", help="Name of the clone."),
+    name: str = typer.Option(
+        None,
+        "--name",
+        help="Name of the clone (default: DOMAIN-clone-ID with the archive id's first 8"
+        " digits, or the first free of its -2, -3...).",
+    ),
     repo: str = _REPO,
     connect: str = _CONNECT,
     disk_dir: Path = _DISK_DIR,

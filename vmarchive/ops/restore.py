@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import glob
 import hashlib
 import logging
 import os
@@ -109,7 +110,7 @@ class RestoreOptions:
     archive: str
     repo: str
     uri: str = DEFAULT_URI
-    #: Name of the new domain (default: the archived one; required for a clone).
+    #: Name of the new domain (default: the archived one; for a clone DOMAIN-clone-ID, -2...).
     name: str | None = None
     #: Directory for disk images and serial logs (local route); default DEFAULT_DISK_DIR.
     disk_dir: Path | None = None
@@ -767,9 +768,6 @@ class _Restore:
         archive = self.archive
         keep_freed_memory()  # fewer page faults while a gigabyte passes through
         plan = _plan(self.repo, archive)
-        name = rx.check_domain_name(o.name or archive.domain)
-        if o.clone and not o.name:
-            raise UsageError("a clone needs --name")
         fmt_override = o.disk_format
         if fmt_override is not None and fmt_override not in DISK_FORMATS:
             raise UsageError(f"--disk-format must be one of {', '.join(DISK_FORMATS)}")
@@ -777,6 +775,10 @@ class _Restore:
         if pool is not None and o.disk_dir is not None:
             raise UsageError("give --disk-dir or --pool, not both")
         disk_dir = _existing_dir(o.disk_dir or DEFAULT_DISK_DIR) if pool is None else None
+        if o.clone and not o.name:
+            name = rx.check_domain_name(self._clone_name(plan, disk_dir, pool))
+        else:
+            name = rx.check_domain_name(o.name or archive.domain)
         if pool is not None and fmt_override not in (None, "raw"):
             raise UsageError("--pool writes raw volumes (--disk-format raw)")
         if not plan.has_memory and o.paused:
@@ -949,6 +951,29 @@ class _Restore:
         # waited there for the disks, and when the guest was running.
         log.debug("restore of %s took %.3f s: %s", name, result.duration_s, self.timings)
         return result
+
+    def _clone_name(self, plan: _Plan, disk_dir: Path | None, pool: Pool | None) -> str:
+        """A clone's name when none was given: ``DOMAIN-clone-ID`` (the archive id's first
+        8 digits), else the first of ``-2``, ``-3``... that no domain on the target has
+        and no file in ``disk_dir`` (volume in ``pool``) starts with: clones of one
+        archive can be started one after another without naming each.  With --replace
+        the first name, whatever holds it."""
+        base = f"{self.archive.domain}-clone-{self.archive.id[:8]}"
+        if self.o.replace:
+            return base
+        for i in range(1, _CLONE_NAMES + 1):
+            name = base if i == 1 else f"{base}-{i}"
+            if find_domain(self.conn, name) is not None:
+                continue
+            if disk_dir is not None and any(disk_dir.glob(f"{glob.escape(name)}-*")):
+                continue
+            volumes = [f"{name}-{s.attrs['target']}.raw" for s in plan.disks]
+            if pool is not None and any(pool.exists(v) for v in [*volumes, f"{name}-nvram.fd"]):
+                continue
+            return name
+        raise AlreadyExistsError(
+            f"{base} and {_CLONE_NAMES - 1} more clone names are taken: give --name"
+        )
 
     def _new_path(self, fname: str, disk_dir: Path | None, pool: Pool | None) -> str:
         """Where file ``fname`` of the new domain goes on the target: in ``disk_dir``, or as
@@ -1215,6 +1240,10 @@ class _Restore:
 PIPE_SIZE = 1 << 20
 
 
+#: Names a clone without --name may take: DOMAIN-clone-ID, then -2 ... -100.
+_CLONE_NAMES = 100
+
+
 def _enlarge_pipe(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -1280,8 +1309,6 @@ def clone(
     rng: random.Random | None = None,
 ) -> RestoreResult:
     """A restore that can run beside the original (see :class:`RestoreOptions`)."""
-    if not options.name:
-        raise UsageError("a clone needs --name")
     from dataclasses import replace
 
     return restore(replace(options, clone=True), progress, clock=clock, rng=rng)
