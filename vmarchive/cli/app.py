@@ -73,6 +73,16 @@ def print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def fmt_bytes(n: float) -> str:
+    """A byte count for people: ``512 B``, ``64.0 KiB``, ``1.5 GiB`` (binary units)."""
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if x < 1024:
+            return f"{int(x)} B" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} TiB"
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from vmarchive.cli.app import app, limit_malloc_arenas, print_json
+from vmarchive.cli.app import app, fmt_bytes, limit_malloc_arenas, print_json
 from vmarchive.errors import UsageError
 from vmarchive.ops.capture import DEFAULT_URI, CaptureOptions, CaptureResult, Mode, capture
 from vmarchive.ops.capture_incr import untrack
@@ -73,30 +73,21 @@ def progress_bars(quiet: bool, prefix: str = "") -> Progress:
     return TqdmProgress(prefix)
 
 
-def _fmt_bytes(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{x:.1f} {unit}" if unit != "B" else f"{int(x)} B"
-        x /= 1024
-    return f"{n} B"
-
-
 def _print_text(r: CaptureResult) -> None:
     pause = "n/a" if r.guest_pause_ms is None else f"{r.guest_pause_ms:.1f} ms"
     typer.echo(f"archive {r.id}")
     typer.echo(f"  domain       {r.domain} ({r.kind}, mode {r.mode})")
     typer.echo(f"  parent       {r.parent or 'none (full read)'}")
     typer.echo(f"  guest pause  {pause}")
-    typer.echo(f"  read         {_fmt_bytes(r.bytes_read)}")
-    typer.echo(f"  stored new   {_fmt_bytes(r.bytes_stored)}")
+    typer.echo(f"  read         {fmt_bytes(r.bytes_read)}")
+    typer.echo(f"  stored new   {fmt_bytes(r.bytes_stored)}")
     typer.echo(f"  duration     {r.duration_s:.2f} s")
     for d in r.disks:
         if d.copied:
             how = "incremental" if d.incremental else "full"
             typer.echo(
-                f"  disk {d.target:<6}  {_fmt_bytes(d.size)} {how}, read {_fmt_bytes(d.bytes_read)},"
-                f" from parent {_fmt_bytes(d.bytes_referenced)}, new {_fmt_bytes(d.bytes_stored)}"
+                f"  disk {d.target:<6}  {fmt_bytes(d.size)} {how}, read {fmt_bytes(d.bytes_read)},"
+                f" from parent {fmt_bytes(d.bytes_referenced)}, new {fmt_bytes(d.bytes_stored)}"
             )
             if d.fallback_reason:
                 typer.echo(f"               full read because {d.fallback_reason}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from vmarchive.cli.app import app, print_json
+from vmarchive.cli.app import app, fmt_bytes, print_json
 from vmarchive.cli.capture import progress_bars
 from vmarchive.cli.repo import REPO_HELP, repo_ref
 from vmarchive.ops.diff import DiffResult, StreamDiff, diff
@@ -43,17 +43,8 @@ _EXACT = typer.Option(
 )
 
 
-def _fmt(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{int(x)} B" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"
-
-
 def _print_export(r: ExportResult) -> None:
-    typer.echo(f"{r.output}: {r.format}, {_fmt(r.size)} ({_fmt(r.data_bytes)} of data)")
+    typer.echo(f"{r.output}: {r.format}, {fmt_bytes(r.size)} ({fmt_bytes(r.data_bytes)} of data)")
     typer.echo(f"  archive  {r.archive}")
     if r.vcpus is not None:
         typer.echo(f"  vcpus    {r.vcpus}")
@@ -61,7 +52,7 @@ def _print_export(r: ExportResult) -> None:
         if "start" in s:
             typer.echo(
                 f"  {s['start']:#014x}-{s['start'] + s['size'] - 1:#014x}  {s['block']}"
-                f" @{s['offset']:#x}  ({_fmt(s['size'])})"
+                f" @{s['offset']:#x}  ({fmt_bytes(s['size'])})"
             )
 
 
@@ -154,7 +145,7 @@ def serve_cmd(
             else:
                 typer.echo(f"serving archive {srv.archive.id[:12]} read-only (Ctrl-C stops)")
                 for e in srv.exports:
-                    typer.echo(f"  {e.name:<6} {_fmt(e.size):>10}  {uris[e.name]}")
+                    typer.echo(f"  {e.name:<6} {fmt_bytes(e.size):>10}  {uris[e.name]}")
             sys.stdout.flush()
             signal.signal(signal.SIGTERM, lambda _s, _f: srv.stop())
             try:
@@ -173,13 +164,13 @@ def _print_stream_diffs(title: str, diffs: list[StreamDiff]) -> None:
         elif d.size_b is None:
             where = " (only in A)"
         elif d.size_a != d.size_b:
-            where = f" (size {_fmt(d.size_a)} -> {_fmt(d.size_b)})"
+            where = f" (size {fmt_bytes(d.size_a)} -> {fmt_bytes(d.size_b)})"
         typer.echo(
-            f"{title} {d.name}{where}: {len(d.changed)} changed ranges, {_fmt(d.changed_bytes)}"
-            f" (granularity {_fmt(d.granularity)})"
+            f"{title} {d.name}{where}: {len(d.changed)} changed ranges, {fmt_bytes(d.changed_bytes)}"
+            f" (granularity {fmt_bytes(d.granularity)})"
         )
         for e in d.changed:
-            typer.echo(f"  {e.offset:#014x}-{e.end - 1:#014x}  {_fmt(e.length)}")
+            typer.echo(f"  {e.offset:#014x}-{e.end - 1:#014x}  {fmt_bytes(e.length)}")
 
 
 def _print_diff(r: DiffResult) -> None:
@@ -189,10 +180,10 @@ def _print_diff(r: DiffResult) -> None:
         typer.echo(f"note: {n}")
     if r.physical is not None:
         total = sum(p.length for p in r.physical)
-        typer.echo(f"guest-physical memory: {len(r.physical)} changed ranges, {_fmt(total)}")
+        typer.echo(f"guest-physical memory: {len(r.physical)} changed ranges, {fmt_bytes(total)}")
         for p in r.physical:
             typer.echo(
-                f"  {p.address:#014x}-{p.address + p.length - 1:#014x}  {_fmt(p.length)}"
+                f"  {p.address:#014x}-{p.address + p.length - 1:#014x}  {fmt_bytes(p.length)}"
                 f"  ({p.block} @{p.offset:#x})"
             )
     _print_stream_diffs("RAM block", r.memory)

@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from vmarchive.cli.app import app, print_json
+from vmarchive.cli.app import app, fmt_bytes, print_json
 from vmarchive.errors import DamageError, UsageError, WrongKeyError
 from vmarchive.format import constants as C
 from vmarchive.ops import repo as ops
@@ -100,14 +100,6 @@ def repo_ref(repo: str | None) -> ops.RepoRef:
     return ops.RepoRef(repo, ask_passphrase)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 #: Keys whose integer values are byte counts (besides any key naming ``bytes``).
 _SIZE_KEYS = frozenset({"size", "virtual_size", "total", "transferred", "size_bytes"})
 #: Keys whose integer values are guest addresses or offsets (shown in hex in tables).
@@ -132,7 +124,7 @@ def _scalar(key: str, v: Any, *, table: bool = False) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int) and _is_size(key):
-        return _fmt_bytes(v) if table or v < 1024 else f"{v} ({_fmt_bytes(v)})"
+        return fmt_bytes(v) if table or v < 1024 else f"{v} ({fmt_bytes(v)})"
     if isinstance(v, int) and table and key in _ADDRESS_KEYS:
         return f"{v:#x}"
     return str(v)
@@ -268,7 +260,7 @@ def list_cmd(
         print_json([a.to_json() for a in archives])
         return
     for a in archives:
-        typer.echo(f"{a.id[:12]}  {a.time:<25}  {a.domain:<20}  {a.kind:<10}  {_fmt_bytes(a.size)}")
+        typer.echo(f"{a.id[:12]}  {a.time:<25}  {a.domain:<20}  {a.kind:<10}  {fmt_bytes(a.size)}")
 
 
 @app.command("info")
@@ -290,8 +282,8 @@ def info_cmd(
     for s in a.streams:
         j = s.to_json()
         typer.echo(
-            f"  stream {s.name} ({s.kind}): {_fmt_bytes(s.size)},"
-            f" {_count(j['slots'], 'chunk')} of {_fmt_bytes(s.chunk_size)},"
+            f"  stream {s.name} ({s.kind}): {fmt_bytes(s.size)},"
+            f" {_count(j['slots'], 'chunk')} of {fmt_bytes(s.chunk_size)},"
             f" {_count(j['holes'], 'hole')}"
         )
 
@@ -305,10 +297,10 @@ def stats_cmd(repo: str = _repo_option(), as_json: bool = _json_option()) -> Non
         return
     typer.echo(f"archives           {st.archives}")
     typer.echo(
-        f"logical size       {_fmt_bytes(st.logical_bytes)} ({_fmt_bytes(st.data_bytes)} not holes)"
+        f"logical size       {fmt_bytes(st.logical_bytes)} ({fmt_bytes(st.data_bytes)} not holes)"
     )
-    typer.echo(f"unique data        {_fmt_bytes(st.unique_bytes)} in {st.chunks} chunks")
-    typer.echo(f"stored             {_fmt_bytes(st.stored_bytes)} ({st.packs} packs)")
+    typer.echo(f"unique data        {fmt_bytes(st.unique_bytes)} in {st.chunks} chunks")
+    typer.echo(f"stored             {fmt_bytes(st.stored_bytes)} ({st.packs} packs)")
     typer.echo(f"dedup ratio        {st.dedup_ratio:.2f}")
     typer.echo(f"compression ratio  {st.compression_ratio:.2f}")
 
@@ -436,7 +428,7 @@ def gc_cmd(
         return
     prefix = "would free" if dry_run else "freed"
     typer.echo(
-        f"{prefix} {_fmt_bytes(result.bytes_freed)}: {result.packs_deleted} packs deleted, "
+        f"{prefix} {fmt_bytes(result.bytes_freed)}: {result.packs_deleted} packs deleted, "
         f"{result.packs_repacked} repacked, {result.packs_kept_young} young packs kept, "
         f"{result.live_chunks} live chunks"
     )
