@@ -137,7 +137,7 @@ def restore_cmd(
 @app.command("clone")
 def clone_cmd(
     archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
-    name: str = typer.Option(
+    name: str | None = typer.Option(
         None,
         "--name",
         help="Name of the clone (default: DOMAIN-clone-ID with the archive id's first 8"
