@@ -12,7 +12,10 @@ One run, one guest, side by side (the machine is shared and noisy: read the rati
 * borg and restic: a save file + disk image, first and second run; and the same data as
   the churning guest's 10 archives (exported with ``vmarchive export-save``);
 * physical limits: QEMU's own migration into a pipe drained to /dev/null, and
-  ``qemu-img convert -O raw disk /dev/null``.
+  ``qemu-img convert -O raw disk /dev/null``;
+* issue 8's incremental captures: 1 % of a 1 GiB disk rewritten before each, full and
+  incremental alternately, beside virtnbdbackup's incremental backup of the same change
+  (a guest of its own: scripts/bench_incremental.py, which also runs alone).
 
 Guest pauses are measured twice: vmarchive's own ``guest_pause_ms`` and, independently,
 QEMU's STOP/RESUME event timestamps seen through libvirt.
@@ -54,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_incremental as bi  # noqa: E402
 import bench_lib as bl  # noqa: E402
 import guestlib  # noqa: E402
 import libvirt  # noqa: E402
@@ -521,6 +525,19 @@ class Bench:
         self.res["churn"] = res
         self.log(f"churn: { {k: v for k, v in res.items() if k != 'captures'} }")
 
+    def incremental(self) -> None:
+        """Issue 8's measurement (scripts/bench_incremental.py) in this run."""
+        res = bi.measure(
+            self.args.mode, 2 if self.quick else 3, hugepages=self.args.hugepages, workdir=self.work
+        )
+        self.res["incremental"] = {k: v for k, v in res.items() if k != "breakdowns"}
+        self.res["incremental"]["breakdown"] = res["breakdowns"]["last incremental capture's time"]
+        m = res["medians"]
+        self.log(
+            f"incremental: full {m['full']['wall_s']:.2f} s, incremental"
+            f" {m['incremental']['wall_s']:.2f} s, virtnbdbackup inc {m['virtnbd']['wall_s']:.2f} s"
+        )
+
     # ---------------------------------------------------------------------- main
     def run(self) -> None:
         self.res["machine"] = bl.machine_info(self.conn)
@@ -545,6 +562,7 @@ class Bench:
         if self.args.mode == "snapshot":
             self.phase("ram_in_use", self.ram_in_use)
         self.phase("churn", self.churn)
+        self.phase("incremental", self.incremental)
         self.res["machine"]["loadavg_end"] = os.getloadavg()
 
     def cleanup(self) -> None:
@@ -948,6 +966,46 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
                 verdict(max(rss) <= 300 * MiB),
             )
         )
+    inc = res.get("incremental")
+    if inc:
+        fm, im, vm = (inc["medians"][k] for k in ("full", "incremental", "virtnbd"))
+        cfg, idle0 = inc["config"], inc["floors"]["nothing_rewritten"]
+        what = f"1 % of {cfg['disk_mib']} MiB rewritten, medians of {len(inc['rows']['full'])}"
+        rows.append(("incremental capture wall", f(im["wall_s"], " s"), what))
+        rows.append(
+            ("full capture wall (same guest)", f(fm["wall_s"], " s"), "--full, alternating")
+        )
+        rows.append(("virtnbdbackup incremental wall", f(vm["wall_s"], " s"), "same change"))
+        rows.append(
+            (
+                "incremental, nothing rewritten",
+                f(idle0["wall_s"], " s"),
+                f"= {ratio(idle0['wall_s'], fm['wall_s']) or 0:.3f} of the full capture (floor)",
+            )
+        )
+        rows.append(
+            (
+                "ratio: incremental / virtnbdbackup inc",
+                f(ratio(im["wall_s"], vm["wall_s"]), "x"),
+                "virtnbdbackup: disk only",
+            )
+        )
+        r = ratio(im["wall_s"], fm["wall_s"])
+        targets.append(
+            (
+                "incremental (1 % rewritten) time <= 25% of full",
+                f"{im['wall_s']:.2f} vs {fm['wall_s']:.2f} s ({100 * (r or 0):.1f} %)",
+                verdict(r is not None and r <= 0.25),
+            )
+        )
+        share = im["vdb_read_mib"] / cfg["disk_mib"]
+        targets.append(
+            (
+                "incremental bytes read <= 3% of the disk",
+                f"{im['vdb_read_mib']:.1f} MiB ({100 * share:.2f} %)",
+                verdict(share <= 0.03),
+            )
+        )
     # ratios to peers
     if c1 and s1:
         rows.append(
@@ -1088,6 +1146,10 @@ def print_report(res: dict[str, Any]) -> None:
     print("\nphases (state entered: seconds / peak RSS):")
     for line in phase_lines(res):
         print(line)
+    inc = res.get("incremental")
+    if inc and inc.get("breakdown"):
+        print("\nthe last incremental capture (1 % rewritten), phase durations and debug timings:")
+        print("\n".join(inc["breakdown"]))
     for k, v in res.get("errors", {}).items():
         print(f"ERROR in {k}: {v}")
 

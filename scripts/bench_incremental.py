@@ -165,6 +165,138 @@ def median(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: statistics.median(float(x[k] or 0) for x in rows) for k in rows[0]}
 
 
+def measure(
+    mode: str,
+    rounds: int,
+    *,
+    cold: bool = False,
+    hugepages: bool = False,
+    disk_chunk_kib: int = C.DEFAULT_DISK_CHUNK // 1024,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """Build the guest, run the captures and backups, tear everything down; the figures
+    (JSON-able: ``rows`` per run, ``medians``, ``floors``, ``breakdowns`` as text lines).
+    Also a phase of scripts/bench_capture.py."""
+    guestlib.guest_build()  # a missing guest fails here, before the work directory exists
+    base = Path(tempfile.mkdtemp(prefix="vmarchive-bench-incr-", dir=workdir or "/var/tmp"))
+    base.chmod(0o755)
+    conn = libvirt.open(guestlib.URI)
+    spec = guestlib.GuestSpec(
+        disks=(guestlib.DiskSpec(), guestlib.DiskSpec(size_mib=DISK_MIB)), hugepages=hugepages
+    )
+    g = guestlib.Guest(conn, spec, base)
+    reserved = contextlib.ExitStack()
+    try:
+        if hugepages:
+            reserved.enter_context(guestlib.huge_pages_reserved(spec.memory_mib + 64))
+        g.create_disks()
+        raw = base / "fill.raw"
+        bl.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={DISK_MIB}"])
+        bl.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(g.disk_paths[1])])
+        raw.unlink()
+        g.start()
+        g.wait_up()
+        b = Bench(g, base, mode, cold, disk_chunk_kib * 1024)
+        first, _r = b.vmarchive(True)
+        vfull = b.virtnbdbackup("full")
+        rng = random.Random(8)
+        rows: dict[str, list[dict[str, Any]]] = {"full": [], "incremental": [], "virtnbd": []}
+        runs: list[bl.Run] = []
+        for kind in ("full", "incremental") * rounds:
+            rewrite_one_percent(g.name, rng, base / "extents")
+            row, r = b.vmarchive(kind == "full")
+            rows[kind].append(row)
+            runs.append(r)
+            rows["virtnbd"].append(b.virtnbdbackup("inc"))
+        # Floors: what any capture of this guest costs before reading a disk byte.
+        idle, idle_run = b.vmarchive(False)  # incremental with nothing rewritten
+        snap = bl.migrate_to_null(g.dom, background=mode == "snapshot")
+        start = bl.run(
+            [sys.executable, "-m", "vmarchive", "capture", "nosuch", "--repo", str(b.repo)],
+            env=b.env,
+            cwd=ROOT,
+            ok=tuple(range(256)),  # fails at once (no such domain): start-up and exit only
+        )
+        return {
+            "config": {
+                "mode": mode,
+                "cold": cold,
+                "memory_mib": spec.memory_mib,
+                "hugepages": hugepages,
+                "disk_mib": DISK_MIB,
+                "changed_mib": CHANGED / MIB,
+                "disk_chunk_kib": disk_chunk_kib,
+            },
+            "first": {"vmarchive_s": first["wall_s"], "virtnbdbackup_full_s": vfull["wall_s"]},
+            "rows": rows,
+            "medians": {k: median(v) for k, v in rows.items()},
+            "floors": {
+                "ram_to_null_s": snap["wall_s"],
+                "startup_s": start.wall_s,
+                "nothing_rewritten": idle,
+            },
+            "breakdowns": {
+                "last full capture's time": breakdown(runs[-2]),
+                "last incremental capture's time": breakdown(runs[-1]),
+                "incremental with nothing rewritten": breakdown(idle_run),
+            },
+        }
+    finally:
+        g.cleanup()  # transient domain: virtnbdbackup's checkpoints go with it
+        reserved.close()  # after the guest that used them
+        shutil.rmtree(base, ignore_errors=True)
+        conn.close()
+
+
+def report(res: dict[str, Any]) -> list[str]:
+    """The text report of :func:`measure`'s result."""
+    c = res["config"]
+    f, i, v = (res["medians"][k] for k in ("full", "incremental", "virtnbd"))
+    out = [
+        f"first: vmarchive {res['first']['vmarchive_s']:.2f} s,"
+        f" virtnbdbackup full {res['first']['virtnbdbackup_full_s']:.2f} s",
+        json.dumps(res["rows"], indent=1),
+        "",
+        f"medians ({c['mode']} mode, {'cold' if c['cold'] else 'warm'} cache,"
+        f" {c['memory_mib']} MiB RAM on {'huge pages' if c['hugepages'] else '4 KiB pages'};"
+        f" 1 % = {c['changed_mib']:.0f} MiB of {c['disk_mib']} MiB;"
+        f" disk chunks {c['disk_chunk_kib']} KiB)",
+        f"{'':22}{'full':>10}{'incremental':>14}{'inc/full':>10}",
+    ]
+    for k in f:
+        ratio = i[k] / f[k] if f[k] else float("nan")
+        out.append(f"{k:22}{f[k]:10.2f}{i[k]:14.2f}{ratio:10.3f}")
+    out += ["", f"{'virtnbdbackup inc':22}{'':10}{'':14}"]
+    out += [f"{k:22}{v[k]:10.2f}" for k in v]
+    out += [
+        "",
+        f"ratio: vmarchive incremental / full capture wall       {i['wall_s'] / f['wall_s']:.3f}",
+        f"ratio: vmarchive incremental / virtnbdbackup inc wall  {i['wall_s'] / v['wall_s']:.3f}",
+        "ratio: vmarchive vdb read / virtnbdbackup vdb data     "
+        f"{i['vdb_read_mib'] / v['vdb_data_mib']:.3f}"
+        if v["vdb_data_mib"]
+        else "virtnbdbackup wrote no vdb data",
+        f"vdb bytes read by the incremental: {100 * i['vdb_read_mib'] / c['disk_mib']:.2f} % of disk",
+    ]
+    fl = res["floors"]
+    ram_s, start_s, idle = fl["ram_to_null_s"], fl["startup_s"], fl["nothing_rewritten"]
+    how = "background snapshot" if c["mode"] == "snapshot" else "precopy"
+    out += [
+        "",
+        f"floor: QEMU alone sending the RAM ({how} -> /dev/null) {ram_s:.2f} s"
+        f" = {ram_s / f['wall_s']:.3f} of the full capture;"
+        f" with the command's start-up and exit ({start_s:.2f} s):"
+        f" {(ram_s + start_s) / f['wall_s']:.3f}",
+        f"floor: an incremental with nothing rewritten {idle['wall_s']:.2f} s"
+        f" = {idle['wall_s'] / f['wall_s']:.3f} of the full capture"
+        f" ({idle['vdb_read_mib']:.2f} MiB of vdb read): the rewritten 1 %"
+        f" adds {i['wall_s'] - idle['wall_s']:.2f} s",
+    ]
+    for what, lines in res["breakdowns"].items():
+        out += ["", f"where the {what} goes (phase durations):", *lines]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=None)
@@ -190,103 +322,15 @@ def main() -> int:
     if shutil.which("virtnbdbackup") is None:
         print("virtnbdbackup is missing: apt-get install virtnbdbackup (scripts/setup-host)")
         return 2
-    guestlib.guest_build()  # a missing guest fails here, before the work directory exists
-    base = Path(tempfile.mkdtemp(prefix="vmarchive-bench-incr-", dir=a.workdir or "/var/tmp"))
-    base.chmod(0o755)
-    conn = libvirt.open(guestlib.URI)
-    spec = guestlib.GuestSpec(
-        disks=(guestlib.DiskSpec(), guestlib.DiskSpec(size_mib=DISK_MIB)), hugepages=a.hugepages
+    res = measure(
+        a.mode,
+        a.rounds,
+        cold=a.cold,
+        hugepages=a.hugepages,
+        disk_chunk_kib=a.disk_chunk_kib,
+        workdir=a.workdir,
     )
-    g = guestlib.Guest(conn, spec, base)
-    reserved = contextlib.ExitStack()
-    try:
-        if a.hugepages:
-            reserved.enter_context(guestlib.huge_pages_reserved(spec.memory_mib + 64))
-        g.create_disks()
-        raw = base / "fill.raw"
-        bl.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={DISK_MIB}"])
-        bl.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(g.disk_paths[1])])
-        raw.unlink()
-        g.start()
-        g.wait_up()
-        b = Bench(g, base, a.mode, a.cold, a.disk_chunk_kib * 1024)
-        first, _r = b.vmarchive(True)
-        vfull = b.virtnbdbackup("full")
-        print(
-            f"first: vmarchive {first['wall_s']:.2f} s, virtnbdbackup full {vfull['wall_s']:.2f} s"
-        )
-        rng = random.Random(8)
-        rows: dict[str, list[dict[str, Any]]] = {"full": [], "incremental": [], "virtnbd": []}
-        runs: list[bl.Run] = []
-        for kind in ("full", "incremental") * a.rounds:
-            rewrite_one_percent(g.name, rng, base / "extents")
-            row, r = b.vmarchive(kind == "full")
-            rows[kind].append(row)
-            runs.append(r)
-            rows["virtnbd"].append(b.virtnbdbackup("inc"))
-        print(json.dumps(rows, indent=1))
-        f, i, v = median(rows["full"]), median(rows["incremental"]), median(rows["virtnbd"])
-        cache = "cold" if a.cold else "warm"
-        ram = f"{spec.memory_mib} MiB RAM on {'huge pages' if a.hugepages else '4 KiB pages'}"
-        print(
-            f"\nmedians ({a.mode} mode, {cache} cache, {ram};"
-            f" 1 % = {CHANGED / MIB:.0f} MiB of {DISK_MIB} MiB; disk chunks {a.disk_chunk_kib} KiB)"
-        )
-        print(f"{'':22}{'full':>10}{'incremental':>14}{'inc/full':>10}")
-        for k in f:
-            ratio = i[k] / f[k] if f[k] else float("nan")
-            print(f"{k:22}{f[k]:10.2f}{i[k]:14.2f}{ratio:10.3f}")
-        print(f"\n{'virtnbdbackup inc':22}{'':10}{'':14}")
-        for k in v:
-            print(f"{k:22}{v[k]:10.2f}")
-        print(
-            f"\nratio: vmarchive incremental / full capture wall       {i['wall_s'] / f['wall_s']:.3f}"
-        )
-        print(
-            f"ratio: vmarchive incremental / virtnbdbackup inc wall  {i['wall_s'] / v['wall_s']:.3f}"
-        )
-        print(
-            "ratio: vmarchive vdb read / virtnbdbackup vdb data     "
-            f"{i['vdb_read_mib'] / v['vdb_data_mib']:.3f}"
-            if v["vdb_data_mib"]
-            else "virtnbdbackup wrote no vdb data"
-        )
-        print(
-            f"vdb bytes read by the incremental: {100 * i['vdb_read_mib'] / DISK_MIB:.2f} % of disk"
-        )
-        # Floors: what any capture of this guest costs before reading a disk byte.
-        idle, idle_run = b.vmarchive(False)  # incremental with nothing rewritten
-        snap = bl.migrate_to_null(g.dom, background=a.mode == "snapshot")
-        start = bl.run(
-            [sys.executable, "-m", "vmarchive", "capture", "nosuch", "--repo", str(b.repo)],
-            env=b.env,
-            cwd=ROOT,
-            ok=tuple(range(256)),  # fails at once (no such domain): start-up and exit only
-        )
-        ram_s, start_s = snap["wall_s"], start.wall_s
-        print(
-            f"\nfloor: QEMU alone sending the RAM ({'background snapshot' if a.mode == 'snapshot' else 'precopy'}"
-            f" -> /dev/null) {ram_s:.2f} s = {ram_s / f['wall_s']:.3f} of the full capture;"
-            f" with the command's start-up and exit ({start_s:.2f} s):"
-            f" {(ram_s + start_s) / f['wall_s']:.3f}"
-        )
-        print(
-            f"floor: an incremental with nothing rewritten {idle['wall_s']:.2f} s"
-            f" = {idle['wall_s'] / f['wall_s']:.3f} of the full capture"
-            f" ({idle['vdb_read_mib']:.2f} MiB of vdb read): the rewritten 1 %"
-            f" adds {i['wall_s'] - idle['wall_s']:.2f} s"
-        )
-        print("\nwhere the last full capture's time goes (phase durations):")
-        print("\n".join(breakdown(runs[-2])))
-        print("\nwhere the last incremental capture's time goes (phase durations):")
-        print("\n".join(breakdown(runs[-1])))
-        print("\nwhere the incremental with nothing rewritten goes (phase durations):")
-        print("\n".join(breakdown(idle_run)))
-    finally:
-        g.cleanup()  # transient domain: virtnbdbackup's checkpoints go with it
-        reserved.close()  # after the guest that used them
-        shutil.rmtree(base, ignore_errors=True)
-        conn.close()
+    print("\n".join(report(res)))
     return 0
 
 
