@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 
 from vmarchive import __version__
-from vmarchive.errors import VmarchiveError
+from vmarchive.errors import UsageError, VmarchiveError
 
 log = logging.getLogger("vmarchive")
 
@@ -71,6 +71,25 @@ def _root(
 
 def print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def repo_option() -> Any:
+    """The ``--repo`` option of every command that works on a repository."""
+    return typer.Option(
+        None,
+        "--repo",
+        "-r",
+        envvar="VMARCHIVE_REPO",
+        help="Repository location (or set VMARCHIVE_REPO).",
+        show_envvar=False,
+    )
+
+
+def need_repo(repo: str | None) -> str:
+    """``repo``, or :class:`UsageError` when none was given."""
+    if not repo:
+        raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
+    return repo
 
 
 def fmt_bytes(n: float) -> str:

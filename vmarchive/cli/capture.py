@@ -9,7 +9,14 @@ from typing import Any
 
 import typer
 
-from vmarchive.cli.app import app, fmt_bytes, limit_malloc_arenas, print_json
+from vmarchive.cli.app import (
+    app,
+    fmt_bytes,
+    limit_malloc_arenas,
+    need_repo,
+    print_json,
+    repo_option,
+)
 from vmarchive.errors import UsageError
 from vmarchive.ops.capture import DEFAULT_URI, CaptureOptions, CaptureResult, Mode, capture
 from vmarchive.ops.capture_incr import untrack
@@ -129,9 +136,7 @@ def capture_cmd(
     ),
     exclude: list[str] = _EXCLUDE_OPTION,
     connect: str = typer.Option(DEFAULT_URI, "--connect", "-c", help="libvirt URI."),
-    repo: str = typer.Option(
-        None, "--repo", "-r", envvar="VMARCHIVE_REPO", help="Repository location."
-    ),
+    repo: str | None = repo_option(),
     mode: Mode = _MODE_OPTION,
     tag: list[str] = _TAG_OPTION,
     bandwidth: float = typer.Option(
@@ -158,8 +163,7 @@ def capture_cmd(
     exit code is then that of the first one that failed (0 when none did).
     """
     domains = list(domains or [])
-    if not repo:
-        raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
+    repo = need_repo(repo)
     if bandwidth is not None and bandwidth <= 0:
         raise UsageError("--bandwidth must be positive")
     opts = CaptureOptions(

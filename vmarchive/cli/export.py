@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from vmarchive.cli.app import app, fmt_bytes, print_json
+from vmarchive.cli.app import app, fmt_bytes, print_json, repo_option
 from vmarchive.cli.capture import progress_bars
-from vmarchive.cli.repo import REPO_HELP, repo_ref
+from vmarchive.cli.repo import repo_ref
 from vmarchive.ops.diff import DiffResult, StreamDiff, diff
 from vmarchive.ops.export import (
     DiskFormat,
@@ -22,7 +22,7 @@ from vmarchive.ops.export import (
     export_memory,
 )
 
-_REPO = typer.Option(None, "--repo", "-r", envvar="VMARCHIVE_REPO", help=REPO_HELP)
+_REPO = repo_option()
 _FORCE = typer.Option(False, "--force", help="Replace the output file if it exists.")
 _JSON = typer.Option(False, "--json", help="Print one JSON object.")
 _NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bar.")

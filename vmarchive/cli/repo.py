@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from vmarchive.cli.app import app, fmt_bytes, print_json
+from vmarchive.cli.app import app, fmt_bytes, need_repo, print_json, repo_option
 from vmarchive.errors import DamageError, UsageError, WrongKeyError
 from vmarchive.format import constants as C
 from vmarchive.ops import repo as ops
@@ -22,7 +22,6 @@ from vmarchive.ops import tracking
 from vmarchive.ops.tracking import DEFAULT_URI
 from vmarchive.store import GcOptions, InitOptions, PrunePolicy
 
-REPO_HELP = "Repository location (or set VMARCHIVE_REPO)."
 _VERIFY_ARCHIVES = typer.Argument(None, help="Archives to check (default: all).")
 _FORGET_ARCHIVES = typer.Argument(..., help="Archive ids, unique prefixes, or DOMAIN@latest[~N].")
 _LIST_TAGS = typer.Option([], "--tag", help="Only archives with this tag (repeatable).")
@@ -33,12 +32,6 @@ _PRUNE_DOMAINS = typer.Argument(
 )
 _KEEP_TAGS = typer.Option([], "--keep-tag", help="Keep every archive with this tag (repeatable).")
 PASSPHRASE_ENV = "VMARCHIVE_PASSPHRASE"
-
-
-def _repo_option() -> Any:
-    return typer.Option(
-        None, "--repo", "-r", envvar="VMARCHIVE_REPO", help=REPO_HELP, show_envvar=False
-    )
 
 
 def _json_option() -> Any:
@@ -95,9 +88,7 @@ def _new_passphrase() -> str:
 
 def repo_ref(repo: str | None) -> ops.RepoRef:
     """Raises :class:`UsageError` when no repository is given."""
-    if not repo:
-        raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
-    return ops.RepoRef(repo, ask_passphrase)
+    return ops.RepoRef(need_repo(repo), ask_passphrase)
 
 
 #: Keys whose integer values are byte counts (besides any key naming ``bytes``).
@@ -178,7 +169,7 @@ def _metadata_lines(meta: dict[str, Any], indent: int = 2, width: int = 16) -> l
 
 @app.command("init")
 def init_cmd(
-    repo: str = _repo_option(),
+    repo: str = repo_option(),
     encryption: str = typer.Option(
         C.ENCRYPTION_NONE, "--encryption", help=f"One of: {', '.join(C.ENCRYPTIONS)}."
     ),
@@ -203,8 +194,7 @@ def init_cmd(
     as_json: bool = _json_option(),
 ) -> None:
     """Create a new, empty repository."""
-    if not repo:
-        raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
+    repo = need_repo(repo)
     disk_chunk = _chunk_size("--disk-chunk-size", disk_chunk_size)
     memory_chunk = _chunk_size("--memory-chunk-size", memory_chunk_size)
     if encryption not in C.ENCRYPTIONS:
@@ -248,7 +238,7 @@ def init_cmd(
 def list_cmd(
     domain: str = typer.Argument(None, help="Only this domain's archives (name or UUID)."),
     tag: list[str] = _LIST_TAGS,
-    repo: str = _repo_option(),
+    repo: str = repo_option(),
     as_json: bool = _json_option(),
 ) -> None:
     """List archives, oldest first.
@@ -266,7 +256,7 @@ def list_cmd(
 @app.command("info")
 def info_cmd(
     archive: str = typer.Argument(..., help="Archive id, unique prefix, or DOMAIN@latest[~N]."),
-    repo: str = _repo_option(),
+    repo: str = repo_option(),
     as_json: bool = _json_option(),
 ) -> None:
     """Show an archive's metadata and streams."""
@@ -289,7 +279,7 @@ def info_cmd(
 
 
 @app.command("stats")
-def stats_cmd(repo: str = _repo_option(), as_json: bool = _json_option()) -> None:
+def stats_cmd(repo: str = repo_option(), as_json: bool = _json_option()) -> None:
     """Logical and stored sizes, dedup and compression ratios."""
     st = ops.repo_stats(repo_ref(repo))
     if as_json:
@@ -309,7 +299,7 @@ def stats_cmd(repo: str = _repo_option(), as_json: bool = _json_option()) -> Non
 def verify_cmd(
     archives: list[str] = _VERIFY_ARCHIVES,
     full: bool = typer.Option(False, "--full", help="Read, decompress and re-hash every chunk."),
-    repo: str = _repo_option(),
+    repo: str = repo_option(),
     as_json: bool = _json_option(),
 ) -> None:
     """Check archives; exit 4 and name the damaged archives on any damage."""
@@ -354,7 +344,7 @@ def _echo_released(released: list[tracking.Release]) -> None:
 @app.command("forget")
 def forget_cmd(
     archives: list[str] = _FORGET_ARCHIVES,
-    repo: str = _repo_option(),
+    repo: str = repo_option(),
     connect: str = _connect_option(),
     as_json: bool = _json_option(),
 ) -> None:
@@ -384,7 +374,7 @@ def prune_cmd(
     ),
     keep_tag: list[str] = _KEEP_TAGS,
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be forgotten."),
-    repo: str = _repo_option(),
+    repo: str = repo_option(),
     connect: str = _connect_option(),
     as_json: bool = _json_option(),
 ) -> None:
@@ -418,7 +408,7 @@ def gc_cmd(
         help="Never touch packs or indexes younger than this (seconds).",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would be removed."),
-    repo: str = _repo_option(),
+    repo: str = repo_option(),
     as_json: bool = _json_option(),
 ) -> None:
     """Delete unreferenced data and repack mostly-garbage packs (exclusive lock)."""
@@ -437,7 +427,7 @@ def gc_cmd(
 @app.command("rebuild-index")
 def rebuild_index_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would be re-indexed."),
-    repo: str = _repo_option(),
+    repo: str = repo_option(),
     as_json: bool = _json_option(),
 ) -> None:
     """Re-index chunks from the pack trailers and drop unreadable index files."""

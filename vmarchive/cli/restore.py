@@ -7,8 +7,7 @@ from pathlib import Path
 
 import typer
 
-from vmarchive.cli.app import app, limit_malloc_arenas, print_json
-from vmarchive.errors import UsageError
+from vmarchive.cli.app import app, limit_malloc_arenas, need_repo, print_json, repo_option
 from vmarchive.hypervisor.connection import DEFAULT_URI
 from vmarchive.ops.restore import (
     ExportResult,
@@ -17,12 +16,6 @@ from vmarchive.ops.restore import (
     export_save,
     restore,
 )
-
-
-def _repo(repo: str | None) -> str:
-    if not repo:
-        raise UsageError("no repository: give --repo PATH or set VMARCHIVE_REPO")
-    return repo
 
 
 def _print(r: RestoreResult, verb: str) -> None:
@@ -47,7 +40,7 @@ def _print(r: RestoreResult, verb: str) -> None:
         typer.echo(f"  note         {n}")
 
 
-_REPO = typer.Option(None, "--repo", "-r", envvar="VMARCHIVE_REPO", help="Repository location.")
+_REPO = repo_option()
 _CONNECT = typer.Option(DEFAULT_URI, "--connect", "-c", help="libvirt URI of the target.")
 _DISK_DIR = typer.Option(
     None, "--disk-dir", help="Directory for the disk images and console logs (local target)."
@@ -83,7 +76,7 @@ def _options(
 ) -> RestoreOptions:
     return RestoreOptions(
         archive=archive,
-        repo=_repo(repo),
+        repo=need_repo(repo),
         uri=connect,
         name=name,
         disk_dir=disk_dir,
@@ -187,7 +180,7 @@ def export_save_cmd(
     """Write a libvirt save image (+ its disks) that plain `virsh restore` resumes."""
     r: ExportResult = export_save(
         archive,
-        _repo(repo),
+        need_repo(repo),
         output,
         disk_dir=disk_dir,
         name=name,
