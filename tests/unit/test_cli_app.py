@@ -231,3 +231,21 @@ def test_help_paragraphs_fill_their_lines() -> None:
         for line, after in itertools.pairwise(text):
             if line and after:  # within a paragraph: a filled line
                 assert len(line) > 55, f"{name}: {line!r} then {after!r}"
+
+
+def test_option_help_gets_room_at_100_columns() -> None:
+    """The options panel leaves the help text at least half of a 100-column terminal: a
+    wide metavar (``<auto|switchover|snapshot>``) or a paired flag's second name pushed
+    capture's help column past column 70, 17 characters wide."""
+    from typer.testing import CliRunner
+
+    from vmarchive.cli.app import app, load_commands
+
+    load_commands()
+    runner = CliRunner()
+    for c in app.registered_commands:
+        name = c.name or c.callback.__name__.replace("_", "-")  # type: ignore[union-attr]
+        r = runner.invoke(app, [name, "--help"], env={"COLUMNS": "100"})
+        assert r.exit_code == 0, r.output
+        (row,) = [x for x in r.output.splitlines() if x.lstrip("│ ").startswith("--help ")]
+        assert row.index("Show this") <= 50, f"{name}: {row}"

@@ -117,7 +117,8 @@ _MODE_OPTION = typer.Option(
     Mode.AUTO,
     "--mode",
     case_sensitive=False,
-    help="auto: snapshot where it works, else switchover.",
+    metavar="<mode>",
+    help="auto, snapshot or switchover; auto takes snapshot where it works, else switchover.",
 )
 _TAG_OPTION = typer.Option([], "--tag", help="Tag the archive (repeatable).")
 _DOMAINS_ARGUMENT = typer.Argument(
@@ -148,11 +149,12 @@ def capture_cmd(
     full: bool = typer.Option(
         False, "--full", help="Read every disk in full even when an incremental is possible."
     ),
-    remap_huge_pages: bool = typer.Option(
-        True,
-        "--remap-huge-pages/--no-remap-huge-pages",
-        help="Snapshot mode: afterwards, map guest RAM with huge pages again, which QEMU's"
-        " write tracking split (keeps the next pause from growing with RAM; Linux 6.1, root).",
+    no_remap_huge_pages: bool = typer.Option(
+        False,
+        "--no-remap-huge-pages",
+        help="Snapshot mode: leave guest RAM as QEMU's write tracking split it.  By default"
+        " it is mapped with huge pages again afterwards, which keeps the next pause from"
+        " growing with RAM (Linux 6.1, root).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
@@ -175,7 +177,7 @@ def capture_cmd(
         bandwidth_mib_s=bandwidth,
         auto_converge=auto_converge,
         full=full,
-        remap_huge_pages=remap_huge_pages,
+        remap_huge_pages=not no_remap_huge_pages,
         passphrase=os.environ.get("VMARCHIVE_PASSPHRASE"),
     )
     limit_malloc_arenas()
