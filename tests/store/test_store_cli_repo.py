@@ -405,3 +405,43 @@ def test_info_shows_nested_metadata_for_people(cli: Cli, tmp_path: pathlib.Path)
     assert lines[at + 3].split() == ["pc.ram", "0x100000", "511.0", "MiB", "0x100000"]
     assert "    version 1" in lines
     assert "  stream disk:vda (disk): 68.4 KiB, 1 chunk of 256.0 KiB, 1 hole" in lines
+
+
+def test_list_is_a_table_with_a_header(cli: Cli, tmp_path: pathlib.Path) -> None:
+    """Text ``list``: a header, columns as wide as their widest cell (a long domain name
+    does not shift the others), the time to the second, mode and tags; an empty repository
+    says so."""
+    path = str(tmp_path / "r")
+    assert cli("init", "--repo", path).code == 0
+    assert cli("list", "--repo", path).out == "no archives\n"
+    repo = Repository.open(path)
+    long_name = "a-domain-with-a-name-longer-than-twenty"
+    ids = [
+        write_archive(
+            repo,
+            {"disk:vda": random.Random(1).randbytes(5000)},
+            domain="web01",
+            time="2026-05-01T12:00:00.123456+00:00",
+            extra={"mode": "snapshot", "tags": ["nightly", "pre-upgrade"]},
+        ),
+        write_archive(
+            repo,
+            {"disk:vda": random.Random(2).randbytes(5000)},
+            domain=long_name,
+            time="2026-05-02T13:30:05Z",
+            extra={"mode": "disk-only"},
+        ),
+    ]
+    r = cli("list", "--repo", path)
+    assert r.code == 0, r.err
+    head, first, second = r.out.splitlines()
+    assert head.split() == ["ID", "TIME", "(UTC)", "DOMAIN", "KIND", "MODE", "SIZE", "TAGS"]
+    assert first.startswith(f"{ids[0][:12]}  2026-05-01 12:00:00  web01 ")
+    assert first.endswith("snapshot   4.9 KiB  nightly, pre-upgrade")
+    assert second.startswith(f"{ids[1][:12]}  2026-05-02 13:30:05  {long_name}  full")
+    assert second.endswith("disk-only  4.9 KiB  -")
+    # the columns line up: each starts where its header does
+    for word in ("DOMAIN", "KIND", "MODE", "SIZE", "TAGS"):
+        at = head.index(word)
+        assert first[at - 2 : at] == "  " and first[at] != " ", word
+        assert second[at - 2 : at] == "  " and second[at] != " ", word

@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import typer
@@ -128,11 +129,7 @@ def _flat(v: Any) -> bool:
 def _table(rows: list[dict[str, Any]], pad: str) -> list[str]:
     keys = sorted(dict.fromkeys(k for r in rows for k in r), key=lambda k: k not in _FIRST_KEYS)
     cells = [[_scalar(k, r.get(k), table=True) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    line = [pad + "  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)).rstrip()]
-    for c in cells:
-        line.append(pad + "  ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)).rstrip())
-    return line
+    return [pad + line for line in _columns(keys, cells)]
 
 
 def _metadata_lines(meta: dict[str, Any], indent: int = 2, width: int = 16) -> list[str]:
@@ -249,8 +246,43 @@ def list_cmd(
     if as_json:
         print_json([a.to_json() for a in archives])
         return
-    for a in archives:
-        typer.echo(f"{a.id[:12]}  {a.time:<25}  {a.domain:<20}  {a.kind:<10}  {fmt_bytes(a.size)}")
+    if not archives:
+        typer.echo("no archives")
+        return
+    rows = [
+        [
+            a.id[:12],
+            _when(a.time),
+            a.domain,
+            a.kind,
+            str(a.metadata.get("mode") or "-"),
+            fmt_bytes(a.size),
+            ", ".join(a.tags) or "-",
+        ]
+        for a in archives
+    ]
+    for line in _columns(["ID", "TIME (UTC)", "DOMAIN", "KIND", "MODE", "SIZE", "TAGS"], rows):
+        typer.echo(line)
+
+
+def _when(iso: str) -> str:
+    """An archive's ISO 8601 UTC time to the second, as people read it."""
+    try:
+        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return iso
+    if t.utcoffset() is not None:
+        t = t.astimezone(UTC)
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _columns(head: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned columns as wide as their widest cell, two spaces apart."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [head, *rows]
+    ]
 
 
 @app.command("info")
