@@ -231,6 +231,21 @@ def test_forget_prune_gc(cli: Cli, repo_with_archives: tuple[str, list[str]]) ->
     assert r.code == 0
     plan = r.json()
     assert isinstance(plan, dict) and len(plan["forget"]) == 3 and len(plan["keep"]) == 2
+    # the text plan: a header and aligned columns, the newest of each domain kept
+    r = cli("prune", "--keep-last", "1", "--dry-run", "--repo", path)
+    head, *rows = r.out.splitlines()
+    assert head.split() == ["ACTION", "ID", "TIME", "(UTC)", "DOMAIN", "KEPT", "BY"]
+    assert [x.split("  ")[0] for x in rows] == ["keep"] * 2 + ["would forget"] * 3
+    kept = {
+        ids[3][:12]: ("2026-05-05 12:00:00", "vm0"),
+        ids[4][:12]: ("2026-05-06 12:00:00", "vm1"),
+    }
+    for x in rows[:2]:
+        short = x[head.index("ID") :].split()[0]
+        when, dom = kept.pop(short)
+        assert x[head.index("TIME") :].startswith(f"{when}  {dom} ")
+        assert x[head.index("KEPT") :] == "last #1"
+    assert not kept and all(x.endswith("  -") for x in rows[2:])
     assert len(cli("list", "--json", "--repo", path).json()) == 5
     assert cli("prune", "--keep-last", "1", "--repo", path).code == 0
     left = [a["id"] for a in cli("list", "--json", "--repo", path).json()]

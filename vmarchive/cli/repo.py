@@ -424,11 +424,14 @@ def prune_cmd(
     if as_json:
         print_json({**result.to_json(), **_untracked_json(released)})
         return
-    for a, reasons in result.keep:
-        typer.echo(f"keep    {a.id[:12]}  {a.time:<25}  {a.domain}  ({', '.join(reasons)})")
     verb = "would forget" if dry_run else "forget"
-    for a in result.forget:
-        typer.echo(f"{verb:<7} {a.id[:12]}  {a.time:<25}  {a.domain}")
+    rows = [["keep", a.id[:12], _when(a.time), a.domain, ", ".join(why)] for a, why in result.keep]
+    rows += [[verb, a.id[:12], _when(a.time), a.domain, "-"] for a in result.forget]
+    if rows:
+        for line in _columns(["ACTION", "ID", "TIME (UTC)", "DOMAIN", "KEPT BY"], rows):
+            typer.echo(line)
+    else:
+        typer.echo("no archives")
     _echo_released(released)
 
 
