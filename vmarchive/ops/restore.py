@@ -97,6 +97,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DISK_DIR = Path("/var/lib/libvirt/images")
 DISK_FORMATS = ("raw", "qcow2")
+#: Names a clone without --name may take: DOMAIN-clone-ID, then -2 ... -100.
+_CLONE_NAMES = 100
 WRITE_SIZE = 4 << 20
 
 
@@ -811,7 +813,7 @@ class _Restore:
                 fmt = "raw"
             if pool is not None:
                 fmt = "raw"
-            fname = f"{name}-{target}.{fmt}"
+            fname = _disk_file_name(name, target, fmt)
             path = self._new_path(fname, disk_dir, pool)
             disk_plan[target] = rx.DiskRewrite(path, fmt)
             outs.append((s, fname, fmt))
@@ -827,7 +829,7 @@ class _Restore:
         # archived path (the original's, or nobody's on another host).
         nvram: tuple[str, str, bytes | None] | None = None  # path, file/volume name, data
         if rx.nvram_path(root) is not None:
-            nv_name = f"{name}-nvram.fd"
+            nv_name = _nvram_file_name(name)
             nv_path = self._new_path(nv_name, disk_dir, pool)
             nvram = (nv_path, nv_name, _nvram_content(self.repo, plan))
         rw = rx.rewrite(
@@ -967,9 +969,10 @@ class _Restore:
                 continue
             if disk_dir is not None and any(disk_dir.glob(f"{glob.escape(name)}-*")):
                 continue
-            volumes = [f"{name}-{s.attrs['target']}.raw" for s in plan.disks]
-            if pool is not None and any(pool.exists(v) for v in [*volumes, f"{name}-nvram.fd"]):
-                continue
+            if pool is not None:
+                volumes = [_disk_file_name(name, str(s.attrs["target"]), "raw") for s in plan.disks]
+                if any(pool.exists(v) for v in [*volumes, _nvram_file_name(name)]):
+                    continue
             return name
         raise AlreadyExistsError(
             f"{base} and {_CLONE_NAMES - 1} more clone names are taken: give --name"
@@ -1240,8 +1243,14 @@ class _Restore:
 PIPE_SIZE = 1 << 20
 
 
-#: Names a clone without --name may take: DOMAIN-clone-ID, then -2 ... -100.
-_CLONE_NAMES = 100
+def _disk_file_name(domain: str, target: str, fmt: str) -> str:
+    """The file (or pool volume) a restored domain's disk ``target`` is written to."""
+    return f"{domain}-{target}.{fmt}"
+
+
+def _nvram_file_name(domain: str) -> str:
+    """The file (or pool volume) of a restored domain's UEFI variable store."""
+    return f"{domain}-nvram.fd"
 
 
 def _enlarge_pipe(fd: int) -> None:
