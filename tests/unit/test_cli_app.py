@@ -199,6 +199,23 @@ def test_capture_starts_without_asyncio() -> None:
     assert r.stdout.strip() == "True", r.stderr
 
 
+def _helps(columns: int) -> list[tuple[str, str]]:
+    """(command, its --help as rendered at ``columns``) for every command."""
+    from typer.testing import CliRunner
+
+    from vmarchive.cli.app import app, load_commands
+
+    load_commands()
+    runner = CliRunner()
+    out = []
+    for c in app.registered_commands:
+        name = c.name or c.callback.__name__.replace("_", "-")  # type: ignore[union-attr]
+        r = runner.invoke(app, [name, "--help"], env={"COLUMNS": str(columns)})
+        assert r.exit_code == 0, r.output
+        out.append((name, r.output))
+    return out
+
+
 def _description(help_text: str) -> list[str]:
     """The lines of a rendered --help between the usage line and the first panel."""
     lines = help_text.splitlines()
@@ -213,20 +230,14 @@ def test_help_paragraphs_fill_their_lines() -> None:
     alone on a line at 80 columns)."""
     import inspect
 
-    from typer.testing import CliRunner
-
     from vmarchive.cli.app import app, load_commands
 
     load_commands()
     docs = [inspect.getdoc(c.callback) or "" for c in app.registered_commands if c.callback]
     # the docstrings do break their paragraphs' lines: the check below is not empty
     assert any("\n" in p.strip() for d in docs for p in d.split("\n\n"))
-    runner = CliRunner()
-    for c in app.registered_commands:
-        name = c.name or c.callback.__name__.replace("_", "-")  # type: ignore[union-attr]
-        r = runner.invoke(app, [name, "--help"], env={"COLUMNS": "80"})
-        assert r.exit_code == 0, r.output
-        text = _description(r.output)
+    for name, output in _helps(80):
+        text = _description(output)
         assert any(text), name
         for line, after in itertools.pairwise(text):
             if line and after:  # within a paragraph: a filled line
@@ -237,15 +248,6 @@ def test_option_help_gets_room_at_100_columns() -> None:
     """The options panel leaves the help text at least half of a 100-column terminal: a
     wide metavar (``<auto|switchover|snapshot>``) or a paired flag's second name pushed
     capture's help column past column 70, 17 characters wide."""
-    from typer.testing import CliRunner
-
-    from vmarchive.cli.app import app, load_commands
-
-    load_commands()
-    runner = CliRunner()
-    for c in app.registered_commands:
-        name = c.name or c.callback.__name__.replace("_", "-")  # type: ignore[union-attr]
-        r = runner.invoke(app, [name, "--help"], env={"COLUMNS": "100"})
-        assert r.exit_code == 0, r.output
-        (row,) = [x for x in r.output.splitlines() if x.lstrip("│ ").startswith("--help ")]
+    for name, output in _helps(100):
+        (row,) = [x for x in output.splitlines() if x.lstrip("│ ").startswith("--help ")]
         assert row.index("Show this") <= 50, f"{name}: {row}"
