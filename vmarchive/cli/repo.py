@@ -10,7 +10,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 import typer
@@ -22,6 +22,7 @@ from vmarchive.ops import repo as ops
 from vmarchive.ops import tracking
 from vmarchive.ops.tracking import DEFAULT_URI
 from vmarchive.store import GcOptions, InitOptions, PrunePolicy
+from vmarchive.store.repository import parse_time
 
 _VERIFY_ARCHIVES = typer.Argument(None, help="Archives to check (default: all).")
 _FORGET_ARCHIVES = typer.Argument(..., help="Archive ids, unique prefixes, or DOMAIN@latest[~N].")
@@ -268,12 +269,10 @@ def list_cmd(
 def _when(iso: str) -> str:
     """An archive's ISO 8601 UTC time to the second, as people read it."""
     try:
-        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except ValueError:
+        t = parse_time(iso)
+    except UsageError:
         return iso
-    if t.utcoffset() is not None:
-        t = t.astimezone(UTC)
-    return t.strftime("%Y-%m-%d %H:%M:%S")
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _columns(head: list[str], rows: list[list[str]]) -> list[str]:
