@@ -9,6 +9,7 @@ stopped working would show.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
@@ -158,3 +159,40 @@ def test_the_remap_stops_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(time, "monotonic", lambda: next(clock))  # hp.time
     assert hp._collapse(7, runs, deadline=5.0) == (3 * (64 << 20), 0, True)
     assert len(calls) == 3
+
+
+def test_a_failed_call_is_gone_through_a_huge_page_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One busy huge page fails a whole 64 MiB call although the kernel collapsed the rest:
+    the call is repeated page by page, a busy page (EAGAIN) once more, and only the pages
+    that still fail are counted failed."""
+    base = 0x40000000
+    busy_once = base + 3 * HUGE  # the guest wrote to it during the first two tries
+    no_memory = base + 5 * HUGE  # fails every time
+    tries: dict[int, int] = {}
+
+    class FakeLibc:
+        def syscall(self, nr: int, fd: int, iov: object, n: int, advice: int, flags: int) -> int:
+            start, length = int(iov._obj.base), int(iov._obj.len)  # type: ignore[attr-defined]
+            bad = None
+            for page in range(start, start + length, HUGE):
+                tries[page] = tries.get(page, 0) + 1
+                if page == no_memory:
+                    bad = errno.ENOMEM
+                elif page == busy_once and tries[page] <= 2:
+                    bad = errno.EAGAIN
+            if bad is not None:
+                ctypes.set_errno(bad)
+                return -1
+            return length
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: FakeLibc())  # hp.ctypes
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert hp._collapse(7, [(base, 8 * HUGE)]) == (7 * HUGE, HUGE, False)
+    assert tries[busy_once] == 3 and tries[no_memory] == 2 and tries[base] == 2
+    # a page busy on every try is counted failed (no endless retrying)
+    tries.clear()
+    busy_once = base + 7 * HUGE
+    tries[busy_once] = -10
+    assert hp._collapse(7, [(base, 8 * HUGE)]) == (6 * HUGE, 2 * HUGE, False)

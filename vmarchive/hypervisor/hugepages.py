@@ -167,25 +167,42 @@ def _collapse(
     pidfd: int, runs: list[tuple[int, int]], deadline: float = float("inf")
 ) -> tuple[int, int, bool]:
     """MADV_COLLAPSE the runs, at most :data:`_STEP` bytes per call; returns (bytes
-    advised, bytes failed, whether the deadline cut it short)."""
+    advised, bytes failed, whether the deadline cut it short).
+
+    The kernel collapses every huge page of a call it can and answers with the last
+    error if one failed, so a call that fails is gone through again a huge page at a time:
+    the others then count as done (collapsing a page already mapped whole succeeds at
+    once), and a page the running guest held busy (EAGAIN) gets a second try."""
     nr = _process_madvise_number()
     libc = ctypes.CDLL(None, use_errno=True)
+
+    def advise(start: int, length: int) -> int:
+        """Bytes advised, or minus the errno."""
+        iov = _Iovec(start, length)
+        n = int(libc.syscall(nr, pidfd, ctypes.byref(iov), 1, _MADV_COLLAPSE, 0))
+        return n if n >= 0 else -ctypes.get_errno()
+
     done = failed = 0
     for run_start, run_length in runs:
         for start in range(run_start, run_start + run_length, _STEP):
             if time.monotonic() > deadline:
                 return done, failed, True
             length = min(_STEP, run_start + run_length - start)
-            iov = _Iovec(start, length)
-            n = libc.syscall(nr, pidfd, ctypes.byref(iov), 1, _MADV_COLLAPSE, 0)
-            if n < 0:
-                err = ctypes.get_errno()
-                if err in (errno.ENOSYS, errno.EPERM, errno.EINVAL) and not done:
-                    raise OSError(err, os.strerror(err))  # not supported or not allowed
-                failed += length  # EAGAIN/ENOMEM here: the next range may still work
-                log.debug("MADV_COLLAPSE at %#x: %s", start, os.strerror(err))
-            else:
-                done += int(n)
+            n = advise(start, length)
+            if n >= 0:
+                done += n
+                continue
+            if -n in (errno.ENOSYS, errno.EPERM, errno.EINVAL) and not done:
+                raise OSError(-n, os.strerror(-n))  # not supported or not allowed
+            for page in range(start, start + length, HUGE):
+                n = advise(page, HUGE)
+                if n == -errno.EAGAIN:
+                    n = advise(page, HUGE)
+                if n >= 0:
+                    done += n
+                else:  # ENOMEM, or busy twice: the next page may still work
+                    failed += HUGE
+                    log.debug("MADV_COLLAPSE at %#x: %s", page, os.strerror(-n))
     return done, failed, False
 
 
