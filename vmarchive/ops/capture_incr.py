@@ -435,11 +435,17 @@ class _Prefetch:
     Reading them one by one on the disk's thread was most of an incremental read's time
     (each is a repository read: a pread, or an HTTP range request for s3://, then
     decompression and id verification); ahead of need, they overlap with the NBD reads
-    and with each other.  At most ``window`` chunks are held.
+    and with each other.  At most ``WINDOW`` chunks are held.
+
+    Eight readers, not four: on a local repository these reads come from the device (packs
+    are written around the page cache), which serves more of them at once.  An 8 GiB disk
+    with 1 % rewritten in 64 KiB extents (1285 partial slots): the disk's thread waited
+    0.25-0.38 s for them against 0.44-0.55 s, the capture 1.19 s median against 1.32 s
+    (6 alternating pairs).
     """
 
-    READERS = 4
-    WINDOW = 16
+    READERS = 8
+    WINDOW = 32
 
     def __init__(
         self,
