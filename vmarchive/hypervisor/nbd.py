@@ -498,6 +498,12 @@ class NBDClient:
             n -= n % self.info.min_block
         return max(n, self.info.min_block)
 
+    def _check_read(self, offset: int, length: int) -> None:
+        """Raises NBDError unless one read request can fetch the range."""
+        self._check_range(offset, length)
+        if length > self.info.max_block:
+            raise self._fail(f"read of {length} bytes exceeds max payload {self.info.max_block}")
+
     def read_into(self, offset: int, buf: memoryview | bytearray) -> list[tuple[int, int]]:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (one request: at most the
         export's maximum payload).  Holes are zero-filled.
@@ -508,9 +514,7 @@ class NBDClient:
             NBDError: out of range, too long, or the server failed the read.
         """
         view = memoryview(buf).cast("B")
-        self._check_range(offset, len(view))
-        if len(view) > self.info.max_block:
-            raise self._fail(f"read of {len(view)} bytes exceeds max payload {self.info.max_block}")
+        self._check_read(offset, len(view))
         handle = self._send(CMD_READ, offset, len(view))
         self._pending[handle] = _Pending(CMD_READ, offset, len(view), view)
         return self._wait(handle).holes
@@ -542,8 +546,30 @@ class NBDClient:
         Raises:
             NBDError: as :meth:`read_into`.
         """
-        inflight: collections.deque[tuple[int, int, bytearray]] = collections.deque()
-        it = iter(ranges)
+        bufs: collections.deque[bytearray] = collections.deque()
+
+        def targets() -> Iterator[tuple[int, memoryview]]:
+            for off, n in ranges:
+                self._check_read(off, n)  # before the buffer is made
+                buf = bytearray(n)
+                bufs.append(buf)
+                yield off, memoryview(buf)
+
+        for off, _view in self.read_many_into(targets(), depth=depth):
+            yield off, bufs.popleft()
+
+    def read_many_into(
+        self, targets: Iterable[tuple[int, memoryview]], *, depth: int = 4
+    ) -> Generator[tuple[int, memoryview], None, None]:
+        """:meth:`read_many` into the caller's buffers: read ``len(view)`` bytes at each
+        ``(offset, view)`` into ``view``; yield each pair, in the order given, once its
+        bytes are there.  Holes are zero-filled.
+
+        Raises:
+            NBDError: as :meth:`read_into`.
+        """
+        inflight: collections.deque[tuple[int, int, memoryview]] = collections.deque()
+        it = iter(targets)
         exhausted = False
         depth = max(1, depth)
         try:
@@ -559,28 +585,24 @@ class NBDClient:
                     if nxt is None:
                         exhausted = True
                         break
-                    off, n = nxt
-                    self._check_range(off, n)
-                    if n > self.info.max_block:
-                        raise self._fail(
-                            f"read of {n} bytes exceeds max payload {self.info.max_block}"
-                        )
-                    buf = bytearray(n)
+                    off, view = nxt
+                    n = len(view)
+                    self._check_read(off, n)
                     h = self._queue(CMD_READ, off, n)
-                    self._pending[h] = _Pending(CMD_READ, off, n, memoryview(buf))
-                    inflight.append((h, off, buf))
+                    self._pending[h] = _Pending(CMD_READ, off, n, view)
+                    inflight.append((h, off, view))
                 self._flush()  # the requests just queued, in one system call
                 if not inflight:
                     return
-                h, off, buf = inflight.popleft()
+                h, off, view = inflight.popleft()
                 self._wait(h)
-                yield off, buf
+                yield off, view
         finally:
             if self._out and not self._broken:
                 # requests queued when the caller stopped: their replies are drained below
                 with contextlib.suppress(NBDError):
                     self._flush()
-            for h, _off, _buf in inflight:
+            for h, _off, _view in inflight:
                 if h in self._pending and not self._broken:
                     try:
                         self._wait(h)
