@@ -555,15 +555,16 @@ class NBDClient:
                 bufs.append(buf)
                 yield off, memoryview(buf)
 
-        for off, _view in self.read_many_into(targets(), depth=depth):
-            yield off, bufs.popleft()
+        with contextlib.closing(self.read_many_into(targets(), depth=depth)) as replies:
+            for off, _view in replies:  # (closed with this generator: drains what is in flight)
+                yield off, bufs.popleft()
 
     def read_many_into(
         self, targets: Iterable[tuple[int, memoryview]], *, depth: int = 4
     ) -> Generator[tuple[int, memoryview], None, None]:
         """:meth:`read_many` into the caller's buffers: read ``len(view)`` bytes at each
-        ``(offset, view)`` into ``view``; yield each pair, in the order given, once its
-        bytes are there.  Holes are zero-filled.
+        ``(offset, view)`` into ``view`` (a byte view, format ``B``); yield each pair, in
+        the order given, once its bytes are there.  Holes are zero-filled.
 
         Raises:
             NBDError: as :meth:`read_into`.
