@@ -89,3 +89,29 @@ def test_every_chunk_size_reads_the_image_in_requests_of_at_most_256k(
         # several chunks to a request where the data runs on (the 3 MiB write)
         assert max(requests) > chunk_size
     assert len(requests) >= res.bytes_read // CD.REQUEST
+
+
+def test_read_pieces_reads_pieces_of_any_length_in_order(
+    image: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an incremental reads: dirty runs and whole slots, in slot order; a piece
+    longer than a request is read by several, each piece comes whole and once."""
+    requests: list[int] = []
+    queue = NBDClient._queue
+
+    def recording(self: NBDClient, kind: int, offset: int, length: int, flags: int = 0) -> int:
+        if kind == CMD_READ:
+            requests.append(length)
+        return queue(self, kind, offset, length, flags)
+
+    monkeypatch.setattr(NBDClient, "_queue", recording)
+    pieces = [(0, 4 * KiB), (64 * KiB, 600 * KiB), (1 * MiB, 64 * KiB), (5 * MiB, 4 * MiB)]
+    pieces.append((SIZE - 20 * KiB, 20 * KiB))
+    want = expected()
+    with CD.local_nbd(str(image), "qcow2") as sock, NBDClient.connect(sock, "disk") as c:
+        got = [(off, bytes(view)) for off, view in CD.read_pieces(c, pieces)]
+        with pytest.raises(ValueError):
+            list(CD.read_pieces(c, [(0, 0)]))
+    assert got == [(off, want[off : off + n]) for off, n in pieces]
+    assert max(requests) == CD.REQUEST
+    assert len(requests) == 1 + 3 + 1 + 16 + 1

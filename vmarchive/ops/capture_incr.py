@@ -44,6 +44,7 @@ removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -69,7 +70,7 @@ from vmarchive.hypervisor.nbd import (
 from vmarchive.hypervisor.qemuproc import LIBVIRT_RUN_DIR, libvirt_pid
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops.capture_cleanup import default_state_dir, domain_lock
-from vmarchive.ops.capture_disks import DiskRead
+from vmarchive.ops.capture_disks import DiskRead, read_pieces
 from vmarchive.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -389,24 +390,25 @@ def read_disk_incremental(
                 res.bytes_referenced -= cs - slot_len(nslots - 1)  # the short last slot
             t_refs = time.perf_counter() - t0 - t_extents
             pieces = (r for _i, runs in plan for r in runs)
-            results = c.read_many(pieces, depth=8)
-            for i, runs in plan:
-                if len(runs) == 1 and runs[0] == (i * cs, slot_len(i)):
-                    _off, buf = next(results)
-                else:
-                    tp = time.perf_counter()
-                    buf = bytearray(parents.next(i))
-                    t_parent += time.perf_counter() - tp
-                    for off, part in (next(results) for _r in runs):
-                        buf[off - i * cs : off - i * cs + len(part)] = part
-                if cancelled():
-                    raise InterruptedError_(f"reading disk {target} cancelled")
-                n = sum(k for _o, k in runs)
-                ts = time.perf_counter()
-                sink.write_chunk(i, buf)
-                t_store += time.perf_counter() - ts
-                res.bytes_read += n
-                task.advance(n)
+            with contextlib.closing(read_pieces(c, pieces)) as results:
+                for i, runs in plan:
+                    buf: bytearray | memoryview
+                    if len(runs) == 1 and runs[0] == (i * cs, slot_len(i)):
+                        _off, buf = next(results)
+                    else:
+                        tp = time.perf_counter()
+                        buf = bytearray(parents.next(i))
+                        t_parent += time.perf_counter() - tp
+                        for off, part in (next(results) for _r in runs):
+                            buf[off - i * cs : off - i * cs + len(part)] = part
+                    if cancelled():
+                        raise InterruptedError_(f"reading disk {target} cancelled")
+                    n = sum(k for _o, k in runs)
+                    ts = time.perf_counter()
+                    sink.write_chunk(i, buf)
+                    t_store += time.perf_counter() - ts
+                    res.bytes_read += n
+                    task.advance(n)
         finally:
             parents.close()
             task.close()
