@@ -2,9 +2,9 @@
 """Incremental vs full capture with 1 % of a 1 GiB disk rewritten between captures (issue 8),
 side by side with virtnbdbackup's incremental backup of the same change.
 
-A TCG test guest with a second disk (qcow2, 1 GiB unless ``--disk-mib``, filled with random data on the host
-before boot) is captured once to start tracking, and backed up once by virtnbdbackup
-(``-l full``, which starts its libvirt checkpoint).  Then, ``--rounds`` times each: 1 % of
+A TCG test guest with a second disk (qcow2, 1 GiB unless ``--disk-mib``, filled with random
+data on the host before boot) is captured once to start tracking, and backed up once by
+virtnbdbackup (``-l full``, which starts its libvirt checkpoint).  Then, ``--rounds`` times each: 1 % of
 the disk (10 MiB as 160 random 64 KiB extents of new random content, written through
 QEMU's block layer with HMP ``qemu-io``, i.e. like guest writes) is rewritten; vmarchive
 captures it (``--full`` and incremental alternately) and virtnbdbackup makes an incremental
@@ -77,8 +77,9 @@ def rewrite_one_percent(
     name: str, rng: random.Random, scratch: Path, disk_mib: int = DISK_MIB
 ) -> None:
     """1 % of vdb (160 random 64 KiB extents of a 1 GiB disk) gets new random content,
-    written by QEMU (``qemu-io -s FILE``: the extent filled from FILE, one fresh file per extent), so no
-    two extents, and no extent and an older one, are alike: what is stored is what changed.
+    written by QEMU (``qemu-io -s FILE``: the extent filled from FILE, one fresh file per
+    extent), so no two extents, and no extent and an older one, are alike: what is stored
+    is what changed.
     """
     scratch.mkdir(exist_ok=True)
     scratch.chmod(0o755)  # QEMU reads the files
