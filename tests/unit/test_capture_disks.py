@@ -43,6 +43,21 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return img
 
 
+@pytest.fixture
+def requests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every NBD read request sent while the test runs."""
+    lengths: list[int] = []
+    queue = NBDClient._queue
+
+    def recording(self: NBDClient, kind: int, offset: int, length: int, flags: int = 0) -> int:
+        if kind == CMD_READ:
+            lengths.append(length)
+        return queue(self, kind, offset, length, flags)
+
+    monkeypatch.setattr(NBDClient, "_queue", recording)
+    return lengths
+
+
 class Sink:
     def __init__(self, chunk_size: int) -> None:
         self.chunk_size = chunk_size
@@ -63,17 +78,8 @@ def expected() -> bytes:
 
 @pytest.mark.parametrize("chunk_size", [4 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB])
 def test_every_chunk_size_reads_the_image_in_requests_of_at_most_256k(
-    image: pathlib.Path, chunk_size: int, monkeypatch: pytest.MonkeyPatch
+    image: pathlib.Path, chunk_size: int, requests: list[int]
 ) -> None:
-    requests: list[int] = []
-    queue = NBDClient._queue
-
-    def recording(self: NBDClient, kind: int, offset: int, length: int, flags: int = 0) -> int:
-        if kind == CMD_READ:
-            requests.append(length)
-        return queue(self, kind, offset, length, flags)
-
-    monkeypatch.setattr(NBDClient, "_queue", recording)
     sink = Sink(chunk_size)
     with CD.local_nbd(str(image), "qcow2") as sock:
         res = CD.read_disk(sock, "disk", sink, "vda", NULL_PROGRESS)
@@ -92,19 +98,10 @@ def test_every_chunk_size_reads_the_image_in_requests_of_at_most_256k(
 
 
 def test_read_pieces_reads_pieces_of_any_length_in_order(
-    image: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    image: pathlib.Path, requests: list[int]
 ) -> None:
     """What an incremental reads: dirty runs and whole slots, in slot order; a piece
     longer than a request is read by several, each piece comes whole and once."""
-    requests: list[int] = []
-    queue = NBDClient._queue
-
-    def recording(self: NBDClient, kind: int, offset: int, length: int, flags: int = 0) -> int:
-        if kind == CMD_READ:
-            requests.append(length)
-        return queue(self, kind, offset, length, flags)
-
-    monkeypatch.setattr(NBDClient, "_queue", recording)
     pieces = [(0, 4 * KiB), (64 * KiB, 600 * KiB), (1 * MiB, 64 * KiB), (5 * MiB, 4 * MiB)]
     pieces.append((SIZE - 20 * KiB, 20 * KiB))
     want = expected()
