@@ -1,9 +1,11 @@
-""":func:`vmarchive.ops.capture_disks.read_disk` against qemu-nbd serving a known image.
+"""The disk readers of :mod:`vmarchive.ops.capture_disks` against qemu-nbd serving a known
+image.
 
-Every chunk size must give the same stream (the image's bytes, holes left out), each slot
-written once with its exact length, and no NBD read request longer than
+``read_disk``: every chunk size must give the same stream (the image's bytes, holes left
+out), each slot written once with its exact length, and no NBD read request longer than
 :data:`~vmarchive.ops.capture_disks.REQUEST`: chunks smaller than a request are read
-several to a request, larger ones by several requests.
+several to a request, larger ones by several requests.  ``read_pieces`` (what an
+incremental reads): pieces of any length, whole, once each, in order.
 """
 
 from __future__ import annotations
