@@ -84,6 +84,11 @@ def test_list_info_stats_json(cli: Cli, repo_with_archives: tuple[str, list[str]
     assert info["streams"][0]["name"] == "disk/vda" and info["streams"][0]["size"] == 70_000
     st = cli("stats", "--json", "--repo", path).json()
     assert isinstance(st, dict) and st["logical_bytes"] == 5 * 70_000 and st["stored_bytes"] > 0
+    # the chunk index's table, as every capture and restore of this repository holds it
+    loaded = Repository.open(path).index
+    assert st["index_memory_bytes"] == loaded.memory_bytes() >= 32 * st["indexed_chunks"] > 0
+    shown = cli("stats", "--repo", path).out
+    assert f"chunk index        {st['indexed_chunks']} chunks, " in shown
     text = cli("list", "--repo", path)
     assert text.code == 0 and ids[0][:12] in text.out
 

@@ -311,7 +311,7 @@ def info_cmd(
 
 @app.command("stats")
 def stats_cmd(repo: str = repo_option(), as_json: bool = _json_option()) -> None:
-    """Logical and stored sizes, dedup and compression ratios."""
+    """Logical and stored sizes, dedup and compression ratios, the chunk index's memory."""
     st = ops.repo_stats(repo_ref(repo))
     if as_json:
         print_json(st.to_json())
@@ -324,6 +324,10 @@ def stats_cmd(repo: str = repo_option(), as_json: bool = _json_option()) -> None
     typer.echo(f"stored             {fmt_bytes(st.stored_bytes)} ({st.packs} packs)")
     typer.echo(f"dedup ratio        {st.dedup_ratio:.2f}")
     typer.echo(f"compression ratio  {st.compression_ratio:.2f}")
+    typer.echo(
+        f"chunk index        {st.indexed_chunks} chunks, {fmt_bytes(st.index_memory_bytes)}"
+        " in memory for every capture and restore"
+    )
 
 
 @app.command("verify")

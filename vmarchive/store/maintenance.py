@@ -210,6 +210,9 @@ class RepoStats:
     packs: int
     chunks: int  # distinct referenced chunks
     indexed_chunks: int
+    #: bytes the chunk index takes in memory: what every capture and restore of this
+    #: repository holds before its own data (32 bytes per slot of the hash table)
+    index_memory_bytes: int = 0
 
     @property
     def dedup_ratio(self) -> float:
@@ -231,6 +234,7 @@ class RepoStats:
             "packs": self.packs,
             "chunks": self.chunks,
             "indexed_chunks": self.indexed_chunks,
+            "index_memory_bytes": self.index_memory_bytes,
             "dedup_ratio": round(self.dedup_ratio, 4),
             "compression_ratio": round(self.compression_ratio, 4),
         }
@@ -265,7 +269,17 @@ def stats(repo: Repository) -> RepoStats:
             pack_bytes += o.size
             packs += 1
     return RepoStats(
-        n, logical, data, unique, unique_stored, stored, pack_bytes, packs, len(seen), len(index)
+        n,
+        logical,
+        data,
+        unique,
+        unique_stored,
+        stored,
+        pack_bytes,
+        packs,
+        len(seen),
+        len(index),
+        index.memory_bytes(),
     )
 
 
