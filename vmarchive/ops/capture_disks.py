@@ -30,10 +30,10 @@ from vmarchive.progress import Progress
 log = logging.getLogger(__name__)
 
 #: Bytes per NBD read request, whatever the chunk size, and requests in flight, for full
-#: and incremental reads (:func:`read_pieces`).  Requests
-#: of one 64 KiB chunk each were QEMU's bottleneck (an 8 GiB disk in 64 KiB chunks read in
-#: 4.0-4.7 s, in 256 KiB requests 3.1 s); requests of one 4 MiB chunk each as well (4.6-4.9
-#: s against 2.6-2.8 s for 256 KiB chunks); 1 MiB requests were slower than 256 KiB ones.
+#: and incremental reads (:func:`read_pieces`).  Requests of one 64 KiB chunk each were
+#: QEMU's bottleneck (an 8 GiB disk in 64 KiB chunks read in 4.0-4.7 s, in 256 KiB requests
+#: 3.1 s); requests of one 4 MiB chunk each as well (4.6-4.9 s against 2.6-2.8 s for 256 KiB
+#: chunks); 1 MiB requests were slower than 256 KiB ones.
 REQUEST = 256 << 10
 DEPTH = 8
 
