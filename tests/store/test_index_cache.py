@@ -277,3 +277,231 @@ def test_gc_and_verify_never_use_the_cache(
         assert maintenance.verify(r, full=True).ok  # it reloads with the listed packs
         files = len(r.index_files())
     assert len(seen) == files  # every object decoded, though the cache was there
+
+
+# -- the journal: a commit appends its index objects instead of rewriting the table ------
+
+
+def cache_files(cache_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    (table,) = cache_dir.glob("index-*.bin")
+    return table, table.with_suffix(".journal")
+
+
+def test_a_commit_appends_to_the_journal_and_leaves_the_table(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table is the whole repository's; a commit adds its own index object to the
+    journal and the next open decodes nothing.  Control: without the journal, the same
+    open decodes exactly that object."""
+    two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as r:
+        _ = r.index  # the table
+    table, journal = cache_files(cache_dir)
+    before = table.read_bytes()
+    with Repository.open(str(tmp_path / "r")) as r:
+        new_ids = [write_archive(r, {"n": os.urandom(20_000)}) for _ in range(2)]
+    assert table.read_bytes() == before
+    assert journal.stat().st_size > 0
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert all(read_archive(again, a)["n"] for a in new_ids)
+        got, files = index_of(again), again.index_files()
+    assert seen == [] and len(files) == 4
+    monkeypatch.setenv(CACHE_ENV, "off")
+    with Repository.open(str(tmp_path / "r")) as plain:
+        assert index_of(plain) == got and plain.index_files() == files
+    monkeypatch.setenv(CACHE_ENV, str(cache_dir))
+    journal.unlink()
+    seen.clear()
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert index_of(again) == got
+    # what the journal had: the two new objects, and the second of two_archives' (its
+    # first commit wrote the table, its second appended)
+    assert len(seen) == 3
+
+
+def test_a_grown_journal_is_folded_into_the_table(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmarchive.store import indexcache
+
+    two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as r:
+        _ = r.index
+    table, journal = cache_files(cache_dir)
+    before = table.read_bytes()
+    monkeypatch.setattr(indexcache, "FOLD_MIN_BYTES", 0)
+    monkeypatch.setattr(indexcache, "FOLD_SHARE", 1 << 40)  # any journal is too large
+    with Repository.open(str(tmp_path / "r")) as r:
+        new_id = write_archive(r, {"n": os.urandom(20_000)})
+    assert table.read_bytes() != before and journal.stat().st_size == 0
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert read_archive(again, new_id)["n"]
+        assert len(again.index_files()) == 3
+    assert seen == []
+
+
+def test_a_journal_cut_short_or_damaged_ends_where_it_breaks(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that died appending leaves a partial record: the records before it
+    still count, the objects after are decoded.  A checksum failure ends it the same."""
+    two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as r:
+        _ = r.index
+        new_ids = [write_archive(r, {"n": os.urandom(20_000)}) for _ in range(2)]
+        want = index_of(r)
+    _table, journal = cache_files(cache_dir)
+    whole = journal.read_bytes()
+    seen = decoded(monkeypatch)
+    journal.write_bytes(whole[:-5])  # the second record cut short
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert index_of(again) == want
+        assert all(read_archive(again, a)["n"] for a in new_ids)
+    assert len(seen) == 1
+    seen.clear()
+    damaged = bytearray(whole)
+    damaged[12 + 20 + 40] ^= 0x01  # inside the first record's body (header, record head)
+    journal.write_bytes(bytes(damaged))
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert index_of(again) == want
+    assert len(seen) == 3  # the journal's three records (two_archives' second object first)
+
+
+def test_journal_records_name_objects_that_must_still_be_listed(tmp_path: pathlib.Path) -> None:
+    """A record's object gone (gc elsewhere) makes the cache unusable, as the table's."""
+    cache = IndexCache(str(tmp_path / "index-x.bin"))
+    packs = [os.urandom(32).hex() for _ in range(3)]
+    a, b = os.urandom(32).hex(), os.urandom(32).hex()
+    base = ChunkIndex()
+    old = [(os.urandom(16), Location(packs[0], 16, 100, 200)) for _ in range(50)]
+    for cid, loc in old:
+        base.add(cid, loc)
+    assert not cache.append([(b, [])])  # no table yet: nothing to build on
+    cache.save(base, {a})
+    new = [(os.urandom(16), Location(packs[i % 3], 16 + i, 10, 20)) for i in range(300)]
+    assert cache.append([(b, new)])
+    got = cache.load({a, b})
+    assert got is not None
+    assert got[1] == {a, b} and dict(got[0].items()) == dict(old + new)
+    assert cache.load({a}) is None  # b vanished
+    assert cache.load({b}) is None  # a vanished (the control: the table's check)
+
+
+def test_concurrent_appends_keep_whole_records(tmp_path: pathlib.Path) -> None:
+    """Appends from several writers at once (threads here, processes on a host) each land
+    whole: every record is read back."""
+    import threading
+
+    cache = IndexCache(str(tmp_path / "index-x.bin"))
+    cache.save(ChunkIndex(), set())
+    pack = os.urandom(32).hex()
+    made: dict[str, list[tuple[bytes, Location]]] = {}
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(20):
+            name = os.urandom(32).hex()
+            entries = [(os.urandom(16), Location(pack, 16 + i, 10, 20)) for i in range(200)]
+            with lock:
+                made[name] = entries
+            assert cache.append([(name, entries)])
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = cache.load(set(made))
+    assert got is not None and got[1] == set(made)
+    assert dict(got[0].items()) == {c: loc for es in made.values() for c, loc in es}
+
+
+def test_a_new_journal_gets_one_header_whoever_appends_first(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appenders that find the journal empty at once: under the lock only the first
+    writes the header (without it a second header would end the journal early: the
+    control, a slow size check widening the window)."""
+    import threading
+    import time
+
+    from vmarchive.store import indexcache
+
+    real = indexcache._size
+
+    def slow(fd: int) -> int:
+        n = real(fd)
+        time.sleep(0.05)
+        return n
+
+    monkeypatch.setattr(indexcache, "_size", slow)
+    cache = IndexCache(str(tmp_path / "index-x.bin"))
+    cache.save(ChunkIndex(), set())
+    pack = os.urandom(32).hex()
+    names = [os.urandom(32).hex() for _ in range(4)]
+    go = threading.Barrier(len(names))
+
+    def work(name: str) -> None:
+        go.wait()
+        assert cache.append([(name, [(os.urandom(16), Location(pack, 16, 10, 20))])])
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = cache.load(set(names))
+    assert got is not None and got[1] == set(names) and len(got[0]) == 4
+
+
+def test_a_journal_that_cannot_be_written_never_fails_the_commit(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index object that could not be journaled: the commit still happens, and saves
+    the whole index instead (control: the failing append was reached)."""
+    two_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r")) as r:
+        _ = r.index
+    table, _journal = cache_files(cache_dir)
+    before = table.read_bytes()
+    calls: list[int] = []
+
+    def broken(self: IndexCache, objects: object) -> bool:
+        calls.append(1)
+        raise RuntimeError("journal broke")
+
+    with monkeypatch.context() as m:
+        m.setattr(IndexCache, "append", broken)
+        with Repository.open(str(tmp_path / "r")) as r:
+            aid = write_archive(r, {"n": b"z" * 9000})
+    assert calls and table.read_bytes() != before
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert read_archive(again, aid)["n"] == b"z" * 9000
+    assert seen == []
+
+
+def test_packed_entries_round_trip_and_their_checks() -> None:
+    packs = [os.urandom(32).hex() for _ in range(4)]
+    entries = [(os.urandom(16), Location(packs[i % 4], 16 + i, 10 + i, 20 + i)) for i in range(99)]
+    records, plist = ChunkIndex.pack_entries(entries)
+    assert len(records) == 99 * 32 and sorted(plist) == sorted(packs)
+    idx = ChunkIndex()
+    idx.add(entries[0][0], Location(packs[1], 999, 1, 1))  # present: kept, as add() does
+    assert idx.add_packed(records, plist) == 98
+    want = dict(entries) | {entries[0][0]: Location(packs[1], 999, 1, 1)}
+    assert dict(idx.items()) == want
+    bad = bytearray(records)
+    bad[32 * 50 + 16 : 32 * 50 + 20] = (5).to_bytes(4, "little")  # pack 5 of 4
+    fresh = ChunkIndex()
+    with pytest.raises(ValueError, match="pack number"):
+        fresh.add_packed(bytes(bad), plist)
+    assert len(fresh) == 0  # nothing added
+    zero = bytearray(records)
+    zero[32 * 7 : 32 * 7 + 16] = bytes(16)
+    with pytest.raises(ValueError, match="empty id"):
+        fresh.add_packed(bytes(zero), plist)
+    with pytest.raises(ValueError, match="whole records"):
+        fresh.add_packed(records[:-1], plist)

@@ -23,20 +23,42 @@ atomically): ``magic "VMARIDXC" | version u32 | checksum[16] | names u64 | names
 bytes (sorted) | snapshot`` (:meth:`ChunkIndex.snapshot`); the xxh3-128 checksum covers
 everything from the name count on.  Not kept for encrypted repositories (as the summary
 cache): chunk sizes and pack layout stay inside the encrypted index objects there.
+
+The journal beside it (``index-<hash>.journal``) spares each commit rewriting that file:
+the table is the whole repository's (32 bytes a slot: 130 MB for 2 million chunks, written
+again after every capture, by every capture of ``capture --all``), a commit adds a few
+thousand entries.  Each index object published by this host is appended to the journal
+as one record, and a load applies the records on top of the table.  A record is a fact
+about the repository, true whatever the table holds -- "index object N names these
+entries" -- so records need no order, may repeat what the table has, and may come from
+several processes at once (appends are whole records under an exclusive ``flock``).  The
+load checks the records' names as the table's: every one still listed, else rebuild.  The
+journal is folded into the table (a full write, the journal emptied) at a commit when it
+has grown past a sixteenth of the table (applying records costs ~1 us an entry, reading
+the table ~0.05), or when there is no table yet.  A record that is cut short or fails its
+checksum ends the journal there (a process died appending): the objects of the records
+lost are decoded from the repository, as any object the cache does not name.
+
+Journal: ``magic "VMARIDXJ" | version u32``, then records: ``body length u32 |
+xxh3-128 of the body[16] | body``; body: ``index object name[32] | packs u32 | pack ids x
+32 bytes | entries u32 | entries x 32 bytes`` (table records, :meth:`ChunkIndex.pack_entries`,
+their pack numbers counting from 1 in the record's own pack list).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import struct
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from io import BufferedReader
 
 import xxhash
 
-from vmarchive.store.chunkindex import SNAPSHOT_HEAD, ChunkIndex
+from vmarchive.store.chunkindex import SNAPSHOT_HEAD, ChunkIndex, Location
 from vmarchive.store.summarycache import repository_cache
 
 log = logging.getLogger(__name__)
@@ -44,6 +66,15 @@ log = logging.getLogger(__name__)
 MAGIC = b"VMARIDXC"
 VERSION = 1
 _HEAD = struct.Struct("<8sI16sQ")  # magic, version, checksum, number of names: 36 bytes
+JOURNAL_MAGIC = b"VMARIDXJ"
+JOURNAL_VERSION = 1
+_JHEAD = struct.Struct("<8sI")
+_JRECORD = struct.Struct("<I16s")  # body length, xxh3-128 of the body
+_U32 = struct.Struct("<I")
+#: The journal is folded into the table at a commit once it is larger than this share of
+#: the table file (or than FOLD_MIN_BYTES, whichever is more).
+FOLD_SHARE = 16
+FOLD_MIN_BYTES = 1 << 20
 
 
 class IndexCache:
@@ -51,6 +82,7 @@ class IndexCache:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.journal_path = path.removesuffix(".bin") + ".journal"
 
     @classmethod
     def for_repository(cls, encoded_config: bytes, encrypted: bool) -> IndexCache | None:
@@ -58,20 +90,26 @@ class IndexCache:
         return None if where is None else cls(os.path.join(where[0], f"index-{where[1]}.bin"))
 
     def load(self, listed: set[str]) -> tuple[ChunkIndex, set[str]] | None:
-        """The cached index and the index object names it covers, when all of those are
-        still ``listed``; None when there is no usable cache (then build and :meth:`save`).
+        """The cached index (the table, the journal's records on top) and the index
+        object names it covers, when all of those are still ``listed``; None when there
+        is no usable table (then build and :meth:`save`).
 
         The table is read straight into the index's own buffer (no second copy)."""
         try:
             with open(self.path, "rb") as f:
-                return self._read(f, listed)
+                idx, names = self._read(f)
+            names |= self._apply_journal(idx)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
             log.debug("index cache not usable (%s): rebuilding", e)
             return None
+        if not names <= listed:
+            log.debug("index cache: %d of its index objects are gone", len(names - listed))
+            return None
+        return idx, names
 
-    def _read(self, f: BufferedReader, listed: set[str]) -> tuple[ChunkIndex, set[str]] | None:
+    def _read(self, f: BufferedReader) -> tuple[ChunkIndex, set[str]]:
         size = os.fstat(f.fileno()).st_size
         magic, version, checksum, nnames = _HEAD.unpack(_exact(f, _HEAD.size))
         if magic != MAGIC or version != VERSION:
@@ -93,10 +131,65 @@ class IndexCache:
         names = {raw_names[i : i + 32].hex() for i in range(0, len(raw_names), 32)}
         if len(names) != nnames:
             raise ValueError("a name listed twice")
-        if not names <= listed:
-            log.debug("index cache: %d of its index objects are gone", len(names - listed))
-            return None
         return ChunkIndex.from_snapshot(snap_head, packs, table), names
+
+    # -- the journal ----------------------------------------------------------------------
+    def _apply_journal(self, idx: ChunkIndex) -> set[str]:
+        """Add the journal's records to ``idx``; the names of the index objects they are.
+        Stops at a record cut short or failing its checksum (what follows it is not
+        trusted); raises ValueError for a record whose checksum holds but whose body is
+        wrong (written so: the whole cache is then rebuilt)."""
+        names: set[str] = set()
+        entries = 0
+        try:
+            with open(self.journal_path, "rb") as f:
+                for body in _journal_bodies(f, self.journal_path):
+                    name, packs, records = _decode_record(body)
+                    idx.add_packed(records, packs)
+                    names.add(name)
+                    entries += len(records) // 32
+        except FileNotFoundError:
+            pass
+        if names:
+            log.debug("index cache journal: %d index objects, %d entries", len(names), entries)
+        return names
+
+    def append(self, objects: Iterable[tuple[str, Sequence[tuple[bytes, Location]]]]) -> bool:
+        """Record that each index object (name, its entries) is in the repository.  False
+        when there is no table to build on (then :meth:`save` the whole index) or the
+        journal cannot be written; never raises for that."""
+        if not os.path.exists(self.path):
+            return False
+        data = b"".join(_encode_record(name, entries) for name, entries in objects)
+        if not data:
+            return True
+        try:
+            os.makedirs(os.path.dirname(self.journal_path), exist_ok=True)
+            fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if _size(fd) == 0:  # new (or folded): the header first, once
+                    data = _JHEAD.pack(JOURNAL_MAGIC, JOURNAL_VERSION) + data
+                _write_all(fd, data)
+            finally:
+                os.close(fd)  # releases the lock
+            return True
+        except OSError as e:
+            log.debug("cannot append to the index cache journal: %s", e)
+            return False
+
+    def needs_fold(self) -> bool:
+        """Whether a commit should :meth:`save` the whole index: no table yet, or a journal
+        grown past its share of the table."""
+        try:
+            table = os.path.getsize(self.path)
+        except OSError:
+            return True
+        try:
+            journal = os.path.getsize(self.journal_path)
+        except OSError:
+            return False
+        return journal > max(FOLD_MIN_BYTES, table // FOLD_SHARE)
 
     def save(self, index: ChunkIndex, names: set[str]) -> None:
         """Write the cache for ``index`` built from exactly the index objects ``names``."""
@@ -119,11 +212,80 @@ class IndexCache:
                 f.write(head)
                 for part in parts:
                     f.write(part)
-            os.replace(tmp, self.path)
+            # Under the journal's lock: a record appended meanwhile by another process
+            # goes with the old journal; its object, if not in this table, is decoded
+            # at the next load and journaled again.
+            jfd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(jfd, fcntl.LOCK_EX)
+                os.replace(tmp, self.path)
+                os.ftruncate(jfd, 0)
+            finally:
+                os.close(jfd)
         except OSError as e:
             log.debug("cannot write the index cache: %s", e)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _journal_bodies(f: BufferedReader, path: str) -> Iterator[bytes]:
+    """The bodies of a journal's whole records whose checksums hold, up to the first that
+    does not (or is cut short): a process died appending it, what follows is not trusted."""
+    head = f.read(_JHEAD.size)
+    if len(head) < _JHEAD.size or _JHEAD.unpack(head) != (JOURNAL_MAGIC, JOURNAL_VERSION):
+        if head:
+            log.debug("index cache journal %s ignored: not version %d", path, JOURNAL_VERSION)
+        return
+    while rec := f.read(_JRECORD.size):
+        length, checksum = _JRECORD.unpack(rec) if len(rec) == _JRECORD.size else (0, b"")
+        body = f.read(length) if length else b""
+        if not body or len(body) != length or xxhash.xxh3_128_digest(body) != checksum:
+            log.debug("index cache journal ends in a damaged record: the rest ignored")
+            return
+        yield body
+
+
+def _encode_record(name: str, entries: Sequence[tuple[bytes, Location]]) -> bytes:
+    records, packs = ChunkIndex.pack_entries(entries)
+    body = b"".join(
+        [
+            bytes.fromhex(name),
+            _U32.pack(len(packs)),
+            *(bytes.fromhex(p) for p in packs),
+            _U32.pack(len(records) // 32),
+            records,
+        ]
+    )
+    if len(body) != 32 + 4 + 32 * len(packs) + 4 + len(records):
+        raise ValueError("an index object or pack name is not a 32-byte hash")
+    return _JRECORD.pack(len(body), xxhash.xxh3_128_digest(body)) + body
+
+
+def _decode_record(body: bytes) -> tuple[str, list[str], memoryview]:
+    """(index object name, pack ids, packed entries) of one journal record's body."""
+    mv = memoryview(body)
+    if len(mv) < 40:
+        raise ValueError("journal record too short")
+    name = mv[:32].hex()
+    (npacks,) = _U32.unpack_from(mv, 32)
+    at = 36 + 32 * npacks
+    if len(mv) < at + 4:
+        raise ValueError("journal record: bad pack count")
+    packs = [mv[p : p + 32].hex() for p in range(36, at, 32)]
+    (nentries,) = _U32.unpack_from(mv, at)
+    if len(mv) != at + 4 + 32 * nentries:
+        raise ValueError("journal record: bad entry count")
+    return name, packs, mv[at + 4 :]
+
+
+def _size(fd: int) -> int:
+    return os.fstat(fd).st_size
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _exact(f: BufferedReader, n: int) -> bytes:
