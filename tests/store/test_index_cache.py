@@ -64,15 +64,37 @@ def test_snapshot_round_trip_and_its_checks() -> None:
     back = ChunkIndex.from_snapshot(head, plist, bytearray(table))
     assert len(back) == 500 and dict(back.items()) == dict(idx.items())
     assert back.get(os.urandom(16)) is None
+    back.check()
     first_used = next(i for i in range(0, len(table), 32) if table[i + 16 : i + 20] != bytes(4))
     bad = bytearray(table)
     bad[first_used + 16 : first_used + 20] = (9).to_bytes(4, "little")
     with pytest.raises(ValueError, match="pack number"):
-        ChunkIndex.from_snapshot(head, plist, bad)
+        ChunkIndex.from_snapshot(head, plist, bad).check()
+    miscounted = (501).to_bytes(8, "little") + head[8:]
     with pytest.raises(ValueError, match="count"):
-        ChunkIndex.from_snapshot((501).to_bytes(8, "little") + head[8:], plist, bytearray(table))
+        ChunkIndex.from_snapshot(miscounted, plist, bytearray(table)).check()
     with pytest.raises(ValueError, match="sizes"):
         ChunkIndex.from_snapshot(head, plist, bytearray(table[:-32]))
+
+
+def test_a_table_that_fails_its_check_is_not_written(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load trusts a table whose checksum holds, so save writes only checked ones
+    (control: the same index, its count right, is written and loads)."""
+    idx = ChunkIndex()
+    pack = os.urandom(32).hex()
+    for i in range(40):
+        idx.add(os.urandom(16), Location(pack, 16 + i, 10, 20))
+    name = os.urandom(32).hex()
+    cache = IndexCache(str(tmp_path / "index-x.bin"))
+    idx._count += 1  # a bug of ours, say
+    cache.save(idx, {name})
+    assert not os.path.exists(cache.path) and "count" in caplog.text
+    idx._count -= 1
+    cache.save(idx, {name})
+    got = cache.load({name})
+    assert got is not None and dict(got[0].items()) == dict(idx.items())
 
 
 def test_second_open_decodes_no_index_object(

@@ -11,12 +11,14 @@ Why it is safe: index objects are named by the hash of their bytes and never cha
 rewrites every index naming a pack it deletes, under new names, and deletes the old
 ones.  So the cache is used only when every index object it was built from is still
 listed; the listed objects it lacks are decoded and added on top (what another client
-published since: a commit writes the cache with its own object, see
-:meth:`Repository._cache_index_after_commit`).  Any object it names gone -> the index
-is rebuilt from ``index/``.  It is an optimisation only: a missing, truncated or damaged
-file (its xxh3-128 checksum covers everything after it), another version, or another
-repository's file is ignored and rebuilt.  Reads still check every chunk against its id;
-gc and verify, which must see dangling entries, never use it.
+published since; this host's own objects are in the journal, below).  Any object it
+names gone -> the index is rebuilt from ``index/``.  It is an optimisation only: a
+missing, truncated or damaged file (its xxh3-128 checksum covers everything after it),
+another version, or another repository's file is ignored and rebuilt.  A table is
+checked (every slot's pack number known, the entry count right) before it is written,
+not when it is read: the checksum then vouches for it, and a load reads it at the speed
+of the file.  Reads still check every chunk against its id; gc and verify, which must see
+dangling entries, never use it.
 
 File (``index-<hash of the repository config>.bin`` in the cache directory, replaced
 atomically): ``magic "VMARIDXC" | version u32 | checksum[16] | names u64 | names x 32
@@ -64,7 +66,9 @@ from vmarchive.store.summarycache import repository_cache
 log = logging.getLogger(__name__)
 
 MAGIC = b"VMARIDXC"
-VERSION = 1
+#: 2: tables are checked before they are written, not when read (version 1 files were
+#: written unchecked, so they are rebuilt once)
+VERSION = 2
 _HEAD = struct.Struct("<8sI16sQ")  # magic, version, checksum, number of names: 36 bytes
 JOURNAL_MAGIC = b"VMARIDXJ"
 JOURNAL_VERSION = 1
@@ -199,6 +203,11 @@ class IndexCache:
             raw = []
         if any(len(r) != 32 for r in raw) or len(raw) != len(names):
             log.debug("index cache not written: an index object name is not a hash")
+            return
+        try:
+            index.check()  # a load trusts a table whose checksum holds: only good ones
+        except ValueError as e:
+            log.warning("index cache not written: %s", e)
             return
         parts = [b"".join(raw), *index.snapshot()]
         h = xxhash.xxh3_128(struct.pack("<Q", len(names)))
