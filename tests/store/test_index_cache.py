@@ -28,14 +28,14 @@ def cache_dir(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the index objects decoded from now on (each call: its entry count)."""
     seen: list[int] = []
-    real = Codecs.decode_index
+    real = Codecs.decode_index_packed
 
-    def counting(self: Codecs, data: bytes) -> list[tuple[bytes, Location]]:
-        out = real(self, data)
-        seen.append(len(out))
-        return out
+    def counting(self: Codecs, data: bytes) -> tuple[list[str], memoryview]:
+        packs, records = real(self, data)
+        seen.append(len(records) // 32)
+        return packs, records
 
-    monkeypatch.setattr(Codecs, "decode_index", counting)
+    monkeypatch.setattr(Codecs, "decode_index_packed", counting)
     return seen
 
 
@@ -400,10 +400,11 @@ def test_journal_records_name_objects_that_must_still_be_listed(tmp_path: pathli
     old = [(os.urandom(16), Location(packs[0], 16, 100, 200)) for _ in range(50)]
     for cid, loc in old:
         base.add(cid, loc)
-    assert not cache.append([(b, [])])  # no table yet: nothing to build on
+    assert not cache.append([(b, [], b"")])  # no table yet: nothing to build on
     cache.save(base, {a})
     new = [(os.urandom(16), Location(packs[i % 3], 16 + i, 10, 20)) for i in range(300)]
-    assert cache.append([(b, new)])
+    records, plist = ChunkIndex.pack_entries(new)
+    assert cache.append([(b, plist, records)])
     got = cache.load({a, b})
     assert got is not None
     assert got[1] == {a, b} and dict(got[0].items()) == dict(old + new)
@@ -428,7 +429,8 @@ def test_concurrent_appends_keep_whole_records(tmp_path: pathlib.Path) -> None:
             entries = [(os.urandom(16), Location(pack, 16 + i, 10, 20)) for i in range(200)]
             with lock:
                 made[name] = entries
-            assert cache.append([(name, entries)])
+            records, plist = ChunkIndex.pack_entries(entries)
+            assert cache.append([(name, plist, records)])
 
     threads = [threading.Thread(target=work) for _ in range(6)]
     for t in threads:
@@ -467,7 +469,8 @@ def test_a_new_journal_gets_one_header_whoever_appends_first(
 
     def work(name: str) -> None:
         go.wait()
-        assert cache.append([(name, [(os.urandom(16), Location(pack, 16, 10, 20))])])
+        records, plist = ChunkIndex.pack_entries([(os.urandom(16), Location(pack, 16, 10, 20))])
+        assert cache.append([(name, plist, records)])
 
     threads = [threading.Thread(target=work, args=(n,)) for n in names]
     for t in threads:
@@ -516,7 +519,7 @@ def test_packed_entries_round_trip_and_their_checks() -> None:
     want = dict(entries) | {entries[0][0]: Location(packs[1], 999, 1, 1)}
     assert dict(idx.items()) == want
     bad = bytearray(records)
-    bad[32 * 50 + 16 : 32 * 50 + 20] = (5).to_bytes(4, "little")  # pack 5 of 4
+    bad[32 * 50 + 16 : 32 * 50 + 20] = (4).to_bytes(4, "little")  # numbered from 0: 4 of 4
     fresh = ChunkIndex()
     with pytest.raises(ValueError, match="pack number"):
         fresh.add_packed(bytes(bad), plist)

@@ -36,7 +36,7 @@ from vmarchive.format.blob import (
 from vmarchive.format.chunkid import ALGORITHMS, ZERO_ID, is_zero, make_id_function, verify_chunk
 from vmarchive.format.config import RepoConfig, decode_config, encode_config, new_config
 from vmarchive.format.crypto import TEST_SCRYPT, KeyMaterial, make_keyfile, open_keyfile, seal
-from vmarchive.format.index import IndexEntry, decode_index, encode_index
+from vmarchive.format.index import IndexEntry, decode_index, decode_index_packed, encode_index
 from vmarchive.format.lock import LockInfo, decode_lock, encode_lock, is_stale
 from vmarchive.format.manifest import (
     Manifest,
@@ -438,6 +438,20 @@ index_entries = st.lists(
 def test_index_round_trip_sorted(entries: list[IndexEntry], encrypted: bool) -> None:
     cd = codec(encrypted)
     assert decode_index(cd, encode_index(cd, entries)) == sorted(entries, key=lambda e: e.chunk_id)
+
+
+@SETTINGS
+@given(entries=index_entries, encrypted=st.booleans())
+def test_index_packed_is_the_same_entries(entries: list[IndexEntry], encrypted: bool) -> None:
+    """The packed form (what a repository loads its index from) says what decode_index says."""
+    cd = codec(encrypted)
+    packs, body = decode_index_packed(cd, encode_index(cd, entries))
+    assert packs == sorted({e.pack_id for e in entries})
+    got = [
+        IndexEntry(cid, packs[n], off, ln, raw)
+        for cid, n, off, ln, raw in struct.iter_unpack(C.INDEX_ENTRY_STRUCT, body)
+    ]
+    assert got == sorted(entries, key=lambda e: e.chunk_id)
 
 
 @SETTINGS

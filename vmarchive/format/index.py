@@ -75,6 +75,22 @@ def decode_index(codec: BlobCodec, data: bytes | memoryview) -> list[IndexEntry]
     required feature), DamageError (MAC or checksum failure) and WrongKeyError (encrypted
     index, no key).
     """
+    packs, entries = decode_index_packed(codec, data)
+    return [
+        IndexEntry(chunk_id, packs[pack_no], offset, length, raw_length)
+        for chunk_id, pack_no, offset, length, raw_length in struct.iter_unpack(
+            C.INDEX_ENTRY_STRUCT, entries
+        )
+    ]
+
+
+def decode_index_packed(
+    codec: BlobCodec, data: bytes | memoryview
+) -> tuple[list[bytes], memoryview]:
+    """:func:`decode_index` without an object per entry: the pack ids (32 raw bytes each,
+    sorted) and the entries as they are in the body (``INDEX_ENTRY_STRUCT``, 32 bytes
+    each, pack numbers counting from 0 in that list), checked the same way.  Loading a
+    repository's index this way costs ~1 us an entry instead of ~8 (the per-entry objects)."""
     header = decode_header(data, C.TYPE_INDEX)
     mv = memoryview(data)
     plain = codec.open_body(
@@ -89,10 +105,10 @@ def decode_index(codec: BlobCodec, data: bytes | memoryview) -> list[IndexEntry]
     packs = [plain[i : i + C.OBJECT_ID_SIZE] for i in range(8, table_end, C.OBJECT_ID_SIZE)]
     if any(a >= b for a, b in itertools.pairwise(packs)):
         raise FormatError("index: pack ids not sorted and unique")
-    out: list[IndexEntry] = []
+    entries = memoryview(plain)[table_end:]
     previous = b""
-    for chunk_id, pack_no, offset, length, raw_length in struct.iter_unpack(
-        C.INDEX_ENTRY_STRUCT, plain[table_end:]
+    for chunk_id, pack_no, offset, _length, raw_length in struct.iter_unpack(
+        C.INDEX_ENTRY_STRUCT, entries
     ):
         if chunk_id <= previous or chunk_id == C.ZERO_ID:
             raise FormatError(f"index: chunk id {chunk_id.hex()} out of order, repeated or zero")
@@ -101,5 +117,4 @@ def decode_index(codec: BlobCodec, data: bytes | memoryview) -> list[IndexEntry]
         if offset < C.HEADER_SIZE or raw_length > C.MAX_CHUNK_SIZE:
             raise FormatError(f"index: entry {chunk_id.hex()} out of range")
         previous = chunk_id
-        out.append(IndexEntry(chunk_id, packs[pack_no], offset, length, raw_length))
-    return out
+    return packs, entries

@@ -149,30 +149,41 @@ class ChunkIndex:
         """Approximate memory held by the table (for logs and the benchmark)."""
         return len(self._buf)
 
-    # -- packed entries (the index cache's journal, :mod:`vmarchive.store.indexcache`) -----
+    # -- packed entries (index objects' bodies, the index cache's journal) ---------------
     @staticmethod
     def pack_entries(entries: Sequence[tuple[bytes, Location]]) -> tuple[bytes, list[str]]:
-        """``entries`` as table records (32 bytes each) whose pack numbers count from 1 in
-        the returned pack list: what :meth:`add_packed` takes back."""
+        """``entries`` as 32-byte records laid out as an index object's (id, pack number,
+        offset, length, raw length; the pack numbers counting from 0 in the returned pack
+        list): what :meth:`add_packed` takes."""
         numbers: dict[str, int] = {}
         out = bytearray(len(entries) * _REC_SIZE)
         pos = 0
         for cid, loc in entries:
-            n = numbers.setdefault(loc.pack_id, len(numbers) + 1)
+            n = numbers.setdefault(loc.pack_id, len(numbers))
             _REC.pack_into(out, pos, cid, n, loc.offset, loc.length, loc.raw_length)
             pos += _REC_SIZE
         return bytes(out), list(numbers)
 
-    def add_packed(self, records: bytes | memoryview, packs: Sequence[str]) -> int:
-        """Add the entries :meth:`pack_entries` made (present ids are kept, as
-        :meth:`add` does); return how many were new.  Raises ValueError, having added
-        nothing, when a record's pack number is not in ``packs`` or its id is the zero id
-        (never indexed: it names holes), or ``records`` is not whole records."""
+    def add_packed(
+        self, records: bytes | memoryview, packs: Sequence[str], *, checked: bool = False
+    ) -> int:
+        """Add the entries of ``records`` (see :meth:`pack_entries`; present ids are kept,
+        as :meth:`add` does); return how many were new.  Unless ``checked`` (the caller
+        has checked them, as :func:`~vmarchive.format.index.decode_index_packed` does),
+        raises ValueError, having added nothing, when a record's pack number is not in
+        ``packs`` or its id is the zero id (never indexed: it names holes), or
+        ``records`` is not whole records."""
         if len(records) % _REC_SIZE:
             raise ValueError("packed entries: not whole records")
-        heads = [_HEAD.unpack_from(records, p) for p in range(0, len(records), _REC_SIZE)]
-        if any(not 1 <= pack <= len(packs) or cid == ZERO_ID for cid, pack in heads):
-            raise ValueError("packed entries: a pack number out of range or an empty id")
+        if not checked:
+            npacks = len(packs)
+            if any(
+                pack >= npacks or cid == ZERO_ID
+                for cid, pack in (
+                    _HEAD.unpack_from(records, p) for p in range(0, len(records), _REC_SIZE)
+                )
+            ):
+                raise ValueError("packed entries: a pack number out of range or an empty id")
         numbers = [self._pack_number(p) for p in packs]
         added = 0
         for cid, pack, offset, length, raw in _REC.iter_unpack(records):
@@ -182,7 +193,7 @@ class ChunkIndex:
             if (self._count + 1) * 4 > self._cap * 3:
                 self._grow()
                 pos, _ = self._find(cid)
-            _REC.pack_into(self._buf, pos, cid, numbers[pack - 1], offset, length, raw)
+            _REC.pack_into(self._buf, pos, cid, numbers[pack], offset, length, raw)
             self._count += 1
             added += 1
         return added

@@ -28,7 +28,7 @@ from vmarchive.format.crypto import (
     open_keyfile,
 )
 from vmarchive.format.header import object_id
-from vmarchive.format.index import IndexEntry, decode_index, encode_index
+from vmarchive.format.index import IndexEntry, decode_index, decode_index_packed, encode_index
 from vmarchive.format.manifest import (
     Manifest,
     StreamEntry,
@@ -299,6 +299,12 @@ class Codecs:
             (e.chunk_id, Location(e.pack_id.hex(), e.offset, e.length, e.raw_length))
             for e in decode_index(self.blob, data)
         ]
+
+    def decode_index_packed(self, data: bytes) -> tuple[list[str], memoryview]:
+        """:meth:`decode_index` as (pack ids, 32-byte entries whose pack numbers count from
+        0 in that list): see :func:`vmarchive.format.index.decode_index_packed`."""
+        packs, entries = decode_index_packed(self.blob, data)
+        return [p.hex() for p in packs], entries
 
     def encode_manifest(
         self,

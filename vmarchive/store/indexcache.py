@@ -43,8 +43,8 @@ lost are decoded from the repository, as any object the cache does not name.
 
 Journal: ``magic "VMARIDXJ" | version u32``, then records: ``body length u32 |
 xxh3-128 of the body[16] | body``; body: ``index object name[32] | packs u32 | pack ids x
-32 bytes | entries u32 | entries x 32 bytes`` (table records, :meth:`ChunkIndex.pack_entries`,
-their pack numbers counting from 1 in the record's own pack list).
+32 bytes | entries u32 | entries x 32 bytes`` (as in the index object's body, their pack
+numbers counting from 0 in the record's pack list; :meth:`ChunkIndex.pack_entries`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from io import BufferedReader
 
 import xxhash
 
-from vmarchive.store.chunkindex import SNAPSHOT_HEAD, ChunkIndex, Location
+from vmarchive.store.chunkindex import SNAPSHOT_HEAD, ChunkIndex
 from vmarchive.store.summarycache import repository_cache
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ MAGIC = b"VMARIDXC"
 VERSION = 2
 _HEAD = struct.Struct("<8sI16sQ")  # magic, version, checksum, number of names: 36 bytes
 JOURNAL_MAGIC = b"VMARIDXJ"
-JOURNAL_VERSION = 1
+#: 2: pack numbers count from 0, as in index objects (1 counted from 1)
+JOURNAL_VERSION = 2
 _JHEAD = struct.Struct("<8sI")
 _JRECORD = struct.Struct("<I16s")  # body length, xxh3-128 of the body
 _U32 = struct.Struct("<I")
@@ -158,13 +159,14 @@ class IndexCache:
             log.debug("index cache journal: %d index objects, %d entries", len(names), entries)
         return names
 
-    def append(self, objects: Iterable[tuple[str, Sequence[tuple[bytes, Location]]]]) -> bool:
-        """Record that each index object (name, its entries) is in the repository.  False
-        when there is no table to build on (then :meth:`save` the whole index) or the
-        journal cannot be written; never raises for that."""
+    def append(self, objects: Iterable[tuple[str, Sequence[str], bytes | memoryview]]) -> bool:
+        """Record that each index object (name, pack ids, its entries packed as in
+        :meth:`ChunkIndex.pack_entries`) is in the repository.  False when there is no
+        table to build on (then :meth:`save` the whole index) or the journal cannot be
+        written; never raises for that."""
         if not os.path.exists(self.path):
             return False
-        data = b"".join(_encode_record(name, entries) for name, entries in objects)
+        data = b"".join(_encode_record(name, packs, records) for name, packs, records in objects)
         if not data:
             return True
         try:
@@ -254,8 +256,7 @@ def _journal_bodies(f: BufferedReader, path: str) -> Iterator[bytes]:
         yield body
 
 
-def _encode_record(name: str, entries: Sequence[tuple[bytes, Location]]) -> bytes:
-    records, packs = ChunkIndex.pack_entries(entries)
+def _encode_record(name: str, packs: Sequence[str], records: bytes | memoryview) -> bytes:
     body = b"".join(
         [
             bytes.fromhex(name),

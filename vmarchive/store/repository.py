@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from vmarchive.errors import (
     VmarchiveError,
     WrongKeyError,
 )
+from vmarchive.format.constants import INDEX_ENTRY_SIZE
 from vmarchive.progress import NULL_PROGRESS, Progress
 from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, open_backend
 from vmarchive.store.chunkindex import ChunkIndex, Location
@@ -70,9 +72,27 @@ def pack_key(pack_id: str) -> str:
     return f"data/{pack_id[:2]}/{pack_id}"
 
 
+#: the pack number of an index entry (``INDEX_ENTRY_STRUCT``), skipping the chunk id
+_PACK_NUMBER = struct.Struct("<16xI")
 #: Entries of the index objects the local cache lacks that a load journals rather than
 #: saving the whole index (beyond: saved whole, without holding them all at once).
 _JOURNAL_EXTRAS_MAX = 1 << 18
+
+
+def _without_packs(
+    records: memoryview, packs: Sequence[str], existing: set[str]
+) -> tuple[memoryview, int]:
+    """The 32-byte index entries of ``records`` whose pack (numbered from 0 in ``packs``)
+    is in ``existing``, and how many were left out."""
+    keep = {n for n, p in enumerate(packs) if p in existing}
+    out = bytearray()
+    gone = 0
+    for pos in range(0, len(records), INDEX_ENTRY_SIZE):
+        if _PACK_NUMBER.unpack_from(records, pos)[0] in keep:
+            out += records[pos : pos + INDEX_ENTRY_SIZE]
+        else:
+            gone += 1
+    return memoryview(bytes(out)), gone
 
 
 @dataclass(frozen=True)
@@ -315,15 +335,13 @@ class Repository:
         covered = set(self._index_files)
         # The objects the cache lacks, to journal (a few: those other hosts published
         # since; many, or no usable cache, and the whole index is saved instead).
-        extras: list[tuple[str, list[tuple[bytes, Location]]]] | None = (
-            [] if cached is not None else None
-        )
+        extras: list[tuple[str, list[str], memoryview]] | None = [] if cached is not None else None
         extra_entries = 0
         for name, obj in objects:
             if name in covered:
                 continue
             try:
-                entries = self.codecs.decode_index(self.backend.get(obj.key))
+                packs, records = self.codecs.decode_index_packed(self.backend.get(obj.key))
             except ObjectNotFoundError:
                 continue  # removed by a concurrent gc
             except DamageError as e:
@@ -332,15 +350,14 @@ class Repository:
                 continue
             self._index_files.add(name)
             if extras is not None:
-                extras.append((name, entries))
-                extra_entries += len(entries)
+                extras.append((name, packs, records))
+                extra_entries += len(records) // INDEX_ENTRY_SIZE
                 if extra_entries > _JOURNAL_EXTRAS_MAX:
                     extras = None
-            for cid, loc in entries:
-                if existing_packs is not None and loc.pack_id not in existing_packs:
-                    dangling += 1
-                    continue
-                idx.add(cid, loc)
+            if existing_packs is not None and not existing_packs.issuperset(packs):
+                records, gone = _without_packs(records, packs, existing_packs)
+                dangling += gone
+            idx.add_packed(records, packs, checked=True)
         if dangling:
             log.warning("chunk index: %d entries name packs that do not exist", dangling)
         log.debug(
@@ -406,7 +423,8 @@ class Repository:
             # disk publishes hundreds of thousands of entries.  What another writer of
             # this object has in the in-memory index but not published is not in it.
             try:
-                if not cache.append([(name, entries)]):
+                records, packs = ChunkIndex.pack_entries(entries)
+                if not cache.append([(name, packs, records)]):
                     self._journal_missed = True
             except Exception:  # an optimisation: never the failure of a publish
                 log.debug("index object not journaled", exc_info=True)
