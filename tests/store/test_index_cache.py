@@ -304,6 +304,13 @@ def test_gc_and_verify_never_use_the_cache(
 # -- the journal: a commit appends its index objects instead of rewriting the table ------
 
 
+def two_archives_cached(path: pathlib.Path) -> None:
+    """:func:`two_archives`, then an open that leaves the cache's table and journal."""
+    two_archives(path)
+    with Repository.open(str(path)) as r:
+        _ = r.index
+
+
 def cache_files(cache_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     (table,) = cache_dir.glob("index-*.bin")
     return table, table.with_suffix(".journal")
@@ -315,9 +322,7 @@ def test_a_commit_appends_to_the_journal_and_leaves_the_table(
     """The table is the whole repository's; a commit adds its own index object to the
     journal and the next open decodes nothing.  Control: without the journal, the same
     open decodes exactly that object."""
-    two_archives(tmp_path / "r")
-    with Repository.open(str(tmp_path / "r")) as r:
-        _ = r.index  # the table
+    two_archives_cached(tmp_path / "r")
     table, journal = cache_files(cache_dir)
     before = table.read_bytes()
     with Repository.open(str(tmp_path / "r")) as r:
@@ -347,9 +352,7 @@ def test_a_grown_journal_is_folded_into_the_table(
 ) -> None:
     from vmarchive.store import indexcache
 
-    two_archives(tmp_path / "r")
-    with Repository.open(str(tmp_path / "r")) as r:
-        _ = r.index
+    two_archives_cached(tmp_path / "r")
     table, journal = cache_files(cache_dir)
     before = table.read_bytes()
     monkeypatch.setattr(indexcache, "FOLD_MIN_BYTES", 0)
@@ -369,9 +372,8 @@ def test_a_journal_cut_short_or_damaged_ends_where_it_breaks(
 ) -> None:
     """A process that died appending leaves a partial record: the records before it
     still count, the objects after are decoded.  A checksum failure ends it the same."""
-    two_archives(tmp_path / "r")
+    two_archives_cached(tmp_path / "r")
     with Repository.open(str(tmp_path / "r")) as r:
-        _ = r.index
         new_ids = [write_archive(r, {"n": os.urandom(20_000)}) for _ in range(2)]
         want = index_of(r)
     _table, journal = cache_files(cache_dir)
@@ -486,9 +488,7 @@ def test_a_journal_that_cannot_be_written_never_fails_the_commit(
 ) -> None:
     """An index object that could not be journaled: the commit still happens, and saves
     the whole index instead (control: the failing append was reached)."""
-    two_archives(tmp_path / "r")
-    with Repository.open(str(tmp_path / "r")) as r:
-        _ = r.index
+    two_archives_cached(tmp_path / "r")
     table, _journal = cache_files(cache_dir)
     before = table.read_bytes()
     calls: list[int] = []
