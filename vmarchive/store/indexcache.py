@@ -163,7 +163,7 @@ class IndexCache:
         """Record that each index object (name, pack ids, its entries packed as in
         :meth:`ChunkIndex.pack_entries`) is in the repository.  False when there is no
         table to build on (then :meth:`save` the whole index) or the journal cannot be
-        written; never raises for that."""
+        written, which never raises; ValueError for a name that is not a 32-byte hash."""
         if not os.path.exists(self.path):
             return False
         data = b"".join(_encode_record(name, packs, records) for name, packs, records in objects)
