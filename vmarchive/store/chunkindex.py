@@ -93,20 +93,21 @@ class ChunkIndex:
         pos, found = self._find(chunk_id)
         if found:
             return False
+        self._insert(
+            pos, chunk_id, self._pack_number(loc.pack_id), loc.offset, loc.length, loc.raw_length
+        )
+        return True
+
+    def _insert(
+        self, pos: int, chunk_id: bytes, pack: int, offset: int, length: int, raw: int
+    ) -> None:
+        """Put a record for the absent ``chunk_id`` at ``pos`` (its free slot, as
+        :meth:`_find` gave it), growing the table first when that would fill it past 3/4."""
         if (self._count + 1) * 4 > self._cap * 3:
             self._grow()
             pos, _ = self._find(chunk_id)
-        _REC.pack_into(
-            self._buf,
-            pos,
-            chunk_id,
-            self._pack_number(loc.pack_id),
-            loc.offset,
-            loc.length,
-            loc.raw_length,
-        )
+        _REC.pack_into(self._buf, pos, chunk_id, pack, offset, length, raw)
         self._count += 1
-        return True
 
     def _grow(self) -> None:
         old = self._buf
@@ -177,25 +178,15 @@ class ChunkIndex:
             raise ValueError("packed entries: not whole records")
         if not checked:
             npacks = len(packs)
-            if any(
-                pack >= npacks or cid == ZERO_ID
-                for cid, pack in (
-                    _HEAD.unpack_from(records, p) for p in range(0, len(records), _REC_SIZE)
-                )
-            ):
+            if any(pack >= npacks or cid == ZERO_ID for cid, pack, *_ in _REC.iter_unpack(records)):
                 raise ValueError("packed entries: a pack number out of range or an empty id")
         numbers = [self._pack_number(p) for p in packs]
         added = 0
         for cid, pack, offset, length, raw in _REC.iter_unpack(records):
             pos, found = self._find(cid)
-            if found:
-                continue
-            if (self._count + 1) * 4 > self._cap * 3:
-                self._grow()
-                pos, _ = self._find(cid)
-            _REC.pack_into(self._buf, pos, cid, numbers[pack], offset, length, raw)
-            self._count += 1
-            added += 1
+            if not found:
+                self._insert(pos, cid, numbers[pack], offset, length, raw)
+                added += 1
         return added
 
     # -- snapshots (the local index cache, :mod:`vmarchive.store.indexcache`) ------------
