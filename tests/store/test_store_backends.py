@@ -9,7 +9,7 @@ import pytest
 from backend_contract import BackendContract
 
 from vmarchive.errors import BackendError, RepositoryError
-from vmarchive.store.backend import Backend, open_backend
+from vmarchive.store.backend import Backend, ObjectNotFoundError, open_backend
 from vmarchive.store.faulty import Fault, FaultyBackend, InjectedFault
 from vmarchive.store.local import LocalBackend
 
@@ -49,31 +49,6 @@ def test_local_put_leaves_no_temporaries_and_cleans_crash_leftovers(tmp_path: pa
     assert sorted(os.listdir(tmp_path / "data" / "00")) == ["x"]
 
 
-def test_local_put_for_read_back_keeps_the_pages_cached(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Large objects go around the page cache (O_DIRECT), except those put for read-back:
-    the round trip that reads them at once would find them on the device."""
-    from vmarchive.store import local
-
-    direct: list[str] = []
-    real = local._write_direct
-
-    def recording(tmp: str, data: bytes | memoryview) -> bool:
-        direct.append(tmp)
-        return real(tmp, data)
-
-    monkeypatch.setattr(local, "_write_direct", recording)
-    b = LocalBackend(str(tmp_path))
-    big = os.urandom(local._DIRECT_MIN + 4096)
-    b.put("data/00/plain", big, create_only=True)
-    assert len(direct) == 1  # the negative control: a plain put of this size goes direct
-    assert b.put_for_read_back("data/00/kept", big, create_only=True) is True
-    assert len(direct) == 1
-    assert b.get("data/00/kept") == big == b.get("data/00/plain")
-    assert sorted(os.listdir(tmp_path / "data" / "00")) == ["kept", "plain"]
-
-
 def _resident_pages(path: pathlib.Path) -> int:
     """How many of the file's pages are in the page cache (mincore(2) of a mapping)."""
     import ctypes
@@ -103,9 +78,10 @@ def _on_tmpfs(path: pathlib.Path) -> bool:
     return fstype == "tmpfs"
 
 
-def test_local_done_reading_back_drops_the_cached_pages(tmp_path: pathlib.Path) -> None:
-    """A pack put for read-back is cached (the control), and no longer once the reader
-    says it is done with it: a capture's memory packs do not linger in the host's cache."""
+def test_local_read_back_goes_around_the_page_cache(tmp_path: pathlib.Path) -> None:
+    """An object put for read-back is written and read back with O_DIRECT (none of its
+    pages cached), until the reader is done with it; the control: the same object read
+    after that, like any other, fills the cache."""
     if _on_tmpfs(tmp_path):
         pytest.skip("tmpfs: the page cache is the file")
     b = LocalBackend(str(tmp_path))
@@ -113,11 +89,48 @@ def test_local_done_reading_back_drops_the_cached_pages(tmp_path: pathlib.Path) 
     b.put_for_read_back("data/00/p", data, create_only=True)
     path = tmp_path / "data" / "00" / "p"
     pages = len(data) // 4096
-    assert _resident_pages(path) > pages // 2
-    assert b.get_range("data/00/p", 4096, 8) == data[4096:4104]
-    b.done_reading_back(["data/00/p", "data/00/missing"])  # a missing object: no error
     assert _resident_pages(path) < pages // 8
-    assert b.get("data/00/p") == data
+    assert b.get_range("data/00/p", 4096, 1 << 20) == data[4096 : 4096 + (1 << 20)]
+    assert _resident_pages(path) < pages // 8
+    b.done_reading_back(["data/00/p", "data/00/missing"])  # a missing object: no error
+    assert b.get_range("data/00/p", 0, len(data)) == data
+    assert _resident_pages(path) > pages // 2
+
+
+def test_local_read_back_ranges_are_exact(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranges of an object put for read-back, read with O_DIRECT from aligned blocks:
+    unaligned starts and ends, past the end, empty, a missing object; each read direct
+    (the control: a plain object of the same size is read through the cache)."""
+    from vmarchive.store import local
+
+    direct: list[tuple[int, int]] = []
+    real = local._read_direct
+
+    def recording(path: str, offset: int, length: int) -> bytes | None:
+        direct.append((offset, length))
+        return real(path, offset, length)
+
+    monkeypatch.setattr(local, "_read_direct", recording)
+    b = LocalBackend(str(tmp_path))
+    data = os.urandom((2 << 20) + 4096 * 3 + 1234)  # the last block is short
+    b.put("data/00/plain", data)
+    assert b.get_range("data/00/plain", 5, 10) == data[5:15]
+    assert direct == []
+    b.put_for_read_back("data/00/p", data)
+    n = len(data)
+    cases = [(0, n), (1, 4095), (4095, 2), (4096, 4096), (n - 1234, 1234), (n - 5, 100),
+             (n - 4096 - 7, 4096 + 7), (n, 10), (n + 5000, 10), (777, 1 << 20), (3, 0)]  # fmt: skip
+    for offset, length in cases:
+        assert b.get_range("data/00/p", offset, length) == data[offset : offset + length]
+    assert len(direct) == len(cases) - 1  # the empty range is no read
+    with pytest.raises(ObjectNotFoundError):
+        b.get_range("data/00/gone", 0, 10)
+    b.put_for_read_back("data/00/gone", b"x" * 10)
+    os.unlink(tmp_path / "data" / "00" / "gone")
+    with pytest.raises(ObjectNotFoundError):
+        b.get_range("data/00/gone", 0, 10)
 
 
 def test_local_write_error_is_a_backend_error(tmp_path: pathlib.Path) -> None:

@@ -127,13 +127,14 @@ class Backend(ABC):
 
     def done_reading_back(self, keys: Iterable[str]) -> None:  # noqa: B027
         """Hint: the objects under ``keys``, put with :meth:`put_for_read_back`, were read
-        back and will not be again soon.  A backend that kept them close (the local one:
-        in the page cache) may let them go; the default ignores the hint.  Never raises."""
+        back and will not be again soon.  A backend that treats them apart (S3 keeps a
+        copy, the local one reads them around the page cache) may stop; the default
+        ignores the hint.  Never raises."""
 
     def put_for_read_back(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         """:meth:`put` of an object this process reads back soon (see
         :meth:`will_read_back`, which the default passes the hint to after the put).  A
-        backend that writes around its cache for other objects may keep this one in it.
+        backend may read such objects back its own way until :meth:`done_reading_back`.
         """
         done = self.put(key, data, create_only=create_only)
         self.will_read_back(key, data)
