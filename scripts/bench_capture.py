@@ -12,7 +12,9 @@ One run, one guest, side by side (the machine is shared and noisy: read the rati
 * borg and restic: a save file + disk image, first and second run; and the same data as
   the churning guest's 10 archives (exported with ``vmarchive export-save``);
 * physical limits: QEMU's own migration into a pipe drained to /dev/null, and
-  ``qemu-img convert -O raw disk /dev/null``;
+  ``qemu-img convert -O raw disk /dev/null``; and a reference (not a bound): C tools doing
+  both reads at once and compressing every byte (QEMU into ``zstd -3``, ``zstd -3`` of the
+  image file), what a native store could come near here;
 * issue 8's incremental captures: 1 % of a 1 GiB disk rewritten before each, full and
   incremental alternately, beside virtnbdbackup's incremental backup of the same change
   (a guest of its own: scripts/bench_incremental.py, which also runs alone).
@@ -47,6 +49,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -400,6 +403,47 @@ class Bench:
         self.res.setdefault("limits", {})["qemu_img_convert"] = disk
         self.log(f"limit: qemu-img {disk}")
 
+    def limit_native(self) -> None:
+        """A reference, not a bound: C tools doing the capture's reads and compressing every
+        byte (``zstd -3``, one thread each), at once -- QEMU's migration of the guest (as
+        the captures take it) into ``zstd``, and ``zstd`` reading the disk image file
+        (its allocated bytes plus qcow2's metadata).  No hashing, no dedup, nothing
+        written: what a native store could come near on this machine."""
+        g = self.main
+        zstd = ["zstd", "-q", "-3", "-T1", "-c"]
+        out: dict[str, Any] = {}
+
+        def memory() -> None:
+            try:
+                out["memory"] = bl.migrate_to_null(
+                    g.dom, background=self.args.mode == "snapshot", drain=zstd
+                )
+            except Exception as e:  # reported below, on the phase's thread
+                out["error"] = e
+
+        t = threading.Thread(target=memory, name="limit-native-memory")
+        os.sync()
+        t0 = time.perf_counter()
+        before = os.times()
+        t.start()
+        subprocess.run([*zstd, str(g.disk_paths[0])], stdout=subprocess.DEVNULL, check=True)
+        disk_s = time.perf_counter() - t0
+        t.join()
+        after = os.times()
+        if "memory" not in out:
+            raise RuntimeError(f"migration into zstd: {out.get('error')}")
+        native = {
+            "wall_s": time.perf_counter() - t0,
+            "disk_zstd_s": disk_s,
+            "memory_s": out["memory"]["wall_s"],
+            "memory_bytes": out["memory"]["bytes"],
+            "disk_file_bytes": g.disk_paths[0].stat().st_size,
+            "children_cpu_s": (after.children_user + after.children_system)
+            - (before.children_user + before.children_system),
+        }
+        self.res.setdefault("limits", {})["native_reference"] = native
+        self.log(f"reference: C tools {native}")
+
     def restore(self) -> None:
         """Paired rounds, as scripts/bench_restore.py: the baseline (``cp`` of the disk +
         ``virsh restore`` of the first save file) and ``vmarchive restore`` alternate, and
@@ -561,6 +605,7 @@ class Bench:
         if self.args.mode == "snapshot":
             self.phase("limit_snapshot", self.limit_snapshot)
         self.phase("limit_disk", self.limit_disk)
+        self.phase("limit_native", self.limit_native)
         if hasattr(self, "last_idle_id"):
             self.phase("vmarchive_restore", self.restore)
         self.main.cleanup()
@@ -823,6 +868,17 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
             f"{mib(get(qi, 'allocated_bytes'))} in {f(get(qi, 'wall_s'), ' s')}",
         )
     )
+    nat = lim.get("native_reference")
+    if nat:
+        vs = f": 1st capture = {c1['wall_s'] / nat['wall_s']:.2f}x" if c1 else ""
+        rows.append(
+            (
+                "reference: C tools, same reads + zstd -3",
+                f(nat["wall_s"], " s"),
+                f"at once: QEMU -> zstd {nat['memory_s']:.2f} s, zstd of the image"
+                f" {nat['disk_zstd_s']:.2f} s, their CPU {nat['children_cpu_s']:.2f} s{vs}",
+            )
+        )
     ch = res.get("churn")
     if ch:
         ncap = len(ch["captures"])

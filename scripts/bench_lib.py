@@ -407,7 +407,9 @@ def qmp(dom: libvirt.virDomain, command: str, files: list[int] | None = None, **
     return reply.get("return")
 
 
-def migrate_to_null(dom: libvirt.virDomain, background: bool = False) -> dict[str, Any]:
+def migrate_to_null(
+    dom: libvirt.virDomain, background: bool = False, drain: list[str] | None = None
+) -> dict[str, Any]:
     """QEMU's own migration of the running guest into a pipe drained by ``cat > /dev/null``
     (fd passed through libvirt: ``exec:`` is killed by libvirt's seccomp), unlimited
     bandwidth.  The guest is resumed (``cont``) afterwards.  Returns wall time, bytes
@@ -415,13 +417,15 @@ def migrate_to_null(dom: libvirt.virDomain, background: bool = False) -> dict[st
 
     ``background``: QEMU's ``background-snapshot`` instead of precopy (what a snapshot-mode
     capture reads: QEMU write-protects RAM and un-protects each page as it sends it), so the
-    fastest any snapshot-mode capture of this guest's RAM can be; the guest keeps running."""
+    fastest any snapshot-mode capture of this guest's RAM can be; the guest keeps running.
+
+    ``drain``: the command that drains the pipe instead of ``cat`` (its output discarded)."""
     rfd, wfd = os.pipe()
     with contextlib.suppress(OSError):
         import fcntl
 
         fcntl.fcntl(wfd, 1031, MiB)  # F_SETPIPE_SZ
-    cat = subprocess.Popen(["cat"], stdin=rfd, stdout=subprocess.DEVNULL)
+    cat = subprocess.Popen(drain or ["cat"], stdin=rfd, stdout=subprocess.DEVNULL)
     os.close(rfd)
     try:
         qmp(dom, "getfd", files=[wfd], fdname="benchnull")
