@@ -14,7 +14,11 @@ archive (one new chunk, like an incremental capture of an idle guest) and commit
 Reported per size, medians: the index load, the commit (its index cache update
 included), the cache files' size and the process's peak RSS.
 
-Usage: scripts/bench_index.py [--chunks 200000,2000000] [--rounds 3] [--workdir DIR]
+``--encrypted`` makes the repositories encrypted (AES-256-GCM; the passphrase's scrypt runs
+at each open, before the figures start).
+
+Usage: scripts/bench_index.py [--chunks 200000,2000000] [--rounds 3] [--encrypted]
+                              [--workdir DIR]
 (run it with PYTHONPATH pointing at another tree to compare two versions).
 """
 
@@ -32,14 +36,16 @@ import time
 from pathlib import Path
 
 PER_OBJECT = 100_000  # entries per index object, as a writer flushes them
+PASSPHRASE = "bench-index passphrase"
 
 
-def build(repo_dir: Path, chunks: int) -> None:
+def build(repo_dir: Path, chunks: int, encrypted: bool) -> None:
     from vmarchive.store import Repository
     from vmarchive.store.chunkindex import Location
     from vmarchive.store.codecs import InitOptions
 
-    repo = Repository.init(str(repo_dir), InitOptions())
+    options = InitOptions(encryption="aes-256-gcm", passphrase=PASSPHRASE) if encrypted else None
+    repo = Repository.init(str(repo_dir), options or InitOptions())
     try:
         done = 0
         while done < chunks:
@@ -61,7 +67,7 @@ def child(repo_dir: str) -> None:
     """One capture-like session: open, load the index, store one chunk, commit."""
     from vmarchive.store import Repository
 
-    repo = Repository.open(repo_dir)
+    repo = Repository.open(repo_dir, PASSPHRASE)
     try:
         t0 = time.perf_counter()
         w = repo.writer()
@@ -93,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chunks", default="200000,2000000", help="comma-separated sizes")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--encrypted", action="store_true", help="encrypted repositories")
     ap.add_argument("--workdir", default=None, help="where the repositories go (default: /var/tmp)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -107,7 +114,7 @@ def main() -> None:
         for chunks in (int(x) for x in a.chunks.split(",")):
             repo_dir = base / f"repo-{chunks}"
             print(f"{chunks} chunks:", flush=True)
-            build(repo_dir, chunks)
+            build(repo_dir, chunks, a.encrypted)
             runs = []
             for _ in range(a.rounds):
                 out = subprocess.run(

@@ -270,22 +270,133 @@ def test_a_damaged_cache_is_rebuilt(
         assert index_of(again) == want
 
 
-def test_no_cache_for_an_encrypted_repository(
-    tmp_path: pathlib.Path, cache_dir: pathlib.Path
-) -> None:
-    repo = make_repo(tmp_path / "r", encrypted=True)
-    write_archive(repo, {"s": os.urandom(10_000)})
+def encrypted_archives(path: pathlib.Path) -> tuple[list[str], dict[str, dict[str, bytes]]]:
+    """:func:`two_archives` in an encrypted repository."""
+    repo = make_repo(path, encrypted=True)
+    data = {"a": {"s": os.urandom(40_000)}, "b": {"s": os.urandom(30_000)}}
+    ids = [write_archive(repo, data["a"]), write_archive(repo, data["b"])]
     repo.close()
-    with Repository.open(str(tmp_path / "r"), PASSPHRASE) as r:
-        assert len(r.index) > 0
-    assert not list(cache_dir.glob("index-*.bin"))
-    # the control: the same in a plain repository leaves one
-    plain = make_repo(tmp_path / "p")
-    write_archive(plain, {"s": os.urandom(10_000)})
-    plain.close()
-    with Repository.open(str(tmp_path / "p")) as r:
-        assert len(r.index) > 0
-    assert len(list(cache_dir.glob("index-*.bin"))) == 1
+    return ids, {ids[0]: data["a"], ids[1]: data["b"]}
+
+
+def names_in_the_clear(repo: Repository, blob: bytes) -> int:
+    """How many of the repository's pack ids and chunk ids appear in ``blob`` as bytes."""
+    idx = repo.index
+    secrets = [bytes.fromhex(p) for p in idx._packs] + [cid for cid, _ in idx.items()]
+    return sum(1 for x in secrets if x in blob)
+
+
+def test_an_encrypted_repository_gets_a_sealed_cache(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encrypted repository opens from its cache too (no index object decoded), and
+    the cache's files name no pack and no chunk in the clear.  Controls: a plain
+    repository's cache names them all; without the cache every object is decoded."""
+    ids, data = encrypted_archives(tmp_path / "r")
+    with Repository.open(str(tmp_path / "r"), PASSPHRASE) as first:
+        want = index_of(first)
+        new_id = write_archive(first, {"n": os.urandom(20_000)})  # a journal record too
+        want = index_of(first)
+    table, journal = cache_files(cache_dir)
+    assert table.read_bytes().startswith(b"VMARIDXE")
+    assert journal.read_bytes().startswith(b"VMARIDJE") and journal.stat().st_size > 100
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r"), PASSPHRASE) as again:
+        assert index_of(again) == want
+        assert {a: read_archive(again, a) for a in ids} == data
+        assert read_archive(again, new_id)["n"]
+        assert names_in_the_clear(again, table.read_bytes() + journal.read_bytes()) == 0
+    assert seen == []
+    monkeypatch.setenv(CACHE_ENV, "off")
+    with Repository.open(str(tmp_path / "r"), PASSPHRASE) as uncached:
+        assert index_of(uncached) == want
+    assert len(seen) == 3
+    monkeypatch.setenv(CACHE_ENV, str(cache_dir / "plain"))
+    two_archives(tmp_path / "p")
+    with Repository.open(str(tmp_path / "p")) as plain:
+        _ = plain.index
+        write_archive(plain, {"n": os.urandom(20_000)})
+        (ptable,) = (cache_dir / "plain").glob("index-*.bin")
+        blob = ptable.read_bytes() + ptable.with_suffix(".journal").read_bytes()
+        assert names_in_the_clear(plain, blob) == len(plain.index._packs) + len(plain.index)
+
+
+def sealed_cache(path: pathlib.Path, key: bytes) -> tuple[IndexCache, ChunkIndex, str]:
+    """A sealed cache file of an index of 3,000 chunks in 7 packs, saved."""
+    idx = ChunkIndex()
+    packs = [os.urandom(32).hex() for _ in range(7)]
+    for i in range(3000):
+        idx.add(os.urandom(16), Location(packs[i % 7], 16 + i, 100 + i, 200 + i))
+    name = os.urandom(32).hex()
+    cache = IndexCache(str(path), seal_key=key)
+    cache.save(idx, {name})
+    return cache, idx, name
+
+
+def test_a_sealed_table_opens_only_whole_in_place_and_with_its_key(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table sealed in segments (small here: 40 of them) loads exactly; a byte
+    changed, a segment dropped or two swapped, another key, a plain reader: no cache."""
+    from vmarchive.store import indexcache
+
+    monkeypatch.setattr(indexcache, "SEAL_SEGMENT", 4096)
+    key = os.urandom(32)
+    path = tmp_path / "index-x.bin"
+    cache, idx, name = sealed_cache(path, key)
+    got = cache.load({name})
+    assert got is not None and dict(got[0].items()) == dict(idx.items()) and got[1] == {name}
+    whole = path.read_bytes()
+    seg = 4096 + 28
+    first = len(whole) - (len(idx._buf) // 4096) * seg  # where the table's segments start
+    assert first > 0 and (len(whole) - first) % seg == 0
+    flipped = bytearray(whole)
+    flipped[first + seg + 100] ^= 1
+    dropped = whole[:first] + whole[first + seg :]
+    swapped = whole[:first] + whole[first + seg : first + 2 * seg] + whole[first : first + seg]
+    swapped += whole[first + 2 * seg :]
+    for bad in (bytes(flipped), dropped, swapped, whole[:-1]):
+        path.write_bytes(bad)
+        assert cache.load({name}) is None
+    path.write_bytes(whole)
+    assert IndexCache(str(path), seal_key=os.urandom(32)).load({name}) is None
+    assert IndexCache(str(path)).load({name}) is None
+    assert cache.load({name}) is not None  # the control: the same file, untouched
+    IndexCache(str(path)).save(idx, {name})  # a plain table where a sealed one is read
+    assert cache.load({name}) is None
+
+
+def test_a_sealed_journal_ends_at_a_record_that_does_not_open(tmp_path: pathlib.Path) -> None:
+    """Records appended to a sealed journal add their objects; one damaged (or sealed
+    with another key) ends the journal there, as a checksum failure does."""
+    key = os.urandom(32)
+    cache, idx, name = sealed_cache(tmp_path / "index-x.bin", key)
+    objects = []
+    for _ in range(3):
+        new = [(os.urandom(16), Location(os.urandom(32).hex(), 16, 10, 20)) for _ in range(50)]
+        records, plist = ChunkIndex.pack_entries(new)
+        objects.append((os.urandom(32).hex(), plist, records, new))
+    for obj_name, plist, records, _new in objects:
+        assert cache.append([(obj_name, plist, records)])
+    listed = {name} | {o[0] for o in objects}
+    got = cache.load(listed)
+    assert got is not None and got[1] == listed
+    assert dict(got[0].items()) == dict(idx.items()) | {c: loc for o in objects for c, loc in o[3]}
+    journal = pathlib.Path(cache.journal_path)
+    whole = journal.read_bytes()
+    record = (len(whole) - 12) // 3
+    damaged = bytearray(whole)
+    damaged[12 + record + 40] ^= 1  # inside the second record
+    journal.write_bytes(bytes(damaged))
+    got = cache.load(listed)
+    assert got is not None and got[1] == {name, objects[0][0]}
+    journal.write_bytes(whole)
+    other = IndexCache(cache.path, seal_key=os.urandom(32))
+    assert other.load(listed) is None  # its table does not open either
+    foreign = whole[:12] + IndexCache(cache.path, seal_key=os.urandom(32))._frame(b"x" * 80)
+    journal.write_bytes(foreign + whole[12:])
+    got = cache.load(listed)
+    assert got is not None and got[1] == {name}  # ends at the first, foreign record
 
 
 def test_gc_and_verify_never_use_the_cache(

@@ -8,6 +8,8 @@ change touches this file, not the writer, reader and gc.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +119,14 @@ class Codecs:
             skip_incompressible=True,
         )
         self.pack_target = config.pack_size
+        self._data_key = key.data_key if key is not None and config.encrypted else None
+
+    def local_cache_key(self) -> bytes | None:
+        """A key for what this host keeps about an encrypted repository outside it (the
+        chunk-index cache), derived from the data key; None for a plain repository."""
+        if self._data_key is None:
+            return None
+        return hmac.new(self._data_key, b"vmarchive local cache", hashlib.sha256).digest()
 
     # -- construction --------------------------------------------------------------------
     @staticmethod

@@ -16,15 +16,25 @@ names gone -> the index is rebuilt from ``index/``.  It is an optimisation only:
 missing, truncated or damaged file (its xxh3-128 checksum covers everything after it),
 another version, or another repository's file is ignored and rebuilt.  A table is
 checked (every slot's pack number known, the entry count right) before it is written,
-not when it is read: the checksum then vouches for it, and a load reads it at the speed
-of the file.  Reads still check every chunk against its id; gc and verify, which must see
-dangling entries, never use it.
+not when it is read: the checksum (or the seal) then vouches for it, and a load reads it
+at the speed of the file.  Reads still check every chunk against its id; gc and verify,
+which must see dangling entries, never use it.
 
 File (``index-<hash of the repository config>.bin`` in the cache directory, replaced
 atomically): ``magic "VMARIDXC" | version u32 | checksum[16] | names u64 | names x 32
 bytes (sorted) | snapshot`` (:meth:`ChunkIndex.snapshot`); the xxh3-128 checksum covers
-everything from the name count on.  Not kept for encrypted repositories (as the summary
-cache): chunk sizes and pack layout stay inside the encrypted index objects there.
+everything from the name count on.
+
+For an encrypted repository the same bytes are sealed (AES-256-GCM, as the repository's
+objects) with a key derived from its data key, so chunk sizes and the pack layout stay as
+secret on this host as in the repository (the summary cache is still not kept for those):
+``magic "VMARIDXE" | version u32 | salt[16] | length of part A u64 | table length u64``,
+part A sealed (``names u64 | names | snapshot head | pack ids``), then the table sealed in
+segments of :data:`SEAL_SEGMENT` bytes (the last shorter), so a load decrypts it into the
+index's own buffer a segment at a time.  Each seal is ``nonce | ciphertext | tag``: the
+key is derived for the file from its random salt, the nonce is the part's number (A: 0,
+then 1, 2, ...), and each part's additional data is the file's head and that number, so a
+part moved, dropped, cut short or taken from another file fails like a damaged one.
 
 The journal beside it (``index-<hash>.journal``) spares each commit rewriting that file:
 the table is the whole repository's (32 bytes a slot: 130 MB for 2 million chunks, written
@@ -45,21 +55,30 @@ Journal: ``magic "VMARIDXJ" | version u32``, then records: ``body length u32 |
 xxh3-128 of the body[16] | body``; body: ``index object name[32] | packs u32 | pack ids x
 32 bytes | entries u32 | entries x 32 bytes`` (as in the index object's body, their pack
 numbers counting from 0 in the record's pack list; :meth:`ChunkIndex.pack_entries`).
+Sealed (an encrypted repository): ``magic "VMARIDJE" | version u32``, then records
+``sealed length u32 | nonce[12] | sealed body | tag[16]``, a random nonce each, under a
+key derived for the journal; a record that does not open ends the journal as above.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import logging
 import os
 import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from io import BufferedReader
+from io import BufferedReader, BufferedWriter
+from typing import Any
 
 import xxhash
 
+from vmarchive.errors import DamageError, FormatError
+from vmarchive.format import crypto
+from vmarchive.format.constants import NONCE_SIZE, SEAL_OVERHEAD
 from vmarchive.store.chunkindex import SNAPSHOT_HEAD, ChunkIndex
 from vmarchive.store.summarycache import repository_cache
 
@@ -76,6 +95,13 @@ JOURNAL_VERSION = 2
 _JHEAD = struct.Struct("<8sI")
 _JRECORD = struct.Struct("<I16s")  # body length, xxh3-128 of the body
 _U32 = struct.Struct("<I")
+SEALED_MAGIC = b"VMARIDXE"
+SEALED_VERSION = 1
+_SHEAD = struct.Struct("<8sI16sQQ")  # magic, version, salt, part A length, table length
+JOURNAL_SEALED_MAGIC = b"VMARIDJE"
+JOURNAL_SEALED_VERSION = 1
+#: Plaintext bytes of the table per sealed segment.
+SEAL_SEGMENT = 4 << 20
 #: The journal is folded into the table at a commit once it is larger than this share of
 #: the table file (or than FOLD_MIN_BYTES, whichever is more).
 FOLD_SHARE = 16
@@ -85,14 +111,32 @@ FOLD_MIN_BYTES = 1 << 20
 class IndexCache:
     """The cached chunk index of one repository."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, seal_key: bytes | None = None) -> None:
+        """``seal_key``: seal the files with keys derived from it (32 bytes: an encrypted
+        repository's, :meth:`Codecs.local_cache_key`); None: plain files."""
         self.path = path
         self.journal_path = path.removesuffix(".bin") + ".journal"
+        self._seal_key = seal_key
 
     @classmethod
-    def for_repository(cls, encoded_config: bytes, encrypted: bool) -> IndexCache | None:
-        where = repository_cache(encoded_config, encrypted)
-        return None if where is None else cls(os.path.join(where[0], f"index-{where[1]}.bin"))
+    def for_repository(
+        cls, encoded_config: bytes, encrypted: bool, seal_key: bytes | None = None
+    ) -> IndexCache | None:
+        """The cache of a repository, or None: caching is off, or the repository is
+        encrypted and no ``seal_key`` was given."""
+        if encrypted and seal_key is None:
+            return None
+        where = repository_cache(encoded_config, encrypted=False)
+        if where is None:
+            return None
+        path = os.path.join(where[0], f"index-{where[1]}.bin")
+        return cls(path, seal_key if encrypted else None)
+
+    def _derived(self, purpose: bytes) -> bytes:
+        assert self._seal_key is not None
+        return hmac.new(
+            self._seal_key, b"vmarchive index cache: " + purpose, hashlib.sha256
+        ).digest()
 
     def load(self, listed: set[str]) -> tuple[ChunkIndex, set[str]] | None:
         """The cached index (the table, the journal's records on top) and the index
@@ -102,7 +146,7 @@ class IndexCache:
         The table is read straight into the index's own buffer (no second copy)."""
         try:
             with open(self.path, "rb") as f:
-                idx, names = self._read(f)
+                idx, names = self._read(f) if self._seal_key is None else self._read_sealed(f)
             names |= self._apply_journal(idx)
         except FileNotFoundError:
             return None
@@ -138,6 +182,36 @@ class IndexCache:
             raise ValueError("a name listed twice")
         return ChunkIndex.from_snapshot(snap_head, packs, table), names
 
+    def _read_sealed(self, f: BufferedReader) -> tuple[ChunkIndex, set[str]]:
+        size = os.fstat(f.fileno()).st_size
+        head = _exact(f, _SHEAD.size)
+        magic, version, salt, len_a, len_table = _SHEAD.unpack(head)
+        if magic != SEALED_MAGIC or version != SEALED_VERSION:
+            raise ValueError(f"not a version {SEALED_VERSION} sealed index cache")
+        segments = -(-len_table // SEAL_SEGMENT)
+        if size != _SHEAD.size + len_a + len_table + (1 + segments) * SEAL_OVERHEAD:
+            raise ValueError("truncated or padded")
+        key = self._derived(b"table " + salt)
+        part_a = _open_part(key, head, 0, _exact(f, len_a + SEAL_OVERHEAD))
+        if len(part_a) < 8:
+            raise ValueError("part A too short")
+        (nnames,) = struct.unpack_from("<Q", part_a)
+        at = 8 + 32 * nnames
+        if len(part_a) < at + SNAPSHOT_HEAD.size:
+            raise ValueError("part A too short")
+        raw_names = part_a[8:at]
+        snap_head = part_a[at : at + SNAPSHOT_HEAD.size]
+        packs = part_a[at + SNAPSHOT_HEAD.size :]
+        table = bytearray(len_table)
+        for i in range(segments):
+            n = min(SEAL_SEGMENT, len_table - i * SEAL_SEGMENT)
+            sealed = _exact(f, n + SEAL_OVERHEAD)
+            table[i * SEAL_SEGMENT : i * SEAL_SEGMENT + n] = _open_part(key, head, 1 + i, sealed)
+        names = {raw_names[i : i + 32].hex() for i in range(0, len(raw_names), 32)}
+        if len(names) != nnames:
+            raise ValueError("a name listed twice")
+        return ChunkIndex.from_snapshot(snap_head, packs, table), names
+
     # -- the journal ----------------------------------------------------------------------
     def _apply_journal(self, idx: ChunkIndex) -> set[str]:
         """Add the journal's records to ``idx``; the names of the index objects they are.
@@ -148,7 +222,7 @@ class IndexCache:
         entries = 0
         try:
             with open(self.journal_path, "rb") as f:
-                for body in _journal_bodies(f, self.journal_path):
+                for body in self._journal_bodies(f):
                     name, packs, records = _decode_record(body)
                     idx.add_packed(records, packs)
                     names.add(name)
@@ -166,7 +240,9 @@ class IndexCache:
         written, which never raises; ValueError for a name that is not a 32-byte hash."""
         if not os.path.exists(self.path):
             return False
-        data = b"".join(_encode_record(name, packs, records) for name, packs, records in objects)
+        data = b"".join(
+            self._frame(_record_body(name, packs, records)) for name, packs, records in objects
+        )
         if not data:
             return True
         try:
@@ -175,7 +251,7 @@ class IndexCache:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if _size(fd) == 0:  # new (or folded): the header first, once
-                    data = _JHEAD.pack(JOURNAL_MAGIC, JOURNAL_VERSION) + data
+                    data = self._journal_head() + data
                 _write_all(fd, data)
             finally:
                 os.close(fd)  # releases the lock
@@ -212,17 +288,14 @@ class IndexCache:
             log.warning("index cache not written: %s", e)
             return
         parts = [b"".join(raw), *index.snapshot()]
-        h = xxhash.xxh3_128(struct.pack("<Q", len(names)))
-        for part in parts:
-            h.update(part)
-        head = _HEAD.pack(MAGIC, VERSION, h.digest(), len(names))
         tmp = f"{self.path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(head)
-                for part in parts:
-                    f.write(part)
+                if self._seal_key is None:
+                    _write_plain(f, len(names), parts)
+                else:
+                    self._write_sealed(f, len(names), parts)
             # Under the journal's lock: a record appended meanwhile by another process
             # goes with the old journal; its object, if not in this table, is decoded
             # at the next load and journaled again.
@@ -238,25 +311,88 @@ class IndexCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
+    def _write_sealed(self, f: BufferedWriter, nnames: int, parts: list[Any]) -> None:
+        names, snap_head, packs, table = parts
+        part_a = b"".join([struct.pack("<Q", nnames), names, snap_head, packs])
+        salt = os.urandom(16)
+        head = _SHEAD.pack(SEALED_MAGIC, SEALED_VERSION, salt, len(part_a), len(table))
+        key = self._derived(b"table " + salt)
+        f.write(head)
+        f.write(_seal_part(key, head, 0, part_a))
+        with memoryview(table) as view:
+            for i, at in enumerate(range(0, len(table), SEAL_SEGMENT)):
+                f.write(_seal_part(key, head, 1 + i, view[at : at + SEAL_SEGMENT]))
 
-def _journal_bodies(f: BufferedReader, path: str) -> Iterator[bytes]:
-    """The bodies of a journal's whole records whose checksums hold, up to the first that
-    does not (or is cut short): a process died appending it, what follows is not trusted."""
-    head = f.read(_JHEAD.size)
-    if len(head) < _JHEAD.size or _JHEAD.unpack(head) != (JOURNAL_MAGIC, JOURNAL_VERSION):
-        if head:
-            log.debug("index cache journal %s ignored: not version %d", path, JOURNAL_VERSION)
-        return
-    while rec := f.read(_JRECORD.size):
-        length, checksum = _JRECORD.unpack(rec) if len(rec) == _JRECORD.size else (0, b"")
-        body = f.read(length) if length else b""
-        if not body or len(body) != length or xxhash.xxh3_128_digest(body) != checksum:
-            log.debug("index cache journal ends in a damaged record: the rest ignored")
+    # -- journal records, plain or sealed -------------------------------------------------
+    def _journal_head(self) -> bytes:
+        if self._seal_key is None:
+            return _JHEAD.pack(JOURNAL_MAGIC, JOURNAL_VERSION)
+        return _JHEAD.pack(JOURNAL_SEALED_MAGIC, JOURNAL_SEALED_VERSION)
+
+    def _frame(self, body: bytes) -> bytes:
+        """One journal record holding ``body``: checksummed, or sealed."""
+        if self._seal_key is None:
+            return _JRECORD.pack(len(body), xxhash.xxh3_128_digest(body)) + body
+        sealed = crypto.seal(
+            self._derived(b"journal"), body, self._journal_head(), os.urandom(NONCE_SIZE)
+        )
+        return _U32.pack(len(sealed)) + sealed
+
+    def _journal_bodies(self, f: BufferedReader) -> Iterator[bytes]:
+        """The bodies of a journal's whole records whose checksums hold (or that open),
+        up to the first that does not (or is cut short): a process died appending it,
+        what follows is not trusted."""
+        head = f.read(_JHEAD.size)
+        if head != self._journal_head():
+            if head:
+                log.debug("index cache journal %s ignored: another kind or version", f.name)
             return
-        yield body
+        key = None if self._seal_key is None else self._derived(b"journal")
+        while rec := f.read(_JRECORD.size if key is None else _U32.size):
+            body: bytes | None = None
+            if key is None:
+                length, checksum = _JRECORD.unpack(rec) if len(rec) == _JRECORD.size else (0, b"")
+                body = f.read(length) if length else b""
+                if len(body) != length or xxhash.xxh3_128_digest(body) != checksum:
+                    body = None
+            elif len(rec) == _U32.size:
+                (length,) = _U32.unpack(rec)
+                sealed = f.read(length)
+                try:
+                    body = crypto.unseal(key, sealed, head) if len(sealed) == length else None
+                except (DamageError, FormatError):
+                    body = None
+            if not body:
+                log.debug("index cache journal ends in a damaged record: the rest ignored")
+                return
+            yield body
 
 
-def _encode_record(name: str, packs: Sequence[str], records: bytes | memoryview) -> bytes:
+def _write_plain(f: BufferedWriter, nnames: int, parts: list[Any]) -> None:
+    h = xxhash.xxh3_128(struct.pack("<Q", nnames))
+    for part in parts:
+        h.update(part)
+    f.write(_HEAD.pack(MAGIC, VERSION, h.digest(), nnames))
+    for part in parts:
+        f.write(part)
+
+
+def _seal_part(key: bytes, head: bytes, number: int, data: bytes | memoryview) -> bytes:
+    return crypto.seal(key, data, head + _U32.pack(number), number.to_bytes(NONCE_SIZE, "little"))
+
+
+def _open_part(key: bytes, head: bytes, number: int, sealed: bytes) -> bytes:
+    """The plaintext of a sealed part; ValueError when it does not open where it is (or
+    its nonce is not its number)."""
+    if sealed[:NONCE_SIZE] != number.to_bytes(NONCE_SIZE, "little"):
+        raise ValueError(f"sealed part {number} out of place")
+    try:
+        return crypto.unseal(key, sealed, head + _U32.pack(number))
+    except (DamageError, FormatError) as e:
+        raise ValueError(f"sealed part {number}: {e}") from e
+
+
+def _record_body(name: str, packs: Sequence[str], records: bytes | memoryview) -> bytes:
     body = b"".join(
         [
             bytes.fromhex(name),
@@ -268,7 +404,7 @@ def _encode_record(name: str, packs: Sequence[str], records: bytes | memoryview)
     )
     if len(body) != 32 + 4 + 32 * len(packs) + 4 + len(records):
         raise ValueError("an index object or pack name is not a 32-byte hash")
-    return _JRECORD.pack(len(body), xxhash.xxh3_128_digest(body)) + body
+    return body
 
 
 def _decode_record(body: bytes) -> tuple[str, list[str], memoryview]:

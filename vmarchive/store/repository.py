@@ -219,7 +219,9 @@ class Repository:
             codecs.encoded_config, Codecs.config_encrypted(codecs.config)
         )
         self._index_cache = IndexCache.for_repository(
-            codecs.encoded_config, Codecs.config_encrypted(codecs.config)
+            codecs.encoded_config,
+            Codecs.config_encrypted(codecs.config),
+            codecs.local_cache_key(),
         )
 
     # -- opening ---------------------------------------------------------------------
