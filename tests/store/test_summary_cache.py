@@ -6,7 +6,7 @@ import pathlib
 from collections.abc import Iterator
 
 import pytest
-from storehelpers import make_repo, write_archive
+from storehelpers import PASSPHRASE, make_repo, write_archive
 
 from vmarchive.store import Repository
 from vmarchive.store.summarycache import CACHE_ENV
@@ -103,10 +103,39 @@ def test_manifest_rewritten_in_place_is_not_served_from_cache(
     assert [a.id for a in repo.list_archives()] == ids[:2], "a damaged manifest was listed"
 
 
-def test_encrypted_repository_keeps_no_summaries(
-    tmp_path: pathlib.Path, cache_dir: pathlib.Path
+def test_an_encrypted_repository_keeps_sealed_summaries(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Its entries spare the manifests as a plain repository's do, but say nothing in the
+    clear (its domain name and tag; control: a plain repository's entries say both); an
+    entry that does not open (damaged, or put under another archive's name) is remade."""
     repo = make_repo(tmp_path / "r", encrypted=True)
-    write_archive(repo, {"s": b"x" * 1000})
-    assert len(repo.list_archives()) == 1
-    assert not cache_dir.exists() or not list(cache_dir.rglob("*.json"))
+    ids = [
+        write_archive(
+            repo, {"s": bytes([i]) * 1000}, domain="secret-domain", extra={"tags": ["t-secret"]}
+        )
+        for i in range(2)
+    ]
+    first = repo.list_archives()
+    repo.close()
+    entries = sorted(cache_dir.rglob("*.json"))
+    assert len(entries) == 2
+    blob = b"".join(e.read_bytes() for e in entries)
+    assert b"secret-domain" not in blob and b"t-secret" not in blob
+    with Repository.open(str(tmp_path / "r"), PASSPHRASE) as again:
+        seen = loads(again, monkeypatch)
+        assert [a.to_json() for a in again.list_archives()] == [a.to_json() for a in first]
+        assert seen == []
+        one, other = (cache_dir.rglob(f"{a}.json") for a in ids)
+        path_one, path_other = next(one), next(other)
+        path_one.write_bytes(path_other.read_bytes())  # another archive's entry
+        damaged = bytearray(path_other.read_bytes())
+        damaged[20] ^= 1
+        path_other.write_bytes(bytes(damaged))
+        assert [a.to_json() for a in again.list_archives()] == [a.to_json() for a in first]
+        assert sorted(seen) == sorted(ids)
+    plain = make_repo(tmp_path / "p")
+    write_archive(plain, {"s": b"x" * 1000}, domain="secret-domain", extra={"tags": ["t-secret"]})
+    plain.list_archives()
+    blob = b"".join(e.read_bytes() for e in cache_dir.rglob("*.json"))
+    assert b"secret-domain" in blob and b"t-secret" in blob

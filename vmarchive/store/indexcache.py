@@ -27,7 +27,7 @@ everything from the name count on.
 
 For an encrypted repository the same bytes are sealed (AES-256-GCM, as the repository's
 objects) with a key derived from its data key, so chunk sizes and the pack layout stay as
-secret on this host as in the repository (the summary cache is still not kept for those):
+secret on this host as in the repository (as are the archive summaries):
 ``magic "VMARIDXE" | version u32 | salt[16] | length of part A u64 | table length u64``,
 part A sealed (``names u64 | names | snapshot head | pack ids``), then the table sealed in
 segments of :data:`SEAL_SEGMENT` bytes (the last shorter), so a load decrypts it into the
@@ -64,8 +64,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import hmac
 import logging
 import os
 import struct
@@ -80,7 +78,7 @@ from vmarchive.errors import DamageError, FormatError
 from vmarchive.format import crypto
 from vmarchive.format.constants import NONCE_SIZE, SEAL_OVERHEAD
 from vmarchive.store.chunkindex import SNAPSHOT_HEAD, ChunkIndex
-from vmarchive.store.summarycache import repository_cache
+from vmarchive.store.summarycache import derived_key, repository_cache
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +122,15 @@ class IndexCache:
     ) -> IndexCache | None:
         """The cache of a repository, or None: caching is off, or the repository is
         encrypted and no ``seal_key`` was given."""
-        if encrypted and seal_key is None:
-            return None
-        where = repository_cache(encoded_config, encrypted=False)
-        if where is None:
+        where = repository_cache(encoded_config)
+        if where is None or (encrypted and seal_key is None):
             return None
         path = os.path.join(where[0], f"index-{where[1]}.bin")
         return cls(path, seal_key if encrypted else None)
 
     def _derived(self, purpose: bytes) -> bytes:
         assert self._seal_key is not None
-        return hmac.new(
-            self._seal_key, b"vmarchive index cache: " + purpose, hashlib.sha256
-        ).digest()
+        return derived_key(self._seal_key, b"index " + purpose)
 
     def load(self, listed: set[str]) -> tuple[ChunkIndex, set[str]] | None:
         """The cached index (the table, the journal's records on top) and the index

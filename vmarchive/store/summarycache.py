@@ -8,8 +8,10 @@ entry is dropped when its archive is no longer listed.  Only an optimisation: a 
 unreadable or damaged entry is made again from the manifest, and a summary only chooses
 which archive to load (a loaded manifest is checked against its id as always).
 
-Not kept for encrypted repositories: a summary holds the archive's metadata (domain
-names, tags, times) in the clear, which such a repository keeps encrypted.
+For an encrypted repository, whose manifests keep the archives' metadata (domain names,
+tags, times) encrypted, each entry is sealed (AES-256-GCM, a random nonce, the archive id
+as additional data) with a key derived from the repository's data key; an entry that does
+not open is made again.
 
 Where: ``VMARCHIVE_CACHE_DIR`` (``off``: no cache), else ``$XDG_CACHE_HOME/vmarchive``
 (``~/.cache/vmarchive``), under ``summaries/<hash of the repository config>/``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -26,6 +29,10 @@ import re
 import threading
 from collections.abc import Iterable
 from typing import Any
+
+from vmarchive.errors import DamageError, FormatError
+from vmarchive.format import crypto
+from vmarchive.format.constants import NONCE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +51,41 @@ def cache_root() -> str | None:
     return os.path.join(xdg, "vmarchive")
 
 
-def repository_cache(encoded_config: bytes, encrypted: bool) -> tuple[str, str] | None:
+def repository_cache(encoded_config: bytes) -> tuple[str, str] | None:
     """The cache directory and this repository's name in it (a hash of its config), or
-    None: caching is off, or the repository is encrypted (its metadata stays inside)."""
+    None: caching is off."""
     root = cache_root()
-    if root is None or encrypted:
+    if root is None:
         return None
     return root, hashlib.sha256(encoded_config).hexdigest()[:24]
 
 
-class SummaryCache:
-    """One repository's summaries, one small JSON file per archive id."""
+def derived_key(seal_key: bytes, purpose: bytes) -> bytes:
+    """A key for one use (``purpose``) of a repository's local cache key."""
+    return hmac.new(seal_key, b"vmarchive local cache: " + purpose, hashlib.sha256).digest()
 
-    def __init__(self, directory: str) -> None:
+
+class SummaryCache:
+    """One repository's summaries, one small JSON file per archive id (sealed, for an
+    encrypted repository: ``seal_key``, see :meth:`Codecs.local_cache_key`)."""
+
+    def __init__(self, directory: str, seal_key: bytes | None = None) -> None:
         self.directory = directory
+        self._key = None if seal_key is None else derived_key(seal_key, b"summaries")
 
     @classmethod
-    def for_repository(cls, encoded_config: bytes, encrypted: bool) -> SummaryCache | None:
-        where = repository_cache(encoded_config, encrypted)
-        return None if where is None else cls(os.path.join(where[0], "summaries", where[1]))
+    def for_repository(
+        cls, encoded_config: bytes, encrypted: bool, seal_key: bytes | None = None
+    ) -> SummaryCache | None:
+        """None when caching is off, or the repository is encrypted and no ``seal_key``
+        was given."""
+        where = repository_cache(encoded_config)
+        if where is None or (encrypted and seal_key is None):
+            return None
+        return cls(os.path.join(where[0], "summaries", where[1]), seal_key if encrypted else None)
+
+    def _aad(self, archive_id: str) -> bytes:
+        return b"vmarchive summary of " + archive_id.encode()
 
     def _path(self, archive_id: str) -> str:
         return os.path.join(self.directory, archive_id + ".json")
@@ -75,7 +98,10 @@ class SummaryCache:
         """
         try:
             with open(self._path(archive_id), "rb") as f:
-                entry = json.loads(f.read())
+                raw = f.read()
+            if self._key is not None:
+                raw = crypto.unseal(self._key, raw, self._aad(archive_id))
+            entry = json.loads(raw)
             if (
                 isinstance(entry, dict)
                 and entry.get("v") == VERSION
@@ -87,7 +113,7 @@ class SummaryCache:
             log.debug("summary cache entry of %s is stale or damaged; remaking it", archive_id)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, DamageError, FormatError) as e:
             log.debug("summary cache entry of %s unreadable (%s); remaking it", archive_id, e)
         return None
 
@@ -98,8 +124,12 @@ class SummaryCache:
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
             os.makedirs(self.directory, exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump({"v": VERSION, "id": archive_id, "stamp": stamp, "summary": summary}, f)
+            entry = {"v": VERSION, "id": archive_id, "stamp": stamp, "summary": summary}
+            data = json.dumps(entry).encode()
+            if self._key is not None:
+                data = crypto.seal(self._key, data, self._aad(archive_id), os.urandom(NONCE_SIZE))
+            with open(tmp, "wb") as f:
+                f.write(data)
             os.replace(tmp, path)
         except (OSError, TypeError, ValueError) as e:
             log.debug("cannot cache the summary of %s: %s", archive_id, e)
