@@ -123,7 +123,8 @@ class Codecs:
 
     def local_cache_key(self) -> bytes | None:
         """A key for what this host keeps about an encrypted repository outside it (the
-        chunk-index cache), derived from the data key; None for a plain repository."""
+        chunk-index cache, the archive summaries), derived from the data key; None for a
+        plain repository."""
         if self._data_key is None:
             return None
         return hmac.new(self._data_key, b"vmarchive local cache", hashlib.sha256).digest()
