@@ -119,6 +119,24 @@ def _read_direct(path: str, offset: int, length: int) -> bytes | None:
         os.close(fd)
 
 
+def _read_buffered(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of the file ``path`` (fewer at its end), through the
+    page cache.  Raises :class:`OSError` (``FileNotFoundError`` included)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts: list[bytes] = []
+        while length > 0:
+            b = os.pread(fd, length, offset)
+            if not b:
+                break
+            parts.append(b)
+            offset += len(b)
+            length -= len(b)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -224,36 +242,16 @@ class LocalBackend(Backend):
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         path = self._path(key)
-        if length and key in self._reading_back:
-            try:
-                got = _read_direct(path, offset, length)
-            except FileNotFoundError as e:
-                raise ObjectNotFoundError(key) from e
-            except OSError as e:
-                msg = f"cannot read {key!r} in {self.root}: {e.strerror}"
-                raise BackendError(msg, key=key) from e
-            if got is not None:
-                return got
         try:
-            fd = os.open(path, os.O_RDONLY)
+            if length and key in self._reading_back:
+                got = _read_direct(path, offset, length)
+                if got is not None:
+                    return got
+            return _read_buffered(path, offset, length)
         except FileNotFoundError as e:
             raise ObjectNotFoundError(key) from e
         except OSError as e:
             raise BackendError(f"cannot read {key!r} in {self.root}: {e.strerror}", key=key) from e
-        try:
-            parts: list[bytes] = []
-            while length > 0:
-                b = os.pread(fd, length, offset)
-                if not b:
-                    break
-                parts.append(b)
-                offset += len(b)
-                length -= len(b)
-            return b"".join(parts)
-        except OSError as e:
-            raise BackendError(f"cannot read {key!r} in {self.root}: {e.strerror}", key=key) from e
-        finally:
-            os.close(fd)
 
     def stat(self, key: str) -> ObjectInfo:
         try:
