@@ -171,10 +171,7 @@ class IndexCache:
             h.update(part)
         if h.digest() != checksum:
             raise ValueError("checksum mismatch")
-        names = {raw_names[i : i + 32].hex() for i in range(0, len(raw_names), 32)}
-        if len(names) != nnames:
-            raise ValueError("a name listed twice")
-        return ChunkIndex.from_snapshot(snap_head, packs, table), names
+        return _index_of(raw_names, nnames, snap_head, packs, table)
 
     def _read_sealed(self, f: BufferedReader) -> tuple[ChunkIndex, set[str]]:
         size = os.fstat(f.fileno()).st_size
@@ -201,10 +198,7 @@ class IndexCache:
             n = min(SEAL_SEGMENT, len_table - i * SEAL_SEGMENT)
             sealed = _exact(f, n + SEAL_OVERHEAD)
             table[i * SEAL_SEGMENT : i * SEAL_SEGMENT + n] = _open_part(key, head, 1 + i, sealed)
-        names = {raw_names[i : i + 32].hex() for i in range(0, len(raw_names), 32)}
-        if len(names) != nnames:
-            raise ValueError("a name listed twice")
-        return ChunkIndex.from_snapshot(snap_head, packs, table), names
+        return _index_of(raw_names, nnames, snap_head, packs, table)
 
     # -- the journal ----------------------------------------------------------------------
     def _apply_journal(self, idx: ChunkIndex) -> set[str]:
@@ -360,6 +354,16 @@ class IndexCache:
                 log.debug("index cache journal ends in a damaged record: the rest ignored")
                 return
             yield body
+
+
+def _index_of(
+    raw_names: bytes, nnames: int, snap_head: bytes, packs: bytes, table: bytearray
+) -> tuple[ChunkIndex, set[str]]:
+    """The index of a cache file's parts (read and vouched for) and the names it covers."""
+    names = {raw_names[i : i + 32].hex() for i in range(0, len(raw_names), 32)}
+    if len(names) != nnames:
+        raise ValueError("a name listed twice")
+    return ChunkIndex.from_snapshot(snap_head, packs, table), names
 
 
 def _write_plain(f: BufferedWriter, nnames: int, parts: list[Any]) -> None:
