@@ -215,16 +215,9 @@ class Repository:
         self._chunks_mutex = threading.Lock()
         self._pack_order = PackOrder(self._chunk_location, codecs.zero_id)
         backend.set_read_order(self._following_pack)
-        self._summaries = SummaryCache.for_repository(
-            codecs.encoded_config,
-            Codecs.config_encrypted(codecs.config),
-            codecs.local_cache_key(),
-        )
-        self._index_cache = IndexCache.for_repository(
-            codecs.encoded_config,
-            Codecs.config_encrypted(codecs.config),
-            codecs.local_cache_key(),
-        )
+        encrypted, cache_key = Codecs.config_encrypted(codecs.config), codecs.local_cache_key()
+        self._summaries = SummaryCache.for_repository(codecs.encoded_config, encrypted, cache_key)
+        self._index_cache = IndexCache.for_repository(codecs.encoded_config, encrypted, cache_key)
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
