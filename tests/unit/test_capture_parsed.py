@@ -122,6 +122,32 @@ def test_round_trip_of_runs_is_ok_and_sees_a_flip_inside_a_run(
         assert r["problems"] == ["RAM block 'pc.ram' slot 18 differs after the round trip"]
 
 
+def test_round_trip_reads_small_batches_in_order_several_at_once(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 2 slots, 3 read at once: the 32 data slots come back in order, none
+    lost or repeated, and the reads really overlap (the first two meet at a barrier,
+    which one read at a time would leave waiting: BrokenBarrierError)."""
+    monkeypatch.setattr(capture_parsed, "_READ_BATCH", 2)
+    repo, w, pc = _long_capture(tmp_path)
+    with repo, w:
+        real = w.read_chunks
+        meet = threading.Barrier(2, timeout=10)
+        calls: list[int] = []
+
+        def reads(ids: list[bytes]) -> Any:
+            calls.append(len(ids))
+            if len(calls) <= 2:
+                meet.wait()
+            return real(ids)
+
+        monkeypatch.setattr(w, "read_chunks", reads)
+        r = pc.roundtrip(w)
+        assert r["ok"], r["problems"]
+        assert r["pages"] == 96 and r["slots_checked"] == 48
+        assert len(calls) == 24 and sum(calls) == _DATA_SLOTS  # 48 slots; 16 holes not read
+
+
 # --- slots the parent's round trip vouches for ----------------------------------------------
 #: 96 pages in 48 slots of 8 KiB: 32 data slots, slots 20-35 zero
 _DATA_SLOTS = 32
