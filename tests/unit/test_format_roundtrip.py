@@ -472,6 +472,30 @@ def test_index_detects_damage(
         decode_index(cd, data[: len(data) - 1 - cut % len(data)])
 
 
+_GOOD = IndexEntry(b"\x01" * 16, b"\x02" * 32, 64, 10, 20)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ([_GOOD, _GOOD], "appears twice"),
+        ([IndexEntry(ZERO_ID, b"\x02" * 32, 64, 10, 20)], "bad chunk id"),
+        ([IndexEntry(b"\x01" * 15, b"\x02" * 32, 64, 10, 20)], "bad chunk id"),
+        ([IndexEntry(b"\x01" * 16, b"\x02" * 31, 64, 10, 20)], "pack ids must be 32 bytes"),
+        ([IndexEntry(b"\x01" * 16, b"\x02" * 32, 2**32, 10, 20)], "out of range"),
+        ([IndexEntry(b"\x01" * 16, b"\x02" * 32, 64, -1, 20)], "out of range"),
+    ],
+)
+def test_index_encoder_refuses_what_no_reader_accepts(bad: list[IndexEntry], message: str) -> None:
+    """A repeated or zero or short chunk id, a short pack id, a field beyond 32 bits: the
+    encoder says so rather than write an object decode_index would refuse (the control:
+    one good entry encodes and decodes)."""
+    cd = codec(False)
+    assert decode_index(cd, encode_index(cd, [_GOOD])) == [_GOOD]
+    with pytest.raises(ValueError, match=message):
+        encode_index(cd, bad)
+
+
 # -- manifests --------------------------------------------------------------------------------
 
 

@@ -31,38 +31,48 @@ class IndexEntry:
     raw_length: int
 
 
+#: One entry of an index object's body (:data:`~vmarchive.format.constants.INDEX_ENTRY_STRUCT`).
+_ENTRY = struct.Struct(C.INDEX_ENTRY_STRUCT)
+#: An index row as :func:`encode_index_rows` takes it: chunk id, pack id (32 raw bytes),
+#: offset, stored length, raw length -- an :class:`IndexEntry`'s fields in order.
+IndexRow = tuple[bytes, bytes, int, int, int]
+
+
 def encode_index(codec: BlobCodec, entries: Iterable[IndexEntry]) -> bytes:
     """The bytes of one index object (entries are sorted; order of the input is free).
 
     Raises ValueError for a duplicate or malformed chunk id, a malformed pack id or a field
     out of range.
     """
-    items = sorted(entries, key=lambda e: e.chunk_id)
-    packs = sorted({bytes(e.pack_id) for e in items})
+    return encode_index_rows(
+        codec, ((e.chunk_id, bytes(e.pack_id), e.offset, e.length, e.raw_length) for e in entries)
+    )
+
+
+def encode_index_rows(codec: BlobCodec, rows: Iterable[IndexRow]) -> bytes:
+    """:func:`encode_index` of plain tuples (pack ids as ``bytes``): what a writer publishing
+    hundreds of thousands of entries hands over without an object per entry."""
+    items = sorted(rows, key=lambda r: r[0])
+    packs = sorted({r[1] for r in items})
     if any(len(p) != C.OBJECT_ID_SIZE for p in packs):
         raise ValueError("pack ids must be 32 bytes")
     number = {p: i for i, p in enumerate(packs)}
-    body = bytearray(struct.pack(C.INDEX_COUNTS_STRUCT, len(packs), len(items)))
-    for p in packs:
-        body += p
+    head = struct.pack(C.INDEX_COUNTS_STRUCT, len(packs), len(items))
+    at = len(head) + C.OBJECT_ID_SIZE * len(packs)
+    body = bytearray(at + _ENTRY.size * len(items))
+    body[:at] = head + b"".join(packs)
     previous = b""
-    for e in items:
-        if len(e.chunk_id) != C.CHUNK_ID_SIZE or e.chunk_id == C.ZERO_ID:
+    for cid, pack, offset, length, raw_length in items:
+        if len(cid) != C.CHUNK_ID_SIZE or cid == C.ZERO_ID:
             raise ValueError("bad chunk id in index entry")
-        if e.chunk_id == previous:
-            raise ValueError(f"chunk {e.chunk_id.hex()} appears twice in one index")
-        previous = e.chunk_id
+        if cid == previous:
+            raise ValueError(f"chunk {cid.hex()} appears twice in one index")
+        previous = cid
         try:
-            body += struct.pack(
-                C.INDEX_ENTRY_STRUCT,
-                e.chunk_id,
-                number[bytes(e.pack_id)],
-                e.offset,
-                e.length,
-                e.raw_length,
-            )
+            _ENTRY.pack_into(body, at, cid, number[pack], offset, length, raw_length)
         except struct.error as err:
-            raise ValueError(f"index entry {e.chunk_id.hex()} out of range") from err
+            raise ValueError(f"index entry {cid.hex()} out of range") from err
+        at += _ENTRY.size
     header = make_header(C.TYPE_INDEX, encrypted=codec.encrypted).encode()
     return header + codec.seal_body(bytes(body), header)
 

@@ -30,7 +30,7 @@ from vmarchive.format.crypto import (
     open_keyfile,
 )
 from vmarchive.format.header import object_id
-from vmarchive.format.index import IndexEntry, decode_index, decode_index_packed, encode_index
+from vmarchive.format.index import decode_index, decode_index_packed, encode_index_rows
 from vmarchive.format.manifest import (
     Manifest,
     StreamEntry,
@@ -296,10 +296,18 @@ class Codecs:
         return object_id(data)
 
     def encode_index(self, entries: Sequence[tuple[bytes, Location]]) -> bytes:
-        return encode_index(
+        packs: dict[str, bytes] = {}  # a few packs for many entries: each converted once
+        return encode_index_rows(
             self.blob,
             [
-                IndexEntry(cid, bytes.fromhex(loc.pack_id), loc.offset, loc.length, loc.raw_length)
+                (
+                    cid,
+                    packs.get(loc.pack_id)
+                    or packs.setdefault(loc.pack_id, bytes.fromhex(loc.pack_id)),
+                    loc.offset,
+                    loc.length,
+                    loc.raw_length,
+                )
                 for cid, loc in entries
             ],
         )
