@@ -294,12 +294,12 @@ def test_one_gib_guest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Snapshot mode also shows here that the set-up gate's check fires: without the
-    pipe filler QEMU takes the RAM instant before the disks are fixed, and the capture
+    channel's filler QEMU takes the RAM instant before the disks are fixed, and the capture
     must refuse (and leave nothing); the gated capture that follows is consistent.
 
     The check is asked 3 s after QEMU is seen waiting: a QEMU past the gate has
     write-protected the guest's RAM by then and its main loop may block on a protected
-    page, so the check's own query hung until the capture drained the pipe (it hung
+    page, so the check's own query hung until the capture drained the channel (it hung
     forever in one CI run before it did)."""
     g = guest_factory(guestlib.GuestSpec(memory_mib=1024, params={"fill": 16}))
     g.wait_ticks(2)
@@ -321,7 +321,19 @@ def test_one_gib_guest(
         assert archive_ids(env["repo"]) == set()
         assert qemu_leftovers(g) == [] and leftover_files(env) == []
         keeps_ticking(g, mark)
+    gate_seen: list[bool] = []
+    if mode == Mode.SNAPSHOT:
+        real = _Capture._snapshot_gate
+
+        def noting(self: _Capture, pid: int | None) -> bool:
+            gate_seen.append(real(self, pid))
+            return gate_seen[-1]
+
+        monkeypatch.setattr(_Capture, "_snapshot_gate", noting)
     r = capture(opts(g, env, mode))
+    # /proc showed QEMU's thread waiting on the filled channel (else the pause would have
+    # taken in the rest of QEMU's set-up: still correct, but not what the gate is for)
+    assert gate_seen == ([True] if mode == Mode.SNAPSHOT else []), gate_seen
     assert r.mode == mode.value and r.memory_format == "parsed"
     assert r.guest_pause_ms is not None and r.guest_pause_ms > 0
     with Repository.open(str(env["repo"])) as repo:

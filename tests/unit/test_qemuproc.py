@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vmarchive.hypervisor.qemuproc import qemu_pid, wait_thread_blocked_on_pipe
+from vmarchive.hypervisor.qemuproc import qemu_pid, wait_thread_blocked_writing
 
 
 def task(proc: pathlib.Path, pid: int, tid: int, comm: str, wchan: str) -> pathlib.Path:
@@ -20,28 +20,33 @@ def task(proc: pathlib.Path, pid: int, tid: int, comm: str, wchan: str) -> pathl
 
 
 @pytest.mark.parametrize("name", ["bg_snapshot", "mig/snapshot"])  # QEMU <= 8, newer
-def test_blocked_in_pipe_write_is_seen(tmp_path: pathlib.Path, name: str) -> None:
+@pytest.mark.parametrize(
+    "wchan",
+    # a unix socket (what the capture hands QEMU), the same not inlined, a pipe
+    ["sock_alloc_send_pskb", "sock_wait_for_wmem", "anon_pipe_write"],
+)
+def test_blocked_writing_is_seen(tmp_path: pathlib.Path, name: str, wchan: str) -> None:
     task(tmp_path, 7, 7, "qemu-system-x86", "do_sys_poll")
-    task(tmp_path, 7, 9, name, "anon_pipe_write")
-    assert wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=5)
+    task(tmp_path, 7, 9, name, wchan)
+    assert wait_thread_blocked_writing(7, proc=tmp_path, timeout_s=5)
 
 
 def test_a_thread_elsewhere_is_not_taken_for_blocked(tmp_path: pathlib.Path) -> None:
-    """Negative control: the set-up still running (or another thread in pipe_write) is not
-    the gate reached; the wait ends at its timeout with False."""
-    task(tmp_path, 7, 8, "CPU 0/TCG", "pipe_write")
+    """Negative control: the set-up still running (or another thread writing) is not the
+    gate reached; the wait ends at its timeout with False."""
+    task(tmp_path, 7, 8, "CPU 0/TCG", "sock_alloc_send_pskb")
     task(tmp_path, 7, 9, "bg_snapshot", "futex_wait_queue")
     t0 = time.monotonic()
-    assert not wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=0.2)
+    assert not wait_thread_blocked_writing(7, proc=tmp_path, timeout_s=0.2)
     assert time.monotonic() - t0 >= 0.2
 
 
 def test_waits_until_the_thread_gets_there(tmp_path: pathlib.Path) -> None:
     t = task(tmp_path, 7, 9, "bg_snapshot", "futex_wait_queue")
-    timer = threading.Timer(0.1, lambda: (t / "wchan").write_text("pipe_write"))
+    timer = threading.Timer(0.1, lambda: (t / "wchan").write_text("sock_alloc_send_pskb"))
     timer.start()
     try:
-        assert wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=10)
+        assert wait_thread_blocked_writing(7, proc=tmp_path, timeout_s=10)
     finally:
         timer.cancel()
 
@@ -57,15 +62,15 @@ def test_thread_that_ends_ends_the_wait(tmp_path: pathlib.Path) -> None:
     timer = threading.Timer(0.1, remove_task)
     timer.start()
     t0 = time.monotonic()
-    assert not wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=30)
+    assert not wait_thread_blocked_writing(7, proc=tmp_path, timeout_s=30)
     assert time.monotonic() - t0 < 25
     timer.join()
 
 
 def test_no_such_thread_or_process(tmp_path: pathlib.Path) -> None:
     task(tmp_path, 7, 7, "qemu-system-x86", "do_sys_poll")
-    assert not wait_thread_blocked_on_pipe(7, proc=tmp_path, timeout_s=30)  # after SHOW_UP_S
-    assert not wait_thread_blocked_on_pipe(8, proc=tmp_path, timeout_s=30)  # at once
+    assert not wait_thread_blocked_writing(7, proc=tmp_path, timeout_s=30)  # after SHOW_UP_S
+    assert not wait_thread_blocked_writing(8, proc=tmp_path, timeout_s=30)  # at once
 
 
 class FakeQMP:

@@ -1,9 +1,10 @@
 """Where QEMU's own threads are, seen through ``/proc`` (hypervisor layer, same host only).
 
-The snapshot-mode capture holds QEMU's ``bg_snapshot`` thread on a full pipe after its
-set-up (see :mod:`vmarchive.ops.capture`, "the set-up gate").  Whether the thread has got
-there is not visible through QMP (``query-migrate`` says ``setup`` before and after), but
-the kernel shows it: the thread sleeps in ``pipe_write``.  Everything here is an
+The snapshot-mode capture holds QEMU's ``bg_snapshot`` thread on a full migration channel
+(a unix socket) after its set-up (see :mod:`vmarchive.ops.capture`, "the set-up gate").
+Whether the thread has got there is not visible through QMP (``query-migrate`` says
+``setup`` before and after), but the kernel shows it: the thread sleeps in the socket's
+send (``sock_alloc_send_pskb``; ``pipe_write`` for a pipe).  Everything here is an
 optimisation with a safe answer when ``/proc`` cannot tell (``None`` / ``False``): the
 capture then simply stops the guest without waiting.
 
@@ -26,6 +27,10 @@ PROC = Path("/proc")
 #: QEMU's names for the background-snapshot migration thread (migration/migration.c):
 #: "bg_snapshot" up to QEMU 8, "mig/snapshot" since the threads were renamed.
 BG_SNAPSHOT_THREADS = ("bg_snapshot", "mig/snapshot")
+#: Where a thread writing a full channel sleeps (``/proc/…/wchan``): a unix stream socket
+#: waits for send buffer space in ``sock_alloc_send_pskb`` (``sock_wait_for_wmem`` where
+#: that is not inlined), a pipe in ``pipe_write`` (``anon_pipe_write`` in newer kernels).
+WRITE_WAITS = ("sock_alloc_send_pskb", "sock_wait_for_wmem", "pipe_write")
 #: How long the thread may take to show up: QEMU creates it before ``migrate`` returns.
 SHOW_UP_S = 0.05
 
@@ -88,25 +93,27 @@ def _pid_from_file(run_dir: Path, name: str, proc: Path) -> int | None:
     return None
 
 
-def _in_pipe_write(task: Path, names: tuple[str, ...]) -> bool | None:
-    """Whether the thread sleeps in ``pipe_write``; None when it is gone (or renamed)."""
+def _in_write(task: Path, names: tuple[str, ...]) -> bool | None:
+    """Whether the thread sleeps writing a full channel (:data:`WRITE_WAITS`); None when it
+    is gone (or renamed)."""
     if _comm(task) not in names:
         return None
     try:
-        return "pipe_write" in (task / "wchan").read_text()
+        wchan = (task / "wchan").read_text()
     except OSError:
         return None
+    return any(w in wchan for w in WRITE_WAITS)
 
 
-def wait_thread_blocked_on_pipe(
+def wait_thread_blocked_writing(
     pid: int,
     names: tuple[str, ...] = BG_SNAPSHOT_THREADS,
     timeout_s: float = 30.0,
     proc: Path = PROC,
     poll_s: float = 0.0005,
 ) -> bool:
-    """Wait until QEMU's thread (one of ``names``) sleeps writing a pipe; False when it
-    cannot be seen.
+    """Wait until QEMU's thread (one of ``names``) sleeps writing a full channel; False
+    when it cannot be seen.
 
     False at ``timeout_s``; at once when the thread ends (the migration failed); and
     after :data:`SHOW_UP_S` when no such thread shows up (QEMU without thread names, a
@@ -125,7 +132,7 @@ def wait_thread_blocked_on_pipe(
                 log.debug("no %s thread in QEMU process %d", "/".join(names), pid)
                 return False
         if tasks:
-            seen = [_in_pipe_write(t, names) for t in tasks]
+            seen = [_in_write(t, names) for t in tasks]
             if any(seen):
                 return True
             if all(s is None for s in seen):
@@ -142,4 +149,4 @@ def _comm(task: Path) -> str:
         return ""
 
 
-__all__ = ["BG_SNAPSHOT_THREADS", "qemu_pid", "wait_thread_blocked_on_pipe"]
+__all__ = ["BG_SNAPSHOT_THREADS", "WRITE_WAITS", "qemu_pid", "wait_thread_blocked_writing"]

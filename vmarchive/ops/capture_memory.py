@@ -1,7 +1,8 @@
 """The memory side of a capture: read QEMU's migration stream and store it (ops layer).
 
-QEMU writes its migration stream into a pipe; a :class:`PipeReader` thread drains it
-(QEMU must never block on a full pipe, even after we failed) and feeds a consumer:
+QEMU writes its migration stream into a channel (a unix socket; a pipe in tests); a
+:class:`PipeReader` thread drains it (QEMU must never block on a full channel, even after
+we failed) and feeds a consumer:
 
 * :class:`OpaqueMemory` stores the raw bytes as one ``stream`` (the fallback), or
 * a parsed consumer (see :mod:`vmarchive.ops.capture_parse`) that turns the stream into
@@ -29,13 +30,14 @@ from vmarchive.progress import Task
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
-#: After a read shorter than SHORT_READ the pipe thread naps SHORT_READ_NAP seconds before
+#: After a read shorter than SHORT_READ the reading thread naps SHORT_READ_NAP seconds before
 #: the next one.  QEMU writes its stream 32 KiB at a time; a reader that is always ready
 #: woke for each write, and each wake took the GIL and woke the parser: 13-20 thousand
 #: context switches in one thread during a 512 MiB capture to S3, ~0.4 s of CPU on two
 #: cores (perf: most of it in the scheduler).  QEMU fills 200 us worth (~280 KiB at its
-#: /dev/null rate) into the 1 MiB pipe meanwhile, so it is never held up, and a nap
-#: ends on its own: nothing waits on QEMU to wake us (no deadlock while it holds its lock).
+#: /dev/null rate through a pipe) into the channel's buffer meanwhile (0.4-2 MiB, after
+#: the host's net.core.wmem_max), so it is held up little if at all, and a nap ends on its
+#: own: nothing waits on QEMU to wake us (no deadlock while it holds its lock).
 SHORT_READ = 256 << 10
 SHORT_READ_NAP = 0.0002
 
@@ -51,11 +53,11 @@ class Consumer(Protocol):
 class PipeReader(threading.Thread):
     """Drains ``fd`` until EOF, feeding ``consumer``; remembers the consumer's first error.
 
-    Two threads: this one only reads the pipe into a buffer (``os.read`` releases the GIL,
+    Two threads: this one only reads the channel into a buffer (``os.read`` releases the GIL,
     so QEMU is not held up by our hashing and compression); a second one feeds the
     consumer.  At most ``max_buffer`` bytes wait in between, except while :meth:`hold` is
     in effect.  After a consumer error the rest of the stream is read and discarded, so
-    QEMU never blocks on the pipe (the capture cancels the migration, which ends it).
+    QEMU never blocks on the channel (the capture cancels the migration, which ends it).
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class PipeReader(threading.Thread):
     ) -> None:
         super().__init__(name="migration-pipe", daemon=True)
         self.fd = fd
-        #: bytes at the start of the pipe that are not QEMU's (the set-up gate's filler)
+        #: bytes at the start of the channel that are not QEMU's (the set-up gate's filler)
         self.skip = skip
         self.consumer = consumer
         self.task = task
@@ -90,16 +92,16 @@ class PipeReader(threading.Thread):
 
         Used across the switchover: parsing, hashing and compressing would otherwise take
         the GIL and the CPU from our QMP calls and from QEMU while the guest is stopped.
-        While held, the pipe is still drained and the buffer has no limit: QEMU writes the
+        While held, the channel is still drained and the buffer has no limit: QEMU writes the
         last dirty pages and the device state while holding its big lock, so it must never
-        block on the pipe then (that deadlocked our own ``cont``).
+        block on the channel then (that deadlocked our own ``cont``).
         """
         with self._cond:
             self._held_until = time.monotonic() + self.max_hold_s
             self._cond.notify_all()
 
     def ensure_started(self) -> None:
-        """Start draining the pipe, unless that was done already (from any thread)."""
+        """Start draining the channel, unless that was done already (from any thread)."""
         with self._start_lock:
             if self.ident is None:
                 self.start()

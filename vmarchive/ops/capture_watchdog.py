@@ -8,7 +8,7 @@ process ends, however it ends; if the capture's marker file is still there then,
 watchdog takes the per-domain lock (free once the capture process is gone) and runs the
 same cleanup as the capture's own ``finally`` (:func:`clean_domain`).
 
-It also holds a copy of the read end of the migration pipe (passed over the socket
+It also holds a copy of the read end of the migration channel (passed over the socket
 with SCM_RIGHTS) and drains it after the capture died.  That matters in snapshot mode:
 a failing background snapshot in QEMU 7.2 can deadlock QEMU (its main loop faults on a
 write-protected guest page while the snapshot thread, bailing out, waits for the main
@@ -64,15 +64,15 @@ class Watchdog:
             theirs.close()
 
     def hold_stream(self, fd: int) -> None:
-        """Give the watchdog a copy of the migration pipe's read end."""
+        """Give the watchdog a copy of the migration channel's read end."""
         if self._sock is not None:
             try:
                 socket.send_fds(self._sock, [b"h"], [fd])
             except OSError as e:
-                log.warning("cannot pass the migration pipe to the watchdog: %s", e)
+                log.warning("cannot pass the migration channel to the watchdog: %s", e)
 
     def drop_stream(self) -> None:
-        """The migration is over: the watchdog closes its copy of the pipe."""
+        """The migration is over: the watchdog closes its copy of the channel."""
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.sendall(b"d")
