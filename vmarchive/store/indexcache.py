@@ -120,13 +120,13 @@ class IndexCache:
     def for_repository(
         cls, encoded_config: bytes, encrypted: bool, seal_key: bytes | None = None
     ) -> IndexCache | None:
-        """The cache of a repository, or None: caching is off, or the repository is
-        encrypted and no ``seal_key`` was given."""
-        where = repository_cache(encoded_config)
-        if where is None or (encrypted and seal_key is None):
+        """The cache of a repository, or None when there is none for it
+        (:func:`~vmarchive.store.summarycache.repository_cache`)."""
+        where = repository_cache(encoded_config, encrypted, seal_key)
+        if where is None:
             return None
-        path = os.path.join(where[0], f"index-{where[1]}.bin")
-        return cls(path, seal_key if encrypted else None)
+        root, name, key = where
+        return cls(os.path.join(root, f"index-{name}.bin"), key)
 
     def _derived(self, purpose: bytes) -> bytes:
         assert self._seal_key is not None

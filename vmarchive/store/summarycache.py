@@ -51,13 +51,17 @@ def cache_root() -> str | None:
     return os.path.join(xdg, "vmarchive")
 
 
-def repository_cache(encoded_config: bytes) -> tuple[str, str] | None:
-    """The cache directory and this repository's name in it (a hash of its config), or
-    None: caching is off."""
+def repository_cache(
+    encoded_config: bytes, encrypted: bool, seal_key: bytes | None
+) -> tuple[str, str, bytes | None] | None:
+    """The cache directory, this repository's name in it (a hash of its config) and the
+    key its cache files are sealed with (``seal_key`` for an encrypted repository, None
+    for a plain one); or None: caching is off, or the repository is encrypted and there is
+    no key to seal with."""
     root = cache_root()
-    if root is None:
+    if root is None or (encrypted and seal_key is None):
         return None
-    return root, hashlib.sha256(encoded_config).hexdigest()[:24]
+    return root, hashlib.sha256(encoded_config).hexdigest()[:24], seal_key if encrypted else None
 
 
 def derived_key(seal_key: bytes, purpose: bytes) -> bytes:
@@ -77,12 +81,12 @@ class SummaryCache:
     def for_repository(
         cls, encoded_config: bytes, encrypted: bool, seal_key: bytes | None = None
     ) -> SummaryCache | None:
-        """None when caching is off, or the repository is encrypted and no ``seal_key``
-        was given."""
-        where = repository_cache(encoded_config)
-        if where is None or (encrypted and seal_key is None):
+        """None when there is no cache for it (:func:`repository_cache`)."""
+        where = repository_cache(encoded_config, encrypted, seal_key)
+        if where is None:
             return None
-        return cls(os.path.join(where[0], "summaries", where[1]), seal_key if encrypted else None)
+        root, name, key = where
+        return cls(os.path.join(root, "summaries", name), key)
 
     def _aad(self, archive_id: str) -> bytes:
         return b"vmarchive summary of " + archive_id.encode()
