@@ -6,7 +6,7 @@ Two mechanisms fix the instant (see ``docs`` and QEMU-FACTS for the measurements
 
 ``switchover``
     Precopy migration into a unix socket (the migration channel, see
-    :meth:`_Capture._start_pipe`) with ``pause-before-switchover``.  At ``pre-switchover``
+    :meth:`_Capture._start_channel`) with ``pause-before-switchover``.  At ``pre-switchover``
     (vCPUs stopped, I/O drained) ONE ``transaction`` puts a temporary qcow2 overlay
     (``blockdev-snapshot``) on every disk; ``migrate-continue``; at ``completed``, ``cont``.
     The instant is the end of the memory transfer.  The frozen base nodes are exported
@@ -945,7 +945,7 @@ class _Capture:
         for node, names in old.items():
             remove_bitmaps(qmp, node, names)
 
-    def _start_pipe(self, qmp: QMP, consumer: Any, gate: bool = False) -> PipeReader:
+    def _start_channel(self, qmp: QMP, consumer: Any, gate: bool = False) -> PipeReader:
         """The migration channel, handed to QEMU, and its reader.
 
         A unix stream socket pair rather than a pipe: QEMU sends the same stream either
@@ -999,7 +999,7 @@ class _Capture:
         saves the device state, write-protects RAM and resumes the guest.  Stopping the guest before
         ``migrate`` put all of that set-up into the pause.  Instead, ``migrate`` is issued
         while the guest runs, into a channel filled until nothing more fits
-        (:meth:`_start_pipe`): QEMU's header write blocks after the set-up, *before* the
+        (:meth:`_start_channel`): QEMU's header write blocks after the set-up, *before* the
         thread stops anything.  Then the guest is stopped and the disks fixed, and only
         then is the channel drained; QEMU's stop finds the guest already stopped, so RAM and
         disks hold the same instant, and the pause no longer includes the set-up.
@@ -1263,14 +1263,14 @@ class _Capture:
                     # The migration inactivates the nodes, which saves and releases their
                     # persistent bitmaps: none may still be held by an export then.
                     del_exports(qmp, [f"{PREFIX}exp-{_node_suffix(d.target)}" for d in copy])
-                    reader = self._start_pipe(qmp, memory)
+                    reader = self._start_channel(qmp, memory)
                     self._migrate(qmp, marker)
                     self._wait_migration(qmp, reader, {"completed"})
                 elif mode == "switchover":
                     preflush(disks)
                     if not self.o.tcg_live_precopy:
                         stop_if_tcg(qmp)  # TCG precopy misses writes: copy a stopped guest
-                    reader = self._start_pipe(qmp, memory)
+                    reader = self._start_channel(qmp, memory)
                     self._migrate(qmp, marker)
                     self._wait_migration(qmp, reader, {"pre-switchover"})
                     reader.hold()
@@ -1292,7 +1292,7 @@ class _Capture:
                 else:  # snapshot
                     preflush(disks)
                     pid = qemu_pid(qmp, name=self.dom.name)  # libvirt's pid file, or QMP
-                    reader = self._start_pipe(qmp, memory, gate=True)
+                    reader = self._start_channel(qmp, memory, gate=True)
                     self._migrate(qmp, marker)  # the guest runs through QEMU's set-up
                     gate_seen = self._snapshot_gate(pid)
                     if gate_seen:

@@ -17,9 +17,7 @@ from the writer, patched and stored again under the same slot.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -332,9 +330,3 @@ class RamImage:
         while self._open:
             index, buf = self._open.popitem(last=False)
             self._store(index, buf)
-
-
-def close_fd(fd: int | None) -> None:
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)
