@@ -114,6 +114,7 @@ from vmarchive.ops.capture_incr import (
 )
 from vmarchive.ops.capture_memory import PipeReader
 from vmarchive.ops.capture_watchdog import Watchdog
+from vmarchive.ops.malloc_tuning import keep_freed_memory
 from vmarchive.ops.restore_xml import NVRAM_META_STREAM, nvram_path
 from vmarchive.progress import NULL_PROGRESS, Progress
 from vmarchive.store import Repository, crashpoint
@@ -366,6 +367,7 @@ class _Capture:
         crashpoint.hit(f"capture-{state.value}")
 
     def run(self) -> CaptureResult:
+        keep_freed_memory()  # the stream's buffers are reused, not faulted in afresh
         state_dir = self.o.state_dir or default_state_dir()
         watchdog: Watchdog | None = None
         try:
