@@ -75,6 +75,7 @@ class FakeQEMU:
             if not self.nbd:
                 raise QMPCommandError("not running", command=cmd)
             self.nbd = False
+            self.exports.clear()  # as QEMU >= 5.2: every NBD export closed, then it returns
             return {}
         if cmd == "query-jobs":
             return list(self.jobs.values())
@@ -192,8 +193,10 @@ def test_a_snapshot_capture_is_undone_in_few_round_trips(tmp_path: Path) -> None
     m = _snapshot_leftovers(q, tmp_path)
     assert clean_domain(q, m)  # type: ignore[arg-type]
     assert not q.exports and not q.jobs and q.nodes == {"libvirt-1-format", "libvirt-2-format"}
-    # each export and job asked for once, then one query sees them all gone
-    assert q.log.count("block-export-del") == 2 and q.log.count("query-block-exports") == 2
+    # stopping our NBD server took the exports with it: they were never asked about
+    assert q.log.index("nbd-server-stop") < q.log.index("job-cancel")
+    assert "block-export-del" not in q.log and "query-block-exports" not in q.log
+    # each job asked for once, then one query sees them all gone
     assert q.log.count("job-cancel") == 1 and q.log.count("job-dismiss") == 2
     assert q.log.count("query-jobs") == 2
     # file nodes go with their parents: never asked for (QEMU refuses them alone), and
@@ -202,6 +205,20 @@ def test_a_snapshot_capture_is_undone_in_few_round_trips(tmp_path: Path) -> None
     assert q.log.count("query-named-block-nodes") == 1
     # a snapshot-mode capture attaches no overlay: the devices are not asked about
     assert "query-block" not in q.log
+
+
+def test_exports_on_a_server_not_ours_are_removed_one_by_one(tmp_path: Path) -> None:
+    """The control of the above: without a server of ours (or one that is gone) the
+    exports are looked for, each removed once, and one query sees them all gone; the
+    server is left alone."""
+    for ours, running in ((False, True), (True, False)):
+        q = FakeQEMU()
+        m = _snapshot_leftovers(q, tmp_path)
+        m.nbd_server, q.nbd = ours, running
+        assert clean_domain(q, m)  # type: ignore[arg-type]
+        assert not q.exports and q.nbd is running
+        assert q.log.count("block-export-del") == 2 and q.log.count("query-block-exports") == 2
+        assert q.log.index("block-export-del") < q.log.index("job-cancel")
 
 
 def test_a_refused_node_deletion_is_looked_at_again(tmp_path: Path) -> None:
@@ -267,6 +284,7 @@ def test_one_refused_export_or_job_does_not_stop_the_others(tmp_path: Path) -> N
         return FakeQEMU.execute(q, cmd, args, **kw)
 
     q.execute = refusing  # type: ignore[method-assign]
+    m.nbd_server = False  # a server not ours: the exports are removed one by one
     assert not clean_domain(q, m)  # type: ignore[arg-type]
     assert q.exports == {"vmarchive-exp-vda"} and set(q.jobs) == {"vmarchive-fleece-vda"}
     assert m.path.exists()  # kept: the next run retries

@@ -474,22 +474,28 @@ def _clean_qemu(
             log.warning("cleanup: cannot resume guest: %s", e)
             ok = False
 
-    # 3. NBD exports, then the server if it is ours.
+    # 3. NBD exports and the server if it is ours.  Stopping the server closes every NBD
+    # export and returns once they are gone (QEMU's nbd-server-stop, since 5.2), so a
+    # capture that started the server stops it and need not ask for the exports: three
+    # monitor round trips fewer (a query, a deletion, a query to see it gone).  Without
+    # a server of ours, ours are looked for and removed one by one.
+    stopped = False
+    if marker is not None and marker.nbd_server:
+        try:
+            qmp.execute("nbd-server-stop")
+            stopped = True
+        except QMPCommandError:
+            pass  # not running: no NBD export can be left either, but look
+        except HypervisorError as e:
+            log.warning("cleanup: nbd-server-stop: %s", e)
+            ok = False
     try:
-        exports = qmp.execute("query-block-exports")
+        exports = [] if stopped else qmp.execute("query-block-exports")
     except HypervisorError:
         exports = []
     ours = [str(ex.get("id", "")) for ex in exports if str(ex.get("id", "")).startswith(PREFIX)]
     if ours:
         ok = _try("removing NBD exports", functools.partial(del_exports, qmp, ours)) and ok
-    if marker is not None and marker.nbd_server:
-        try:
-            qmp.execute("nbd-server-stop")
-        except QMPCommandError:
-            pass  # not running
-        except HypervisorError as e:
-            log.warning("cleanup: nbd-server-stop: %s", e)
-            ok = False
 
     # 4. Our block jobs that are not commits (fleecing backups): cancel.
     try:
