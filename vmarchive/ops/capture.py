@@ -95,7 +95,7 @@ from vmarchive.ops.capture_cleanup import (
 from vmarchive.ops.capture_disks import (
     DiskRead,
     DiskThreads,
-    OverlayFiles,
+    empty_qcow2,
     local_nbd,
     read_disk,
 )
@@ -345,8 +345,6 @@ class _Capture:
         self.parent_archive: Any = None
         #: the clean-up of QEMU running while the capture commits (see _release_qemu)
         self.release: _Background | None = None
-        #: the temporary images being made for this attempt (see _live_capture)
-        self.images: OverlayFiles | None = None
         #: QEMU's migration capabilities before the capture, when the mode probe asked
         self.caps_before: dict[str, bool] | None = None
         #: the migration capabilities as QEMU has them now, as far as known (None: unknown)
@@ -655,28 +653,18 @@ class _Capture:
                 self.events = ev
                 if not (marker.saved_capabilities or marker.saved_parameters):
                     self._save_migration_settings(qmp, marker)  # unless _choose_mode did
-                # The temporary images are made by qemu-img processes (~10 ms each, mostly
-                # a process start) that run beside what follows up to their nodes' creation
-                # (_temp_node waits for each): the parser's set-up, the metadata, monitor
-                # commands.  The marker names them before they exist.
+                # The marker names the temporary images (_temp_node) before they exist.
                 role = _TEMP_ROLE.get(mode)
-                sizes = (
-                    {_temp_name(role, d): int(d.virtual_size or 0) for d in copy} if role else {}
-                )
-                for name in sizes:
-                    marker.files.insert(0, str(self.work / name) + ".qcow2")
+                if role is not None:
+                    for d in copy:
+                        marker.files.insert(0, str(self._temp_image(role, d)))
                 marker.save()
                 try:
-                    if sizes:
-                        self.images = OverlayFiles(self.work, sizes)
                     memory = capture_parse.make_consumer(w, parse, refused)
                     result = self._live_capture(
                         qmp, marker, w, mode, disks, copy, live_xml, mig_xml, memory
                     )
                 finally:
-                    images, self.images = self.images, None
-                    if images is not None:
-                        images.close()  # none may still be written when files are removed
                     remap, self.remap = self.remap, None
                     if remap is not None:
                         remap.result()  # not beside a retried attempt's snapshot (bounded)
@@ -787,11 +775,15 @@ class _Capture:
             "migrate-set-parameters", {"max-bandwidth": bw, "downtime-limit": self.o.downtime_ms}
         )
 
+    def _temp_image(self, role: str, d: DiskInfo) -> Path:
+        assert self.work is not None
+        return self.work / f"{_temp_name(role, d)}.qcow2"
+
     def _temp_node(self, qmp: QMP, role: str, d: DiskInfo, backing: str | None) -> str:
-        """A temporary qcow2 node (file in the work dir, passed to QEMU as an fd)."""
-        assert self.images is not None
+        """A temporary qcow2 node (a new image in the work dir, passed to QEMU as an fd)."""
         name = _temp_name(role, d)
-        img = self.images.wait(name)
+        img = self._temp_image(role, d)
+        empty_qcow2(img, int(d.virtual_size or 0))
         fd = os.open(img, os.O_RDWR | os.O_CLOEXEC)
         try:
             fdset = qmp.add_fd(fd, opaque=name)
