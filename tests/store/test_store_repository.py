@@ -161,6 +161,33 @@ def test_write_if_present_records_only_what_needs_no_storing(tmp_path: pathlib.P
     assert repo.verify(full=True).ok
 
 
+def test_a_chunk_is_indexed_before_the_writer_lets_it_go(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_if_present asks without the writer's mutex (once per chunk of a second
+    capture): the chunks not published yet, then the index.  A chunk being published is
+    in one of the two at every moment only if the index takes it before the writer lets
+    it go -- looked at as each one is indexed."""
+    repo = make_repo(tmp_path / "r")
+    held_when_indexed: list[bool] = []
+    with repo.writer() as w:
+        add = repo._add_location
+
+        def adding(cid: bytes, loc: Any) -> None:
+            held_when_indexed.append(cid in w._unpublished)
+            add(cid, loc)
+
+        monkeypatch.setattr(repo, "_add_location", adding)
+        sw = w.stream("ram:a", "ram", 8 * CHUNK)
+        chunks = [rnd(CHUNK, 10 + i) for i in range(8)]
+        for i, c in enumerate(chunks):
+            sw.write_chunk(i, c)
+        sw.close()
+        w.commit(META)
+        assert all(w._has_chunk(repo.codecs.chunk_id(c)) for c in chunks)
+    assert len(held_when_indexed) == 8 and all(held_when_indexed)
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -380,6 +380,12 @@ class Repository:
         with self._chunks_mutex:  # several writers of one Repository may run at once
             return index.get(chunk_id)
 
+    def _holds_chunk(self, chunk_id: bytes) -> bool:
+        """Whether the index names ``chunk_id`` (no :class:`Location` made for it)."""
+        index = self.index
+        with self._chunks_mutex:
+            return chunk_id in index
+
     def _missing_chunks(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
         """Those of ``chunk_ids`` the index does not hold (one lock for all of them)."""
         index = self.index

@@ -544,8 +544,11 @@ class ArchiveWriter:
             raise UsageError(f"archive writer is {self._state}")
 
     def _has_chunk(self, chunk_id: bytes) -> bool:
-        with self._mutex:
-            return chunk_id in self._unpublished or self.repo._chunk_location(chunk_id) is not None
+        # Without the writer's mutex (the hot path of a second capture asks once per
+        # chunk): a published chunk enters the index before it leaves _unpublished (see
+        # _wait_upload), so asking in this order never misses one in between; a chunk
+        # being stored meanwhile is found again by _store_chunk, which asks under it.
+        return chunk_id in self._unpublished or self.repo._holds_chunk(chunk_id)
 
     def _store_chunk(
         self, data: bytes | bytearray | memoryview, stream: str, cid: bytes | None = None
@@ -559,7 +562,7 @@ class ArchiveWriter:
         if cid == self.zero_id:
             return cid, False
         with self._mutex:
-            if cid in self._unpublished or self.repo._chunk_location(cid) is not None:
+            if cid in self._unpublished or self.repo._holds_chunk(cid):
                 return cid, False
             view = data if isinstance(data, bytes) else memoryview(data)
             n = len(view) if isinstance(view, bytes) else view.nbytes
