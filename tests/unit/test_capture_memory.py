@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,6 +182,82 @@ def test_pipe_reader_keeps_draining_after_consumer_error() -> None:
     assert not t.is_alive() and not reader.is_alive()
     assert isinstance(reader.error, ValueError)
     assert reader.bytes_read == 64 * 65536
+
+
+class _Attached:
+    """A consumer with a thread of its own that takes the reader's buffers itself."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.got = bytearray()
+        self.finished = 0
+        self.fail_after = fail_after
+        self.thread: threading.Thread | None = None
+
+    def attach(self, take: Any, failed: Any) -> None:
+        def run() -> None:
+            n = 0
+            while (data := take()) is not None:
+                self.got += data
+                n += 1
+                if n == self.fail_after:
+                    failed(ValueError("refused"))
+                    return
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def feed(self, data: memoryview) -> None:
+        raise AssertionError("an attached consumer is not fed")
+
+    def finish(self) -> None:
+        assert self.thread is not None
+        self.thread.join()
+        self.finished += 1
+
+
+def test_an_attached_consumer_takes_the_buffers_without_a_feeding_thread() -> None:
+    r, w = os.pipe()
+    consumer = _Attached()
+    reader = PipeReader(r, consumer, NULL_PROGRESS.task("m"))
+    reader.start()
+    payload = os.urandom(3 << 20)
+    os.write(w, payload)
+    os.close(w)
+    reader.join(30)
+    assert reader.error is None and bytes(consumer.got) == payload
+    assert consumer.finished == 1  # by the reader, once the stream ended
+    assert reader._feeder.ident is None  # the control below feeds through it
+    fed = _Attached()
+    fed.attach = None  # type: ignore[assignment,method-assign]
+    fed.feed = lambda data: fed.got.extend(data)  # type: ignore[method-assign]
+    r, w = os.pipe()
+    reader = PipeReader(r, fed, NULL_PROGRESS.task("m"))
+    reader.start()
+    os.write(w, payload[:4096])
+    os.close(w)
+    reader.join(30)
+    assert bytes(fed.got) == payload[:4096] and reader._feeder.ident is not None
+
+
+def test_an_attached_consumer_that_fails_leaves_the_channel_drained() -> None:
+    """As with a fed consumer: after its error the rest is read and discarded, so the
+    writer (QEMU) never blocks, and the error is the reader's."""
+    r, w = os.pipe()
+    consumer = _Attached(fail_after=2)
+    reader = PipeReader(r, consumer, NULL_PROGRESS.task("m"), max_buffer=1 << 16)
+    reader.start()
+
+    def write() -> None:
+        for _ in range(64):
+            os.write(w, b"x" * 65536)
+        os.close(w)
+
+    t = threading.Thread(target=write)
+    t.start()
+    t.join(30)
+    reader.join(30)
+    assert not t.is_alive() and not reader.is_alive()
+    assert isinstance(reader.error, ValueError) and reader.bytes_read == 64 * 65536
 
 
 def test_opaque_memory_appends_everything() -> None:

@@ -723,6 +723,18 @@ def test_round_trip_pipe_passes_buffers_and_frees_a_writer_when_the_reader_stops
     pipe.close_write()  # never raises, even with the reader gone
 
 
+def test_buffer_pipe_reads_what_its_source_gives_until_it_ends() -> None:
+    """With a source the reading thread takes the buffers itself: as they are when read
+    whole, in pieces otherwise; None ends the stream and nothing is asked after it."""
+    whole = b"q" * 1000
+    given: list[bytes | None] = [whole, b"abcdef", None, b"never"]
+    pipe = ms.BufferPipe(source=lambda: given.pop(0))
+    assert pipe.read() is whole
+    assert pipe.read(4) == b"abcd" and pipe.read(100) == b"ef"
+    assert pipe.read() == b"" and pipe.read(5) == b""
+    assert given == [b"never"]
+
+
 def test_buffer_pipe_hands_on_bytes_without_copying_and_copies_what_can_change() -> None:
     pipe = ms.BufferPipe(depth=8)
     whole = b"a" * 1000

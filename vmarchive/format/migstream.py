@@ -1531,10 +1531,15 @@ class BufferPipe:
     kernel copy per 64 KiB, as an OS pipe would cost.  At most ``depth`` buffers wait.  A
     reader that stops early (``reader_gone``) makes the writer fail with
     ``BrokenPipeError``, like a pipe.  Used by the round trip and the live capture.
+
+    With a ``source`` the buffers are not written: the reading thread takes each from
+    ``source()`` (``None`` or empty: the end), one hand-off fewer for a producer that
+    queues its buffers anyway.
     """
 
-    def __init__(self, depth: int = 4) -> None:
+    def __init__(self, depth: int = 4, source: Callable[[], bytes | None] | None = None) -> None:
         self._q: queue.Queue[bytes] = queue.Queue(depth)
+        self._source = source
         self._cur = b""
         self._pos = 0
         self._eof = False
@@ -1564,7 +1569,8 @@ class BufferPipe:
         if self._pos >= len(self._cur):
             if self._eof:
                 return b""
-            self._cur, self._pos = self._q.get(), 0
+            self._cur = self._q.get() if self._source is None else self._source() or b""
+            self._pos = 0
             if not self._cur:
                 self._eof = True
                 return b""

@@ -53,9 +53,12 @@ class PipeReader(threading.Thread):
 
     Two threads: this one only reads the channel into a buffer (``os.read`` releases the GIL,
     so QEMU is not held up by our hashing and compression); a second one feeds the
-    consumer.  At most ``max_buffer`` bytes wait in between, except while :meth:`hold` is
-    in effect.  After a consumer error the rest of the stream is read and discarded, so
-    QEMU never blocks on the channel (the capture cancels the migration, which ends it).
+    consumer -- or, for a consumer with a thread of its own (``attach(take, failed)``, see
+    :meth:`ParsedConsumer.attach <vmarchive.ops.capture_parsed.ParsedConsumer.attach>`),
+    that thread takes the buffers itself and this one calls its ``finish`` at the end.
+    At most ``max_buffer`` bytes wait in between, except while :meth:`hold` is in effect.
+    After a consumer error the rest of the stream is read and discarded, so QEMU never
+    blocks on the channel (the capture cancels the migration, which ends it).
     """
 
     def __init__(
@@ -135,8 +138,18 @@ class PipeReader(threading.Thread):
             self._cond.notify_all()
             return data
 
+    def _consumer_failed(self, e: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = e
+            self._cond.notify_all()  # a _put waiting for room stops waiting
+
     def run(self) -> None:
-        self._feeder.start()
+        attach = getattr(self.consumer, "attach", None)
+        if attach is not None:
+            attach(self._get, self._consumer_failed)
+        else:
+            self._feeder.start()
         try:
             with open(self.fd, "rb", buffering=0, closefd=True) as f:
                 skip = self.skip
@@ -160,7 +173,13 @@ class PipeReader(threading.Thread):
                 self.error = e
         finally:
             self._put(None)
-            self._feeder.join()
+            if attach is None:
+                self._feeder.join()
+            else:
+                try:
+                    self.consumer.finish()
+                except BaseException as e:
+                    self._consumer_failed(e)
             self.eof.set()
 
     def _feed(self) -> None:

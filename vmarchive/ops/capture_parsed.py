@@ -29,7 +29,7 @@ import itertools
 import logging
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,8 +270,8 @@ class ParsedConsumer:
         self.layout: ms.StreamLayout | None = None
         self.error: BaseException | None = None
         self.size = 0
+        self._failed: Callable[[BaseException], None] | None = None
         self._thread = threading.Thread(target=self._run, name="migration-parser", daemon=True)
-        self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -282,10 +282,35 @@ class ParsedConsumer:
             log.debug("parser stopped", exc_info=True)
             self.error = e
             self.input.reader_gone = True  # a feeder waiting on the full pipe gives up
+            if self._failed is not None:
+                self._failed(e)
+
+    def _start(self) -> None:
+        if self._thread.ident is None:
+            self._thread.start()
+
+    def attach(
+        self, take: Callable[[], bytes | None], failed: Callable[[BaseException], None]
+    ) -> None:
+        """Parse the buffers ``take()`` gives (None: the end) in the parser's thread, in
+        place of :meth:`feed`: the channel reader's queue, without a thread between that
+        hands each buffer on (~400 of them in a second capture, 6-7 ms of CPU).  ``failed``
+        is told the parser's error as it stops (the reader then reads on and discards)."""
+
+        def counted() -> bytes | None:
+            data = take()
+            if data:
+                self.size += len(data)
+            return data
+
+        self._failed = failed
+        self.input = ms.BufferPipe(source=counted)
+        self._start()
 
     def feed(self, data: memoryview) -> None:
         if self.error is not None:
             raise self.error
+        self._start()
         self.size += len(data)
         try:
             self.input.write(data)
@@ -294,7 +319,10 @@ class ParsedConsumer:
             raise self.error from None
 
     def finish(self) -> None:
-        self.input.close_write()
+        """After the last :meth:`feed`, or once :meth:`attach`'s source has ended."""
+        if self._failed is None:
+            self.input.close_write()
+        self._start()
         self._thread.join()
         if self.error is not None:
             raise self.error
