@@ -161,6 +161,32 @@ def test_write_if_present_records_only_what_needs_no_storing(tmp_path: pathlib.P
     assert repo.verify(full=True).ok
 
 
+def test_flush_publishes_the_packs_and_leaves_index_and_manifest_to_the_commit(
+    tmp_path: pathlib.Path,
+) -> None:
+    repo = make_repo(tmp_path / "r")
+    data = [rnd(CHUNK, 20 + i) for i in range(4)]
+
+    def keys(prefix: str) -> list[str]:
+        return sorted(o.key for o in repo.backend.list(prefix))
+
+    with repo.writer() as w:
+        sw = w.stream("disk/vda", "disk", 4 * CHUNK)
+        for i, c in enumerate(data):
+            sw.write_chunk(i, c)
+        assert pack_keys(repo) == []  # the control: a pack waits to be filled
+        w.flush()
+        packs = pack_keys(repo)
+        assert packs and keys("index/") == [] and keys("archives/") == []
+        sw.close()
+        aid = w.commit(META)
+        assert pack_keys(repo) == packs and keys("index/")  # no pack more, and the index
+        with pytest.raises(UsageError):
+            w.flush()  # committed
+    assert read_archive(repo, aid) == {"disk/vda": b"".join(data)}
+    assert repo.verify(full=True).ok
+
+
 def test_a_chunk_is_indexed_before_the_writer_lets_it_go(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from vmarchive.errors import HostPreconditionError, LockedError, QMPCommandError
 from vmarchive.ops.capture import _release_qemu
-from vmarchive.ops.capture_cleanup import Marker, clean_domain, domain_lock
+from vmarchive.ops.capture_cleanup import Made, Marker, clean_domain, domain_lock
 
 
 class FakeDomain:
@@ -80,6 +80,8 @@ class FakeQEMU:
         if cmd == "query-jobs":
             return list(self.jobs.values())
         if cmd == "job-cancel":
+            if self.jobs.get(args["id"], {}).get("status") in (None, "concluded"):
+                raise QMPCommandError(f"job {args['id']} cannot be cancelled", command=cmd)
             self.jobs[args["id"]]["status"] = "concluded"
             return {}
         if cmd == "job-dismiss":
@@ -107,6 +109,8 @@ class FakeQEMU:
             return [{"node-name": n} for n in sorted(self.nodes)]
         if cmd == "blockdev-del":
             n = args["node-name"]
+            if n not in self.nodes:
+                raise QMPCommandError(f"Failed to find node with node-name='{n}'", command=cmd)
             if n in self.attached.values():
                 raise QMPCommandError("node in use", command=cmd)
             if n.endswith("-f") and n[:-2] in self.nodes:
@@ -117,6 +121,8 @@ class FakeQEMU:
         if cmd == "query-fdsets":
             return self.fdsets
         if cmd == "remove-fd":
+            if all(s["fdset-id"] != args["fdset-id"] for s in self.fdsets):
+                raise QMPCommandError("fdset not found", command=cmd)
             self.fdsets = [s for s in self.fdsets if s["fdset-id"] != args["fdset-id"]]
             return {}
         if cmd == "closefd":
@@ -250,7 +256,7 @@ def test_the_release_after_a_completed_capture_closes_no_named_fd(tmp_path: Path
     m = _snapshot_leftovers(q, tmp_path)
     q.caps["background-snapshot"] = True  # as the capture set it
     q.running, q.status = True, "running"  # QEMU resumed the guest in its set-up
-    assert _release_qemu(q, m, True)  # type: ignore[arg-type]
+    assert _release_qemu(q, m, True, Made())  # type: ignore[arg-type]
     assert "closefd" not in q.log and "query-migrate" not in q.log
     assert "query-status" not in q.log  # a completed snapshot left the guest running
     assert not q.exports and not q.jobs and m.path.exists()
@@ -264,12 +270,55 @@ def test_the_release_after_a_completed_capture_closes_no_named_fd(tmp_path: Path
     assert "query-status" in q.log
 
 
+def _made(q: FakeQEMU) -> Made:
+    """What the capture of _snapshot_leftovers noted as it made it."""
+    for j in q.jobs.values():
+        j["status"] = "running"
+    return Made(
+        jobs=sorted(q.jobs),
+        nodes=["vmarchive-fl-vda", "vmarchive-fl-vdb"],
+        fdsets=[int(str(s["fdset-id"])) for s in q.fdsets],
+    )
+
+
+def test_the_release_undoes_what_the_capture_made_without_looking_for_it(
+    tmp_path: Path,
+) -> None:
+    q = FakeQEMU()
+    m = _snapshot_leftovers(q, tmp_path)
+    assert _release_qemu(q, m, True, _made(q))  # type: ignore[arg-type]
+    assert not q.jobs and not q.fdsets and q.nodes == {"libvirt-1-format", "libvirt-2-format"}
+    assert "query-named-block-nodes" not in q.log and "query-fdsets" not in q.log
+    assert q.log.count("query-jobs") == 1  # only to see the cancelled jobs end
+    assert q.log.index("job-cancel") < q.log.index("blockdev-del") < q.log.index("remove-fd")
+
+
+@pytest.mark.parametrize("gone", ["job", "node", "fdset"])
+def test_what_is_not_there_as_noted_is_looked_for(tmp_path: Path, gone: str) -> None:
+    """The control of the above: a job that ended by itself, a node or an fd set someone
+    removed -- that step asks QEMU as every clean-up does, and all of ours still goes."""
+    q = FakeQEMU()
+    m = _snapshot_leftovers(q, tmp_path)
+    made = _made(q)
+    ask = {"job": "query-jobs", "node": "query-named-block-nodes", "fdset": "query-fdsets"}
+    if gone == "job":
+        q.jobs["vmarchive-fleece-vda"]["status"] = "concluded"
+    elif gone == "node":
+        made.nodes.insert(0, "vmarchive-fl-vdc")
+    else:
+        made.fdsets.insert(0, 99)
+    assert _release_qemu(q, m, True, made)  # type: ignore[arg-type]
+    assert not q.jobs and not q.fdsets and q.nodes == {"libvirt-1-format", "libvirt-2-format"}
+    # asked for (beyond the one look at the cancelled jobs ending, as noted)
+    assert q.log.count(ask[gone]) > (1 if gone == "job" else 0)
+
+
 def test_a_release_that_did_not_see_the_migration_end_asks(tmp_path: Path) -> None:
     """Without the capture's word that the migration completed, the release checks it
     before restoring the migration's settings, as any clean-up does."""
     q = FakeQEMU()
     m = _snapshot_leftovers(q, tmp_path)
-    assert _release_qemu(q, m, False)  # type: ignore[arg-type]
+    assert _release_qemu(q, m, False, Made())  # type: ignore[arg-type]
     assert q.log.count("query-migrate") == 2
 
 

@@ -82,6 +82,7 @@ from vmarchive.hypervisor.qmp import QMP, EventSubscription, pause_us
 from vmarchive.ops import capture_parse
 from vmarchive.ops.capture_cleanup import (
     PREFIX,
+    Made,
     Marker,
     clean_domain,
     cont_guest,
@@ -345,6 +346,8 @@ class _Capture:
         self.parent_archive: Any = None
         #: the clean-up of QEMU running while the capture commits (see _release_qemu)
         self.release: _Background | None = None
+        #: what this attempt made in QEMU, for the release (see capture_cleanup.Made)
+        self.made = Made()
         #: QEMU's migration capabilities before the capture, when the mode probe asked
         self.caps_before: dict[str, bool] | None = None
         #: the migration capabilities as QEMU has them now, as far as known (None: unknown)
@@ -659,6 +662,7 @@ class _Capture:
                     for d in copy:
                         marker.files.insert(0, str(self._temp_image(role, d)))
                 marker.save()
+                self.made = Made()
                 try:
                     memory = capture_parse.make_consumer(w, parse, refused)
                     result = self._live_capture(
@@ -789,6 +793,7 @@ class _Capture:
             fdset = qmp.add_fd(fd, opaque=name)
         finally:
             os.close(fd)
+        self.made.fdsets.append(fdset)
         qmp.execute(
             "blockdev-add",
             {
@@ -804,6 +809,7 @@ class _Capture:
                 },
             },
         )
+        self.made.nodes.append(name)
         return name
 
     @contextlib.contextmanager
@@ -1199,6 +1205,9 @@ class _Capture:
             if actions:
                 t = time.perf_counter()
                 qmp.execute("transaction", {"actions": actions})
+                self.made.jobs += [
+                    a["data"]["job-id"] for a in actions if a["type"] == "blockdev-backup"
+                ]
                 log.debug("transaction took %.1f ms", (time.perf_counter() - t) * 1000)
 
         def start_disk_reads(sock: str) -> None:
@@ -1346,7 +1355,7 @@ class _Capture:
         # the commit run (~30 monitor round trips, mostly waiting on libvirt); the dirty
         # bitmaps wait for the commit, in _attempt_inner's clean-up.
         over = mig.get("status") == "completed"  # as _wait_migration saw: never asked again
-        self.release = _Background("capture-release", _release_qemu, qmp, marker, over)
+        self.release = _Background("capture-release", _release_qemu, qmp, marker, over, self.made)
         remap: _Background | None = None
         if mode == "snapshot" and self.o.remap_huge_pages:
             # QEMU lifts its write protection in the migration's clean-up, which its main
@@ -1404,6 +1413,10 @@ class _Capture:
             for d in copy
         }
         assert roundtrip is not None
+        # Everything is written: its packs go out while the round trip may still run
+        # (it reads only what this capture stored anew), so the commit after it writes
+        # only the index and the manifest.
+        w.flush()
         roundtrip_result = roundtrip.result()  # before the streams it reads are closed
         mem_stored = memory.close_streams()
         meta.update(
@@ -1460,7 +1473,7 @@ class _Background:
         return self._value
 
 
-def _release_qemu(qmp: QMP, marker: Marker, migration_over: bool) -> bool:
+def _release_qemu(qmp: QMP, marker: Marker, migration_over: bool, made: Made) -> bool:
     """:func:`clean_domain` of a capture whose QEMU part is over (migration completed,
     every disk read), run beside what needs no QEMU (the memory's round trip check and
     the commit).  The dirty bitmaps are left for the capture to settle after its commit
@@ -1474,7 +1487,8 @@ def _release_qemu(qmp: QMP, marker: Marker, migration_over: bool) -> bool:
     read through that server.  Closing them failed twice per capture, and the first
     error reply imported qemu.qmp (asyncio, ssl: ~50 ms of CPU) beside the round trip
     and the commit.  ``migration_over``: the capture's last ``query-migrate`` said
-    ``completed``; the clean-up does not ask twice more."""
+    ``completed``; the clean-up does not ask twice more.  ``made``: what the capture
+    made, undone without being looked for first (see :class:`Made`)."""
     try:
         return clean_domain(
             qmp,
@@ -1483,6 +1497,7 @@ def _release_qemu(qmp: QMP, marker: Marker, migration_over: bool) -> bool:
             bitmaps=False,
             named_fds=False,
             migration_over=migration_over,
+            made=made,
         )
     except Exception:  # a bug must not be lost, nor kill the capture: the caller redoes it
         log.warning("cleanup on its thread failed; redoing it", exc_info=True)

@@ -469,6 +469,23 @@ class ArchiveWriter:
             i = j
         return out
 
+    def flush(self) -> None:
+        """Publish every chunk written so far: compressions finished, packs written and
+        waited for -- what :meth:`commit` does first, done ahead of it (a capture does it
+        beside its memory's round trip).  The index and the manifest wait for the commit.
+
+        Raises :class:`BackendError` on storage failure.
+        """
+        self._check_open()
+        with self._mutex:
+            self._publish_packs()
+
+    def _publish_packs(self) -> None:
+        self._drain(0)
+        for name in list(self._builders):
+            self._finish_pack(name)
+        self._wait_uploads()
+
     def commit(self, metadata: Mapping[str, Any]) -> str:
         """Flush everything, publish the manifest, return the archive id.
 
@@ -483,10 +500,7 @@ class ArchiveWriter:
         for sw in streams:
             sw.close()
         with self._mutex:
-            self._drain(0)
-            for name in list(self._builders):
-                self._finish_pack(name)
-            self._wait_uploads()
+            self._publish_packs()
             self._write_index()
             crashpoint.hit("before-manifest")
         self._lock.check()
