@@ -32,7 +32,7 @@ import libvirt
 import pytest
 from test_capture import observe, qemu_leftovers, snapshot_reason
 
-from vmarchive.errors import HypervisorError, StreamError, StreamRefusedError
+from vmarchive.errors import BackendError, HypervisorError, StreamError, StreamRefusedError
 from vmarchive.hypervisor.connection import Connection
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops import capture_parse, capture_parsed
@@ -42,6 +42,7 @@ from vmarchive.ops.capture_memory import PipeReader
 from vmarchive.progress import NULL_PROGRESS
 from vmarchive.store import Repository
 from vmarchive.store.codecs import InitOptions
+from vmarchive.store.writer import ArchiveWriter
 
 pytestmark = pytest.mark.libvirt
 
@@ -498,6 +499,48 @@ def test_full_repository_disk(
             f"stored {a.bytes_stored / MiB:.1f} MiB, then {b.bytes_stored / MiB:.1f} MiB "
             f"(incremental) once space was freed"
         )
+
+
+def test_packs_failing_beside_the_round_trip(
+    guest_factory: guestlib.GuestFactory,
+    env: dict[str, pathlib.Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The packs go out while the memory's round trip still reads what the capture stored
+    (ArchiveWriter.flush).  When that fails, the capture fails as any storage failure does
+    -- once the round trip stopped reading from the writer it is about to lose.  The
+    round trip is slowed so that, were it not waited for, it would still be reading when
+    the writer is aborted (what the control, run without the wait, showed)."""
+    g = guest_factory(guestlib.GuestSpec(params={"fill": 16}))
+    init_repo(env["repo"])
+    check = capture_parse.roundtrip_check
+    reading_at_abort: list[bool] = []
+
+    def slow_check(*args: Any, **kw: Any) -> Any:
+        time.sleep(2)
+        return check(*args, **kw)
+
+    def failing_flush(self: ArchiveWriter) -> None:
+        raise BackendError("the repository's disk is gone (test)")
+
+    abort = ArchiveWriter.abort
+
+    def watched_abort(self: ArchiveWriter) -> None:
+        reading_at_abort.append(
+            any(t.name == "memory-roundtrip" and t.is_alive() for t in threading.enumerate())
+        )
+        abort(self)
+
+    monkeypatch.setattr(capture_parse, "roundtrip_check", slow_check)
+    monkeypatch.setattr(ArchiveWriter, "flush", failing_flush)
+    monkeypatch.setattr(ArchiveWriter, "abort", watched_abort)
+    with pytest.raises(BackendError, match="disk is gone"):
+        capture(opts(g, env, Mode.SWITCHOVER))
+    assert reading_at_abort and not reading_at_abort[0]
+    assert archive_ids(env["repo"]) == set()
+    verify_ok(env["repo"], full=False)
+    assert qemu_leftovers(g) == [] and leftover_files(env) == []
+    assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
 
 
 # --- 5. a capture taken again with its stream stored opaquely -----------------------------

@@ -1416,7 +1416,11 @@ class _Capture:
         # Everything is written: its packs go out while the round trip may still run
         # (it reads only what this capture stored anew), so the commit after it writes
         # only the index and the manifest.
-        w.flush()
+        try:
+            w.flush()
+        except BaseException:
+            roundtrip.join()  # it reads from the writer that is about to be aborted
+            raise
         roundtrip_result = roundtrip.result()  # before the streams it reads are closed
         mem_stored = memory.close_streams()
         meta.update(

@@ -634,7 +634,7 @@ def _remove_our_nodes(
                 str(n["node-name"]) for n in named if str(n.get("node-name", "")).startswith(PREFIX)
             ]
         except HypervisorError:
-            return True  # QEMU cannot say: nothing more to do here (as before)
+            return True  # no answer: nothing seen to remove, as for the other queries here
         if not nodes:
             if attempt == 0 and "query-block" in seen and block_state is not None and not marker:
                 block_state.update(seen, **{"query-named-block-nodes": named})
