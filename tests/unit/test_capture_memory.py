@@ -167,7 +167,12 @@ def test_pipe_reader_keeps_draining_after_consumer_error() -> None:
         def finish(self) -> None:
             raise AssertionError("finish after an error")
 
-    reader = PipeReader(r, Boom(), NULL_PROGRESS.task("m"))
+    _drained_after_its_error(r, w, PipeReader(r, Boom(), NULL_PROGRESS.task("m")))
+
+
+def _drained_after_its_error(r: int, w: int, reader: PipeReader) -> None:
+    """The writer of 4 MiB never blocks on ``reader`` (whose consumer fails with a
+    ValueError): all is read, and the error is the reader's."""
     reader.start()
 
     def write() -> None:
@@ -244,20 +249,9 @@ def test_an_attached_consumer_that_fails_leaves_the_channel_drained() -> None:
     writer (QEMU) never blocks, and the error is the reader's."""
     r, w = os.pipe()
     consumer = _Attached(fail_after=2)
-    reader = PipeReader(r, consumer, NULL_PROGRESS.task("m"), max_buffer=1 << 16)
-    reader.start()
-
-    def write() -> None:
-        for _ in range(64):
-            os.write(w, b"x" * 65536)
-        os.close(w)
-
-    t = threading.Thread(target=write)
-    t.start()
-    t.join(30)
-    reader.join(30)
-    assert not t.is_alive() and not reader.is_alive()
-    assert isinstance(reader.error, ValueError) and reader.bytes_read == 64 * 65536
+    _drained_after_its_error(
+        r, w, PipeReader(r, consumer, NULL_PROGRESS.task("m"), max_buffer=1 << 16)
+    )
 
 
 def test_opaque_memory_appends_everything() -> None:
