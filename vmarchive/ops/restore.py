@@ -1095,6 +1095,7 @@ class _Restore:
         fifo = tmp / "save.img"
         os.mkfifo(fifo, 0o600)
         cancel = threading.Event()
+        restored = threading.Event()  # libvirt's restore call has returned (or raised)
         errors: list[BaseException] = []
         written = [0]
         t0 = time.monotonic()
@@ -1108,6 +1109,15 @@ class _Restore:
             marks["stream_held"] = w0 - t0
             disks.wait()
             marks["gate_wait"] = time.monotonic() - w0
+
+        removers: list[threading.Thread] = []
+
+        def remove_until_restored() -> None:
+            while True:
+                with contextlib.suppress(VmarchiveError):
+                    remove_domain(self.conn, name)
+                if restored.wait(0.1):
+                    return
 
         def feed() -> None:
             w: FifoWriter | None = None
@@ -1131,9 +1141,17 @@ class _Restore:
                     w.abort()
                 if not cancel.is_set():
                     # A cut stream should fail QEMU's incoming migration, but QEMU 7.2
-                    # can spin instead (see _stream_hold): never wait on it.
-                    with contextlib.suppress(VmarchiveError):
-                        remove_domain(self.conn, name)
+                    # can spin instead (see _stream_hold): never wait on it.  A failure
+                    # found early can come before libvirt has started QEMU at all (a CI
+                    # run hung so: QEMU spinning, restoreFlags waiting, the domain removed
+                    # before it existed), so it is removed again until the call returns
+                    # -- on a thread of its own: this one must go on to close the FIFO,
+                    # whose end is what a libvirt still reading the header waits for.
+                    remover = threading.Thread(
+                        target=remove_until_restored, name="restore-remove", daemon=True
+                    )
+                    removers.append(remover)
+                    remover.start()
             finally:
                 # The writer's last write ends once QEMU reads or is gone (removed
                 # above, or _unblock_fifo drains the FIFO): only then is the fd free.
@@ -1147,12 +1165,17 @@ class _Restore:
         t.start()
         try:
             try:
-                dom = restore_image(self.conn, str(fifo), name=name, paused=self.o.paused)
+                try:
+                    dom = restore_image(self.conn, str(fifo), name=name, paused=self.o.paused)
+                finally:
+                    restored.set()
             except BaseException as e:
                 cancel.set()
                 disks.stop()
                 _unblock_fifo(fifo, t)
                 t.join()
+                for remover in removers:
+                    remover.join()
                 # The first cause, not its echo: a disk failure cuts the stream, which
                 # makes QEMU's incoming migration (and libvirt's restore) fail.
                 if disks.error is not None and not isinstance(disks.error, _Cancelled):
@@ -1162,6 +1185,8 @@ class _Restore:
                     raise damage[0] from e
                 raise
             t.join()
+            for remover in removers:
+                remover.join()
             disks.stop()
             marks["running"] = time.monotonic() - t0
             if disks.error is not None or (errors and not isinstance(errors[0], BrokenPipeError)):
