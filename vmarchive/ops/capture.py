@@ -1352,8 +1352,9 @@ class _Capture:
 
         # QEMU's part is over: the migration completed and every disk was read.  What the
         # capture changed in QEMU is undone on a thread while the memory's round trip and
-        # the commit run (~30 monitor round trips, mostly waiting on libvirt); the dirty
-        # bitmaps wait for the commit, in _attempt_inner's clean-up.
+        # the commit run (seven monitor round trips in a snapshot-mode capture, mostly
+        # waiting on libvirt); the dirty bitmaps wait for the commit, in _attempt_inner's
+        # clean-up.
         over = mig.get("status") == "completed"  # as _wait_migration saw: never asked again
         self.release = _Background("capture-release", _release_qemu, qmp, marker, over, self.made)
         remap: _Background | None = None
