@@ -226,6 +226,21 @@ def test_parse_gives_final_pages_devices_and_layout() -> None:
     assert rec.events[-1] == "vmdesc"
 
 
+def test_a_sink_that_asks_is_told_the_ram_section_before_the_block_list() -> None:
+    class Asks(Recorder):
+        def ram_section(self, ram: ms.RamSection) -> None:
+            self.events.append("ram_section")
+            self.ram = ram
+
+    rec = Asks()
+    layout = ms.parse_stream(io.BytesIO(sample().build()), rec)
+    assert rec.events[:4] == ["header", "configuration", "ram_section", "ram_blocks"]
+    assert rec.ram == layout.ram
+    plain = Recorder()  # the control: a sink without it is not asked
+    ms.parse_stream(io.BytesIO(sample().build()), plain)
+    assert "ram_section" not in plain.events
+
+
 def test_regenerate_round_trips_and_is_canonical() -> None:
     w = sample()
     layout, rec = parse(w.build())

@@ -375,6 +375,9 @@ class StreamSink(Protocol):
     def ram_page(self, block: RamBlock, offset: int, data: memoryview | None) -> None:
         """``data`` is one 4 KiB page; None means a zero page."""
 
+    # Optional: ``ram_section(ram)`` is told the ram section's ids (a RamSection) just
+    # before ``ram_blocks``.
+
     # Optional: ``ram_pages(block, offset, data, count)`` takes ``count`` pages at
     # consecutive offsets at once (``data`` holds them back to back; None: all zero
     # pages); a sink without it gets ``count`` ``ram_page`` calls instead.
@@ -732,6 +735,10 @@ class _Parser:
             self.by_name[idstr] = b
             self.seen.append(bytearray(b.pages))
             remaining -= length
+        on_section = getattr(self.sink, "ram_section", None)
+        if on_section is not None:
+            assert self.ram is not None  # MEM_SIZE is read inside the ram START section
+            on_section(self.ram)
         self.sink.ram_blocks(list(self.blocks))
 
     def _ram_records(self, start: bool) -> None:
