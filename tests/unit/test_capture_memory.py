@@ -126,11 +126,13 @@ def test_known_whole_chunks_are_recorded_at_once_and_new_ones_keep_their_order()
     known = {i: bytes([i]) * cs for i in (2, 3, 6)}
     for data in known.values():
         sw.chunks[sw.content_id(data)] = data
-    img = RamImage(sw, sw.read_chunk, max_open=3)
+    told: list[int] = []
+    img = RamImage(sw, sw.read_chunk, max_open=3, witness=lambda i, _d: told.append(i))
     img.page(0, b"\x01" * PAGE, PAGE)  # chunk 0: one page of it so far
     for i in range(1, 8):
         img.page(i * cs, known.get(i, bytes([100 + i]) * cs), cs, 16)
     assert sw.present == [2, 3, 6]
+    assert [i for i in told if i in known] == [2, 3, 6]  # the witness hears of them too
     img.flush()
     assert sw.order == [0, 1, 4, 5, 7], sw.order
     want = b"\x01" * PAGE + bytes(cs - PAGE)
@@ -314,13 +316,19 @@ def test_whole_chunks_zero_runs_and_pages_mixed_give_the_last_write(
     """Whole chunks as bytes (the parser's runs, stored without a copy when first seen),
     zero runs over several slots (its 2 MiB zero runs: slots first seen, open or already
     stored) and single pages, mixed, with resends of each; some whole chunks are in the
-    store already (``known``)."""
+    store already (``known``).  The witness was last told each slot that holds data what
+    it holds, and nothing it was told changed afterwards."""
     cs = 16 * PAGE
     size = nchunks * cs
     sw = FakeStream(size, cs)
     for v in known:
         sw.chunks[sw.content_id(bytes([v]) * cs)] = bytes([v]) * cs
-    img = RamImage(sw, sw.read_chunk, max_open=max_open)
+    told: dict[int, tuple[bytes | bytearray, bytes]] = {}
+
+    def witness(index: int, data: bytes | bytearray) -> None:
+        told[index] = (data, bytes(data))
+
+    img = RamImage(sw, sw.read_chunk, max_open=max_open, witness=witness)
     expect = bytearray(size)
     for kind, n, val in sends:
         if kind == 0:  # zero slots n.. (as many as fit, up to 3)
@@ -339,6 +347,10 @@ def test_whole_chunks_zero_runs_and_pages_mixed_give_the_last_write(
         expect[off : off + length] = data or bytes(length)
     img.flush()
     assert sw.image() == bytes(expect)
+    for index, cid in sw.slots.items():
+        if cid != bytes(16):
+            content, then = told[index]
+            assert bytes(content) == then == sw.chunks[cid], index
 
 
 def test_zero_slots_seen_first_are_holes_at_once() -> None:

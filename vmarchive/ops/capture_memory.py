@@ -225,7 +225,10 @@ class RamImage:
     """The page image of one RAMBlock, built from pages in any order, any number of times.
 
     ``sw`` is a store StreamWriter (size = block length) and ``read_chunk`` reads a chunk
-    back (``ArchiveWriter.read_chunk``).  Pages never sent stay zero (holes).
+    back (``ArchiveWriter.read_chunk``).  Pages never sent stay zero (holes).  ``witness``
+    is told each slot as it is filled in the stream (its index and content, which nobody
+    changes afterwards; a slot filled again is told again), holes of whole zero records
+    excepted.
     """
 
     def __init__(
@@ -235,8 +238,10 @@ class RamImage:
         *,
         zero_id: bytes = bytes(16),
         max_open: int = 64,
+        witness: Callable[[int, bytes | bytearray], None] | None = None,
     ) -> None:
         self.sw = sw
+        self.witness = witness
         self.size = int(sw.size)
         self.cs = int(sw.chunk_size)
         self.read_chunk = read_chunk
@@ -293,6 +298,8 @@ class RamImage:
                 # nothing to store (the chunk is known, e.g. unchanged since the parent
                 # capture): no place in a pack to wait for
                 self._stored.add(first)
+                if self.witness is not None:
+                    self.witness(first, data)
                 return
             self._ids[first] = cid
             self._open[first] = data
@@ -343,6 +350,8 @@ class RamImage:
     def _store(self, index: int, buf: bytes | bytearray) -> None:
         self.sw.write_chunk(index, buf, self._ids.pop(index, None))
         self._stored.add(index)
+        if self.witness is not None and buf is not self._zeros:
+            self.witness(index, buf)  # no longer in _open: nothing here changes it again
 
     def flush(self) -> None:
         """Store every open chunk (the image is complete in the store afterwards)."""
