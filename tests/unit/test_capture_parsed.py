@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import threading
+import time
 from collections.abc import Generator, Iterator
 from typing import Any, cast
 
@@ -14,6 +15,7 @@ from test_migstream import W, page, sample
 from vmarchive.errors import DamageError, StreamError
 from vmarchive.format import migstream as ms
 from vmarchive.ops import capture_parsed
+from vmarchive.ops.capture_parse import make_consumer, vouch
 from vmarchive.ops.capture_parsed import ParentMemory, ParsedConsumer
 from vmarchive.store import InitOptions, Repository
 
@@ -373,3 +375,175 @@ def test_read_back_in_batches_read_ahead_gives_every_slot_once_in_order(
         with pytest.raises(DamageError):
             list(pc._stored_extents(block))
         assert not readers()
+
+
+# --- slots checked while the parser holds them ----------------------------------------------
+def _consume_live(w: Any, data: bytes, monkeypatch: pytest.MonkeyPatch) -> ParsedConsumer:
+    """``data`` parsed with live checks of 8 slots, room for every batch (none dropped)."""
+    monkeypatch.setattr(capture_parsed, "_LIVE_BATCH", 8)
+    monkeypatch.setattr(capture_parsed, "_LIVE_WAITING", 100)
+    pc = ParsedConsumer(w, live_check=True)
+    for i in range(0, len(data), 100_000):
+        pc.feed(memoryview(data[i : i + 100_000]))
+    pc.finish()
+    pc.close_streams()
+    return pc
+
+
+def test_slots_checked_live_are_not_read_back(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 8 slots, each led by the one before: every data slot but slot 0 (always
+    checked at the end) is proven while parsed, and only slot 0 is read back."""
+    with repo, repo.writer() as w:
+        pc = _consume_live(w, _stream(), monkeypatch)
+        reads = _counting_reads(monkeypatch, w)
+        r = pc.roundtrip(w)
+        assert r["ok"], r["problems"]
+        assert pc.live is not None and pc.live.dropped == pc.live.failed == 0
+        assert r["slots_checked_live"] == _DATA_SLOTS - 1 and r["slots_from_parent"] == 0
+        assert r["slots_checked"] == 48 - r["slots_checked_live"]
+        assert sum(reads) == 1
+        assert not pc.sink.streams[0].read_back  # no copy kept for a read back (S3)
+    with repo, repo.writer() as w:  # the control: without live checks all are read back
+        pc = _consume(w, _stream())
+        reads = _counting_reads(monkeypatch, w)
+        r = pc.roundtrip(w)
+        assert r["ok"] and r["slots_checked_live"] == 0 and sum(reads) == _DATA_SLOTS
+        assert pc.sink.streams[0].read_back
+
+
+def test_a_live_check_that_fails_proves_nothing(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page that differs from what the capture recorded (slot 5, in the witness's copy)
+    fails its batch: none of its slots is taken, the round trip at the end reads them
+    back and passes (what was stored is right)."""
+    real = capture_parsed._LiveCheck.offer
+
+    def flipped(self: Any, bidx: int, index: int, data: bytes | bytearray) -> None:
+        if index == 5:
+            data = bytes([data[0] ^ 1]) + bytes(data[1:])
+        real(self, bidx, index, data)
+
+    monkeypatch.setattr(capture_parsed._LiveCheck, "offer", flipped)
+    with repo, repo.writer() as w:
+        pc = _consume_live(w, _stream(), monkeypatch)
+        reads = _counting_reads(monkeypatch, w)
+        r = pc.roundtrip(w)
+        assert r["ok"], r["problems"]
+        assert pc.live is not None and pc.live.failed == 1
+        # slots 0-7 were one batch: 1-7 unproven; the next one, led by 7, still proves 8-14
+        assert r["slots_checked_live"] == _DATA_SLOTS - 8
+        assert sum(reads) == 8
+
+
+def test_a_slot_whose_chunk_changed_after_its_live_check_is_checked_again(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with repo, repo.writer() as w:
+        pc = _consume_live(w, _stream(), monkeypatch)
+        assert pc.live is not None
+        assert 3 in pc.live.taken()[0]  # the control
+        pc.live.proven[0][3] = bytes(16)  # proven with content the slot no longer holds
+        reads = _counting_reads(monkeypatch, w)
+        r = pc.roundtrip(w)
+        assert r["ok"] and r["slots_checked_live"] == _DATA_SLOTS - 2
+        assert sum(reads) == 2  # slots 0 and 3
+
+
+def test_batches_the_checker_has_no_room_for_are_left_to_the_round_trip(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parser never waits for the live checks: while the checker is held up, batches
+    that find no room are dropped, and the round trip at the end reads their slots."""
+    go = threading.Event()
+    real = capture_parsed._LiveCheck._check
+
+    def held(self: Any, *a: Any) -> None:
+        go.wait(10)
+        real(self, *a)
+
+    monkeypatch.setattr(capture_parsed._LiveCheck, "_check", held)
+    with repo, repo.writer() as w:
+        monkeypatch.setattr(capture_parsed, "_LIVE_BATCH", 4)
+        monkeypatch.setattr(capture_parsed, "_LIVE_WAITING", 1)
+        pc = ParsedConsumer(w, live_check=True)
+        data = _stream()
+        for i in range(0, len(data), 100_000):
+            pc.feed(memoryview(data[i : i + 100_000]))
+        done = threading.Thread(target=pc.finish)
+        done.start()
+        assert pc.live is not None
+        deadline = time.monotonic() + 10
+        while pc.live.dropped == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.set()
+        done.join()
+        pc.close_streams()
+        assert pc.live.dropped > 0
+        reads = _counting_reads(monkeypatch, w)
+        r = pc.roundtrip(w)
+        assert r["ok"], r["problems"]
+        assert 0 < r["slots_checked_live"] < _DATA_SLOTS - 1
+        assert sum(reads) == _DATA_SLOTS - r["slots_checked_live"]
+
+
+def test_the_capture_checks_live_only_snapshots_without_a_parent_to_vouch(
+    repo: Repository,
+) -> None:
+    good = repo.load_archive(_committed(repo, _stream()))
+    bad = repo.load_archive(_committed(repo, _stream(), ok=False))
+    with repo, repo.writer() as w:
+        for snapshot, parent, live in [
+            (True, None, True),
+            (True, bad, True),
+            (True, good, False),
+            (False, None, False),
+        ]:
+            pc = cast(ParsedConsumer, make_consumer(w, True, snapshot=snapshot))
+            vouch(pc, parent)
+            assert (pc.live is not None) == live, (snapshot, parent)
+            assert pc.sink.live is pc.live
+
+
+@pytest.mark.parametrize("abandoned", [True, False])
+def test_an_abandoned_consumer_leaves_no_live_check_running(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch, abandoned: bool
+) -> None:
+    """A failed capture abandons the consumer: its live checker finishes the batch in hand
+    and ends.  The control: a consumer that is not abandoned checks every batch."""
+    go = threading.Event()
+    checked: list[int] = []
+    real = capture_parsed._LiveCheck._check
+
+    def held(self: Any, *a: Any) -> None:
+        go.wait(10)
+        checked.append(1)
+        real(self, *a)
+
+    monkeypatch.setattr(capture_parsed._LiveCheck, "_check", held)
+    monkeypatch.setattr(capture_parsed, "_LIVE_BATCH", 4)
+    monkeypatch.setattr(capture_parsed, "_LIVE_WAITING", 100)
+    with repo, repo.writer() as w:
+        pc = ParsedConsumer(w, live_check=True)
+        data = _stream()
+        for i in range(0, len(data), 100_000):
+            pc.feed(memoryview(data[i : i + 100_000]))
+        pc.finish()
+        live = pc.live
+        assert live is not None
+        if abandoned:
+            t = threading.Thread(target=pc.abandon)
+            t.start()
+            deadline = time.monotonic() + 10
+            while not live._stop and time.monotonic() < deadline:
+                time.sleep(0.005)
+            go.set()
+            t.join(10)
+            assert not t.is_alive()
+        else:
+            go.set()
+            live.taken()
+        assert not [t for t in threading.enumerate() if t.name == "memory-livecheck"]
+        assert (len(checked) == 1) == abandoned, checked

@@ -664,7 +664,9 @@ class _Capture:
                 marker.save()
                 self.made = Made()
                 try:
-                    memory = capture_parse.make_consumer(w, parse, refused)
+                    memory = capture_parse.make_consumer(
+                        w, parse, refused, snapshot=mode == "snapshot"
+                    )
                     result = self._live_capture(
                         qmp, marker, w, mode, disks, copy, live_xml, mig_xml, memory
                     )
@@ -1171,7 +1173,8 @@ class _Capture:
         for d in copy:
             assert d.virtual_size is not None
             disk_sinks[d.target] = self._disk_stream(w, d, d.virtual_size)
-        self.plans = self._plan_disks(qmp, copy, disk_sinks)
+        self.plans = self._plan_disks(qmp, copy, disk_sinks)  # finds the parent archive
+        capture_parse.vouch(memory, None if self.o.full else self.parent_archive)
         marker.bitmaps = [[p.node, p.new_bitmap, p.since_bitmap] for p in self.plans.values()]
         self.to(CaptureState.PREPARED, mode)
 
@@ -1345,6 +1348,8 @@ class _Capture:
                 # A background snapshot is never cancelled (see capture_cleanup): the
                 # reader drains it to its end.
                 reader.join(600 if mode == "snapshot" else 30)
+            if reader is None or not reader.is_alive():
+                capture_parse.abandon(memory)  # its parser has ended: nothing waits long
             raise
         finally:
             if self.watchdog is not None and (reader is None or not reader.is_alive()):

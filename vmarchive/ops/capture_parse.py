@@ -60,15 +60,36 @@ def parser_available() -> bool:
     return importlib.util.find_spec("vmarchive.format.migstream") is not None
 
 
-def make_consumer(w: Any, parse: bool, refused: str | None = None) -> MemoryConsumer:
-    """The consumer for one capture attempt."""
+def make_consumer(
+    w: Any, parse: bool, refused: str | None = None, *, snapshot: bool = False
+) -> MemoryConsumer:
+    """The consumer for one capture attempt.  ``snapshot``: the pages come once each (a
+    background snapshot): the parsed consumer checks its slots as it stores them, unless
+    :func:`vouch` names a parent whose round trip covers them."""
     if parse and parser_available():
         from vmarchive.ops.capture_parsed import ParsedConsumer
 
-        return ParsedConsumer(w)
+        return ParsedConsumer(w, live_check=snapshot)
     if parse and refused is None:
         refused = "the migration stream parser is not available in this build"
     return OpaqueConsumer(w, refused)
+
+
+def vouch(consumer: MemoryConsumer, parent: Any | None) -> None:
+    """Before the stream starts: ``parent`` (a loaded archive, or None) is the archive whose
+    round trip this capture's may take RAM slots from.  A parsed consumer then leaves the
+    slots to the round trip, which reads back only those that changed."""
+    take = getattr(consumer, "take_parent", None)
+    if take is not None:
+        take(parent)
+
+
+def abandon(consumer: MemoryConsumer) -> None:
+    """The attempt failed and its stream has ended: no thread of the consumer's outlives
+    it (a parsed consumer's live checks)."""
+    give_up = getattr(consumer, "abandon", None)
+    if give_up is not None:
+        give_up()
 
 
 def roundtrip_check(
