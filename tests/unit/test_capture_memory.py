@@ -46,16 +46,18 @@ class FakeStream:
 
     def write_chunk(
         self, index: int, data: bytes | bytearray | memoryview, chunk_id: bytes | None = None
-    ) -> None:
+    ) -> bool:
         data = bytes(data)
         assert len(data) == min(self.chunk_size, self.size - index * self.chunk_size)
         cid = self.content_id(data)
         assert chunk_id in (None, cid)  # an id handed on must be the data's
         self.writes += 1
         self.order.append(index)
+        new = cid != bytes(16) and cid not in self.chunks
         if cid != bytes(16):
             self.chunks[cid] = data
         self.slots[index] = cid
+        return new
 
     def slot_id(self, index: int) -> bytes:
         return self.slots[index]
@@ -366,3 +368,27 @@ def test_zero_slots_seen_first_are_holes_at_once() -> None:
     img.flush()
     assert sw.image() == bytes(3 * cs) + b"\x07" * cs
     assert sw.slots[0] == bytes(16)
+
+
+def test_a_witness_not_told_of_known_chunks_hears_of_new_ones_only() -> None:
+    """``witness_known=False``: neither a known whole chunk nor a known chunk put together
+    page by page is told; a new chunk is.  The control: told of all three."""
+    cs = 4 * PAGE
+    known = bytes([7]) * cs
+    for witness_known, want in ((True, {0, 1, 2}), (False, {2})):
+        sw = FakeStream(4 * cs, cs)
+        sw.chunks[sw.content_id(known)] = known
+        told: list[int] = []
+        img = RamImage(
+            sw,
+            sw.read_chunk,
+            max_open=1,
+            witness=lambda i, _d: told.append(i),
+            witness_known=witness_known,
+        )
+        img.page(0, known, cs, 4)  # slot 0: known, whole
+        for p in range(4):  # slot 1: known, page by page
+            img.page(cs + p * PAGE, bytes([7]) * PAGE, PAGE)
+        img.page(2 * cs, bytes([8]) * cs, cs, 4)  # slot 2: new
+        img.flush()
+        assert set(told) == want and len(told) == len(want), (witness_known, told)

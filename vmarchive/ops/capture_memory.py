@@ -228,7 +228,7 @@ class RamImage:
     back (``ArchiveWriter.read_chunk``).  Pages never sent stay zero (holes).  ``witness``
     is told each slot as it is filled in the stream (its index and content, which nobody
     changes afterwards; a slot filled again is told again), holes of whole zero records
-    excepted.
+    excepted, and chunks the store holds already unless ``witness_known``.
     """
 
     def __init__(
@@ -239,9 +239,11 @@ class RamImage:
         zero_id: bytes = bytes(16),
         max_open: int = 64,
         witness: Callable[[int, bytes | bytearray], None] | None = None,
+        witness_known: bool = True,
     ) -> None:
         self.sw = sw
         self.witness = witness
+        self.witness_known = witness_known
         self.size = int(sw.size)
         self.cs = int(sw.chunk_size)
         self.read_chunk = read_chunk
@@ -298,7 +300,7 @@ class RamImage:
                 # nothing to store (the chunk is known, e.g. unchanged since the parent
                 # capture): no place in a pack to wait for
                 self._stored.add(first)
-                if self.witness is not None:
+                if self.witness is not None and self.witness_known:
                     self.witness(first, data)
                 return
             self._ids[first] = cid
@@ -348,9 +350,9 @@ class RamImage:
             self._store(old, obuf)
 
     def _store(self, index: int, buf: bytes | bytearray) -> None:
-        self.sw.write_chunk(index, buf, self._ids.pop(index, None))
+        new = self.sw.write_chunk(index, buf, self._ids.pop(index, None))
         self._stored.add(index)
-        if self.witness is not None and buf is not self._zeros:
+        if self.witness is not None and buf is not self._zeros and (new or self.witness_known):
             self.witness(index, buf)  # no longer in _open: nothing here changes it again
 
     def flush(self) -> None:

@@ -191,9 +191,10 @@ class StreamWriter:
 
     def write_chunk(
         self, index: int, data: bytes | bytearray | memoryview, chunk_id: bytes | None = None
-    ) -> None:
+    ) -> bool:
         """Store one slot; all-zero data becomes a hole and is never stored.
-        ``chunk_id``: the content id of ``data``, from :meth:`write_if_present`.
+        ``chunk_id``: the content id of ``data``, from :meth:`write_if_present`.  Returns
+        whether the chunk was new (stored by this call; not a hole, not known already).
 
         Raises :class:`UsageError` for a slot past the end or a wrong length.
         """
@@ -214,6 +215,7 @@ class StreamWriter:
             self._end = max(self._end, index * self.chunk_size + n)
         cid, new = self._w._store_chunk(data, self.name, chunk_id)
         self._record(index, cid, n, new)
+        return new
 
     def _record(self, index: int, cid: bytes, n: int, new: bool) -> None:
         """Slot ``index`` holds ``cid`` (``n`` bytes; ``new``: stored by this call)."""
