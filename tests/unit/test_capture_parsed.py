@@ -489,22 +489,58 @@ def test_batches_the_checker_has_no_room_for_are_left_to_the_round_trip(
         assert sum(reads) == _DATA_SLOTS - r["slots_checked_live"]
 
 
-def test_the_capture_checks_live_only_snapshots_without_a_parent_to_vouch(
+def test_the_capture_checks_live_in_snapshots_known_chunks_only_without_a_parent(
     repo: Repository,
 ) -> None:
     good = repo.load_archive(_committed(repo, _stream()))
     bad = repo.load_archive(_committed(repo, _stream(), ok=False))
     with repo, repo.writer() as w:
-        for snapshot, parent, live in [
-            (True, None, True),
-            (True, bad, True),
-            (True, good, False),
-            (False, None, False),
+        for snapshot, parent, live, vouched in [
+            (True, None, True, False),
+            (True, bad, True, False),
+            (True, good, True, True),
+            (False, None, False, False),
         ]:
             pc = cast(ParsedConsumer, make_consumer(w, True, snapshot=snapshot))
             vouch(pc, parent)
             assert (pc.live is not None) == live, (snapshot, parent)
             assert pc.sink.live is pc.live
+            assert pc.live is None or pc.live.vouched == vouched
+
+
+def test_with_a_parent_only_new_chunks_are_checked_live(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slots 5-9 changed since the parent: they are checked live (5 leads its batch and
+    is read back, as is slot 0); the unchanged ones are the parent's, neither checked live
+    nor read back."""
+    parent = repo.load_archive(_committed(repo, _stream()))
+    changed = frozenset(range(10, 20))  # pages 10-19: slots 5-9
+    with repo, repo.writer() as w:
+        monkeypatch.setattr(capture_parsed, "_LIVE_BATCH", 8)
+        monkeypatch.setattr(capture_parsed, "_LIVE_WAITING", 100)
+        pc = ParsedConsumer(w, live_check=True)
+        vouch(pc, parent)
+        data = _stream(changed)
+        for i in range(0, len(data), 100_000):
+            pc.feed(memoryview(data[i : i + 100_000]))
+        pc.finish()
+        pc.close_streams()
+        reads = _counting_reads(monkeypatch, w)
+        r = pc.roundtrip(w, ParentMemory.of(parent))
+        assert r["ok"], r["problems"]
+        assert r["slots_checked_live"] == 4 and r["slots_from_parent"] == 48 - 6
+        assert sum(reads) == 2
+    with repo, repo.writer() as w:  # the control: the parent unknown to the live checks
+        monkeypatch.setattr(capture_parsed, "_LIVE_BATCH", 8)
+        pc = ParsedConsumer(w, live_check=True)
+        for i in range(0, len(data), 100_000):
+            pc.feed(memoryview(data[i : i + 100_000]))
+        pc.finish()
+        pc.close_streams()
+        assert pc.live is not None and not pc.live.vouched
+        r = pc.roundtrip(w, ParentMemory.of(parent))
+        assert r["ok"] and r["slots_checked_live"] > 4, r
 
 
 @pytest.mark.parametrize("abandoned", [True, False])

@@ -64,8 +64,8 @@ def make_consumer(
     w: Any, parse: bool, refused: str | None = None, *, snapshot: bool = False
 ) -> MemoryConsumer:
     """The consumer for one capture attempt.  ``snapshot``: the pages come once each (a
-    background snapshot): the parsed consumer checks its slots as it stores them, unless
-    :func:`vouch` names a parent whose round trip covers them."""
+    background snapshot): the parsed consumer checks its slots as it stores them (only the
+    new chunks where :func:`vouch` names a parent whose round trip covers the others)."""
     if parse and parser_available():
         from vmarchive.ops.capture_parsed import ParsedConsumer
 
@@ -77,8 +77,8 @@ def make_consumer(
 
 def vouch(consumer: MemoryConsumer, parent: Any | None) -> None:
     """Before the stream starts: ``parent`` (a loaded archive, or None) is the archive whose
-    round trip this capture's may take RAM slots from.  A parsed consumer then leaves the
-    slots to the round trip, which reads back only those that changed."""
+    round trip this capture's may take RAM slots from.  A parsed consumer then checks only
+    the chunks new to the repository as it stores them."""
     take = getattr(consumer, "take_parent", None)
     if take is not None:
         take(parent)
