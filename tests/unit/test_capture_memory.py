@@ -379,13 +379,11 @@ def test_a_witness_not_told_of_known_chunks_hears_of_new_ones_only() -> None:
         sw = FakeStream(4 * cs, cs)
         sw.chunks[sw.content_id(known)] = known
         told: list[int] = []
-        img = RamImage(
-            sw,
-            sw.read_chunk,
-            max_open=1,
-            witness=lambda i, _d: told.append(i),
-            witness_known=witness_known,
-        )
+
+        def witness(index: int, _data: bytes | bytearray, seen: list[int] = told) -> None:
+            seen.append(index)
+
+        img = RamImage(sw, sw.read_chunk, max_open=1, witness=witness, witness_known=witness_known)
         img.page(0, known, cs, 4)  # slot 0: known, whole
         for p in range(4):  # slot 1: known, page by page
             img.page(cs + p * PAGE, bytes([7]) * PAGE, PAGE)
