@@ -378,11 +378,15 @@ def test_read_back_in_batches_read_ahead_gives_every_slot_once_in_order(
 
 
 # --- slots checked while the parser holds them ----------------------------------------------
-def _consume_live(w: Any, data: bytes, monkeypatch: pytest.MonkeyPatch) -> ParsedConsumer:
-    """``data`` parsed with live checks of 8 slots, room for every batch (none dropped)."""
+def _consume_live(
+    w: Any, data: bytes, monkeypatch: pytest.MonkeyPatch, parent: Any | None = None
+) -> ParsedConsumer:
+    """``data`` parsed with live checks of 8 slots, room for every batch (none dropped);
+    ``parent``: the archive the consumer is told of (:func:`vouch`)."""
     monkeypatch.setattr(capture_parsed, "_LIVE_BATCH", 8)
     monkeypatch.setattr(capture_parsed, "_LIVE_WAITING", 100)
     pc = ParsedConsumer(w, live_check=True)
+    vouch(pc, parent)
     for i in range(0, len(data), 100_000):
         pc.feed(memoryview(data[i : i + 100_000]))
     pc.finish()
@@ -515,29 +519,16 @@ def test_with_a_parent_only_new_chunks_are_checked_live(
     is read back, as is slot 0); the unchanged ones are the parent's, neither checked live
     nor read back."""
     parent = repo.load_archive(_committed(repo, _stream()))
-    changed = frozenset(range(10, 20))  # pages 10-19: slots 5-9
+    data = _stream(frozenset(range(10, 20)))  # pages 10-19: slots 5-9
     with repo, repo.writer() as w:
-        monkeypatch.setattr(capture_parsed, "_LIVE_BATCH", 8)
-        monkeypatch.setattr(capture_parsed, "_LIVE_WAITING", 100)
-        pc = ParsedConsumer(w, live_check=True)
-        vouch(pc, parent)
-        data = _stream(changed)
-        for i in range(0, len(data), 100_000):
-            pc.feed(memoryview(data[i : i + 100_000]))
-        pc.finish()
-        pc.close_streams()
+        pc = _consume_live(w, data, monkeypatch, parent)
         reads = _counting_reads(monkeypatch, w)
         r = pc.roundtrip(w, ParentMemory.of(parent))
         assert r["ok"], r["problems"]
         assert r["slots_checked_live"] == 4 and r["slots_from_parent"] == 48 - 6
         assert sum(reads) == 2
     with repo, repo.writer() as w:  # the control: the parent unknown to the live checks
-        monkeypatch.setattr(capture_parsed, "_LIVE_BATCH", 8)
-        pc = ParsedConsumer(w, live_check=True)
-        for i in range(0, len(data), 100_000):
-            pc.feed(memoryview(data[i : i + 100_000]))
-        pc.finish()
-        pc.close_streams()
+        pc = _consume_live(w, data, monkeypatch)
         assert pc.live is not None and not pc.live.vouched
         r = pc.roundtrip(w, ParentMemory.of(parent))
         assert r["ok"] and r["slots_checked_live"] > 4, r
