@@ -122,9 +122,9 @@ class ParentMemory:
 
 
 class _Sink:
-    def __init__(self, w: Any, live: _LiveCheck | None = None) -> None:
+    def __init__(self, w: Any) -> None:
         self.w = w
-        self.live = live
+        self.live: _LiveCheck | None = None  # set by the consumer, which owns it
         self.images: dict[int, RamImage] = {}
         self.streams: dict[int, Any] = {}
         self.dev: Any = None
@@ -313,11 +313,10 @@ class _LiveCheck:
     beside the disk reads, 0.34 s of its 0.46 s; with one, every slot that changed.  With
     a parent whose round trip covers this code (``vouched``) only chunks new to the
     repository are offered: a known one is mostly the parent's at the same place.  Here
-    each slot the sink stores (its
-    content and id, :class:`RamImage`'s witness) joins a batch; a thread of its own
-    regenerates each batch as a stream of its own -- the stream's header, configuration and
-    block list, the batch's slots, every other slot UNSENT, no device sections -- parses it
-    back and compares the pages with the ids.  A slot's records depend only on its block,
+    each slot the sink stores (its content and id, :class:`RamImage`'s witness) joins a
+    batch; a thread of its own regenerates each batch as a stream of its own -- the
+    stream's header, configuration and block list, the batch's slots, every other slot
+    UNSENT, no device sections -- parses it back and compares the pages with the ids.  A slot's records depend only on its block,
     offset and content, and on whether they open the block (module docstring), so a slot
     proven here that holds the same chunk at the end is left out of the final round trip.
 
