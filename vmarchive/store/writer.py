@@ -578,7 +578,7 @@ class ArchiveWriter:
         if cid == self.zero_id:
             return cid, False
         with self._mutex:
-            if cid in self._unpublished or self.repo._holds_chunk(cid):
+            if self._has_chunk(cid):
                 return cid, False
             view = data if isinstance(data, bytes) else memoryview(data)
             n = len(view) if isinstance(view, bytes) else view.nbytes
