@@ -257,6 +257,11 @@ def run() -> NoReturn:
     """
     gc.disable()
     try:
+        if command_name(sys.argv[1:]) == "capture":
+            # Its watchdog process starts beside the imports (see prestart).
+            from vmarchive.ops.capture_watchdog import prestart
+
+            prestart()
         load_commands(sys.argv[1:])
     finally:
         gc.freeze()

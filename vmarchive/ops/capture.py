@@ -376,7 +376,7 @@ class _Capture:
                 dstate = self.dom.state()
                 self.qmp = QMP(self.dom) if dstate.is_active else None
                 if self.qmp is not None:
-                    watchdog = Watchdog(state_dir, self.dom.uuid, self.dom.name, self.o.uri)
+                    watchdog = Watchdog.start(state_dir, self.dom.uuid, self.dom.name, self.o.uri)
                     self.watchdog = watchdog
                 leftover = Marker.load(marker_path)
                 if leftover is not None:

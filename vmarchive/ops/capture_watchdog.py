@@ -18,8 +18,8 @@ Whatever it does is appended, step by step and with the time, to ``STATE_DIR/UUI
 (:func:`log_path`): the capture that started it is gone, so this is the only account of why a
 guest was, or was not, resumed.  A watchdog with nothing to do writes nothing.
 
-Run as ``python -m vmarchive.ops.capture_watchdog STATE_DIR UUID NAME URI`` with one end
-of a unix socket pair on stdin.
+Run as ``python -m vmarchive.ops.capture_watchdog`` with one end of a unix socket pair on
+stdin; the first line sent over it names the domain (:meth:`Watchdog.arm`).
 """
 
 from __future__ import annotations
@@ -39,17 +39,23 @@ log = logging.getLogger(__name__)
 
 
 class Watchdog:
-    """The parent's handle: :meth:`hold_stream` / :meth:`drop_stream` around a migration,
-    :meth:`release` after the capture ended."""
+    """The parent's handle: :meth:`arm` it with the domain (:meth:`start` does both),
+    :meth:`hold_stream` / :meth:`drop_stream` around a migration, :meth:`release` after
+    the capture ended.
 
-    def __init__(self, state_dir: Path, uuid: str, name: str, uri: str) -> None:
+    The process is started unarmed and told its domain over the socket, so it can be
+    started before the capture knows the domain (:func:`prestart`).  One that is never
+    armed does nothing and exits when the socket closes.
+    """
+
+    def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
-        self._marker = marker_path(state_dir, uuid)
+        self._marker: Path | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(state_dir), uuid, name, uri],
+                [sys.executable, "-m", __name__],
                 stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
                 stderr=None,
@@ -62,6 +68,37 @@ class Watchdog:
             ours.close()
         finally:
             theirs.close()
+
+    @classmethod
+    def start(cls, state_dir: Path, uuid: str, name: str, uri: str) -> Watchdog:
+        """A watchdog armed for this domain: the one :func:`prestart` started if it is
+        still there, else a new one."""
+        global _spare
+        wd, _spare = _spare, None
+        if wd is not None and wd.alive() and wd.arm(state_dir, uuid, name, uri):
+            return wd
+        if wd is not None:
+            wd.release()
+        wd = cls()
+        wd.arm(state_dir, uuid, name, uri)
+        return wd
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def arm(self, state_dir: Path, uuid: str, name: str, uri: str) -> bool:
+        """Tell the watchdog which domain it watches over; False if it could not be told
+        (then it has gone: the capture runs without one, as when none could start)."""
+        self._marker = marker_path(state_dir, uuid)
+        if self._sock is None:
+            return False
+        fields = (str(state_dir), uuid, name, uri)
+        try:
+            self._sock.sendall(b"\0".join(f.encode() for f in fields) + b"\n")
+        except OSError as e:
+            log.warning("cannot reach the capture watchdog: %s", e)
+            return False
+        return True
 
     def hold_stream(self, fd: int) -> None:
         """Give the watchdog a copy of the migration channel's read end."""
@@ -92,7 +129,7 @@ class Watchdog:
             sock.close()
         if proc is None:
             return
-        if not self._marker.exists():
+        if self._marker is None or not self._marker.exists():
             threading.Thread(target=proc.wait, name="watchdog-reaper", daemon=True).start()
             return
         try:
@@ -111,22 +148,39 @@ def _drain(fd: int) -> None:
         os.close(fd)
 
 
-def _watch(state_dir: Path, uuid: str, name: str, uri: str) -> int:
+def _watch() -> int:
+    """The watchdog's life: told its domain (one line of NUL-separated fields), then
+    messages -- ``h`` with a descriptor to hold, ``d`` to drop it -- until the capture's end
+    of the socket closes.  Never told its domain: nothing to watch over."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     chan = socket.socket(fileno=0)
     held: int | None = None
+    head = b""
+    armed: list[str] | None = None
     while True:
-        msg, fds, _flags, _addr = socket.recv_fds(chan, 16, 4)
+        msg, fds, _flags, _addr = socket.recv_fds(chan, 4096, 4)
         for fd in fds:
             if held is not None:
                 os.close(held)
             held = fd
         if not msg:
             break
+        if armed is None:
+            head += msg
+            if b"\n" not in head:
+                continue
+            line, msg = head.split(b"\n", 1)
+            armed = [f.decode() for f in line.split(b"\0")]
         if msg.endswith(b"d") and held is not None:
             os.close(held)
             held = None
+    if armed is None or len(armed) != 4:
+        if held is not None:
+            _drain(held)
+        return 0
+    state_dir, uuid, name, uri = Path(armed[0]), *armed[1:]
+    _log_to(state_dir, uuid)
     drainer: threading.Thread | None = None
     if held is not None:
         # Keep the migration going to its end: never make a background snapshot fail.
@@ -189,8 +243,7 @@ def log_path(state_dir: Path, uuid: str) -> Path:
     return state_dir / f"{uuid}.watchdog.log"
 
 
-def main(argv: list[str]) -> int:
-    state_dir, uuid, name, uri = argv
+def _log_to(state_dir: Path, uuid: str) -> None:
     # Warnings to the capture's stderr (the user may still see them); every step, with the
     # time, to a file beside the marker: the capture that started it is gone, so this is
     # the only account of why a guest was (or was not) resumed.  Created only when written.
@@ -199,12 +252,34 @@ def main(argv: list[str]) -> int:
     err.setFormatter(logging.Formatter("vmarchive watchdog: %(message)s"))
     handlers: list[logging.Handler] = [err]
     with contextlib.suppress(OSError):
-        f = logging.FileHandler(log_path(Path(state_dir), uuid), delay=True)
+        f = logging.FileHandler(log_path(state_dir, uuid), delay=True)
         f.setFormatter(logging.Formatter(f"%(asctime)s watchdog {os.getpid()}: %(message)s"))
         handlers.append(f)
     logging.basicConfig(level=logging.INFO, handlers=handlers)
-    return _watch(Path(state_dir), uuid, name, uri)
+
+
+#: The watchdog :func:`prestart` started, for the next :meth:`Watchdog.start` to take.
+_spare: Watchdog | None = None
+
+
+def prestart() -> None:
+    """Start a watchdog now, for the next capture to arm (:meth:`Watchdog.start`).
+
+    A capture command calls this first thing, before its imports: the interpreter the
+    watchdog is (~30 ms of CPU) then starts while this process loads its modules on one
+    core, instead of on the core that libvirtd and QEMU answer the capture's QMP commands
+    on just before its instant.  Second captures of the bench guest (512 MiB): the time
+    from the command's imports to its ``migrate`` was 49.7 ms with a watchdog started
+    there and 39.0 ms without one, and the whole command 317 against 304 ms (medians of 8).
+    """
+    global _spare
+    if _spare is None:
+        _spare = Watchdog()
+
+
+def main() -> int:
+    return _watch()
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
