@@ -41,3 +41,31 @@ def test_peak_rss_sums_the_process_tree() -> None:
     assert r["peak"] >= (96 + 128) * MiB
     # control: the largest single process, all wait4() knows, stays below the sum
     assert 128 * MiB <= r["single"] < (96 + 128) * MiB
+
+
+_EXIT = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import bench_lib
+if sys.argv[2] == "no-pidfd":
+    del os.pidfd_open  # as on Linux < 5.3
+r = bench_lib.run([sys.executable, "-c", "pass"], sync=False, poll=3.0)
+print(json.dumps({"wall": r.wall_s}))
+"""
+
+
+def _wall(how: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _EXIT, str(ROOT / "scripts"), how],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(json.loads(out)["wall"])
+
+
+def test_wall_time_ends_when_the_process_does_not_at_the_next_sample() -> None:
+    # A command that ends at once, sampled every 3 s: its wall time is its own, not 3 s.
+    assert _wall("pidfd") < 2.0
+    # control: without a pidfd the harness can only sleep to the next sample
+    assert _wall("no-pidfd") >= 3.0
