@@ -25,6 +25,7 @@ stdin; the first line sent over it names the domain (:meth:`Watchdog.arm`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -92,9 +93,9 @@ class Watchdog:
         self._marker = marker_path(state_dir, uuid)
         if self._sock is None:
             return False
-        fields = (str(state_dir), uuid, name, uri)
+        line = json.dumps([str(state_dir), uuid, name, uri]) + "\n"  # escapes any newline
         try:
-            self._sock.sendall(b"\0".join(f.encode() for f in fields) + b"\n")
+            self._sock.sendall(line.encode())
         except OSError as e:
             log.warning("cannot reach the capture watchdog: %s", e)
             return False
@@ -149,7 +150,7 @@ def _drain(fd: int) -> None:
 
 
 def _watch() -> int:
-    """The watchdog's life: told its domain (one line of NUL-separated fields), then
+    """The watchdog's life: told its domain (a line of JSON: a list of four strings), then
     messages -- ``h`` with a descriptor to hold, ``d`` to drop it -- until the capture's end
     of the socket closes.  Never told its domain: nothing to watch over."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
@@ -171,7 +172,7 @@ def _watch() -> int:
             if b"\n" not in head:
                 continue
             line, msg = head.split(b"\n", 1)
-            armed = [f.decode() for f in line.split(b"\0")]
+            armed = [str(f) for f in json.loads(line)]
         if msg.endswith(b"d") and held is not None:
             os.close(held)
             held = None
