@@ -530,6 +530,23 @@ def test_ambiguous_device_boundary_is_refused_not_guessed() -> None:
     parse(w.build())
 
 
+def test_a_later_boundary_look_alike_in_an_earlier_body_is_not_a_candidate() -> None:
+    # The timer's body holds cpu 0's footer followed by a perfect copy of cpu 1's header:
+    # before cpu 0's body begins, so never where cpu 0 ends (each section's end is looked
+    # for from its own body on).  The stream splits exactly, as without the look-alike.
+    w = sample()
+    sid1, sid2 = 3 + 1, 3 + 2
+    fake = b"\x7e" + be32(sid1) + b"\x04" + be32(sid2) + name("cpu") + be32(1) + be32(1)
+    w.devices[0].body = b"abc" + fake + b"def"
+    _, rec = parse(w.build())
+    assert rec.dev == b"".join(d.body for d in w.devices)
+    # control: the same bytes inside cpu 0's own body are a second candidate
+    w.devices[0].body = b"\x01" * 24
+    w.devices[1].body = b"abc" + fake + b"def"
+    with pytest.raises(StreamRefusedError, match="ambiguous"):
+        parse(w.build())
+
+
 # --- negative controls: the allow-list ----------------------------------------------------------
 
 
