@@ -842,6 +842,69 @@ def test_property_device_bodies_split_exactly_or_refused(parts: list[bytes]) -> 
     assert rec.dev == b"".join(parts)
 
 
+def _ends_by_search(
+    tail: bytes, body: int, sid: int, nxt: tuple[str, int] | None, vm_at: int
+) -> list[int]:
+    """Where section ``sid`` (body at ``body``) may end, found the plain way: every place
+    of its 5-byte footer from the body on, followed by the next expected thing."""
+    footer = b"\x7e" + be32(sid)
+    out = []
+    for i in range(body, vm_at - 4):
+        if tail[i : i + 5] != footer:
+            continue
+        if nxt is None:
+            if i + 5 == vm_at:
+                out.append(i)
+            continue
+        n = len(nxt[0])
+        header = tail[i + 5 : i + 19 + n]  # FULL, id, name length, name, instance, version
+        if (
+            len(header) == 14 + n
+            and header[0] == 0x04
+            and header[5] == n
+            and header[6 : 6 + n] == nxt[0].encode()
+            and header[6 + n : 10 + n] == be32(nxt[1])
+        ):
+            out.append(i)
+    return out
+
+
+end_pieces = st.sampled_from(
+    [
+        b"\x7e" + be32(4),
+        b"\x7e" + be32(5),
+        b"\x04" + be32(5) + name("cpu") + be32(1) + be32(1),
+        b"\x04" + be32(5) + name("cpu") + be32(0) + be32(1),
+        b"\x04",
+        b"\x7e",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(st.binary(max_size=3), end_pieces), max_size=12).map(b"".join),
+    st.integers(min_value=0, max_value=40),
+    st.sampled_from([None, ("cpu", 1)]),
+)
+def test_property_section_end_is_the_one_place_a_plain_search_finds(
+    device_area: bytes, body: int, nxt: tuple[str, int] | None
+) -> None:
+    # The footers are indexed in one pass (_footers); the answer is the one a search
+    # for section 4's footer from its body on gives: that place, none, or refused.
+    vm_at = len(device_area)
+    tail = device_area + b"\x00\x06" + be32(2) + b"{}"
+    body = min(body, vm_at)
+    want = _ends_by_search(tail, body, 4, nxt, vm_at)
+    footers = ms._footers(tail, vm_at).get(4, ())
+    if len(want) == 1:
+        assert ms._find_section_end(tail, body, 4, nxt, vm_at, "cpu", footers) == want[0]
+    else:
+        with pytest.raises(StreamError) as e:
+            ms._find_section_end(tail, body, 4, nxt, vm_at, "cpu", footers)
+        assert isinstance(e.value, StreamRefusedError) == bool(want), e.value
+
+
 # --- runs: the parser takes 16 CONTINUE records of one kind at once -------------------------
 
 
