@@ -316,9 +316,10 @@ class _LiveCheck:
     each slot the sink stores (its content and id, :class:`RamImage`'s witness) joins a
     batch; a thread of its own regenerates each batch as a stream of its own -- the
     stream's header, configuration and block list, the batch's slots, every other slot
-    UNSENT, no device sections -- parses it back and compares the pages with the ids.  A slot's records depend only on its block,
-    offset and content, and on whether they open the block (module docstring), so a slot
-    proven here that holds the same chunk at the end is left out of the final round trip.
+    UNSENT, no device sections -- parses it back and compares the pages with the ids.  A
+    slot's records depend only on its block, offset and content, and on whether they open
+    the block (module docstring), so a slot proven here that holds the same chunk at the
+    end is left out of the final round trip.
 
     Not proven here: a batch's first slot (its first record names the block here; in the
     restore it continues the block) -- the previous batch's last slot, proven there --,
