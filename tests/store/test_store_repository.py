@@ -574,7 +574,7 @@ def test_packs_of_read_back_streams_are_published_with_the_hint(
     done: list[str] = []
 
     class Recording(FaultyBackend):
-        def will_read_back(self, key: str, data: bytes) -> None:
+        def will_read_back(self, key: str, data: bytes | memoryview) -> None:
             assert self.inner.get(key) == data  # published first
             hinted.append(key)
 

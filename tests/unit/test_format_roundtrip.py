@@ -32,10 +32,12 @@ from vmarchive.format.blob import (
     decompress_view,
     encode_blob,
     raw_frame,
+    raw_frame_parts,
 )
 from vmarchive.format.chunkid import ALGORITHMS, ZERO_ID, is_zero, make_id_function, verify_chunk
 from vmarchive.format.config import RepoConfig, decode_config, encode_config, new_config
 from vmarchive.format.crypto import TEST_SCRYPT, KeyMaterial, make_keyfile, open_keyfile, seal
+from vmarchive.format.header import make_header
 from vmarchive.format.index import IndexEntry, decode_index, decode_index_packed, encode_index
 from vmarchive.format.lock import LockInfo, decode_lock, encode_lock, is_stale
 from vmarchive.format.manifest import (
@@ -325,7 +327,8 @@ def build_pack(cd: BlobCodec, chunks: list[bytes], tail_id: bool = False) -> tup
     for c in chunks:
         pb.add(IDFN(c), encode_blob(cd, IDFN(c), c), len(c))
     assert pb.count == len(chunks) and pb.size >= C.HEADER_SIZE
-    return pb.finish()
+    pid, data = pb.finish()
+    return pid, bytes(data)
 
 
 unique_chunks = st.lists(chunk_data, min_size=0, max_size=8, unique=True)
@@ -414,6 +417,92 @@ def test_pack_builder_refuses_duplicates_and_zero_id() -> None:
         pb.add(IDFN(b"a"), b"x", 1)
     with pytest.raises(ValueError):
         pb.add(ZERO_ID, b"x", 1)
+
+
+def _spec_pack(cd: BlobCodec, header: bytes, blobs: list[tuple[bytes, bytes, int]]) -> bytes:
+    """A plain pack assembled from the layout alone (header, blobs, trailer body as a
+    checksummed zstd frame, footer), to hold the builder's in-place bytes against."""
+    entries = bytearray(struct.pack("<I", len(blobs)))
+    at = C.HEADER_SIZE
+    for cid, blob, raw_length in blobs:
+        entries += struct.pack(C.PACK_ENTRY_STRUCT, cid, at, len(blob), raw_length)
+        at += len(blob)
+    body = cd.seal_body(bytes(entries), b"")  # plain: a zstd frame, no AAD
+    aad = header + struct.pack("<Q", at)
+    return header + b"".join(b for _c, b, _n in blobs) + body + aad + struct.pack("<I", len(body))
+
+
+@SETTINGS
+@given(
+    shapes=st.lists(
+        st.tuples(st.integers(1, 300_000), st.integers(0, 2**32), st.booleans()),
+        min_size=1,
+        max_size=6,
+    ),
+    capacity=st.sampled_from([0, 5000, 1 << 20]),
+)
+def test_pack_built_in_place_is_its_layout(
+    shapes: list[tuple[int, int, bool]], capacity: int
+) -> None:
+    """Blobs added whole or as raw-frame pieces, in a mapping that may grow under them
+    (capacity 0: at the first blob past a page): the pack is its layout byte for byte,
+    and each blob's view taken along the way still reads that blob."""
+    chunks = list(
+        dict.fromkeys(  # unique, in order: random bytes or a repeated pattern
+            random.Random(seed).randbytes(n) if rnd else (b"%d," % seed * n)[:n]
+            for n, seed, rnd in shapes
+        )
+    )
+    cd = BlobCodec(3, None, skip_incompressible=True)
+    pb = PackBuilder(cd, tail_id=True, capacity=capacity)
+    expected, views = [], []
+    for i, c in enumerate(chunks):
+        cid = IDFN(c)
+        if i % 2:
+            entry = pb.add_parts(cid, raw_frame_parts(c), len(c))
+            blob = raw_frame(c)
+        else:
+            blob = encode_blob(cd, cid, c)
+            entry = pb.add(cid, blob, len(c))
+        expected.append((cid, blob, len(c)))
+        views.append((pb.blob(entry), blob))
+    header = make_header(C.TYPE_PACK, encrypted=False, required=C.FEATURE_PACK_TAIL_ID).encode()
+    pid, data = pb.finish()
+    assert bytes(data) == _spec_pack(cd, header, expected) and pid == pack_id(data)
+    assert all(bytes(v) == blob for v, blob in views)
+    with pytest.raises(TypeError):
+        data[0] = 0  # the pack handed out cannot be written through
+
+
+def test_a_released_mapping_builds_the_next_pack_exactly() -> None:
+    """A builder's mapping is given back only when no view of it is left anywhere (the
+    control: while the pack's bytes or one blob's view are held, it is not); a pack built
+    in it again carries nothing of the bigger pack it held before."""
+    cd = codec(False)
+    big = [random.Random(i).randbytes(200_000) for i in range(4)]
+    pb = PackBuilder(cd)
+    with pytest.raises(ValueError):
+        pb.release()  # not finished
+    entry = pb.add(IDFN(big[0]), encode_blob(cd, IDFN(big[0]), big[0]), len(big[0]))
+    for c in big[1:]:
+        pb.add(IDFN(c), encode_blob(cd, IDFN(c), c), len(c))
+    held = pb.blob(entry)
+    _pid, data = pb.finish()
+    del data
+    assert pb.release() is None  # a blob's view is held
+    del held
+    mapping = pb.release()
+    assert mapping is not None
+    small = [b"x" * 70_000, b"y" * 10]
+    again = PackBuilder(cd, mapping=mapping)
+    fresh = PackBuilder(cd)
+    for b in (again, fresh):
+        for c in small:
+            b.add(IDFN(c), encode_blob(cd, IDFN(c), c), len(c))
+    pid, data = again.finish()
+    fresh_pid, fresh_data = fresh.finish()
+    assert pid == fresh_pid and bytes(data) == bytes(fresh_data)
+    assert again.release() is None  # ``data`` is still held
 
 
 # -- index ------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "decode_blob_view",
     "encode_blob",
     "raw_frame",
+    "raw_frame_parts",
     "verify_chunk",
 ]
 
@@ -51,6 +52,13 @@ def raw_frame(data: bytes | memoryview) -> bytes:
     content in Raw_Blocks of at most 128 KiB, the last one flagged (an empty content is one
     empty last block).  Any zstd decoder reads it as ``data``.
     """
+    return b"".join(raw_frame_parts(data))
+
+
+def raw_frame_parts(data: bytes | memoryview) -> list[bytes | memoryview]:
+    """:func:`raw_frame` of ``data`` as the pieces it joins, in order: the headers, and
+    views of ``data`` for the blocks' contents (nothing of ``data`` copied), for a caller
+    that writes the frame straight into its own buffer (a pack being built)."""
     mv = memoryview(data).cast("B")
     n = mv.nbytes
     if n <= 0xFF:
@@ -61,7 +69,7 @@ def raw_frame(data: bytes | memoryview) -> bytes:
         fhd, fcs = 0xA0, struct.pack("<I", n)
     else:
         fhd, fcs = 0xE0, struct.pack("<Q", n)
-    parts: list[bytes | memoryview] = [_ZSTD_MAGIC, bytes([fhd]), fcs]
+    parts: list[bytes | memoryview] = [_ZSTD_MAGIC + bytes([fhd]) + fcs]
     at = 0
     while True:
         size = min(_RAW_BLOCK_MAX, n - at)
@@ -70,7 +78,7 @@ def raw_frame(data: bytes | memoryview) -> bytes:
         parts.append(mv[at : at + size])
         at += size
         if last:
-            return b"".join(parts)
+            return parts
 
 
 class BlobCodec:

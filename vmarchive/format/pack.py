@@ -14,7 +14,9 @@ says so, then :func:`decode_pack_trailer`.  The trailer alone is enough to rebui
 
 from __future__ import annotations
 
+import mmap
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vmarchive.errors import FormatError
@@ -34,12 +36,31 @@ class PackEntry:
 
 
 class PackBuilder:
-    """Collects encoded blobs in memory and produces the bytes of one pack.
+    """Collects encoded blobs and produces the bytes of one pack, built in place.
+
+    Each blob is copied once, into one page-aligned anonymous mapping that becomes the
+    pack: :meth:`finish` appends the trailer and footer there and returns a view of it,
+    so publishing the pack copies nothing more (a local backend writes it with O_DIRECT
+    straight from the mapping).  :meth:`blob` is a view of a blob already added: the
+    writer serves reads of unpublished chunks from it.  ``capacity``: the bytes expected
+    (pages of the mapping are touched only as they are written, so a generous hint costs
+    address space, not memory); when it runs out the pack moves to a mapping twice as
+    large, and views taken before keep the old one alive.  ``mapping``: one to build in
+    instead of a new one (from :meth:`release` of an earlier builder): touching fresh
+    pages cost more than the copies this saves (4096 page faults per 16 MiB, ~12 ms
+    here).
 
     Not thread-safe: one builder per writer thread, or a lock around it.
     """
 
-    def __init__(self, codec: BlobCodec, *, tail_id: bool = False) -> None:
+    def __init__(
+        self,
+        codec: BlobCodec,
+        *,
+        tail_id: bool = False,
+        capacity: int = 1 << 20,
+        mapping: mmap.mmap | None = None,
+    ) -> None:
         """``tail_id``: name the pack by its tail (``FEATURE_PACK_TAIL_ID``), as the config of
         the repository says; without it, by all its bytes (repositories made before it)."""
         self.codec = codec
@@ -47,7 +68,10 @@ class PackBuilder:
         self._header = make_header(
             C.TYPE_PACK, encrypted=codec.encrypted, required=required
         ).encode()
-        self._parts: list[bytes] = [self._header]
+        size = _mapping_size(max(capacity, C.HEADER_SIZE))
+        self._map = mapping if mapping is not None and len(mapping) >= size else mmap.mmap(-1, size)
+        self._view = memoryview(self._map)
+        self._view[: C.HEADER_SIZE] = self._header
         self._size = C.HEADER_SIZE
         self._entries: list[PackEntry] = []
         self._ids: set[bytes] = set()
@@ -69,12 +93,20 @@ class PackBuilder:
     def __contains__(self, chunk_id: bytes) -> bool:
         return chunk_id in self._ids
 
-    def add(self, chunk_id: bytes, encoded_blob: bytes, raw_length: int) -> PackEntry:
+    def add(self, chunk_id: bytes, encoded_blob: bytes | memoryview, raw_length: int) -> PackEntry:
         """Append one blob (from :func:`~vmarchive.format.blob.encode_blob`).
 
         Raises ValueError for a bad or duplicate chunk id, the zero id, a finished builder,
         or a pack that would pass 4 GiB.
         """
+        return self.add_parts(chunk_id, (encoded_blob,), raw_length)
+
+    def add_parts(
+        self, chunk_id: bytes, parts: Sequence[bytes | memoryview], raw_length: int
+    ) -> PackEntry:
+        """:meth:`add` of the blob that ``parts`` joined would be (e.g.
+        :func:`~vmarchive.format.blob.raw_frame_parts`), written into the pack piece by
+        piece.  Raises as :meth:`add`."""
         if self._finished:
             raise ValueError("pack already finished")
         if len(chunk_id) != C.CHUNK_ID_SIZE or chunk_id == C.ZERO_ID:
@@ -83,20 +115,50 @@ class PackBuilder:
             raise ValueError(f"chunk {chunk_id.hex()} is already in this pack")
         if not (0 <= raw_length <= C.MAX_CHUNK_SIZE):
             raise ValueError("raw length out of range")
-        if (
-            self._size + len(encoded_blob) + C.PACK_ENTRY_SIZE * (self.count + 1)
-            > C.MAX_PACK_SIZE // 2
-        ):
+        views = [memoryview(p).cast("B") for p in parts]
+        length = sum(v.nbytes for v in views)
+        if self._size + length + C.PACK_ENTRY_SIZE * (self.count + 1) > C.MAX_PACK_SIZE // 2:
             raise ValueError("pack too large")
-        entry = PackEntry(chunk_id, self._size, len(encoded_blob), raw_length)
-        self._parts.append(encoded_blob)
-        self._size += len(encoded_blob)
+        self._reserve(self._size + length)
+        at = self._size
+        for v in views:
+            self._view[at : at + v.nbytes] = v
+            at += v.nbytes
+        entry = PackEntry(chunk_id, self._size, length, raw_length)
+        self._size = at
         self._entries.append(entry)
         self._ids.add(chunk_id)
         return entry
 
-    def finish(self) -> tuple[str, bytes]:
-        """The pack id (see :func:`pack_id`) and the pack bytes.  Raises ValueError twice."""
+    def blob(self, entry: PackEntry) -> memoryview:
+        """The stored bytes of ``entry`` (added to this builder), as a read-only view."""
+        return self._view[entry.offset : entry.offset + entry.length].toreadonly()
+
+    def release(self) -> mmap.mmap | None:
+        """After :meth:`finish`, once the pack is published: the mapping, for another
+        builder, when no view of it (the pack, a blob) is still held anywhere; else None
+        (it is then freed with the last view)."""
+        if not self._finished:
+            raise ValueError("pack not finished")
+        mapping = self._map
+        try:
+            self._view.release()
+            mapping.resize(len(mapping))  # refused while any buffer of it is exported
+        except BufferError:
+            return None
+        return mapping
+
+    def _reserve(self, need: int) -> None:
+        if need <= len(self._map):
+            return
+        bigger = mmap.mmap(-1, _mapping_size(max(need, 2 * len(self._map))))
+        view = memoryview(bigger)
+        view[: self._size] = self._view[: self._size]
+        self._map, self._view = bigger, view  # views of the old mapping keep it alive
+
+    def finish(self) -> tuple[str, memoryview]:
+        """The pack id (see :func:`pack_id`) and the pack bytes (a read-only view of the
+        builder's mapping).  Raises ValueError twice."""
         if self._finished:
             raise ValueError("pack already finished")
         self._finished = True
@@ -107,10 +169,17 @@ class PackBuilder:
         aad = self._header + struct.pack("<Q", trailer_offset)
         body = self.codec.seal_body(bytes(plain), aad)
         footer = aad + struct.pack("<I", len(body))
-        self._parts += [body, footer]
-        data = b"".join(self._parts)
-        self._parts = []
+        end = trailer_offset + len(body) + len(footer)
+        self._reserve(end)
+        self._view[trailer_offset : trailer_offset + len(body)] = body
+        self._view[trailer_offset + len(body) : end] = footer
+        data = self._view[:end].toreadonly()
         return pack_id(data), data
+
+
+def _mapping_size(n: int) -> int:
+    """``n`` rounded up to whole pages (what a mapping holds)."""
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def pack_id(data: bytes | memoryview) -> str:

@@ -120,7 +120,7 @@ class Backend(ABC):
         ``key`` is read sequentially; the default ignores the hint.
         """
 
-    def will_read_back(self, key: str, data: bytes) -> None:  # noqa: B027
+    def will_read_back(self, key: str, data: bytes | memoryview) -> None:  # noqa: B027
         """Hint after a put of ``data`` under ``key``: this process reads it back soon (a
         capture checks its memory image as soon as it is stored).  A remote backend may
         keep the bytes to serve those reads locally; the default ignores the hint."""
@@ -131,7 +131,9 @@ class Backend(ABC):
         copy, the local one reads them around the page cache) may stop; the default
         ignores the hint.  Never raises."""
 
-    def put_for_read_back(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+    def put_for_read_back(
+        self, key: str, data: bytes | memoryview, *, create_only: bool = False
+    ) -> bool:
         """:meth:`put` of an object this process reads back soon (see
         :meth:`will_read_back`, which the default passes the hint to after the put).  A
         backend may read such objects back its own way until :meth:`done_reading_back`.

@@ -256,7 +256,7 @@ class Codecs:
 
     def finish_pack(
         self, builder: fpack.PackBuilder
-    ) -> tuple[str, bytes, list[tuple[bytes, Location]]]:
+    ) -> tuple[str, memoryview, list[tuple[bytes, Location]]]:
         pack_id, data = builder.finish()
         entries = [
             (e.chunk_id, Location(pack_id, e.offset, e.length, e.raw_length))

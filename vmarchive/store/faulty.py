@@ -146,7 +146,7 @@ class FaultyBackend(Backend):
         if fault is not None:
             self._raise("delete", key)
 
-    def will_read_back(self, key: str, data: bytes) -> None:
+    def will_read_back(self, key: str, data: bytes | memoryview) -> None:
         self.inner.will_read_back(key, data)
 
     def done_reading_back(self, keys: Iterable[str]) -> None:

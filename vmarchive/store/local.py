@@ -179,7 +179,9 @@ class LocalBackend(Backend):
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> bool:
         return self._put(key, data, create_only=create_only, direct=len(data) >= _DIRECT_MIN)
 
-    def put_for_read_back(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+    def put_for_read_back(
+        self, key: str, data: bytes | memoryview, *, create_only: bool = False
+    ) -> bool:
         """Written like :meth:`put` (large objects with O_DIRECT), and read back with
         O_DIRECT by :meth:`get_range` until :meth:`done_reading_back`: a first capture's
         round trip reads its ~330 MiB of memory packs at once.  Through the page cache, the

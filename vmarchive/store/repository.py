@@ -398,7 +398,9 @@ class Repository:
             index.add(chunk_id, loc)
 
     # -- object publishing (write ordering lives in the writer and gc) ---------------------
-    def _publish_pack(self, pack_id: str, data: bytes, *, read_back: bool = False) -> None:
+    def _publish_pack(
+        self, pack_id: str, data: bytes | memoryview, *, read_back: bool = False
+    ) -> None:
         """``read_back``: this process reads the pack back soon (a backend hint)."""
         key = pack_key(pack_id)
         if read_back:

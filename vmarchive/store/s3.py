@@ -339,7 +339,7 @@ class _WrittenPacks:
         self._bytes = 0
         self._closed = False
 
-    def keep(self, key: str, body: bytes) -> None:
+    def keep(self, key: str, body: bytes | memoryview) -> None:
         if len(body) > self.capacity or self._closed:
             return
         f = None
@@ -734,7 +734,7 @@ class S3Backend(Backend):
             # The parts stay invisible; clean_temporaries (gc) aborts them later.
             log.warning("cannot abort multipart upload of %s: %s", full, e)
 
-    def will_read_back(self, key: str, data: bytes) -> None:
+    def will_read_back(self, key: str, data: bytes | memoryview) -> None:
         """Keep a local copy of pack ``key`` (only packs: they are what is read back)."""
         if key.startswith("data/") and self.options.written_copy_bytes:
             self._written.keep(key, data)
