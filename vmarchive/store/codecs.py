@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,13 @@ from typing import Any
 from vmarchive.errors import FormatError, UsageError, WrongKeyError
 from vmarchive.format import constants as C
 from vmarchive.format import pack as fpack
-from vmarchive.format.blob import BlobCodec, decode_blob, decode_blob_view, encode_blob
+from vmarchive.format.blob import (
+    BlobCodec,
+    decode_blob,
+    decode_blob_view,
+    encode_blob,
+    raw_frame_parts,
+)
 from vmarchive.format.chunkid import ZERO_ID, is_zero, make_id_function, verify_chunk
 from vmarchive.format.config import RepoConfig, decode_config, encode_config, new_config
 from vmarchive.format.crypto import (
@@ -251,8 +258,23 @@ class Codecs:
         return self.config.stream_chunk_size
 
     # -- packs ---------------------------------------------------------------------------
-    def new_pack(self) -> fpack.PackBuilder:
-        return fpack.PackBuilder(self.blob, tail_id=self.config.pack_tail_id)
+    def new_pack(self, mapping: mmap.mmap | None = None) -> fpack.PackBuilder:
+        """A pack builder; ``mapping``: one a finished builder released, to build in."""
+        # Room for a pack of the target size, the blob that passes it (a chunk stored
+        # raw at most) and a trailer of small blobs: grown only past that.
+        capacity = self.pack_target + 2 * C.MAX_CHUNK_SIZE + (1 << 20)
+        return fpack.PackBuilder(
+            self.blob, tail_id=self.config.pack_tail_id, capacity=capacity, mapping=mapping
+        )
+
+    def raw_blob_parts(self, data: bytes | memoryview) -> list[bytes | memoryview] | None:
+        """The blob of a chunk that :meth:`stores_raw` as the pieces of its raw frame
+        (:func:`~vmarchive.format.blob.raw_frame_parts`: views of ``data``), for
+        :meth:`~vmarchive.format.pack.PackBuilder.add_parts`; None in an encrypted
+        repository, whose blobs are sealed whole (:meth:`encode_blob`)."""
+        if self.blob.encrypted:
+            return None
+        return raw_frame_parts(data)
 
     def finish_pack(
         self, builder: fpack.PackBuilder

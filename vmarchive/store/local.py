@@ -60,12 +60,17 @@ def _write_direct(tmp: str, data: bytes | memoryview) -> bool:
         if e.errno == errno.EINVAL:
             return False
         raise
-    n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
-    padded = -(-n // _ALIGN) * _ALIGN
-    buf = _aligned_buffer(padded)
-    view = memoryview(buf)
+    src = memoryview(data).cast("B")
+    n = src.nbytes
+    view: memoryview | None = None
     try:
-        view[:n] = memoryview(data).cast("B")
+        # A pack built in a mapping (page-aligned, see PackBuilder) is written from there;
+        # only its last partial block goes through the scratch buffer.
+        head = _write_in_place(fd, src) if isinstance(src.obj, mmap.mmap) else 0
+        rest = n - head
+        padded = -(-rest // _ALIGN) * _ALIGN
+        view = memoryview(_aligned_buffer(padded))
+        view[:rest] = src[head:]
         done = 0
         while done < padded:
             done += os.write(fd, view[done:padded])
@@ -78,8 +83,24 @@ def _write_direct(tmp: str, data: bytes | memoryview) -> bool:
         os.unlink(tmp)
         return False
     finally:
-        view.release()
+        if view is not None:
+            view.release()
         os.close(fd)
+
+
+def _write_in_place(fd: int, src: memoryview) -> int:
+    """Write the whole aligned blocks at the start of ``src`` to the O_DIRECT file ``fd``
+    straight from its buffer; returns how many bytes were written: 0 when the buffer is
+    not aligned as the device needs (the kernel refuses the first write, EINVAL)."""
+    head = src.nbytes - src.nbytes % _ALIGN
+    done = 0
+    try:
+        while done < head:
+            done += os.write(fd, src[done:head])
+    except OSError as e:
+        if e.errno != errno.EINVAL or done:
+            raise
+    return done
 
 
 def _read_direct(path: str, offset: int, length: int) -> bytes | None:

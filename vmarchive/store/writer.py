@@ -7,7 +7,10 @@ manifest at commit.
 
 Memory is bounded by constants, never by input size: at most ``max_inflight`` chunks
 wait for compression, packs being built hold at most 1.5 packs' worth of blobs, and
-``max_uploads`` packs are being uploaded.  What grows with the input is only what must:
+``max_uploads`` packs are being uploaded.  Packs are built in place, each in a mapping
+that a published pack's builder gave back (fresh pages cost more to touch here than the
+copies this saves), so a blob is copied once into its pack and the pack is written from
+there.  What grows with the input is only what must:
 the slot tables of the manifest (16 bytes per chunk) and the chunk index (about 43 bytes
 per *new* chunk).  Index entries of published packs are
 written out every ``index_flush_entries`` entries, so they do not accumulate either.
@@ -33,6 +36,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -375,15 +379,21 @@ class ArchiveWriter:
         self._uploader = ThreadPoolExecutor(
             max(1, self.options.max_uploads), thread_name_prefix="vmarchive-upload"
         )
-        # (chunk id, raw length, stream name, compression or the blob made at once)
-        self._inflight: collections.deque[tuple[bytes, int, str, Future[bytes] | bytes]] = (
-            collections.deque()
-        )
-        # Chunks accepted but not yet in a published pack: id -> encoded blob (None while
-        # compressing).  Used for dedup within this writer and for read_chunk.
+        # (chunk id, raw length, stream name, compression, the blob made at once, or the
+        # chunk whose raw frame _drain writes into the pack)
+        self._inflight: collections.deque[
+            tuple[bytes, int, str, Future[bytes] | bytes | _RawChunk]
+        ] = collections.deque()
+        # Chunks accepted but not yet in a published pack: id -> encoded blob (a view of
+        # its pack being built; None until it is in one).  Used for dedup within this
+        # writer and for read_chunk.
         self._unpublished: dict[bytes, tuple[bytes | memoryview | None, int]] = {}
         self._builders: dict[str, PackBuilder] = {}  # stream name -> its pack being built
-        self._uploads: collections.deque[Future[list[tuple[bytes, Location]]]] = collections.deque()
+        # (publishing, its builder): the builder's mapping is reused once that is done
+        self._uploads: collections.deque[
+            tuple[Future[list[tuple[bytes, Location]]], PackBuilder]
+        ] = collections.deque()
+        self._free_maps: list[mmap.mmap] = []  # released by published packs' builders
         self._max_uploads = max(1, self.options.max_uploads)
         self._index_entries: list[tuple[bytes, Location]] = []
         self._read_back_packs: list[str] = []  # published with read_back (uploader threads)
@@ -582,13 +592,17 @@ class ArchiveWriter:
                 return cid, False
             view = data if isinstance(data, bytes) else memoryview(data)
             n = len(view) if isinstance(view, bytes) else view.nbytes
-            fut: Future[bytes] | bytes
+            fut: Future[bytes] | bytes | _RawChunk
             if codecs.stores_raw(view):
-                # Stored as a raw frame, made here from the caller's buffer: the frame is
-                # the one copy.  Handed to a compression thread it cost more than itself
-                # in hand-offs (a first capture's 4096 random RAM chunks: 0.15-0.3 CPU-s).
-                fut = codecs.encode_blob(cid, view, raw_blocks=True)
-                self._unpublished[cid] = (fut, n)
+                # Stored as a raw frame, on this thread: handed to a compression thread it
+                # cost more than itself in hand-offs (a first capture's 4096 random RAM
+                # chunks: 0.15-0.3 CPU-s).  _drain writes the frame's pieces straight into
+                # the pack: one copy, none when the caller's buffer is immutable.
+                if codecs.blob.encrypted:
+                    fut = codecs.encode_blob(cid, view, raw_blocks=True)
+                else:
+                    fut = _RawChunk(data if isinstance(data, bytes) else bytes(view))
+                self._unpublished[cid] = (None, n)
             else:
                 raw = bytes(data)  # the caller may reuse its buffer
                 fut = self._pool.submit(codecs.encode_blob, cid, raw, raw_blocks=False)
@@ -602,12 +616,17 @@ class ArchiveWriter:
         target = self._codecs.pack_target
         while len(self._inflight) > keep:
             cid, raw_len, stream, fut = self._inflight.popleft()
-            blob = fut if isinstance(fut, bytes) else fut.result()
-            self._unpublished[cid] = (blob, raw_len)
             builder = self._builders.get(stream)
             if builder is None:
-                builder = self._builders[stream] = self._codecs.new_pack()
-            builder.add(cid, blob, raw_len)
+                spare = self._free_maps.pop() if self._free_maps else None
+                builder = self._builders[stream] = self._codecs.new_pack(spare)
+            if isinstance(fut, _RawChunk):
+                parts = self._codecs.raw_blob_parts(fut.data)
+                assert parts is not None  # only made for a plain repository
+                entry = builder.add_parts(cid, parts, raw_len)
+            else:
+                entry = builder.add(cid, fut if isinstance(fut, bytes) else fut.result(), raw_len)
+            self._unpublished[cid] = (builder.blob(entry), raw_len)
             if builder.size >= target:
                 self._finish_pack(stream)
             elif len(self._builders) > 1:
@@ -627,21 +646,15 @@ class ArchiveWriter:
         while len(self._uploads) >= self._max_uploads:
             self._wait_upload()
         read_back = self._streams[stream].read_back
-        self._uploads.append(self._uploader.submit(self._assemble_and_publish, builder, read_back))
+        upload = self._uploader.submit(self._assemble_and_publish, builder, read_back)
+        self._uploads.append((upload, builder))
 
     def _assemble_and_publish(
         self, builder: PackBuilder, read_back: bool
     ) -> list[tuple[bytes, Location]]:
+        # The unpublished reads of its chunks are served from views of the builder's
+        # mapping, which is the pack: nothing to hand over.
         pack_id, data, entries = self._codecs.finish_pack(builder)
-        # The pack holds every blob now: serve unpublished reads from it and let the
-        # separate blobs go (16 MiB less per pack in flight).  No mutex: the caller may
-        # hold it while waiting for this upload; replacing the value of a key only this
-        # pack's wait will pop is a single atomic dict store.
-        view = memoryview(data)
-        unpublished = self._unpublished
-        for cid, loc in entries:
-            if cid in unpublished:
-                unpublished[cid] = (view[loc.offset : loc.offset + loc.length], loc.raw_length)
         crashpoint.hit("before-pack")
         self.repo._publish_pack(pack_id, data, read_back=read_back)
         if read_back:
@@ -652,12 +665,18 @@ class ArchiveWriter:
         """Wait for the oldest upload; then its chunks are durable and indexable."""
         if not self._uploads:
             return
-        entries = self._uploads.popleft().result()
+        upload, builder = self._uploads.popleft()
+        entries = upload.result()
         self.packs_written += 1
         crashpoint.hit("after-pack")
         for cid, loc in entries:
             self.repo._add_location(cid, loc)
             self._unpublished.pop(cid, None)
+        # Its chunks are read from the pack now: the mapping it was built in is free for
+        # the next one unless a reader still holds a view of it (release() checks).
+        mapping = builder.release()
+        if mapping is not None and len(self._free_maps) < self._max_uploads + 1:
+            self._free_maps.append(mapping)
         self._index_entries.extend(entries)
         if len(self._index_entries) >= self.options.index_flush_entries:
             self._write_index()
@@ -678,7 +697,7 @@ class ArchiveWriter:
     def _shutdown(self) -> None:
         try:
             for _, _, _, fut in self._inflight:
-                if not isinstance(fut, bytes):
+                if isinstance(fut, Future):
                     fut.cancel()
             self._inflight.clear()
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -692,3 +711,13 @@ class ArchiveWriter:
                 self._done = True
                 self.repo._writer_done()
             self._lock.release()
+
+
+class _RawChunk:
+    """A chunk waiting in the writer's queue to be stored as a raw frame (its bytes, which
+    nothing else writes to)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
