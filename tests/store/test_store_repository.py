@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import random
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable
 from typing import Any
@@ -797,3 +799,31 @@ def test_packs_are_built_in_the_mappings_of_published_ones(
     else:
         assert len(made) == packs
     assert read_archive(Repository.open(str(tmp_path / "r")), aid) == {"d": b"".join(chunks)}
+
+
+def test_a_writer_needs_no_more_address_space_than_its_packs(tmp_path: pathlib.Path) -> None:
+    """Pack builders reserve a pack's worth of address space, sized by the repository's
+    chunk sizes, not by the format's largest chunk (1 GiB): under a 1 GiB address-space
+    limit (``ulimit -v``; a kernel that does not overcommit refuses alike) a writer stores
+    and commits.  The control, in the same process: a builder asking for 2 GiB is
+    refused there."""
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+from storehelpers import write_archive, read_archive
+from vmarchive.format.pack import PackBuilder
+from vmarchive.store import InitOptions, Repository
+repo = Repository.init({str(tmp_path / "r")!r}, InitOptions())
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+try:
+    PackBuilder(repo.codecs.blob, capacity=2 << 30)
+except (OSError, MemoryError):
+    print("refused")
+data = bytes(range(256)) * 4096 * 8
+aid = write_archive(repo, {{"disk": data}})
+assert read_archive(repo, aid) == {{"disk": data}}
+print("stored")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["refused", "stored"]

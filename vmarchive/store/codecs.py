@@ -260,11 +260,15 @@ class Codecs:
     # -- packs ---------------------------------------------------------------------------
     def new_pack(self, mapping: mmap.mmap | None = None) -> fpack.PackBuilder:
         """A pack builder; ``mapping``: one a finished builder released, to build in."""
-        # Room for a pack of the target size, the blob that passes it (a chunk stored
-        # raw at most) and a trailer of small blobs: grown only past that.
-        capacity = self.pack_target + 2 * C.MAX_CHUNK_SIZE + (1 << 20)
+        # Room for a pack of the target size, the blob that passes it (a chunk of the
+        # repository's sizes, its frame a little larger) and a trailer: grown only past
+        # that.  Not the format's largest chunk (1 GiB): a mapping of twice that is
+        # refused where the kernel does not overcommit, or on a small host.
+        cfg = self.config
+        biggest = max(cfg.memory_chunk_size, cfg.disk_chunk_size, cfg.stream_chunk_size)
+        capacity = self.pack_target + biggest + biggest // 64 + (64 << 10)
         return fpack.PackBuilder(
-            self.blob, tail_id=self.config.pack_tail_id, capacity=capacity, mapping=mapping
+            self.blob, tail_id=cfg.pack_tail_id, capacity=capacity, mapping=mapping
         )
 
     def raw_blob_parts(self, data: bytes | memoryview) -> list[bytes | memoryview] | None:
