@@ -474,6 +474,34 @@ def test_pack_built_in_place_is_its_layout(
         data[0] = 0  # the pack handed out cannot be written through
 
 
+def test_large_immutable_pieces_are_copied_off_the_gil(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces of 16 KiB or more that are ``bytes`` are copied by ``ctypes.memmove`` (which
+    releases the GIL); smaller ones, and views, by slice assignment (the control).  The
+    pack is the same either way."""
+    from vmarchive.format import pack as fpack
+
+    moved: list[int] = []
+    real = fpack._memmove
+
+    def recording(dst: int, src: bytes, n: int) -> int:
+        moved.append(n)
+        return real(dst, src, n)
+
+    monkeypatch.setattr(fpack, "_memmove", recording)
+    cd = codec(False)
+    big = random.Random(1).randbytes(64 << 10)
+    small = random.Random(2).randbytes((16 << 10) - 1)
+    pb = PackBuilder(cd, capacity=0)  # grown under the copies: the address follows
+    pb.add_parts(IDFN(big), raw_frame_parts(big), len(big))
+    pb.add_parts(IDFN(small), raw_frame_parts(small), len(small))
+    view_of_big = big[1:] + b"!"
+    pb.add_parts(IDFN(view_of_big), [memoryview(view_of_big)], len(view_of_big))
+    assert moved == [len(big)]
+    _pid, data = pb.finish()
+    expected = [raw_frame(big), raw_frame(small), view_of_big]
+    assert [bytes(data[e.offset : e.offset + e.length]) for e in pb.entries] == expected
+
+
 def test_a_released_mapping_builds_the_next_pack_exactly() -> None:
     """A builder's mapping is given back only when no view of it is left anywhere (the
     control: while the pack's bytes or one blob's view are held, it is not); a pack built

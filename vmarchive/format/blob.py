@@ -75,7 +75,9 @@ def raw_frame_parts(data: bytes | memoryview) -> list[bytes | memoryview]:
         size = min(_RAW_BLOCK_MAX, n - at)
         last = at + size == n
         parts.append(((size << 3) | int(last)).to_bytes(3, "little"))  # Block_Type 0: Raw
-        parts.append(mv[at : at + size])
+        # the whole of an immutable ``data`` in one block: itself, not a view of it
+        whole = at == 0 and last and type(data) is bytes
+        parts.append(data if whole else mv[at : at + size])
         at += size
         if last:
             return parts

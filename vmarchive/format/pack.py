@@ -14,6 +14,7 @@ says so, then :func:`decode_pack_trailer`.  The trailer alone is enough to rebui
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import struct
 from collections.abc import Sequence
@@ -71,6 +72,7 @@ class PackBuilder:
         size = _mapping_size(max(capacity, C.HEADER_SIZE))
         self._map = mapping if mapping is not None and len(mapping) >= size else mmap.mmap(-1, size)
         self._view = memoryview(self._map)
+        self._addr = _address(self._map)
         self._view[: C.HEADER_SIZE] = self._header
         self._size = C.HEADER_SIZE
         self._entries: list[PackEntry] = []
@@ -121,9 +123,13 @@ class PackBuilder:
             raise ValueError("pack too large")
         self._reserve(self._size + length)
         at = self._size
-        for v in views:
-            self._view[at : at + v.nbytes] = v
-            at += v.nbytes
+        for p, v in zip(parts, views, strict=True):
+            n = v.nbytes
+            if n >= _OFF_GIL and type(p) is bytes:
+                _memmove(self._addr + at, p, n)
+            else:
+                self._view[at : at + n] = v
+            at += n
         entry = PackEntry(chunk_id, self._size, length, raw_length)
         self._size = at
         self._entries.append(entry)
@@ -155,6 +161,7 @@ class PackBuilder:
         view = memoryview(bigger)
         view[: self._size] = self._view[: self._size]
         self._map, self._view = bigger, view  # views of the old mapping keep it alive
+        self._addr = _address(bigger)
 
     def finish(self) -> tuple[str, memoryview]:
         """The pack id (see :func:`pack_id`) and the pack bytes (a read-only view of the
@@ -175,6 +182,23 @@ class PackBuilder:
         self._view[trailer_offset + len(body) : end] = footer
         data = self._view[:end].toreadonly()
         return pack_id(data), data
+
+
+#: Pieces at least this large are copied by memmove through ctypes, which releases the
+#: GIL for the call: the copy, and the page faults of a mapping's first use, then run
+#: beside the other threads.
+_OFF_GIL = 16 << 10
+_memmove = ctypes.memmove
+
+
+def _address(mapping: mmap.mmap) -> int:
+    """Where ``mapping``'s bytes start (the ctypes view taken for it is released at once,
+    so the mapping has no export left)."""
+    first = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(first)
+    finally:
+        del first
 
 
 def _mapping_size(n: int) -> int:
