@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -827,3 +828,46 @@ print("stored")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["refused", "stored"]
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_buffer_handed_over_is_kept_not_copied(tmp_path: pathlib.Path, encrypted: bool) -> None:
+    """``write_chunk(..., handed_over=True)``: the writer keeps the caller's buffer for the
+    chunk's frame or its compression instead of a copy (a disk reader's buffers are
+    fresh per read), so what is stored is what the buffer holds when the writer gets to
+    it.  Shown by writing to the buffers after the call -- what a caller handing them
+    over must not do: a plain repository stores the changed raw chunk and the changed
+    compressible one (reads then find them damaged).  The controls: without handed_over,
+    and for the raw chunk of an encrypted repository (sealed at once), the bytes of the
+    call are stored."""
+    big = 64 * 1024
+    opts = dataclasses.replace(
+        small_options(encrypted=encrypted), disk_chunk_size=big, pack_size=1 << 20
+    )
+    for handed_over in (True, False):
+        path = str(tmp_path / f"r{handed_over}")
+        repo = Repository.init(path, opts)
+        noise = bytearray(random.Random(3).randbytes(big))
+        text = bytearray((b"a compressible line. " * 4000)[:big])
+        with repo.writer(options=WriterOptions(workers=1, max_inflight=8)) as w:
+            sw = w.stream("d", "disk", 2 * big)
+            w._pool.submit(time.sleep, 0.2)  # the compression thread is busy for a while
+            sw.write_chunk(0, memoryview(noise), handed_over=handed_over)
+            sw.write_chunk(1, memoryview(text), handed_over=handed_over)
+            ids = [sw.slot_id(0), sw.slot_id(1)]
+            noise[:5] = text[:5] = b"LATER"
+            sw.close()
+            w.commit(META)
+        fresh = Repository.open(path, PASSPHRASE if encrypted else None)
+        damaged = []
+        for cid in ids:
+            try:
+                fresh.read_chunk(cid)
+            except DamageError:
+                damaged.append(True)
+            else:
+                damaged.append(False)
+        if not handed_over:
+            assert damaged == [False, False]
+        else:
+            assert damaged == [not encrypted, True]

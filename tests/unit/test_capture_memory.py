@@ -45,7 +45,12 @@ class FakeStream:
         return None
 
     def write_chunk(
-        self, index: int, data: bytes | bytearray | memoryview, chunk_id: bytes | None = None
+        self,
+        index: int,
+        data: bytes | bytearray | memoryview,
+        chunk_id: bytes | None = None,
+        *,
+        handed_over: bool = False,
     ) -> bool:
         data = bytes(data)
         assert len(data) == min(self.chunk_size, self.size - index * self.chunk_size)

@@ -474,10 +474,10 @@ def test_pack_built_in_place_is_its_layout(
         data[0] = 0  # the pack handed out cannot be written through
 
 
-def test_large_immutable_pieces_are_copied_off_the_gil(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pieces of 16 KiB or more that are ``bytes`` are copied by ``ctypes.memmove`` (which
-    releases the GIL); smaller ones, and views, by slice assignment (the control).  The
-    pack is the same either way."""
+def test_large_pieces_are_copied_off_the_gil(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces of 16 KiB or more that are ``bytes`` or writable buffers are copied by
+    ``ctypes.memmove`` (which releases the GIL); smaller ones, and read-only views, by
+    slice assignment (the controls).  The pack is the same either way."""
     from vmarchive.format import pack as fpack
 
     moved: list[int] = []
@@ -496,9 +496,11 @@ def test_large_immutable_pieces_are_copied_off_the_gil(monkeypatch: pytest.Monke
     pb.add_parts(IDFN(small), raw_frame_parts(small), len(small))
     view_of_big = big[1:] + b"!"
     pb.add_parts(IDFN(view_of_big), [memoryview(view_of_big)], len(view_of_big))
-    assert moved == [len(big)]
+    writable = bytearray(big[2:] + b"!!")
+    pb.add_parts(IDFN(bytes(writable)), raw_frame_parts(memoryview(writable)), len(writable))
+    assert moved == [len(big), len(writable)]
     _pid, data = pb.finish()
-    expected = [raw_frame(big), raw_frame(small), view_of_big]
+    expected = [raw_frame(big), raw_frame(small), view_of_big, raw_frame(bytes(writable))]
     assert [bytes(data[e.offset : e.offset + e.length]) for e in pb.entries] == expected
 
 

@@ -125,8 +125,12 @@ class PackBuilder:
         at = self._size
         for p, v in zip(parts, views, strict=True):
             n = v.nbytes
-            if n >= _OFF_GIL and type(p) is bytes:
+            if n < _OFF_GIL:
+                self._view[at : at + n] = v
+            elif type(p) is bytes:
                 _memmove(self._addr + at, p, n)
+            elif not v.readonly:  # a writable buffer: its address, through a ctypes view
+                _memmove(self._addr + at, (ctypes.c_char * n).from_buffer(v), n)
             else:
                 self._view[at : at + n] = v
             at += n
@@ -184,9 +188,9 @@ class PackBuilder:
         return pack_id(data), data
 
 
-#: Pieces at least this large are copied by memmove through ctypes, which releases the
-#: GIL for the call: the copy, and the page faults of a mapping's first use, then run
-#: beside the other threads.
+#: Pieces at least this large (bytes, or writable buffers) are copied by memmove through
+#: ctypes, which releases the GIL for the call: the copy, and the page faults of a
+#: mapping's first use, then run beside the other threads.
 _OFF_GIL = 16 << 10
 _memmove = ctypes.memmove
 

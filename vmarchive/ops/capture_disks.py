@@ -58,7 +58,9 @@ class StreamSink:
 
     chunk_size: int
 
-    def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None: ...
+    def write_chunk(
+        self, index: int, data: bytes | bytearray | memoryview, *, handed_over: bool = False
+    ) -> object: ...
 
 
 def read_disk(
@@ -104,7 +106,9 @@ def read_disk(
                     if cancelled():
                         raise InterruptedError_(f"reading disk {target} cancelled")
                     for at in range(0, len(view), cs):
-                        sink.write_chunk((g + at) // cs, view[at : at + cs])
+                        # each group is read into a buffer of its own: nothing
+                        # writes to it again, so the store keeps it instead of a copy
+                        sink.write_chunk((g + at) // cs, view[at : at + cs], handed_over=True)
                     res.bytes_read += len(view)
                     task.advance(len(view))
         finally:

@@ -405,7 +405,7 @@ def read_disk_incremental(
                         raise InterruptedError_(f"reading disk {target} cancelled")
                     n = sum(k for _o, k in runs)
                     ts = time.perf_counter()
-                    sink.write_chunk(i, buf)
+                    sink.write_chunk(i, buf, handed_over=True)  # a buffer of its own
                     t_store += time.perf_counter() - ts
                     res.bytes_read += n
                     task.advance(n)

@@ -194,11 +194,18 @@ class StreamWriter:
         return None
 
     def write_chunk(
-        self, index: int, data: bytes | bytearray | memoryview, chunk_id: bytes | None = None
+        self,
+        index: int,
+        data: bytes | bytearray | memoryview,
+        chunk_id: bytes | None = None,
+        *,
+        handed_over: bool = False,
     ) -> bool:
         """Store one slot; all-zero data becomes a hole and is never stored.
-        ``chunk_id``: the content id of ``data``, from :meth:`write_if_present`.  Returns
-        whether the chunk was new (stored by this call; not a hole, not known already).
+        ``chunk_id``: the content id of ``data``, from :meth:`write_if_present`.
+        ``handed_over``: nothing writes to ``data``'s buffer after this call (a fresh
+        buffer per read), so the writer keeps it rather than a copy.  Returns whether the
+        chunk was new (stored by this call; not a hole, not known already).
 
         Raises :class:`UsageError` for a slot past the end or a wrong length.
         """
@@ -217,7 +224,7 @@ class StreamWriter:
                 self._final_partial = True
             self._grow(index)
             self._end = max(self._end, index * self.chunk_size + n)
-        cid, new = self._w._store_chunk(data, self.name, chunk_id)
+        cid, new = self._w._store_chunk(data, self.name, chunk_id, handed_over)
         self._record(index, cid, n, new)
         return new
 
@@ -577,11 +584,15 @@ class ArchiveWriter:
         return chunk_id in self._unpublished or self.repo._holds_chunk(chunk_id)
 
     def _store_chunk(
-        self, data: bytes | bytearray | memoryview, stream: str, cid: bytes | None = None
+        self,
+        data: bytes | bytearray | memoryview,
+        stream: str,
+        cid: bytes | None = None,
+        handed_over: bool = False,
     ) -> tuple[bytes, bool]:
         """Return (chunk id, whether it was new); zero chunks return the hole id.  A new
         chunk goes into ``stream``'s pack.  ``cid``: :meth:`content_id` of ``data``, if
-        the caller has it."""
+        the caller has it; ``handed_over``: as for :meth:`StreamWriter.write_chunk`."""
         codecs = self._codecs
         if cid is None:
             cid = self.content_id(data)
@@ -597,14 +608,19 @@ class ArchiveWriter:
                 # Stored as a raw frame, on this thread: handed to a compression thread it
                 # cost more than itself in hand-offs (a first capture's 4096 random RAM
                 # chunks: 0.15-0.3 CPU-s).  _drain writes the frame's pieces straight into
-                # the pack: one copy, none when the caller's buffer is immutable.
+                # the pack: one copy, none when the caller's buffer is immutable or handed
+                # over.
                 if codecs.blob.encrypted:
                     fut = codecs.encode_blob(cid, view, raw_blocks=True)
                 else:
-                    fut = _RawChunk(data if isinstance(data, bytes) else bytes(view))
+                    if isinstance(data, bytes):
+                        fut = _RawChunk(data)
+                    else:
+                        fut = _RawChunk(view if handed_over else bytes(view))
                 self._unpublished[cid] = (None, n)
             else:
-                raw = bytes(data)  # the caller may reuse its buffer
+                # the caller may reuse its buffer unless handed over
+                raw = view if handed_over else bytes(data)
                 fut = self._pool.submit(codecs.encode_blob, cid, raw, raw_blocks=False)
                 self._unpublished[cid] = (None, n)
             self._inflight.append((cid, n, stream, fut))
@@ -714,10 +730,10 @@ class ArchiveWriter:
 
 
 class _RawChunk:
-    """A chunk waiting in the writer's queue to be stored as a raw frame (its bytes, which
-    nothing else writes to)."""
+    """A chunk waiting in the writer's queue to be stored as a raw frame (its bytes, or a
+    buffer handed over: nothing else writes to it)."""
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | memoryview) -> None:
         self.data = data
