@@ -719,6 +719,7 @@ class ArchiveWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._uploader.shutdown(wait=True, cancel_futures=True)
             self._unpublished.clear()
+            self._free_maps.clear()  # the mappings go now, not with the writer object
             if self._read_back_packs:  # read back by now: commit and abort come after
                 self.repo._done_reading_back(self._read_back_packs)
                 self._read_back_packs = []
