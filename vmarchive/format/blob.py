@@ -57,8 +57,9 @@ def raw_frame(data: bytes | memoryview) -> bytes:
 
 def raw_frame_parts(data: bytes | memoryview) -> list[bytes | memoryview]:
     """:func:`raw_frame` of ``data`` as the pieces it joins, in order: the headers, and
-    views of ``data`` for the blocks' contents (nothing of ``data`` copied), for a caller
-    that writes the frame straight into its own buffer (a pack being built)."""
+    views of ``data`` for the blocks' contents (``data`` itself when it is ``bytes`` in
+    one block; nothing of it copied), for a caller that writes the frame straight into
+    its own buffer (a pack being built)."""
     mv = memoryview(data).cast("B")
     n = mv.nbytes
     if n <= 0xFF:

@@ -44,12 +44,12 @@ class PackBuilder:
     so publishing the pack copies nothing more (a local backend writes it with O_DIRECT
     straight from the mapping).  :meth:`blob` is a view of a blob already added: the
     writer serves reads of unpublished chunks from it.  ``capacity``: the bytes expected
-    (pages of the mapping are touched only as they are written, so a generous hint costs
-    address space, not memory); when it runs out the pack moves to a mapping twice as
-    large, and views taken before keep the old one alive.  ``mapping``: one to build in
-    instead of a new one (from :meth:`release` of an earlier builder): touching fresh
-    pages cost more than the copies this saves (4096 page faults per 16 MiB, ~12 ms
-    here).
+    (pages are touched only as they are written, but the whole mapping is charged to the
+    kernel's commit limit: not a generous guess); when it runs out the pack moves to a
+    mapping twice as large, and views taken before keep the old one alive.  ``mapping``:
+    one to build in instead of a new one (from :meth:`release` of an earlier builder):
+    touching fresh pages cost more than the copies this saves (4096 page faults per
+    16 MiB, ~12 ms here).
 
     Not thread-safe: one builder per writer thread, or a lock around it.
     """
