@@ -174,6 +174,17 @@ def run(
         while True:
             try:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                now = time.perf_counter() - t0
+                if now > timeout and not timed_out:
+                    timed_out = True
+                    proc.terminate()
+                    threading.Timer(15, _kill_if_running, (proc,)).start()
+                m = _tree_rss(proc.pid)
+                if m is not None:
+                    rss.append((now, m))
+                ended.wait()
             except BaseException:  # Ctrl-C / SIGTERM: stop the child before the caller cleans up
                 proc.terminate()
                 try:
@@ -181,22 +192,6 @@ def run(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-                raise
-            if pid:
-                break
-            now = time.perf_counter() - t0
-            if now > timeout and not timed_out:
-                timed_out = True
-                proc.terminate()
-                threading.Timer(15, _kill_if_running, (proc,)).start()
-            m = _tree_rss(proc.pid)
-            if m is not None:
-                rss.append((now, m))
-            try:
-                ended.wait()
-            except BaseException:
-                proc.terminate()
-                proc.wait(30)
                 raise
     finally:
         ended.close()
