@@ -31,6 +31,7 @@ from vmarchive.ops.capture import CaptureOptions, capture
 from vmarchive.ops.restore import RestoreOptions, restore
 from vmarchive.progress import Task
 from vmarchive.store import InitOptions, Repository
+from vmarchive.store.s3 import UNREACHABLE_WAIT_ENV
 
 pytestmark = [pytest.mark.s3, pytest.mark.libvirt]
 
@@ -96,6 +97,7 @@ def test_capture_into_s3_and_gateway_stopped_mid_capture(
     if ceph.base is None:
         pytest.skip("an external S3 store cannot be stopped")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # fail within seconds once the gateway is gone
+    monkeypatch.setenv(UNREACHABLE_WAIT_ENV, "0")  # without waiting for it to come back
     location = ceph.fresh_location()
     Repository.init(location, InitOptions()).close()
     state = tmp_path / "state"

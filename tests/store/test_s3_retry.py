@@ -4,15 +4,34 @@ answers a scripted sequence of statuses, so no Ceph is needed and every attempt 
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ProxyConnectionError,
+    ReadTimeoutError,
+    SSLError,
+)
 
 from vmarchive.errors import BackendError
-from vmarchive.store.s3 import S3Backend, S3Options
+from vmarchive.store.s3 import (
+    UNREACHABLE_WAIT_ENV,
+    S3Backend,
+    S3Options,
+    _GatewayWait,
+    _unreachable_wait,
+)
 
 BODY = b"the object's bytes"
 
@@ -111,3 +130,167 @@ def test_persistent_errors_end_in_one_line_and_single_attempt_is_the_control(
     assert len(fake.requests) == 1
     fake.requests.clear()
     assert backend(fake, attempts=1).get("config") == BODY  # and the store is fine after
+
+
+# --- a gateway that does not accept connections for a while --------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _late_backend(port: int, wait: float, attempts: int = 1) -> S3Backend:
+    opts = S3Options(
+        endpoint=f"http://127.0.0.1:{port}",
+        max_attempts=attempts,
+        unreachable_wait=wait,
+        cache_dir=None,
+    )
+    return S3Backend("bucket", "repo/", opts)
+
+
+def _serve(port: int, fake: FakeS3) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    srv = ThreadingHTTPServer(("127.0.0.1", port), _handler(fake))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    return srv, t
+
+
+def _stop(srv: ThreadingHTTPServer, t: threading.Thread) -> None:
+    srv.shutdown()
+    srv.server_close()
+    t.join(10)
+
+
+def test_a_gateway_that_goes_away_is_waited_for(
+    fake: FakeS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway that answered, then refuses connections for ~1.5 s: with one attempt and
+    the gateway wait the GET and the conditional PUT go through once it listens again.
+    Controls: the same outage without the wait fails at once, and so does a gateway that
+    never answered (a mistyped endpoint: one line, no waiting)."""
+    port = _free_port()
+    served = [_serve(port, fake)]
+    b = _late_backend(port, wait=30)
+    hasty = _late_backend(port, wait=0)
+    assert b.get("config") == BODY and hasty.get("config") == BODY
+    _stop(*served.pop())
+    with pytest.raises(BackendError, match="Could not connect"):
+        hasty.get("config")
+    never = _late_backend(_free_port(), wait=30)
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match="Could not connect"):
+        never.get("config")
+    assert time.monotonic() - t0 < 1.0
+    fake.requests.clear()
+
+    def reopen() -> None:
+        time.sleep(1.5)
+        served.append(_serve(port, fake))
+
+    t = threading.Thread(target=reopen, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vmarchive.store.s3"):
+            assert b.get("config") == BODY
+        assert 1.4 < time.monotonic() - t0 < 15
+        said = [r.getMessage() for r in caplog.records if "not reachable" in r.getMessage()]
+        assert len(said) == 1 and "up to 30 s" in said[0], said
+        assert b.put("index/" + "b" * 64, b"y", create_only=True)
+        assert [r.split()[0] for r in fake.requests] == ["GET", "PUT"]  # each sent once
+    finally:
+        t.join(10)
+        for srv_t in served:
+            _stop(*srv_t)
+
+
+def test_a_gateway_that_stays_away_fails_after_the_wait_not_a_multiple(fake: FakeS3) -> None:
+    """A GET's own retries of a body that broke off do not start the wait again: the
+    gateway gone after one answer, a 1 s wait fails in about 1 s (it took four before)."""
+    port = _free_port()
+    served = _serve(port, fake)
+    b = _late_backend(port, wait=1.0, attempts=2)
+    assert b.get("config") == BODY
+    _stop(*served)
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match="Could not connect"):
+        b.get("config")
+    assert 0.9 < time.monotonic() - t0 < 2.5
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match="Could not connect"):
+        b.put("index/" + "c" * 64, b"z")
+    assert 0.9 < time.monotonic() - t0 < 2.5
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        EndpointConnectionError(endpoint_url="http://gw"),
+        ConnectTimeoutError(endpoint_url="http://gw"),
+        ProxyConnectionError(proxy_url="http://proxy"),
+    ],
+)
+def test_the_wait_takes_connections_not_established_until_its_time_is_up(
+    error: Exception,
+) -> None:
+    clock = _Clock()
+    w = _GatewayWait(10.0, "s3://b/p", clock=clock, rand=lambda: 1.0)
+    # not before the gateway has answered this client (a mistyped endpoint: no waiting)
+    assert w(attempts=1, caught_exception=error, request_dict={"context": {}}) is None
+    assert w(attempts=1, response=(object(), {})) is None and w.reached
+    request: dict[str, Any] = {"context": {}}
+    delays: list[float] = []
+    while (d := w(len(delays) + 1, caught_exception=error, request_dict=request)) is not None:
+        delays.append(d)
+        clock.now += d
+        assert len(delays) < 20
+    # 0.25 s doubling to 4 s (jitter at its top here), the last one cut to what is left
+    assert delays == [0.25, 0.5, 1.0, 2.0, 4.0, 2.25]
+    assert clock.now == 110.0
+    # another request has a time of its own
+    assert w(attempts=1, caught_exception=error, request_dict={"context": {}}) == 0.25
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        None,
+        ReadTimeoutError(endpoint_url="http://gw"),
+        ConnectionClosedError(endpoint_url="http://gw"),
+        SSLError(endpoint_url="http://gw", error=ValueError("bad certificate")),
+        ClientError({"Error": {"Code": "SlowDown"}}, "GetObject"),
+    ],
+)
+def test_the_wait_leaves_everything_else_to_the_retry_mode(error: Exception | None) -> None:
+    """A request that may have reached the gateway, or an answer from it: not ours."""
+    w = _GatewayWait(10.0, "s3://b/p", clock=_Clock(), rand=lambda: 1.0)
+    w.reached = True
+    assert w(attempts=1, caught_exception=error, request_dict={"context": {}}) is None
+    off = _GatewayWait(0.0, "s3://b/p", clock=_Clock(), rand=lambda: 1.0)
+    off.reached = True
+    refused = EndpointConnectionError(endpoint_url="http://gw")
+    assert off(attempts=1, caught_exception=refused, request_dict={"context": {}}) is None
+    on = _GatewayWait(10.0, "s3://b/p", clock=_Clock(), rand=lambda: 0.0)
+    on.reached = True
+    assert on(attempts=1, caught_exception=refused, request_dict={"context": {}}) == 0.125
+
+
+def test_the_wait_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(UNREACHABLE_WAIT_ENV, raising=False)
+    assert _unreachable_wait(None) == 20.0
+    monkeypatch.setenv(UNREACHABLE_WAIT_ENV, "3.5")
+    assert _unreachable_wait(None) == 3.5
+    assert _unreachable_wait(0) == 0.0  # the option wins
+    monkeypatch.setenv(UNREACHABLE_WAIT_ENV, "soon")
+    assert _unreachable_wait(None) == 20.0

@@ -66,6 +66,7 @@ def test_s3_endpoint_option_reaches_the_store() -> None:
     assert r.returncode == 3
     assert "http://127.0.0.1:9/" in r.stderr
     assert "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1  # never reached: not waited for, one line
 
 
 def test_each_command_is_registered_by_the_module_main_imports_for_it() -> None:

@@ -22,9 +22,11 @@ How the :class:`~vmarchive.store.backend.Backend` guarantees map onto S3:
   nameless local copies (:class:`_WrittenPacks`).
 * Transient failures (connection errors, 5xx, throttling) are retried by botocore's
   "standard" mode with exponential backoff and jitter (``max_attempts`` counts every
-  request, the first included); a body that breaks off while it
-  is read is fetched again.  What is left is translated into :class:`BackendError`
-  subclasses with one clear line: :class:`S3BucketNotFoundError`, :class:`S3AccessError`.
+  request, the first included); once the gateway has answered, a request it does not
+  accept at all is tried again for up to ``unreachable_wait`` seconds (a gateway
+  restarting, :class:`_GatewayWait`); a body that breaks off while it is read is
+  fetched again.  What is left is translated into :class:`BackendError` subclasses
+  with one clear line: :class:`S3BucketNotFoundError`, :class:`S3AccessError`.
 * Credentials come from boto3's usual chain (``AWS_ACCESS_KEY_ID`` /
   ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, config files, instance roles); they are
   never part of a message, a log line or a ``repr``.
@@ -38,6 +40,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import re
 import tempfile
 import threading
@@ -55,8 +58,11 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
     NoCredentialsError,
     PartialCredentialsError,
+    ProxyConnectionError,
 )
 from botocore.loaders import Loader, create_loader
 
@@ -72,6 +78,9 @@ log = logging.getLogger(__name__)
 #: Environment variable naming the S3 endpoint URL (e.g. ``http://rgw.example:7480``).
 #: boto3's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` work as well.
 ENDPOINT_ENV = "VMARCHIVE_S3_ENDPOINT"
+#: Seconds a request the gateway does not accept is tried again (see :class:`_GatewayWait`).
+UNREACHABLE_WAIT_ENV = "VMARCHIVE_S3_UNREACHABLE_WAIT"
+DEFAULT_UNREACHABLE_WAIT = 20.0
 
 MiB = 1 << 20
 _MIN_PART = 5 * MiB
@@ -116,6 +125,11 @@ class S3Options:
     #: Attempts per request (botocore "standard" retry mode: backoff with jitter);
     #: ``None``: ``AWS_MAX_ATTEMPTS`` when set, else 6.
     max_attempts: int | None = None
+    #: Seconds a request the gateway does not accept (connection refused, not
+    #: established, name not resolved) is tried again once the gateway has answered: a
+    #: gateway restarting (:class:`_GatewayWait`); ``None``:
+    #: ``VMARCHIVE_S3_UNREACHABLE_WAIT`` when set, else 20; 0: only botocore's attempts.
+    unreachable_wait: float | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     #: Memory for whole packs kept once a pack is read a third time (0: off).
@@ -162,6 +176,81 @@ def _attempts(value: int | None) -> int:
         return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "6")))
     except ValueError:
         return 6
+
+
+#: botocore's errors for a connection it could not establish (refused, timed out, name
+#: not resolved, proxy down): the request was not sent.  Not SSLError, which waiting
+#: does not mend.
+_NOT_ACCEPTED = (EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError)
+
+
+def _unreachable_wait(value: float | None) -> float:
+    if value is not None:
+        return max(0.0, value)
+    try:
+        return max(0.0, float(os.environ.get(UNREACHABLE_WAIT_ENV, DEFAULT_UNREACHABLE_WAIT)))
+    except ValueError:
+        return DEFAULT_UNREACHABLE_WAIT
+
+
+class _GatewayWait:
+    """A botocore ``needs-retry`` handler, asked before the retry mode's own: once the
+    gateway has answered this client, a request it does not accept is sent again until
+    ``seconds`` have passed since that request's first such failure, 0.25 s apart
+    doubling to 4 s (jitter: half to all of it).
+
+    Such a request never reached the gateway (the connection was refused or not
+    established, or the name not resolved), so sending it again is safe even for a
+    conditional PUT.  botocore's "standard" mode alone backs off from 50 ms on such
+    errors (its base for all but throttling, botocore 1.44): six attempts span at most
+    1.55 s, less than a gateway takes to restart.  A gateway never reached is not waited
+    for: a mistyped endpoint is one line at once.  Anything else, and this error after
+    ``seconds``, is left to the retry mode (its attempts count on meanwhile).
+    """
+
+    def __init__(
+        self,
+        seconds: float,
+        location: str,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.seconds = seconds
+        self.location = location
+        self._clock = clock
+        self._rand = rand
+        #: the gateway answered a request of this client (any status)
+        self.reached = False
+        self._said = False
+
+    def __call__(
+        self,
+        attempts: int = 1,
+        response: Any = None,
+        caught_exception: Exception | None = None,
+        request_dict: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> float | None:
+        if response is not None:
+            self.reached = True
+        if self.seconds <= 0 or not self.reached or not isinstance(caught_exception, _NOT_ACCEPTED):
+            return None
+        context = request_dict.setdefault("context", {}) if request_dict is not None else {}
+        now = self._clock()
+        since = float(context.setdefault("vmarchive_unreachable_since", now))
+        left = since + self.seconds - now
+        if left <= 0:
+            return None
+        if not self._said:
+            self._said = True  # once per client: every request in flight meets it
+            log.warning(
+                "S3 gateway of %s not reachable (%s); trying again for up to %g s",
+                self.location,
+                caught_exception,
+                self.seconds,
+            )
+        step = min(0.25 * 2.0 ** max(0, attempts - 1), 4.0)
+        return min(left, step * (0.5 + self._rand() / 2))
 
 
 def _mtime(value: datetime) -> float:
@@ -515,6 +604,9 @@ class S3Backend(Backend):
         self.location = f"s3://{bucket}/{prefix}".rstrip("/")
         if client is None:
             client = self._make_client(self.options)
+            wait = _GatewayWait(_unreachable_wait(self.options.unreachable_wait), self.location)
+            # (the stubs type event handlers as returning None; needs-retry's return a delay)
+            client.meta.events.register_first("needs-retry.s3", cast(Any, wait))
         self._client = client
         self._endpoint = str(client.meta.endpoint_url)
         put_shape = client.meta.service_model.operation_model("PutObject").input_shape
@@ -596,8 +688,12 @@ class S3Backend(Backend):
 
     def _get_broke_off(self, attempt: int, last: int, e: Exception, key: str) -> None:
         """A GET that broke off mid-body: raise when it was the ``last`` attempt or the
-        credentials are missing, else wait before the next attempt (0.1 s, doubling)."""
-        if attempt == last or isinstance(e, NoCredentialsError | PartialCredentialsError):
+        credentials are missing, else wait before the next attempt (0.1 s, doubling).
+        A GET the gateway did not accept raises at once: botocore's attempts and the
+        gateway wait (:class:`_GatewayWait`) were spent on it already."""
+        if attempt == last or isinstance(
+            e, (NoCredentialsError, PartialCredentialsError, *_NOT_ACCEPTED)
+        ):
             raise self._error(e, "get", key) from e
         log.debug("GET of %s broke off (%s); again", key, e)
         time.sleep(0.1 * 2**attempt)
