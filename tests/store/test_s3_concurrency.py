@@ -151,11 +151,14 @@ def test_gateway_restart_is_ridden_out(ceph: Ceph) -> None:
     patient = ceph.backend(max_attempts=1, unreachable_wait=60, connect_timeout=2)
     hasty = ceph.backend(patient.location, max_attempts=1, unreachable_wait=0, connect_timeout=2)
     patient.put("index/before", b"x")
+    assert hasty.get("index/before") == b"x"  # both have been answered: the wait applies
     restart = threading.Timer(2.0, ceph.script, args=("start-rgw",))
     ceph.script("stop-rgw")
     try:
+        t0 = time.monotonic()
         with pytest.raises(BackendError, match="Could not connect"):
             hasty.get("index/before")
+        assert time.monotonic() - t0 < 5  # at once: no wait
         restart.start()
         patient.put("index/after", b"y")
         assert patient.get("index/before") == b"x"
