@@ -872,3 +872,43 @@ def test_a_buffer_handed_over_is_kept_not_copied(tmp_path: pathlib.Path, encrypt
             assert damaged == [False, False]
         else:
             assert damaged == [not encrypted, True]
+
+
+@pytest.mark.parametrize("flush", [40, 10_000], ids=["index-flushed-on-the-way", "one-index"])
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_chunks_published_by_one_writer_are_adopted_by_another(
+    tmp_path: pathlib.Path, encrypted: bool, flush: int
+) -> None:
+    """publish_chunks / adopt_index: what a capture's disk reader process stores (its own
+    Repository object and writer, as another process has them) is durable, named by index
+    objects and by no manifest; the capture's writer adopts those and commits an archive
+    that a fresh open reads back.  Many packs; index objects flushed on the way, or one."""
+    path = tmp_path / "r"
+    make_repo(path, encrypted=encrypted).close()
+    opts = WriterOptions(index_flush_entries=flush)
+    data = b"".join(rnd(CHUNK, i) for i in range(120)) + bytes(3 * CHUNK) + rnd(100, 999)
+    secret = PASSPHRASE if encrypted else None
+    child = Repository.open(str(path), secret)
+    parent = Repository.open(str(path), secret)
+    with parent.writer() as w:
+        sink = w.stream("disk:vda", "disk", len(data))
+        with child.writer(options=opts) as cw:
+            csw = cw.stream("disk:vda", "disk", len(data))
+            csw.write(0, data)
+            names = cw.publish_chunks()
+            table = csw.table()
+            with pytest.raises(UsageError):
+                cw.stream("more", "disk", 1)  # the writer has ended
+        assert len(names) == 1 if flush > 121 else len(names) >= 2, names
+        assert parent.list_archives() == [] and child.list_archives() == []
+        # until adopted the chunks are unknown to the capture's writer
+        with pytest.raises(ChunkMissingError):
+            sink.set_chunks(table, range(len(table) // 16))
+        assert w.adopt_index(names) == 121  # 120 chunks and the short last one
+        assert w.adopt_index(names) == 0  # a second time adds nothing
+        assert sink.set_chunks(table, range(len(table) // 16)) == 121  # and 3 holes
+        assert sink.close().bytes_new == 0
+        archive = w.commit(META)
+    fresh = Repository.open(str(path), secret)
+    assert read_archive(fresh, archive) == {"disk:vda": data}
+    assert fresh.verify(full=True).ok

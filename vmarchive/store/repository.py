@@ -397,6 +397,26 @@ class Repository:
         with self._chunks_mutex:
             index.add(chunk_id, loc)
 
+    def _adopt_index(self, names: Iterable[str]) -> int:
+        """Add the entries of the index objects ``names`` to the in-memory index: those
+        another writer published for streams a writer of this object takes over
+        (:meth:`ArchiveWriter.publish_chunks`).  Ids already present keep their location.
+        Returns how many entries were new.
+
+        Raises :class:`ObjectNotFoundError` (a concurrent gc, which our shared lock keeps
+        out), :class:`DamageError`, :class:`BackendError`.
+        """
+        added = 0
+        index = self.index  # loaded first: loading sets the names it covers
+        for name in names:
+            if name in self._index_files:
+                continue
+            packs, records = self.codecs.decode_index_packed(self.backend.get(f"index/{name}"))
+            with self._chunks_mutex:
+                added += index.add_packed(records, packs, checked=True)
+                self._index_files.add(name)
+        return added
+
     # -- object publishing (write ordering lives in the writer and gc) ---------------------
     def _publish_pack(
         self, pack_id: str, data: bytes | memoryview, *, read_back: bool = False

@@ -18,7 +18,11 @@ written out every ``index_flush_entries`` entries, so they do not accumulate eit
 Write ordering (crash safety): a pack is durable before an index names it, every index
 naming this writer's packs is durable before the manifest is published, and the manifest
 is published whole under a new key.  Leaving without :meth:`ArchiveWriter.commit` lists
-nothing; packs and index files already published are garbage that gc reclaims.
+nothing; packs and index files already published are garbage that gc reclaims.  A writer
+may also end with :meth:`ArchiveWriter.publish_chunks` (packs and index objects, no
+manifest) for another writer of the same repository that adopts them
+(:meth:`ArchiveWriter.adopt_index`) and names the chunks in its manifest: a capture's disk
+reader process and the capture.
 
 Each stream fills packs of its own: streams written at the same time (the memory image
 and every disk of a capture) would otherwise interleave in every pack, and a reader of
@@ -404,7 +408,9 @@ class ArchiveWriter:
         self._max_uploads = max(1, self.options.max_uploads)
         self._index_entries: list[tuple[bytes, Location]] = []
         self._read_back_packs: list[str] = []  # published with read_back (uploader threads)
-        self._state = "open"  # open -> committed | aborted
+        self._state = "open"  # open -> committed | published | aborted
+        #: names of the index objects this writer published (:meth:`publish_chunks`)
+        self.index_names: list[str] = []
         self._done = False  # counted out of repo's live writers
         self.packs_written = 0
         self.indices_written = 0
@@ -535,6 +541,38 @@ class ArchiveWriter:
         self.repo._cache_index_after_commit()
         self._shutdown()
         return archive_id
+
+    def publish_chunks(self) -> list[str]:
+        """End without a manifest, every chunk stored durable and indexed: for streams that
+        another writer's archive takes over (a disk read by a process of its own, see
+        :mod:`vmarchive.ops.disk_process`), which adopts the index objects named here
+        (:meth:`Repository._adopt_index`) and points its own streams at the chunks.
+
+        Until that archive is published nothing names the packs but these index objects:
+        the other writer's shared lock keeps gc out meanwhile, as for its own packs.
+
+        Raises :class:`LockedError` if our lock was lost, :class:`BackendError` on storage
+        failure (then nothing is promised: the caller aborts).
+        """
+        self._check_open()
+        for sw in list(self._streams.values()):
+            sw.close()
+        with self._mutex:
+            self._publish_packs()
+            self._write_index()
+        self._lock.check()
+        self._state = "published"
+        self._shutdown()
+        return list(self.index_names)
+
+    def adopt_index(self, names: Iterable[str]) -> int:
+        """Take in the index objects ``names`` that another writer published with
+        :meth:`publish_chunks` (a process of this capture's): its chunks can then be
+        referred to (:meth:`StreamWriter.set_chunks`) as any chunk of the repository.
+        Returns how many were new to this writer's index.  Raises as
+        :meth:`Repository._adopt_index`."""
+        self._check_open()
+        return self.repo._adopt_index(names)
 
     def abort(self) -> None:
         """Stop without publishing a manifest (idempotent).
@@ -705,7 +743,7 @@ class ArchiveWriter:
         if not self._index_entries:
             return
         crashpoint.hit("before-index")
-        self.repo._publish_index(self._index_entries)
+        self.index_names.append(self.repo._publish_index(self._index_entries))
         crashpoint.hit("after-index")
         self.indices_written += 1
         self._index_entries = []
