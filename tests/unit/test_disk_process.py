@@ -1,0 +1,209 @@
+"""The disk reader process (:mod:`vmarchive.ops.disk_process`) against qemu-nbd serving a
+known image: what the child stores, the capture's writer adopts and commits, and a fresh
+open of the repository reads back byte for byte; a failed, cancelled or killed child
+fails (or stops) the reads in one line and adopts nothing.  The integration tests of
+captures run it against QEMU (it is how a live capture reads its disks).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from vmarchive.errors import HypervisorError, InterruptedError_, UsageError, VmarchiveError
+from vmarchive.ops import capture_disks as CD
+from vmarchive.ops import disk_process as DP
+from vmarchive.store import Repository
+from vmarchive.store.writer import ArchiveWriter
+
+KiB, MiB = 1024, 1024 * 1024
+SIZE = 9 * MiB + 20 * KiB  # a short last slot
+META = {"time": "2026-11-29T00:00:00Z", "domain": "dp", "kind": "capture"}
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
+    reason="qemu-utils not installed",
+)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The image's bytes: random data, a run of one byte, and holes."""
+    data = bytearray(SIZE)
+    data[0 : 3 * MiB] = os.urandom(3 * MiB)
+    data[5 * MiB : 6 * MiB] = b"\x5a" * MiB
+    data[SIZE - 20 * KiB :] = os.urandom(20 * KiB)
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def image(raw: bytes, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    d = tmp_path_factory.mktemp("dp")
+    (d / "d.raw").write_bytes(raw)
+    img = d / "d.qcow2"
+    cmd = ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(d / "d.raw"), str(img)]
+    subprocess.run(cmd, check=True)
+    return img
+
+
+class Recorder:
+    """A Progress that keeps every task's name, total and advances."""
+
+    def __init__(self) -> None:
+        self.tasks: list[dict[str, Any]] = []
+
+    def task(self, name: str, total: int | None = None, unit: str = "B") -> Any:
+        rec: dict[str, Any] = {"name": name, "total": total, "done": 0, "closed": False}
+        self.tasks.append(rec)
+
+        class T:
+            def advance(self, n: int) -> None:
+                rec["done"] += n
+
+            def set_total(self, total: int | None) -> None:
+                rec["total"] = total
+
+            def close(self) -> None:
+                rec["closed"] = True
+
+        return T()
+
+
+def _repo(tmp_path: pathlib.Path) -> tuple[str, Repository]:
+    loc = str(tmp_path / "repo")
+    return loc, Repository.init(loc)
+
+
+def test_the_child_stores_the_disk_and_the_writer_commits_it(
+    tmp_path: pathlib.Path, image: pathlib.Path, raw: bytes
+) -> None:
+    loc, repo = _repo(tmp_path)
+    rec = Recorder()
+    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
+        sink = w.stream("disk:vda", "disk", SIZE)
+        dp = DP.DiskProcess.spawn(loc, None, w, rec)
+        dp.start("vda", sink, socket=sock, export="disk")
+        dp.end_input()
+        dp.join()
+        dp.raise_first()
+        st = sink.close()
+        archive = w.commit(META)
+    r = dp.results["vda"]
+    assert dp._proc.returncode == 0
+    assert st.bytes_new == 0, "the parent stored nothing itself"
+    # 3 MiB random + 1 MiB of one byte + the random tail: each read once, the
+    # random data stored (the repeated byte compresses)
+    assert r.bytes_read >= 4 * MiB + 20 * KiB
+    assert r.bytes_stored >= 3 * MiB
+    (task,) = [t for t in rec.tasks if t["name"] == "disk vda"]
+    assert task["done"] == r.bytes_read and task["closed"]
+    # a fresh open (another process's view: only what is durable) reads the disk back
+    again = Repository.open(loc)
+    assert again.open_stream(archive, "disk:vda").read_all() == raw
+    report = again.verify(full=True)
+    assert report.ok, report.problems
+
+
+def test_without_adoption_the_tables_name_chunks_the_writer_does_not_know(
+    tmp_path: pathlib.Path, image: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The negative control of the adoption: the child's chunks are unknown to the
+    capture's writer until it takes in the child's index objects."""
+    monkeypatch.setattr(ArchiveWriter, "adopt_index", lambda self, names: 0)
+    loc, repo = _repo(tmp_path)
+    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
+        sink = w.stream("disk:vda", "disk", SIZE)
+        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
+        dp.start("vda", sink, socket=sock, export="disk")
+        dp.join()
+        with pytest.raises(VmarchiveError, match="not in the repository"):
+            dp.raise_first()
+
+
+def test_a_failed_read_fails_in_one_line_and_nothing_is_adopted(
+    tmp_path: pathlib.Path, image: pathlib.Path
+) -> None:
+    loc, repo = _repo(tmp_path)
+    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
+        sink = w.stream("disk:vda", "disk", SIZE)
+        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
+        dp.start("vda", sink, socket=sock, export="nosuch")
+        dp.join()
+        assert dp._proc.returncode == 0  # it reported the failure and aborted
+        with pytest.raises(HypervisorError) as err:
+            dp.raise_first()
+        assert "\n" not in str(err.value) and "nosuch" in str(err.value)
+        assert sink.table() == bytes(len(sink.table())), "no slot was set"
+    assert repo.list_archives() == []
+
+
+def test_cancel_stops_the_child_and_adopts_nothing(
+    tmp_path: pathlib.Path, image: pathlib.Path
+) -> None:
+    loc, repo = _repo(tmp_path)
+    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
+        sink = w.stream("disk:vda", "disk", SIZE)
+        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
+        dp.start("vda", sink, socket=sock, export="disk")
+        dp.cancel()
+        t = time.monotonic()
+        dp.join()
+        assert time.monotonic() - t < 20
+        assert dp._proc.returncode is not None
+        assert sink.table() == bytes(len(sink.table()))
+        assert dp._published is None and dp._aborted == "cancelled"
+
+
+def test_a_stream_of_another_chunk_size_is_refused_not_misfilled(
+    tmp_path: pathlib.Path, image: pathlib.Path
+) -> None:
+    loc, repo = _repo(tmp_path)
+    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
+        sink = w.stream("disk:vda", "disk", SIZE, chunk_size=64 * KiB)
+        assert sink.chunk_size != repo.codecs.default_chunk_size("disk")
+        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
+        dp.start("vda", sink, socket=sock, export="disk")
+        dp.join()
+        with pytest.raises(VmarchiveError, match="does not fit"):
+            dp.raise_first()
+        assert sink.table() == bytes(len(sink.table()))
+
+
+def test_a_killed_child_is_an_error_not_a_hang(tmp_path: pathlib.Path, image: pathlib.Path) -> None:
+    loc, repo = _repo(tmp_path)
+    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
+        sink = w.stream("disk:vda", "disk", SIZE)
+        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
+        dp._proc.kill()
+        dp.start("vda", sink, socket=sock, export="disk")
+        dp.join()
+        with pytest.raises(VmarchiveError, match="without a result"):
+            dp.raise_first()
+
+
+def test_a_repository_the_child_cannot_open_is_reported(
+    tmp_path: pathlib.Path, image: pathlib.Path
+) -> None:
+    _loc, repo = _repo(tmp_path)
+    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
+        sink = w.stream("disk:vda", "disk", SIZE)
+        dp = DP.DiskProcess.spawn(str(tmp_path / "elsewhere"), None, w, Recorder())
+        dp.start("vda", sink, socket=sock, export="disk")
+        dp.join()
+        with pytest.raises(VmarchiveError, match="cannot open the repository"):
+            dp.raise_first()
+
+
+def test_errors_come_back_as_their_class_or_as_an_internal_error() -> None:
+    e = DP._error_of({"type": "InterruptedError_", "message": "reading disk vda cancelled"})
+    assert type(e) is InterruptedError_ and str(e) == "reading disk vda cancelled"
+    assert type(DP._error_of({"type": "UsageError", "message": "x"})) is UsageError
+    other = DP._error_of({"type": "KeyError", "message": "'x'"})
+    assert type(other) is VmarchiveError and "KeyError" in str(other)
+    assert type(DP._error_of({"type": "getLogger", "message": "x"})) is VmarchiveError

@@ -1,0 +1,452 @@
+"""A live capture's disks read by a process of its own (ops layer).
+
+A capture stores its memory (the migration stream: parsed, hashed, packed, checked live)
+and its disks at the same time.  On threads of one process both paths hold the
+interpreter lock for most of their work and hand it over at every system call and zstd
+call; taking it back costs up to the switch interval each time.  ``scripts/bench_split.py``
+timed the same memory and disk work at 1.99-2.32 s on threads of one process and at
+1.49-1.67 s in two processes, against 1.37-1.47 s for the memory alone.  So a live capture
+starts this module's :func:`main` as a child process as it begins,
+while it prepares QEMU, and hands it the disks' NBD exports at the instant.
+
+The child opens the repository itself (a writer of its own: a shared lock, the chunk
+index), reads each disk with :func:`~vmarchive.ops.capture_disks.read_disk` or
+:func:`~vmarchive.ops.capture_incr.read_disk_incremental` into a stream of that writer,
+and ends it with :meth:`~vmarchive.store.writer.ArchiveWriter.publish_chunks`: every
+chunk it stored is in a durable pack named by a durable index object, and no manifest
+names them.  The parent adopts those index objects and points its own disk streams at
+the slot tables the child sends (:meth:`~vmarchive.store.writer.StreamWriter.set_chunks`);
+its manifest is published after that, so the write ordering holds (packs, then index
+objects, then the manifest), and the parent's shared lock keeps gc out until then.
+Anything that fails on the way fails the capture as a failed disk read does.
+
+The protocol is one JSON object per line, on the child's stdin and stdout:
+
+==========  ==================================================================
+to child    ``{"open": {"repo", "passphrase", "log"}}`` first; then
+            ``{"disk": {"target", "socket", "export", "size", "bitmap",
+            "parent_table"}}`` for each disk (``parent_table``: base64, with
+            ``bitmap`` for an incremental read); ``{"end": true}``: no more
+            disks; the end of the input before the child's result: cancelled
+from child  ``{"ready": {"chunk_size"}}`` once the repository is open;
+            ``{"task"|"advance"|"total"|"close": ...}``: progress;
+            ``{"done": target, "read": {DiskRead}, "table": base64}`` or
+            ``{"failed": target, "error": {"type", "message"}}`` per disk; last
+            ``{"published": [index names]}`` or ``{"aborted": why}``
+==========  ==================================================================
+
+The child ignores SIGINT (the capture cancels it as it cleans up) and stops on SIGTERM
+or when its input ends (the capture died): its writer aborts, what it published is
+garbage for gc.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+import vmarchive
+from vmarchive import errors
+from vmarchive.errors import VmarchiveError
+from vmarchive.ops.capture_disks import DiskRead
+from vmarchive.progress import Progress, Task
+
+log = logging.getLogger(__name__)
+
+#: Seconds between the progress messages of one task (the bars redraw at 10 Hz).
+_PROGRESS_EVERY = 0.1
+#: Seconds a cancelled child gets to abort its writer before it is killed.
+_CANCEL_WAIT = 30.0
+#: The child's program (``python -c``; its argument: where the parent's vmarchive is).
+_CHILD = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import vmarchive; del sys.path[0]; "
+    "from vmarchive.ops.disk_process import main; main()"
+)
+
+
+def _error_of(what: dict[str, Any]) -> BaseException:
+    """The exception a child reported (``{"type", "message"}``): the class of that name in
+    :mod:`vmarchive.errors` with the child's message, else an internal error."""
+    cls = getattr(errors, str(what.get("type")), None)
+    message = str(what.get("message") or "disk read failed")
+    if isinstance(cls, type) and issubclass(cls, VmarchiveError):
+        with contextlib.suppress(TypeError):
+            return cls(message)
+    return VmarchiveError(f"disk reader process: {what.get('type')}: {message}")
+
+
+class DiskProcess:
+    """The capture's end of the child: the interface of
+    :class:`~vmarchive.ops.capture_disks.DiskThreads` (``cancel``, ``join``,
+    ``raise_first``, ``results``, ``errors``), with :meth:`start` taking a disk's export
+    and its stream in the capture's writer ``w``; :meth:`join` adopts what the child
+    stored into ``w``."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], w: Any, progress: Progress) -> None:
+        self._proc = proc
+        self._w = w
+        self._progress = progress
+        self.results: dict[str, DiskRead] = {}
+        self.errors: list[BaseException] = []
+        self._sinks: dict[str, Any] = {}
+        self._tables: dict[str, bytes] = {}
+        self._tasks: dict[int, Task] = {}
+        self._published: list[str] | None = None
+        self._aborted: str | None = None
+        self._chunk_size: int | None = None
+        self._ended = False  # "end" or "cancel" sent
+        self._cancelled = False
+        self._send_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="disk-process", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def spawn(
+        cls, location: str, passphrase: str | None, w: Any, progress: Progress
+    ) -> DiskProcess:
+        """Start the child and send it the repository to open.  Raises OSError when it
+        cannot be started."""
+        # The child imports this vmarchive, wherever it was imported from: its directory
+        # first on the path for that import only (kept there, a site-packages directory
+        # would shadow the standard library; the package's own path serves the rest).
+        root = os.path.dirname(os.path.dirname(os.path.abspath(vmarchive.__file__)))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        levels = {
+            name: lg.level
+            for name, lg in logging.root.manager.loggerDict.items()
+            if isinstance(lg, logging.Logger) and lg.level != logging.NOTSET
+        }
+        levels[""] = logging.root.level
+        self = cls(proc, w, progress)
+        self._send({"open": {"repo": location, "passphrase": passphrase, "log": levels}})
+        return self
+
+    # -- the capture's side --------------------------------------------------------------
+    def start(
+        self,
+        target: str,
+        sink: Any,
+        *,
+        socket: str,
+        export: str,
+        bitmap: str | None = None,
+        parent_table: bytes | None = None,
+    ) -> None:
+        """Have the child read ``export`` (NBD, unix socket ``socket``) for ``sink``, the
+        disk's stream in the capture's writer: in full, or (``bitmap`` and
+        ``parent_table``) what the bitmap marks dirty."""
+        self._sinks[target] = sink
+        disk = {
+            "target": target,
+            "socket": socket,
+            "export": export,
+            "size": sink.size,
+            "bitmap": bitmap,
+            "parent_table": None
+            if parent_table is None
+            else base64.b64encode(parent_table).decode("ascii"),
+        }
+        self._send({"disk": disk})
+
+    def end_input(self) -> None:
+        """No more disks: the child publishes once it has read them."""
+        if not self._ended:
+            self._ended = True
+            self._send({"end": True})
+
+    def cancel(self) -> None:
+        """Stop the reads: the end of its input tells the child to abort its writer
+        (:meth:`join` waits for it)."""
+        self._cancelled = True
+        self._ended = True
+        with contextlib.suppress(OSError):
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+
+    def join(self) -> None:
+        """Wait for the child; then, unless cancelled or failed, adopt its index objects
+        into the writer and its slot tables into the disks' streams.  Errors are kept in
+        :attr:`errors` (:meth:`raise_first`)."""
+        self.end_input()
+        if self._cancelled:
+            self._wait(_CANCEL_WAIT)
+            return
+        self._wait(None)
+        if self.errors:
+            return
+        if self._published is None:
+            why = self._aborted or f"ended without a result (exit status {self._proc.returncode})"
+            self.errors.append(VmarchiveError(f"disk reader process {why}"))
+            return
+        try:
+            self._w.adopt_index(self._published)
+            for target, sink in self._sinks.items():
+                table = self._tables[target]
+                nslots = -(-int(sink.size) // int(sink.chunk_size))
+                if self._chunk_size != sink.chunk_size or len(table) != 16 * nslots:
+                    raise VmarchiveError(
+                        f"disk {target}: the disk reader process's slot table does not fit"
+                    )
+                sink.set_chunks(table, range(nslots))
+        except BaseException as e:
+            log.debug("adopting the disk reader's chunks failed", exc_info=True)
+            self.errors.append(e)
+
+    def raise_first(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def _wait(self, timeout: float | None) -> None:
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("disk reader process did not stop; killing it")
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            with contextlib.suppress(OSError):
+                if stream is not None:
+                    stream.close()
+
+    def _send(self, obj: dict[str, Any]) -> None:
+        line = (json.dumps(obj) + "\n").encode()
+        with self._send_lock, contextlib.suppress(OSError, ValueError):
+            # a child gone (it failed: its output says why) or input closed (cancelled)
+            stdin = self._proc.stdin
+            assert stdin is not None
+            stdin.write(line)
+            stdin.flush()
+
+    def _read(self) -> None:
+        out = self._proc.stdout
+        assert out is not None
+        for raw in out:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                log.debug("disk reader process: %r", raw[:200])
+                continue
+            try:
+                self._dispatch(msg)
+            except Exception:  # a malformed message: the result decides
+                log.debug("disk reader process message %r", msg, exc_info=True)
+        for task in self._tasks.values():
+            task.close()
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if "advance" in msg:
+            self._tasks[int(msg["advance"])].advance(int(msg["n"]))
+        elif "task" in msg:
+            total = msg.get("total")
+            self._tasks[int(msg["task"])] = self._progress.task(
+                str(msg["name"]), None if total is None else int(total), str(msg["unit"])
+            )
+        elif "total" in msg:
+            total = msg.get("n")
+            self._tasks[int(msg["total"])].set_total(None if total is None else int(total))
+        elif "close" in msg:
+            task = self._tasks.pop(int(msg["close"]), None)
+            if task is not None:
+                task.close()
+        elif "ready" in msg:
+            self._chunk_size = int(msg["ready"]["chunk_size"])
+        elif "done" in msg:
+            target = str(msg["done"])
+            self.results[target] = DiskRead(**msg["read"])
+            self._tables[target] = base64.b64decode(msg["table"])
+        elif "failed" in msg:
+            self.errors.append(_error_of(msg["error"]))
+        elif "published" in msg:
+            self._published = [str(n) for n in msg["published"]]
+        elif "aborted" in msg:
+            self._aborted = str(msg["aborted"])
+
+
+# -- the child ---------------------------------------------------------------------------
+class _Channel:
+    """The child's output: one JSON object per line, from any thread."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def send(self, obj: dict[str, Any]) -> None:
+        line = (json.dumps(obj) + "\n").encode()
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            self._out.write(line)
+            self._out.flush()
+
+
+class _PipeTask:
+    def __init__(self, ch: _Channel, tid: int) -> None:
+        self._ch = ch
+        self._id = tid
+        self._pending = 0
+        self._last = time.monotonic()
+
+    def advance(self, n: int) -> None:
+        self._pending += n
+        now = time.monotonic()
+        if now - self._last >= _PROGRESS_EVERY:
+            self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        if self._pending:
+            self._ch.send({"advance": self._id, "n": self._pending})
+            self._pending = 0
+        self._last = now
+
+    def set_total(self, total: int | None) -> None:
+        self._ch.send({"total": self._id, "n": total})
+
+    def close(self) -> None:
+        self._flush(time.monotonic())
+        self._ch.send({"close": self._id})
+
+
+class _PipeProgress:
+    def __init__(self, ch: _Channel) -> None:
+        self._ch = ch
+        self._ids = itertools.count()
+
+    def task(self, name: str, total: int | None = None, unit: str = "B") -> Task:
+        tid = next(self._ids)
+        self._ch.send({"task": tid, "name": name, "total": total, "unit": unit})
+        return _PipeTask(self._ch, tid)
+
+
+def _read_one(
+    w: Any, disk: dict[str, Any], progress: Progress, cancelled: Callable[[], bool]
+) -> tuple[DiskRead, bytes]:
+    from vmarchive.ops.capture_disks import read_disk
+
+    target = str(disk["target"])
+    sink = w.stream(f"disk:{target}", "disk", int(disk["size"]))
+    if disk.get("bitmap") and disk.get("parent_table") is not None:
+        from vmarchive.ops.capture_incr import read_disk_incremental
+
+        r = read_disk_incremental(
+            disk["socket"],
+            disk["export"],
+            sink,
+            target,
+            progress,
+            str(disk["bitmap"]),
+            base64.b64decode(disk["parent_table"]),
+            zero_id=w.zero_id,
+            parent_chunk=w.read_chunk,
+            cancelled=cancelled,
+        )
+    else:
+        r = read_disk(disk["socket"], disk["export"], sink, target, progress, cancelled=cancelled)
+    r.bytes_stored = int(sink.close().bytes_new)
+    return r, sink.table()
+
+
+def child_main(inp: IO[bytes], out: IO[bytes]) -> int:
+    """The child: see the module's docstring.  Returns its exit status."""
+    from vmarchive.store import Repository
+
+    ch = _Channel(out)
+    first = inp.readline()
+    if not first:
+        return 0  # the capture ended before it needed us
+    opened = json.loads(first)["open"]
+    for name, level in dict(opened.get("log") or {}).items():
+        logging.getLogger(name or None).setLevel(int(level))
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    stop = threading.Event()  # the reads stop: cancelled, or one of them failed
+    cancelled = threading.Event()
+
+    def cancel() -> None:
+        cancelled.set()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, lambda _s, _f: cancel())
+    try:
+        repo = Repository.open(str(opened["repo"]), opened.get("passphrase"))
+        w = repo.writer()
+    except Exception as e:
+        ch.send({"aborted": f"cannot open the repository: {e}"})
+        return 1
+    ch.send({"ready": {"chunk_size": repo.codecs.default_chunk_size("disk")}})
+    progress = _PipeProgress(ch)
+    failed = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def read(disk: dict[str, Any]) -> None:
+        target = str(disk["target"])
+        try:
+            r, table = _read_one(w, disk, progress, stop.is_set)
+            table64 = base64.b64encode(table).decode("ascii")
+            ch.send({"done": target, "read": dataclasses.asdict(r), "table": table64})
+        except BaseException as e:
+            log.debug("disk %s failed", target, exc_info=True)
+            failed.set()
+            stop.set()
+            ch.send({"failed": target, "error": {"type": type(e).__name__, "message": str(e)}})
+
+    def listen() -> None:
+        # "disk" lines until "end"; then only "cancel" or the end of the input matter
+        ended = False
+        for raw in inp:
+            msg = json.loads(raw)
+            if "disk" in msg and not ended:
+                t = threading.Thread(target=read, args=(msg["disk"],), name="disk-read")
+                threads.append(t)
+                t.start()
+            elif "end" in msg:
+                ended = True
+                got_end.set()
+        cancel()  # the input ended: cancelled, or the capture is gone
+        got_end.set()
+
+    got_end = threading.Event()
+    threading.Thread(target=listen, name="disk-process-input", daemon=True).start()
+    with w:
+        while not got_end.wait(0.1):  # in slices: SIGTERM's handler runs between them
+            pass
+        for t in list(threads):
+            while t.is_alive():
+                t.join(0.1)
+        if stop.is_set():
+            w.abort()
+            ch.send({"aborted": "cancelled" if cancelled.is_set() else "a disk read failed"})
+            return 0
+        names = w.publish_chunks()
+    ch.send({"published": names})
+    return 0
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the capture stops us as it cleans up
+    try:
+        code = child_main(sys.stdin.buffer, sys.stdout.buffer)
+    except BaseException as e:  # reported on the channel when it can be; never a traceback
+        with contextlib.suppress(Exception):
+            _Channel(sys.stdout.buffer).send({"aborted": f"{type(e).__name__}: {e}"})
+        code = 1
+    # Out at once: the thread reading the input may be inside a read, which the
+    # interpreter's shutdown would wait for (and abort on).  Nothing is left to flush but
+    # the log, and the writer is done (published or aborted).
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os._exit(code)
