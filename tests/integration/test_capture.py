@@ -15,6 +15,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import dataclasses
 from dataclasses import dataclass
 
 import libvirt
@@ -334,6 +335,30 @@ def test_repository_verifies_and_dedups(
         assert a.id in ids and b.id in ids
     print(f"second capture stored {b.bytes_stored} of {b.bytes_read} bytes read")
     assert b.bytes_stored < b.bytes_read
+
+
+@pytest.mark.parametrize("by_process", [True, False], ids=["disk-process", "disk-threads"])
+def test_disks_read_by_a_process_or_on_threads_are_stored_and_counted(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path], tmp_path: pathlib.Path, by_process: bool
+) -> None:
+    """A live capture reads its disks in a process of its own (vmarchive.ops.disk_process),
+    or on threads of its own process (its fallback): either way a first capture into a new
+    repository is consistent, verifies, and counts every disk's new bytes."""
+    repo = tmp_path / "repo"
+    Repository.init(str(repo), InitOptions()).close()
+    mode = Mode.SWITCHOVER if snapshot_reason(guest) else Mode.SNAPSHOT
+    boot = guest.boot_id
+    assert boot is not None
+    o = dataclasses.replace(opts(guest, env, mode=mode, disk_process=by_process), repo=str(repo))
+    r = capture(o)
+    with Repository.open(str(repo)) as rp:
+        ob = observe(rp, r.id, boot)
+        assert ob.consistent, f"RAM and disk from different instants: {ob}"
+        report = rp.verify(full=True)
+        assert report.ok, report.problems
+    stored = {d.target: d.bytes_stored for d in r.disks if d.copied}
+    assert set(stored) == {"vda", "vdb"} and all(n > 0 for n in stored.values()), stored
+    assert qemu_leftovers(guest) == []
 
 
 def test_bad_input_is_one_clear_error(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> None:
