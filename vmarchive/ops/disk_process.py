@@ -106,7 +106,7 @@ class DiskProcess:
         self._published: list[str] | None = None
         self._aborted: str | None = None
         self._chunk_size: int | None = None
-        self._ended = False  # "end" or "cancel" sent
+        self._ended = False  # "end" sent, or the input closed
         self._cancelled = False
         self._send_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="disk-process", daemon=True)
