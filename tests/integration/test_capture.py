@@ -8,6 +8,7 @@ control delays the disk view by a second and must be caught by the same check.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -15,7 +16,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import dataclasses
 from dataclasses import dataclass
 
 import libvirt
