@@ -359,6 +359,8 @@ class _Capture:
         self.caps_now: dict[str, bool] | None = None
         #: the huge-page remap running beside the commit (see _live_capture)
         self.remap: _Background | None = None
+        #: the disk reader process of the attempt under way (:meth:`_disk_readers`)
+        self.readers: DiskProcess | None = None
 
     # -- state machine -------------------------------------------------------------------
     def to(self, state: CaptureState, note: str = "") -> None:
@@ -676,6 +678,10 @@ class _Capture:
                         qmp, marker, w, mode, disks, copy, live_xml, mig_xml, memory
                     )
                 finally:
+                    readers, self.readers = self.readers, None
+                    if readers is not None:  # joined by now, unless the capture failed
+                        readers.cancel()
+                        readers.join()
                     remap, self.remap = self.remap, None
                     if remap is not None:
                         remap.result()  # not beside a retried attempt's snapshot (bounded)
@@ -1119,29 +1125,6 @@ class _Capture:
                 if status in ("failed", "cancelled"):
                     next_poll = 0.0
 
-    def _live_capture(
-        self,
-        qmp: QMP,
-        marker: Marker,
-        w: Any,
-        mode: str,
-        disks: list[DiskInfo],
-        copy: list[DiskInfo],
-        live_xml: str,
-        mig_xml: str,
-        memory: capture_parse.MemoryConsumer,
-    ) -> CaptureResult:
-        readers: list[DiskProcess] = []  # the disk reader process, once started
-        try:
-            return self._live_capture_with(
-                qmp, marker, w, mode, disks, copy, live_xml, mig_xml, memory, readers
-            )
-        except BaseException:
-            for r in readers:
-                r.cancel()
-                r.join()
-            raise
-
     def _disk_readers(self, w: Any, mode: str, copy: list[DiskInfo]) -> DiskProcess | None:
         """The disk reader process (:mod:`vmarchive.ops.disk_process`), where it pays: a
         live capture that reads a disk in full, beside the memory.  Its start-up (an
@@ -1160,7 +1143,7 @@ class _Capture:
             log.debug("disk reader process not started (%s): disks read on threads", e)
             return None
 
-    def _live_capture_with(
+    def _live_capture(
         self,
         qmp: QMP,
         marker: Marker,
@@ -1171,7 +1154,6 @@ class _Capture:
         live_xml: str,
         mig_xml: str,
         memory: capture_parse.MemoryConsumer,
-        readers: list[DiskProcess],
     ) -> CaptureResult:
         meta = self._base_metadata("full", live_xml)
         self._xml_streams(w, live_xml, mig_xml)
@@ -1223,8 +1205,7 @@ class _Capture:
         self.plans = self._plan_disks(qmp, copy, disk_sinks)  # finds the parent archive
         started = self._disk_readers(w, mode, copy)
         if started is not None:
-            readers.append(started)  # cancelled by _live_capture if anything fails
-            threads = started
+            self.readers = threads = started  # stopped in _attempt_inner whatever happens
         capture_parse.vouch(memory, None if self.o.full else self.parent_archive)
         marker.bitmaps = [[p.node, p.new_bitmap, p.since_bitmap] for p in self.plans.values()]
         self.to(CaptureState.PREPARED, mode)
