@@ -7,11 +7,14 @@ captures run it against QEMU (it is how a live capture reads its disks).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import pathlib
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -75,36 +78,76 @@ class Recorder:
         return T()
 
 
-def _repo(tmp_path: pathlib.Path) -> tuple[str, Repository]:
+@dataclasses.dataclass
+class Reading:
+    """A capture's side of a disk reader process: its repository, writer and disk stream,
+    the child, and the NBD socket serving the image (as export "disk")."""
+
+    location: str
+    repo: Repository
+    w: ArchiveWriter
+    sink: Any
+    dp: DP.DiskProcess
+    sock: str
+    progress: Recorder
+
+    def read(self, export: str = "disk") -> None:
+        self.dp.start("vda", self.sink, socket=self.sock, export=export)
+
+    def read_and_fail(self, match: str, export: str = "disk") -> VmarchiveError:
+        """Read; the reads fail with an error matching ``match``, in one line, and no slot
+        of the stream is set."""
+        self.read(export)
+        self.dp.join()
+        with pytest.raises(VmarchiveError, match=match) as err:
+            self.dp.raise_first()
+        assert "\n" not in str(err.value)
+        assert self.nothing_set()
+        return err.value
+
+    def nothing_set(self) -> bool:
+        table: bytes = self.sink.table()
+        return table == bytes(len(table))
+
+
+@contextlib.contextmanager
+def reading(
+    tmp_path: pathlib.Path,
+    image: pathlib.Path,
+    *,
+    repo_for_child: str | None = None,
+    chunk_size: int | None = None,
+) -> Iterator[Reading]:
     loc = str(tmp_path / "repo")
-    return loc, Repository.init(loc)
+    repo = Repository.init(loc)
+    rec = Recorder()
+    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
+        sink = w.stream("disk:vda", "disk", SIZE, chunk_size=chunk_size)
+        dp = DP.DiskProcess.spawn(repo_for_child or loc, None, w, rec)
+        yield Reading(loc, repo, w, sink, dp, sock, rec)
 
 
 def test_the_child_stores_the_disk_and_the_writer_commits_it(
     tmp_path: pathlib.Path, image: pathlib.Path, raw: bytes
 ) -> None:
-    loc, repo = _repo(tmp_path)
-    rec = Recorder()
-    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
-        sink = w.stream("disk:vda", "disk", SIZE)
-        dp = DP.DiskProcess.spawn(loc, None, w, rec)
-        dp.start("vda", sink, socket=sock, export="disk")
-        dp.end_input()
-        dp.join()
-        dp.raise_first()
-        st = sink.close()
-        archive = w.commit(META)
-    r = dp.results["vda"]
-    assert dp._proc.returncode == 0
+    with reading(tmp_path, image) as rd:
+        rd.read()
+        rd.dp.end_input()
+        rd.dp.join()
+        rd.dp.raise_first()
+        st = rd.sink.close()
+        archive = rd.w.commit(META)
+    r = rd.dp.results["vda"]
+    assert rd.dp._proc.returncode == 0
     assert st.bytes_new == 0, "the parent stored nothing itself"
     # 3 MiB random + 1 MiB of one byte + the random tail: each read once, the
     # random data stored (the repeated byte compresses)
     assert r.bytes_read >= 4 * MiB + 20 * KiB
     assert r.bytes_stored >= 3 * MiB
-    (task,) = [t for t in rec.tasks if t["name"] == "disk vda"]
+    (task,) = [t for t in rd.progress.tasks if t["name"] == "disk vda"]
     assert task["done"] == r.bytes_read and task["closed"]
     # a fresh open (another process's view: only what is durable) reads the disk back
-    again = Repository.open(loc)
+    again = Repository.open(rd.location)
     assert again.open_stream(archive, "disk:vda").read_all() == raw
     report = again.verify(full=True)
     assert report.ok, report.problems
@@ -116,88 +159,53 @@ def test_without_adoption_the_tables_name_chunks_the_writer_does_not_know(
     """The negative control of the adoption: the child's chunks are unknown to the
     capture's writer until it takes in the child's index objects."""
     monkeypatch.setattr(ArchiveWriter, "adopt_index", lambda self, names: 0)
-    loc, repo = _repo(tmp_path)
-    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
-        sink = w.stream("disk:vda", "disk", SIZE)
-        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
-        dp.start("vda", sink, socket=sock, export="disk")
-        dp.join()
-        with pytest.raises(VmarchiveError, match="not in the repository"):
-            dp.raise_first()
+    with reading(tmp_path, image) as rd:
+        rd.read_and_fail("not in the repository")
 
 
 def test_a_failed_read_fails_in_one_line_and_nothing_is_adopted(
     tmp_path: pathlib.Path, image: pathlib.Path
 ) -> None:
-    loc, repo = _repo(tmp_path)
-    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
-        sink = w.stream("disk:vda", "disk", SIZE)
-        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
-        dp.start("vda", sink, socket=sock, export="nosuch")
-        dp.join()
-        assert dp._proc.returncode == 0  # it reported the failure and aborted
-        with pytest.raises(HypervisorError) as err:
-            dp.raise_first()
-        assert "\n" not in str(err.value) and "nosuch" in str(err.value)
-        assert sink.table() == bytes(len(sink.table())), "no slot was set"
-    assert repo.list_archives() == []
+    with reading(tmp_path, image) as rd:
+        err = rd.read_and_fail("nosuch", export="nosuch")
+        assert isinstance(err, HypervisorError)  # NBDError, as on a thread
+        assert rd.dp._proc.returncode == 0  # it reported the failure and aborted
+    assert rd.repo.list_archives() == []
 
 
 def test_cancel_stops_the_child_and_adopts_nothing(
     tmp_path: pathlib.Path, image: pathlib.Path
 ) -> None:
-    loc, repo = _repo(tmp_path)
-    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
-        sink = w.stream("disk:vda", "disk", SIZE)
-        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
-        dp.start("vda", sink, socket=sock, export="disk")
-        dp.cancel()
+    with reading(tmp_path, image) as rd:
+        rd.read()
+        rd.dp.cancel()
         t = time.monotonic()
-        dp.join()
+        rd.dp.join()
         assert time.monotonic() - t < 20
-        assert dp._proc.returncode is not None
-        assert sink.table() == bytes(len(sink.table()))
-        assert dp._published is None and dp._aborted == "cancelled"
+        assert rd.dp._proc.returncode is not None
+        assert rd.nothing_set()
+        assert rd.dp._published is None and rd.dp._aborted == "cancelled"
 
 
 def test_a_stream_of_another_chunk_size_is_refused_not_misfilled(
     tmp_path: pathlib.Path, image: pathlib.Path
 ) -> None:
-    loc, repo = _repo(tmp_path)
-    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
-        sink = w.stream("disk:vda", "disk", SIZE, chunk_size=64 * KiB)
-        assert sink.chunk_size != repo.codecs.default_chunk_size("disk")
-        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
-        dp.start("vda", sink, socket=sock, export="disk")
-        dp.join()
-        with pytest.raises(VmarchiveError, match="does not fit"):
-            dp.raise_first()
-        assert sink.table() == bytes(len(sink.table()))
+    with reading(tmp_path, image, chunk_size=64 * KiB) as rd:
+        assert rd.sink.chunk_size != rd.repo.codecs.default_chunk_size("disk")
+        rd.read_and_fail("does not fit")
 
 
 def test_a_killed_child_is_an_error_not_a_hang(tmp_path: pathlib.Path, image: pathlib.Path) -> None:
-    loc, repo = _repo(tmp_path)
-    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
-        sink = w.stream("disk:vda", "disk", SIZE)
-        dp = DP.DiskProcess.spawn(loc, None, w, Recorder())
-        dp._proc.kill()
-        dp.start("vda", sink, socket=sock, export="disk")
-        dp.join()
-        with pytest.raises(VmarchiveError, match="without a result"):
-            dp.raise_first()
+    with reading(tmp_path, image) as rd:
+        rd.dp._proc.kill()
+        rd.read_and_fail("without a result")
 
 
 def test_a_repository_the_child_cannot_open_is_reported(
     tmp_path: pathlib.Path, image: pathlib.Path
 ) -> None:
-    _loc, repo = _repo(tmp_path)
-    with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
-        sink = w.stream("disk:vda", "disk", SIZE)
-        dp = DP.DiskProcess.spawn(str(tmp_path / "elsewhere"), None, w, Recorder())
-        dp.start("vda", sink, socket=sock, export="disk")
-        dp.join()
-        with pytest.raises(VmarchiveError, match="cannot open the repository"):
-            dp.raise_first()
+    with reading(tmp_path, image, repo_for_child=str(tmp_path / "elsewhere")) as rd:
+        rd.read_and_fail("cannot open the repository")
 
 
 def test_errors_come_back_as_their_class_or_as_an_internal_error() -> None:
