@@ -308,6 +308,31 @@ def test_full_forced(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> Non
     assert memory_roundtrip(env, after)["slots_from_parent"] > 0
 
 
+@pytest.mark.parametrize("threshold", [1, 1 << 50], ids=["process", "threads"])
+def test_incremental_reads_past_the_threshold_go_to_a_process(
+    guest: guestlib.Guest,
+    env: dict[str, pathlib.Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    threshold: int,
+) -> None:
+    """Incremental reads whose bitmaps mark PROCESS_MIN_READ bytes or more (here: any
+    write, or none at all) are read by the disk reader process; the archive is exact either
+    way.  The only test of read_disk_incremental in that process: a capture with every
+    disk incremental reads on threads unless the writes reach the threshold."""
+    monkeypatch.setattr(capture_mod, "PROCESS_MIN_READ", threshold)
+    caplog.set_level(logging.DEBUG, logger="vmarchive.ops.capture")
+    guest.wait_ticks(2, since=guest.serial.mark())  # vdb's writer dirties it meanwhile
+    r = capture(opts(guest, env, mode=Mode.SWITCHOVER))
+    for t in ("vda", "vdb", "vdc"):
+        d = disk(r, t)
+        assert d["incremental"] and d["fallback_reason"] is None, d
+    assert int(disk(r, "vdb")["bytes_read"]) > 0
+    by_process = any("read by a process of their own" in m for m in caplog.messages)
+    assert by_process == (threshold == 1), caplog.messages
+    assert check_archive(guest, env, r.id, f"threshold-{threshold}") == []
+
+
 def test_bitmap_removed_by_another_tool(
     guest: guestlib.Guest, env: dict[str, pathlib.Path]
 ) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 import vmarchive.format.migstream as ms
 from vmarchive.errors import ChunkMissingError, DomainNotFoundError
-from vmarchive.ops.capture import DiskResult
+from vmarchive.ops.capture import PROCESS_MIN_READ, DiskResult, reads_pay_for_a_process
 from vmarchive.ops.capture_incr import (
     BitmapState,
     Current,
@@ -121,6 +121,26 @@ def summary(aid: str, uuid: str, bitmaps: dict[str, str] | None, host: str = "h1
     if bitmaps is not None:
         meta["tracking"] = {t: {"bitmap": b} for t, b in bitmaps.items()}
     return ArchiveSummary(aid, "2026-11-25T00:00:00Z", f"vm-{uuid}", "full", metadata=meta)
+
+
+def test_disk_reads_go_to_a_process_when_they_pay_for_it() -> None:
+    """A disk read in full takes the disk reader process; incremental reads only when
+    their bitmaps mark at least PROCESS_MIN_READ bytes; the count is the plans' sum."""
+
+    def inc(dirty: int) -> DiskPlan:
+        return DiskPlan("vdb", "n", "vmarchive-1", True, NAME, parent(), None, (), dirty)
+
+    full = DiskPlan("vda", "n", "vmarchive-2", True, None, None, "no parent", ())
+    no_parent = DiskPlan("vda", "n", "vmarchive-2", True, NAME, None, None, ())
+    assert reads_pay_for_a_process([full])
+    assert reads_pay_for_a_process([inc(0), full])
+    assert reads_pay_for_a_process([no_parent])  # read in full: nothing to refer to
+    assert not reads_pay_for_a_process([])
+    assert not reads_pay_for_a_process([inc(0)])
+    assert not reads_pay_for_a_process([inc(PROCESS_MIN_READ - 1)])
+    assert reads_pay_for_a_process([inc(PROCESS_MIN_READ)])
+    half = PROCESS_MIN_READ // 2
+    assert reads_pay_for_a_process([inc(half), inc(half)])
 
 
 def test_released_only_when_the_last_archive_is_gone() -> None:

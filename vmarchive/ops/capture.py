@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -929,6 +929,7 @@ class _Capture:
                 parent=pdisk if since is not None else None,
                 fallback_reason=why,
                 stale=tuple(b.name for b in mine if b.name.startswith(PREFIX) and b.name != since),
+                dirty_bytes=next((b.count for b in mine if b.name == since), 0),
             )
             if why is not None:
                 log.info("disk %s: full read: %s", d.target, why)
@@ -1126,19 +1127,17 @@ class _Capture:
                     next_poll = 0.0
 
     def _disk_readers(self, w: Any, mode: str, copy: list[DiskInfo]) -> DiskProcess | None:
-        """The disk reader process (:mod:`vmarchive.ops.disk_process`), where it pays: a
-        live capture that reads a disk in full, beside the memory.  Its start-up (an
-        interpreter, the repository and its index: ~0.2 s of a second capture here) runs
-        beside the rest of the preparation and the memory; incremental reads are a
-        fraction of that and stay on threads, as do the disks of a paused guest, read
-        before its memory is sent.  None: read on threads."""
+        """The disk reader process (:mod:`vmarchive.ops.disk_process`) of a live capture
+        whose disk reads pay for it (:func:`reads_pay_for_a_process`); the disks of a
+        paused guest are read before its memory is sent: on threads.  None: on threads."""
         if not self.o.disk_process or mode == "paused":
             return None
-        plans = [self.plans[d.target] for d in copy]
-        if not any(p.since_bitmap is None or p.parent is None for p in plans):
+        if not reads_pay_for_a_process([self.plans[d.target] for d in copy]):
             return None
         try:
-            return DiskProcess.spawn(self.o.repo, self.o.passphrase, w, self.progress)
+            readers = DiskProcess.spawn(self.o.repo, self.o.passphrase, w, self.progress)
+            log.debug("disks read by a process of their own (pid %d)", readers.pid)
+            return readers
         except OSError as e:
             log.debug("disk reader process not started (%s): disks read on threads", e)
             return None
@@ -1511,6 +1510,28 @@ class _Capture:
             parent=parent_id,
             huge_pages=huge,
         )
+
+
+#: Bytes of incremental reads from which a capture reads its disks in a process of its own.
+#: Beside the memory, on threads of one process, reading and storing a disk cost ~1 s per
+#: GiB more than in a process of its own (scripts/bench_split.py: 516 MiB of disk added
+#: 0.5-0.9 s to the memory's 1.4 s on threads, 0.1-0.2 s in two processes); the process's
+#: start-up is ~0.2 s here, so it pays from ~200 MiB.
+PROCESS_MIN_READ = 256 << 20
+
+
+def reads_pay_for_a_process(plans: Iterable[DiskPlan]) -> bool:
+    """Whether the disk reads of a live capture planned as ``plans`` go to a process of
+    their own: when a disk is read in full (a first capture, a fallback, ``--full``), or
+    the incremental reads (the bytes the frozen bitmaps mark) add up to at least
+    :data:`PROCESS_MIN_READ`.  A second capture of the idle bench guest (nothing to read)
+    took 0.53 s on threads and 0.69 s with a process (medians of 5)."""
+    dirty = 0
+    for p in plans:
+        if p.since_bitmap is None or p.parent is None:
+            return True
+        dirty += p.dirty_bytes
+    return dirty >= PROCESS_MIN_READ
 
 
 class _Background:

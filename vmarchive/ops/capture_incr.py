@@ -244,6 +244,9 @@ class DiskPlan:
     fallback_reason: str | None
     #: names of our other bitmaps on the node (removed after a committed archive).
     stale: tuple[str, ...]
+    #: bytes ``since_bitmap`` marked dirty when the capture was planned (QEMU's count;
+    #: it grows until the instant): about what an incremental read will read.
+    dirty_bytes: int = 0
 
     @property
     def incremental(self) -> bool:

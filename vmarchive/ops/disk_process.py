@@ -138,6 +138,10 @@ class DiskProcess:
         self._send({"open": {"repo": location, "passphrase": passphrase, "log": levels}})
         return self
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     # -- the capture's side --------------------------------------------------------------
     def start(
         self,
