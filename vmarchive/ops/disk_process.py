@@ -6,8 +6,9 @@ interpreter lock for most of their work and hand it over at every system call an
 call; taking it back costs up to the switch interval each time.  ``scripts/bench_split.py``
 timed the same memory and disk work at 1.99-2.32 s on threads of one process and at
 1.49-1.67 s in two processes, against 1.37-1.47 s for the memory alone.  So a live capture
-starts this module's :func:`main` as a child process as it begins,
-while it prepares QEMU, and hands it the disks' NBD exports at the instant.
+whose disk reads pay for it (:func:`vmarchive.ops.capture.reads_pay_for_a_process`) starts
+this module's :func:`main` as a child process as soon as its disks are planned, while it
+prepares QEMU, and hands it the disks' NBD exports at the instant.
 
 The child opens the repository itself (a writer of its own: a shared lock, the chunk
 index), reads each disk with :func:`~vmarchive.ops.capture_disks.read_disk` or
@@ -60,7 +61,7 @@ from typing import IO, Any
 import vmarchive
 from vmarchive import errors
 from vmarchive.errors import VmarchiveError
-from vmarchive.ops.capture_disks import DiskRead
+from vmarchive.ops.capture_disks import DiskRead, read_disk
 from vmarchive.progress import Progress, Task
 
 log = logging.getLogger(__name__)
@@ -340,11 +341,10 @@ class _PipeProgress:
 def _read_one(
     w: Any, disk: dict[str, Any], progress: Progress, cancelled: Callable[[], bool]
 ) -> tuple[DiskRead, bytes]:
-    from vmarchive.ops.capture_disks import read_disk
-
     target = str(disk["target"])
     sink = w.stream(f"disk:{target}", "disk", int(disk["size"]))
     if disk.get("bitmap") and disk.get("parent_table") is not None:
+        # only here: capture_incr imports libvirt, ~20 ms of a child that reads in full
         from vmarchive.ops.capture_incr import read_disk_incremental
 
         r = read_disk_incremental(
@@ -409,7 +409,7 @@ def child_main(inp: IO[bytes], out: IO[bytes]) -> int:
             ch.send({"failed": target, "error": {"type": type(e).__name__, "message": str(e)}})
 
     def listen() -> None:
-        # "disk" lines until "end"; then only "cancel" or the end of the input matter
+        # "disk" lines until "end"; then only the end of the input matters
         ended = False
         for raw in inp:
             msg = json.loads(raw)
