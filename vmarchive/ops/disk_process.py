@@ -88,6 +88,21 @@ def _error_of(what: dict[str, Any]) -> BaseException:
     return VmarchiveError(f"disk reader process: {what.get('type')}: {message}")
 
 
+class _Channel:
+    """One end of the protocol: one JSON object per line, from any thread.  A write to a
+    peer that is gone or a pipe closed (cancelled) is dropped: the result decides."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def send(self, obj: dict[str, Any]) -> None:
+        line = (json.dumps(obj) + "\n").encode()
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            self._out.write(line)
+            self._out.flush()
+
+
 class DiskProcess:
     """The capture's end of the child: the interface of
     :class:`~vmarchive.ops.capture_disks.DiskThreads` (``cancel``, ``join``,
@@ -109,7 +124,8 @@ class DiskProcess:
         self._chunk_size: int | None = None
         self._ended = False  # "end" sent, or the input closed
         self._cancelled = False
-        self._send_lock = threading.Lock()
+        assert proc.stdin is not None
+        self._to_child = _Channel(proc.stdin)
         self._reader = threading.Thread(target=self._read, name="disk-process", daemon=True)
         self._reader.start()
 
@@ -136,7 +152,7 @@ class DiskProcess:
         }
         levels[""] = logging.root.level
         self = cls(proc, w, progress)
-        self._send({"open": {"repo": location, "passphrase": passphrase, "log": levels}})
+        self._to_child.send({"open": {"repo": location, "passphrase": passphrase, "log": levels}})
         return self
 
     @property
@@ -168,13 +184,13 @@ class DiskProcess:
             if parent_table is None
             else base64.b64encode(parent_table).decode("ascii"),
         }
-        self._send({"disk": disk})
+        self._to_child.send({"disk": disk})
 
     def end_input(self) -> None:
         """No more disks: the child publishes once it has read them."""
         if not self._ended:
             self._ended = True
-            self._send({"end": True})
+            self._to_child.send({"end": True})
 
     def cancel(self) -> None:
         """Stop the reads: the end of its input tells the child to abort its writer
@@ -231,15 +247,6 @@ class DiskProcess:
                 if stream is not None:
                     stream.close()
 
-    def _send(self, obj: dict[str, Any]) -> None:
-        line = (json.dumps(obj) + "\n").encode()
-        with self._send_lock, contextlib.suppress(OSError, ValueError):
-            # a child gone (it failed: its output says why) or input closed (cancelled)
-            stdin = self._proc.stdin
-            assert stdin is not None
-            stdin.write(line)
-            stdin.flush()
-
     def _read(self) -> None:
         out = self._proc.stdout
         assert out is not None
@@ -286,20 +293,6 @@ class DiskProcess:
 
 
 # -- the child ---------------------------------------------------------------------------
-class _Channel:
-    """The child's output: one JSON object per line, from any thread."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = out
-        self._lock = threading.Lock()
-
-    def send(self, obj: dict[str, Any]) -> None:
-        line = (json.dumps(obj) + "\n").encode()
-        with self._lock, contextlib.suppress(OSError, ValueError):
-            self._out.write(line)
-            self._out.flush()
-
-
 class _PipeTask:
     def __init__(self, ch: _Channel, tid: int) -> None:
         self._ch = ch
