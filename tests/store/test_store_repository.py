@@ -364,6 +364,28 @@ def test_open_errors(tmp_path: pathlib.Path) -> None:
     Repository.open(str(tmp_path / "e"), lambda: PASSPHRASE)
 
 
+def test_key_material_opens_an_encrypted_repository_without_its_key_files(
+    tmp_path: pathlib.Path,
+) -> None:
+    """What a helper process of a capture is given instead of the passphrase: no key file
+    is read (they are gone here), and the helper's writes read back with the passphrase."""
+    plain = make_repo(tmp_path / "p")
+    assert plain.codecs.key is None
+    first = make_repo(tmp_path / "e", encrypted=True)
+    key = first.codecs.key
+    assert key is not None
+    keys = tmp_path / "e" / "keys"
+    keys.rename(tmp_path / "e" / "keys.away")
+    with pytest.raises(WrongKeyError, match="no key file"):
+        Repository.open(str(tmp_path / "e"), PASSPHRASE)
+    helper = Repository.open(str(tmp_path / "e"), key=key)
+    archive = write_archive(helper, {"s": b"helper " * 5000})
+    (tmp_path / "e" / "keys.away").rename(keys)
+    assert read_archive(Repository.open(str(tmp_path / "e"), PASSPHRASE), archive) == {
+        "s": b"helper " * 5000
+    }
+
+
 @settings(
     max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None
 )

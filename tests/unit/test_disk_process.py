@@ -14,15 +14,18 @@ import pathlib
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from vmarchive.errors import HypervisorError, InterruptedError_, UsageError, VmarchiveError
+from vmarchive.format import constants as C
+from vmarchive.format.crypto import TEST_SCRYPT, KeyMaterial
 from vmarchive.ops import capture_disks as CD
 from vmarchive.ops import disk_process as DP
 from vmarchive.store import Repository
+from vmarchive.store.codecs import InitOptions
 from vmarchive.store.writer import ArchiveWriter
 
 KiB, MiB = 1024, 1024 * 1024
@@ -110,6 +113,13 @@ class Reading:
         return table == bytes(len(table))
 
 
+PASSPHRASE = "dp-pass"
+#: an encrypted repository (with scrypt parameters for tests)
+ENCRYPTED = InitOptions(
+    encryption=C.ENCRYPTION_AES256GCM, passphrase=PASSPHRASE, scrypt=TEST_SCRYPT
+)
+
+
 @contextlib.contextmanager
 def reading(
     tmp_path: pathlib.Path,
@@ -117,26 +127,55 @@ def reading(
     *,
     repo_for_child: str | None = None,
     chunk_size: int | None = None,
+    options: InitOptions | None = None,
+    before_spawn: Callable[[Repository], None] = lambda repo: None,
 ) -> Iterator[Reading]:
     loc = str(tmp_path / "repo")
-    repo = Repository.init(loc)
+    Repository.init(loc, options).close()
+    repo = Repository.open(loc, PASSPHRASE)
     rec = Recorder()
     with CD.local_nbd(str(image), "qcow2") as sock, repo.writer() as w:
         sink = w.stream("disk:vda", "disk", SIZE, chunk_size=chunk_size)
-        dp = DP.DiskProcess.spawn(repo_for_child or loc, None, w, rec)
+        before_spawn(repo)
+        dp = DP.DiskProcess.spawn(repo_for_child or loc, w, rec)
         yield Reading(loc, repo, w, sink, dp, sock, rec)
 
 
+def keys_moved_away(loc: str) -> Callable[[Repository], None]:
+    """Before the child starts: the repository's key files go away (back after the
+    test's reads), so a child that unlocked them with a passphrase could not open it."""
+
+    def move(repo: Repository) -> None:
+        keys = pathlib.Path(loc) / "keys"
+        assert list(keys.iterdir()), "an encrypted repository has key files"
+        keys.rename(keys.with_name("keys.away"))
+
+    return move
+
+
+def keys_back(loc: str) -> None:
+    away = pathlib.Path(loc) / "keys.away"
+    if away.exists():
+        away.rename(away.with_name("keys"))
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_the_child_stores_the_disk_and_the_writer_commits_it(
-    tmp_path: pathlib.Path, image: pathlib.Path, raw: bytes
+    tmp_path: pathlib.Path, image: pathlib.Path, raw: bytes, encrypted: bool
 ) -> None:
-    with reading(tmp_path, image) as rd:
+    """Encrypted: the child opens the repository with the parent's key material, without
+    its key files (moved away while it runs): no passphrase, no key derivation."""
+    loc = str(tmp_path / "repo")
+    options, move = (ENCRYPTED, keys_moved_away(loc)) if encrypted else (None, lambda r: None)
+    with reading(tmp_path, image, options=options, before_spawn=move) as rd:
         rd.read()
         rd.dp.end_input()
         rd.dp.join()
+        keys_back(loc)
         rd.dp.raise_first()
         st = rd.sink.close()
         archive = rd.w.commit(META)
+    assert rd.repo.codecs.config.encrypted == encrypted
     r = rd.dp.results["vda"]
     assert rd.dp._proc.returncode == 0
     assert st.bytes_new == 0, "the parent stored nothing itself"
@@ -147,7 +186,7 @@ def test_the_child_stores_the_disk_and_the_writer_commits_it(
     (task,) = [t for t in rd.progress.tasks if t["name"] == "disk vda"]
     assert task["done"] == r.bytes_read and task["closed"]
     # a fresh open (another process's view: only what is durable) reads the disk back
-    again = Repository.open(rd.location)
+    again = Repository.open(rd.location, PASSPHRASE)
     assert again.open_stream(archive, "disk:vda").read_all() == raw
     report = again.verify(full=True)
     assert report.ok, report.problems
@@ -161,6 +200,20 @@ def test_without_adoption_the_tables_name_chunks_the_writer_does_not_know(
     monkeypatch.setattr(ArchiveWriter, "adopt_index", lambda self, names: 0)
     with reading(tmp_path, image) as rd:
         rd.read_and_fail("not in the repository")
+
+
+def test_a_child_writing_under_another_key_fails_the_adoption(
+    tmp_path: pathlib.Path, image: pathlib.Path
+) -> None:
+    """The key the child is given is not checked when it opens the repository; what it
+    writes under a wrong one fails authentication when the capture adopts it."""
+
+    def wrong_key(repo: Repository) -> None:
+        repo.codecs.key = KeyMaterial.generate()
+
+    with reading(tmp_path, image, options=ENCRYPTED, before_spawn=wrong_key) as rd:
+        rd.read_and_fail("authentication failed")
+    assert rd.repo.list_archives() == []
 
 
 def test_a_failed_read_fails_in_one_line_and_nothing_is_adopted(

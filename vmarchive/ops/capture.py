@@ -1135,7 +1135,7 @@ class _Capture:
         if not reads_pay_for_a_process([self.plans[d.target] for d in copy]):
             return None
         try:
-            readers = DiskProcess.spawn(self.o.repo, self.o.passphrase, w, self.progress)
+            readers = DiskProcess.spawn(self.o.repo, w, self.progress)
             log.debug("disks read by a process of their own (pid %d)", readers.pid)
             return readers
         except OSError as e:

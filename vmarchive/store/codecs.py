@@ -127,6 +127,10 @@ class Codecs:
         )
         self.pack_target = config.pack_size
         self._data_key = key.data_key if key is not None and config.encrypted else None
+        #: the key material of an encrypted repository (None for a plain one): what a helper
+        #: process that writes into the same repository opens it with
+        #: (:meth:`vmarchive.store.Repository.open`'s ``key``)
+        self.key = key if config.encrypted else None
 
     def local_cache_key(self) -> bytes | None:
         """A key for what this host keeps about an encrypted repository outside it (the

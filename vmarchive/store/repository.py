@@ -49,6 +49,7 @@ from vmarchive.store.summarycache import SummaryCache
 from vmarchive.store.writer import ArchiveWriter, WriterOptions
 
 if TYPE_CHECKING:
+    from vmarchive.format.crypto import KeyMaterial
     from vmarchive.store.maintenance import (
         GcOptions,
         GcResult,
@@ -255,14 +256,22 @@ class Repository:
         location: str,
         passphrase: Passphrase = None,
         *,
+        key: KeyMaterial | None = None,
         backend: Backend | None = None,
         lock_context: LockContext | None = None,
     ) -> Repository:
         """Open an existing repository.
 
+        ``key``: for an encrypted repository, the key material another process already
+        unlocked from it (``codecs.key``), used instead of a passphrase: a helper process
+        then does not run the key derivation (scrypt, ~0.4 s of CPU) again.  It is not
+        checked here (only a passphrase opens a key file): whatever is written under a
+        wrong one fails authentication where it is read, as the capture does when it
+        adopts a helper's index objects.
+
         Raises :class:`RepositoryNotFoundError`, :class:`UnsupportedVersionError`,
-        :class:`WrongKeyError` (also when encrypted and no passphrase is given),
-        :class:`BackendError`.
+        :class:`WrongKeyError` (also when encrypted and neither a passphrase nor a key is
+        given), :class:`BackendError`.
         """
         be = backend or open_backend(location)
         try:
@@ -272,6 +281,8 @@ class Repository:
         config = Codecs.read_config(raw)
         if not Codecs.config_encrypted(config):
             return cls(be, Codecs.open(config, raw, None), lock_context)
+        if key is not None:
+            return cls(be, Codecs.open(config, raw, key), lock_context)
         secret = passphrase() if callable(passphrase) else passphrase
         if secret is None:
             raise WrongKeyError(f"repository {be.location} is encrypted: a passphrase is needed")
