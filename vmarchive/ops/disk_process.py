@@ -59,11 +59,12 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+import vmarchive
 from vmarchive import errors
 from vmarchive.errors import VmarchiveError
-from vmarchive.ops import childproc
+from vmarchive.format import constants as C
+from vmarchive.format.crypto import KeyMaterial
 from vmarchive.ops.capture_disks import DiskRead, read_disk
-from vmarchive.ops.childproc import Channel
 from vmarchive.progress import Progress, Task
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ log = logging.getLogger(__name__)
 _PROGRESS_EVERY = 0.1
 #: Seconds a cancelled child gets to abort its writer before it is killed.
 _CANCEL_WAIT = 30.0
+#: The child's program (``python -c``; its argument: where the parent's vmarchive is).
+_CHILD = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import vmarchive; del sys.path[0]; "
+    "from vmarchive.ops.disk_process import main; main()"
+)
 
 
 def _error_of(what: dict[str, Any]) -> BaseException:
@@ -83,6 +89,21 @@ def _error_of(what: dict[str, Any]) -> BaseException:
         with contextlib.suppress(TypeError):
             return cls(message)
     return VmarchiveError(f"disk reader process: {what.get('type')}: {message}")
+
+
+class _Channel:
+    """One end of the protocol: one JSON object per line, from any thread.  A write to a
+    peer that is gone or a pipe closed (cancelled) is dropped: the result decides."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def send(self, obj: dict[str, Any]) -> None:
+        line = (json.dumps(obj) + "\n").encode()
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            self._out.write(line)
+            self._out.flush()
 
 
 class DiskProcess:
@@ -107,7 +128,7 @@ class DiskProcess:
         self._ended = False  # "end" sent, or the input closed
         self._cancelled = False
         assert proc.stdin is not None
-        self._to_child = Channel(proc.stdin)
+        self._to_child = _Channel(proc.stdin)
         self._reader = threading.Thread(target=self._read, name="disk-process", daemon=True)
         self._reader.start()
 
@@ -119,8 +140,26 @@ class DiskProcess:
         CPU here, taken from the memory path of the capture).  The key goes through the
         child's stdin pipe, as the passphrase would, never through its arguments or
         environment.  Raises OSError when the child cannot be started."""
-        self = cls(childproc.spawn(__name__), w, progress)
-        self._to_child.send({"open": childproc.open_message(location, w)})
+        # The child imports this vmarchive, wherever it was imported from: its directory
+        # first on the path for that import only (kept there, a site-packages directory
+        # would shadow the standard library; the package's own path serves the rest).
+        root = os.path.dirname(os.path.dirname(os.path.abspath(vmarchive.__file__)))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        levels = {
+            name: lg.level
+            for name, lg in logging.root.manager.loggerDict.items()
+            if isinstance(lg, logging.Logger) and lg.level != logging.NOTSET
+        }
+        levels[""] = logging.root.level
+        self = cls(proc, w, progress)
+        key = w.repo.codecs.key
+        secret = None if key is None else (key.id_secret + key.data_key).hex()
+        self._to_child.send({"open": {"repo": location, "key": secret, "log": levels}})
         return self
 
     @property
@@ -262,7 +301,7 @@ class DiskProcess:
 
 # -- the child ---------------------------------------------------------------------------
 class _PipeTask:
-    def __init__(self, ch: Channel, tid: int) -> None:
+    def __init__(self, ch: _Channel, tid: int) -> None:
         self._ch = ch
         self._id = tid
         self._pending = 0
@@ -289,7 +328,7 @@ class _PipeTask:
 
 
 class _PipeProgress:
-    def __init__(self, ch: Channel) -> None:
+    def __init__(self, ch: _Channel) -> None:
         self._ch = ch
         self._ids = itertools.count()
 
@@ -326,13 +365,26 @@ def _read_one(
     return r, sink.table()
 
 
+def _key(secret: object) -> KeyMaterial | None:
+    """The key material the parent sent (hex, id secret then data key), or None."""
+    if secret is None:
+        return None
+    raw = bytes.fromhex(str(secret))
+    return KeyMaterial(raw[: C.ID_SECRET_SIZE], raw[C.ID_SECRET_SIZE :])
+
+
 def child_main(inp: IO[bytes], out: IO[bytes]) -> int:
     """The child: see the module's docstring.  Returns its exit status."""
-    ch = Channel(out)
+    from vmarchive.store import Repository
+
+    ch = _Channel(out)
     first = inp.readline()
     if not first:
         return 0  # the capture ended before it needed us
     opened = json.loads(first)["open"]
+    for name, level in dict(opened.get("log") or {}).items():
+        logging.getLogger(name or None).setLevel(int(level))
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     stop = threading.Event()  # the reads stop: cancelled, or one of them failed
     cancelled = threading.Event()
 
@@ -342,7 +394,7 @@ def child_main(inp: IO[bytes], out: IO[bytes]) -> int:
 
     signal.signal(signal.SIGTERM, lambda _s, _f: cancel())
     try:
-        repo = childproc.open_repository(opened)
+        repo = Repository.open(str(opened["repo"]), key=_key(opened.get("key")))
         w = repo.writer()
     except Exception as e:
         ch.send({"aborted": f"cannot open the repository: {e}"})
@@ -402,7 +454,7 @@ def main() -> None:
         code = child_main(sys.stdin.buffer, sys.stdout.buffer)
     except BaseException as e:  # reported on the channel when it can be; never a traceback
         with contextlib.suppress(Exception):
-            Channel(sys.stdout.buffer).send({"aborted": f"{type(e).__name__}: {e}"})
+            _Channel(sys.stdout.buffer).send({"aborted": f"{type(e).__name__}: {e}"})
         code = 1
     # Out at once: the thread reading the input may be inside a read, which the
     # interpreter's shutdown would wait for (and abort on).  Nothing is left to flush but
