@@ -132,6 +132,10 @@ def test_disk_reads_go_to_a_process_when_they_pay_for_it() -> None:
 
     full = DiskPlan("vda", "n", "vmarchive-2", True, None, None, "no parent", ())
     no_parent = DiskPlan("vda", "n", "vmarchive-2", True, NAME, None, None, ())
+    # one answer to "is this disk read incrementally?", for the reads and the output
+    assert inc(0).incremental_read == (NAME, parent().table) and inc(0).incremental
+    for p in (full, no_parent):
+        assert p.incremental_read is None and not p.incremental
     assert reads_pay_for_a_process([full])
     assert reads_pay_for_a_process([inc(0), full])
     assert reads_pay_for_a_process([no_parent])  # read in full: nothing to refer to

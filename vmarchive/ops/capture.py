@@ -1264,18 +1264,18 @@ class _Capture:
                     self.plans[d.target] = plan
                     exp = self._export(qmp, d, export_node[d.target], None)
                 sink = disk_sinks[d.target]
+                since = plan.incremental_read
                 if isinstance(threads, DiskProcess):
-                    incremental = plan.since_bitmap is not None and plan.parent is not None
                     threads.start(
                         d.target,
                         sink,
                         socket=sock,
                         export=exp,
-                        bitmap=plan.since_bitmap if incremental else None,
-                        parent_table=plan.parent.table if plan.parent and incremental else None,
+                        bitmap=None if since is None else since[0],
+                        parent_table=None if since is None else since[1],
                     )
                     continue
-                if plan.since_bitmap is not None and plan.parent is not None:
+                if since is not None:
                     fn = functools.partial(
                         read_disk_incremental,
                         sock,
@@ -1283,8 +1283,7 @@ class _Capture:
                         sink,
                         d.target,
                         self.progress,
-                        plan.since_bitmap,
-                        plan.parent.table,
+                        *since,
                         zero_id=w.zero_id,
                         parent_chunk=w.read_chunk,
                     )
@@ -1528,7 +1527,7 @@ def reads_pay_for_a_process(plans: Iterable[DiskPlan]) -> bool:
     took 0.53 s on threads and 0.69 s with a process (medians of 5)."""
     dirty = 0
     for p in plans:
-        if p.since_bitmap is None or p.parent is None:
+        if p.incremental_read is None:
             return True
         dirty += p.dirty_bytes
     return dirty >= PROCESS_MIN_READ

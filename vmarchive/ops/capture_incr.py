@@ -249,8 +249,16 @@ class DiskPlan:
     dirty_bytes: int = 0
 
     @property
+    def incremental_read(self) -> tuple[str, bytes] | None:
+        """What an incremental read of the disk needs: the frozen bitmap and the parent's
+        slot table; None: the disk is read in full.  Planning sets both or neither."""
+        if self.since_bitmap is None or self.parent is None:
+            return None
+        return self.since_bitmap, self.parent.table
+
+    @property
     def incremental(self) -> bool:
-        return self.since_bitmap is not None
+        return self.incremental_read is not None
 
     def actions(self) -> list[dict[str, Any]]:
         """The transaction actions that freeze the old bitmap and start the new one."""
