@@ -1022,7 +1022,8 @@ def summarize(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tup
         targets.append(
             (
                 "1st capture rate >= 2 x borg ingest rate",
-                f"{cap_rate / MiB:.0f} vs {borg_rate / MiB:.0f} MiB/s ({f(r, 'x')})",
+                # three decimals: 1.995x is a miss, which two would print as 2.00x
+                f"{cap_rate / MiB:.0f} vs {borg_rate / MiB:.0f} MiB/s ({f(r, 'x', 3)})",
                 verdict(r is not None and r >= 2),
             )
         )
