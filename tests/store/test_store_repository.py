@@ -259,6 +259,19 @@ def test_set_chunks_is_set_chunk_for_each_slot(
         assert bulk.table() == one.table()
         one.close()
         bulk.close()
+        # the same with the slots from the first to the last picked given as a range
+        span = range(slots[0], slots[-1] + 1) if slots else range(0)
+        ranged, each = w.stream("ranged", "disk", n * CHUNK), w.stream("each", "disk", n * CHUNK)
+        held = 0
+        for i in span:
+            cid = table[16 * i : 16 * i + 16]
+            if cid != w.zero_id:
+                each.set_chunk(i, cid)
+                held += 1
+        assert ranged.set_chunks(table, span) == held
+        assert ranged.table() == each.table()
+        ranged.close()
+        each.close()
         aid = w.commit(META)
     got = read_archive(repo, aid)
     assert got["bulk"] == got["one"]
