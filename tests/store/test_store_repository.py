@@ -248,33 +248,29 @@ def test_set_chunks_is_set_chunk_for_each_slot(
                 src.write_chunk(i, rnd(CHUNK, 100 + i))
         table = src.table()
         slots = [i for i in range(n) if picked[i]]
-        one, bulk = w.stream("one", "disk", n * CHUNK), w.stream("bulk", "disk", n * CHUNK)
-        held = 0
-        for i in slots:
-            cid = table[16 * i : 16 * i + 16]
-            if cid != w.zero_id:
-                one.set_chunk(i, cid)
-                held += 1
-        assert bulk.set_chunks(table, reversed(slots)) == held
-        assert bulk.table() == one.table()
-        one.close()
-        bulk.close()
-        # the same with the slots from the first to the last picked given as a range
+        # the picked slots in any order; the slots from the first to the last picked as a
+        # range (how a capture adopts a whole table)
         span = range(slots[0], slots[-1] + 1) if slots else range(0)
-        ranged, each = w.stream("ranged", "disk", n * CHUNK), w.stream("each", "disk", n * CHUNK)
-        held = 0
-        for i in span:
-            cid = table[16 * i : 16 * i + 16]
-            if cid != w.zero_id:
-                each.set_chunk(i, cid)
-                held += 1
-        assert ranged.set_chunks(table, span) == held
-        assert ranged.table() == each.table()
-        ranged.close()
-        each.close()
+        cases: list[tuple[str, list[int], Iterable[int]]] = [
+            ("bulk", slots, reversed(slots)),
+            ("ranged", list(span), span),
+        ]
+        for name, each, given in cases:
+            one = w.stream(f"{name}-one", "disk", n * CHUNK)
+            bulk = w.stream(name, "disk", n * CHUNK)
+            held = 0
+            for i in each:
+                cid = table[16 * i : 16 * i + 16]
+                if cid != w.zero_id:
+                    one.set_chunk(i, cid)
+                    held += 1
+            assert bulk.set_chunks(table, given) == held
+            assert bulk.table() == one.table()
+            one.close()
+            bulk.close()
         aid = w.commit(META)
     got = read_archive(repo, aid)
-    assert got["bulk"] == got["one"]
+    assert got["bulk"] == got["bulk-one"] and got["ranged"] == got["ranged-one"]
 
 
 def test_set_chunks_sets_nothing_when_a_chunk_is_missing(tmp_path: pathlib.Path) -> None:
