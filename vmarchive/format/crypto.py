@@ -45,6 +45,16 @@ class KeyMaterial:
         """Fresh random key material (id secret first, then data key, from ``rng``)."""
         return cls(rng(C.ID_SECRET_SIZE), rng(C.KEY_SIZE))
 
+    @property
+    def raw(self) -> bytes:
+        """The 64 bytes a key file wraps: id secret, then data key."""
+        return self.id_secret + self.data_key
+
+    @classmethod
+    def from_raw(cls, raw: bytes) -> KeyMaterial:
+        """The key material of :attr:`raw` bytes (ValueError when they are not 64)."""
+        return cls(raw[: C.ID_SECRET_SIZE], raw[C.ID_SECRET_SIZE :])
+
 
 @dataclass(frozen=True)
 class ScryptParams:
@@ -137,7 +147,7 @@ def make_keyfile(
         C.KEYFILE_PARAMS_STRUCT, params.log2_n, params.r, params.p, 0, salt
     )
     kek = _derive(passphrase, salt, params)
-    out = head + seal(kek, master.id_secret + master.data_key, head, nonce)
+    out = head + seal(kek, master.raw, head, nonce)
     assert len(out) == C.KEYFILE_SIZE
     return out
 
@@ -174,7 +184,7 @@ def open_keyfile(data: bytes | memoryview, passphrase: str) -> KeyMaterial:
         plain = unseal(kek, raw[C.KEYFILE_AAD_SIZE :], raw[: C.KEYFILE_AAD_SIZE])
     except DamageError as e:
         raise WrongKeyError("the passphrase does not open this key file") from e
-    return KeyMaterial(plain[: C.ID_SECRET_SIZE], plain[C.ID_SECRET_SIZE :])
+    return KeyMaterial.from_raw(plain)
 
 
 def keyfile_id(data: bytes) -> str:

@@ -62,7 +62,6 @@ from typing import IO, Any
 import vmarchive
 from vmarchive import errors
 from vmarchive.errors import VmarchiveError
-from vmarchive.format import constants as C
 from vmarchive.format.crypto import KeyMaterial
 from vmarchive.ops.capture_disks import DiskRead, read_disk
 from vmarchive.progress import Progress, Task
@@ -158,7 +157,7 @@ class DiskProcess:
         levels[""] = logging.root.level
         self = cls(proc, w, progress)
         key = w.repo.codecs.key
-        secret = None if key is None else (key.id_secret + key.data_key).hex()
+        secret = None if key is None else key.raw.hex()
         self._to_child.send({"open": {"repo": location, "key": secret, "log": levels}})
         return self
 
@@ -365,14 +364,6 @@ def _read_one(
     return r, sink.table()
 
 
-def _key(secret: object) -> KeyMaterial | None:
-    """The key material the parent sent (hex, id secret then data key), or None."""
-    if secret is None:
-        return None
-    raw = bytes.fromhex(str(secret))
-    return KeyMaterial(raw[: C.ID_SECRET_SIZE], raw[C.ID_SECRET_SIZE :])
-
-
 def child_main(inp: IO[bytes], out: IO[bytes]) -> int:
     """The child: see the module's docstring.  Returns its exit status."""
     from vmarchive.store import Repository
@@ -394,7 +385,9 @@ def child_main(inp: IO[bytes], out: IO[bytes]) -> int:
 
     signal.signal(signal.SIGTERM, lambda _s, _f: cancel())
     try:
-        repo = Repository.open(str(opened["repo"]), key=_key(opened.get("key")))
+        secret = opened.get("key")  # the parent's KeyMaterial.raw, hex
+        key = None if secret is None else KeyMaterial.from_raw(bytes.fromhex(str(secret)))
+        repo = Repository.open(str(opened["repo"]), key=key)
         w = repo.writer()
     except Exception as e:
         ch.send({"aborted": f"cannot open the repository: {e}"})
