@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import re
@@ -11,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 import pytest
 
 import vmarchive.format.migstream as ms
@@ -62,20 +62,20 @@ def test_trusted() -> None:
         (
             None,
             NOW,
-            [dataclasses.replace(GOOD, name="vmarchive-x")],
+            [msgspec.structs.replace(GOOD, name="vmarchive-x")],
             False,
             "not in this repository",
         ),
         (parent(bitmap=None), NOW, [GOOD], False, "no dirty tracking"),
-        (parent(), dataclasses.replace(NOW, host="h2"), [GOOD], False, "elsewhere"),
-        (parent(), dataclasses.replace(NOW, virtual_size=2 * SIZE), [GOOD], False, "resized"),
-        (parent(), dataclasses.replace(NOW, source="/other.qcow2"), [GOOD], False, "replaced"),
-        (parent(), dataclasses.replace(NOW, chunk_size=CS * 2), [GOOD], False, "chunk size"),
+        (parent(), msgspec.structs.replace(NOW, host="h2"), [GOOD], False, "elsewhere"),
+        (parent(), msgspec.structs.replace(NOW, virtual_size=2 * SIZE), [GOOD], False, "resized"),
+        (parent(), msgspec.structs.replace(NOW, source="/other.qcow2"), [GOOD], False, "replaced"),
+        (parent(), msgspec.structs.replace(NOW, chunk_size=CS * 2), [GOOD], False, "chunk size"),
         (parent(), NOW, [], False, "is missing"),
         (parent(persistent=False), NOW, [], False, "QEMU was restarted"),
         (
             parent(persistent=False, qemu="7:99"),
-            dataclasses.replace(NOW, instance="7:99"),
+            msgspec.structs.replace(NOW, instance="7:99"),
             [],
             False,
             "removed by another tool",
@@ -87,10 +87,10 @@ def test_trusted() -> None:
             False,
             "not in this repository",
         ),
-        (parent(), NOW, [dataclasses.replace(GOOD, inconsistent=True)], False, "inconsistent"),
-        (parent(), NOW, [dataclasses.replace(GOOD, recording=False)], False, "interrupted"),
-        (parent(), NOW, [dataclasses.replace(GOOD, busy=True)], False, "in use"),
-        (parent(), NOW, [dataclasses.replace(GOOD, persistent=False)], False, "does not match"),
+        (parent(), NOW, [msgspec.structs.replace(GOOD, inconsistent=True)], False, "inconsistent"),
+        (parent(), NOW, [msgspec.structs.replace(GOOD, recording=False)], False, "interrupted"),
+        (parent(), NOW, [msgspec.structs.replace(GOOD, busy=True)], False, "in use"),
+        (parent(), NOW, [msgspec.structs.replace(GOOD, persistent=False)], False, "does not match"),
     ],
 )
 def test_fallbacks(
@@ -109,7 +109,7 @@ def test_transaction_actions_freeze_old_and_start_new() -> None:
         },
         {"type": "block-dirty-bitmap-disable", "data": {"node": "fmt", "name": NAME}},
     ]
-    full = dataclasses.replace(p, since_bitmap=None, parent=None, fallback_reason="x")
+    full = msgspec.structs.replace(p, since_bitmap=None, parent=None, fallback_reason="x")
     assert [a["type"] for a in full.actions()] == ["block-dirty-bitmap-add"]
 
 

@@ -1,6 +1,6 @@
 """The on-disk format of a vmarchive repository (format layer).
 
-Pure codecs, no I/O: bytes in, bytes or dataclasses out.  ``formats/FORMAT.md`` is the
+Pure codecs, no I/O: bytes in, bytes or records out.  ``formats/FORMAT.md`` is the
 specification these modules implement; ``formats/vectors/`` pins their bytes.
 
 - ``constants``  every magic, version, feature bit, type code and size

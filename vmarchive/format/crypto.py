@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from vmarchive.errors import DamageError, FormatError, WrongKeyError
 from vmarchive.format import constants as C
 from vmarchive.format.header import decode_header, make_header
@@ -56,8 +58,7 @@ class KeyMaterial:
         return cls(raw[: C.ID_SECRET_SIZE], raw[C.ID_SECRET_SIZE :])
 
 
-@dataclass(frozen=True)
-class ScryptParams:
+class ScryptParams(msgspec.Struct, frozen=True):
     """scrypt cost parameters; N = 2**log2_n."""
 
     log2_n: int = C.DEFAULT_SCRYPT_LOG2_N

@@ -43,7 +43,8 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from vmarchive.errors import FormatError
 
@@ -113,8 +114,7 @@ ENV_GPR_ORDER = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class SegmentRegs:
+class SegmentRegs(msgspec.Struct, frozen=True):
     """One segment (or descriptor-table) register as QEMU holds it."""
 
     selector: int = 0
@@ -123,8 +123,7 @@ class SegmentRegs:
     flags: int = 0
 
 
-@dataclass(frozen=True)
-class X86Registers:
+class X86Registers(msgspec.Struct, frozen=True):
     """What the x86-64 notes of one vCPU need.
 
     ``gprs`` maps the 16 general purpose register names (``rax`` ... ``r15``) to values;
@@ -244,16 +243,14 @@ def x86_64_notes(cpus: Sequence[X86Registers]) -> bytes:
     )
 
 
-@dataclass(frozen=True)
-class LoadSegment:
+class LoadSegment(msgspec.Struct, frozen=True):
     """A PT_LOAD: ``size`` bytes of guest memory at guest-physical ``paddr``."""
 
     paddr: int
     size: int
 
 
-@dataclass(frozen=True)
-class CoreLayout:
+class CoreLayout(msgspec.Struct, frozen=True):
     """Where everything of a core file goes.
 
     ``head`` (ELF header, program headers, any section header, notes) is written at offset

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+
+import msgspec
 
 from vmarchive.errors import FormatError, UnsupportedVersionError
 from vmarchive.format import constants as C
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(msgspec.Struct, frozen=True):
     """A decoded object header."""
 
     type_code: int

@@ -12,7 +12,8 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+import msgspec
 
 from vmarchive.errors import FormatError
 from vmarchive.format import constants as C
@@ -20,8 +21,7 @@ from vmarchive.format.blob import BlobCodec
 from vmarchive.format.header import decode_header, make_header
 
 
-@dataclass(frozen=True)
-class IndexEntry:
+class IndexEntry(msgspec.Struct, frozen=True):
     """Where a chunk is stored.  ``pack_id`` is the pack's id as 32 raw bytes (``.hex()`` names it)."""
 
     chunk_id: bytes

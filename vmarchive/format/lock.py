@@ -14,15 +14,15 @@ The rules (shared vs exclusive, lease refresh, staleness) are in FORMAT.md "Lock
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import msgspec
 
 from vmarchive.errors import FormatError, UnsupportedVersionError
 from vmarchive.format import constants as C
 from vmarchive.format.config import canonical_json, parse_json
 
 
-@dataclass(frozen=True)
-class LockInfo:
+class LockInfo(msgspec.Struct, frozen=True):
     """One lock object.  ``id`` is also the object key under ``locks/``."""
 
     kind: str

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from vmarchive.errors import FormatError
 from vmarchive.format import constants as C
@@ -45,15 +46,14 @@ def slot_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
 
-@dataclass(frozen=True)
-class StreamEntry:
+class StreamEntry(msgspec.Struct, frozen=True):
     """One named stream; ``table`` holds one 16-byte chunk id per slot (ZERO_ID = hole)."""
 
     name: str
     kind: str
     size: int
     chunk_size: int
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = msgspec.field(default_factory=dict)
     table: bytes = b""
 
     @property
@@ -71,8 +71,7 @@ class StreamEntry:
         return min(self.chunk_size, self.size - slot * self.chunk_size)
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(msgspec.Struct, frozen=True):
     """An archive: free-form metadata (with required keys) and ordered streams."""
 
     metadata: dict[str, Any]

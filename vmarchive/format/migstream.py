@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+import msgspec
 import xxhash
 
 from vmarchive.errors import StreamError, StreamRefusedError
@@ -164,8 +165,7 @@ _ZRUN_MARKS = b"\x01" * _ZRUN
 # --- model ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RamBlock:
+class RamBlock(msgspec.Struct, frozen=True):
     """One RAMBlock as announced by the MEM_SIZE record (index = position in that list)."""
 
     index: int
@@ -178,8 +178,7 @@ class RamBlock:
         return (self.used_length + self.page_size - 1) // self.page_size
 
 
-@dataclass(frozen=True)
-class SectionRecord:
+class SectionRecord(msgspec.Struct, frozen=True):
     """A non-RAM section: its header fields and where its body sits in devstate."""
 
     section_type: int
@@ -191,8 +190,7 @@ class SectionRecord:
     length: int
 
 
-@dataclass(frozen=True)
-class RamSection:
+class RamSection(msgspec.Struct, frozen=True):
     """Header fields of the iterable ``ram`` section (START)."""
 
     section_id: int

@@ -14,8 +14,9 @@ and the devstate bytes; imports only :mod:`vmarchive.errors` and the standard li
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from vmarchive.errors import StreamError
 from vmarchive.format.migstream import SEC_SUBSECTION, StreamLayout
@@ -28,16 +29,14 @@ GPR_NAMES = (
 SEGMENT_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(msgspec.Struct, frozen=True):
     selector: int
     base: int
     limit: int
     flags: int
 
 
-@dataclass(frozen=True)
-class X86CpuState:
+class X86CpuState(msgspec.Struct, frozen=True):
     """The registers of one vCPU as the stream carries them."""
 
     instance_id: int
@@ -77,8 +76,7 @@ class X86CpuState:
         return out
 
 
-@dataclass(frozen=True)
-class _Field:
+class _Field(msgspec.Struct, frozen=True):
     offset: int
     size: int  # of one element
     count: int

@@ -18,7 +18,8 @@ import ctypes
 import mmap
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from vmarchive.errors import FormatError
 from vmarchive.format import constants as C
@@ -26,8 +27,7 @@ from vmarchive.format.blob import BlobCodec
 from vmarchive.format.header import Header, decode_header, make_header, object_id
 
 
-@dataclass(frozen=True)
-class PackEntry:
+class PackEntry(msgspec.Struct, frozen=True):
     """Where one blob sits in its pack; ``length`` is stored bytes, ``raw_length`` chunk bytes."""
 
     chunk_id: bytes

@@ -32,8 +32,9 @@ Layer: ``vmarchive.format`` -- pure code, no I/O beyond the file objects handed 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from vmarchive.errors import FormatError, UnsupportedVersionError
 
@@ -55,8 +56,7 @@ STREAM_ALIGN = 4096
 MAX_DATA_LEN = 16 << 20
 
 
-@dataclass(frozen=True)
-class SaveHeader:
+class SaveHeader(msgspec.Struct, frozen=True):
     """The fixed 92-byte header."""
 
     data_len: int
@@ -136,8 +136,7 @@ def encode_prefix(
     return hdr.encode() + body + bytes(data_len - len(body))
 
 
-@dataclass(frozen=True)
-class SavePrefix:
+class SavePrefix(msgspec.Struct, frozen=True):
     """A decoded prefix: the header, the domain XML and the cookie (None when absent)."""
 
     header: SaveHeader

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from vmarchive.errors import HypervisorError, QMPCommandError
 from vmarchive.hypervisor.qmp import QMP
@@ -35,8 +36,7 @@ NETWORK_DRIVERS = frozenset(
 BLOCK_DEVICE_DRIVERS = frozenset({"host_device", "host_cdrom"})
 
 
-@dataclass(frozen=True)
-class XMLDisk:
+class XMLDisk(msgspec.Struct, frozen=True):
     """One ``<disk>`` of the live domain XML."""
 
     target: str
@@ -49,8 +49,7 @@ class XMLDisk:
     alias: str | None
 
 
-@dataclass(frozen=True)
-class BlockNode:
+class BlockNode(msgspec.Struct, frozen=True):
     """One named QEMU block node."""
 
     node_name: str
@@ -60,8 +59,7 @@ class BlockNode:
     read_only: bool
 
 
-@dataclass(frozen=True)
-class DiskInfo:
+class DiskInfo(msgspec.Struct, frozen=True):
     """A domain disk and the QEMU nodes behind it.
 
     ``node_name`` is the top node the guest device uses (normally the format node), or

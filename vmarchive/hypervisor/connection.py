@@ -21,11 +21,11 @@ import logging
 import threading
 import uuid as uuid_mod
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn
 
 import libvirt
+import msgspec
 
 from vmarchive.errors import (
     ConnectionFailedError,
@@ -137,8 +137,7 @@ _STATES = {
 }
 
 
-@dataclass(frozen=True)
-class Versions:
+class Versions(msgspec.Struct, frozen=True):
     """Versions as dotted strings ("9.0.0"); ``qemu`` is empty when no hypervisor answers."""
 
     libvirt: str

@@ -43,6 +43,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 log = logging.getLogger(__name__)
 
 PROC = Path("/proc")
@@ -249,8 +251,7 @@ def restore_huge_pages(
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-@dataclass(frozen=True)
-class RemapProbe:
+class RemapProbe(msgspec.Struct, frozen=True):
     """Whether :func:`restore_huge_pages` can work on this host (``vmarchive doctor``)."""
 
     thp_mode: str  # always / madvise / never / unknown
@@ -299,8 +300,7 @@ def probe_remap(thp_enabled: Path = THP_ENABLED) -> RemapProbe:
             buf.close()
 
 
-@dataclass(frozen=True)
-class HugetlbProbe:
+class HugetlbProbe(msgspec.Struct, frozen=True):
     """Whether guests can have their RAM on hugetlbfs here (``vmarchive doctor``)."""
 
     mountpoint: str | None  # where hugetlbfs is mounted, None: nowhere

@@ -18,8 +18,9 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from vmarchive.errors import FormatError
 
@@ -46,8 +47,7 @@ _RAMBLOCK = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class FlatRange:
+class FlatRange(msgspec.Struct, frozen=True):
     """One line of a flat view: ``[start, start+size)`` of the address space."""
 
     start: int
@@ -57,8 +57,7 @@ class FlatRange:
     offset: int  # offset inside that region
 
 
-@dataclass(frozen=True)
-class MemRange:
+class MemRange(msgspec.Struct, frozen=True):
     """A guest-physical range backed by RAM: ``size`` bytes of RAMBlock ``block`` at ``offset``."""
 
     start: int
@@ -81,8 +80,7 @@ class MemRange:
         }
 
 
-@dataclass(frozen=True)
-class MemoryMap:
+class MemoryMap(msgspec.Struct, frozen=True):
     """The RAM-backed part of the guest-physical address space, sorted by address."""
 
     ranges: tuple[MemRange, ...]

@@ -32,6 +32,8 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+import msgspec
+
 from vmarchive.errors import NBDError
 
 log = logging.getLogger(__name__)
@@ -124,8 +126,7 @@ def dirty_bitmap_context(bitmap: str) -> str:
     return f"qemu:dirty-bitmap:{bitmap}"
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(msgspec.Struct, frozen=True):
     """A run of bytes sharing one block-status value for one meta context.
 
     For ``base:allocation``: :attr:`hole` (unallocated) and :attr:`zero` (reads as zero).
@@ -153,8 +154,7 @@ class Extent:
         return bool(self.flags & STATE_DIRTY)
 
 
-@dataclass(frozen=True)
-class ExportInfo:
+class ExportInfo(msgspec.Struct, frozen=True):
     """What ``NBD_OPT_GO`` told us about the export."""
 
     name: str

@@ -1,6 +1,6 @@
 """Host capability probes for ``vmarchive doctor`` (hypervisor layer).
 
-Each probe looks at one thing the capture depends on and returns a plain dataclass of
+Each probe looks at one thing the capture depends on and returns a plain record of
 facts; judging them (ok / warn / fail, what to do) is the ``ops.doctor`` module's job.
 Probes never change host settings and never raise for a missing capability: the
 absence is the answer.  Paths (device, sysfs, procfs, binaries) are parameters so tests
@@ -30,8 +30,8 @@ import re
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 
+import msgspec
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
@@ -45,8 +45,7 @@ MIGRATION_CAPABILITIES = ("pause-before-switchover", "background-snapshot")
 # --- libvirt ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LibvirtProbe:
+class LibvirtProbe(msgspec.Struct, frozen=True):
     uri: str
     connected: bool
     error: str | None = None
@@ -100,14 +99,13 @@ def probe_libvirt(uri: str = DEFAULT_URI) -> LibvirtProbe:
 # --- QEMU binary --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QemuProbe:
+class QemuProbe(msgspec.Struct, frozen=True):
     binary: str
     ran: bool
     error: str | None = None
     version: str | None = None
     #: Capability name -> present in this binary (for :data:`MIGRATION_CAPABILITIES`).
-    capabilities: dict[str, bool] = field(default_factory=dict)
+    capabilities: dict[str, bool] = msgspec.field(default_factory=dict)
     #: QEMU (running as the probing user) accepted background-snapshot=on; None: not tried.
     background_snapshot_accepted: bool | None = None
     background_snapshot_error: str | None = None
@@ -222,8 +220,7 @@ class _UffdioApi(ctypes.Structure):
     ]
 
 
-@dataclass(frozen=True)
-class UffdProbe:
+class UffdProbe(msgspec.Struct, frozen=True):
     #: The userfaultfd syscall worked for the probing user (root: has CAP_SYS_PTRACE).
     syscall_ok: bool
     syscall_error: str | None = None
@@ -366,8 +363,7 @@ HW_KVM_MODULES = ("kvm_intel", "kvm_amd")
 PV_KVM_MODULES = ("kvm_pvm",)
 
 
-@dataclass(frozen=True)
-class KvmProbe:
+class KvmProbe(msgspec.Struct, frozen=True):
     device: str
     device_present: bool
     opened: bool = False

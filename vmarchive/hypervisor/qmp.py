@@ -28,12 +28,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import libvirt
 import libvirt_qemu
+import msgspec
 
 from vmarchive.errors import HypervisorError, QMPCommandError
 from vmarchive.hypervisor.connection import Domain
@@ -192,14 +192,13 @@ class QMP:
         return EventSubscription(self.domain, names)
 
 
-@dataclass(frozen=True)
-class QMPEvent:
+class QMPEvent(msgspec.Struct, frozen=True):
     """One QMP event with QEMU's timestamp (when QEMU emitted it, host realtime clock)."""
 
     name: str
     seconds: int
     microseconds: int
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
 
     @property
     def timestamp_us(self) -> int:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from typing import Any
 
 import libvirt
+import msgspec
 
 from vmarchive.errors import (
     HostPreconditionError,
@@ -33,8 +33,7 @@ from vmarchive.hypervisor.connection import Connection, Domain, libvirt_errors
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TargetCheck:
+class TargetCheck(msgspec.Struct, frozen=True):
     """What :func:`check_target` found (for the restore's report)."""
 
     machine: str | None

@@ -44,7 +44,6 @@ is trusted, and why it stays exact across the overlay and its commit: see
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import functools
 import logging
@@ -56,10 +55,12 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from vmarchive import __version__
 from vmarchive.errors import (
@@ -215,8 +216,7 @@ class CaptureOptions:
                 raise UsageError(f"tag {tag!r} is empty or has control characters")
 
 
-@dataclass(frozen=True)
-class DiskResult:
+class DiskResult(msgspec.Struct, frozen=True):
     target: str
     copied: bool
     size: int
@@ -228,11 +228,10 @@ class DiskResult:
     fallback_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return msgspec.structs.asdict(self)
 
 
-@dataclass(frozen=True)
-class CaptureResult:
+class CaptureResult(msgspec.Struct, frozen=True):
     id: str
     domain: str
     mode: str
@@ -241,14 +240,14 @@ class CaptureResult:
     bytes_read: int
     bytes_stored: int
     duration_s: float
-    disks: list[DiskResult] = field(default_factory=list)
+    disks: list[DiskResult] = msgspec.field(default_factory=list)
     memory_format: str | None = None
     parent: str | None = None
     #: Snapshot mode: what :func:`restore_huge_pages` did (None: not attempted).
     huge_pages: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = msgspec.structs.asdict(self)
         d["disks"] = [x.to_json() for x in self.disks]
         return d
 
@@ -709,7 +708,7 @@ class _Capture:
                 os.rmdir(self.work)
         self.to(CaptureState.DONE, result.id)
         # The whole command's time: the round trip, the commit and the clean-up included.
-        return dataclasses.replace(result, duration_s=self.clock() - self.t_start)
+        return msgspec.structs.replace(result, duration_s=self.clock() - self.t_start)
 
     def _choose_mode(self, qmp: QMP, dstate: DomainState) -> str:
         if dstate != DomainState.RUNNING:
@@ -1255,7 +1254,7 @@ class _Capture:
                     # Never lose the capture over the bitmap: read this disk in full
                     # (the new bitmap is already recording, so tracking is re-armed).
                     log.warning("disk %s: cannot export bitmap, reading in full: %s", d.target, e)
-                    plan = dataclasses.replace(
+                    plan = msgspec.structs.replace(
                         plan,
                         since_bitmap=None,
                         parent=None,

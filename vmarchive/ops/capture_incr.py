@@ -54,9 +54,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from vmarchive.errors import HostPreconditionError, HypervisorError, InterruptedError_
 from vmarchive.hypervisor.blockinfo import parse_disks
@@ -84,8 +85,7 @@ def new_bitmap_name(rng: Callable[[int], str] = secrets.token_hex) -> str:
     return f"{BITMAP_PREFIX}{rng(8)}"
 
 
-@dataclass(frozen=True)
-class BitmapState:
+class BitmapState(msgspec.Struct, frozen=True):
     """One dirty bitmap as QEMU reports it (``dirty-bitmaps`` of a block node)."""
 
     name: str
@@ -123,8 +123,7 @@ def node_bitmaps(
     return out
 
 
-@dataclass(frozen=True)
-class ParentDisk:
+class ParentDisk(msgspec.Struct, frozen=True):
     """What the parent archive says about one disk."""
 
     archive: str
@@ -135,8 +134,7 @@ class ParentDisk:
     size: int
 
 
-@dataclass(frozen=True)
-class Current:
+class Current(msgspec.Struct, frozen=True):
     """The disk as it is now."""
 
     target: str
@@ -230,8 +228,7 @@ def decide(
     return None
 
 
-@dataclass(frozen=True)
-class DiskPlan:
+class DiskPlan(msgspec.Struct, frozen=True):
     """How one disk is captured: the bitmap to start, and the frozen one to read with."""
 
     target: str
@@ -511,13 +508,12 @@ class _Prefetch:
             self._pool.shutdown(wait=True)
 
 
-@dataclass(frozen=True)
-class UntrackResult:
+class UntrackResult(msgspec.Struct, frozen=True):
     domain: str
     #: (node name or image path, bitmap name) removed
     removed: list[tuple[str, str]]
     #: our bitmaps found but not removed (not in ``only``)
-    left: list[tuple[str, str]] = field(default_factory=list)
+    left: list[tuple[str, str]] = msgspec.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {

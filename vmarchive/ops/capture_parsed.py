@@ -39,10 +39,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import xxhash
 
 from vmarchive.format import migstream as ms
@@ -83,8 +83,7 @@ def checker_id() -> str | None:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class ParentBlock:
+class ParentBlock(msgspec.Struct, frozen=True):
     """One RAM block of the parent archive: its length, chunk and page size, slot table."""
 
     size: int
@@ -93,8 +92,7 @@ class ParentBlock:
     table: bytes
 
 
-@dataclass(frozen=True)
-class ParentMemory:
+class ParentMemory(msgspec.Struct, frozen=True):
     """The RAM slots of a parent archive whose round trip passed with this code."""
 
     archive: str

@@ -17,8 +17,9 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import msgspec
 
 from vmarchive.errors import InterruptedError_, UsageError, VmarchiveError
 from vmarchive.hypervisor.connection import Connection, Domain
@@ -31,8 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class CaptureFailure:
+class CaptureFailure(msgspec.Struct, frozen=True):
     """A domain whose capture failed; ``exit_code`` is the one its error alone would give."""
 
     domain: str
@@ -46,13 +46,12 @@ class CaptureFailure:
 Outcome = CaptureResult | CaptureFailure
 
 
-@dataclass(frozen=True)
-class SeveralResult:
+class SeveralResult(msgspec.Struct, frozen=True):
     """What a several-domain capture did, in the order the domains were taken."""
 
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[Outcome] = msgspec.field(default_factory=list)
     #: domains not attempted because an interrupt stopped the run
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = msgspec.field(default_factory=list)
     interrupted: bool = False
 
     @property

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from vmarchive.errors import VmarchiveError
 from vmarchive.format import constants as C
@@ -34,8 +35,7 @@ from vmarchive.store import Archive, Repository, StreamInfo
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(msgspec.Struct, frozen=True):
     """``length`` bytes at ``offset``."""
 
     offset: int
@@ -49,8 +49,7 @@ class Extent:
         return {"offset": self.offset, "length": self.length}
 
 
-@dataclass(frozen=True)
-class PhysExtent:
+class PhysExtent(msgspec.Struct, frozen=True):
     """A changed guest-physical range and where it lies in its RAM block."""
 
     address: int
@@ -67,8 +66,7 @@ class PhysExtent:
         }
 
 
-@dataclass(frozen=True)
-class StreamDiff:
+class StreamDiff(msgspec.Struct, frozen=True):
     """Changed extents of one stream (a RAM block or a disk) between A and B."""
 
     name: str  # block id or disk target
@@ -92,15 +90,14 @@ class StreamDiff:
         }
 
 
-@dataclass(frozen=True)
-class DiffResult:
+class DiffResult(msgspec.Struct, frozen=True):
     a: str
     b: str
     memory: list[StreamDiff]
     physical: list[PhysExtent] | None  # None: no memory map to place the blocks
     disks: list[StreamDiff]
     devstate_changed: bool | None  # None: not both archives have device state
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = msgspec.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {

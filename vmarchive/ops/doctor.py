@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgspec
+from msgspec.structs import asdict
 
 from vmarchive.hypervisor.connection import DEFAULT_URI
 from vmarchive.hypervisor.hugepages import (
@@ -48,8 +51,7 @@ class Status(enum.Enum):
     FAIL = "fail"
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(msgspec.Struct, frozen=True):
     """One judged fact about the host."""
 
     name: str
@@ -58,7 +60,7 @@ class Check:
     explanation: str = ""
     action: str = ""
     required: bool = False
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -79,8 +81,7 @@ class DoctorOptions:
     thp_enabled: Path = THP_ENABLED
 
 
-@dataclass(frozen=True)
-class DoctorReport:
+class DoctorReport(msgspec.Struct, frozen=True):
     checks: list[Check]
 
     @property

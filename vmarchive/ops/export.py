@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from vmarchive.errors import (
     AlreadyExistsError,
     NotFoundError,
@@ -87,8 +89,7 @@ class ExportDiskOptions:
     force: bool = False
 
 
-@dataclass(frozen=True)
-class ExportResult:
+class ExportResult(msgspec.Struct, frozen=True):
     archive: str
     output: str
     format: str

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -44,8 +45,7 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@dataclass(frozen=True)
-class Qcow2Layout:
+class Qcow2Layout(msgspec.Struct, frozen=True):
     """Where everything of the image goes.  ``data_offset[c]`` is the host offset of guest
     cluster ``c`` (only clusters with data have one)."""
 

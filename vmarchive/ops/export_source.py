@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from vmarchive.errors import FormatError, UsageError
 from vmarchive.format import constants as C
@@ -98,8 +99,7 @@ def archive_arch(repo: Repository, archive: Archive) -> str | None:
     return None if node is None else node.get("arch")
 
 
-@dataclass(frozen=True)
-class MappedBlock:
+class MappedBlock(msgspec.Struct, frozen=True):
     """One PT_LOAD-sized piece: guest-physical ``range`` read from ``stream`` at its offset."""
 
     range: MemRange

@@ -59,6 +59,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from vmarchive.errors import (
     AlreadyExistsError,
     DamageError,
@@ -133,8 +135,7 @@ class RestoreOptions:
     no_hugepages: bool = False
 
 
-@dataclass(frozen=True)
-class DiskOut:
+class DiskOut(msgspec.Struct, frozen=True):
     target: str
     path: str
     format: str
@@ -143,7 +144,7 @@ class DiskOut:
     sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return msgspec.structs.asdict(self)
 
 
 @dataclass
@@ -1351,8 +1352,7 @@ def clone(
 # --- export-save -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ExportResult:
+class ExportResult(msgspec.Struct, frozen=True):
     path: str
     bytes: int
     disks: list[DiskOut]

@@ -16,6 +16,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from vmarchive.errors import FormatError, UsageError
 
 #: Disk target names QEMU/libvirt use (vda, sdb, hdc, xvda, nvme0n1, ...): nothing that can
@@ -45,8 +47,7 @@ def check_domain_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class DiskRewrite:
+class DiskRewrite(msgspec.Struct, frozen=True):
     path: str  # the new image (a file path on the target host)
     fmt: str  # raw | qcow2
 

@@ -36,6 +36,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from vmarchive.errors import (
     ChunkMissingError,
     DamageError,
@@ -63,8 +65,7 @@ _INFO_EXPORT = struct.Struct(">HQH")  # NBD_INFO_EXPORT, size, transmission flag
 _INFO_BLOCK = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
 
 
-@dataclass(frozen=True)
-class Export:
+class Export(msgspec.Struct, frozen=True):
     """One served disk: its NBD export name (the disk's target) and size."""
 
     name: str

@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from vmarchive.errors import VmarchiveError
 from vmarchive.hypervisor import DEFAULT_URI
@@ -52,8 +53,7 @@ log = logging.getLogger(__name__)
 Untrack = Callable[[str, str, Path | None, Sequence[str]], "UntrackResult"]
 
 
-@dataclass(frozen=True)
-class Tracked:
+class Tracked(msgspec.Struct, frozen=True):
     """A domain whose archives recorded dirty tracking: what they name."""
 
     uuid: str
@@ -90,16 +90,15 @@ def released(before: Iterable[ArchiveSummary], after: Iterable[ArchiveSummary]) 
     return [t for u, t in tracked_domains(before).items() if u not in remaining]
 
 
-@dataclass(frozen=True)
-class Release:
+class Release(msgspec.Struct, frozen=True):
     """What happened to one released domain's bitmaps."""
 
     domain: str
     uuid: str
     #: (node or image, bitmap) removed
-    removed: list[tuple[str, str]] = field(default_factory=list)
+    removed: list[tuple[str, str]] = msgspec.field(default_factory=list)
     #: our bitmaps found there but not named by this repository's archives
-    left: list[tuple[str, str]] = field(default_factory=list)
+    left: list[tuple[str, str]] = msgspec.field(default_factory=list)
     #: one line when nothing could be done here (the user runs ``untrack`` there)
     advice: str | None = None
 
@@ -168,8 +167,7 @@ def _advice(t: Tracked, why: str) -> str:
     )
 
 
-@dataclass(frozen=True)
-class ForgetResult:
+class ForgetResult(msgspec.Struct, frozen=True):
     forgotten: list[str]
     released: list[Release]
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+
+import msgspec
 
 from vmarchive.errors import BackendError, RepositoryError
 
@@ -39,8 +40,7 @@ class ObjectNotFoundError(BackendError):
         self.key = key
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
+class ObjectInfo(msgspec.Struct, frozen=True):
     """What a listing says about one object."""
 
     key: str

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from vmarchive.format.constants import ZERO_ID
 
@@ -29,8 +30,7 @@ SNAPSHOT_HEAD = struct.Struct("<QQ")
 _PACK_FIELD = struct.Struct("<16xI12x")
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(msgspec.Struct, frozen=True):
     """Where a chunk's encoded blob is: ``length`` bytes at ``offset`` in pack ``pack_id``."""
 
     pack_id: str

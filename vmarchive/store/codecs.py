@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from vmarchive.errors import FormatError, UsageError, WrongKeyError
 from vmarchive.format import constants as C
 from vmarchive.format import pack as fpack
@@ -68,8 +70,8 @@ class InitOptions:
     rng: Rng = os.urandom
 
 
-@dataclass(frozen=True)
-class StreamInfo:
+# weakref: read-ahead cursors (store/readahead.py) follow a stream without keeping it
+class StreamInfo(msgspec.Struct, frozen=True, weakref=True):
     """One stream of a loaded archive; ``table`` has 16 bytes per slot."""
 
     name: str

@@ -8,8 +8,9 @@ produced without any read.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from vmarchive.errors import UsageError
 from vmarchive.store.codecs import StreamInfo
@@ -18,8 +19,7 @@ if TYPE_CHECKING:
     from vmarchive.store.repository import Repository
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(msgspec.Struct, frozen=True):
     """A run of slots: ``length`` bytes at ``offset``, data or a hole."""
 
     offset: int

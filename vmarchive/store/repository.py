@@ -21,9 +21,10 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from vmarchive.errors import (
     AlreadyExistsError,
@@ -96,17 +97,16 @@ def _without_packs(
     return memoryview(bytes(out)), gone
 
 
-@dataclass(frozen=True)
-class ArchiveSummary:
+class ArchiveSummary(msgspec.Struct, frozen=True):
     """One line of ``list``: enough to choose an archive without loading its tables."""
 
     id: str
     time: str
     domain: str
     kind: str
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = msgspec.field(default_factory=list)
     size: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def of_domain(self, domain: str) -> bool:
         """Whether this is an archive of ``domain``: its name, or its UUID in any case, as
@@ -126,8 +126,7 @@ class ArchiveSummary:
         }
 
 
-@dataclass(frozen=True)
-class Archive:
+class Archive(msgspec.Struct, frozen=True):
     """A loaded manifest: metadata and streams (with their slot tables)."""
 
     id: str

@@ -50,6 +50,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from vmarchive.errors import ChunkMissingError, UsageError
 from vmarchive.progress import NULL_PROGRESS, Progress, Task
 from vmarchive.store import batchread, crashpoint
@@ -93,8 +95,7 @@ def count_slots_holding(table: bytes | bytearray, chunk_id: bytes) -> int:
     return acc.to_bytes(n, "little").count(0)
 
 
-@dataclass(frozen=True)
-class StreamStats:
+class StreamStats(msgspec.Struct, frozen=True):
     """What one stream cost: logical bytes given, bytes actually stored new, slots."""
 
     bytes_written: int
