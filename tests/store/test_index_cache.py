@@ -478,6 +478,63 @@ def test_a_grown_journal_is_folded_into_the_table(
     assert seen == []
 
 
+def full_table_cached(path: pathlib.Path) -> None:
+    """A repository whose cached table is exactly 3/4 full (768 entries in 1024 slots, made
+    directly: the index never reads packs), so the next entry added rehashes it."""
+    repo = make_repo(path)
+    pack = os.urandom(32).hex()
+    repo._publish_index(
+        [(os.urandom(16), Location(pack, 16 + 100 * i, 100, 100)) for i in range(768)]
+    )
+    repo.close()
+    with Repository.open(str(path)) as r:
+        assert r.index.memory_bytes() == 1024 * 32 and len(r.index) == 768
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_an_index_that_outgrew_its_table_is_folded_at_the_commit(
+    tmp_path: pathlib.Path,
+    cache_dir: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    control: bool,
+) -> None:
+    """A commit that rehashed the index into a larger table writes that table: otherwise
+    every later load rehashes the cached table again (0.7 s a million slots) until the
+    journal is folded.  Control: with the rehash unnoticed, the table stays as it was and
+    the next load rehashes it again."""
+    full_table_cached(tmp_path / "r")
+    table, journal = cache_files(cache_dir)
+    before = table.read_bytes()
+    if control:
+        real = ChunkIndex._grow
+
+        def unnoticed(self: ChunkIndex) -> None:
+            real(self)
+            self.grown = False
+
+        monkeypatch.setattr(ChunkIndex, "_grow", unnoticed)
+    with Repository.open(str(tmp_path / "r")) as r:
+        assert not r.index.grown
+        new_id = write_archive(r, {"n": os.urandom(20_000)})
+        assert r.index.memory_bytes() == 2048 * 32
+        entries = len(r.index)
+    assert entries > 768
+    monkeypatch.undo()
+    monkeypatch.setenv(CACHE_ENV, str(cache_dir))
+    seen = decoded(monkeypatch)
+    with Repository.open(str(tmp_path / "r")) as again:
+        assert read_archive(again, new_id)["n"]
+        assert len(again.index) == entries and again.index.memory_bytes() == 2048 * 32
+        grown_at_load = again.index.grown
+    assert seen == []
+    if control:
+        assert table.read_bytes() == before and journal.stat().st_size > 0
+        assert grown_at_load
+    else:
+        assert table.read_bytes() != before and journal.stat().st_size == 0
+        assert not grown_at_load
+
+
 def test_a_journal_cut_short_or_damaged_ends_where_it_breaks(
     tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

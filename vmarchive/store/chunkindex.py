@@ -52,6 +52,10 @@ class ChunkIndex:
         self._count = 0
         self._packs: list[str] = []
         self._pack_numbers: dict[str, int] = {}
+        #: Whether the table was rehashed into a larger one since it was made or restored
+        #: (:meth:`from_snapshot`): a saved snapshot of it is then smaller than it, and
+        #: whoever loads that snapshot would rehash it again (see the index cache).
+        self.grown = False
 
     def __len__(self) -> int:
         return self._count
@@ -110,6 +114,8 @@ class ChunkIndex:
         self._count += 1
 
     def _grow(self) -> None:
+        # ~0.65 us a slot in Python (a million slots: 0.7 s), done once per doubling
+        self.grown = True
         old = self._buf
         self._cap *= 2
         self._buf = bytearray(self._cap * _REC_SIZE)
@@ -226,6 +232,7 @@ class ChunkIndex:
         if len(idx._pack_numbers) != npacks:
             raise ValueError("index snapshot: a pack listed twice")
         idx._count = count
+        idx.grown = False
         return idx
 
     def check(self) -> None:

@@ -47,9 +47,11 @@ several processes at once (appends are whole records under an exclusive ``flock`
 load checks the records' names as the table's: every one still listed, else rebuild.  The
 journal is folded into the table (a full write, the journal emptied) at a commit when it
 has grown past a sixteenth of the table (applying records costs ~1 us an entry, reading
-the table ~0.05), or when there is no table yet.  A record that is cut short or fails its
-checksum ends the journal there (a process died appending): the objects of the records
-lost are decoded from the repository, as any object the cache does not name.
+the table ~0.05), when there is no table yet, or when the index in memory outgrew the
+table (rehashed into one twice as large, which every load of the old table would do
+again).  A record that is cut short or fails its checksum ends the journal there (a
+process died appending): the objects of the records lost are decoded from the
+repository, as any object the cache does not name.
 
 Journal: ``magic "VMARIDXJ" | version u32``, then records: ``body length u32 |
 xxh3-128 of the body[16] | body``; body: ``index object name[32] | packs u32 | pack ids x
@@ -294,6 +296,7 @@ class IndexCache:
                 os.ftruncate(jfd, 0)
             finally:
                 os.close(jfd)
+            index.grown = False  # the table written is as large as the index's
         except OSError as e:
             log.debug("cannot write the index cache: %s", e)
             with contextlib.suppress(OSError):

@@ -503,17 +503,25 @@ class Repository:
         spent ~11 s on the index the first one had just written.  Its index objects are
         in the cache's journal already (see :meth:`_publish_index`); the whole index is
         written here only when the journal has grown past its share of the table, there
-        is no table yet, or an object could not be journaled -- the in-memory index then
-        holds exactly the entries of the index objects it names, its own included.  Not
-        while another writer runs (its entries are in memory, its index object is not
-        published yet), nor for an index loaded for gc or verify."""
+        is no table yet, an object could not be journaled, or the index outgrew the
+        table it was loaded from -- the in-memory index then holds exactly the entries of
+        the index objects it names, its own included.  Not while another writer runs (its
+        entries are in memory, its index object is not published yet), nor for an index
+        loaded for gc or verify.
+
+        Outgrown: the index was rehashed into a table twice as large (past 3/4 full with
+        the journal's records or this writer's entries), 0.7 s a million slots in Python.
+        Left to the journal, every later load would rehash the cached table again, until
+        the journal passed its share.  This host's capture loaded a 7,600-chunk index in
+        16-21 ms so, 0.7-1.1 ms once folded; ``scripts/bench_index.py --chunks 786432``
+        (a table exactly 3/4 full): 0.66 s a load before, 0.055 s after."""
         cache = self._index_cache
         if cache is None:
             return
         with self._index_mutex:
             if self._index is None or self._writers != 1 or self._index_pruned:
                 return
-            if not self._journal_missed and not cache.needs_fold():
+            if not self._journal_missed and not cache.needs_fold() and not self._index.grown:
                 return  # the journal has this commit's index objects
             try:
                 with self._chunks_mutex:
