@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 from storehelpers import PASSPHRASE, make_repo, write_archive
 
@@ -139,3 +141,81 @@ def test_an_encrypted_repository_keeps_sealed_summaries(
     plain.list_archives()
     blob = b"".join(e.read_bytes() for e in cache_dir.rglob("*.json"))
     assert b"secret-domain" in blob and b"t-secret" in blob
+
+
+def by_guest(path: pathlib.Path) -> tuple[Repository, dict[str, list[str]]]:
+    """Six archives of three guests (uuids u0, u1, u2, in turn)."""
+    repo = make_repo(path)
+    ids: dict[str, list[str]] = {}
+    for i in range(6):
+        uuid = f"u{i % 3}"
+        aid = write_archive(
+            repo,
+            {"s": bytes([i]) * 1000},
+            time=f"2026-01-0{i + 1}T00:00:00Z",
+            extra={"uuid": uuid},
+        )
+        ids.setdefault(uuid, []).append(aid)
+    return repo, ids
+
+
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The cache entries decoded from now on."""
+    seen: list[bytes] = []
+    real = msgspec.json.decode
+
+    def counting(raw: bytes) -> object:
+        seen.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(msgspec.json, "decode", counting)  # as summarycache calls it
+    return seen
+
+
+def test_listing_one_guest_decodes_only_its_entries(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``list_archives(uuid=...)`` is the full listing filtered by uuid, whether the
+    summaries come from manifests or from the cache; from the cache, the other guests'
+    entries are not even decoded.  Control: the full listing decodes every entry."""
+    repo, ids = by_guest(tmp_path / "r")
+    seen = loads(repo, monkeypatch)
+    assert [a.id for a in repo.list_archives(uuid="u1")] == ids["u1"]
+    assert sorted(seen) == sorted(a for v in ids.values() for a in v)  # all made, cached
+    seen.clear()
+    decoded = decodes(monkeypatch)
+    for uuid in ("u0", "u1", "u2", "nobody"):
+        decoded.clear()
+        got = repo.list_archives(uuid=uuid)
+        assert [a.id for a in got] == ids.get(uuid, [])
+        assert [a.metadata["uuid"] for a in got] == [uuid] * len(got)
+        assert len(decoded) == len(got)
+    assert seen == []
+    decoded.clear()
+    everything = repo.list_archives()
+    assert len(decoded) == 6 and len(everything) == 6
+    assert [a.id for a in everything if a.metadata["uuid"] == "u2"] == ids["u2"]
+
+
+def test_an_entry_not_written_as_expected_is_decoded_not_skipped(
+    tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry is skipped undecoded only when it starts as the cache writes this
+    archive's entry at this stamp.  Written otherwise (here: indented), or stale (a
+    manifest of another size), it is decoded -- and the listing stays right; a stale entry
+    lacking the uuid does not hide a manifest that now has it."""
+    repo, ids = by_guest(tmp_path / "r")
+    repo.list_archives()
+    (entry,) = [p for p in cache_dir.rglob("*.json") if p.stem == ids["u0"][0]]
+    entry.write_text(json.dumps(json.loads(entry.read_text()), indent=1))
+    decoded = decodes(monkeypatch)
+    assert [a.id for a in repo.list_archives(uuid="u1")] == ids["u1"]
+    assert len(decoded) == 3  # u1's two, and the indented entry of u0's
+    (entry,) = [p for p in cache_dir.rglob("*.json") if p.stem == ids["u1"][0]]
+    stale = json.loads(entry.read_text())
+    stale["stamp"] = "1:0.0"
+    stale["summary"]["metadata"]["uuid"] = "u0"
+    entry.write_text(json.dumps(stale))
+    seen = loads(repo, monkeypatch)
+    assert [a.id for a in repo.list_archives(uuid="u1")] == ids["u1"]
+    assert seen == [ids["u1"][0]]  # the stale entry: its manifest loaded again

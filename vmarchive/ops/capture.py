@@ -865,9 +865,7 @@ class _Capture:
         recorded by an archive of this domain -> that archive's id."""
         newest = None
         known: dict[str, str] = {}
-        for s in self.repo.list_archives():
-            if s.metadata.get("uuid") != self.dom.uuid:
-                continue
+        for s in self.repo.list_archives(uuid=self.dom.uuid):
             newest = s
             tracking = s.metadata.get("tracking") or {}
             if isinstance(tracking, dict):

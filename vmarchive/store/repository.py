@@ -16,6 +16,7 @@ writes, verify, gc), and listing archives reads only ``archives/``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import struct
@@ -739,39 +740,46 @@ class Repository:
                     raise
                 on_damage(aid, e)
 
-    def list_archives(self) -> list[ArchiveSummary]:
+    def list_archives(self, *, uuid: str | None = None) -> list[ArchiveSummary]:
         """Every archive, oldest first; damaged manifests are skipped with a warning.
+        ``uuid``: only the archives whose metadata has this ``uuid`` (a capture's parent).
 
         Summaries come from the local summary cache where it has them (see
-        :mod:`vmarchive.store.summarycache`); only the manifests it lacks are loaded.
+        :mod:`vmarchive.store.summarycache`); only the manifests it lacks are loaded.  With
+        ``uuid``, a cached summary that does not hold it is not even decoded.
 
         Raises :class:`BackendError`.
         """
         objects = self._archive_objects()
         ids = sorted(objects)
         cache = self._summaries
+        needle = None if uuid is None else json.dumps(uuid).encode()
         out: list[ArchiveSummary] = []
         for aid in ids:
             # The listing's size and mtime go with the entry: a manifest rewritten in
             # place (damaged, or a copied repository tampered with) is loaded again.
             stamp = f"{objects[aid].size}:{objects[aid].mtime!r}"
-            cached = cache.get(aid, stamp) if cache is not None else None
-            if cached is not None:
+            cached = cache.get(aid, stamp, needle) if cache is not None else None
+            if cached is False:
+                continue  # cached, and not of that uuid
+            summary: ArchiveSummary | None = None
+            if isinstance(cached, dict):
                 try:
-                    out.append(_summary_from_json(aid, cached))
-                    continue
+                    summary = _summary_from_json(aid, cached)
                 except (KeyError, TypeError, ValueError) as e:
                     log.debug("cached summary of %s unusable (%s); loading it", aid, e)
-            try:
-                summary = self._load(aid).summary()
-            except NotFoundError:
-                continue  # forgotten while we listed
-            except DamageError as e:
-                log.warning("archive %s is damaged: %s", aid, e)
-                continue
-            out.append(summary)
-            if cache is not None:
-                cache.put(aid, stamp, summary.to_json())
+            if summary is None:
+                try:
+                    summary = self._load(aid).summary()
+                except NotFoundError:
+                    continue  # forgotten while we listed
+                except DamageError as e:
+                    log.warning("archive %s is damaged: %s", aid, e)
+                    continue
+                if cache is not None:
+                    cache.put(aid, stamp, summary.to_json())
+            if uuid is None or summary.metadata.get("uuid") == uuid:
+                out.append(summary)
         if cache is not None:
             cache.keep_only(ids)
 

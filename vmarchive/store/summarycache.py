@@ -96,17 +96,31 @@ class SummaryCache:
     def _path(self, archive_id: str) -> str:
         return os.path.join(self.directory, archive_id + ".json")
 
-    def get(self, archive_id: str, stamp: str) -> dict[str, Any] | None:
+    def get(
+        self, archive_id: str, stamp: str, needle: bytes | None = None
+    ) -> dict[str, Any] | bool | None:
         """The cached summary fields of ``archive_id``, or None (then make and ``put`` it).
 
         ``stamp`` says which manifest object the entry was made from (its size and time in
         the listing): an entry with another stamp is not served.
+
+        ``needle``: bytes that the entry of a wanted archive holds somewhere (a JSON string
+        as :func:`json.dumps` writes it, quotes included).  False when the entry is this
+        archive's and of this stamp but holds no ``needle``: the archive is not wanted and
+        its entry is not decoded (24 us for a capture's summary: a capture looking for its
+        parent among 2,000 archives of 50 guests decoded them all for 48 ms).
         """
         try:
             with open(self._path(archive_id), "rb") as f:
                 raw = f.read()
             if self._key is not None:
                 raw = crypto.unseal(self._key, raw, self._aad(archive_id))
+            if (
+                needle is not None
+                and needle not in raw
+                and raw.startswith(_entry_head(archive_id, stamp))
+            ):
+                return False
             # msgspec: 12 us for a capture's 3.4 KB summary against json's 28 us; every
             # capture lists every archive of the repository to find its parent
             entry = msgspec.json.decode(raw)
@@ -133,7 +147,7 @@ class SummaryCache:
         try:
             os.makedirs(self.directory, exist_ok=True)
             entry = {"v": VERSION, "id": archive_id, "stamp": stamp, "summary": summary}
-            data = json.dumps(entry).encode()
+            data = json.dumps(entry).encode()  # starting with _entry_head(archive_id, stamp)
             if self._key is not None:
                 data = crypto.seal(self._key, data, self._aad(archive_id), os.urandom(NONCE_SIZE))
             with open(tmp, "wb") as f:
@@ -155,6 +169,14 @@ class SummaryCache:
             if name.endswith(".json") and name not in keep:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.directory, name))
+
+
+def _entry_head(archive_id: str, stamp: str) -> bytes:
+    """How :meth:`SummaryCache.put` starts the entry of ``archive_id`` at ``stamp``: an
+    entry that starts so is that archive's at that stamp without decoding it (one that
+    does not -- damaged, or written otherwise -- is decoded and checked as always)."""
+    # as json.dumps writes the dict (its C string encoder for the one free-form string)
+    return f'{{"v": {VERSION}, "id": {json.dumps(archive_id)}, "stamp": {json.dumps(stamp)}, "summary": '.encode()
 
 
 __all__ = ["CACHE_ENV", "SummaryCache", "cache_root", "repository_cache"]
