@@ -318,9 +318,12 @@ class StreamWriter:
         holes = ids.count(zero)
         wanted = set(ids)
         wanted.discard(zero)
-        with self._w._mutex:
-            mine = self._w._unpublished
-            missing = self._w.repo._missing_chunks(c for c in wanted if c not in mine)
+        # Without the writer's mutex (the memory's parser waits for it while a disk's
+        # thread asks about its 4,096 slots), as _has_chunk: a chunk of this writer's
+        # enters the index before it leaves _unpublished, so asking in this order misses
+        # none.
+        mine = self._w._unpublished
+        missing = self._w.repo._missing_chunks(c for c in wanted if c not in mine)
         if missing:
             raise ChunkMissingError(
                 f"stream {self.name}: chunk {missing[0].hex()} is not in the repository",
@@ -656,33 +659,38 @@ class ArchiveWriter:
         codecs = self._codecs
         if cid is None:
             cid = self.content_id(data)
-        if cid == self.zero_id:
+        if cid == self.zero_id or self._has_chunk(cid):
             return cid, False
-        with self._mutex:
-            if self._has_chunk(cid):
-                return cid, False
-            view = data if isinstance(data, bytes) else memoryview(data)
-            n = len(view) if isinstance(view, bytes) else view.nbytes
-            fut: Future[bytes] | bytes | _RawChunk
-            if codecs.stores_raw(view):
-                # Stored as a raw frame, on this thread: handed to a compression thread it
-                # cost more than itself in hand-offs (a first capture's 4096 random RAM
-                # chunks: 0.15-0.3 CPU-s).  _drain writes the frame's pieces straight into
-                # the pack: one copy, none when the caller's buffer is immutable or handed
-                # over.
-                if codecs.blob.encrypted:
-                    fut = codecs.encode_blob(cid, view, raw_blocks=True)
-                else:
-                    if isinstance(data, bytes):
-                        fut = _RawChunk(data)
-                    else:
-                        fut = _RawChunk(view if handed_over else bytes(view))
-                self._unpublished[cid] = (None, n)
+        view = data if isinstance(data, bytes) else memoryview(data)
+        n = len(view) if isinstance(view, bytes) else view.nbytes
+        # Prepared before taking the writer's mutex: the probe's three zstd calls, a copy,
+        # an encryption each hand the interpreter lock over and must take it back, and
+        # under the mutex every other thread storing (the memory's parser beside a disk's
+        # reader) waited for that too.  An incremental capture's parser waited 69 ms for
+        # it while a disk thread stored 160 chunks.
+        fut: Future[bytes] | bytes | _RawChunk | None = None
+        raw: bytes | memoryview | None = None
+        if codecs.stores_raw(view):
+            # Stored as a raw frame, on this thread: handed to a compression thread it
+            # cost more than itself in hand-offs (a first capture's 4096 random RAM
+            # chunks: 0.15-0.3 CPU-s).  _drain writes the frame's pieces straight into
+            # the pack: one copy, none when the caller's buffer is immutable or handed
+            # over.
+            if codecs.blob.encrypted:
+                fut = codecs.encode_blob(cid, view, raw_blocks=True)
+            elif isinstance(data, bytes):
+                fut = _RawChunk(data)
             else:
-                # the caller may reuse its buffer unless handed over
-                raw = view if handed_over else bytes(data)
+                fut = _RawChunk(view if handed_over else bytes(view))
+        else:
+            raw = view if handed_over else bytes(data)  # the caller may reuse its buffer
+        with self._mutex:
+            if self._has_chunk(cid):  # stored by another thread meanwhile
+                return cid, False
+            if fut is None:
+                assert raw is not None
                 fut = self._pool.submit(codecs.encode_blob, cid, raw, raw_blocks=False)
-                self._unpublished[cid] = (None, n)
+            self._unpublished[cid] = (None, n)
             self._inflight.append((cid, n, stream, fut))
             self._drain(self._max_inflight)
         return cid, True
