@@ -107,8 +107,8 @@ class SummaryCache:
         ``needle``: bytes that the entry of a wanted archive holds somewhere (a JSON string
         as :func:`json.dumps` writes it, quotes included).  False when the entry is this
         archive's and of this stamp but holds no ``needle``: the archive is not wanted and
-        its entry is not decoded (24 us for a capture's summary: a capture looking for its
-        parent among 2,000 archives of 50 guests decoded them all for 48 ms).
+        its entry is not decoded.  A capture looking for its parent among 2,000 archives of
+        50 guests listed them in 75-127 ms decoding every entry, 39-63 ms so.
         """
         try:
             with open(self._path(archive_id), "rb") as f:
