@@ -250,9 +250,12 @@ class IndexCache:
             log.debug("cannot append to the index cache journal: %s", e)
             return False
 
-    def needs_fold(self) -> bool:
-        """Whether a commit should :meth:`save` the whole index: no table yet, or a journal
-        grown past its share of the table."""
+    def needs_fold(self, index: ChunkIndex) -> bool:
+        """Whether a commit should :meth:`save` the whole ``index``: no table yet, a journal
+        grown past its share of the table, or an index that outgrew the table (rehashed
+        into a larger one, which every load of the table would do again)."""
+        if index.grown:
+            return True
         try:
             table = os.path.getsize(self.path)
         except OSError:

@@ -522,7 +522,7 @@ class Repository:
         with self._index_mutex:
             if self._index is None or self._writers != 1 or self._index_pruned:
                 return
-            if not self._journal_missed and not cache.needs_fold() and not self._index.grown:
+            if not self._journal_missed and not cache.needs_fold(self._index):
                 return  # the journal has this commit's index objects
             try:
                 with self._chunks_mutex:
