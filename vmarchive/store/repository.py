@@ -16,7 +16,6 @@ writes, verify, gc), and listing archives reads only ``archives/``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import struct
@@ -753,7 +752,7 @@ class Repository:
         objects = self._archive_objects()
         ids = sorted(objects)
         cache = self._summaries
-        needle = None if uuid is None else json.dumps(uuid).encode()
+        needle = None if uuid is None or cache is None else cache.needle(uuid)
         out: list[ArchiveSummary] = []
         for aid in ids:
             # The listing's size and mtime go with the entry: a manifest rewritten in

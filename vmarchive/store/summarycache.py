@@ -96,6 +96,11 @@ class SummaryCache:
     def _path(self, archive_id: str) -> str:
         return os.path.join(self.directory, archive_id + ".json")
 
+    @staticmethod
+    def needle(value: str) -> bytes:
+        """``value`` as a string in an entry's JSON, for :meth:`get`."""
+        return json.dumps(value).encode()
+
     def get(
         self, archive_id: str, stamp: str, needle: bytes | None = None
     ) -> dict[str, Any] | bool | None:
@@ -104,8 +109,8 @@ class SummaryCache:
         ``stamp`` says which manifest object the entry was made from (its size and time in
         the listing): an entry with another stamp is not served.
 
-        ``needle``: bytes that the entry of a wanted archive holds somewhere (a JSON string
-        as :func:`json.dumps` writes it, quotes included).  False when the entry is this
+        ``needle``: what the entry of a wanted archive holds somewhere (:meth:`needle` of a
+        string its summary has as a value).  False when the entry is this
         archive's and of this stamp but holds no ``needle``: the archive is not wanted and
         its entry is not decoded.  A capture looking for its parent among 2,000 archives of
         50 guests listed them in 75-127 ms decoding every entry, 39-63 ms so.
@@ -146,8 +151,9 @@ class SummaryCache:
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
             os.makedirs(self.directory, exist_ok=True)
-            entry = {"v": VERSION, "id": archive_id, "stamp": stamp, "summary": summary}
-            data = json.dumps(entry).encode()  # starting with _entry_head(archive_id, stamp)
+            # {"v", "id", "stamp", "summary"} as json.dumps writes it; the head is what
+            # get() recognises an entry by without decoding it
+            data = _entry_head(archive_id, stamp) + json.dumps(summary).encode() + b"}"
             if self._key is not None:
                 data = crypto.seal(self._key, data, self._aad(archive_id), os.urandom(NONCE_SIZE))
             with open(tmp, "wb") as f:
@@ -175,7 +181,6 @@ def _entry_head(archive_id: str, stamp: str) -> bytes:
     """How :meth:`SummaryCache.put` starts the entry of ``archive_id`` at ``stamp``: an
     entry that starts so is that archive's at that stamp without decoding it (one that
     does not -- damaged, or written otherwise -- is decoded and checked as always)."""
-    # as json.dumps writes the dict (its C string encoder for the one free-form string)
     return f'{{"v": {VERSION}, "id": {json.dumps(archive_id)}, "stamp": {json.dumps(stamp)}, "summary": '.encode()
 
 
