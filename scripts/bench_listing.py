@@ -22,6 +22,7 @@ Usage: scripts/bench_listing.py [--archives 2000] [--guests 50] [--rounds 6]
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -147,11 +148,10 @@ def child(repo_dir: str, uuid: str) -> None:
         t = time.perf_counter()
         if not uuid:
             listed = repo.list_archives()
-        else:
-            try:
-                listed = repo.list_archives(uuid=uuid)
-            except TypeError:  # a tree from before list_archives(uuid=...), as its capture
-                listed = [s for s in repo.list_archives() if s.metadata.get("uuid") == uuid]
+        elif "uuid" in inspect.signature(repo.list_archives).parameters:
+            listed = repo.list_archives(uuid=uuid)
+        else:  # a tree from before list_archives(uuid=...): as its capture did
+            listed = [s for s in repo.list_archives() if s.metadata.get("uuid") == uuid]
         took = time.perf_counter() - t
     print(json.dumps({"s": took, "listed": len(listed)}))
 
@@ -168,8 +168,7 @@ def main() -> None:
         child(*a.child)
         return
     base = Path(tempfile.mkdtemp(prefix="vmarchive-bench-listing-", dir=a.workdir or "/var/tmp"))
-    env = {**os.environ, "VMARCHIVE_CACHE_DIR": str(base / "cache")}
-    os.environ.update(env)
+    os.environ["VMARCHIVE_CACHE_DIR"] = str(base / "cache")  # here and in the children
     try:
         repo_dir = base / "repo"
         print(f"{a.archives} archives of {a.guests} guests:", flush=True)
@@ -180,7 +179,6 @@ def main() -> None:
             for key, arg in (("all", ""), ("guest", uuid)):
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", str(repo_dir), arg],
-                    env=env,
                     check=True,
                     capture_output=True,
                     text=True,
