@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
+import re
 import signal
 import statistics
 import subprocess
@@ -359,6 +361,31 @@ def test_disks_read_by_a_process_or_on_threads_are_stored_and_counted(
     stored = {d.target: d.bytes_stored for d in r.disks if d.copied}
     assert set(stored) == {"vda", "vdb"} and all(n > 0 for n in stored.values()), stored
     assert qemu_leftovers(guest) == []
+
+
+def test_the_command_forks_its_disk_reader(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``vmarchive capture`` forks its disk reader before it starts a thread
+    (vmarchive.ops.disk_process.fork_reader), and the child reads the disks; capture()
+    called from a process that runs threads (this one) spawns it instead."""
+    args = ["--repo", str(env["repo"]), "--mode", "switchover", "--full", "--json"]
+    p = subprocess.run(
+        [sys.executable, "-m", "vmarchive", "-v", "--debug", "capture", guest.name, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "VMARCHIVE_STATE_DIR": str(env["state"])},
+    )
+    assert p.returncode == 0, p.stderr
+    said = re.findall(r"disks read by a process of their own \(pid \d+, (\w+)\)", p.stderr)
+    assert said == ["forked"], p.stderr[-3000:]
+    assert all(d["bytes_read"] > 0 for d in json.loads(p.stdout)["disks"] if d["copied"])
+    # the control: the same capture in this process
+    caplog.set_level(logging.DEBUG, logger="vmarchive.ops.capture")
+    capture(dataclasses.replace(opts(guest, env, mode=Mode.SWITCHOVER), full=True))
+    said = [m for m in caplog.messages if "read by a process of their own" in m]
+    assert len(said) == 1 and said[0].endswith(", spawned)"), said
 
 
 def test_bad_input_is_one_clear_error(guest: guestlib.Guest, env: dict[str, pathlib.Path]) -> None:

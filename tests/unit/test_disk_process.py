@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -268,3 +270,97 @@ def test_errors_come_back_as_their_class_or_as_an_internal_error() -> None:
     other = DP._error_of({"type": "KeyError", "message": "'x'"})
     assert type(other) is VmarchiveError and "KeyError" in str(other)
     assert type(DP._error_of({"type": "getLogger", "message": "x"})) is VmarchiveError
+
+
+#: A capture's process as far as the forked child goes (a process of its own: the fork
+#: must happen while it runs one thread, which pytest's process cannot promise).  Every
+#: process that runs the exit handlers writes its pid to argv[4].
+_FORKING = """
+import atexit, json, os, sys, threading
+from vmarchive.ops import capture_disks as CD, disk_process as DP
+from vmarchive.progress import NULL_PROGRESS
+from vmarchive.store import Repository
+
+loc, image, size, exits, mode = sys.argv[1:6]
+atexit.register(lambda: open(exits, "a").write(f"{os.getpid()}\\n"))
+out = {}
+if mode == "threads":
+    ev = threading.Event()
+    t = threading.Thread(target=ev.wait)
+    t.start()
+    out["with_a_thread"] = DP.fork_reader() is not None
+    ev.set()
+    t.join()
+forked = DP.fork_reader()
+out["forked"] = forked is not None
+if mode == "plain":  # the control: a child that ends as the caller would
+    if os.fork() == 0:
+        sys.exit(0)
+    os.wait()
+elif mode == "read":
+    repo = Repository.open(loc)
+    with CD.local_nbd(image, "qcow2") as sock, repo.writer() as w:
+        sink = w.stream("disk:vda", "disk", int(size))
+        dp = DP.DiskProcess.spawn(loc, w, NULL_PROGRESS, forked)
+        out["same_child"] = dp.pid == forked.pid
+        dp.start("vda", sink, socket=sock, export="disk")
+        dp.end_input()
+        dp.join()
+        dp.raise_first()
+        out["parent_stored"] = sink.close().bytes_new
+        out["archive"] = w.commit({"time": "2026-11-29T00:00:00Z", "domain": "dp", "kind": "capture"})
+    out["claimed"] = forked.claimed
+    forked.dismiss()  # as the capture does at its end: nothing more to do
+if forked is not None:
+    forked.dismiss()
+    out["rc"] = forked.returncode
+print(json.dumps(out))
+"""
+
+
+def forking(tmp_path: pathlib.Path, image: pathlib.Path, mode: str) -> tuple[dict[str, Any], str]:
+    """Run :data:`_FORKING` in ``mode``; its output, and the pids that ran exit handlers."""
+    loc = str(tmp_path / "repo")
+    Repository.init(loc, None).close()
+    exits = tmp_path / "exits"
+    p = subprocess.run(
+        [sys.executable, "-c", _FORKING, loc, str(image), str(SIZE), str(exits), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout), exits.read_text()
+
+
+def test_a_forked_child_reads_the_disk_and_leaves_the_parent_its_exit(
+    tmp_path: pathlib.Path, image: pathlib.Path, raw: bytes
+) -> None:
+    """The child forked before the capture's threads start reads and stores the disk as
+    a spawned one does, and ends without running the capture's exit handlers."""
+    out, exits = forking(tmp_path, image, "read")
+    assert out["forked"] and out["same_child"] and out["claimed"]
+    assert out["parent_stored"] == 0, "the parent stored nothing itself"
+    assert out["rc"] == 0
+    assert len(exits.split()) == 1, f"exit handlers ran in the child too: {exits!r}"
+    again = Repository.open(str(tmp_path / "repo"))
+    assert again.open_stream(out["archive"], "disk:vda").read_all() == raw
+    report = again.verify(full=True)
+    assert report.ok, report.problems
+
+
+def test_a_dismissed_child_exits_at_once_and_runs_nothing_of_the_parent(
+    tmp_path: pathlib.Path, image: pathlib.Path
+) -> None:
+    out, exits = forking(tmp_path, image, "dismiss")
+    assert out == {"forked": True, "rc": 0}
+    assert len(exits.split()) == 1, exits
+    # the control: a forked child that returns into the caller's code runs its handlers
+    _out, exits = forking(tmp_path / "control", image, "plain")
+    assert len(exits.split()) == 2, exits
+
+
+def test_no_fork_while_another_thread_runs(tmp_path: pathlib.Path, image: pathlib.Path) -> None:
+    out, _exits = forking(tmp_path, image, "threads")
+    assert out["with_a_thread"] is False
+    assert out["forked"] is True, "the control: one thread again, the fork is made"

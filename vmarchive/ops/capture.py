@@ -116,7 +116,7 @@ from vmarchive.ops.capture_incr import (
 )
 from vmarchive.ops.capture_memory import PipeReader
 from vmarchive.ops.capture_watchdog import Watchdog
-from vmarchive.ops.disk_process import DiskProcess
+from vmarchive.ops.disk_process import DiskProcess, ForkedChild, fork_reader
 from vmarchive.ops.malloc_tuning import keep_freed_memory
 from vmarchive.ops.restore_xml import NVRAM_META_STREAM, nvram_path
 from vmarchive.progress import NULL_PROGRESS, Progress
@@ -294,14 +294,24 @@ def capture(
         HostPreconditionError: ``--mode snapshot`` where QEMU cannot do it.
         HypervisorError, QMPCommandError: QEMU failed (the guest runs on, all is cleaned).
         InterruptedError_: interrupted (KeyboardInterrupt); all is cleaned.
+
+    A disk reader child is forked before anything else (see
+    :mod:`vmarchive.ops.disk_process`), and ended here if the capture did not use it.
     """
-    repo = Repository.open(options.repo, options.passphrase)
+    # Forked first, while this process has one thread: the connection starts libvirt's
+    # event thread, the repository lock its refresh thread.
+    forked = fork_reader() if options.disk_process else None
     try:
-        with Connection.open(options.uri) as conn:
-            dom = conn.lookup(options.domain)
-            return capture_domain(options, conn, dom, repo, progress, clock=clock)
+        repo = Repository.open(options.repo, options.passphrase)
+        try:
+            with Connection.open(options.uri) as conn:
+                dom = conn.lookup(options.domain)
+                return _Capture(options, conn, dom, repo, progress, clock, forked).run()
+        finally:
+            repo.close()
     finally:
-        repo.close()
+        if forked is not None:
+            forked.dismiss()  # unless a capture's DiskProcess took it (and waited for it)
 
 
 def capture_domain(
@@ -327,6 +337,7 @@ class _Capture:
         repo: Repository,
         progress: Progress,
         clock: Callable[[], float],
+        forked: ForkedChild | None = None,
     ) -> None:
         self.o = options
         self.conn = conn
@@ -360,6 +371,8 @@ class _Capture:
         self.remap: _Background | None = None
         #: the disk reader process of the attempt under way (:meth:`_disk_readers`)
         self.readers: DiskProcess | None = None
+        #: a disk reader child forked before the capture (:func:`fork_reader`), if any
+        self.forked = forked
 
     # -- state machine -------------------------------------------------------------------
     def to(self, state: CaptureState, note: str = "") -> None:
@@ -1127,13 +1140,16 @@ class _Capture:
         """The disk reader process (:mod:`vmarchive.ops.disk_process`) of a live capture
         whose disk reads pay for it (:func:`reads_pay_for_a_process`); the disks of a
         paused guest are read before its memory is sent: on threads.  None: on threads."""
-        if not self.o.disk_process or mode == "paused":
-            return None
-        if not reads_pay_for_a_process([self.plans[d.target] for d in copy]):
+        forked, self.forked = self.forked, None  # for this attempt only
+        plans = [self.plans[d.target] for d in copy]
+        if not self.o.disk_process or mode == "paused" or not reads_pay_for_a_process(plans):
+            if forked is not None:
+                forked.dismiss()
             return None
         try:
-            readers = DiskProcess.spawn(self.o.repo, w, self.progress)
-            log.debug("disks read by a process of their own (pid %d)", readers.pid)
+            readers = DiskProcess.spawn(self.o.repo, w, self.progress, forked)
+            how = "forked" if readers.pid == getattr(forked, "pid", None) else "spawned"
+            log.debug("disks read by a process of their own (pid %d, %s)", readers.pid, how)
             return readers
         except OSError as e:
             log.debug("disk reader process not started (%s): disks read on threads", e)

@@ -6,9 +6,17 @@ interpreter lock for most of their work and hand it over at every system call an
 call; taking it back costs up to the switch interval each time.  ``scripts/bench_split.py``
 timed the same memory and disk work at 1.99-2.32 s on threads of one process and at
 1.49-1.67 s in two processes, against 1.37-1.47 s for the memory alone.  So a live capture
-whose disk reads pay for it (:func:`vmarchive.ops.capture.reads_pay_for_a_process`) starts
-this module's :func:`main` as a child process as soon as its disks are planned, while it
-prepares QEMU, and hands it the disks' NBD exports at the instant.
+whose disk reads pay for it (:func:`vmarchive.ops.capture.reads_pay_for_a_process`) has
+them read by a child process, which it starts as soon as its disks are planned, while it
+prepares QEMU, and hands the disks' NBD exports at the instant.
+
+The child is forked when the capture begins (:func:`fork_reader`), before the capture's
+process runs any other thread: it then has every module imported already.  Spawned
+(``python -c``, :func:`main`) it imported them again: ~0.15 s of CPU beside the memory's,
+and a first capture of the bench guest took 2.15 s against 1.92 s forked (medians of 8,
+alternating; CPU 2.55 s against 2.20 s).  A fork is refused while other threads run (a
+fork copies the locks they hold, held for ever in the child); then, or when the fork
+fails, the child is spawned.  A capture that reads on threads after all dismisses it.
 
 The child opens the repository itself (a writer of its own: a shared lock, the chunk
 index), reads each disk with :func:`~vmarchive.ops.capture_disks.read_disk` or
@@ -57,7 +65,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import vmarchive
 from vmarchive import errors
@@ -105,6 +113,115 @@ class _Channel:
             self._out.flush()
 
 
+class ForkedChild:
+    """A disk reader child forked from the capture's process (:func:`fork_reader`), with
+    what :class:`DiskProcess` uses of :class:`subprocess.Popen`: ``pid``, ``stdin``,
+    ``stdout``, ``returncode``, :meth:`wait` and :meth:`kill`.
+
+    It waits for its first line like a spawned child; a capture that reads its disks on
+    threads dismisses it (:meth:`dismiss`: the end of its input, it exits at once).
+    """
+
+    def __init__(self, pid: int, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self.claimed = False  # a DiskProcess drives it (and waits for it)
+
+    def _reap(self, flags: int) -> bool:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # reaped elsewhere: its status is lost
+                self.returncode = -1
+                return True
+            if pid == 0:
+                return False
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return True
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            self._reap(0)
+        else:
+            end = time.monotonic() + timeout
+            while not self._reap(os.WNOHANG):
+                if time.monotonic() >= end:
+                    raise subprocess.TimeoutExpired(f"disk reader {self.pid}", timeout)
+                time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def claim(self) -> bool:
+        """For the one DiskProcess that drives it: False once claimed or dismissed."""
+        if self.claimed or self.stdin.closed:
+            return False
+        self.claimed = True
+        return True
+
+    def dismiss(self) -> None:
+        """Unless claimed: end its input (it exits, having opened nothing) and reap it."""
+        if self.claimed:
+            return
+        self.claimed = True
+        for stream in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+        try:
+            self.wait(_CANCEL_WAIT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.wait()
+
+
+def fork_reader() -> ForkedChild | None:
+    """A disk reader child forked now, for the capture about to start: it has every
+    module the parent imported (a spawned child imports them again: ~0.15 s of CPU, most
+    of its start-up) and waits for the repository to open.  Only while this process runs
+    no other thread: a fork copies the locks other threads hold, held for ever in the
+    child.  None then, or when the fork fails: the capture spawns a child if it needs one.
+    """
+    if threading.active_count() != 1:
+        return None
+    for stream in (sys.stdout, sys.stderr):  # what they buffer is not written twice
+        with contextlib.suppress(Exception):
+            stream.flush()
+    fds: list[int] = []
+    try:
+        fds += os.pipe()  # non-inheritable: no program the capture runs holds them
+        fds += os.pipe()
+        pid = os.fork()
+    except OSError as e:
+        log.debug("disk reader not forked: %s", e)
+        for fd in fds:
+            os.close(fd)
+        return None
+    to_read, to_write, from_read, from_write = fds
+    if pid == 0:
+        # Never back into the caller's code, whatever happens (an interrupt before the
+        # child ignores SIGINT included); nor holding its stdin and stdout: a pipe the
+        # capture writes to ends when the capture does, not when this child does.
+        try:
+            os.close(to_write)
+            os.close(from_read)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.close(null)
+            _run_child(os.fdopen(to_read, "rb"), os.fdopen(from_write, "wb"))
+        finally:
+            os._exit(1)
+    os.close(to_read)
+    os.close(from_write)
+    return ForkedChild(pid, os.fdopen(to_write, "wb"), os.fdopen(from_read, "rb"))
+
+
 class DiskProcess:
     """The capture's end of the child: the interface of
     :class:`~vmarchive.ops.capture_disks.DiskThreads` (``cancel``, ``join``,
@@ -112,7 +229,9 @@ class DiskProcess:
     and its stream in the capture's writer ``w``; :meth:`join` adopts what the child
     stored into ``w``."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], w: Any, progress: Progress) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes] | ForkedChild, w: Any, progress: Progress
+    ) -> None:
         self._proc = proc
         self._w = w
         self._progress = progress
@@ -132,30 +251,43 @@ class DiskProcess:
         self._reader.start()
 
     @classmethod
-    def spawn(cls, location: str, w: Any, progress: Progress) -> DiskProcess:
+    def spawn(
+        cls, location: str, w: Any, progress: Progress, forked: ForkedChild | None = None
+    ) -> DiskProcess:
         """Start the child and send it the repository to open: ``location``, with the
         key material ``w``'s repository was unlocked with (encrypted repositories).  The
         child then does not derive the key again from the passphrase (scrypt: 0.43 s of
         CPU here, taken from the memory path of the capture).  The key goes through the
         child's stdin pipe, as the passphrase would, never through its arguments or
-        environment.  Raises OSError when the child cannot be started."""
-        # The child imports this vmarchive, wherever it was imported from: its directory
-        # first on the path for that import only (kept there, a site-packages directory
-        # would shadow the standard library; the package's own path serves the rest).
-        root = os.path.dirname(os.path.dirname(os.path.abspath(vmarchive.__file__)))
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, root],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-        )
+        environment.  ``forked``: the child :func:`fork_reader` made, used unless it was
+        claimed or dismissed already.  Raises OSError when a child cannot be started."""
+        proc: subprocess.Popen[bytes] | ForkedChild
+        if forked is not None and forked.claim():
+            proc = forked
+        else:
+            # The child imports this vmarchive, wherever it was imported from: its
+            # directory first on the path for that import only (kept there, a
+            # site-packages directory would shadow the standard library; the package's
+            # own path serves the rest).
+            root = os.path.dirname(os.path.dirname(os.path.abspath(vmarchive.__file__)))
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, root],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
+            )
         levels = {
             name: lg.level
             for name, lg in logging.root.manager.loggerDict.items()
             if isinstance(lg, logging.Logger) and lg.level != logging.NOTSET
         }
         levels[""] = logging.root.level
-        self = cls(proc, w, progress)
+        try:
+            self = cls(proc, w, progress)
+        except BaseException:  # no thread to read it: it goes
+            proc.kill()
+            proc.wait()
+            raise
         key = w.repo.codecs.key
         secret = None if key is None else key.raw.hex()
         self._to_child.send({"open": {"repo": location, "key": secret, "log": levels}})
@@ -441,17 +573,24 @@ def child_main(inp: IO[bytes], out: IO[bytes]) -> int:
     return 0
 
 
-def main() -> None:
+def _run_child(inp: IO[bytes], out: IO[bytes]) -> NoReturn:
+    """The child's life, spawned or forked: :func:`child_main`, then out at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the capture stops us as it cleans up
     try:
-        code = child_main(sys.stdin.buffer, sys.stdout.buffer)
+        code = child_main(inp, out)
     except BaseException as e:  # reported on the channel when it can be; never a traceback
         with contextlib.suppress(Exception):
-            _Channel(sys.stdout.buffer).send({"aborted": f"{type(e).__name__}: {e}"})
+            _Channel(out).send({"aborted": f"{type(e).__name__}: {e}"})
         code = 1
     # Out at once: the thread reading the input may be inside a read, which the
-    # interpreter's shutdown would wait for (and abort on).  Nothing is left to flush but
-    # the log, and the writer is done (published or aborted).
+    # interpreter's shutdown would wait for (and abort on); a forked child must not run
+    # the capture's exit handlers either.  Nothing is left to flush but the log, and the
+    # writer is done (published or aborted).
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     os._exit(code)
+
+
+def main() -> None:
+    """The spawned child's entry point (``_CHILD``)."""
+    _run_child(sys.stdin.buffer, sys.stdout.buffer)
