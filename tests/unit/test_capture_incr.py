@@ -15,7 +15,12 @@ import pytest
 
 import vmarchive.format.migstream as ms
 from vmarchive.errors import ChunkMissingError, DomainNotFoundError
-from vmarchive.ops.capture import PROCESS_MIN_READ, DiskResult, reads_pay_for_a_process
+from vmarchive.ops.capture import (
+    FORKED_MIN_READ,
+    PROCESS_MIN_READ,
+    DiskResult,
+    reads_pay_for_a_process,
+)
 from vmarchive.ops.capture_incr import (
     BitmapState,
     Current,
@@ -145,6 +150,10 @@ def test_disk_reads_go_to_a_process_when_they_pay_for_it() -> None:
     assert reads_pay_for_a_process([inc(PROCESS_MIN_READ)])
     half = PROCESS_MIN_READ // 2
     assert reads_pay_for_a_process([inc(half), inc(half)])
+    # a forked child waiting: any read pays, nothing to read does not
+    assert reads_pay_for_a_process([inc(FORKED_MIN_READ)], forked=True)
+    assert not reads_pay_for_a_process([inc(FORKED_MIN_READ)])
+    assert not reads_pay_for_a_process([inc(0)], forked=True)
 
 
 def test_released_only_when_the_last_archive_is_gone() -> None:

@@ -1142,7 +1142,11 @@ class _Capture:
         paused guest are read before its memory is sent: on threads.  None: on threads."""
         forked, self.forked = self.forked, None  # for this attempt only
         plans = [self.plans[d.target] for d in copy]
-        if not self.o.disk_process or mode == "paused" or not reads_pay_for_a_process(plans):
+        if (
+            not self.o.disk_process
+            or mode == "paused"
+            or not reads_pay_for_a_process(plans, forked=forked is not None)
+        ):
             if forked is not None:
                 forked.dismiss()
             return None
@@ -1527,23 +1531,29 @@ class _Capture:
 #: Bytes of incremental reads from which a capture reads its disks in a process of its own.
 #: Beside the memory, on threads of one process, reading and storing a disk cost ~1 s per
 #: GiB more than in a process of its own (scripts/bench_split.py: 516 MiB of disk added
-#: 0.5-0.9 s to the memory's 1.4 s on threads, 0.1-0.2 s in two processes); the process's
-#: start-up is ~0.2 s here, so it pays from ~200 MiB.
+#: 0.5-0.9 s to the memory's 1.4 s on threads, 0.1-0.2 s in two processes); a spawned
+#: process's start-up is ~0.2 s here, so it pays from ~200 MiB.
 PROCESS_MIN_READ = 256 << 20
+#: The same for a child forked already (:func:`~vmarchive.ops.disk_process.fork_reader`):
+#: any read.  Incremental captures of the bench guest with 1 % of its disk rewritten took
+#: 0.67 s with it, 0.74 s on threads (medians of 12, alternating); with nothing but the
+#: guest's tick block to read, 0.48 s and 0.50 s.
+FORKED_MIN_READ = 1
 
 
-def reads_pay_for_a_process(plans: Iterable[DiskPlan]) -> bool:
+def reads_pay_for_a_process(plans: Iterable[DiskPlan], *, forked: bool = False) -> bool:
     """Whether the disk reads of a live capture planned as ``plans`` go to a process of
     their own: when a disk is read in full (a first capture, a fallback, ``--full``), or
     the incremental reads (the bytes the frozen bitmaps mark) add up to at least
-    :data:`PROCESS_MIN_READ`.  A second capture of the idle bench guest (nothing to read)
-    took 0.53 s on threads and 0.69 s with a process (medians of 5)."""
+    :data:`PROCESS_MIN_READ` (:data:`FORKED_MIN_READ` with a forked child waiting).  A
+    second capture of the idle bench guest (nothing to read) took 0.53 s on threads and
+    0.69 s with a spawned process (medians of 5)."""
     dirty = 0
     for p in plans:
         if p.incremental_read is None:
             return True
         dirty += p.dirty_bytes
-    return dirty >= PROCESS_MIN_READ
+    return dirty >= (FORKED_MIN_READ if forked else PROCESS_MIN_READ)
 
 
 class _Background:
