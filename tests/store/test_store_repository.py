@@ -80,6 +80,44 @@ def test_zero_chunks_are_holes_and_never_stored(tmp_path: pathlib.Path) -> None:
     assert repo.stats().stored_bytes < 4096
 
 
+def test_write_holes_is_write_chunk_of_zeros_for_each_slot(tmp_path: pathlib.Path) -> None:
+    """Runs of holes (a guest's untouched RAM) give the table, the counts and the archive
+    that writing each slot's zeros gives, the short last slot included; past the end, or
+    on a stream of unknown size, they are refused."""
+    size = 9 * CHUNK + 100
+    data = rnd(CHUNK, 3)
+    got = []
+    for bulk in (True, False):
+        repo = make_repo(tmp_path / f"r{bulk}")
+        with repo.writer() as w:
+            sw = w.stream("ram/pc.ram", "ram", size)
+            sw.write_chunk(4, data)
+            for first, count in ((0, 4), (5, 5)):
+                if bulk:
+                    sw.write_holes(first, count)
+                else:
+                    for i in range(first, first + count):
+                        sw.write_chunk(i, bytes(min(CHUNK, size - i * CHUNK)))
+            table = sw.table()
+            st = sw.close()
+            aid = w.commit(META)
+            ids = [table[16 * i : 16 * i + 16] for i in range(10)]
+            want = [w.zero_id] * 4 + [repo.codecs.chunk_id(data)] + [w.zero_id] * 5
+        assert ids == want
+        got.append(st)
+        assert repo.open_stream(aid, "ram/pc.ram").read_all() == bytes(4 * CHUNK) + data + bytes(
+            size - 5 * CHUNK
+        )
+    assert got[0] == got[1]
+    assert got[0].holes == 9 and got[0].bytes_written == size
+    with repo.writer() as w:
+        sw = w.stream("x", "ram", 2 * CHUNK)
+        with pytest.raises(UsageError, match="past the end"):
+            sw.write_holes(1, 2)
+        with pytest.raises(UsageError, match="known size"):
+            w.stream("y", "meta", None).write_holes(0, 1)
+
+
 def test_dedup_within_and_across_archives(tmp_path: pathlib.Path) -> None:
     repo = make_repo(tmp_path / "r")
     block = rnd(CHUNK, 7)

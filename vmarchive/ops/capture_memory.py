@@ -227,8 +227,10 @@ class RamImage:
     ``sw`` is a store StreamWriter (size = block length) and ``read_chunk`` reads a chunk
     back (``ArchiveWriter.read_chunk``).  Pages never sent stay zero (holes).  ``witness``
     is told each slot as it is filled in the stream (its index and content, which nobody
-    changes afterwards; a slot filled again is told again), holes of whole zero records
-    excepted, and chunks the store holds already unless ``witness_known``.
+    changes afterwards; a slot filled again is told again), chunks the store holds already
+    (holes too) only when ``witness_known``; ``witness_holes(first, count)`` is told runs
+    of whole slots of zero records stored as holes at once (else ``witness`` is told each
+    of them, with zeros).
     """
 
     def __init__(
@@ -240,10 +242,12 @@ class RamImage:
         max_open: int = 64,
         witness: Callable[[int, bytes | bytearray], None] | None = None,
         witness_known: bool = True,
+        witness_holes: Callable[[int, int], None] | None = None,
     ) -> None:
         self.sw = sw
         self.witness = witness
         self.witness_known = witness_known
+        self.witness_holes = witness_holes
         self.size = int(sw.size)
         self.cs = int(sw.chunk_size)
         self.read_chunk = read_chunk
@@ -274,14 +278,17 @@ class RamImage:
         self.pages += pages
         first = offset // self.cs
         if data is None and not offset % self.cs and not length % self.cs:
-            # Whole slots of zero pages (untouched RAM, most of a guest's records): a slot
-            # seen first is a hole at once, without a zeroed buffer waiting its turn (a
-            # hole has no place in a pack to keep in order).
-            for index in range(first, first + length // self.cs):
+            # Whole slots of zero pages (untouched RAM, most of a guest's records): slots
+            # seen first are holes at once, without a zeroed buffer waiting its turn (a
+            # hole has no place in a pack to keep in order), stored a run at a time.
+            end = first + length // self.cs
+            run = first
+            for index in range(first, end):
                 if index in self._open or index in self._stored:
+                    self._holes(run, index - run)
                     self._chunk(index)[:] = self._zeros
-                else:
-                    self._store(index, self._zeros)
+                    run = index + 1
+            self._holes(run, end - run)
             return
         if (
             length == self.cs
@@ -349,10 +356,23 @@ class RamImage:
             old, obuf = self._open.popitem(last=False)
             self._store(old, obuf)
 
+    def _holes(self, first: int, count: int) -> None:
+        """Slots ``first`` .. ``first + count - 1``, neither open nor stored, are holes."""
+        if count <= 0:
+            return
+        if self.witness is not None and self.witness_known and self.witness_holes is None:
+            for index in range(first, first + count):
+                self._store(index, self._zeros)
+            return
+        self.sw.write_holes(first, count)
+        self._stored.update(range(first, first + count))
+        if self.witness_holes is not None and self.witness_known:
+            self.witness_holes(first, count)
+
     def _store(self, index: int, buf: bytes | bytearray) -> None:
         new = self.sw.write_chunk(index, buf, self._ids.pop(index, None))
         self._stored.add(index)
-        if self.witness is not None and buf is not self._zeros and (new or self.witness_known):
+        if self.witness is not None and (new or self.witness_known):
             self.witness(index, buf)  # no longer in _open: nothing here changes it again
 
     def flush(self) -> None:

@@ -65,6 +65,9 @@ _READS_AHEAD = 3
 #: 32 / 64 / 128 slots; 256 was no faster than 128 and held ~20 MiB more at its peak.
 _LIVE_BATCH = 128
 _LIVE_WAITING = 2
+#: Slots per live check, holes included: a hole holds no memory and its zero records cost
+#: little to regenerate and parse back, but every batch costs a stream of its own.
+_LIVE_SLOTS = 16 * _LIVE_BATCH
 #: The vmdesc of a live check's stream, which carries no device sections.
 _NO_DEVICES = b'{"page_size": 4096, "devices": []}'
 
@@ -160,6 +163,9 @@ class _Sink:
                 self.w.read_chunk,
                 zero_id=getattr(self.w, "zero_id", bytes(16)),
                 witness=None if live is None else functools.partial(live.offer, b.index),
+                witness_holes=None
+                if live is None
+                else functools.partial(live.offer_holes, b.index),
                 # known chunks are mostly the parent's, at the same place: its round trip
                 # vouches for those, and the others are few enough to read back
                 witness_known=live is None or not live.vouched,
@@ -311,10 +317,11 @@ class _LiveCheck:
     beside the disk reads, 0.34 s of its 0.46 s; with one, every slot that changed.  With
     a parent whose round trip covers this code (``vouched``) only chunks new to the
     repository are offered: a known one is mostly the parent's at the same place.  Here
-    each slot the sink stores (its content and id, :class:`RamImage`'s witness) joins a
-    batch; a thread of its own regenerates each batch as a stream of its own -- the
-    stream's header, configuration and block list, the batch's slots, every other slot
-    UNSENT, no device sections -- parses it back and compares the pages with the ids.  A
+    each slot the sink stores (its content and id, :class:`RamImage`'s witness; a hole
+    without its zeros) joins a batch; a thread of its own regenerates each batch as a
+    stream of its own -- the stream's header, configuration and block list, the batch's
+    slots, every other slot UNSENT, no device sections -- parses it back and compares the
+    pages with the ids.  A
     slot's records depend only on its block, offset and content, and on whether they open
     the block (module docstring), so a slot proven here that holds the same chunk at the
     end is left out of the final round trip.
@@ -338,8 +345,10 @@ class _LiveCheck:
         #: a parent's round trip covers this code: only new chunks are offered
         self.vouched = False
         self._block = -1
-        self._batch: list[tuple[int, bytes | bytearray, bytes]] = []
-        self._lead: tuple[int, bytes | bytearray, bytes] | None = None
+        #: (slot, content or None for a hole, id): the batch being filled
+        self._batch: list[tuple[int, bytes | bytearray | None, bytes]] = []
+        self._data = 0  # slots of the batch that hold data
+        self._lead: tuple[int, bytes | bytearray | None, bytes] | None = None
         self._waiting: queue.Queue[tuple[int, list[Any]] | None] = queue.Queue(_LIVE_WAITING)
         self._stop = False
         self._closed = False  # the end is queued
@@ -355,19 +364,42 @@ class _LiveCheck:
         if self._stop:
             return
         cid = _slot_id(self.streams[bidx], index)
-        if cid == self.zero:
-            return  # a hole is never read back
-        if bidx != self._block or len(self._batch) >= _LIVE_BATCH:
+        self._room(bidx)
+        # A hole is checked here too, without its zeros: nothing is read back for it at
+        # the end either, but its records were regenerated and parsed there, after the
+        # capture: the round trip of a first capture of an 8 GiB guest with 0.25 GiB in
+        # use (130,000 holes) took 0.62-0.72 s at the end, 0.14-0.16 s with the holes
+        # checked here; of the bench guest (2,900 holes) 60-70 ms, 20-50 ms.
+        hole = cid == self.zero
+        self._batch.append((index, None if hole else data, cid))
+        self._data += not hole
+
+    def offer_holes(self, bidx: int, first: int, count: int) -> None:
+        """Slots ``first`` .. ``first + count - 1`` of block ``bidx`` are holes now, stored
+        at once (:meth:`offer` of each, without a Python step per slot)."""
+        while count > 0 and not self._stop:
+            self._room(bidx)
+            k = max(1, min(count, _LIVE_SLOTS - len(self._batch)))
+            self._batch += zip(
+                range(first, first + k), itertools.repeat(None), itertools.repeat(self.zero)
+            )
+            first += k
+            count -= k
+
+    def _room(self, bidx: int) -> None:
+        """The batch being filled is for ``bidx`` and has room for a slot."""
+        if bidx != self._block or self._data >= _LIVE_BATCH or len(self._batch) >= _LIVE_SLOTS:
             self._submit()
             if bidx == self._block and self._lead is not None:
                 # the previous batch's last slot leads the next one: its first record,
                 # which names the block, proves nothing, and that slot is proven already
                 self._batch.append(self._lead)
+                self._data = int(self._lead[1] is not None)
             self._block = bidx
-        self._batch.append((index, data, cid))
 
     def _submit(self) -> None:
         batch, self._batch = self._batch, []
+        self._data = 0
         self._lead = batch[-1] if batch else None
         if batch:
             try:
@@ -397,8 +429,12 @@ class _LiveCheck:
         self._thread.join()
         out: dict[int, set[int]] = {}
         for bidx, slots in self.proven.items():
-            sw = self.streams[bidx]
-            out[bidx] = {i for i, cid in slots.items() if i and _slot_id(sw, i) == cid}
+            # the table once, not a copy of each id (a large guest's holes: ~10^5 slots)
+            tbl = self.streams[bidx].table()
+            zero = self.zero  # past the table's end: unwritten, a hole
+            out[bidx] = {
+                i for i, cid in slots.items() if i and (tbl[16 * i : 16 * i + 16] or zero) == cid
+            }
         return out
 
     def _run(self) -> None:
@@ -414,7 +450,7 @@ class _LiveCheck:
                 log.debug("live round trip check stopped", exc_info=True)
                 self._stop = True
 
-    def _check(self, bidx: int, batch: list[tuple[int, bytes | bytearray, bytes]]) -> None:
+    def _check(self, bidx: int, batch: list[tuple[int, bytes | bytearray | None, bytes]]) -> None:
         layout = self.layout
         assert layout is not None
         slots = {index: (data, cid) for index, data, cid in batch}  # the last one counts
@@ -423,13 +459,25 @@ class _LiveCheck:
 
         def source(block: ms.RamBlock) -> Iterator[ms.RamExtent]:
             done = 0
+            holes = -1  # where the run of holes that ends at ``done`` began (-1: none)
             for index in order if block.index == bidx else ():
                 off = index * cs
+                data = slots[index][0]
+                if data is None and off == done and holes >= 0:
+                    done = min(off + cs, block.used_length)  # the run goes on
+                    continue
+                if holes >= 0:
+                    yield holes, done - holes, None  # a run of holes: zero records
+                    holes = -1
                 if off > done:
                     yield done, off - done, ms.UNSENT
-                data = slots[index][0]
-                yield off, len(data), data
-                done = off + len(data)
+                if data is None:
+                    holes, done = off, min(off + cs, block.used_length)
+                else:
+                    yield off, len(data), data
+                    done = off + len(data)
+            if holes >= 0:
+                yield holes, done - holes, None
             if done < block.used_length:
                 yield done, block.used_length - done, ms.UNSENT
 

@@ -239,6 +239,28 @@ class StreamWriter:
         self._record(index, cid, n, new)
         return new
 
+    def write_holes(self, first: int, count: int) -> None:
+        """Slots ``first`` to ``first + count - 1`` of a stream of known size hold zeros:
+        :meth:`write_chunk` of all-zero data for each (holes, counted as written), without
+        the zero check and a Python step per slot.  A guest's untouched RAM comes as runs
+        of zero records: 131,072 slots of an 8 GiB guest took 0.48 s slot by slot.
+
+        Raises :class:`UsageError` for a stream of unknown size or a slot past the end.
+        """
+        self._check_open()
+        if count <= 0:
+            return
+        if self.size is None:
+            raise UsageError(f"stream {self.name}: holes need a stream of known size")
+        self._slot_length(first)
+        self._slot_length(first + count - 1)  # past the end: raises
+        end = min(self.size, (first + count) * self.chunk_size)
+        n = end - first * self.chunk_size
+        self._table[16 * first : 16 * (first + count)] = self._w.zero_id * count
+        self._bytes_written += n
+        self._holes_written += count
+        self._task.advance(n)
+
     def _record(self, index: int, cid: bytes, n: int, new: bool) -> None:
         """Slot ``index`` holds ``cid`` (``n`` bytes; ``new``: stored by this call)."""
         self._table[16 * index : 16 * index + 16] = cid
