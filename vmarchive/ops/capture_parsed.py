@@ -459,25 +459,18 @@ class _LiveCheck:
 
         def source(block: ms.RamBlock) -> Iterator[ms.RamExtent]:
             done = 0
-            holes = -1  # where the run of holes that ends at ``done`` began (-1: none)
             for index in order if block.index == bidx else ():
                 off = index * cs
-                data = slots[index][0]
-                if data is None and off == done and holes >= 0:
-                    done = min(off + cs, block.used_length)  # the run goes on
-                    continue
-                if holes >= 0:
-                    yield holes, done - holes, None  # a run of holes: zero records
-                    holes = -1
                 if off > done:
                     yield done, off - done, ms.UNSENT
+                data = slots[index][0]
                 if data is None:
-                    holes, done = off, min(off + cs, block.used_length)
-                else:
-                    yield off, len(data), data
-                    done = off + len(data)
-            if holes >= 0:
-                yield holes, done - holes, None
+                    # a hole is left out: a gap, which the regenerator fills with zero
+                    # records (runs merged), as _stored_extents leaves them
+                    done = min(off + cs, block.used_length)
+                    continue
+                yield off, len(data), data
+                done = off + len(data)
             if done < block.used_length:
                 yield done, block.used_length - done, ms.UNSENT
 
