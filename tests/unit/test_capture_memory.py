@@ -10,6 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmarchive.format import migstream as ms
 from vmarchive.ops.capture_memory import OpaqueMemory, PipeReader, RamImage
 from vmarchive.progress import NULL_PROGRESS
 
@@ -338,10 +339,10 @@ def test_whole_chunks_zero_runs_and_pages_mixed_give_the_last_write(
     sw = FakeStream(size, cs)
     for v in known:
         sw.chunks[sw.content_id(bytes([v]) * cs)] = bytes([v]) * cs
-    told: dict[int, tuple[bytes | bytearray, bytes]] = {}
+    told: dict[int, tuple[bytes | bytearray, bytes, bytes | None]] = {}
 
-    def witness(index: int, data: bytes | bytearray) -> None:
-        told[index] = (data, bytes(data))
+    def witness(index: int, data: bytes | bytearray, wire: bytes | None = None) -> None:
+        told[index] = (data, bytes(data), wire)
 
     img = RamImage(sw, sw.read_chunk, max_open=max_open, witness=witness)
     expect = bytearray(size)
@@ -351,10 +352,10 @@ def test_whole_chunks_zero_runs_and_pages_mixed_give_the_last_write(
             k = min(3, nchunks - first)
             off, length, data = first * cs, k * cs, None
             img.page(off, None, length, 16 * k)
-        elif kind == 1:
+        elif kind == 1:  # a whole chunk, as the parser's runs come (with their records)
             off, length = n % nchunks * cs, cs
             data = bytes([val]) * cs if val else None
-            img.page(off, data, length, 16)
+            img.page(off, data, length, 16, None if data is None else _records(data))
         else:
             off, length = n % (nchunks * 16) * PAGE, PAGE
             data = bytes([val]) * PAGE if val else None
@@ -364,8 +365,36 @@ def test_whole_chunks_zero_runs_and_pages_mixed_give_the_last_write(
     assert sw.image() == bytes(expect)
     for index, cid in sw.slots.items():
         if cid != bytes(16):
-            content, then = told[index]
+            content, then, wire = told[index]
             assert bytes(content) == then == sw.chunks[cid], index
+            # records told with a slot are those of what it holds, never of earlier content
+            assert wire in (None, ms.wire_digest(_records(then))), index
+
+
+def _records(data: bytes) -> memoryview:
+    """Stand-in records a whole chunk was parsed from (their digest names the content)."""
+    return memoryview(b"records of " + data)
+
+
+def test_a_whole_chunk_is_witnessed_with_its_records_until_written_to_again() -> None:
+    """The digest of the records a whole chunk came in is told with it -- at once for a
+    chunk the store holds, when stored for a new one -- and forgotten once a page of the
+    slot is written again (its records are then no longer those).  The control: the
+    same slots given without records are told without a digest."""
+    cs = 16 * PAGE
+    sw = FakeStream(4 * cs, cs)
+    known = b"\x02" * cs
+    sw.chunks[sw.content_id(known)] = known
+    told: list[tuple[int, bytes | None]] = []
+    img = RamImage(sw, sw.read_chunk, max_open=8, witness=lambda i, _d, w=None: told.append((i, w)))
+    img.page(0, b"\x01" * cs, cs, 16, _records(b"\x01" * cs))
+    img.page(cs, known, cs, 16, _records(known))
+    img.page(2 * cs, b"\x03" * cs, cs, 16, _records(b"\x03" * cs))
+    img.page(2 * cs + PAGE, b"\x04" * PAGE, PAGE)  # slot 2 written to again
+    img.page(3 * cs, b"\x05" * cs, cs, 16)  # no records given
+    assert told == [(1, ms.wire_digest(_records(known)))]  # the known one at once
+    img.flush()
+    assert told[1:] == [(0, ms.wire_digest(_records(b"\x01" * cs))), (2, None), (3, None)]
 
 
 def test_zero_slots_seen_first_are_holes_at_once() -> None:

@@ -924,6 +924,27 @@ class RunRecorder(Recorder):
         self.img[block.idstr][offset : offset + n] = bytes(n) if data is None else data
 
 
+class WiredRecorder(RunRecorder):
+    """A RunRecorder that also takes data runs with their records (``ram_pages_wired``),
+    and checks each against the regenerator: the records it writes for the run's pages
+    where the block continues must be the very bytes read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wired = 0
+
+    def ram_pages_wired(
+        self, block: ms.RamBlock, offset: int, data: bytes, count: int, wire: memoryview
+    ) -> None:
+        self.wired += 1
+        assert bytes(wire) == b"".join(
+            be64((offset + i * PAGE) | 0x08 | 0x20) + data[i * PAGE : (i + 1) * PAGE]
+            for i in range(count)
+        )
+        assert ms.records_digest(block, offset, data) == ms.wire_digest(wire)
+        self.ram_pages(block, offset, data, count)
+
+
 segments = st.lists(
     st.tuples(
         st.integers(0, 1),  # block
@@ -953,7 +974,7 @@ def test_property_runs_parse_as_single_records(
         resent += (b, p) in seen
         seen.add((b, p))
     data = w.build()
-    for rec in (Recorder(), RunRecorder()):
+    for rec in (Recorder(), RunRecorder(), WiredRecorder()):
         layout = ms.parse_stream(Dribble(data, seed, max_read), rec, read_size=max_read)
         assert rec.img == w.final_images()
         if isinstance(rec, RunRecorder):  # runs start at whole chunks of the image only
@@ -987,6 +1008,31 @@ def test_runs_are_taken_and_a_broken_run_is_not() -> None:
     ms.parse_stream(io.BytesIO(w.build()), rec)
     assert rec.runs == 0
     assert rec.img == w.final_images()
+
+
+def test_data_runs_come_with_their_records_and_the_regenerator_writes_them_again() -> None:
+    """Data runs reach ``ram_pages_wired`` with the records they were read from, which the
+    regenerator writes again byte for byte (WiredRecorder checks both); zero runs keep
+    ``ram_pages``.  Negative controls: the digest of the same pages elsewhere, of other
+    content, or of a zero page the stream sent as data (written as a ZERO record)
+    differs."""
+    seq: list[tuple[int, int, bytes | None]] = [(0, p, page(p + 1)) for p in range(48)]
+    seq += [(0, p, None) for p in range(48, 64)]
+    w = W(blocks=[("pc.ram", 64 * PAGE)], sections=[seq])
+    rec = WiredRecorder()
+    ms.parse_stream(io.BytesIO(w.build()), rec)
+    assert rec.wired == 2 and rec.runs == 3, (rec.wired, rec.runs)  # 16-31, 32-47; zeros
+    assert rec.img == w.final_images()
+    block = ms.RamBlock(0, "pc.ram", 64 * PAGE)
+    run = b"".join(page(p + 1) for p in range(16, 32))
+    wire = b"".join(be64(p * PAGE | 0x28) + page(p + 1) for p in range(16, 32))
+    assert ms.records_digest(block, 16 * PAGE, run) == ms.wire_digest(wire)
+    assert ms.records_digest(block, 32 * PAGE, run) != ms.wire_digest(wire)
+    assert ms.records_digest(block, 16 * PAGE, run[:-1] + b"?") != ms.wire_digest(wire)
+    with_zero = run[: 3 * PAGE] + bytes(PAGE) + run[4 * PAGE :]  # a ZERO record there
+    wire_zero = wire[: 3 * (PAGE + 8)] + be64(19 * PAGE | 0x28) + bytes(PAGE)
+    wire_zero += wire[4 * (PAGE + 8) :]
+    assert ms.records_digest(block, 16 * PAGE, with_zero) != ms.wire_digest(wire_zero)
 
 
 def test_run_of_zero_records_with_a_fill_byte_is_refused() -> None:

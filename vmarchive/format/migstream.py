@@ -386,6 +386,12 @@ class StreamSink(Protocol):
     # consecutive offsets at once (``data`` holds them back to back; None: all zero
     # pages); a sink without it gets ``count`` ``ram_page`` calls instead.
 
+    # Optional: ``ram_pages_wired(block, offset, data, count, wire)`` takes the place of
+    # ``ram_pages`` for a run of data pages that came as one group of CONTINUE records,
+    # in order and with nothing between them; ``wire`` is a view of those records as
+    # they were read (valid only during the call), for a check that the regenerator
+    # writes them again byte for byte (:func:`records_digest`).
+
     def device_section(self, record: SectionRecord, data: memoryview) -> None: ...
 
     def vmdesc(self, data: bytes) -> None: ...
@@ -760,6 +766,7 @@ class _Parser:
         want = _MAX_RECORD
         pages = zeros = resent = 0
         sink_pages = getattr(self.sink, "ram_pages", None)
+        sink_wired = getattr(self.sink, "ram_pages_wired", None)
         run_bytes = _RUN * page_size
         cooldown = 0
         try:
@@ -834,7 +841,9 @@ class _Parser:
                         pi = addr // page_size
                         resent += marks.count(1, pi, pi + count)
                         marks[pi : pi + count] = _RUN_MARKS if count == _RUN else _ZRUN_MARKS
-                        if sink_pages is not None:
+                        if run_data is not None and sink_wired is not None:
+                            sink_wired(block, addr, run_data, count, inp.mv[pos : pos + n])
+                        elif sink_pages is not None:
                             sink_pages(block, addr, run_data, count)
                         else:
                             _pages_one_by_one(sink_page, block, addr, run_data, count)
@@ -1305,15 +1314,22 @@ def _page_runs(
 
 
 def _emit_block(
-    o: _Output, block: RamBlock, extents: Iterable[RamExtent], send_zero_pages: bool
+    o: _Output,
+    block: RamBlock,
+    extents: Iterable[RamExtent],
+    send_zero_pages: bool,
+    *,
+    named_before: bool = False,
 ) -> None:
     """The RAM records of one block, byte for byte what :func:`_emit_pages_one_by_one`
     writes, but in groups instead of Python work per page (the regenerator was four times
     slower than the parser): a struct call per group of zero records, and per group of
-    data records a list of headers and page views that the output joins once."""
+    data records a list of headers and page views that the output joins once.
+    ``named_before``: records that follow others of the block (:func:`records_digest`),
+    so the first one continues it instead of naming it."""
     ps = block.page_size
     named = _named(block)
-    first = True  # the block's first record names it; the others are CONTINUE
+    first = not named_before  # the block's first record names it; the others CONTINUE
 
     put = o.add_whole  # buffers within flush_at: check_round_trip's parser takes each whole
     put_parts = o.add_parts
@@ -1450,6 +1466,51 @@ def regenerate(
     o.add(bytes([SEC_EOF, SEC_VMDESC]) + _BE32.pack(len(layout.vmdesc)) + layout.vmdesc)
     o.flush()
     return o.written
+
+
+class _DigestOutput(_Output):
+    """An :class:`_Output` that digests what would be written instead of joining it."""
+
+    def __init__(self) -> None:
+        super().__init__(self, 1 << 62)  # nothing is flushed: one group per data run
+        self.h = xxhash.xxh3_128()
+
+    def write(self, b: bytes | bytearray | memoryview, /) -> int:
+        raise AssertionError("a digest output writes nothing")
+
+    def add(self, b: bytes | bytearray | memoryview) -> None:
+        self.h.update(b)
+
+    def add_parts(self, parts: Sequence[bytes | bytearray | memoryview], nbytes: int) -> None:
+        update = self.h.update
+        for p in parts:
+            update(p)
+
+
+def wire_digest(records: bytes | bytearray | memoryview) -> bytes:
+    """The digest :func:`records_digest` is compared with: of RAM records as read."""
+    return xxhash.xxh3_128_digest(records)
+
+
+def records_digest(block: RamBlock, offset: int, data: bytes | bytearray | memoryview) -> bytes:
+    """The :func:`wire_digest` of the records :func:`regenerate` writes for ``data`` at
+    ``offset`` of ``block`` where other records of the block came before (the way every
+    slot but the block's first is written), by the regenerator's own code, without
+    writing them out.
+
+    Equal to the digest of records a capture parsed into ``data`` (a group of CONTINUE
+    records, :meth:`StreamSink.ram_pages_wired`), it shows that the regenerated stream
+    carries those very bytes there, which parse to ``data`` as they did in the capture.
+    """
+    o = _DigestOutput()
+    end = offset + len(data)
+    extents: list[RamExtent] = [(offset, len(data), data)]
+    if offset:
+        extents.insert(0, (0, offset, UNSENT))
+    if end < block.used_length:
+        extents.append((end, block.used_length - end, UNSENT))
+    _emit_block(o, block, extents, True, named_before=True)
+    return o.h.digest()
 
 
 # --- round-trip check ------------------------------------------------------------------------
@@ -1760,5 +1821,7 @@ __all__ = [
     "StreamStats",
     "check_round_trip",
     "parse_stream",
+    "records_digest",
     "regenerate",
+    "wire_digest",
 ]

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from vmarchive.format import migstream as ms
 from vmarchive.progress import Task
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,9 @@ class RamImage:
     changes afterwards; a slot filled again is told again), chunks the store holds already
     (holes too) only when ``witness_known``; ``witness_holes(first, count)`` is told runs
     of whole slots of zero records stored as holes at once (else ``witness`` is told each
-    of them, with zeros).
+    of them, with zeros).  A whole slot given with the records it was read from
+    (``wire``) is told with their :func:`~vmarchive.format.migstream.wire_digest` as a
+    third argument, unless it was written to again since.
     """
 
     def __init__(
@@ -240,7 +243,7 @@ class RamImage:
         *,
         zero_id: bytes = bytes(16),
         max_open: int = 64,
-        witness: Callable[[int, bytes | bytearray], None] | None = None,
+        witness: Callable[..., None] | None = None,
         witness_known: bool = True,
         witness_holes: Callable[[int, int], None] | None = None,
     ) -> None:
@@ -257,6 +260,8 @@ class RamImage:
         self._stored: set[int] = set()
         #: content ids of the whole chunks in _open as they came (see write_if_present)
         self._ids: dict[int, bytes] = {}
+        #: wire digests of the whole chunks in _open that came as wired runs, to witness
+        self._wires: dict[int, bytes] = {}
         self._zeros = bytes(self.cs)
         self.pages = 0
         self.reopened = 0
@@ -270,9 +275,12 @@ class RamImage:
         data: bytes | bytearray | memoryview | None,
         length: int,
         pages: int = 1,
+        wire: memoryview | None = None,
     ) -> None:
         """Set ``length`` bytes at ``offset`` to ``data`` (None: zeros); ``pages``: how
-        many pages that is (for the count)."""
+        many pages that is (for the count); ``wire``: the records ``data`` was parsed from,
+        when they were one group (:meth:`~vmarchive.format.migstream.StreamSink.
+        ram_pages_wired`), valid during the call only."""
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"page at {offset:#x} outside the block ({self.size:#x})")
         self.pages += pages
@@ -308,9 +316,14 @@ class RamImage:
                 # capture): no place in a pack to wait for
                 self._stored.add(first)
                 if self.witness is not None and self.witness_known:
-                    self.witness(first, data)
+                    if wire is None:
+                        self.witness(first, data)
+                    else:
+                        self.witness(first, data, ms.wire_digest(wire))
                 return
             self._ids[first] = cid
+            if wire is not None and self.witness is not None:
+                self._wires[first] = ms.wire_digest(wire)
             self._open[first] = data
             self._evict()
             return
@@ -336,6 +349,7 @@ class RamImage:
             if isinstance(got, bytearray):
                 return got
             self._ids.pop(index, None)
+            self._wires.pop(index, None)  # its records are no longer those read
             buf = self._open[index] = bytearray(got)  # a whole chunk written to again
             return buf
         if index in self._stored:
@@ -372,8 +386,13 @@ class RamImage:
     def _store(self, index: int, buf: bytes | bytearray) -> None:
         new = self.sw.write_chunk(index, buf, self._ids.pop(index, None))
         self._stored.add(index)
+        wire = self._wires.pop(index, None)
         if self.witness is not None and (new or self.witness_known):
-            self.witness(index, buf)  # no longer in _open: nothing here changes it again
+            # no longer in _open: nothing here changes it again
+            if wire is None:
+                self.witness(index, buf)
+            else:
+                self.witness(index, buf, wire)
 
     def flush(self) -> None:
         """Store every open chunk (the image is complete in the store afterwards)."""
