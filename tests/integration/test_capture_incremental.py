@@ -251,6 +251,10 @@ def test_generations_exact_and_self_contained(
         else:
             assert rt["slots_from_parent"] > 0 and rt["parent"] == ids[i - 1], rt
         assert (rt["slots_checked_live"] > 0) == (r.mode == "snapshot"), (r.mode, rt)
+        if i == 0 and r.mode == "snapshot":
+            # most of QEMU's pages came in groups of records, which the regenerator
+            # writes again byte for byte
+            assert rt["slots_checked_by_records"] > rt["slots_checked_live"] // 2, rt
         assert rt["slots_checked"] > 0, rt
         assert check_archive(guest, env, r.id, str(i)) == [], (i, r.mode)
     # The bitmap started by the newest archive is the only one left on each disk.

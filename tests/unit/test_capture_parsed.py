@@ -512,8 +512,10 @@ def test_slots_read_as_one_group_are_proven_by_their_records(
         through_streams = {i for s in streams for i in s[1:]}  # the first leads only
         if records_match:
             assert through_streams <= {5, 6, 9}, streams
+            assert r["slots_checked_by_records"] == 16 - 4  # all but 0, 5, 6 and 9
         else:
             assert through_streams == set(range(1, 16)), streams
+            assert r["slots_checked_by_records"] == 0
 
 
 def test_a_regenerator_writing_other_bytes_is_not_vouched_for_by_the_records_read(

@@ -362,6 +362,8 @@ class _LiveCheck:
         self.layout: ms.StreamLayout | None = None
         #: block index -> slot -> the id the slot was proven with
         self.proven: dict[int, dict[int, bytes]] = {}
+        #: block index -> the slots of ``proven`` proven by the records read, not a stream
+        self.by_records: dict[int, set[int]] = {}
         self.dropped = 0  # batches
         self.failed = 0  # batches whose check did not pass
         #: a parent's round trip covers this code: only new chunks are offered
@@ -488,6 +490,7 @@ class _LiveCheck:
         cs = int(self.streams[bidx].chunk_size)
         block = next(b for b in layout.ram_blocks if b.index == bidx)
         proven = self.proven.setdefault(bidx, {})
+        by_records = self.by_records.setdefault(bidx, set())
         # A slot that came as one group of records, which the regenerator writes again
         # byte for byte: those bytes parse as they did in the capture, into this content.
         # Regenerating its records into a digest costs a fraction of a stream parsed back
@@ -503,6 +506,7 @@ class _LiveCheck:
                 and ms.records_digest(block, index * cs, data) == wire
             ):
                 proven[index] = cid
+                by_records.add(index)
             else:
                 rest.append(index)
         if not rest:
@@ -539,6 +543,7 @@ class _LiveCheck:
             return
         for index in mini[1:]:
             proven[index] = slots[index][1]
+            by_records.discard(index)
 
 
 class ParsedConsumer:
@@ -754,11 +759,12 @@ class ParsedConsumer:
         assert self.layout is not None
         inherited = self._inherited(parent)
         taken = sum(len(v) for v in inherited.values())
-        live = 0
+        live = by_records = 0
         if self.live is not None:
             for bidx, slots in self.live.taken().items():
                 have = inherited.setdefault(bidx, set())
                 live += len(slots - have)
+                by_records += len((slots - have) & self.live.by_records.get(bidx, set()))
                 have |= slots
         check = _SlotCheck(self.w, self.layout.ram_blocks, self.sink.streams, inherited)
 
@@ -778,6 +784,7 @@ class ParsedConsumer:
             "slots_from_parent": taken,
             "parent": parent.archive if parent is not None and taken else None,
             "slots_checked_live": live,
+            "slots_checked_by_records": by_records,
         }
 
     def _read_devstate(self) -> bytes:
