@@ -143,7 +143,7 @@ def test_known_whole_chunks_are_recorded_at_once_and_new_ones_keep_their_order()
     for data in known.values():
         sw.chunks[sw.content_id(data)] = data
     told: list[int] = []
-    img = RamImage(sw, sw.read_chunk, max_open=3, witness=lambda i, _d: told.append(i))
+    img = RamImage(sw, sw.read_chunk, max_open=3, witness=lambda i, _d, _w: told.append(i))
     img.page(0, b"\x01" * PAGE, PAGE)  # chunk 0: one page of it so far
     for i in range(1, 8):
         img.page(i * cs, known.get(i, bytes([100 + i]) * cs), cs, 16)
@@ -341,7 +341,7 @@ def test_whole_chunks_zero_runs_and_pages_mixed_give_the_last_write(
         sw.chunks[sw.content_id(bytes([v]) * cs)] = bytes([v]) * cs
     told: dict[int, tuple[bytes | bytearray, bytes, bytes | None]] = {}
 
-    def witness(index: int, data: bytes | bytearray, wire: bytes | None = None) -> None:
+    def witness(index: int, data: bytes | bytearray, wire: bytes | None) -> None:
         told[index] = (data, bytes(data), wire)
 
     img = RamImage(sw, sw.read_chunk, max_open=max_open, witness=witness)
@@ -386,7 +386,7 @@ def test_a_whole_chunk_is_witnessed_with_its_records_until_written_to_again() ->
     known = b"\x02" * cs
     sw.chunks[sw.content_id(known)] = known
     told: list[tuple[int, bytes | None]] = []
-    img = RamImage(sw, sw.read_chunk, max_open=8, witness=lambda i, _d, w=None: told.append((i, w)))
+    img = RamImage(sw, sw.read_chunk, max_open=8, witness=lambda i, _d, w: told.append((i, w)))
     img.page(0, b"\x01" * cs, cs, 16, _records(b"\x01" * cs))
     img.page(cs, known, cs, 16, _records(known))
     img.page(2 * cs, b"\x03" * cs, cs, 16, _records(b"\x03" * cs))
@@ -423,7 +423,9 @@ def test_runs_of_holes_are_stored_and_told_a_run_at_a_time() -> None:
         told: list[tuple[int, bytes]] = []
         runs: list[tuple[int, int]] = []
 
-        def witness(i: int, d: bytes | bytearray, told: list[tuple[int, bytes]] = told) -> None:
+        def witness(
+            i: int, d: bytes | bytearray, _w: bytes | None, told: list[tuple[int, bytes]] = told
+        ) -> None:
             told.append((i, bytes(d)))
 
         def holes(first: int, n: int, runs: list[tuple[int, int]] = runs) -> None:
@@ -455,7 +457,9 @@ def test_a_witness_not_told_of_known_chunks_hears_of_new_ones_only() -> None:
         sw.chunks[sw.content_id(known)] = known
         told: list[int] = []
 
-        def witness(index: int, _data: bytes | bytearray, seen: list[int] = told) -> None:
+        def witness(
+            index: int, _data: bytes | bytearray, _w: bytes | None, seen: list[int] = told
+        ) -> None:
             seen.append(index)
 
         img = RamImage(sw, sw.read_chunk, max_open=1, witness=witness, witness_known=witness_known)

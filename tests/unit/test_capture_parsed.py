@@ -427,10 +427,12 @@ def test_a_live_check_that_fails_proves_nothing(
     back and passes (what was stored is right)."""
     real = capture_parsed._LiveCheck.offer
 
-    def flipped(self: Any, bidx: int, index: int, data: bytes | bytearray) -> None:
+    def flipped(
+        self: Any, bidx: int, index: int, data: bytes | bytearray, wire: bytes | None
+    ) -> None:
         if index == 5:
             data = bytes([data[0] ^ 1]) + bytes(data[1:])
-        real(self, bidx, index, data)
+        real(self, bidx, index, data, wire)
 
     monkeypatch.setattr(capture_parsed._LiveCheck, "offer", flipped)
     with repo, repo.writer() as w:

@@ -1473,7 +1473,7 @@ class _DigestOutput(_Output):
 
     def __init__(self) -> None:
         super().__init__(self, 1 << 62)  # nothing is flushed: one group per data run
-        self.h = xxhash.xxh3_128()
+        self.h = _digest()
 
     def write(self, b: bytes | bytearray | memoryview, /) -> int:
         raise AssertionError("a digest output writes nothing")
@@ -1489,7 +1489,10 @@ class _DigestOutput(_Output):
 
 def wire_digest(records: bytes | bytearray | memoryview) -> bytes:
     """The digest :func:`records_digest` is compared with: of RAM records as read."""
-    return xxhash.xxh3_128_digest(records)
+    h = _digest()
+    h.update(records)
+    digest: bytes = h.digest()
+    return digest
 
 
 def records_digest(block: RamBlock, offset: int, data: bytes | bytearray | memoryview) -> bytes:
@@ -1510,7 +1513,8 @@ def records_digest(block: RamBlock, offset: int, data: bytes | bytearray | memor
     if end < block.used_length:
         extents.append((end, block.used_length - end, UNSENT))
     _emit_block(o, block, extents, True, named_before=True)
-    return o.h.digest()
+    digest: bytes = o.h.digest()
+    return digest
 
 
 # --- round-trip check ------------------------------------------------------------------------

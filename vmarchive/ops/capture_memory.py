@@ -231,9 +231,9 @@ class RamImage:
     changes afterwards; a slot filled again is told again), chunks the store holds already
     (holes too) only when ``witness_known``; ``witness_holes(first, count)`` is told runs
     of whole slots of zero records stored as holes at once (else ``witness`` is told each
-    of them, with zeros).  A whole slot given with the records it was read from
-    (``wire``) is told with their :func:`~vmarchive.format.migstream.wire_digest` as a
-    third argument, unless it was written to again since.
+    of them, with zeros).  The third argument: for a whole slot given with the records
+    it was read from (``wire``), their :func:`~vmarchive.format.migstream.wire_digest`,
+    unless the slot was written to again since; else None.
     """
 
     def __init__(
@@ -243,7 +243,7 @@ class RamImage:
         *,
         zero_id: bytes = bytes(16),
         max_open: int = 64,
-        witness: Callable[..., None] | None = None,
+        witness: Callable[[int, bytes | bytearray, bytes | None], None] | None = None,
         witness_known: bool = True,
         witness_holes: Callable[[int, int], None] | None = None,
     ) -> None:
@@ -316,10 +316,7 @@ class RamImage:
                 # capture): no place in a pack to wait for
                 self._stored.add(first)
                 if self.witness is not None and self.witness_known:
-                    if wire is None:
-                        self.witness(first, data)
-                    else:
-                        self.witness(first, data, ms.wire_digest(wire))
+                    self.witness(first, data, None if wire is None else ms.wire_digest(wire))
                 return
             self._ids[first] = cid
             if wire is not None and self.witness is not None:
@@ -388,11 +385,7 @@ class RamImage:
         self._stored.add(index)
         wire = self._wires.pop(index, None)
         if self.witness is not None and (new or self.witness_known):
-            # no longer in _open: nothing here changes it again
-            if wire is None:
-                self.witness(index, buf)
-            else:
-                self.witness(index, buf, wire)
+            self.witness(index, buf, wire)  # no longer in _open: nothing here changes it again
 
     def flush(self) -> None:
         """Store every open chunk (the image is complete in the store afterwards)."""

@@ -384,9 +384,7 @@ class _LiveCheck:
         self.layout = layout
         self._thread.start()
 
-    def offer(
-        self, bidx: int, index: int, data: bytes | bytearray, wire: bytes | None = None
-    ) -> None:
+    def offer(self, bidx: int, index: int, data: bytes | bytearray, wire: bytes | None) -> None:
         """Slot ``index`` of block ``bidx`` holds ``data`` now (the parser's thread);
         ``wire``: the :func:`~vmarchive.format.migstream.wire_digest` of the records it
         was parsed from, when they were one group (:class:`RamImage`)."""
@@ -488,7 +486,7 @@ class _LiveCheck:
         slots = {index: (data, cid, wire) for index, data, cid, wire in batch}  # the last counts
         order = sorted(slots)
         cs = int(self.streams[bidx].chunk_size)
-        block = next(b for b in layout.ram_blocks if b.index == bidx)
+        ram_block = layout.ram_blocks[bidx]  # a block's index is its place in the list
         proven = self.proven.setdefault(bidx, {})
         by_records = self.by_records.setdefault(bidx, set())
         # A slot that came as one group of records, which the regenerator writes again
@@ -503,7 +501,7 @@ class _LiveCheck:
             if (
                 wire is not None
                 and data is not None
-                and ms.records_digest(block, index * cs, data) == wire
+                and ms.records_digest(ram_block, index * cs, data) == wire
             ):
                 proven[index] = cid
                 by_records.add(index)
