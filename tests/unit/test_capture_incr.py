@@ -29,6 +29,9 @@ from vmarchive.ops.capture_incr import (
     UntrackResult,
     _Prefetch,
     decide,
+    new_bitmap_name,
+    owned,
+    repository_tag,
 )
 from vmarchive.ops.tracking import release_tracking, released
 from vmarchive.store import ArchiveSummary
@@ -103,6 +106,51 @@ def test_fallbacks(
 ) -> None:
     reason = decide(par, now, bitmaps, KNOWN, full=full)
     assert reason is not None and why in reason, reason
+
+
+TAG = "a1b2c3d4"
+MINE = f"vmarchive-{TAG}-00112233aabbccdd"
+THEIRS = "vmarchive-99887766-00112233aabbccdd"
+
+
+def test_bitmap_names_carry_the_repository_tag() -> None:
+    assert repository_tag(bytes.fromhex(TAG) + bytes(28)) == TAG
+    name = new_bitmap_name(TAG, rng=lambda n: "5e" * n)
+    assert name == f"vmarchive-{TAG}-{'5e' * 8}"
+    assert owned(name, TAG) and owned(MINE, TAG)
+    assert not owned(THEIRS, TAG)  # another repository's
+    assert owned(NAME, TAG) and owned(NAME, "99887766")  # untagged: any repository's
+    assert not owned("othertool-checkpoint", TAG) and not owned("vmarchive", TAG)
+    assert all(owned(n, None) for n in (MINE, THEIRS, NAME))  # no tag: every vmarchive-*
+    # only the exact tagged shape is another repository's; anything else is untagged
+    assert owned("vmarchive-99887766-short", TAG) and owned("vmarchive-99887766", TAG)
+
+
+def test_another_repositorys_bitmap_does_not_count() -> None:
+    """A domain captured into another repository too keeps that repository's bitmap: it is
+    not stray here, and never a reason to read in full."""
+    theirs = msgspec.structs.replace(GOOD, name=THEIRS)
+    first = decide(None, NOW, [theirs], {}, tag=TAG)
+    assert first is not None and "no earlier archive" in first, first
+    assert decide(parent(), NOW, [GOOD, theirs], KNOWN, tag=TAG) is None
+    gone = decide(parent(), NOW, [theirs], KNOWN, tag=TAG)
+    assert gone is not None and "is missing" in gone, gone
+    # negative controls: untagged, or without a tag, the same bitmap is stray
+    for tag, name in ((None, THEIRS), (TAG, "vmarchive-99887766aabbccdd")):
+        bm = msgspec.structs.replace(GOOD, name=name)
+        why = decide(None, NOW, [bm], {}, tag=tag)
+        assert why is not None and "another repository" in why, why
+        why = decide(parent(), NOW, [bm], KNOWN, tag=tag)
+        assert why is not None and "is gone and" in why, why
+
+
+def test_own_tagged_stray_is_a_forgotten_archive() -> None:
+    mine = msgspec.structs.replace(GOOD, name=MINE)
+    why = decide(None, NOW, [mine], {}, tag=TAG)
+    assert why is not None and why.endswith("not in this repository (forgotten)"), why
+    why = decide(parent(), NOW, [mine], KNOWN, tag=TAG)
+    assert why is not None and f"is gone and {MINE}" in why and "(forgotten)" in why, why
+    assert decide(parent(bitmap=MINE), NOW, [mine], {MINE: "a" * 64}, tag=TAG) is None
 
 
 def test_transaction_actions_freeze_old_and_start_new() -> None:

@@ -241,7 +241,8 @@ def untrack_cmd(
     connect: str = typer.Option(DEFAULT_URI, "--connect", "-c", help="libvirt URI."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Remove vmarchive's dirty bitmaps from DOMAIN's disks (the next capture reads in full)."""
+    """Remove vmarchive's dirty bitmaps (every repository's) from DOMAIN's disks; the next
+    capture into each repository reads in full."""
     r = untrack(domain, connect)
     if json_out:
         print_json(r.to_json())

@@ -110,9 +110,11 @@ from vmarchive.ops.capture_incr import (
     decide,
     new_bitmap_name,
     node_bitmaps,
+    owned,
     qemu_instance,
     read_disk_incremental,
     remove_bitmaps,
+    repository_tag,
 )
 from vmarchive.ops.capture_memory import PipeReader
 from vmarchive.ops.capture_watchdog import Watchdog
@@ -894,6 +896,7 @@ class _Capture:
         self, qmp: QMP, copy: list[DiskInfo], sinks: dict[str, Any]
     ) -> dict[str, DiskPlan]:
         parent, known = self._parent()
+        tag = repository_tag(self.repo.codecs.config.repository_id)
         # The sweep's answer still holds for the bitmaps: nothing of ours touched them
         # since (a temporary node was added at most).
         bitmaps = node_bitmaps(qmp, self.block_state.get("query-named-block-nodes"))
@@ -928,17 +931,17 @@ class _Capture:
                 instance=instance,
             )
             mine = bitmaps.get(d.node_name, [])
-            why = decide(pdisk, now, mine, known, full=self.o.full)
+            why = decide(pdisk, now, mine, known, full=self.o.full, tag=tag)
             since = None if why is not None else str(pdisk.tracking["bitmap"]) if pdisk else None
             plan = DiskPlan(
                 target=d.target,
                 node=d.node_name,
-                new_bitmap=new_bitmap_name(),
+                new_bitmap=new_bitmap_name(tag),
                 persistent=(d.driver or d.format) in PERSISTENT_FORMATS,
                 since_bitmap=since,
                 parent=pdisk if since is not None else None,
                 fallback_reason=why,
-                stale=tuple(b.name for b in mine if b.name.startswith(PREFIX) and b.name != since),
+                stale=tuple(b.name for b in mine if owned(b.name, tag) and b.name != since),
                 dirty_bytes=next((b.count for b in mine if b.name == since), 0),
             )
             if why is not None:

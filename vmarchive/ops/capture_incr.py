@@ -38,8 +38,13 @@ at the instant while the guest keeps writing into the disk, recorded by the new 
 
 Whenever the bitmap cannot be trusted :func:`decide` returns a reason: the capture reads
 the disk in full (still deduplicated), records the reason, and re-arms tracking with the
-new bitmap.  After a committed archive every other ``vmarchive-*`` bitmap of the disk is
-removed.
+new bitmap.  After a committed archive every other bitmap of the disk that this repository
+manages is removed.
+
+Bitmap names carry the repository's tag (``vmarchive-<tag>-<generation>``, see
+:func:`owned`): a capture never trusts, nor removes, a bitmap another repository started,
+so each repository that captures the domain keeps its own bitmap recording since its own
+latest archive.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import secrets
 import shutil
 import subprocess
@@ -79,10 +85,42 @@ log = logging.getLogger(__name__)
 BITMAP_PREFIX = "vmarchive-"
 #: Format drivers whose images can store a persistent bitmap.
 PERSISTENT_FORMATS = frozenset({"qcow2"})
+#: ``vmarchive-<repository tag>-<generation>``; untagged names (``vmarchive-<generation>``)
+#: were started by archives written before bitmaps carried their repository's tag.
+_TAGGED = re.compile(r"vmarchive-([0-9a-f]{8})-[0-9a-f]{16}")
 
 
-def new_bitmap_name(rng: Callable[[int], str] = secrets.token_hex) -> str:
-    return f"{BITMAP_PREFIX}{rng(8)}"
+def repository_tag(repository_id: bytes) -> str:
+    """The tag of a repository's bitmaps: the first 4 bytes of its id, in hex."""
+    return repository_id[:4].hex()
+
+
+def new_bitmap_name(tag: str, rng: Callable[[int], str] = secrets.token_hex) -> str:
+    return f"{BITMAP_PREFIX}{tag}-{rng(8)}"
+
+
+def owned(name: str, tag: str | None) -> bool:
+    """Whether a capture into the repository tagged ``tag`` manages bitmap ``name``: one of
+    vmarchive's not tagged for another repository.  Untagged names are any repository's
+    (they predate the tags); ``tag`` None: every vmarchive bitmap.
+
+    Each repository keeps a bitmap of its own on the disks it tracks: a domain captured
+    into two repositories (a local one and an offsite one) stays incremental in both,
+    where one capture retiring the other's bitmap made every capture a full read."""
+    if not name.startswith(BITMAP_PREFIX):
+        return False
+    m = _TAGGED.fullmatch(name)
+    return tag is None or m is None or m.group(1) == tag
+
+
+def _stray(name: str, tag: str | None) -> str:
+    """Why ``name`` (owned, named by no archive of this repository) cannot be trusted."""
+    if tag is not None and _TAGGED.fullmatch(name):
+        return f"{name} was started by an archive not in this repository (forgotten)"
+    return (
+        f"{name} was started by an archive not in this repository (forgotten, or the "
+        "domain captured into another repository)"
+    )
 
 
 class BitmapState(msgspec.Struct, frozen=True):
@@ -166,22 +204,22 @@ def decide(
     known: Mapping[str, str],
     *,
     full: bool = False,
+    tag: str | None = None,
 ) -> str | None:
     """None when the parent's bitmap can be trusted for ``now``, else why not (one line).
 
     ``known`` maps every bitmap name recorded by an archive of this domain in the
-    repository to that archive's id (to tell "parent forgotten" from "removed").
+    repository to that archive's id (to tell "parent forgotten" from "removed").  ``tag``:
+    the repository's (:func:`repository_tag`); bitmaps tagged for another repository do
+    not count (:func:`owned`).
     """
-    ours = {b.name: b for b in bitmaps if b.name.startswith(BITMAP_PREFIX)}
+    ours = {b.name: b for b in bitmaps if owned(b.name, tag)}
     if full:
         return "full read requested (--full)"
     if parent is None:
         stray = [n for n in ours if n not in known]
         if stray:
-            return (
-                f"bitmap {stray[0]} was started by an archive not in this repository "
-                "(forgotten, or the domain captured into another repository)"
-            )
+            return f"bitmap {_stray(stray[0], tag)}"
         return "no earlier archive of this disk to be incremental against"
     t = parent.tracking
     name = str(t.get("bitmap") or "")
@@ -204,10 +242,7 @@ def decide(
     if b is None:
         newer = [n for n in ours if n not in known]
         if newer:
-            return (
-                f"bitmap {name} is gone and {newer[0]} was started by an archive not in "
-                "this repository (forgotten, or the domain captured into another repository)"
-            )
+            return f"bitmap {name} is gone and {_stray(newer[0], tag)}"
         restarted = now.instance is None or t.get("qemu") != now.instance
         if not t.get("persistent", False) and restarted:
             return (
