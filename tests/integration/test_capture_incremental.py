@@ -685,39 +685,98 @@ def test_cli_json_info_and_untrack(guest: guestlib.Guest, env: dict[str, pathlib
     assert all(d["incremental"] for d in json.loads(p.stdout)["disks"]), p.stdout
 
 
+def started_by(env: dict[str, pathlib.Path], aid: str) -> set[str]:
+    """The bitmaps archive ``aid`` started (one per copied disk)."""
+    with Repository.open(str(env["repo"])) as repo:
+        tracking = repo.load_archive(aid).metadata["tracking"]
+    return {str(t["bitmap"]) for t in tracking.values()}
+
+
+def bitmap_names(g: guestlib.Guest) -> set[str]:
+    return {str(b["name"]) for bms in our_bitmaps(g).values() for b in bms}
+
+
+def test_two_repositories_stay_incremental(
+    guest: guestlib.Guest, env: dict[str, pathlib.Path]
+) -> None:
+    """One domain captured into two repositories in turn (a local and an offsite one, say):
+    each keeps a bitmap of its own on every disk, so each capture after a repository's
+    first is incremental against that repository's previous archive, and exact.  Forgetting
+    one repository's last archive removes its bitmaps only; the other stays incremental."""
+    second = env["base"] / "repo-second"
+    Repository.init(str(second), InitOptions()).close()
+    env2 = {**env, "repo": second}
+    ms = modes(guest)
+    # the module's repository, in whatever state the tests before left it
+    warm = capture(opts(guest, env, mode=Mode.SWITCHOVER))
+    last: dict[pathlib.Path, str | None] = {env["repo"]: warm.id, second: None}
+    for i, e in enumerate((env2, env, env2, env)):
+        guest.wait_ticks(1, since=guest.serial.mark())
+        r = capture(opts(guest, e, mode=ms[i % len(ms)]))
+        for t in ("vda", "vdb", "vdc"):
+            d = disk(r, t)
+            if i == 0:  # the second repository's first: the first's bitmaps are not stray
+                assert not d["incremental"], d
+                assert "no earlier archive" in str(d["fallback_reason"]), d
+            else:
+                assert d["incremental"] and d["fallback_reason"] is None, (i, d)
+        if i > 0:
+            assert r.parent is not None and r.parent == last[e["repo"]], (i, r.parent)
+            assert int(disk(r, "vdb")["bytes_read"]) < int(disk(r, "vdb")["size"]) // 2
+        last[e["repo"]] = r.id
+        assert check_archive(guest, e, r.id, f"two-{i}") == [], (i, r.mode)
+        # each repository's newest archive's bitmaps, recording, and nothing else of ours
+        newest = {n for x, aid in last.items() if aid for n in started_by({"repo": x}, aid)}
+        assert bitmap_names(guest) == newest, i
+        assert all(b["recording"] for bms in our_bitmaps(guest).values() for b in bms)
+
+    with Repository.open(str(second)) as repo:
+        ids = [a.id for a in repo.list_archives()]
+    theirs, mine = started_by(env2, ids[-1]), started_by(env, str(last[env["repo"]]))
+    p = _cli(env2, "forget", *ids, "--repo", str(second), "--json")
+    assert p.returncode == 0, p.stderr
+    (rel,) = json.loads(p.stdout)["untracked"]
+    assert {n for _node, n in rel["removed"]} == theirs, rel
+    assert {n for _node, n in rel["left"]} == mine, rel  # reported, not removed
+    assert bitmap_names(guest) == mine, rel
+    r = capture(opts(guest, env, mode=Mode.SWITCHOVER))
+    assert all(x.incremental for x in r.disks) and r.parent == last[env["repo"]], r.disks
+
+
 def test_forget_last_archive_removes_its_bitmaps(
     guest: guestlib.Guest, env: dict[str, pathlib.Path]
 ) -> None:
     """Forgetting a domain's last archive removes the bitmaps its archives started; with one
-    archive left they stay (negative control); unreachable, one line says what to run.
-    Runs last in the module: capturing into a second repository retires the first one's
-    bitmaps."""
+    archive left they stay (negative control); unreachable, one line says what to run.  The
+    module's repository's bitmaps, another repository's here, stay throughout."""
+    with Repository.open(str(env["repo"])) as repo:
+        first = started_by(env, repo.list_archives()[-1].id)
     other = env["base"] / "repo-forget"
     Repository.init(str(other), InitOptions()).close()
     env2 = {**env, "repo": other}
     ids = [capture(opts(guest, env2, mode=Mode.SWITCHOVER)).id for _ in range(2)]
-    with Repository.open(str(other)) as repo:
-        newest = repo.load_archive(ids[-1]).metadata["tracking"]
-    started = {str(t["bitmap"]) for t in newest.values()}
-    assert {str(b["name"]) for bms in our_bitmaps(guest).values() for b in bms} == started
+    started = started_by(env2, ids[-1])
+    assert bitmap_names(guest) == started | first
 
     p = _cli(env2, "forget", ids[0], "--repo", str(other))
     assert p.returncode == 0 and "removed" not in p.stdout, p.stdout + p.stderr
-    assert {str(b["name"]) for bms in our_bitmaps(guest).values() for b in bms} == started
+    assert bitmap_names(guest) == started | first
 
     p = _cli(env2, "forget", ids[1], "--repo", str(other), "--json")
     assert p.returncode == 0, p.stderr
     (rel,) = json.loads(p.stdout)["untracked"]
     assert {name for _node, name in rel["removed"]} == started and rel["advice"] is None, rel
-    assert all(v == [] for v in our_bitmaps(guest).values())
+    assert bitmap_names(guest) == first
 
     # Not reachable on the given connection (libvirt's test driver knows no such domain).
     aid = capture(opts(guest, env2, mode=Mode.SWITCHOVER)).id
+    started = started_by(env2, aid)
     p = _cli(env2, "forget", aid, "--repo", str(other), "--connect", "test:///default")
     assert p.returncode == 0, p.stderr
     assert f"run `vmarchive untrack {guest.name}`" in p.stdout, p.stdout
-    assert all(len(v) == 1 for v in our_bitmaps(guest).values())
+    assert bitmap_names(guest) == started | first
     assert _cli(env2, "untrack", guest.name).returncode == 0
+    assert bitmap_names(guest) == set()
 
 
 def image_bitmaps(path: pathlib.Path) -> list[str]:
