@@ -36,6 +36,7 @@ from vmarchive.hypervisor.blockinfo import list_disks
 from vmarchive.hypervisor.connection import Connection
 from vmarchive.hypervisor.qmp import QMP
 from vmarchive.ops.capture import CaptureOptions, CaptureResult, Mode, capture, snapshot_supported
+from vmarchive.ops.capture_incr import repository_tag
 from vmarchive.ops.export import DiskFormat, ExportDiskOptions, export_disk
 from vmarchive.ops.repo import RepoRef
 from vmarchive.store import GcOptions, Repository
@@ -732,15 +733,25 @@ def test_two_repositories_stay_incremental(
 
     with Repository.open(str(second)) as repo:
         ids = [a.id for a in repo.list_archives()]
+        stray = f"vmarchive-{repository_tag(repo.codecs.config.repository_id)}-0123456789abcdef"
     theirs, mine = started_by(env2, ids[-1]), started_by(env, str(last[env["repo"]]))
+    # strays: the second repository's (an interrupted capture's), and an untagged one
+    untagged = "vmarchive-0123456789abcdef"
+    c, q = qmp_of(guest)
+    with c:
+        (vdb,) = [d for d in list_disks(q, guest.dom.XMLDesc()) if d.target == "vdb"]
+        for name in (stray, untagged):
+            args = {"node": vdb.node_name, "name": name, "persistent": True}
+            q.execute("block-dirty-bitmap-add", args)
     p = _cli(env2, "forget", *ids, "--repo", str(second), "--json")
     assert p.returncode == 0, p.stderr
     (rel,) = json.loads(p.stdout)["untracked"]
-    assert {n for _node, n in rel["removed"]} == theirs, rel
-    assert {n for _node, n in rel["left"]} == mine, rel  # reported, not removed
-    assert bitmap_names(guest) == mine, rel
+    assert {n for _node, n in rel["removed"]} == theirs | {stray}, rel
+    assert {n for _node, n in rel["left"]} == mine | {untagged}, rel  # reported, kept
+    assert bitmap_names(guest) == mine | {untagged}, rel
     r = capture(opts(guest, env, mode=Mode.SWITCHOVER))
     assert all(x.incremental for x in r.disks) and r.parent == last[env["repo"]], r.disks
+    assert bitmap_names(guest) == started_by(env, r.id)  # untagged: any repository's stray
 
 
 def test_forget_last_archive_removes_its_bitmaps(

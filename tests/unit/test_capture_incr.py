@@ -31,6 +31,7 @@ from vmarchive.ops.capture_incr import (
     decide,
     new_bitmap_name,
     owned,
+    releases,
     repository_tag,
 )
 from vmarchive.ops.tracking import release_tracking, released
@@ -221,8 +222,8 @@ def test_released_only_when_the_last_archive_is_gone() -> None:
 def _fake_untrack(result: Any) -> Any:
     calls: list[tuple[Any, ...]] = []
 
-    def fn(domain: str, uri: str, state_dir: Any, only: Any) -> Any:
-        calls.append((domain, uri, list(only)))
+    def fn(domain: str, uri: str, state_dir: Any, only: Any, tag: Any) -> Any:
+        calls.append((domain, uri, list(only), tag))
         if isinstance(result, Exception):
             raise result
         return result
@@ -240,10 +241,13 @@ def test_release_tracking_removes_named_bitmaps_or_says_what_to_run(
     fn = _fake_untrack(
         UntrackResult("vm-u1", [("node-a", "vmarchive-1")], [("node-b", "vmarchive-x")])
     )
-    (r,) = release_tracking(gone, "qemu:///system", untrack_fn=fn)
-    assert fn.calls == [("u1", "qemu:///system", ["vmarchive-1"])]
+    rid = bytes.fromhex(TAG) + bytes(28)
+    (r,) = release_tracking(gone, "qemu:///system", untrack_fn=fn, repository_id=rid)
+    assert fn.calls == [("u1", "qemu:///system", ["vmarchive-1"], TAG)]
     assert r.removed == [("node-a", "vmarchive-1")] and r.advice is None
     assert any("1 other vmarchive bitmaps left" in line for line in r.lines())
+    release_tracking(gone, "qemu:///system", untrack_fn=fn)  # no repository: names only
+    assert fn.calls[-1][-1] is None
 
     fn = _fake_untrack(DomainNotFoundError("no domain with matching uuid 'u1'"))
     (r,) = release_tracking(gone, "qemu:///system", untrack_fn=fn)
@@ -259,6 +263,20 @@ def test_release_tracking_removes_named_bitmaps_or_says_what_to_run(
     # negative control: same host, nothing there (already removed): nothing to say
     (r,) = release_tracking(gone, "qemu:///system", untrack_fn=fn)
     assert r.advice is None and r.lines() == []
+
+
+def test_release_removes_the_named_and_the_repositorys_strays_only() -> None:
+    """A domain's last archive gone: the bitmaps its archives named go, and any other with
+    this repository's tag (an interrupted capture's); another repository's and untagged
+    ones stay (they may be another repository's, from before the tags)."""
+    named = {MINE}
+    assert releases(MINE, named, TAG)
+    assert releases(f"vmarchive-{TAG}-0123456789abcdef", named, TAG)  # our stray
+    assert not releases(THEIRS, named, TAG)
+    assert not releases("vmarchive-0123456789abcdef", named, TAG)
+    assert not releases(f"vmarchive-{TAG}-0123456789abcdef", named, None)  # names only
+    assert releases(NAME, {NAME}, None)
+    assert all(releases(n, None, None) for n in (MINE, THEIRS, NAME))  # untrack: all
 
 
 # --- formats/FORMAT.md documents what the code writes ---------------------------------------

@@ -109,13 +109,24 @@ def owned(name: str, tag: str | None) -> bool:
     where one capture retiring the other's bitmap made every capture a full read."""
     if not name.startswith(BITMAP_PREFIX):
         return False
+    theirs = _tag_of(name)
+    return tag is None or theirs is None or theirs == tag
+
+
+def _tag_of(name: str) -> str | None:
+    """The repository tag in bitmap ``name``; None for an untagged or foreign name."""
     m = _TAGGED.fullmatch(name)
-    return tag is None or m is None or m.group(1) == tag
+    return None if m is None else m.group(1)
+
+
+def releases(name: str, only: Collection[str] | None, tag: str | None) -> bool:
+    """Whether :func:`untrack` with ``only`` and ``tag`` removes bitmap ``name``."""
+    return only is None or name in only or (tag is not None and _tag_of(name) == tag)
 
 
 def _stray(name: str, tag: str | None) -> str:
     """Why ``name`` (owned, named by no archive of this repository) cannot be trusted."""
-    if tag is not None and _TAGGED.fullmatch(name):
+    if tag is not None and _tag_of(name) is not None:
         return f"{name} was started by an archive not in this repository (forgotten)"
     return (
         f"{name} was started by an archive not in this repository (forgotten, or the "
@@ -563,9 +574,12 @@ def untrack(
     uri: str,
     state_dir: Path | None = None,
     only: Collection[str] | None = None,
+    tag: str | None = None,
 ) -> UntrackResult:
     """Remove every ``vmarchive-*`` dirty bitmap from ``domain``'s disks (or only those
-    named in ``only``; the others are listed in ``left``).
+    named in ``only`` and, with ``tag``, those tagged for that repository: its strays, left
+    by captures interrupted before their archive named them; the others are listed in
+    ``left``).
 
     A running domain: through QMP, under the per-domain capture lock (never during a
     capture).  A shut-off domain: from its qcow2 images with ``qemu-img bitmap --remove``.
@@ -578,7 +592,7 @@ def untrack(
     left: list[tuple[str, str]] = []
 
     def wanted(where: str, name: str) -> bool:
-        if only is None or name in only:
+        if releases(name, only, tag):
             return True
         left.append((where, name))
         return False

@@ -8,11 +8,12 @@ recorded tracking, the bitmaps only cost the guest write tracking: they are remo
 the domain, found by uuid on the libvirt connection, with the code of ``vmarchive
 untrack`` (under the per-domain capture lock).
 
-Only the bitmaps this repository's archives of the domain named are removed; any other
-``vmarchive-*`` bitmap (started by a capture into another repository, or by a capture
-that was interrupted) is left and reported.  When the domain cannot be reached (not on
-this connection, another host, a capture holding its lock) nothing is removed and one
-line says to run ``vmarchive untrack DOMAIN`` where it runs.  A failure here never fails
+Only this repository's bitmaps are removed: those its archives of the domain named, and
+any other carrying its tag (a capture into it that was interrupted before an archive named
+its bitmap); any other ``vmarchive-*`` bitmap (another repository's, or an untagged one
+from before bitmaps carried tags) is left and reported.  When the domain cannot be reached
+(not on this connection, another host, a capture holding its lock) nothing is removed and
+one line says to run ``vmarchive untrack DOMAIN`` where it runs.  A failure here never fails
 the forget: the archives are gone either way, and a stray bitmap is never trusted.
 """
 
@@ -50,7 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Untrack = Callable[[str, str, Path | None, Sequence[str]], "UntrackResult"]
+Untrack = Callable[[str, str, Path | None, Sequence[str], str | None], "UntrackResult"]
 
 
 class Tracked(msgspec.Struct, frozen=True):
@@ -129,24 +130,29 @@ def release_tracking(
     uri: str,
     state_dir: Path | None = None,
     untrack_fn: Untrack | None = None,
+    repository_id: bytes | None = None,
 ) -> list[Release]:
-    """Remove the named bitmaps of each released domain reachable on ``uri``
-    (``untrack_fn``: :func:`vmarchive.ops.capture_incr.untrack` unless given).
+    """Remove the named bitmaps of each released domain reachable on ``uri``, and with the
+    ``repository_id`` of the repository the archives were in, every other bitmap tagged
+    for it (a stray of an interrupted capture: no archive of it is left to trust it);
+    other repositories' bitmaps stay (``untrack_fn``:
+    :func:`vmarchive.ops.capture_incr.untrack` unless given).
 
     Never raises for a domain it cannot reach: its :class:`Release` carries the advice.
     """
     todo = list(domains)
     if not todo:
         return []
-    if untrack_fn is None:
-        from vmarchive.ops.capture_incr import untrack
+    from vmarchive.ops.capture_incr import repository_tag, untrack
 
+    if untrack_fn is None:
         untrack_fn = untrack
+    tag = None if repository_id is None else repository_tag(repository_id)
     out: list[Release] = []
     here = socket.gethostname()
     for t in todo:
         try:
-            r = untrack_fn(t.uuid, uri, state_dir, sorted(t.bitmaps))
+            r = untrack_fn(t.uuid, uri, state_dir, sorted(t.bitmaps), tag)
         except VmarchiveError as e:
             log.info("cannot release the bitmaps of %s: %s", t.domain, e)
             out.append(Release(t.domain, t.uuid, advice=_advice(t, f"{e}".splitlines()[0])))
@@ -183,7 +189,8 @@ def forget(
     before = repo.list_archives()
     ids = repo.forget(names)
     gone = released(before, repo.list_archives())
-    return ForgetResult(ids, release_tracking(gone, uri, state_dir))
+    rid = repo.codecs.config.repository_id
+    return ForgetResult(ids, release_tracking(gone, uri, state_dir, repository_id=rid))
 
 
 def prune(
@@ -205,4 +212,5 @@ def prune(
     if dry_run:
         return result, []
     gone = released(before, repo.list_archives())
-    return result, release_tracking(gone, uri, state_dir)
+    rid = repo.codecs.config.repository_id
+    return result, release_tracking(gone, uri, state_dir, repository_id=rid)
