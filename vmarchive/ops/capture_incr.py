@@ -114,7 +114,8 @@ def owned(name: str, tag: str | None) -> bool:
 
 
 def _tag_of(name: str) -> str | None:
-    """The repository tag in bitmap ``name``; None for an untagged or foreign name."""
+    """The repository tag in bitmap ``name``; None when it has none (untagged, or not
+    named the way vmarchive names its bitmaps)."""
     m = _TAGGED.fullmatch(name)
     return None if m is None else m.group(1)
 
