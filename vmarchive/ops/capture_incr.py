@@ -87,7 +87,7 @@ BITMAP_PREFIX = "vmarchive-"
 PERSISTENT_FORMATS = frozenset({"qcow2"})
 #: ``vmarchive-<repository tag>-<generation>``; untagged names (``vmarchive-<generation>``)
 #: were started by archives written before bitmaps carried their repository's tag.
-_TAGGED = re.compile(r"vmarchive-([0-9a-f]{8})-[0-9a-f]{16}")
+_TAGGED = re.compile(re.escape(BITMAP_PREFIX) + r"([0-9a-f]{8})-[0-9a-f]{16}")
 
 
 def repository_tag(repository_id: bytes) -> str:
